@@ -1,0 +1,464 @@
+//! The node's durable store: one sled tree with prefixed keys, written in atomic batches and made
+//! durable by a group-commit flusher (one `flush` serves every write waiting for it).
+//!
+//! Key layout (all integers big-endian so that byte order is numeric order):
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `v` | — | schema version (`u32`) |
+//! | `m/` | from, message id | [`StoredMessage`] |
+//! | `i/` | message id | from (for lookups by id alone) |
+//! | `c/` | peer, lamport, from, message id | empty: a conversation in display order |
+//! | `l/` | peer | the conversation's Lamport clock (`u64`) |
+//! | `o/` | due time, message id | [`OutboxEntry`]: envelopes waiting for delivery |
+//! | `k/` | contact name | [`Contact`] |
+//!
+//! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
+//! interleave.
+
+use std::path::Path;
+
+use kith_protocol::{cbor, Envelope, MessageId, MessageState, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+/// The schema this release writes. Bump it, and add a migration in [`Store::open`], when the key
+/// layout or a value's encoding changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest value this store writes or reads back.
+const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (disk full, I/O error, corruption).
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value does not decode: written by a newer release, or damaged.
+    #[error("store: damaged value under {key}: {detail}")]
+    Damaged {
+        /// The key, printed.
+        key: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The store was written by a newer release.
+    #[error("store schema {found} is newer than this release understands ({SCHEMA_VERSION}); upgrade kith")]
+    NewerSchema {
+        /// The version on disk.
+        found: u32,
+    },
+    /// The flusher task has stopped (the node is shutting down).
+    #[error("store is shutting down")]
+    Closed,
+}
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Received.
+    In,
+    /// Sent by this node.
+    Out,
+}
+
+/// One chat message as the node keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// In or out.
+    pub direction: Direction,
+    /// The sender.
+    pub from: PeerId,
+    /// The other side of the conversation.
+    pub peer: PeerId,
+    /// The text.
+    pub text: String,
+    /// The sender's clock.
+    pub sent_at_ms: u64,
+    /// The conversation's logical clock when it was sent.
+    pub lamport: u64,
+    /// The tick: for outgoing messages what the recipient confirmed; for incoming ones
+    /// `delivered` until the user reads it, then `read`.
+    pub state: MessageState,
+    /// When it disappears, if it is temporary.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// An envelope waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// The envelope, signed, ready to go.
+    pub envelope: Envelope,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When the next attempt is due (unix ms).
+    pub due_ms: u64,
+}
+
+/// A contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The name the user gave it (unique).
+    pub name: String,
+    /// Its peer id.
+    pub peer_id: PeerId,
+    /// Direct addresses to try, as multiaddr strings.
+    pub addrs: Vec<String>,
+    /// Its home relays, as multiaddr strings ending in `/p2p/<relay>`.
+    pub relays: Vec<String>,
+}
+
+fn peer_key(prefix: &[u8], peer: &PeerId) -> Vec<u8> {
+    let bytes = peer.to_bytes();
+    let mut key = Vec::with_capacity(prefix.len() + 1 + bytes.len() + 40);
+    key.extend_from_slice(prefix);
+    key.push(bytes.len() as u8);
+    key.extend_from_slice(&bytes);
+    key
+}
+
+fn message_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = peer_key(b"m/", from);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn conversation_key(peer: &PeerId, lamport: u64, from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = peer_key(b"c/", peer);
+    key.extend_from_slice(&lamport.to_be_bytes());
+    let from = from.to_bytes();
+    key.push(from.len() as u8);
+    key.extend_from_slice(&from);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn outbox_key(due_ms: u64, id: &MessageId) -> Vec<u8> {
+    let mut key = b"o/".to_vec();
+    key.extend_from_slice(&due_ms.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn id_key(id: &MessageId) -> Vec<u8> {
+    let mut key = b"i/".to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Store values are plain structs well under the limit; encoding cannot fail for them.
+    cbor::encode(value, MAX_VALUE_BYTES).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    cbor::decode(bytes, MAX_VALUE_BYTES).map_err(|e| StoreError::Damaged {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// A batch of writes applied atomically by [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    inner: sled::Batch,
+    empty: bool,
+}
+
+impl Batch {
+    /// A new, empty batch.
+    pub fn new() -> Self {
+        Self {
+            inner: sled::Batch::default(),
+            empty: true,
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.empty = false;
+        self.inner.insert(key, value);
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.empty = false;
+        self.inner.remove(key);
+    }
+
+    /// Stores (or overwrites) a message and its conversation index entry.
+    pub fn put_message(&mut self, msg: &StoredMessage) {
+        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        self.insert(
+            conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id),
+            Vec::new(),
+        );
+        if msg.direction == Direction::Out {
+            self.insert(id_key(&msg.id), msg.from.to_bytes());
+        }
+    }
+
+    /// Raises a conversation's Lamport clock.
+    pub fn set_lamport(&mut self, peer: &PeerId, lamport: u64) {
+        self.insert(peer_key(b"l/", peer), lamport.to_be_bytes().to_vec());
+    }
+
+    /// Puts an envelope in the outbox.
+    pub fn put_outbox(&mut self, entry: &OutboxEntry) {
+        self.insert(outbox_key(entry.due_ms, &entry.envelope.id), encode(entry));
+    }
+
+    /// Removes an outbox entry.
+    pub fn remove_outbox(&mut self, due_ms: u64, id: &MessageId) {
+        self.remove(outbox_key(due_ms, id));
+    }
+
+    /// Stores a contact.
+    pub fn put_contact(&mut self, contact: &Contact) {
+        let mut key = b"k/".to_vec();
+        key.extend_from_slice(contact.name.as_bytes());
+        self.insert(key, encode(contact));
+    }
+}
+
+/// Handle to the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tree: sled::Db,
+    flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts its flusher task.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let tree = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        match tree.get(b"v")? {
+            None => {
+                tree.insert(b"v", &SCHEMA_VERSION.to_be_bytes())?;
+                tree.flush()?;
+            }
+            Some(raw) => {
+                let found = <[u8; 4]>::try_from(raw.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Damaged {
+                        key: "v".into(),
+                        detail: "schema version is not 4 bytes".into(),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema { found });
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(flush_loop(tree.clone(), rx));
+        Ok(Self { tree, flusher: tx })
+    }
+
+    /// Applies `batch` atomically and waits until it is on disk.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if !batch.empty {
+            self.tree.apply_batch(batch.inner)?;
+        }
+        self.flush().await
+    }
+
+    /// Applies `batch` atomically without waiting for the disk (for changes that are safe to
+    /// lose in a crash, such as an outbox entry that would only be sent again).
+    pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        if !batch.empty {
+            self.tree.apply_batch(batch.inner)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything written so far is on disk. Concurrent callers share one flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher.send(tx).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A message by sender and id.
+    pub fn message(&self, from: &PeerId, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        let key = message_key(from, id);
+        self.tree
+            .get(&key)?
+            .map(|v| decode(&key, &v))
+            .transpose()
+    }
+
+    /// One of this node's outgoing messages by id.
+    pub fn outgoing(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        let Some(from) = self.tree.get(id_key(id))? else {
+            return Ok(None);
+        };
+        let from = PeerId::from_bytes(&from).map_err(|e| StoreError::Damaged {
+            key: format!("i/{id}"),
+            detail: e.to_string(),
+        })?;
+        self.message(&from, id)
+    }
+
+    /// A conversation's messages in display order (oldest first).
+    pub fn conversation(&self, peer: &PeerId) -> Result<Vec<StoredMessage>, StoreError> {
+        let prefix = peer_key(b"c/", peer);
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let rest = &key[prefix.len()..];
+            // lamport (8), from length (1), from, id (16)
+            let parsed = rest.get(8).and_then(|&len| {
+                let from = rest.get(9..9 + len as usize)?;
+                let id = rest.get(9 + len as usize..)?;
+                Some((PeerId::from_bytes(from).ok()?, MessageId::from_slice(id)?))
+            });
+            let Some((from, id)) = parsed else {
+                return Err(StoreError::Damaged {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "conversation key does not parse".into(),
+                });
+            };
+            if let Some(msg) = self.message(&from, &id)? {
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every peer with at least one message.
+    pub fn conversations(&self) -> Result<Vec<PeerId>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(b"l/") {
+            let (key, _) = entry?;
+            if let Some(peer) = key.get(3..).and_then(|b| PeerId::from_bytes(b).ok()) {
+                out.push(peer);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A conversation's Lamport clock (0 when it is new).
+    pub fn lamport(&self, peer: &PeerId) -> Result<u64, StoreError> {
+        Ok(self
+            .tree
+            .get(peer_key(b"l/", peer))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Every outbox entry, earliest due first.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.tree
+            .scan_prefix(b"o/")
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// Every contact, by name.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        self.tree
+            .scan_prefix(b"k/")
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+}
+
+async fn flush_loop(
+    tree: sled::Db,
+    mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
+) {
+    let mut waiting = Vec::new();
+    while rx.recv_many(&mut waiting, 4096).await > 0 {
+        let result = tree.flush_async().await.map(|_| ());
+        for waiter in waiting.drain(..) {
+            let _ = waiter.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Sled(e.clone())),
+            });
+        }
+    }
+    // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop.
+    if let Err(e) = tree.flush_async().await {
+        tracing::error!(error = %e, "final store flush failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kith_protocol::Keypair;
+
+    fn peer() -> PeerId {
+        Keypair::generate_ed25519().public().to_peer_id()
+    }
+
+    fn msg(from: PeerId, peer: PeerId, lamport: u64, direction: Direction) -> StoredMessage {
+        StoredMessage {
+            id: MessageId::random(),
+            direction,
+            from,
+            peer,
+            text: format!("m{lamport}"),
+            sent_at_ms: lamport,
+            lamport,
+            state: MessageState::Pending,
+            expires_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn conversation_is_in_lamport_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (me, bob) = (peer(), peer());
+        let written = [3, 1, 2].map(|l| msg(if l == 2 { bob } else { me }, bob, l, Direction::Out));
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut batch = Batch::new();
+            for m in &written {
+                batch.put_message(m);
+            }
+            batch.set_lamport(&bob, 3);
+            store.commit(batch).await.expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let texts: Vec<_> = store
+            .conversation(&bob)
+            .expect("conversation")
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        assert_eq!(texts, ["m1", "m2", "m3"]);
+        assert_eq!(store.lamport(&bob).expect("lamport"), 3);
+        assert_eq!(store.conversations().expect("list"), vec![bob]);
+        assert_eq!(
+            store.outgoing(&written[0].id).expect("by id").map(|m| m.text),
+            Some("m3".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.insert(b"v", &(SCHEMA_VERSION + 1).to_be_bytes()).expect("insert");
+            db.flush().expect("flush");
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::NewerSchema { .. })
+        ));
+    }
+}

@@ -1,0 +1,410 @@
+//! The signed envelope that carries every message, receipt and (later) group operation.
+//!
+//! The body travels as opaque bytes so that a relay can verify, store and forward an envelope
+//! without decoding it (bodies will be end-to-end encrypted). The signature covers every other
+//! field, encoded deterministically, after a domain-separation tag.
+
+use libp2p_identity::{Keypair, PeerId, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::cbor::{self, DecodeError, EncodeError};
+use crate::ids::{peer_bytes, GroupId, MessageId};
+use crate::limits::{MAX_BODY_BYTES, MAX_IDS_PER_BATCH, MAX_TEXT_BYTES};
+
+/// The envelope format version this crate writes and accepts.
+pub const VERSION: u8 = 1;
+
+/// Prefix of every signed payload, so a kith signature can never be replayed in another context.
+const SIGNING_DOMAIN: &[u8] = b"kith/envelope/v1\0";
+
+/// Where an envelope goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Destination {
+    /// One peer.
+    Peer(#[serde(with = "peer_bytes")] PeerId),
+    /// Every member of a group.
+    Group(GroupId),
+}
+
+/// What a receipt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ReceiptState {
+    /// The messages are stored by the recipient's node.
+    Delivered,
+    /// The recipient user has seen the messages.
+    Read,
+}
+
+/// The decoded content of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// A chat message.
+    Chat {
+        /// The text, at most [`MAX_TEXT_BYTES`] bytes.
+        text: String,
+    },
+    /// A receipt for messages this envelope's recipient sent to its sender.
+    Receipt {
+        /// Delivered or read.
+        state: ReceiptState,
+        /// The messages it covers, at most [`MAX_IDS_PER_BATCH`].
+        ids: Vec<MessageId>,
+    },
+}
+
+impl Body {
+    /// Checks the body's own limits.
+    pub fn validate(&self) -> Result<(), BodyError> {
+        match self {
+            Body::Chat { text } if text.len() > MAX_TEXT_BYTES => Err(BodyError::TextTooLong {
+                len: text.len(),
+                max: MAX_TEXT_BYTES,
+            }),
+            Body::Receipt { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
+                Err(BodyError::BadReceipt { count: ids.len() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a body is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// The chat text is too long.
+    #[error("text of {len} bytes exceeds the limit of {max} bytes")]
+    TextTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A receipt must name between 1 and [`MAX_IDS_PER_BATCH`] messages.
+    #[error("a receipt must name 1 to {MAX_IDS_PER_BATCH} messages, got {count}")]
+    BadReceipt {
+        /// How many it named.
+        count: usize,
+    },
+    /// The body bytes do not decode.
+    #[error("body does not decode: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// The fields of an envelope that the sender chooses; [`Envelope::seal`] adds `from`, the body
+/// bytes and the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// A fresh random id, unique per sender.
+    pub id: MessageId,
+    /// The recipient.
+    pub to: Destination,
+    /// The sender's clock, for display only.
+    pub sent_at_ms: u64,
+    /// The per-conversation logical clock, for ordering.
+    pub lamport: u64,
+    /// When the message disappears, if it is temporary.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A signed envelope, as it travels and as it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Format version.
+    pub v: u8,
+    /// Unique per sender.
+    pub id: MessageId,
+    /// The sender; its public key is embedded in the peer id (ed25519).
+    #[serde(with = "peer_bytes")]
+    pub from: PeerId,
+    /// The recipient.
+    pub to: Destination,
+    /// The sender's clock, for display only.
+    pub sent_at_ms: u64,
+    /// The per-conversation logical clock.
+    pub lamport: u64,
+    /// When the message disappears, if it is temporary.
+    pub expires_at_ms: Option<u64>,
+    /// The encoded [`Body`] (opaque to relays).
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// ed25519 signature over the domain tag and every field above.
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+}
+
+/// The signed part of an envelope, encoded as a CBOR array in this order.
+#[derive(Serialize)]
+struct Signed<'a>(
+    u8,
+    &'a MessageId,
+    #[serde(with = "serde_bytes")] &'a [u8],
+    &'a Destination,
+    u64,
+    u64,
+    Option<u64>,
+    #[serde(with = "serde_bytes")] &'a [u8],
+);
+
+/// Why an envelope could not be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The body breaks its own limits.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// The body does not fit in an envelope.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The key could not sign (not an ed25519 key, for instance).
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// Why an envelope does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The format version is not one this crate accepts.
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u8),
+    /// The sender's peer id does not embed a public key (only ed25519 ids do).
+    #[error("sender {0} does not embed a public key")]
+    UnknownKey(PeerId),
+    /// The body is larger than [`MAX_BODY_BYTES`].
+    #[error("body of {len} bytes exceeds the limit of {max} bytes")]
+    BodyTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The signature does not match.
+    #[error("bad signature")]
+    BadSignature,
+}
+
+/// Extracts the public key embedded in an identity-multihash peer id (ed25519 keys are).
+pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
+    let multihash = peer.as_ref();
+    // 0x00 is the identity multihash: the digest is the protobuf-encoded public key itself.
+    if multihash.code() != 0 {
+        return None;
+    }
+    let key = PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    (key.to_peer_id() == *peer).then_some(key)
+}
+
+impl Envelope {
+    /// Encodes `body`, fills in `from` from `keypair`, and signs.
+    pub fn seal(keypair: &Keypair, header: Header, body: &Body) -> Result<Self, SealError> {
+        body.validate()?;
+        let body = cbor::encode(body, MAX_BODY_BYTES)?;
+        let mut envelope = Envelope {
+            v: VERSION,
+            id: header.id,
+            from: keypair.public().to_peer_id(),
+            to: header.to,
+            sent_at_ms: header.sent_at_ms,
+            lamport: header.lamport,
+            expires_at_ms: header.expires_at_ms,
+            body,
+            sig: Vec::new(),
+        };
+        envelope.sig = keypair
+            .sign(&envelope.signing_payload())
+            .map_err(|e| SealError::Sign(e.to_string()))?;
+        Ok(envelope)
+    }
+
+    /// The bytes the signature covers.
+    fn signing_payload(&self) -> Vec<u8> {
+        let from = self.from.to_bytes();
+        let signed = Signed(
+            self.v,
+            &self.id,
+            &from,
+            &self.to,
+            self.sent_at_ms,
+            self.lamport,
+            self.expires_at_ms,
+            &self.body,
+        );
+        let mut payload = SIGNING_DOMAIN.to_vec();
+        // Writing into a Vec has no I/O failure and these plain types always serialize; were it
+        // ever to fail, the payload would be truncated and the signature would not verify, which
+        // is the safe outcome.
+        let _ = ciborium::into_writer(&signed, &mut payload);
+        payload
+    }
+
+    /// Checks the version, the body size and the signature against `from`'s key.
+    pub fn verify(&self) -> Result<(), VerifyError> {
+        if self.v != VERSION {
+            return Err(VerifyError::UnsupportedVersion(self.v));
+        }
+        if self.body.len() > MAX_BODY_BYTES {
+            return Err(VerifyError::BodyTooLarge {
+                len: self.body.len(),
+                max: MAX_BODY_BYTES,
+            });
+        }
+        let key = public_key_of(&self.from).ok_or(VerifyError::UnknownKey(self.from))?;
+        if key.verify(&self.signing_payload(), &self.sig) {
+            Ok(())
+        } else {
+            Err(VerifyError::BadSignature)
+        }
+    }
+
+    /// Decodes and validates the body.
+    pub fn body(&self) -> Result<Body, BodyError> {
+        let body: Body = cbor::decode(&self.body, MAX_BODY_BYTES)?;
+        body.validate()?;
+        Ok(body)
+    }
+
+    /// Whether the envelope has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(to: PeerId) -> Header {
+        Header {
+            id: MessageId([7; 16]),
+            to: Destination::Peer(to),
+            sent_at_ms: 1_700_000_000_000,
+            lamport: 3,
+            expires_at_ms: None,
+        }
+    }
+
+    fn sealed() -> (Keypair, Envelope) {
+        let alice = Keypair::generate_ed25519();
+        let bob = Keypair::generate_ed25519().public().to_peer_id();
+        let env = Envelope::seal(
+            &alice,
+            header(bob),
+            &Body::Chat {
+                text: "hello".into(),
+            },
+        )
+        .expect("seal");
+        (alice, env)
+    }
+
+    #[test]
+    fn sealed_envelope_verifies_and_decodes() {
+        let (alice, env) = sealed();
+        assert_eq!(env.from, alice.public().to_peer_id());
+        assert_eq!(env.verify(), Ok(()));
+        assert_eq!(
+            env.body().expect("body"),
+            Body::Chat {
+                text: "hello".into()
+            }
+        );
+    }
+
+    fn assert_tamper_fails(tamper: impl FnOnce(&mut Envelope)) {
+        let (_, mut env) = sealed();
+        tamper(&mut env);
+        assert!(env.verify().is_err(), "tampered envelope verified: {env:?}");
+    }
+
+    #[test]
+    fn changing_the_version_fails() {
+        assert_tamper_fails(|e| e.v = 2);
+    }
+
+    #[test]
+    fn changing_the_id_fails() {
+        assert_tamper_fails(|e| e.id.0[0] ^= 1);
+    }
+
+    #[test]
+    fn changing_the_sender_fails() {
+        assert_tamper_fails(|e| e.from = Keypair::generate_ed25519().public().to_peer_id());
+    }
+
+    #[test]
+    fn changing_the_recipient_fails() {
+        assert_tamper_fails(|e| {
+            e.to = Destination::Peer(Keypair::generate_ed25519().public().to_peer_id())
+        });
+        assert_tamper_fails(|e| e.to = Destination::Group(GroupId([1; 16])));
+    }
+
+    #[test]
+    fn changing_the_time_fails() {
+        assert_tamper_fails(|e| e.sent_at_ms += 1);
+    }
+
+    #[test]
+    fn changing_the_lamport_clock_fails() {
+        assert_tamper_fails(|e| e.lamport += 1);
+    }
+
+    #[test]
+    fn changing_the_expiry_fails() {
+        assert_tamper_fails(|e| e.expires_at_ms = Some(1));
+    }
+
+    #[test]
+    fn changing_the_body_fails() {
+        assert_tamper_fails(|e| {
+            e.body = cbor::encode(
+                &Body::Chat {
+                    text: "hullo".into(),
+                },
+                MAX_BODY_BYTES,
+            )
+            .expect("encode")
+        });
+    }
+
+    #[test]
+    fn changing_the_signature_fails() {
+        assert_tamper_fails(|e| e.sig[0] ^= 1);
+        assert_tamper_fails(|e| e.sig.clear());
+    }
+
+    #[test]
+    fn public_key_is_recovered_from_an_ed25519_peer_id() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        assert_eq!(public_key_of(&peer), Some(key.public()));
+    }
+
+    #[test]
+    fn oversize_text_is_refused_at_seal() {
+        let alice = Keypair::generate_ed25519();
+        let body = Body::Chat {
+            text: "x".repeat(MAX_TEXT_BYTES + 1),
+        };
+        assert!(matches!(
+            Envelope::seal(&alice, header(alice.public().to_peer_id()), &body),
+            Err(SealError::Body(BodyError::TextTooLong { .. }))
+        ));
+    }
+
+    #[test]
+    fn empty_receipt_is_refused() {
+        let body = Body::Receipt {
+            state: ReceiptState::Delivered,
+            ids: vec![],
+        };
+        assert!(body.validate().is_err());
+    }
+
+    #[test]
+    fn expiry() {
+        let (_, mut env) = sealed();
+        assert!(!env.is_expired(u64::MAX));
+        env.expires_at_ms = Some(10);
+        assert!(env.is_expired(10));
+        assert!(!env.is_expired(9));
+    }
+}

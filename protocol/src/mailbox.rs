@@ -1,0 +1,113 @@
+//! `/kith/mailbox/1`: store-and-forward between a node and a relay.
+//!
+//! Flow: a sender [`Request::Deposit`]s an envelope for an offline recipient; the relay verifies
+//! and stores it, flushes, and answers [`Response::Stored`] (the `sent` tick). The recipient later
+//! [`Request::Fetch`]es its own mailbox in batches (ordered by the relay's sequence numbers),
+//! stores what it got, and [`Request::Ack`]s the sequence numbers so the relay deletes them. Fetch
+//! and ack only ever touch the mailbox of the connection's own (Noise-authenticated) peer id.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Envelope;
+use crate::limits::MAX_MAILBOX_FRAME_BYTES;
+use crate::reject::Reject;
+
+/// The libp2p protocol name.
+pub const PROTOCOL: &str = "/kith/mailbox/1";
+
+/// Largest frame on this protocol.
+pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
+
+/// A request to a relay's mailbox service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Store this envelope for its recipient.
+    Deposit {
+        /// Echoed in the response.
+        req_id: u64,
+        /// The envelope, addressed to a peer.
+        envelope: Envelope,
+    },
+    /// Return up to `limit` envelopes of the caller's own mailbox with a sequence number above
+    /// `after` (or from the start).
+    Fetch {
+        /// Echoed in the response.
+        req_id: u64,
+        /// Only entries after this sequence number.
+        after: Option<u64>,
+        /// At most this many entries (capped by the relay).
+        limit: u32,
+    },
+    /// Delete these entries from the caller's own mailbox.
+    Ack {
+        /// Echoed in the response.
+        req_id: u64,
+        /// Sequence numbers from earlier fetches.
+        seqs: Vec<u64>,
+    },
+}
+
+impl Request {
+    /// The request's id.
+    pub fn req_id(&self) -> u64 {
+        match self {
+            Request::Deposit { req_id, .. }
+            | Request::Fetch { req_id, .. }
+            | Request::Ack { req_id, .. } => *req_id,
+        }
+    }
+}
+
+/// One stored envelope with its mailbox sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// The relay's sequence number for this entry; ack it to delete the entry.
+    pub seq: u64,
+    /// The stored envelope, exactly as deposited.
+    pub envelope: Envelope,
+}
+
+/// A relay's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The deposit is stored durably.
+    Stored {
+        /// The request's id.
+        req_id: u64,
+    },
+    /// Entries of the caller's mailbox, oldest first.
+    Batch {
+        /// The request's id.
+        req_id: u64,
+        /// The entries.
+        items: Vec<Item>,
+        /// Whether more entries follow the last one.
+        more: bool,
+    },
+    /// The acked entries are deleted.
+    Acked {
+        /// The request's id.
+        req_id: u64,
+        /// How many entries were removed.
+        removed: u32,
+    },
+    /// Refused.
+    Rejected {
+        /// The request's id.
+        req_id: u64,
+        /// Why.
+        reason: Reject,
+    },
+}
+
+impl Response {
+    /// The echoed request id.
+    pub fn req_id(&self) -> u64 {
+        match self {
+            Response::Stored { req_id }
+            | Response::Batch { req_id, .. }
+            | Response::Acked { req_id, .. }
+            | Response::Rejected { req_id, .. } => *req_id,
+        }
+    }
+}
