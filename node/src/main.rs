@@ -1,1 +1,365 @@
-fn main() {}
+//! The `kith` command line: parses flags, sets up logging and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kith_node::client::Client;
+use kith_node::{identity, Config, Settings};
+use libp2p::Multiaddr;
+use serde_json::{json, Value};
+
+/// kith: peer-to-peer chat. Run `kith init`, then `kith daemon`, then talk to it with the other
+/// commands from another terminal.
+#[derive(Parser)]
+#[command(name = "kith", version, about, long_about = None)]
+struct Cli {
+    /// The node's home directory (identity, messages, settings).
+    #[arg(long, env = "KITH_HOME", global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an identity and settings in --home.
+    Init {
+        /// Your display name, shown in your invite.
+        #[arg(long, default_value = "anonymous")]
+        name: String,
+    },
+    /// Show your peer id, name, invite and (if the daemon runs) listen addresses.
+    Id {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the node in the foreground.
+    Daemon {
+        /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4101.
+        #[arg(long = "listen")]
+        listen: Vec<Multiaddr>,
+        /// Home relay (repeatable), a multiaddr ending in /p2p/<relay peer id>.
+        #[arg(long = "relay")]
+        relay: Vec<Multiaddr>,
+        /// Where the local API listens (loopback only).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        api: std::net::SocketAddr,
+        /// Find peers on the local network with mDNS.
+        #[arg(long)]
+        mdns: bool,
+    },
+    /// Manage contacts.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Send a message; prints its id.
+    Send {
+        /// Contact name or peer id.
+        to: String,
+        /// The text.
+        text: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a conversation, or every message.
+    Messages {
+        /// Contact name or peer id.
+        with: Option<String>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a conversation read (sends read receipts unless turned off).
+    Read {
+        /// Contact name or peer id.
+        with: String,
+    },
+    /// Show a message's state.
+    Status {
+        /// The message id.
+        id: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream events (messages, receipts) as JSON lines.
+    Events {
+        /// Print JSON lines (the default output is JSON lines too).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContactCommand {
+    /// Add a contact by peer id or invite.
+    Add {
+        /// The name you will use for it.
+        name: String,
+        /// Its peer id or invite (`kith id` prints both).
+        peer_id_or_invite: String,
+        /// A direct address to reach it (repeatable).
+        #[arg(long = "addr")]
+        addr: Vec<Multiaddr>,
+    },
+    /// List contacts.
+    List {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn default_home() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("kith")
+}
+
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn tick(state: &str) -> &'static str {
+    match state {
+        "sent" => "✓",
+        "delivered" => "✓✓",
+        "read" => "✓✓ read",
+        _ => "…",
+    }
+}
+
+async fn daemon_client(home: &std::path::Path) -> Result<Client> {
+    Ok(Client::for_home(home)?)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let home = cli.home.unwrap_or_else(default_home);
+    match cli.command {
+        Command::Init { name } => {
+            let key = identity::create(&home)?;
+            let settings = Settings {
+                name,
+                ..Settings::default()
+            };
+            settings.save(&home)?;
+            println!(
+                "created identity {} in {}",
+                key.public().to_peer_id(),
+                home.display()
+            );
+            println!("next: kith --home {} daemon", home.display());
+        }
+        Command::Id { json } => {
+            let key = identity::load(&home)?;
+            let settings = Settings::load(&home)?;
+            let peer_id = key.public().to_peer_id();
+            let info: Value = match Client::for_home(&home) {
+                Ok(client) => match client.get::<Value>("/v1/id").await {
+                    Ok(info) => info,
+                    Err(_) => offline_id(peer_id, &settings),
+                },
+                Err(_) => offline_id(peer_id, &settings),
+            };
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("peer id: {}", info["peer_id"].as_str().unwrap_or_default());
+                println!("name:    {}", info["name"].as_str().unwrap_or_default());
+                println!("invite:  {}", info["invite"].as_str().unwrap_or_default());
+                for addr in info["listen_addrs"].as_array().into_iter().flatten() {
+                    println!("listen:  {}", addr.as_str().unwrap_or_default());
+                }
+            }
+        }
+        Command::Daemon {
+            listen,
+            relay,
+            api,
+            mdns,
+        } => {
+            let mut config = Config::new(&home);
+            if !listen.is_empty() {
+                config.listen = listen;
+            }
+            config.relays = relay;
+            config.api = api;
+            config.mdns = mdns;
+            let running = kith_node::start(config)
+                .await
+                .context("starting the daemon")?;
+            eprintln!(
+                "kith daemon running as {} (API on {}); Ctrl-C to stop",
+                running.node.peer_id(),
+                running.api_addr
+            );
+            shutdown_signal().await;
+            running.shutdown().await;
+        }
+        Command::Contact(ContactCommand::Add {
+            name,
+            peer_id_or_invite,
+            addr,
+        }) => {
+            let client = daemon_client(&home).await?;
+            let addrs: Vec<String> = addr.iter().map(|a| a.to_string()).collect();
+            let contact: Value = client
+                .post(
+                    "/v1/contacts",
+                    &json!({ "name": name, "peer": peer_id_or_invite, "addrs": addrs }),
+                )
+                .await?;
+            println!(
+                "added {} ({})",
+                contact["name"].as_str().unwrap_or_default(),
+                contact["peer_id"].as_str().unwrap_or_default()
+            );
+        }
+        Command::Contact(ContactCommand::List { json }) => {
+            let client = daemon_client(&home).await?;
+            let contacts: Value = client.get("/v1/contacts").await?;
+            if json {
+                print_json(&contacts)?;
+            } else {
+                for c in contacts.as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}",
+                        c["name"].as_str().unwrap_or_default(),
+                        c["peer_id"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Send { to, text, json } => {
+            let client = daemon_client(&home).await?;
+            let sent: Value = client
+                .post(
+                    "/v1/send",
+                    &json!({ "to": to, "text": text, "wait_ms": 2000 }),
+                )
+                .await?;
+            if json {
+                print_json(&sent)?;
+            } else {
+                println!("{}", sent["id"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Messages { with, json } => {
+            let client = daemon_client(&home).await?;
+            let path = match &with {
+                Some(w) => format!("/v1/messages?with={}", urlencode(w)),
+                None => "/v1/messages".to_owned(),
+            };
+            let messages: Value = client.get(&path).await?;
+            if json {
+                print_json(&messages)?;
+            } else {
+                for m in messages.as_array().into_iter().flatten() {
+                    let out = m["direction"] == "out";
+                    println!(
+                        "{} {}  {}",
+                        if out { "→" } else { "←" },
+                        m["text"].as_str().unwrap_or_default(),
+                        if out {
+                            tick(m["state"].as_str().unwrap_or_default())
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        Command::Read { with } => {
+            let client = daemon_client(&home).await?;
+            let read: Value = client.post("/v1/read", &json!({ "with": with })).await?;
+            println!("marked {} message(s) read", read["read"]);
+        }
+        Command::Status { id, json } => {
+            let client = daemon_client(&home).await?;
+            let status: Value = client
+                .get(&format!("/v1/status/{}", urlencode(&id)))
+                .await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                println!("{}", status["state"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Events { json: _ } => {
+            let client = daemon_client(&home).await?;
+            client.events(|event| println!("{event}")).await?;
+        }
+    }
+    Ok(())
+}
+
+fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
+    let invite = kith_protocol::invite::Invite {
+        peer_id,
+        name: settings.name.clone(),
+        relays: Vec::new(),
+    };
+    json!({
+        "peer_id": peer_id.to_string(),
+        "name": settings.name,
+        "invite": invite.encode(),
+        "listen_addrs": [],
+        "read_receipts": settings.read_receipts,
+    })
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kith_node=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kith: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

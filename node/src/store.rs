@@ -10,7 +10,7 @@
 //! | `i/` | message id | from (for lookups by id alone) |
 //! | `c/` | peer, lamport, from, message id | empty: a conversation in display order |
 //! | `l/` | peer | the conversation's Lamport clock (`u64`) |
-//! | `o/` | due time, message id | [`OutboxEntry`]: envelopes waiting for delivery |
+//! | `o/` | message id | [`OutboxEntry`]: envelopes waiting for delivery |
 //! | `k/` | contact name | [`Contact`] |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
@@ -20,7 +20,7 @@ use std::path::Path;
 
 use kith_protocol::{cbor, Envelope, MessageId, MessageState, PeerId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The schema this release writes. Bump it, and add a migration in [`Store::open`], when the key
 /// layout or a value's encoding changes.
@@ -137,9 +137,8 @@ fn conversation_key(peer: &PeerId, lamport: u64, from: &PeerId, id: &MessageId) 
     key
 }
 
-fn outbox_key(due_ms: u64, id: &MessageId) -> Vec<u8> {
+fn outbox_key(id: &MessageId) -> Vec<u8> {
     let mut key = b"o/".to_vec();
-    key.extend_from_slice(&due_ms.to_be_bytes());
     key.extend_from_slice(id.as_bytes());
     key
 }
@@ -207,12 +206,12 @@ impl Batch {
 
     /// Puts an envelope in the outbox.
     pub fn put_outbox(&mut self, entry: &OutboxEntry) {
-        self.insert(outbox_key(entry.due_ms, &entry.envelope.id), encode(entry));
+        self.insert(outbox_key(&entry.envelope.id), encode(entry));
     }
 
     /// Removes an outbox entry.
-    pub fn remove_outbox(&mut self, due_ms: u64, id: &MessageId) {
-        self.remove(outbox_key(due_ms, id));
+    pub fn remove_outbox(&mut self, id: &MessageId) {
+        self.remove(outbox_key(id));
     }
 
     /// Stores a contact.
@@ -228,6 +227,18 @@ impl Batch {
 pub struct Store {
     tree: sled::Db,
     flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
+    closed: watch::Receiver<bool>,
+}
+
+/// Resolves once the store is closed: every handle dropped, the last flush done and the
+/// database released (so the same directory can be opened again).
+pub struct Closed(watch::Receiver<bool>);
+
+impl Closed {
+    /// Waits for the close.
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|closed| *closed).await;
+    }
 }
 
 impl Store {
@@ -255,8 +266,19 @@ impl Store {
             }
         }
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(flush_loop(tree.clone(), rx));
-        Ok(Self { tree, flusher: tx })
+        let (closed_tx, closed) = watch::channel(false);
+        // The flusher ends by itself once every handle is dropped; `closed()` waits for that.
+        tokio::spawn(flush_loop(tree.clone(), rx, closed_tx));
+        Ok(Self {
+            tree,
+            flusher: tx,
+            closed,
+        })
+    }
+
+    /// A future that resolves once every handle to this store is dropped and it is flushed.
+    pub fn closed(&self) -> Closed {
+        Closed(self.closed.clone())
     }
 
     /// Applies `batch` atomically and waits until it is on disk.
@@ -279,17 +301,21 @@ impl Store {
     /// Waits until everything written so far is on disk. Concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.flusher.send(tx).await.map_err(|_| StoreError::Closed)?;
+        self.flusher
+            .send(tx)
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// A message by sender and id.
-    pub fn message(&self, from: &PeerId, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+    pub fn message(
+        &self,
+        from: &PeerId,
+        id: &MessageId,
+    ) -> Result<Option<StoredMessage>, StoreError> {
         let key = message_key(from, id);
-        self.tree
-            .get(&key)?
-            .map(|v| decode(&key, &v))
-            .transpose()
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
 
     /// One of this node's outgoing messages by id.
@@ -352,7 +378,34 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Every outbox entry, earliest due first.
+    /// Moves a message's state forward (never back), atomically. Returns the new state, or
+    /// `None` when there is no such message or the state did not change.
+    pub fn advance_state(
+        &self,
+        from: &PeerId,
+        id: &MessageId,
+        to: MessageState,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let key = message_key(from, id);
+        let mut changed = None;
+        self.tree.fetch_and_update(&key, |old| {
+            let old = old?;
+            let Ok(mut msg) = decode::<StoredMessage>(&key, old) else {
+                return Some(old.to_vec());
+            };
+            let next = msg.state.advance(to);
+            if next == msg.state {
+                return Some(old.to_vec());
+            }
+            msg.state = next;
+            let bytes = encode(&msg);
+            changed = Some(msg);
+            Some(bytes)
+        })?;
+        Ok(changed)
+    }
+
+    /// Every outbox entry.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         self.tree
             .scan_prefix(b"o/")
@@ -378,6 +431,7 @@ impl Store {
 async fn flush_loop(
     tree: sled::Db,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
+    closed: watch::Sender<bool>,
 ) {
     let mut waiting = Vec::new();
     while rx.recv_many(&mut waiting, 4096).await > 0 {
@@ -393,6 +447,8 @@ async fn flush_loop(
     if let Err(e) = tree.flush_async().await {
         tracing::error!(error = %e, "final store flush failed");
     }
+    drop(tree);
+    let _ = closed.send(true);
 }
 
 #[cfg(test)]
@@ -443,7 +499,10 @@ mod tests {
         assert_eq!(store.lamport(&bob).expect("lamport"), 3);
         assert_eq!(store.conversations().expect("list"), vec![bob]);
         assert_eq!(
-            store.outgoing(&written[0].id).expect("by id").map(|m| m.text),
+            store
+                .outgoing(&written[0].id)
+                .expect("by id")
+                .map(|m| m.text),
             Some("m3".into())
         );
     }
@@ -453,7 +512,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("sled");
-            db.insert(b"v", &(SCHEMA_VERSION + 1).to_be_bytes()).expect("insert");
+            db.insert(b"v", &(SCHEMA_VERSION + 1).to_be_bytes())
+                .expect("insert");
             db.flush().expect("flush");
         }
         assert!(matches!(

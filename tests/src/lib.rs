@@ -1,1 +1,280 @@
-//! placeholder
+//! The end-to-end harness: start nodes (and relays) in-process on loopback with temporary
+//! homes, drive them through their handles, and wait on conditions with deadlines (never sleep as
+//! synchronisation). Also a bare libp2p peer ([`RawPeer`]) for sending hostile input.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use kith_net::codec::Message;
+use kith_net::{DmCodec, MailboxCodec};
+use kith_node::{Config, Node, Running, Settings};
+use kith_protocol::{dm, mailbox};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+
+/// How long any awaited condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Installs a test log subscriber once (set `KITH_LOG=debug` to see the nodes' logs).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `condition` until it returns `Some`, or fails after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut condition: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = condition().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node under test with its own temporary home.
+pub struct TestNode {
+    /// The running node.
+    pub running: Option<Running>,
+    /// Its home directory.
+    pub home: PathBuf,
+    /// Its config (for restarts).
+    pub config: Config,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    /// Creates an identity in a fresh temporary home and starts the node on loopback.
+    pub async fn start(name: &str, relays: Vec<Multiaddr>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let home = dir.path().to_path_buf();
+        Self::init_home(&home, name)?;
+        let mut config = Config::loopback(&home);
+        config.relays = relays;
+        let mut node = Self::start_in(config).await?;
+        node._dir = Some(dir);
+        Ok(node)
+    }
+
+    /// Creates an identity and settings in `home`.
+    pub fn init_home(home: &Path, name: &str) -> Result<()> {
+        kith_node::identity::create(home)?;
+        Settings {
+            name: name.into(),
+            ..Settings::default()
+        }
+        .save(home)?;
+        Ok(())
+    }
+
+    /// Starts a node with an explicit config (its home must hold an identity).
+    pub async fn start_in(config: Config) -> Result<Self> {
+        let running = kith_node::start(config.clone())
+            .await
+            .context("starting node")?;
+        Ok(Self {
+            running: Some(running),
+            home: config.home.clone(),
+            config,
+            _dir: None,
+        })
+    }
+
+    /// The node's handle.
+    pub fn node(&self) -> &Node {
+        &self.running.as_ref().expect("node is running").node
+    }
+
+    /// Its peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.node().peer_id()
+    }
+
+    /// Its first listen address.
+    pub async fn addr(&self) -> Multiaddr {
+        self.node()
+            .listen_addrs()
+            .await
+            .into_iter()
+            .next()
+            .expect("a listen address")
+    }
+
+    /// Stops the node, keeping its home.
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Starts it again on the same home, listening on `listen` (to keep its address).
+    pub async fn restart_on(&mut self, listen: Multiaddr) -> Result<()> {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.listen = vec![listen];
+        self.running = Some(kith_node::start(config).await?);
+        Ok(())
+    }
+
+    /// The state of an outgoing message.
+    pub fn state(&self, id: &str) -> Option<kith_protocol::MessageState> {
+        self.node().status(id).ok().map(|s| s.state)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // Dropping without `stop` aborts the tasks with the runtime; nothing to flush by hand.
+    }
+}
+
+/// Adds `other` as contact `name` of `node`, with its direct address.
+pub async fn befriend(node: &TestNode, name: &str, other: &TestNode) -> Result<()> {
+    let addr = other.addr().await.to_string();
+    node.node()
+        .add_contact(name, &other.peer_id().to_string(), &[addr])
+        .await?;
+    Ok(())
+}
+
+/// A bare libp2p peer that speaks kith's protocols without any of the node's checks, for sending
+/// forged, malformed or oversize input.
+#[derive(NetworkBehaviour)]
+pub struct RawBehaviour {
+    /// `/kith/dm/1`.
+    pub dm: request_response::Behaviour<DmCodec>,
+    /// `/kith/mailbox/1`.
+    pub mailbox: request_response::Behaviour<MailboxCodec>,
+}
+
+/// A raw peer.
+pub struct RawPeer {
+    /// Its swarm.
+    pub swarm: Swarm<RawBehaviour>,
+    /// Its key.
+    pub key: Keypair,
+}
+
+impl RawPeer {
+    /// A new raw peer with a fresh identity.
+    pub fn new() -> Result<Self> {
+        Self::with_key(Keypair::generate_ed25519())
+    }
+
+    /// A raw peer with a given identity.
+    pub fn with_key(key: Keypair) -> Result<Self> {
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|_| RawBehaviour {
+                dm: request_response::Behaviour::with_codec(
+                    DmCodec::new(dm::MAX_FRAME_BYTES),
+                    [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Full)],
+                    kith_net::request_response_config(),
+                ),
+                mailbox: request_response::Behaviour::with_codec(
+                    MailboxCodec::new(mailbox::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(mailbox::PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
+                    kith_net::request_response_config(),
+                ),
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        Ok(Self { swarm, key })
+    }
+
+    /// Sends one dm request to `peer` at `addr` and waits for the answer.
+    pub async fn dm(
+        &mut self,
+        peer: PeerId,
+        addr: &Multiaddr,
+        request: Message<dm::Request>,
+    ) -> Result<dm::Response> {
+        self.swarm.add_peer_address(peer, addr.clone());
+        let id = self.swarm.behaviour_mut().dm.send_request(&peer, request);
+        let fut = async {
+            loop {
+                if let SwarmEvent::Behaviour(RawBehaviourEvent::Dm(event)) =
+                    self.swarm.select_next_some().await
+                {
+                    match event {
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        } if request_id == id => return Ok(response),
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        } if request_id == id => bail!("dm failed: {error}"),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, fut).await?
+    }
+
+    /// Sends one mailbox request to `relay` at `addr` and waits for the answer.
+    pub async fn mailbox(
+        &mut self,
+        relay: PeerId,
+        addr: &Multiaddr,
+        request: Message<mailbox::Request>,
+    ) -> Result<mailbox::Response> {
+        self.swarm.add_peer_address(relay, addr.clone());
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_request(&relay, request);
+        let fut = async {
+            loop {
+                if let SwarmEvent::Behaviour(RawBehaviourEvent::Mailbox(event)) =
+                    self.swarm.select_next_some().await
+                {
+                    match event {
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        } if request_id == id => return Ok(response),
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        } if request_id == id => bail!("mailbox request failed: {error}"),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, fut).await?
+    }
+}

@@ -1,0 +1,136 @@
+//! Node configuration: the per-home settings file and the runtime [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kith_protocol::retry::Backoff;
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+/// File name of the settings inside the home directory.
+pub const SETTINGS_FILE: &str = "config.toml";
+
+/// What the user chose, kept in `<home>/config.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The display name shown in invites.
+    pub name: String,
+    /// Whether to send `Read` receipts when a conversation is read.
+    pub read_receipts: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            name: "anonymous".into(),
+            read_receipts: true,
+        }
+    }
+}
+
+/// Why the settings could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Settings`].
+    #[error("{path}: {detail} (fix or delete the file)")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        detail: String,
+    },
+}
+
+impl Settings {
+    /// Reads `<home>/config.toml`; defaults when it does not exist.
+    pub fn load(home: &Path) -> Result<Self, SettingsError> {
+        let path = home.join(SETTINGS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| SettingsError::Parse {
+                path,
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(SettingsError::Io { path, source }),
+        }
+    }
+
+    /// Writes `<home>/config.toml`.
+    pub fn save(&self, home: &Path) -> Result<(), SettingsError> {
+        let path = home.join(SETTINGS_FILE);
+        let text = toml::to_string_pretty(self).map_err(|e| SettingsError::Parse {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(|source| SettingsError::Io { path, source })
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The home directory (identity, store, settings, API files).
+    pub home: PathBuf,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Home relays, each ending in `/p2p/<relay id>`.
+    pub relays: Vec<Multiaddr>,
+    /// Where the local HTTP API listens (loopback only).
+    pub api: SocketAddr,
+    /// Whether to find peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// How long one direct delivery attempt may take before falling back to the relays.
+    pub delivery_timeout: Duration,
+    /// The retry schedule for undelivered envelopes.
+    pub backoff: Backoff,
+    /// Most delivery attempts in flight at once.
+    pub max_in_flight: usize,
+    /// How often the node polls its home relays' mailboxes even without a reconnect.
+    pub mailbox_poll_interval: Duration,
+}
+
+impl Config {
+    /// Defaults for a home directory: listen on every interface (TCP and QUIC, random ports),
+    /// API on a random loopback port.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            home: home.into(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
+            ],
+            relays: Vec::new(),
+            api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mdns: false,
+            delivery_timeout: Duration::from_secs(5),
+            backoff: Backoff::default(),
+            max_in_flight: 512,
+            mailbox_poll_interval: Duration::from_secs(30),
+        }
+    }
+
+    /// Defaults for tests and the demo: loopback TCP only, short timeouts.
+    pub fn loopback(home: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
+            delivery_timeout: Duration::from_secs(2),
+            backoff: Backoff {
+                base_ms: 200,
+                max_ms: 2_000,
+            },
+            ..Self::new(home)
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The network actor: one task owns the libp2p `Swarm`; everything else talks to it through a
+//! cloneable [`Handle`] over a bounded channel and hears from it through a bounded event channel.
+//!
+//! Flow: the delivery engine asks for `SendDm` / `Mailbox` requests and gets the peer's answer on
+//! a oneshot; inbound `/kith/dm/1` requests come out as [`Event::InboundDm`] with the response
+//! channel, and the engine answers with [`Handle::respond_dm`] once its write is flushed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kith_net::codec::Message;
+use kith_net::{DmCodec, MailboxCodec};
+use kith_protocol::{dm, mailbox};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity::Keypair, mdns, noise, ping, relay, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+/// Protocol version string sent in identify.
+const IDENTIFY_PROTOCOL: &str = "/kith/1.0.0";
+
+/// How often the actor re-dials home relays it is not connected to.
+const RELAY_REDIAL_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Why a network request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    /// The peer could not be reached (no address, dial failed, connection closed).
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    /// The peer did not answer in time.
+    #[error("request timed out")]
+    Timeout,
+    /// The network actor has stopped.
+    #[error("network is shutting down")]
+    Closed,
+}
+
+/// The node's libp2p behaviour.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    dm: request_response::Behaviour<DmCodec>,
+    mailbox: request_response::Behaviour<MailboxCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// What the rest of the node hears from the network.
+#[derive(Debug)]
+pub enum Event {
+    /// A `/kith/dm/1` request arrived; answer it with [`Handle::respond_dm`].
+    InboundDm {
+        /// The connection's (authenticated) peer.
+        peer: PeerId,
+        /// The request, or why it was refused by the codec.
+        request: Message<dm::Request>,
+        /// Where the answer goes.
+        channel: ResponseChannel<dm::Response>,
+    },
+    /// A connection to `peer` is up (a good moment to retry what waits for it).
+    Connected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A home relay is connected: fetch the mailbox.
+    RelayConnected {
+        /// The relay.
+        relay: PeerId,
+    },
+}
+
+enum Command {
+    SendDm {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Message<dm::Request>,
+        reply: oneshot::Sender<Result<dm::Response, NetError>>,
+    },
+    Mailbox {
+        relay: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: mailbox::Request,
+        reply: oneshot::Sender<Result<mailbox::Response, NetError>>,
+    },
+    RespondDm {
+        channel: ResponseChannel<dm::Response>,
+        response: dm::Response,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Connected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// A cloneable handle to the network actor.
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+impl Handle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Sends a `/kith/dm/1` request to `peer`, dialing `addrs` if not connected.
+    pub async fn send_dm(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Message<dm::Request>,
+    ) -> Result<dm::Response, NetError> {
+        self.ask(|reply| Command::SendDm {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends a `/kith/mailbox/1` request to a relay.
+    pub async fn mailbox(
+        &self,
+        relay: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: mailbox::Request,
+    ) -> Result<mailbox::Response, NetError> {
+        self.ask(|reply| Command::Mailbox {
+            relay,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound `/kith/dm/1` request.
+    pub async fn respond_dm(&self, channel: ResponseChannel<dm::Response>, response: dm::Response) {
+        let _ = self
+            .commands
+            .send(Command::RespondDm { channel, response })
+            .await;
+    }
+
+    /// The addresses this node listens on, with `/p2p/<id>`.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.ask(|reply| Command::ListenAddrs { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Whether a connection to `peer` is open.
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        self.ask(|reply| Command::Connected { peer, reply })
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// Network settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Home relays (each ending in `/p2p/<relay id>`).
+    pub relays: Vec<Multiaddr>,
+    /// Whether to discover peers on the LAN with mDNS.
+    pub mdns: bool,
+}
+
+/// Why the network could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The transport could not be built.
+    #[error("building the libp2p transport: {0}")]
+    Transport(String),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A relay address does not end in `/p2p/<peer id>`.
+    #[error("relay address {0} must end in /p2p/<relay peer id>")]
+    RelayAddr(Multiaddr),
+}
+
+/// The peer id at the end of a multiaddr, if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// Builds the swarm, starts listening, and spawns the actor. Returns the handle, the event
+/// receiver and the actor's task.
+pub(crate) async fn start(
+    key: Keypair,
+    settings: Settings,
+    shutdown: crate::shutdown::Signal,
+) -> Result<(Handle, mpsc::Receiver<Event>, tokio::task::JoinHandle<()>), StartError> {
+    let local_peer_id = key.public().to_peer_id();
+    let mut relays = HashMap::new();
+    for addr in &settings.relays {
+        let peer = peer_of(addr).ok_or_else(|| StartError::RelayAddr(addr.clone()))?;
+        relays.insert(peer, addr.clone());
+    }
+    let mdns_enabled = settings.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| StartError::Transport(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| StartError::Transport(e.to_string()))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| StartError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let peer = key.public().to_peer_id();
+            let mdns = if mdns_enabled {
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer).ok()
+            } else {
+                None
+            };
+            Behaviour {
+                relay_client,
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_push_listen_addr_updates(true),
+                ),
+                ping: ping::Behaviour::default(),
+                dm: request_response::Behaviour::with_codec(
+                    DmCodec::new(dm::MAX_FRAME_BYTES),
+                    [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Full)],
+                    kith_net::request_response_config(),
+                ),
+                mailbox: request_response::Behaviour::with_codec(
+                    MailboxCodec::new(mailbox::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(mailbox::PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
+                    kith_net::request_response_config(),
+                ),
+                mdns: Toggle::from(mdns),
+            }
+        })
+        .map_err(|e| StartError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(kith_net::IDLE_CONNECTION_TIMEOUT))
+        .build();
+
+    let mut pending_listeners = HashSet::new();
+    for addr in &settings.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        pending_listeners.insert(id);
+    }
+    // Wait until every listener reports an address, so callers see real ports.
+    while !pending_listeners.is_empty() {
+        match swarm.select_next_some().await {
+            SwarmEvent::NewListenAddr { listener_id, .. } => {
+                pending_listeners.remove(&listener_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                return Err(StartError::Listen {
+                    addr: Multiaddr::empty(),
+                    reason: format!("listener {listener_id:?} closed: {reason:?}"),
+                })
+            }
+            _ => {}
+        }
+    }
+    for addr in relays.values() {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(relay = %addr, error = %e, "cannot dial home relay");
+        }
+    }
+
+    let (commands_tx, commands_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let actor = Actor {
+        swarm,
+        relays,
+        circuits: HashSet::new(),
+        pending_dm: HashMap::new(),
+        pending_mailbox: HashMap::new(),
+        events: events_tx,
+    };
+    let task = tokio::spawn(actor.run(commands_rx, shutdown));
+    Ok((
+        Handle {
+            commands: commands_tx,
+            local_peer_id,
+        },
+        events_rx,
+        task,
+    ))
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    relays: HashMap<PeerId, Multiaddr>,
+    /// Relays on which a circuit listener is open.
+    circuits: HashSet<PeerId>,
+    pending_dm: HashMap<OutboundRequestId, oneshot::Sender<Result<dm::Response, NetError>>>,
+    pending_mailbox:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<mailbox::Response, NetError>>>,
+    events: mpsc::Sender<Event>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: crate::shutdown::Signal,
+    ) {
+        let mut redial = tokio::time::interval(RELAY_REDIAL_INTERVAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                Some(command) = commands.recv() => self.handle_command(command),
+                event = self.swarm.select_next_some() => self.handle_event(event).await,
+                _ = redial.tick() => self.redial_relays(),
+            }
+        }
+        tracing::debug!("network actor stopped");
+    }
+
+    fn redial_relays(&mut self) {
+        for (peer, addr) in &self.relays {
+            if !self.swarm.is_connected(peer) {
+                tracing::debug!(relay = %addr, "re-dialing home relay");
+                let _ = self.swarm.dial(addr.clone());
+            }
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::SendDm {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self.swarm.behaviour_mut().dm.send_request(&peer, request);
+                self.pending_dm.insert(id, reply);
+            }
+            Command::Mailbox {
+                relay,
+                addrs,
+                request,
+                reply,
+            } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(relay, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .mailbox
+                    .send_request(&relay, Message::Valid(request));
+                self.pending_mailbox.insert(id, reply);
+            }
+            Command::RespondDm { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .dm
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("dm response not sent: the requester went away");
+                }
+            }
+            Command::ListenAddrs { reply } => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self
+                    .swarm
+                    .listeners()
+                    .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::Connected { peer, reply } => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
+            }
+        }
+    }
+
+    async fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.handle_dm(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.handle_mailbox(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                tracing::debug!(?event, "relay client");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if let Some(addr) = self.relays.get(&peer_id).cloned() {
+                    if self.circuits.insert(peer_id) {
+                        let circuit = addr.with(Protocol::P2pCircuit);
+                        if let Err(e) = self.swarm.listen_on(circuit.clone()) {
+                            tracing::warn!(%circuit, error = %e, "cannot reserve a relay circuit");
+                            self.circuits.remove(&peer_id);
+                        }
+                    }
+                    emit(&self.events, Event::RelayConnected { relay: peer_id }).await;
+                }
+                emit(&self.events, Event::Connected { peer: peer_id }).await;
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, "disconnected");
+                if self.relays.contains_key(&peer_id) {
+                    tracing::info!(relay = %peer_id, "lost home relay; will re-dial");
+                }
+            }
+            SwarmEvent::ListenerClosed { addresses, .. } => {
+                for addr in addresses {
+                    if let Some(relay) = relay_of_circuit(&addr) {
+                        self.circuits.remove(&relay);
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+            }
+            _ => {}
+        }
+    }
+
+    async fn handle_dm(
+        &mut self,
+        event: request_response::Event<Message<dm::Request>, dm::Response>,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                emit(
+                    &self.events,
+                    Event::InboundDm {
+                        peer,
+                        request,
+                        channel,
+                    },
+                )
+                .await;
+            }
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_dm.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_dm.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(error)));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, %error, "inbound dm failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+
+    fn handle_mailbox(
+        &mut self,
+        event: request_response::Event<Message<mailbox::Request>, mailbox::Response>,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(error)));
+                }
+            }
+            E::Message { peer, .. } => {
+                tracing::warn!(%peer, "unexpected inbound mailbox request (nodes only ask)");
+            }
+            E::InboundFailure { .. } | E::ResponseSent { .. } => {}
+        }
+    }
+}
+
+async fn emit(events: &mpsc::Sender<Event>, event: Event) {
+    if events.send(event).await.is_err() {
+        tracing::debug!("event dropped: the engine has stopped");
+    }
+}
+
+fn outbound_error(error: request_response::OutboundFailure) -> NetError {
+    match error {
+        request_response::OutboundFailure::Timeout => NetError::Timeout,
+        other => NetError::Unreachable(other.to_string()),
+    }
+}
+
+/// The relay's peer id in a `/…/p2p/<relay>/p2p-circuit/…` address.
+fn relay_of_circuit(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last_peer = None;
+    for proto in addr.iter() {
+        match proto {
+            Protocol::P2p(peer) => last_peer = Some(peer),
+            Protocol::P2pCircuit => return last_peer,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The address of `peer` through `relay`'s circuit.
+pub fn circuit_addr(relay: &Multiaddr, peer: PeerId) -> Multiaddr {
+    relay
+        .clone()
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(peer))
+}

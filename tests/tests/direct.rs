@@ -1,0 +1,224 @@
+//! In-process end-to-end tests of one-to-one messaging between two nodes on loopback.
+
+use kith_net::codec::Message;
+use kith_protocol::envelope::Header;
+use kith_protocol::{dm, Body, Destination, Envelope, MessageId, MessageState, Reject};
+use kith_tests::{befriend, init_logs, wait_for, RawPeer, TestNode};
+
+fn texts(node: &TestNode, with: &str) -> Vec<String> {
+    node.node()
+        .messages(Some(with))
+        .expect("messages")
+        .into_iter()
+        .map(|m| m.text)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_three_ticks() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+
+    let sent = alice.node().send("bob", "hello bob", None).await?;
+    wait_for("delivered", || async {
+        (alice.state(&sent.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let inbox = bob.node().messages(Some("alice"))?;
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].text, "hello bob");
+    assert_eq!(inbox[0].from, alice.peer_id().to_string());
+
+    assert_eq!(bob.node().read("alice").await?, 1);
+    wait_for("read", || async {
+        (alice.state(&sent.id) == Some(MessageState::Read)).then_some(())
+    })
+    .await?;
+    // Reading again sends nothing new.
+    assert_eq!(bob.node().read("alice").await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_quick_sends_arrive_once_and_in_order() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(
+            alice
+                .node()
+                .send("bob", &format!("m{i:02}"), None)
+                .await?
+                .id,
+        );
+    }
+    wait_for("all 50 delivered", || async {
+        ids.iter()
+            .all(|id| alice.state(id) == Some(MessageState::Delivered))
+            .then_some(())
+    })
+    .await?;
+    let expected: Vec<String> = (0..50).map(|i| format!("m{i:02}")).collect();
+    assert_eq!(texts(&bob, "alice"), expected);
+    assert_eq!(texts(&alice, "bob"), expected);
+    Ok(())
+}
+
+fn chat(key: &libp2p::identity::Keypair, to: libp2p::PeerId, lamport: u64, text: &str) -> Envelope {
+    Envelope::seal(
+        key,
+        Header {
+            id: MessageId::random(),
+            to: Destination::Peer(to),
+            sent_at_ms: 1,
+            lamport,
+            expires_at_ms: None,
+        },
+        &Body::Chat { text: text.into() },
+    )
+    .expect("seal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_delivery_is_stored_once_and_retries_keep_send_order() -> anyhow::Result<()> {
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let mut raw = RawPeer::new()?;
+    let sender = raw.key.public().to_peer_id();
+
+    let first = chat(&raw.key, bob.peer_id(), 1, "first");
+    let second = chat(&raw.key, bob.peer_id(), 2, "second");
+    // The second arrives before the first (a retry reordered them), and the first arrives twice
+    // (its answer was lost, so the sender sent it again).
+    for env in [&second, &first, &first] {
+        let answer = raw
+            .dm(
+                bob.peer_id(),
+                &addr,
+                Message::Valid(dm::Request {
+                    req_id: 7,
+                    envelope: env.clone(),
+                }),
+            )
+            .await?;
+        assert_eq!(answer, dm::Response::Accepted { req_id: 7 });
+    }
+    assert_eq!(texts(&bob, &sender.to_string()), ["first", "second"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_input_is_rejected() -> anyhow::Result<()> {
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let mut raw = RawPeer::new()?;
+    let mallory = libp2p::identity::Keypair::generate_ed25519();
+
+    let ask = |envelope: Envelope| {
+        Message::Valid(dm::Request {
+            req_id: 1,
+            envelope,
+        })
+    };
+    let rejected = |reason| dm::Response::Rejected { req_id: 1, reason };
+
+    // A tampered text.
+    let mut forged = chat(&raw.key, bob.peer_id(), 1, "pay alice");
+    forged.body = kith_protocol::cbor::encode(
+        &Body::Chat {
+            text: "pay mallory".into(),
+        },
+        1024,
+    )?;
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, ask(forged)).await?,
+        rejected(Reject::BadSignature)
+    );
+
+    // Signed by someone else than the connection's peer.
+    let impostor = chat(&mallory, bob.peer_id(), 1, "hi, it's mallory");
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, ask(impostor)).await?,
+        rejected(Reject::WrongSender)
+    );
+
+    // Addressed to someone else.
+    let misdirected = chat(&raw.key, mallory.public().to_peer_id(), 1, "not for bob");
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, ask(misdirected)).await?,
+        rejected(Reject::WrongRecipient)
+    );
+
+    // Random bytes, and a frame header claiming 4 GiB.
+    let garbage = kith_protocol::frame::encode(&[0xde, 0xad, 0xbe, 0xef], 64)?;
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, Message::Raw(garbage)).await?,
+        dm::Response::Rejected {
+            req_id: 0,
+            reason: Reject::Malformed
+        }
+    );
+    let bomb = u32::MAX.to_be_bytes().to_vec();
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, Message::Raw(bomb)).await?,
+        dm::Response::Rejected {
+            req_id: 0,
+            reason: Reject::TooLarge {
+                max: dm::MAX_FRAME_BYTES as u64
+            }
+        }
+    );
+
+    // Nothing of that was stored, and bob still takes good messages.
+    assert!(bob.node().messages(None)?.is_empty());
+    let good = chat(&raw.key, bob.peer_id(), 1, "honest");
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, ask(good)).await?,
+        dm::Response::Accepted { req_id: 1 }
+    );
+    assert_eq!(bob.node().messages(None)?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_history_and_resume_the_outbox() -> anyhow::Result<()> {
+    init_logs();
+    let mut alice = TestNode::start("alice", vec![]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+
+    let first = alice.node().send("bob", "before", None).await?;
+    wait_for("first delivered", || async {
+        (alice.state(&first.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+
+    // Bob goes away; alice writes; alice restarts too; then bob comes back on his address.
+    bob.stop().await;
+    let pending = alice.node().send("bob", "while you were out", None).await?;
+    assert_eq!(alice.state(&pending.id), Some(MessageState::Pending));
+    let alice_addr = alice.addr().await;
+    alice.restart_on(alice_addr).await?;
+    assert_eq!(texts(&alice, "bob"), ["before", "while you were out"]);
+    bob.restart_on(bob_addr).await?;
+    assert_eq!(texts(&bob, "alice"), ["before"]);
+
+    wait_for("resumed outbox delivered", || async {
+        (alice.state(&pending.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    assert_eq!(texts(&bob, "alice"), ["before", "while you were out"]);
+    Ok(())
+}
