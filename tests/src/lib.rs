@@ -2,6 +2,8 @@
 //! homes, drive them through their handles, and wait on conditions with deadlines (never sleep as
 //! synchronisation). Also a bare libp2p peer ([`RawPeer`]) for sending hostile input.
 
+pub mod process;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
