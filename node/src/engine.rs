@@ -1012,6 +1012,11 @@ impl Node {
             addrs.extend(c.addrs.iter().filter_map(|a| a.parse().ok()));
             relays.extend(c.relays.iter().filter_map(|a| a.parse().ok()));
         }
+        if relays.is_empty() {
+            // A peer whose relays we do not know (a stranger who wrote to us, say) most likely
+            // shares ours: a community relay. Try its circuit there, and its mailbox there.
+            relays.extend(self.inner.home_relays.values().cloned());
+        }
         addrs.extend(relays.iter().map(|r| circuit_addr(r, to)));
 
         let request = Message::Valid(dm::Request {

@@ -487,6 +487,9 @@ mod tests {
             }
             batch.set_lamport(&bob, 3);
             store.commit(batch).await.expect("commit");
+            let closed = store.closed();
+            drop(store);
+            closed.wait().await;
         }
         let store = Store::open(dir.path()).expect("reopen");
         let texts: Vec<_> = store

@@ -19,6 +19,8 @@ pub const PROTOCOL: &str = "/kith/mailbox/1";
 pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
 
 /// A request to a relay's mailbox service.
+// A request is built once and moved into the codec; boxing the envelope would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Store this envelope for its recipient.
@@ -68,6 +70,7 @@ pub struct Item {
 }
 
 /// A relay's answer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// The deposit is stored durably.

@@ -1,0 +1,233 @@
+//! The relay's configuration: every limit is a field with its unit in the name.
+//!
+//! A [`Config`] starts from [`Config::default`] (values chosen for chat, documented per field),
+//! may be loaded from a TOML file with [`Config::from_toml_file`] (missing fields keep their
+//! defaults, unknown fields are an error), and is then overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
+
+/// Everything a relay needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the identity, the mailbox store and `relay.json` live.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on; port 0 picks a free port.
+    pub listen: Vec<Multiaddr>,
+    /// Where to serve Prometheus metrics at `GET /metrics`; `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a connection without open streams stays up. Nodes keep their home-relay
+    /// connection, so this is long.
+    pub idle_connection_timeout_secs: u64,
+
+    /// Circuit relay: most reservations held at once.
+    pub max_reservations: usize,
+    /// Circuit relay: most reservations per peer.
+    pub max_reservations_per_peer: usize,
+    /// Circuit relay: how long a reservation lasts before the node must renew it.
+    pub reservation_duration_secs: u64,
+    /// Circuit relay: most circuits at once.
+    pub max_circuits: usize,
+    /// Circuit relay: most circuits per peer.
+    pub max_circuits_per_peer: usize,
+    /// Circuit relay: longest life of one circuit (libp2p has no "unlimited" here).
+    pub max_circuit_duration_secs: u64,
+    /// Circuit relay: most bytes per circuit, both directions together; 0 is unlimited.
+    pub max_circuit_bytes: u64,
+    /// Circuit relay: reservation requests per peer per minute (burst of as many); 0 disables
+    /// the limiter.
+    pub reservations_per_peer_per_minute: u32,
+    /// Circuit relay: reservation requests per source IP per minute; 0 disables the limiter.
+    pub reservations_per_ip_per_minute: u32,
+    /// Circuit relay: circuit requests per source peer per minute; 0 disables the limiter.
+    pub circuits_per_peer_per_minute: u32,
+    /// Circuit relay: circuit requests per source IP per minute; 0 disables the limiter.
+    pub circuits_per_ip_per_minute: u32,
+
+    /// Mailbox: how long an undelivered envelope is kept.
+    pub mailbox_ttl_secs: u64,
+    /// Mailbox: how often expired envelopes are purged.
+    pub purge_interval_secs: u64,
+    /// Mailbox: most envelopes waiting for one recipient.
+    pub mailbox_max_messages: u64,
+    /// Mailbox: most stored bytes waiting for one recipient.
+    pub mailbox_max_bytes: u64,
+    /// Mailbox: sustained deposits per second per depositing peer.
+    pub deposits_per_sec_per_peer: u32,
+    /// Mailbox: deposits a peer may make in a burst above the sustained rate.
+    pub deposit_burst_per_peer: u32,
+    /// Mailbox: requests queued for the store before new ones are answered `Busy`.
+    pub max_pending_mailbox_requests: usize,
+    /// Mailbox: how long a `Busy` answer asks the requester to wait.
+    pub busy_retry_after_ms: u64,
+    /// Mailbox: push a deposit over `/kith/dm/1` when its recipient is connected.
+    pub push_to_connected: bool,
+    /// Mailbox: most pushes awaiting an answer; beyond that envelopes wait for a fetch.
+    pub max_pending_pushes: usize,
+
+    /// The clock the mailbox reads; tests inject one they can advance.
+    #[serde(skip)]
+    pub clock: Clock,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: default_listen(),
+            metrics_addr: None,
+            idle_connection_timeout_secs: 3600,
+            max_reservations: 10_000,
+            max_reservations_per_peer: 4,
+            reservation_duration_secs: 3600,
+            max_circuits: 1_000,
+            max_circuits_per_peer: 16,
+            max_circuit_duration_secs: 3600,
+            max_circuit_bytes: 0,
+            reservations_per_peer_per_minute: 60,
+            reservations_per_ip_per_minute: 6_000,
+            circuits_per_peer_per_minute: 600,
+            circuits_per_ip_per_minute: 60_000,
+            mailbox_ttl_secs: 30 * 24 * 3600,
+            purge_interval_secs: 60,
+            mailbox_max_messages: 10_000,
+            mailbox_max_bytes: 64 * 1024 * 1024,
+            deposits_per_sec_per_peer: 100,
+            deposit_burst_per_peer: 1_000,
+            max_pending_mailbox_requests: 4_096,
+            busy_retry_after_ms: 1_000,
+            push_to_connected: true,
+            max_pending_pushes: 4_096,
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// The platform data directory plus `kith-relay` (the current directory if there is none).
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("kith-relay")
+}
+
+/// `/ip4/0.0.0.0/tcp/4001` and `/ip4/0.0.0.0/udp/4001/quic-v1`.
+pub fn default_listen() -> Vec<Multiaddr> {
+    ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect()
+}
+
+/// Why a configuration file could not be loaded, or a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a relay config.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config value for {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Loads a TOML file; fields it does not mention keep their defaults.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// A configuration for tests and in-process use: `data_dir`, one TCP listener on
+    /// `127.0.0.1` with a free port, defaults otherwise.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: "/ip4/127.0.0.1/tcp/0".parse().into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks values that would make the relay misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+        if self.listen.is_empty() {
+            return invalid("listen", "at least one address is needed");
+        }
+        if self.mailbox_ttl_secs == 0 {
+            return invalid("mailbox_ttl_secs", "must be above 0");
+        }
+        if self.purge_interval_secs == 0 {
+            return invalid("purge_interval_secs", "must be above 0");
+        }
+        if self.max_circuit_duration_secs == 0 {
+            return invalid("max_circuit_duration_secs", "must be above 0");
+        }
+        if self.deposits_per_sec_per_peer == 0 || self.deposit_burst_per_peer == 0 {
+            return invalid(
+                "deposits_per_sec_per_peer",
+                "rate and burst must be above 0",
+            );
+        }
+        if self.max_pending_mailbox_requests == 0 {
+            return invalid("max_pending_mailbox_requests", "must be above 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_only_what_it_names() {
+        let config: Config =
+            toml::from_str("mailbox_max_messages = 3\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n")
+                .expect("parses");
+        assert_eq!(config.mailbox_max_messages, 3);
+        assert_eq!(config.listen.len(), 1);
+        assert_eq!(config.max_circuits, Config::default().max_circuits);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<Config>("max_circuitz = 1\n").is_err());
+    }
+
+    #[test]
+    fn defaults_listen_on_tcp_and_quic() {
+        let config = Config::default();
+        assert_eq!(config.listen.len(), 2);
+        assert!(config.validate().is_ok());
+    }
+}

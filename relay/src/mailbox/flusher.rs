@@ -1,0 +1,64 @@
+//! Group commit: one sled flush makes every deposit written before it durable.
+//!
+//! The mailbox service writes a deposit into sled (in memory) and hands the finished answer to
+//! the flusher as a [`Job`]. The flusher takes every job waiting in its channel, runs one
+//! `flush_async`, and only then releases the answers, so `Stored` always means "on disk" while
+//! a burst of deposits costs one fsync instead of one each.
+
+use std::time::Instant;
+
+use kith_protocol::mailbox::Response;
+use kith_protocol::Reject;
+use tokio::sync::{mpsc, oneshot};
+
+use super::service::Outcome;
+use crate::metrics::Metrics;
+
+/// Most answers released by one flush; the rest wait for the next one.
+pub const MAX_JOBS_PER_FLUSH: usize = 4_096;
+
+/// Capacity of the flusher's channel (the mailbox service waits when it is full).
+pub const CHANNEL_CAPACITY: usize = 4_096;
+
+/// An answer waiting for the data it reports to be durable.
+#[derive(Debug)]
+pub struct Job {
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Outcome>,
+    /// The answer to send once flushed.
+    pub outcome: Outcome,
+}
+
+/// Runs until every sender of `jobs` is gone, flushing once per batch of waiting jobs.
+pub async fn run(db: sled::Db, mut jobs: mpsc::Receiver<Job>, metrics: Metrics) {
+    let mut batch = Vec::with_capacity(64);
+    while jobs.recv_many(&mut batch, MAX_JOBS_PER_FLUSH).await > 0 {
+        let started = Instant::now();
+        let result = db.flush_async().await;
+        metrics
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = batch.len(), "mailbox flush failed");
+        }
+        for job in batch.drain(..) {
+            let outcome = match &result {
+                Ok(_) => {
+                    if matches!(job.outcome.response, Response::Stored { .. }) {
+                        metrics.deposits.inc();
+                    }
+                    job.outcome
+                }
+                Err(_) => {
+                    metrics.reject(&Reject::StoreFailed);
+                    Outcome::reply(Response::Rejected {
+                        req_id: job.outcome.response.req_id(),
+                        reason: Reject::StoreFailed,
+                    })
+                }
+            };
+            // The requester may have gone away; its answer is then moot.
+            let _ = job.reply.send(outcome);
+        }
+    }
+}

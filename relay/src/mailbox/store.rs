@@ -1,0 +1,659 @@
+//! The mailbox store: envelopes waiting for their recipients, in one sled tree.
+//!
+//! Every operation names the mailbox's owner explicitly; the service passes the connection's
+//! Noise-authenticated peer id, so a peer only ever reads or deletes its own entries.
+//!
+//! Key layout (one tree, prefixed keys; each change is one atomic sled batch):
+//!
+//! | key | value |
+//! |---|---|
+//! | `i` owner-len owner seq | the [`Record`] (CBOR) |
+//! | `o` seq | owner (which mailbox a sequence number belongs to) |
+//! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
+//! | `d` from-len from message-id | seq (dedupe while the entry is stored) |
+//!
+//! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
+//! across restarts too. Writes here are not durable until the database is flushed: the service
+//! answers `Stored` only after the group-commit flusher has flushed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use kith_protocol::mailbox::Item;
+use kith_protocol::{cbor, Envelope, PeerId};
+use serde::{Deserialize, Serialize};
+
+const ITEM: u8 = b'i';
+const OWNER: u8 = b'o';
+const DEADLINE: u8 = b't';
+const DEDUP: u8 = b'd';
+
+/// Largest stored record; an envelope is far smaller, so this only guards against corruption.
+const MAX_RECORD_BYTES: usize = kith_protocol::limits::MAX_ENVELOPE_BYTES + 256;
+
+/// Bytes a fetch answer spends around each item and around the batch (CBOR map keys, seq).
+const ITEM_OVERHEAD_BYTES: usize = 32;
+const BATCH_OVERHEAD_BYTES: usize = 256;
+
+/// The store's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most entries per mailbox.
+    pub max_messages: u64,
+    /// Most stored bytes per mailbox.
+    pub max_bytes: u64,
+    /// How long an entry is kept, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// Entries and stored bytes of one mailbox, or of all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Number of entries.
+    pub messages: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+}
+
+/// One stored entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    /// When the entry is purged: the retention deadline or the envelope's expiry, if sooner.
+    deadline_ms: u64,
+    /// The envelope as deposited.
+    envelope: Envelope,
+}
+
+/// The result of a deposit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deposited {
+    /// The entry's sequence number.
+    pub seq: u64,
+    /// The same `(from, id)` was already stored; nothing was written.
+    pub duplicate: bool,
+}
+
+/// A page of a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Entries, oldest first.
+    pub items: Vec<Item>,
+    /// Whether entries follow the last one.
+    pub more: bool,
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled failed.
+    #[error("cannot open the mailbox store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A key in the store does not follow the layout.
+    #[error("corrupt mailbox store: {0}")]
+    Corrupt(String),
+}
+
+/// Why a deposit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DepositError {
+    /// The recipient's mailbox is full.
+    #[error("mailbox of {recipient} is full ({messages} messages, {bytes} bytes)")]
+    QuotaExceeded {
+        /// The recipient.
+        recipient: PeerId,
+        /// Entries already waiting.
+        messages: u64,
+        /// Bytes already waiting.
+        bytes: u64,
+    },
+    /// The envelope cannot be stored (too large once wrapped, or a peer id too long for a key).
+    #[error("envelope cannot be stored: {0}")]
+    Unstorable(String),
+    /// sled failed.
+    #[error("mailbox store failed: {0}")]
+    Storage(#[from] sled::Error),
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// sled failed.
+    #[error("mailbox store failed: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored entry does not decode.
+    #[error("stored entry {seq} is corrupt: {reason}")]
+    Corrupt {
+        /// The entry.
+        seq: u64,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Why an ack was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    /// The ack names an entry of another peer's mailbox; nothing was deleted.
+    #[error("entry {seq} belongs to another mailbox")]
+    NotYours {
+        /// The entry.
+        seq: u64,
+    },
+    /// sled failed.
+    #[error("mailbox store failed: {0}")]
+    Storage(#[from] sled::Error),
+}
+
+/// Why removing entries (after a push, or when purging) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// sled failed.
+    #[error("mailbox store failed: {0}")]
+    Storage(#[from] sled::Error),
+}
+
+/// The mailbox store.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    limits: Limits,
+    usage: HashMap<PeerId, Usage>,
+    totals: Usage,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("limits", &self.limits)
+            .field("totals", &self.totals)
+            .finish_non_exhaustive()
+    }
+}
+
+fn peer_key(peer: &PeerId) -> Option<Vec<u8>> {
+    let bytes = peer.to_bytes();
+    let len = u8::try_from(bytes.len()).ok()?;
+    let mut out = Vec::with_capacity(bytes.len() + 1);
+    out.push(len);
+    out.extend_from_slice(&bytes);
+    Some(out)
+}
+
+fn item_key(owner: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(owner.len() + 9);
+    key.push(ITEM);
+    key.extend_from_slice(owner);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn owner_key(seq: u64) -> Vec<u8> {
+    let mut key = vec![OWNER];
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn deadline_key(deadline_ms: u64, seq: u64) -> Vec<u8> {
+    let mut key = vec![DEADLINE];
+    key.extend_from_slice(&deadline_ms.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn dedup_key(envelope: &Envelope) -> Option<Vec<u8>> {
+    let mut key = vec![DEDUP];
+    key.extend_from_slice(&peer_key(&envelope.from)?);
+    key.extend_from_slice(envelope.id.as_bytes());
+    Some(key)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let slice = bytes.get(at..at.checked_add(8)?)?;
+    Some(u64::from_be_bytes(slice.try_into().ok()?))
+}
+
+/// Splits an item key into (owner, seq).
+fn parse_item_key(key: &[u8]) -> Option<(PeerId, u64)> {
+    let len = usize::from(*key.get(1)?);
+    let owner = PeerId::from_bytes(key.get(2..2 + len)?).ok()?;
+    let seq = u64_at(key, 2 + len)?;
+    (key.len() == 2 + len + 8).then_some((owner, seq))
+}
+
+impl Store {
+    /// Opens (or creates) the store in the directory `path`.
+    pub fn open(path: &Path, limits: Limits) -> Result<Self, OpenError> {
+        Self::with_db(sled::open(path)?, limits)
+    }
+
+    /// Uses an already open database (tests use a temporary one).
+    pub fn with_db(db: sled::Db, limits: Limits) -> Result<Self, OpenError> {
+        let tree = db.open_tree("mailbox")?;
+        let mut usage: HashMap<PeerId, Usage> = HashMap::new();
+        let mut totals = Usage::default();
+        for entry in tree.scan_prefix([ITEM]) {
+            let (key, value) = entry?;
+            let (owner, _) = parse_item_key(&key)
+                .ok_or_else(|| OpenError::Corrupt(format!("bad item key {key:?}")))?;
+            let u = usage.entry(owner).or_default();
+            u.messages += 1;
+            u.bytes += value.len() as u64;
+            totals.messages += 1;
+            totals.bytes += value.len() as u64;
+        }
+        Ok(Self {
+            db,
+            tree,
+            limits,
+            usage,
+            totals,
+        })
+    }
+
+    /// The database, for flushing.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Entries and bytes waiting for `owner`.
+    pub fn usage(&self, owner: &PeerId) -> Usage {
+        self.usage.get(owner).copied().unwrap_or_default()
+    }
+
+    /// Entries and bytes waiting in all mailboxes.
+    pub fn totals(&self) -> Usage {
+        self.totals
+    }
+
+    /// Stores `envelope` in the mailbox of `recipient`, unless the same `(from, id)` is already
+    /// there. The envelope must already be verified.
+    pub fn deposit(
+        &mut self,
+        recipient: &PeerId,
+        envelope: &Envelope,
+        now_ms: u64,
+    ) -> Result<Deposited, DepositError> {
+        let unstorable = |what: &str| DepositError::Unstorable(what.to_owned());
+        let dedup = dedup_key(envelope).ok_or_else(|| unstorable("sender id too long"))?;
+        if let Some(seq) = self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)) {
+            return Ok(Deposited {
+                seq,
+                duplicate: true,
+            });
+        }
+        let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
+        let retention = now_ms.saturating_add(self.limits.ttl_ms);
+        let deadline_ms = envelope
+            .expires_at_ms
+            .map_or(retention, |at| at.min(retention));
+        let record = Record {
+            deadline_ms,
+            envelope: envelope.clone(),
+        };
+        let value = cbor::encode(&record, MAX_RECORD_BYTES)
+            .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        let size = value.len() as u64;
+        let used = self.usage(recipient);
+        if used.messages >= self.limits.max_messages
+            || used.bytes.saturating_add(size) > self.limits.max_bytes
+        {
+            return Err(DepositError::QuotaExceeded {
+                recipient: *recipient,
+                messages: used.messages,
+                bytes: used.bytes,
+            });
+        }
+        // generate_id starts at 0; seqs start at 1 so that "after 0" means "from the start".
+        let seq = self.db.generate_id()?.saturating_add(1);
+        let mut batch = sled::Batch::default();
+        batch.insert(item_key(&owner, seq), value);
+        batch.insert(owner_key(seq), owner.as_slice());
+        batch.insert(deadline_key(deadline_ms, seq), owner.as_slice());
+        batch.insert(dedup, &seq.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        let u = self.usage.entry(*recipient).or_default();
+        u.messages += 1;
+        u.bytes += size;
+        self.totals.messages += 1;
+        self.totals.bytes += size;
+        Ok(Deposited {
+            seq,
+            duplicate: false,
+        })
+    }
+
+    /// Up to `limit` entries of `owner`'s mailbox with a sequence number above `after`, oldest
+    /// first, whose answer fits in `max_frame_bytes` (at least one entry if any is waiting).
+    pub fn fetch(
+        &self,
+        owner: &PeerId,
+        after: Option<u64>,
+        limit: u32,
+        max_frame_bytes: usize,
+    ) -> Result<Fetched, FetchError> {
+        let Some(owner_bytes) = peer_key(owner) else {
+            return Ok(Fetched {
+                items: Vec::new(),
+                more: false,
+            });
+        };
+        let start = item_key(&owner_bytes, after.map_or(0, |a| a.saturating_add(1)));
+        let end = item_key(&owner_bytes, u64::MAX);
+        let mut budget = max_frame_bytes.saturating_sub(BATCH_OVERHEAD_BYTES);
+        let mut items = Vec::new();
+        let mut more = false;
+        for entry in self.tree.range(start..=end) {
+            let (key, value) = entry?;
+            let seq = parse_item_key(&key).map_or(0, |(_, seq)| seq);
+            let cost = value.len() + ITEM_OVERHEAD_BYTES;
+            if items.len() >= limit as usize || (!items.is_empty() && cost > budget) {
+                more = true;
+                break;
+            }
+            let record: Record =
+                cbor::decode(&value, MAX_RECORD_BYTES).map_err(|e| FetchError::Corrupt {
+                    seq,
+                    reason: e.to_string(),
+                })?;
+            budget = budget.saturating_sub(cost);
+            items.push(Item {
+                seq,
+                envelope: record.envelope,
+            });
+        }
+        Ok(Fetched { items, more })
+    }
+
+    /// Deletes the entries `seqs` from `owner`'s mailbox. Sequence numbers that exist nowhere
+    /// are ignored; if any belongs to another mailbox, nothing is deleted.
+    pub fn ack(&mut self, owner: &PeerId, seqs: &[u64]) -> Result<u32, AckError> {
+        let Some(owner_bytes) = peer_key(owner) else {
+            return Ok(0);
+        };
+        for &seq in seqs {
+            if let Some(found) = self.tree.get(owner_key(seq))? {
+                if found.as_ref() != owner_bytes.as_slice() {
+                    return Err(AckError::NotYours { seq });
+                }
+            }
+        }
+        let mut removed = 0u32;
+        for &seq in seqs {
+            if self.remove_entry(owner, &owner_bytes, seq)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes one entry of `owner`'s mailbox (after a push was accepted). Returns whether it
+    /// was there.
+    pub fn remove(&mut self, owner: &PeerId, seq: u64) -> Result<bool, RemoveError> {
+        let Some(owner_bytes) = peer_key(owner) else {
+            return Ok(false);
+        };
+        Ok(self.remove_entry(owner, &owner_bytes, seq)?)
+    }
+
+    /// Deletes every entry whose deadline is at or before `now_ms`; returns how many.
+    pub fn purge(&mut self, now_ms: u64) -> Result<u64, RemoveError> {
+        let end = deadline_key(now_ms, u64::MAX);
+        let due: Vec<(Vec<u8>, Vec<u8>, u64)> = self
+            .tree
+            .range(vec![DEADLINE]..=end)
+            .filter_map(|entry| match entry {
+                Ok((key, owner)) => {
+                    u64_at(&key, 9).map(|seq| Ok((key.to_vec(), owner.to_vec(), seq)))
+                }
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut purged = 0;
+        for (key, owner_bytes, seq) in due {
+            let owner = owner_bytes
+                .get(1..)
+                .and_then(|b| PeerId::from_bytes(b).ok());
+            let removed = match owner {
+                Some(owner) => self.remove_entry(&owner, &owner_bytes, seq)?,
+                None => false,
+            };
+            if removed {
+                purged += 1;
+            } else {
+                // A retention entry that points at nothing is garbage: drop it alone.
+                self.tree.remove(key)?;
+            }
+        }
+        Ok(purged)
+    }
+
+    fn remove_entry(
+        &mut self,
+        owner: &PeerId,
+        owner_bytes: &[u8],
+        seq: u64,
+    ) -> Result<bool, sled::Error> {
+        let key = item_key(owner_bytes, seq);
+        let Some(value) = self.tree.get(&key)? else {
+            return Ok(false);
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.remove(owner_key(seq));
+        // A record that does not decode still goes; its index entries are then left for purge
+        // to skip (they point at nothing).
+        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+            batch.remove(deadline_key(record.deadline_ms, seq));
+            if let Some(dedup) = dedup_key(&record.envelope) {
+                batch.remove(dedup);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        let size = value.len() as u64;
+        if let Some(u) = self.usage.get_mut(owner) {
+            u.messages = u.messages.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(size);
+            if u.messages == 0 {
+                self.usage.remove(owner);
+            }
+        }
+        self.totals.messages = self.totals.messages.saturating_sub(1);
+        self.totals.bytes = self.totals.bytes.saturating_sub(size);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Keypair, MessageId};
+
+    const MAX: usize = kith_protocol::mailbox::MAX_FRAME_BYTES;
+
+    fn limits() -> Limits {
+        Limits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            ttl_ms: 1_000,
+        }
+    }
+
+    fn store(limits: Limits) -> Store {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        Store::with_db(db, limits).expect("store")
+    }
+
+    fn envelope(from: &Keypair, to: PeerId, text: &str, expires_at_ms: Option<u64>) -> Envelope {
+        Envelope::seal(
+            from,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(to),
+                sent_at_ms: 0,
+                lamport: 1,
+                expires_at_ms,
+            },
+            &Body::Chat { text: text.into() },
+        )
+        .expect("seal")
+    }
+
+    fn peer() -> (Keypair, PeerId) {
+        let k = Keypair::generate_ed25519();
+        let p = k.public().to_peer_id();
+        (k, p)
+    }
+
+    #[test]
+    fn deposit_fetch_ack() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let e1 = envelope(&alice, bob, "one", None);
+        let e2 = envelope(&alice, bob, "two", None);
+        let d1 = s.deposit(&bob, &e1, 0).expect("deposit");
+        let d2 = s.deposit(&bob, &e2, 0).expect("deposit");
+        assert!(d1.seq < d2.seq);
+        assert_eq!(s.usage(&bob).messages, 2);
+
+        let page = s.fetch(&bob, None, 10, MAX).expect("fetch");
+        assert_eq!(page.items.len(), 2);
+        assert_eq!(page.items[0].envelope, e1);
+        assert!(!page.more);
+
+        let page = s.fetch(&bob, None, 1, MAX).expect("fetch");
+        assert_eq!(page.items.len(), 1);
+        assert!(page.more);
+        let page = s.fetch(&bob, Some(d1.seq), 10, MAX).expect("fetch");
+        assert_eq!(page.items[0].seq, d2.seq);
+
+        assert_eq!(s.ack(&bob, &[d1.seq, d2.seq, 999_999]).expect("ack"), 2);
+        assert!(s
+            .fetch(&bob, None, 10, MAX)
+            .expect("fetch")
+            .items
+            .is_empty());
+        assert_eq!(s.totals(), Usage::default());
+    }
+
+    #[test]
+    fn duplicates_are_stored_once() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let e = envelope(&alice, bob, "hi", None);
+        let first = s.deposit(&bob, &e, 0).expect("deposit");
+        let again = s.deposit(&bob, &e, 0).expect("deposit");
+        assert!(!first.duplicate);
+        assert_eq!(
+            again,
+            Deposited {
+                seq: first.seq,
+                duplicate: true
+            }
+        );
+        assert_eq!(s.usage(&bob).messages, 1);
+    }
+
+    #[test]
+    fn others_cannot_read_or_ack() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let (_, carol) = peer();
+        let d = s
+            .deposit(&bob, &envelope(&alice, bob, "for bob", None), 0)
+            .expect("deposit");
+        assert!(s
+            .fetch(&carol, None, 10, MAX)
+            .expect("fetch")
+            .items
+            .is_empty());
+        assert!(matches!(
+            s.ack(&carol, &[d.seq]),
+            Err(AckError::NotYours { seq }) if seq == d.seq
+        ));
+        assert_eq!(s.fetch(&bob, None, 10, MAX).expect("fetch").items.len(), 1);
+    }
+
+    #[test]
+    fn quota_by_count_and_bytes() {
+        let mut s = store(Limits {
+            max_messages: 2,
+            ..limits()
+        });
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        for _ in 0..2 {
+            s.deposit(&bob, &envelope(&alice, bob, "x", None), 0)
+                .expect("fits");
+        }
+        assert!(matches!(
+            s.deposit(&bob, &envelope(&alice, bob, "x", None), 0),
+            Err(DepositError::QuotaExceeded { messages: 2, .. })
+        ));
+
+        let mut s = store(Limits {
+            max_bytes: 600,
+            ..limits()
+        });
+        s.deposit(&bob, &envelope(&alice, bob, "small", None), 0)
+            .expect("fits");
+        assert!(matches!(
+            s.deposit(&bob, &envelope(&alice, bob, &"y".repeat(400), None), 0),
+            Err(DepositError::QuotaExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn purge_honours_ttl_and_expiry() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        s.deposit(&bob, &envelope(&alice, bob, "ttl", None), 0)
+            .expect("deposit");
+        s.deposit(&bob, &envelope(&alice, bob, "soon", Some(100)), 0)
+            .expect("deposit");
+        assert_eq!(s.purge(99).expect("purge"), 0);
+        assert_eq!(s.purge(100).expect("purge"), 1);
+        assert_eq!(s.usage(&bob).messages, 1);
+        assert_eq!(s.purge(1_000).expect("purge"), 1);
+        assert_eq!(s.totals(), Usage::default());
+    }
+
+    #[test]
+    fn fetch_stays_within_the_frame() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        for _ in 0..5 {
+            s.deposit(&bob, &envelope(&alice, bob, &"z".repeat(1_000), None), 0)
+                .expect("deposit");
+        }
+        let page = s.fetch(&bob, None, 100, 3_000).expect("fetch");
+        assert_eq!(page.items.len(), 2);
+        assert!(page.more);
+    }
+
+    #[test]
+    fn usage_and_sequence_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let first = {
+            let mut s = Store::open(dir.path(), limits()).expect("open");
+            let d = s
+                .deposit(&bob, &envelope(&alice, bob, "keep", None), 0)
+                .expect("deposit");
+            s.db().flush().expect("flush");
+            d.seq
+        };
+        let mut s = Store::open(dir.path(), limits()).expect("reopen");
+        assert_eq!(s.usage(&bob).messages, 1);
+        let next = s
+            .deposit(&bob, &envelope(&alice, bob, "next", None), 0)
+            .expect("deposit");
+        assert!(next.seq > first);
+    }
+}

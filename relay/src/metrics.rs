@@ -1,0 +1,236 @@
+//! Prometheus metrics (prometheus-client) and the `GET /metrics` endpoint (axum).
+//!
+//! [`Metrics`] is a cheap clone of shared counters; the swarm task, the mailbox service and the
+//! flusher each update their own. The HTTP server only encodes the registry as text.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use kith_protocol::Reject;
+
+/// The label of the rejects family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// The reject reason, in snake case.
+    pub reason: String,
+}
+
+/// Every metric the relay exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Open connections.
+    pub connections: Gauge,
+    /// Active circuit relay reservations.
+    pub reservations: Gauge,
+    /// Active relayed circuits.
+    pub circuits: Gauge,
+    /// Envelopes waiting in all mailboxes.
+    pub mailbox_messages: Gauge,
+    /// Bytes waiting in all mailboxes.
+    pub mailbox_bytes: Gauge,
+    /// Deposits answered `Stored` (duplicates included).
+    pub deposits: Counter,
+    /// Fetches answered.
+    pub fetches: Counter,
+    /// Acks answered.
+    pub acks: Counter,
+    /// Envelopes pushed to a connected recipient and accepted.
+    pub pushes: Counter,
+    /// Entries purged by retention.
+    pub purged: Counter,
+    /// Rejected requests by reason.
+    pub rejects: Family<RejectLabels, Counter>,
+    /// Seconds one group-commit flush took.
+    pub flush_seconds: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, registered under the `kith_relay` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kith_relay");
+        let connections = Gauge::default();
+        let reservations = Gauge::default();
+        let circuits = Gauge::default();
+        let mailbox_messages = Gauge::default();
+        let mailbox_bytes = Gauge::default();
+        let deposits = Counter::default();
+        let fetches = Counter::default();
+        let acks = Counter::default();
+        let pushes = Counter::default();
+        let purged = Counter::default();
+        let rejects = Family::<RejectLabels, Counter>::default();
+        let flush_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        registry.register("connections", "Open connections", connections.clone());
+        registry.register(
+            "reservations",
+            "Active circuit relay reservations",
+            reservations.clone(),
+        );
+        registry.register("circuits", "Active relayed circuits", circuits.clone());
+        registry.register(
+            "mailbox_messages",
+            "Envelopes waiting in all mailboxes",
+            mailbox_messages.clone(),
+        );
+        registry.register(
+            "mailbox_bytes",
+            "Bytes waiting in all mailboxes",
+            mailbox_bytes.clone(),
+        );
+        registry.register("deposits", "Deposits answered Stored", deposits.clone());
+        registry.register("fetches", "Mailbox fetches answered", fetches.clone());
+        registry.register("acks", "Mailbox acks answered", acks.clone());
+        registry.register(
+            "pushes",
+            "Envelopes pushed to a connected recipient and accepted",
+            pushes.clone(),
+        );
+        registry.register(
+            "purged",
+            "Mailbox entries purged by retention",
+            purged.clone(),
+        );
+        registry.register("rejects", "Rejected requests by reason", rejects.clone());
+        registry.register(
+            "flush_seconds",
+            "Duration of one group-commit flush",
+            flush_seconds.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            connections,
+            reservations,
+            circuits,
+            mailbox_messages,
+            mailbox_bytes,
+            deposits,
+            fetches,
+            acks,
+            pushes,
+            purged,
+            rejects,
+            flush_seconds,
+        }
+    }
+
+    /// Counts one reject.
+    pub fn reject(&self, reason: &Reject) {
+        self.rejects
+            .get_or_create(&RejectLabels {
+                reason: reason_label(reason).to_owned(),
+            })
+            .inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A stable snake-case label for a reject reason.
+pub fn reason_label(reason: &Reject) -> &'static str {
+    match reason {
+        Reject::BadSignature => "bad_signature",
+        Reject::TooLarge { .. } => "too_large",
+        Reject::NotYours => "not_yours",
+        Reject::QuotaExceeded => "quota_exceeded",
+        Reject::Busy { .. } => "busy",
+        Reject::Malformed => "malformed",
+        Reject::WrongSender => "wrong_sender",
+        Reject::WrongRecipient => "wrong_recipient",
+        Reject::UnsupportedVersion => "unsupported_version",
+        Reject::Expired => "expired",
+        Reject::StoreFailed => "store_failed",
+    }
+}
+
+async fn serve_metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct ServeError {
+    /// The requested address.
+    pub addr: SocketAddr,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+/// Binds `addr`; returns the bound address and the server future, which ends when `shutdown`
+/// resolves.
+pub async fn bind(
+    addr: SocketAddr,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<
+    (
+        SocketAddr,
+        impl std::future::Future<Output = std::io::Result<()>>,
+    ),
+    ServeError,
+> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError { addr, source })?;
+    let app = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics);
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    Ok((local, async move { server.await }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_family() {
+        let metrics = Metrics::new();
+        metrics.reject(&Reject::QuotaExceeded);
+        metrics.flush_seconds.observe(0.002);
+        let text = metrics.encode();
+        assert!(text.contains("kith_relay_rejects_total{reason=\"quota_exceeded\"} 1"));
+        assert!(text.contains("kith_relay_flush_seconds_bucket"));
+        assert!(text.contains("kith_relay_mailbox_messages 0"));
+    }
+}

@@ -1,0 +1,585 @@
+//! The relay's libp2p swarm and the task that owns it.
+//!
+//! The [`Behaviour`] combines the circuit relay v2 server (the gateway for nodes behind NAT),
+//! identify, ping, the autonat v1 server, the `/kith/mailbox/1` server and a `/kith/dm/1`
+//! client used to push deposits to connected recipients.
+//!
+//! The swarm task never waits on the store: a mailbox request goes to the
+//! [mailbox service](crate::mailbox::service) together with a oneshot; the libp2p response
+//! channel stays here in a set of pending answers, which the task's `select!` loop completes
+//! when the service (or, for deposits, the group-commit flusher) replies. A full service queue
+//! is answered `Busy` at once.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use kith_net::codec::Message;
+use kith_net::{DmCodec, MailboxCodec};
+use kith_protocol::{dm, mailbox, Reject};
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    autonat, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
+    Swarm,
+};
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::mailbox::service::{self, Outcome, Push};
+use crate::metrics::Metrics;
+use crate::state_file;
+
+/// The identify protocol version kith peers announce.
+pub const IDENTIFY_PROTOCOL: &str = "/kith/1.0.0";
+
+/// Every protocol the relay speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Circuit relay v2 server.
+    pub relay: relay::Behaviour,
+    /// Address exchange.
+    pub identify: identify::Behaviour,
+    /// Liveness.
+    pub ping: ping::Behaviour,
+    /// NAT status probes for nodes (server side).
+    pub autonat: autonat::Behaviour,
+    /// `/kith/mailbox/1`, inbound.
+    pub mailbox: request_response::Behaviour<MailboxCodec>,
+    /// `/kith/dm/1`, outbound pushes only.
+    pub dm: request_response::Behaviour<DmCodec>,
+}
+
+fn relay_config(config: &Config) -> relay::Config {
+    let mut relay = relay::Config {
+        max_reservations: config.max_reservations,
+        max_reservations_per_peer: config.max_reservations_per_peer,
+        reservation_duration: Duration::from_secs(config.reservation_duration_secs),
+        reservation_rate_limiters: Vec::new(),
+        max_circuits: config.max_circuits,
+        max_circuits_per_peer: config.max_circuits_per_peer,
+        max_circuit_duration: Duration::from_secs(config.max_circuit_duration_secs),
+        max_circuit_bytes: config.max_circuit_bytes,
+        circuit_src_rate_limiters: Vec::new(),
+    };
+    // n per minute: a bucket of n tokens refilled one token every minute / n.
+    let per_minute = |n: NonZeroU32| Duration::from_secs(60) / n.get();
+    if let Some(n) = NonZeroU32::new(config.reservations_per_peer_per_minute) {
+        relay = relay.reservation_rate_per_peer(n, per_minute(n));
+    }
+    if let Some(n) = NonZeroU32::new(config.reservations_per_ip_per_minute) {
+        relay = relay.reservation_rate_per_ip(n, per_minute(n));
+    }
+    if let Some(n) = NonZeroU32::new(config.circuits_per_peer_per_minute) {
+        relay = relay.circuit_src_per_peer(n, per_minute(n));
+    }
+    if let Some(n) = NonZeroU32::new(config.circuits_per_ip_per_minute) {
+        relay = relay.circuit_src_per_ip(n, per_minute(n));
+    }
+    relay
+}
+
+impl Behaviour {
+    /// The relay's behaviour for `key`, with the limits in `config`.
+    pub fn new(key: &identity::Keypair, config: &Config) -> Self {
+        let peer_id = key.public().to_peer_id();
+        Self {
+            relay: relay::Behaviour::new(peer_id, relay_config(config)),
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
+                    .with_agent_version(format!("kith-relay/{}", env!("CARGO_PKG_VERSION")))
+                    .with_push_listen_addr_updates(true),
+            ),
+            ping: ping::Behaviour::default(),
+            autonat: autonat::Behaviour::new(
+                peer_id,
+                autonat::Config {
+                    // Serve probes only; a relay does not need to learn its own NAT status from
+                    // the nodes it serves.
+                    use_connected: false,
+                    ..autonat::Config::default()
+                },
+            ),
+            mailbox: request_response::Behaviour::with_codec(
+                MailboxCodec::new(mailbox::MAX_FRAME_BYTES),
+                [(
+                    StreamProtocol::new(mailbox::PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                kith_net::request_response_config(),
+            ),
+            dm: request_response::Behaviour::with_codec(
+                DmCodec::new(dm::MAX_FRAME_BYTES),
+                [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound)],
+                kith_net::request_response_config(),
+            ),
+        }
+    }
+}
+
+/// Why the swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The TCP transport's security upgrade could not be set up.
+    #[error("noise setup failed: {0}")]
+    Noise(#[from] noise::Error),
+    /// DNS resolution could not be set up (no system resolver configuration).
+    #[error("dns setup failed: {0}")]
+    Dns(#[from] std::io::Error),
+}
+
+/// Builds the swarm: TCP (noise, yamux), QUIC and DNS, with a long idle timeout.
+pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+    let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_behaviour(|key| Behaviour::new(key, config))
+        .unwrap_or_else(|never| match never {})
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}
+
+/// Why the listeners did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The transport refused the address.
+    #[error("cannot listen on {addr}: {source}")]
+    Refused {
+        /// The address.
+        addr: Multiaddr,
+        /// The transport's error.
+        source: libp2p::TransportError<std::io::Error>,
+    },
+    /// A listener failed or closed before reporting an address.
+    #[error("listener on {addr} failed: {reason}")]
+    Failed {
+        /// The address.
+        addr: Multiaddr,
+        /// What happened.
+        reason: String,
+    },
+    /// A listener reported no address in time.
+    #[error("listener on {addr} reported no address within {timeout:?}")]
+    Timeout {
+        /// The address.
+        addr: Multiaddr,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// How long the listeners may take to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `addr` with `/p2p/<peer>` appended (unless it already ends with it).
+pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
+    match addr.iter().last() {
+        Some(Protocol::P2p(_)) => addr.clone(),
+        _ => addr.clone().with(Protocol::P2p(peer)),
+    }
+}
+
+/// Starts every listener in `addrs` and waits until each has reported at least one concrete
+/// address (a wildcard listener reports one per interface). Returns the addresses without
+/// `/p2p`, each also registered as an external address so the relay advertises HOP.
+pub async fn listen(
+    swarm: &mut Swarm<Behaviour>,
+    addrs: &[Multiaddr],
+) -> Result<Vec<Multiaddr>, ListenError> {
+    let mut waiting: HashMap<ListenerId, Multiaddr> = HashMap::new();
+    for addr in addrs {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|source| ListenError::Refused {
+                addr: addr.clone(),
+                source,
+            })?;
+        waiting.insert(id, addr.clone());
+    }
+    let mut found = Vec::new();
+    let mut on_event = |swarm: &mut Swarm<Behaviour>,
+                        waiting: &mut HashMap<ListenerId, Multiaddr>,
+                        event: SwarmEvent<BehaviourEvent>|
+     -> Result<(), ListenError> {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                waiting.remove(&listener_id);
+                swarm.add_external_address(address.clone());
+                found.push(address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(addr) = waiting.remove(&listener_id) {
+                    let reason = match reason {
+                        Ok(()) => "closed".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(ListenError::Failed { addr, reason });
+                }
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                if let Some(addr) = waiting.remove(&listener_id) {
+                    return Err(ListenError::Failed {
+                        addr,
+                        reason: error.to_string(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
+    while !waiting.is_empty() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(event) => on_event(swarm, &mut waiting, event)?,
+            Err(_) => {
+                let addr = waiting
+                    .into_values()
+                    .next()
+                    .unwrap_or_else(Multiaddr::empty);
+                return Err(ListenError::Timeout {
+                    addr,
+                    timeout: LISTEN_TIMEOUT,
+                });
+            }
+        }
+    }
+    // Collect the other interfaces of wildcard listeners that are already reported.
+    while let Some(Some(event)) = swarm.next().now_or_never() {
+        on_event(swarm, &mut waiting, event)?;
+    }
+    Ok(found)
+}
+
+type Pending = BoxFuture<
+    'static,
+    (
+        PeerId,
+        u64,
+        ResponseChannel<mailbox::Response>,
+        Option<Outcome>,
+    ),
+>;
+
+/// Settings the swarm task needs from the config.
+#[derive(Debug, Clone)]
+pub struct TaskSettings {
+    /// Where `relay.json` goes.
+    pub data_dir: PathBuf,
+    /// Push deposits to connected recipients.
+    pub push_to_connected: bool,
+    /// Most pushes awaiting an answer.
+    pub max_pending_pushes: usize,
+    /// The delay a `Busy` answer asks for.
+    pub busy_retry_after_ms: u64,
+}
+
+/// The task that owns the swarm.
+pub struct Task {
+    swarm: Swarm<Behaviour>,
+    mailbox: service::Handle,
+    metrics: Metrics,
+    settings: TaskSettings,
+    pending: FuturesUnordered<Pending>,
+    pushes: HashMap<OutboundRequestId, (PeerId, u64)>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+impl Task {
+    /// A task for `swarm`, whose listeners report `listen_addrs` (without `/p2p`).
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        listen_addrs: Vec<Multiaddr>,
+        mailbox: service::Handle,
+        metrics: Metrics,
+        settings: TaskSettings,
+    ) -> Self {
+        Self {
+            swarm,
+            mailbox,
+            metrics,
+            settings,
+            pending: FuturesUnordered::new(),
+            pushes: HashMap::new(),
+            listen_addrs,
+        }
+    }
+
+    /// Runs until `shutdown` fires (or its sender is dropped).
+    pub async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some((peer, req_id, channel, outcome)) = self.pending.next(),
+                    if !self.pending.is_empty() => {
+                    self.answer(peer, req_id, channel, outcome);
+                }
+                event = self.swarm.select_next_some() => self.on_event(event),
+            }
+        }
+        tracing::info!("swarm stopped");
+    }
+
+    fn write_state(&self) {
+        let peer = *self.swarm.local_peer_id();
+        let addrs: Vec<Multiaddr> = self
+            .listen_addrs
+            .iter()
+            .map(|a| with_peer(a, peer))
+            .collect();
+        if let Err(e) = state_file::write(
+            &self.settings.data_dir,
+            &state_file::Info::new(&peer, &addrs),
+        ) {
+            tracing::warn!(error = %e, "cannot write relay.json");
+        }
+    }
+
+    fn answer(
+        &mut self,
+        peer: PeerId,
+        req_id: u64,
+        channel: ResponseChannel<mailbox::Response>,
+        outcome: Option<Outcome>,
+    ) {
+        let Outcome { response, push } = outcome.unwrap_or_else(|| {
+            tracing::error!(%peer, req_id, "the mailbox service dropped a request");
+            self.metrics.reject(&Reject::StoreFailed);
+            Outcome::reply(mailbox::Response::Rejected {
+                req_id,
+                reason: Reject::StoreFailed,
+            })
+        });
+        if self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(%peer, req_id, "requester went away before its answer");
+        }
+        if let Some(push) = push {
+            self.push(push);
+        }
+    }
+
+    fn push(&mut self, push: Push) {
+        let Push {
+            recipient,
+            seq,
+            envelope,
+        } = push;
+        if !self.settings.push_to_connected
+            || !self.swarm.is_connected(&recipient)
+            || self.pushes.len() >= self.settings.max_pending_pushes
+        {
+            return;
+        }
+        let id = self.swarm.behaviour_mut().dm.send_request(
+            &recipient,
+            Message::Valid(dm::Request {
+                req_id: seq,
+                envelope,
+            }),
+        );
+        self.pushes.insert(id, (recipient, seq));
+    }
+
+    fn respond_now(
+        &mut self,
+        peer: PeerId,
+        channel: ResponseChannel<mailbox::Response>,
+        req_id: u64,
+        reason: Reject,
+    ) {
+        self.metrics.reject(&reason);
+        let response = mailbox::Response::Rejected { req_id, reason };
+        if self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(%peer, req_id, "requester went away before its answer");
+        }
+    }
+
+    fn on_mailbox(
+        &mut self,
+        event: request_response::Event<Message<mailbox::Request>, mailbox::Response>,
+    ) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => match request {
+                Message::Valid(request) => {
+                    let req_id = request.req_id();
+                    match self.mailbox.try_request(peer, request) {
+                        Ok(rx) => self.pending.push(Box::pin(async move {
+                            (peer, req_id, channel, rx.await.ok())
+                        })),
+                        Err(service::Busy) => {
+                            tracing::warn!(%peer, req_id, "mailbox busy");
+                            let reason = Reject::Busy {
+                                retry_after_ms: self.settings.busy_retry_after_ms,
+                            };
+                            self.respond_now(peer, channel, req_id, reason);
+                        }
+                    }
+                }
+                Message::Invalid { reason, detail } => {
+                    tracing::warn!(%peer, %reason, detail, "invalid mailbox request");
+                    self.respond_now(peer, channel, 0, reason);
+                }
+                Message::Raw(_) => {
+                    tracing::warn!(%peer, "raw mailbox request (never produced by reading)");
+                    self.respond_now(peer, channel, 0, Reject::Malformed);
+                }
+            },
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "mailbox inbound failure");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_dm(&mut self, event: request_response::Event<Message<dm::Request>, dm::Response>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((owner, seq)) = self.pushes.remove(&request_id) else {
+                    return;
+                };
+                match response {
+                    dm::Response::Accepted { req_id } if req_id == seq && peer == owner => {
+                        tracing::debug!(%owner, seq, "push accepted");
+                        if self.mailbox.try_delivered(owner, seq).is_err() {
+                            tracing::debug!(%owner, seq, "mailbox busy; entry stays for a fetch");
+                        }
+                    }
+                    other => {
+                        tracing::debug!(%owner, seq, ?other, "push not accepted; entry stays");
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.pushes.remove(&request_id);
+                tracing::debug!(%peer, %error, "push failed; entry stays for a fetch");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_relay(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                tracing::debug!(peer = %src_peer_id, renewed, "reservation accepted");
+                if !renewed {
+                    self.metrics.reservations.inc();
+                }
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                self.metrics.reservations.dec();
+            }
+            relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                tracing::info!(peer = %src_peer_id, "reservation denied");
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
+                self.metrics.circuits.inc();
+            }
+            relay::Event::CircuitClosed { .. } => {
+                self.metrics.circuits.dec();
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "circuit denied");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.on_dm(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                tracing::debug!(peer = %peer_id, "connected");
+                self.metrics.connections.inc();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                tracing::debug!(peer = %peer_id, ?cause, "disconnected");
+                self.metrics.connections.dec();
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.swarm.add_external_address(address.clone());
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+                self.write_state();
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                tracing::info!(%address, "no longer listening");
+                self.swarm.remove_external_address(&address);
+                self.listen_addrs.retain(|a| a != &address);
+                self.write_state();
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(%error, "listener error");
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Benchmark building blocks: latency statistics and the bare libp2p baselines that kith's
+//! figures are compared against, measured in the same run on the same machine.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures::StreamExt;
+use kith_net::codec::Message;
+use kith_protocol::envelope::Header;
+use kith_protocol::{dm, Body, Destination, Envelope, MessageId};
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+use libp2p::Multiaddr;
+
+use crate::{RawBehaviourEvent, RawPeer};
+
+/// Percentile (0..=100) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Latency and throughput of one setup.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    /// Median latency of one request, alone on the wire.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Requests per second with many in flight.
+    pub per_sec: f64,
+}
+
+/// A chat envelope with `payload` bytes of text.
+pub fn payload_envelope(
+    key: &libp2p::identity::Keypair,
+    to: libp2p::PeerId,
+    payload: usize,
+) -> Envelope {
+    Envelope::seal(
+        key,
+        Header {
+            id: MessageId::random(),
+            to: Destination::Peer(to),
+            sent_at_ms: 0,
+            lamport: 1,
+            expires_at_ms: None,
+        },
+        &Body::Chat {
+            text: "x".repeat(payload),
+        },
+    )
+    .expect("a small chat body seals")
+}
+
+/// Bare libp2p request-response (TCP, noise, yamux, kith's codec) with a server that answers
+/// `Accepted` at once: no verification, no store. `latency_samples` sequential requests, then
+/// `count` requests with `window` in flight.
+pub async fn bare_request_response(
+    payload: usize,
+    latency_samples: usize,
+    count: usize,
+    window: usize,
+) -> Result<Figures> {
+    let mut server = RawPeer::new()?;
+    server
+        .swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?)?;
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = server.swarm.select_next_some().await {
+            break address;
+        }
+    };
+    let server_peer = *server.swarm.local_peer_id();
+    let serve = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                },
+            )) = server.swarm.select_next_some().await
+            {
+                let req_id = match request {
+                    Message::Valid(r) => r.req_id,
+                    _ => 0,
+                };
+                let _ = server
+                    .swarm
+                    .behaviour_mut()
+                    .dm
+                    .send_response(channel, dm::Response::Accepted { req_id });
+            }
+        }
+    });
+
+    let mut client = RawPeer::new()?;
+    let envelope = payload_envelope(&client.key, server_peer, payload);
+    let request = |i: u64| {
+        Message::Valid(dm::Request {
+            req_id: i,
+            envelope: envelope.clone(),
+        })
+    };
+    // Warm up the connection.
+    client.dm(server_peer, &addr, request(0)).await?;
+    let mut samples = Vec::with_capacity(latency_samples);
+    for i in 0..latency_samples {
+        let started = Instant::now();
+        client.dm(server_peer, &addr, request(i as u64)).await?;
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut done = 0usize;
+    let mut in_flight = 0usize;
+    while done < count {
+        while in_flight < window && sent < count {
+            client
+                .swarm
+                .behaviour_mut()
+                .dm
+                .send_request(&server_peer, request(sent as u64));
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.swarm.select_next_some().await {
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(request_response::Event::Message {
+                message: request_response::Message::Response { .. },
+                ..
+            })) => {
+                done += 1;
+                in_flight -= 1;
+            }
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                request_response::Event::OutboundFailure { error, .. },
+            )) => anyhow::bail!("baseline request failed: {error}"),
+            _ => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    serve.abort();
+    Ok(Figures {
+        p50: percentile(&samples, 50.0),
+        p99: percentile(&samples, 99.0),
+        per_sec: count as f64 / elapsed.as_secs_f64(),
+    })
+}

@@ -1,0 +1,197 @@
+//! `kith-bench`: runs the project's benchmarks, each next to a baseline measured in the same
+//! run, and rewrites `BENCHMARKS.md`.
+//!
+//! Run it in release mode: `cargo run --release -p kith-tests --bin kith-bench` (add `--quick`
+//! for a small version).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kith_node::NodeEvent;
+use kith_protocol::MessageState;
+use kith_tests::bench::{bare_request_response, percentile, Figures};
+use kith_tests::{befriend, TestNode};
+
+/// Runs every kith benchmark next to its baseline and writes BENCHMARKS.md.
+#[derive(Parser)]
+struct Args {
+    /// A small, fast version (under two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the table.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+struct Row {
+    figure: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+/// kith direct delivery: send to `delivered` (the recipient verified, stored and flushed).
+async fn kith_direct(payload: usize, latency_samples: usize, count: usize) -> Result<Figures> {
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let text = "x".repeat(payload);
+    let mut events = alice.node().subscribe();
+    // Warm up the connection.
+    alice
+        .node()
+        .send("bob", &text, Some(Duration::from_secs(10)))
+        .await?;
+
+    let mut samples = Vec::with_capacity(latency_samples);
+    for _ in 0..latency_samples {
+        let started = Instant::now();
+        let sent = alice.node().send("bob", &text, None).await?;
+        loop {
+            match events.recv().await? {
+                NodeEvent::Receipt { id, state, .. }
+                    if id == sent.id && state >= MessageState::Delivered =>
+                {
+                    break
+                }
+                _ => {}
+            }
+        }
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+
+    let started = Instant::now();
+    let node = alice.node().clone();
+    let sender = tokio::spawn(async move {
+        let mut sends = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let node = node.clone();
+            let text = text.clone();
+            sends.spawn(async move { node.send("bob", &text, None).await });
+            if sends.len() >= 512 {
+                if let Some(r) = sends.join_next().await {
+                    r??;
+                }
+            }
+        }
+        while let Some(r) = sends.join_next().await {
+            r??;
+        }
+        anyhow::Ok(())
+    });
+    let mut delivered = 0;
+    while delivered < count {
+        match events.recv().await {
+            Ok(NodeEvent::Receipt { state, .. }) if state == MessageState::Delivered => {
+                delivered += 1
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                anyhow::bail!("event stream lagged by {n}; raise the broadcast capacity")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let elapsed = started.elapsed();
+    sender.await??;
+    let inbox = bob.node().messages(Some("alice"))?.len();
+    anyhow::ensure!(
+        inbox == count + latency_samples + 1,
+        "bob holds {inbox} messages, expected {}",
+        count + latency_samples + 1
+    );
+    Ok(Figures {
+        p50: percentile(&samples, 50.0),
+        p99: percentile(&samples, 99.0),
+        per_sec: count as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    format!("{cores} cores, {cpu}")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let (samples, count) = if args.quick {
+        (200, 2_000)
+    } else {
+        (1_000, 10_000)
+    };
+    let payload = 100;
+    let mut rows = Vec::new();
+
+    eprintln!("[1/2] bare libp2p request-response baseline ({count} requests of {payload} bytes)…");
+    let bare = bare_request_response(payload, samples, count, 256).await?;
+    eprintln!("[2/2] kith direct delivery ({count} messages of {payload} bytes)…");
+    let kith = kith_direct(payload, samples, count)
+        .await
+        .context("kith direct")?;
+
+    rows.push(Row {
+        figure: "direct: send → delivered, p50".into(),
+        value: ms(kith.p50),
+        baseline: ms(bare.p50),
+        ratio: format!("{:.1}×", kith.p50.as_secs_f64() / bare.p50.as_secs_f64()),
+        target: "≤ 2× baseline + one flush".into(),
+    });
+    rows.push(Row {
+        figure: "direct: send → delivered, p99".into(),
+        value: ms(kith.p99),
+        baseline: ms(bare.p99),
+        ratio: format!("{:.1}×", kith.p99.as_secs_f64() / bare.p99.as_secs_f64()),
+        target: "—".into(),
+    });
+    rows.push(Row {
+        figure: format!("direct: durably delivered msgs/s ({count} × {payload} B, 512 in flight)"),
+        value: format!("{:.0}/s", kith.per_sec),
+        baseline: format!("{:.0}/s", bare.per_sec),
+        ratio: format!("{:.2}", kith.per_sec / bare.per_sec),
+        target: "≥ 5,000/s".into(),
+    });
+
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Produced by `cargo run --release -p kith-tests --bin kith-bench{}` on {}. Every figure is measured next to its baseline in the same run; the machine is shared and noisy, so compare ratios rather than absolute numbers.\n",
+        if args.quick { " -- --quick" } else { "" },
+        machine()
+    )?;
+    writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update.\n")?;
+    writeln!(md, "| figure | kith | baseline | ratio | target |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for r in &rows {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            r.figure, r.value, r.baseline, r.ratio, r.target
+        )?;
+    }
+    std::fs::write(&args.out, &md)?;
+    print!("{md}");
+    Ok(())
+}
