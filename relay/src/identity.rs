@@ -1,7 +1,8 @@
 //! The relay's ed25519 identity, kept in `<data>/identity.key` (protobuf-encoded, mode 0600).
 //!
 //! The key is created on first use (`run` or `id`) and never rewritten afterwards. It is written
-//! to a temporary file first and renamed into place, so a crash never leaves half a key.
+//! to a temporary file first and linked into place, so a crash never leaves half a key and two
+//! processes creating it at once agree on one key.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,10 +58,17 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    let tmp = data_dir.join(format!("{KEY_FILE}.tmp"));
+    // A unique temporary name per creator, then `hard_link`, which refuses to replace an
+    // existing file: when two processes create the identity at once (a `run` and an `id`), one
+    // key wins and both use it.
+    let tmp = data_dir.join(format!(
+        "{KEY_FILE}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand_suffix()
+    ));
     {
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -70,8 +78,31 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
         file.write_all(&bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
     }
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    Ok(keypair)
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(keypair),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Decode {
+                path,
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
 }
 
 #[cfg(test)]

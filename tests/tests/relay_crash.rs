@@ -53,8 +53,9 @@ async fn start_relay(data: &Path, port: u16, log: &str) -> anyhow::Result<(Daemo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_mid_burst_loses_nothing_acknowledged() -> anyhow::Result<()> {
     init_logs();
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("relay");
+    let dir = tempfile::Builder::new().prefix("kith-crash").tempdir()?;
+    let dir = dir.keep();
+    let data = dir.join("relay");
     let port = free_port()?;
     let (mut relay, relay_addr) = start_relay(&data, port, "log1").await?;
 
