@@ -116,7 +116,7 @@ impl Config {
             mdns: false,
             delivery_timeout: Duration::from_secs(5),
             backoff: Backoff::default(),
-            max_in_flight: 512,
+            max_in_flight: 256,
             mailbox_poll_interval: Duration::from_secs(30),
         }
     }

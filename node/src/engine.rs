@@ -103,6 +103,8 @@ struct Inner {
     home_relays: HashMap<PeerId, Multiaddr>,
     /// Per-conversation Lamport clocks, kept here so concurrent sends never share a value.
     lamports: Mutex<HashMap<PeerId, u64>>,
+    /// Contacts by peer id, mirrored from the store so that attempts need no store scan.
+    contacts: Mutex<HashMap<PeerId, Contact>>,
     outbox: Mutex<Schedule>,
     outbox_wake: Notify,
     next_req_id: std::sync::atomic::AtomicU64,
@@ -151,6 +153,17 @@ impl Schedule {
             }
         }
     }
+}
+
+/// What the engine is built from.
+pub(crate) struct Parts {
+    pub key: Keypair,
+    pub settings: Settings,
+    pub config: Config,
+    pub store: Store,
+    pub net: net::Handle,
+    pub net_events: mpsc::Receiver<net::Event>,
+    pub shutdown: Signal,
 }
 
 /// The cloneable handle to a running node.
@@ -253,16 +266,16 @@ pub struct Sent {
 
 impl Node {
     /// Starts the engine's tasks on an already running network and store.
-    pub(crate) fn start(
-        key: Keypair,
-        settings: Settings,
-        config: Config,
-        store: Store,
-        net: net::Handle,
-        net_events: mpsc::Receiver<net::Event>,
-        shutdown: Signal,
-        tasks: &mut JoinSet<()>,
-    ) -> Result<Self, NodeError> {
+    pub(crate) fn start(parts: Parts, tasks: &mut JoinSet<()>) -> Result<Self, NodeError> {
+        let Parts {
+            key,
+            settings,
+            config,
+            store,
+            net,
+            net_events,
+            shutdown,
+        } = parts;
         let me = key.public().to_peer_id();
         let home_relays = config
             .relays
@@ -274,6 +287,11 @@ impl Node {
         for entry in store.outbox()? {
             schedule.insert(entry);
         }
+        let contacts = store
+            .contacts()?
+            .into_iter()
+            .map(|c| (c.peer_id, c))
+            .collect();
         let node = Node {
             inner: Arc::new(Inner {
                 key,
@@ -285,6 +303,7 @@ impl Node {
                 events,
                 home_relays,
                 lamports: Mutex::new(HashMap::new()),
+                contacts: Mutex::new(contacts),
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
@@ -402,6 +421,11 @@ impl Node {
         let mut batch = Batch::new();
         batch.put_contact(&contact);
         self.inner.store.commit(batch).await?;
+        self.inner
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer_id, contact.clone());
         // Anything waiting for this peer may now have a route.
         self.inner
             .outbox
@@ -425,11 +449,11 @@ impl Node {
 
     fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
         self.inner
-            .store
-            .contacts()
-            .ok()?
-            .into_iter()
-            .find(|c| c.peer_id == *peer)
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
     }
 
     /// Resolves a contact name or a peer id.
@@ -529,8 +553,12 @@ impl Node {
             due_ms: now_ms(),
         };
         batch.put_outbox(&entry);
-        self.inner.store.commit(batch).await?;
+        // The first attempt may start while the outbox write is being flushed: delivering is
+        // not acknowledging anything, and a message that got out before a crash is only
+        // delivered, never lost. The caller hears back once the write is on disk.
+        self.inner.store.apply(batch)?;
         self.schedule(entry);
+        self.inner.store.flush().await?;
         let mut state = MessageState::Pending;
         if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
             let id_text = id.to_string();
@@ -701,7 +729,7 @@ impl Node {
                     };
                     let node = self.clone();
                     work.spawn(async move {
-                        node.handle_dm(peer, request, channel).await;
+                        node.handle_dm(peer, *request, channel).await;
                         drop(permit);
                     });
                 }
@@ -950,19 +978,15 @@ impl Node {
             let now = now_ms();
             let (ready, next_due) = {
                 let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+                let budget = limit.available_permits().max(1);
                 let mut ready = Vec::new();
                 let mut next_due = None;
-                let due: Vec<_> = schedule.due.iter().copied().collect();
-                for (due_ms, id) in due {
-                    if due_ms > now {
-                        next_due = Some(due_ms);
+                while let Some(&(due_ms, id)) = schedule.due.first() {
+                    if due_ms > now || ready.len() >= budget {
+                        next_due = Some(due_ms.max(now));
                         break;
                     }
-                    if ready.len() >= limit.available_permits().max(1) {
-                        next_due = Some(now);
-                        break;
-                    }
-                    schedule.due.remove(&(due_ms, id));
+                    schedule.due.pop_first();
                     if schedule.in_flight.insert(id) {
                         if let Some(entry) = schedule.entries.get(&id) {
                             ready.push(entry.clone());

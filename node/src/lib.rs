@@ -154,13 +154,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let _ = net_task.await;
     });
     let node = Node::start(
-        key,
-        settings,
-        config.clone(),
-        store,
-        net,
-        net_events,
-        signal.clone(),
+        engine::Parts {
+            key,
+            settings,
+            config: config.clone(),
+            store,
+            net,
+            net_events,
+            shutdown: signal.clone(),
+        },
         &mut tasks,
     )?;
     let token = api_token(&config.home)?;

@@ -58,7 +58,7 @@ pub enum Event {
         /// The connection's (authenticated) peer.
         peer: PeerId,
         /// The request, or why it was refused by the codec.
-        request: Message<dm::Request>,
+        request: Box<Message<dm::Request>>,
         /// Where the answer goes.
         channel: ResponseChannel<dm::Response>,
     },
@@ -500,7 +500,7 @@ impl Actor {
                     &self.events,
                     Event::InboundDm {
                         peer,
-                        request,
+                        request: Box::new(request),
                         channel,
                     },
                 )

@@ -435,7 +435,13 @@ async fn flush_loop(
 ) {
     let mut waiting = Vec::new();
     while rx.recv_many(&mut waiting, 4096).await > 0 {
-        let result = tree.flush_async().await.map(|_| ());
+        let flushing = tree.clone();
+        let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
+            Ok(result) => result.map(|_| ()),
+            Err(e) => Err(sled::Error::ReportableBug(format!(
+                "flush task failed: {e}"
+            ))),
+        };
         for waiter in waiting.drain(..) {
             let _ = waiter.send(match &result {
                 Ok(()) => Ok(()),

@@ -154,3 +154,107 @@ pub async fn bare_request_response(
         per_sec: count as f64 / elapsed.as_secs_f64(),
     })
 }
+
+/// The node store's durable write: `samples` single commits one after another (the latency of
+/// one flush), then `count` commits from `concurrency` tasks at once (group commit at work).
+pub async fn store_commits(samples: usize, count: usize, concurrency: usize) -> Result<Figures> {
+    use kith_node::store::{Batch, Contact, Store};
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let peer = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let batch = move |i: usize| {
+        let mut batch = Batch::new();
+        batch.put_contact(&Contact {
+            name: format!("c{}", i % 1000),
+            peer_id: peer,
+            addrs: vec!["x".repeat(100)],
+            relays: vec![],
+        });
+        batch
+    };
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let started = Instant::now();
+        store.commit(batch(i)).await?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let store = store.clone();
+        let per = count / concurrency;
+        tasks.spawn(async move {
+            for i in 0..per {
+                store.commit(batch(worker * per + i)).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let elapsed = started.elapsed();
+    Ok(Figures {
+        p50: percentile(&latencies, 50.0),
+        p99: percentile(&latencies, 99.0),
+        per_sec: (count / concurrency * concurrency) as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+/// Only the recipient side of kith: a bare peer sends `count` pre-signed envelopes with `window`
+/// in flight to a kith node, which verifies, stores and flushes each before answering.
+pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> Result<f64> {
+    let bob = crate::TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let bob_peer = bob.peer_id();
+    let mut client = RawPeer::new()?;
+    let envelopes: Vec<_> = (0..count)
+        .map(|_| payload_envelope(&client.key, bob_peer, payload))
+        .collect();
+    client
+        .dm(
+            bob_peer,
+            &addr,
+            Message::Valid(dm::Request {
+                req_id: 0,
+                envelope: payload_envelope(&client.key, bob_peer, payload),
+            }),
+        )
+        .await?;
+    let started = Instant::now();
+    let (mut sent, mut done, mut in_flight) = (0usize, 0usize, 0usize);
+    while done < count {
+        while in_flight < window && sent < count {
+            client.swarm.behaviour_mut().dm.send_request(
+                &bob_peer,
+                Message::Valid(dm::Request {
+                    req_id: sent as u64,
+                    envelope: envelopes[sent].clone(),
+                }),
+            );
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.swarm.select_next_some().await {
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(request_response::Event::Message {
+                message: request_response::Message::Response { response, .. },
+                ..
+            })) => {
+                anyhow::ensure!(
+                    matches!(response, dm::Response::Accepted { .. }),
+                    "refused: {response:?}"
+                );
+                done += 1;
+                in_flight -= 1;
+            }
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                request_response::Event::OutboundFailure { error, .. },
+            )) => anyhow::bail!("request failed: {error}"),
+            _ => {}
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}

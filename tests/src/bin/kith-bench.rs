@@ -88,9 +88,10 @@ async fn kith_direct(payload: usize, latency_samples: usize, count: usize) -> Re
     let mut delivered = 0;
     while delivered < count {
         match events.recv().await {
-            Ok(NodeEvent::Receipt { state, .. }) if state == MessageState::Delivered => {
-                delivered += 1
-            }
+            Ok(NodeEvent::Receipt {
+                state: MessageState::Delivered,
+                ..
+            }) => delivered += 1,
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 anyhow::bail!("event stream lagged by {n}; raise the broadcast capacity")
@@ -135,6 +136,7 @@ fn machine() -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    kith_tests::init_logs();
     let args = Args::parse();
     let (samples, count) = if args.quick {
         (200, 2_000)
@@ -144,6 +146,16 @@ async fn main() -> Result<()> {
     let payload = 100;
     let mut rows = Vec::new();
 
+    eprintln!("[0/2] store: one durable commit, and {count} commits from 512 tasks…");
+    let flush = kith_tests::bench::store_commits(samples.min(200), count, 512).await?;
+    eprintln!(
+        "      flush p50 {} p99 {}, {:.0} commits/s",
+        ms(flush.p50),
+        ms(flush.p99),
+        flush.per_sec
+    );
+    let inbound = kith_tests::bench::kith_inbound_only(payload, count, 256).await?;
+    eprintln!("      kith inbound only: {inbound:.0}/s");
     eprintln!("[1/2] bare libp2p request-response baseline ({count} requests of {payload} bytes)…");
     let bare = bare_request_response(payload, samples, count, 256).await?;
     eprintln!("[2/2] kith direct delivery ({count} messages of {payload} bytes)…");
