@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod process;
+pub mod relay_bench;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -18,12 +18,26 @@ use kith_tests::{befriend, TestNode};
 /// Runs every kith benchmark next to its baseline and writes BENCHMARKS.md.
 #[derive(Parser)]
 struct Args {
+    /// Internal: run a server in this process for the parent benchmark (memory is read per
+    /// process).
+    #[command(subcommand)]
+    serve: Option<Serve>,
     /// A small, fast version (under two minutes).
     #[arg(long)]
     quick: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+enum Serve {
+    /// Run a kith relay with benchmark limits in a temporary directory.
+    #[command(hide = true)]
+    ServeRelay,
+    /// Run a bare libp2p circuit relay server.
+    #[command(hide = true)]
+    ServeBare,
 }
 
 struct Row {
@@ -114,6 +128,64 @@ async fn kith_direct(payload: usize, latency_samples: usize, count: usize) -> Re
     })
 }
 
+/// Relay figures: deposits, fetches, offline→online latency, memory per idle node.
+async fn relay_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    use kith_tests::relay_bench::{
+        deposits_per_sec, fetch_per_sec, offline_to_online, rss_per_idle_node, ChildServer,
+    };
+    let (senders, per_sender, fetch, samples, idle) = if quick {
+        (8, 1_000, 2_000, 10, 300)
+    } else {
+        (16, 2_500, 10_000, 50, 1_000)
+    };
+    let payload = 200;
+    eprintln!("[relay 1/4] bare request-response baseline ({payload} bytes)…");
+    let bare = bare_request_response(payload, 50, senders * per_sender / 4, 256).await?;
+    let relay = ChildServer::spawn(&["serve-relay"])?;
+    eprintln!("[relay 2/4] {senders} senders × {per_sender} durable deposits of {payload} bytes…");
+    let deposits = deposits_per_sec(&relay, senders, per_sender, 64, payload).await?;
+    rows.push(Row {
+        figure: format!("relay: durable deposits/s ({senders} senders, {payload} B, 64 in flight each)"),
+        value: format!("{deposits:.0}/s"),
+        baseline: format!("{:.0}/s", bare.per_sec),
+        ratio: format!("{:.2}", deposits / bare.per_sec),
+        target: "≥ 10,000/s".into(),
+    });
+    eprintln!("[relay 3/4] fetch of {fetch} messages, and offline→online delivery ×{samples}…");
+    let fetched = fetch_per_sec(&relay, fetch, payload).await?;
+    rows.push(Row {
+        figure: format!("relay: mailbox fetch + ack ({fetch} messages, batches of 256)"),
+        value: format!("{fetched:.0} msgs/s"),
+        baseline: format!("{:.0}/s", bare.per_sec),
+        ratio: format!("{:.2}", fetched / bare.per_sec),
+        target: "—".into(),
+    });
+    let (p50, p99) = offline_to_online(&relay, samples).await?;
+    rows.push(Row {
+        figure: "relay: offline→online delivery (node start → message stored), p50 / p99".into(),
+        value: format!("{} / {}", ms(p50), ms(p99)),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "—".into(),
+    });
+    drop(relay);
+    eprintln!("[relay 4/4] RSS with {idle} idle nodes (connection + circuit reservation)…");
+    let relay = ChildServer::spawn(&["serve-relay"])?;
+    let kith_rss = rss_per_idle_node(&relay, idle).await?;
+    drop(relay);
+    let bare_server = ChildServer::spawn(&["serve-bare"])?;
+    let bare_rss = rss_per_idle_node(&bare_server, idle).await?;
+    drop(bare_server);
+    rows.push(Row {
+        figure: format!("relay: RSS per idle connected node ({idle} nodes with a reservation)"),
+        value: format!("{kith_rss:.1} KiB"),
+        baseline: format!("{bare_rss:.1} KiB (bare libp2p relay server)"),
+        ratio: format!("{:.2}", kith_rss / bare_rss.max(0.1)),
+        target: "≤ 50 KiB".into(),
+    });
+    Ok(())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -138,6 +210,14 @@ fn machine() -> String {
 async fn main() -> Result<()> {
     kith_tests::init_logs();
     let args = Args::parse();
+    match args.serve {
+        Some(Serve::ServeRelay) => {
+            let dir = tempfile::tempdir()?;
+            return kith_tests::relay_bench::serve_relay(dir.path()).await;
+        }
+        Some(Serve::ServeBare) => return kith_tests::relay_bench::serve_bare().await,
+        None => {}
+    }
     let (samples, count) = if args.quick {
         (200, 2_000)
     } else {
@@ -184,6 +264,8 @@ async fn main() -> Result<()> {
         ratio: format!("{:.2}", kith.per_sec / bare.per_sec),
         target: "≥ 5,000/s".into(),
     });
+
+    relay_rows(args.quick, &mut rows).await.context("relay benchmarks")?;
 
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
