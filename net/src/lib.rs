@@ -29,6 +29,16 @@ pub type DmCodec = codec::Codec<kith_protocol::dm::Request, kith_protocol::dm::R
 pub type MailboxCodec =
     codec::Codec<kith_protocol::mailbox::Request, kith_protocol::mailbox::Response>;
 
+/// The `/kith/presence/1` codec.
+pub type PresenceCodec =
+    codec::Codec<kith_protocol::presence::Request, kith_protocol::presence::Response>;
+
+/// The `/kith/group/1` codec.
+pub type GroupCodec = codec::Codec<kith_protocol::group::Request, kith_protocol::group::Response>;
+
+/// The `/kith/blob/1` codec.
+pub type BlobCodec = codec::Codec<kith_protocol::blob::Request, kith_protocol::blob::Response>;
+
 /// A request-response configuration with kith's timeout and stream limit.
 pub fn request_response_config() -> libp2p::request_response::Config {
     libp2p::request_response::Config::default()

@@ -5,14 +5,23 @@
 //!
 //! | method | path | body / query | answer |
 //! |---|---|---|---|
-//! | GET | `/v1/id` | | `{peer_id, name, invite, listen_addrs, read_receipts}` |
+//! | GET | `/v1/id` | | `{peer_id, name, invite, listen_addrs, read_receipts, presence}` |
 //! | GET | `/v1/contacts` | | `[{name, peer_id, addrs, relays}]` |
 //! | POST | `/v1/contacts` | `{name, peer, addrs?}` | the contact |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
-//! | GET | `/v1/messages` | `?with=NAME_OR_PEER` | `[{id, direction, from, peer, text, sent_at_ms, state}]` |
+//! | GET | `/v1/messages` | `?with=NAME_OR_PEER` | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
+//! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
+//! | POST | `/v1/download` | `{id, to?}` (`to`: a directory) | `{name, size, mime, hash, path}` once the file is complete |
 //! | POST | `/v1/read` | `{with}` | `{read: n}` |
 //! | GET | `/v1/status/{id}` | | `{id, state, members}` |
-//! | GET | `/v1/events` | | server-sent events, one JSON event per `data:` line |
+//! | GET | `/v1/presence/{who}` | | `{peer_id, online, last_seen_ms}` (503 when nobody could answer) |
+//! | POST | `/v1/typing` | `{to}` | `{sent: bool}` (once, never stored or retried) |
+//! | POST | `/v1/open` | `{with}` | `{peer_id}` (the user opened the chat: user activity) |
+//! | GET | `/v1/events` | | server-sent events, one JSON event per `data:` line (`message`, `receipt`, `failed`, `typing`, `progress {id, direction, done, total}`) |
+//! | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
+//! | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
+//! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
+//! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
 //!
 //! Errors answer `{"error": "..."}` with 400 (bad input), 401 (token), 404 (unknown) or 500.
 
@@ -60,6 +69,7 @@ impl From<NodeError> for ApiError {
             NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
             NodeError::UnknownRecipient(_) | NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
@@ -157,6 +167,39 @@ async fn status(
     Ok(Json(s.node.status(&id)?))
 }
 
+async fn presence(
+    State(s): State<AppState>,
+    Path(who): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.node.presence(&who).await?))
+}
+
+#[derive(Deserialize)]
+struct TypingBody {
+    to: String,
+}
+
+async fn typing(
+    State(s): State<AppState>,
+    Json(body): Json<TypingBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let sent = s.node.typing(&body.to).await?;
+    Ok(Json(json!({ "sent": sent })))
+}
+
+#[derive(Deserialize)]
+struct OpenBody {
+    with: String,
+}
+
+async fn open(
+    State(s): State<AppState>,
+    Json(body): Json<OpenBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let peer = s.node.open_chat(&body.with)?;
+    Ok(Json(json!({ "peer_id": peer.to_string() })))
+}
+
 async fn events(
     State(s): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
@@ -198,7 +241,12 @@ pub(crate) async fn serve(
         .route("/v1/messages", get(messages))
         .route("/v1/read", post(read))
         .route("/v1/status/{id}", get(status))
+        .route("/v1/presence/{who}", get(presence))
+        .route("/v1/typing", post(typing))
+        .route("/v1/open", post(open))
         .route("/v1/events", get(events))
+        .merge(crate::group::api_routes().with_state(state.node.clone()))
+        .merge(crate::media::api_routes().with_state(state.node.clone()))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -101,6 +101,18 @@ impl Client {
 
     /// Streams events, calling `each` with every JSON event until the daemon stops.
     pub async fn events(&self, mut each: impl FnMut(Value)) -> Result<(), ClientError> {
+        self.events_until(|v| {
+            each(v);
+            false
+        })
+        .await
+    }
+
+    /// Streams events until `each` returns `true` or the daemon stops.
+    pub async fn events_until(
+        &self,
+        mut each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
         let response = self
             .http
             .get(format!("{}/v1/events", self.base))
@@ -118,7 +130,9 @@ impl Client {
                 let line: String = buf.drain(..=end).collect();
                 if let Some(data) = line.trim_end().strip_prefix("data:") {
                     if let Ok(value) = serde_json::from_str(data.trim_start()) {
-                        each(value);
+                        if each(value) {
+                            return Ok(());
+                        }
                     }
                 }
             }

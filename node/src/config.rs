@@ -19,6 +19,14 @@ pub struct Settings {
     pub name: String,
     /// Whether to send `Read` receipts when a conversation is read.
     pub read_receipts: bool,
+    /// Who may see whether this node is online and when it was last seen: `everyone`,
+    /// `contacts` or `nobody`. Enforced by the node and by its home relays.
+    pub presence: kith_protocol::presence::Visibility,
+    /// Largest file `send-file` sends, in bytes; larger ones are refused before any upload.
+    pub max_file_bytes: u64,
+    /// Received files up to this size, in bytes, download at once; larger ones on
+    /// `kith download`.
+    pub auto_download_max_bytes: u64,
 }
 
 impl Default for Settings {
@@ -26,6 +34,9 @@ impl Default for Settings {
         Self {
             name: "anonymous".into(),
             read_receipts: true,
+            presence: kith_protocol::presence::Visibility::Everyone,
+            max_file_bytes: 2 * 1024 * 1024 * 1024,
+            auto_download_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -97,6 +108,17 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How often the node polls its home relays' mailboxes even without a reconnect.
     pub mailbox_poll_interval: Duration,
+    /// gossipsub heartbeat interval for group topics (mesh upkeep; tests shorten it).
+    pub gossip_heartbeat: Duration,
+    /// Most members of a group this node creates or accepts (the relay has its own limit).
+    pub max_group_members: usize,
+    /// How long receipts for group messages wait to be batched into one envelope per sender.
+    pub receipt_batch_window: Duration,
+    /// How often the node sends a presence heartbeat to each connected home relay.
+    pub heartbeat_interval: Duration,
+    /// How long after its last heartbeat the node's relays should show it offline (they may
+    /// cap it). Keep it a few heartbeat intervals.
+    pub presence_offline_after: Duration,
 }
 
 impl Config {
@@ -118,6 +140,11 @@ impl Config {
             backoff: Backoff::default(),
             max_in_flight: 256,
             mailbox_poll_interval: Duration::from_secs(30),
+            gossip_heartbeat: Duration::from_secs(1),
+            max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,
+            receipt_batch_window: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_secs(10),
+            presence_offline_after: Duration::from_secs(30),
         }
     }
 
@@ -126,6 +153,7 @@ impl Config {
         Self {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
             delivery_timeout: Duration::from_secs(2),
+            gossip_heartbeat: Duration::from_millis(200),
             backoff: Backoff {
                 base_ms: 200,
                 max_ms: 2_000,

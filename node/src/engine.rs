@@ -71,6 +71,22 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// A peer is typing to this node (never stored).
+    Typing {
+        /// The typing peer's id.
+        from: String,
+    },
+    /// A file transfer moved on ([`crate::media`]).
+    Progress {
+        /// The message the file is attached to.
+        id: String,
+        /// `upload` or `download`.
+        direction: String,
+        /// Bytes of the file transferred so far.
+        done: u64,
+        /// Bytes in all (for uploads: the file's size times the relays it goes to).
+        total: u64,
+    },
 }
 
 /// Why an operation of the node failed.
@@ -88,6 +104,9 @@ pub enum NodeError {
     /// The input is not acceptable (empty text, too long, bad address...).
     #[error("{0}")]
     Invalid(String),
+    /// Nobody who could answer did (the peer and its relays are unreachable or busy).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Shared state of the running node.
@@ -108,6 +127,9 @@ struct Inner {
     outbox: Mutex<Schedule>,
     outbox_wake: Notify,
     next_req_id: std::sync::atomic::AtomicU64,
+    presence: crate::presence::State,
+    groups: crate::group::Groups,
+    media: crate::media::State,
 }
 
 /// The in-memory outbox schedule (the store holds the durable copy).
@@ -185,6 +207,8 @@ pub struct IdInfo {
     pub listen_addrs: Vec<String>,
     /// Whether it sends read receipts.
     pub read_receipts: bool,
+    /// Who may see its online state and last seen.
+    pub presence: kith_protocol::presence::Visibility,
 }
 
 /// A message as the API shows it.
@@ -204,6 +228,12 @@ pub struct MessageView {
     pub sent_at_ms: u64,
     /// The tick.
     pub state: MessageState,
+    /// The group conversation it belongs to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The attached file, if any ([`crate::media`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<crate::media::AttachmentView>,
 }
 
 impl From<StoredMessage> for MessageView {
@@ -216,6 +246,8 @@ impl From<StoredMessage> for MessageView {
             text: m.text,
             sent_at_ms: m.sent_at_ms,
             state: m.state,
+            group: None,
+            attachment: None,
         }
     }
 }
@@ -229,6 +261,9 @@ pub struct StatusView {
     pub state: MessageState,
     /// Per-member states (empty for one-to-one messages).
     pub members: HashMap<String, MessageState>,
+    /// Why a pending message has not gone out yet, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A contact as the API shows it.
@@ -262,6 +297,9 @@ pub struct Sent {
     pub id: String,
     /// Its state when the call returned.
     pub state: MessageState,
+    /// Why it is still pending, when that is known (a group's relay unreachable, say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Node {
@@ -287,6 +325,7 @@ impl Node {
         for entry in store.outbox()? {
             schedule.insert(entry);
         }
+        let store_groups = store.groups()?;
         let contacts = store
             .contacts()?
             .into_iter()
@@ -307,18 +346,105 @@ impl Node {
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
+                presence: crate::presence::State::default(),
+                groups: crate::group::Groups::load(store_groups),
+                media: crate::media::State::default(),
             }),
         };
         tasks.spawn(node.clone().net_loop(net_events, shutdown.clone()));
         tasks.spawn(node.clone().outbox_loop(shutdown.clone()));
+        tasks.spawn(node.clone().heartbeat_loop(shutdown.clone()));
+        tasks.spawn(node.clone().group_loop(shutdown.clone()));
+        tasks.spawn(node.clone().media_loop(shutdown.clone()));
         tasks.spawn(node.clone().poll_loop(shutdown));
         Ok(node)
     }
 
-    fn req_id(&self) -> u64 {
+    // ---- access for the group module (`group.rs`) ----
+
+    pub(crate) fn key(&self) -> &Keypair {
+        &self.inner.key
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn net(&self) -> &net::Handle {
+        &self.inner.net
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub(crate) fn home_relays(&self) -> &HashMap<PeerId, Multiaddr> {
+        &self.inner.home_relays
+    }
+
+    pub(crate) fn media(&self) -> &crate::media::State {
+        &self.inner.media
+    }
+
+    pub(crate) fn groups(&self) -> &crate::group::Groups {
+        &self.inner.groups
+    }
+
+    /// Puts an entry (already durable) on the outbox schedule.
+    pub(crate) fn enqueue(&self, entry: OutboxEntry) {
+        self.schedule(entry);
+    }
+
+    /// Moves one of this node's outgoing messages forward and tells the watchers.
+    pub(crate) fn advance_state(
+        &self,
+        id: &MessageId,
+        state: MessageState,
+    ) -> Result<(), StoreError> {
+        self.advance(&self.inner.me, id, state)
+    }
+
+    pub(crate) fn req_id(&self) -> u64 {
         self.inner
             .next_req_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The presence state (for `presence.rs`).
+    pub(crate) fn presence_state(&self) -> &crate::presence::State {
+        &self.inner.presence
+    }
+
+    /// The network handle, settings, config and home relays (for `presence.rs`).
+    pub(crate) fn parts(
+        &self,
+    ) -> (
+        &net::Handle,
+        &Settings,
+        &Config,
+        &HashMap<PeerId, Multiaddr>,
+    ) {
+        (
+            &self.inner.net,
+            &self.inner.settings,
+            &self.inner.config,
+            &self.inner.home_relays,
+        )
+    }
+
+    /// The peer ids of every contact (for the presence policy).
+    pub(crate) fn contact_peers(&self) -> Vec<PeerId> {
+        self.inner
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// This node's peer id.
@@ -331,7 +457,7 @@ impl Node {
         self.inner.events.subscribe()
     }
 
-    fn emit(&self, event: NodeEvent) {
+    pub(crate) fn emit(&self, event: NodeEvent) {
         let _ = self.inner.events.send(event);
     }
 
@@ -365,6 +491,7 @@ impl Node {
                 .map(|a| a.to_string())
                 .collect(),
             read_receipts: self.inner.settings.read_receipts,
+            presence: self.inner.settings.presence,
         }
     }
 
@@ -433,6 +560,8 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .hurry(&peer_id, now_ms());
         self.inner.outbox_wake.notify_one();
+        // The presence policy lists contacts: tell the relays soon.
+        self.presence_state().wake();
         Ok(contact.into())
     }
 
@@ -447,7 +576,7 @@ impl Node {
             .collect())
     }
 
-    fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
+    pub(crate) fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
         self.inner
             .contacts
             .lock()
@@ -472,7 +601,7 @@ impl Node {
             .map_err(|_| NodeError::UnknownRecipient(who.to_owned()))
     }
 
-    fn next_lamport(&self, peer: &PeerId) -> Result<u64, NodeError> {
+    pub(crate) fn next_lamport(&self, peer: &PeerId) -> Result<u64, NodeError> {
         let mut lamports = self
             .inner
             .lamports
@@ -510,7 +639,16 @@ impl Node {
         text: &str,
         wait: Option<Duration>,
     ) -> Result<Sent, NodeError> {
+        if let Some(group) = self.group_target(to)? {
+            if text.is_empty() {
+                return Err(NodeError::Invalid(
+                    "refusing to send an empty message".into(),
+                ));
+            }
+            return self.send_group(group, text, wait).await;
+        }
         let peer = self.resolve(to)?;
+        self.mark_user_activity();
         if text.is_empty() {
             return Err(NodeError::Invalid(
                 "refusing to send an empty message".into(),
@@ -583,6 +721,7 @@ impl Node {
         Ok(Sent {
             id: id.to_string(),
             state,
+            note: None,
         })
     }
 
@@ -597,6 +736,13 @@ impl Node {
 
     /// A conversation (by contact name or peer id), or every message when `with` is `None`.
     pub fn messages(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
+        Ok(self.with_attachments(self.messages_without_files(with)?))
+    }
+
+    fn messages_without_files(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
+        if let Some(group) = with.map(|w| self.group_target(w)).transpose()?.flatten() {
+            return self.group_messages(&group);
+        }
         let peers = match with {
             Some(who) => vec![self.resolve(who)?],
             None => self.inner.store.conversations()?,
@@ -607,6 +753,10 @@ impl Node {
         }
         if with.is_none() {
             out.sort_by_key(|m| (m.sent_at_ms, m.lamport));
+            let mut views: Vec<MessageView> = out.into_iter().map(Into::into).collect();
+            views.extend(self.all_group_messages()?);
+            views.sort_by_key(|m| m.sent_at_ms);
+            return Ok(views);
         }
         Ok(out.into_iter().map(Into::into).collect())
     }
@@ -614,7 +764,12 @@ impl Node {
     /// Marks a conversation read and, unless turned off, sends `Read` receipts.
     /// Returns how many messages were newly read.
     pub async fn read(&self, with: &str) -> Result<usize, NodeError> {
+        if let Some(group) = self.group_target(with)? {
+            self.mark_user_activity();
+            return self.read_group(&group).await;
+        }
         let peer = self.resolve(with)?;
+        self.mark_user_activity();
         let mut ids = Vec::new();
         for msg in self.inner.store.conversation(&peer)? {
             if msg.direction == Direction::In && msg.state < MessageState::Read {
@@ -636,7 +791,7 @@ impl Node {
     }
 
     /// Seals receipts for `ids` (in batches) and puts them in the outbox, durably.
-    async fn queue_receipts(
+    pub(crate) async fn queue_receipts(
         &self,
         to: PeerId,
         state: ReceiptState,
@@ -679,10 +834,14 @@ impl Node {
             .parse()
             .map_err(|e: kith_protocol::ids::ParseIdError| NodeError::Invalid(e.to_string()))?;
         if let Some(m) = self.inner.store.outgoing(&parsed)? {
+            let reason = (m.state == MessageState::Pending)
+                .then(|| self.inner.groups.reason(&m.id))
+                .flatten();
             return Ok(StatusView {
                 id: m.id.to_string(),
                 state: m.state,
-                members: HashMap::new(),
+                members: self.member_view(&m.id),
+                reason,
             });
         }
         // An incoming message: search the conversations (rare; ids are unique per sender).
@@ -692,6 +851,7 @@ impl Node {
                     id: m.id.to_string(),
                     state: m.state,
                     members: HashMap::new(),
+                    reason: None,
                 });
             }
         }
@@ -733,6 +893,11 @@ impl Node {
                         drop(permit);
                     });
                 }
+                net::Event::InboundPresence {
+                    peer,
+                    request,
+                    channel,
+                } => self.handle_presence(peer, request, channel).await,
                 net::Event::Connected { peer } => {
                     self.inner
                         .outbox
@@ -741,7 +906,37 @@ impl Node {
                         .hurry(&peer, now_ms());
                     self.inner.outbox_wake.notify_one();
                 }
+                net::Event::Gossip {
+                    source,
+                    message_id,
+                    topic,
+                    data,
+                } => {
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let node = self.clone();
+                    work.spawn(async move {
+                        node.handle_gossip(source, message_id, topic, data).await;
+                        drop(permit);
+                    });
+                }
+                net::Event::InboundBlob {
+                    peer,
+                    request,
+                    channel,
+                } => {
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let node = self.clone();
+                    work.spawn(async move {
+                        node.serve_blob(peer, request, channel).await;
+                        drop(permit);
+                    });
+                }
                 net::Event::RelayConnected { relay } => {
+                    self.presence_state().wake();
                     let node = self.clone();
                     work.spawn(async move { node.fetch_mailbox(relay).await });
                 }
@@ -788,6 +983,9 @@ impl Node {
                 _ => Reject::BadSignature,
             });
         }
+        if let Destination::Group(group) = envelope.to {
+            return self.accept_group(via, group, envelope).await;
+        }
         if envelope.to != Destination::Peer(self.inner.me) {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope for someone else");
             return Err(Reject::WrongRecipient);
@@ -807,6 +1005,16 @@ impl Node {
         let store_failed = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot store an inbound envelope");
             Reject::StoreFailed
+        };
+        // A file is stored like a chat message (empty text) plus its attachment record.
+        let (body, file) = match body {
+            Body::File(file) => (
+                Body::Chat {
+                    text: String::new(),
+                },
+                Some(file),
+            ),
+            other => (other, None),
         };
         match body {
             Body::Chat { text } => {
@@ -835,6 +1043,9 @@ impl Node {
                     let mut batch = Batch::new();
                     batch.put_message(&msg);
                     batch.set_lamport(&from, lamport);
+                    if let Some(file) = file.clone() {
+                        self.put_incoming_file(&mut batch, &envelope, file, None);
+                    }
                     self.inner
                         .store
                         .commit(batch)
@@ -846,6 +1057,9 @@ impl Node {
                         text,
                         sent_at_ms: envelope.sent_at_ms,
                     });
+                    if let Some(file) = &file {
+                        self.file_received(envelope.id, file.size).await;
+                    }
                 }
                 if relayed {
                     // The sender did not see our answer: tell it with a receipt.
@@ -854,11 +1068,23 @@ impl Node {
                         .map_err(|e| store_failed(&e))?;
                 }
             }
+            // Turned into a chat message with an attachment above.
+            Body::File(_) => return Err(Reject::Malformed),
+            Body::GroupOp(_) => {
+                tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
+                return Err(Reject::Malformed);
+            }
             Body::Receipt { state, ids } => {
                 for id in ids {
                     let Ok(Some(msg)) = self.inner.store.outgoing(&id) else {
                         continue;
                     };
+                    if let Ok(Some(_)) = self.inner.store.message_group(&id) {
+                        // Group message: the receipt moves this member's state only.
+                        self.advance_group_members(&id, Some(&from), state.into())
+                            .map_err(|e| store_failed(&e))?;
+                        continue;
+                    }
                     if msg.peer != from {
                         tracing::warn!(%from, %id, "ignoring a receipt for another peer's message");
                         continue;
@@ -1022,12 +1248,13 @@ impl Node {
 
     /// One delivery attempt for an outbox entry.
     async fn attempt(&self, entry: OutboxEntry) {
-        let Destination::Peer(to) = entry.envelope.to else {
-            self.finish(
-                &entry,
-                Outcome::Failed("group messages are not supported yet".into()),
-            );
-            return;
+        let to = match entry.envelope.to {
+            Destination::Peer(to) => to,
+            Destination::Group(group) => {
+                let outcome = self.deliver_group(&entry.envelope, group).await;
+                self.finish(&entry, outcome);
+                return;
+            }
         };
         let contact = self.contact_of(&to);
         let mut addrs: Vec<Multiaddr> = Vec::new();
@@ -1042,6 +1269,21 @@ impl Node {
             relays.extend(self.inner.home_relays.values().cloned());
         }
         addrs.extend(relays.iter().map(|r| circuit_addr(r, to)));
+
+        // A receipt for a peer we know no direct route to (a group member who is not a contact)
+        // goes straight to the relays, which push it to a connected recipient: a group's
+        // receipts must not cost one relayed circuit each.
+        let is_receipt = matches!(entry.envelope.body(), Ok(Body::Receipt { .. }));
+        if is_receipt
+            && contact.as_ref().is_none_or(|c| c.addrs.is_empty())
+            && !self.inner.net.is_connected(to).await
+        {
+            let outcome = self.deposit(&entry.envelope, &relays).await;
+            if !matches!(outcome, Outcome::Retry(_)) {
+                self.finish(&entry, outcome);
+                return;
+            }
+        }
 
         let request = Message::Valid(dm::Request {
             req_id: self.req_id(),
@@ -1074,6 +1316,11 @@ impl Node {
 
     /// Deposits an envelope at the recipient's home relays; `Sent` if at least one stored it.
     async fn deposit(&self, envelope: &Envelope, relays: &[Multiaddr]) -> Outcome {
+        // Relays cannot read bodies: tell them which deposits are receipts, shed first under load.
+        let class = match envelope.body() {
+            Ok(Body::Receipt { .. }) => mailbox::DepositClass::Receipt,
+            _ => mailbox::DepositClass::Message,
+        };
         let mut stored = false;
         let mut reasons = Vec::new();
         for relay in relays {
@@ -1083,6 +1330,7 @@ impl Node {
             let request = mailbox::Request::Deposit {
                 req_id: self.req_id(),
                 envelope: envelope.clone(),
+                class,
             };
             match self
                 .inner
@@ -1115,14 +1363,23 @@ impl Node {
 
     fn finish(&self, entry: &OutboxEntry, outcome: Outcome) {
         let id = entry.envelope.id;
-        let is_chat = matches!(entry.envelope.body(), Ok(Body::Chat { .. }));
+        let is_chat = matches!(entry.envelope.body(), Ok(Body::Chat { .. } | Body::File(_)));
         let state = match &outcome {
             Outcome::Delivered => Some(MessageState::Delivered),
             Outcome::Sent => Some(MessageState::Sent),
             _ => None,
         };
         if let (Some(state), true) = (state, is_chat) {
-            if let Err(e) = self.advance(&self.inner.me, &id, state) {
+            let recorded = match entry.envelope.to {
+                // The relay holds a copy for every member: each member is `sent`.
+                Destination::Group(_) => self
+                    .advance_group_members(&id, None, state)
+                    .map_err(|e| e.to_string()),
+                Destination::Peer(_) => self
+                    .advance(&self.inner.me, &id, state)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = recorded {
                 tracing::error!(%id, error = %e, "cannot record a delivery");
             }
         }
@@ -1171,7 +1428,7 @@ impl Node {
     }
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Delivered,
     Sent,
     Retry(String),

@@ -7,9 +7,13 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod engine;
+pub mod group;
 pub mod identity;
+pub mod media;
 pub mod net;
+pub mod presence;
 pub mod shutdown;
 pub mod store;
 
@@ -85,8 +89,10 @@ pub struct Running {
 const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Running {
-    /// Stops the node: the API, the engine and the network, then flushes the store.
+    /// Stops the node: tells its relays it is going offline, stops the API, the engine and the
+    /// network, then flushes the store.
     pub async fn shutdown(self) {
+        self.node.say_goodbye().await;
         let Running {
             node,
             home,
@@ -145,6 +151,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             listen: config.listen.clone(),
             relays: config.relays.clone(),
             mdns: config.mdns,
+            gossip_heartbeat: config.gossip_heartbeat,
         },
         signal.clone(),
     )

@@ -54,12 +54,36 @@ enum Command {
     /// Manage contacts.
     #[command(subcommand)]
     Contact(ContactCommand),
+    /// Group chats: create, add, remove, promote, leave, list, info.
+    #[command(subcommand)]
+    Group(kith_node::group::cli::GroupCommand),
     /// Send a message; prints its id.
     Send {
-        /// Contact name or peer id.
+        /// Contact name, peer id, or group name or id.
         to: String,
         /// The text.
         text: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a file (image, video, anything up to max_file_bytes); prints the message id.
+    SendFile {
+        /// Contact name, peer id, or group name or id.
+        to: String,
+        /// The file.
+        path: PathBuf,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download the file attached to a message (resumes an interrupted download); prints its path.
+    Download {
+        /// The message id.
+        id: String,
+        /// Where to put the file (default: <home>/files).
+        #[arg(long)]
+        to: Option<PathBuf>,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
@@ -85,7 +109,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream events (messages, receipts) as JSON lines.
+    /// Show whether a contact is online and when it was last seen.
+    Presence {
+        /// Contact name or peer id.
+        who: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tell a contact you are typing (sent once, never stored).
+    Typing {
+        /// Contact name or peer id.
+        to: String,
+    },
+    /// Show or change your settings (in <home>/config.toml; restart the daemon to apply).
+    Settings {
+        /// Who may see your online state and last seen: everyone, contacts or nobody.
+        #[arg(long)]
+        presence: Option<kith_protocol::presence::Visibility>,
+        /// Send read receipts: on or off.
+        #[arg(long, value_parser = parse_on_off)]
+        read_receipts: Option<bool>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a relay and three nodes on loopback and play the features end to end.
+    Demo {
+        /// Print the transcript as JSON events, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream events (messages, receipts, typing) as JSON lines.
     Events {
         /// Print JSON lines (the default output is JSON lines too).
         #[arg(long)]
@@ -247,6 +302,17 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", sent["id"].as_str().unwrap_or_default());
             }
+            if let Some(note) = sent["note"].as_str() {
+                eprintln!("note: {note}");
+            }
+        }
+        Command::SendFile { to, path, json } => {
+            let client = daemon_client(&home).await?;
+            kith_node::media::cli::send_file(&client, &to, path, json).await?;
+        }
+        Command::Download { id, to, json } => {
+            let client = daemon_client(&home).await?;
+            kith_node::media::cli::download(&client, &id, to, json).await?;
         }
         Command::Messages { with, json } => {
             let client = daemon_client(&home).await?;
@@ -260,10 +326,26 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 for m in messages.as_array().into_iter().flatten() {
                     let out = m["direction"] == "out";
+                    let file = &m["attachment"];
+                    let text = if file.is_object() {
+                        format!(
+                            "[file {} ({} bytes, {}){}] {}",
+                            file["name"].as_str().unwrap_or_default(),
+                            file["size"],
+                            m["id"].as_str().unwrap_or_default(),
+                            file["path"]
+                                .as_str()
+                                .map(|p| format!(" at {p}"))
+                                .unwrap_or_else(|| " not downloaded".into()),
+                            m["text"].as_str().unwrap_or_default(),
+                        )
+                    } else {
+                        m["text"].as_str().unwrap_or_default().to_owned()
+                    };
                     println!(
                         "{} {}  {}",
                         if out { "→" } else { "←" },
-                        m["text"].as_str().unwrap_or_default(),
+                        text,
                         if out {
                             tick(m["state"].as_str().unwrap_or_default())
                         } else {
@@ -287,7 +369,81 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&status)?;
             } else {
                 println!("{}", status["state"].as_str().unwrap_or_default());
+                if let Some(members) = status["members"].as_object() {
+                    for (peer, state) in members {
+                        println!("  {peer}  {}", state.as_str().unwrap_or_default());
+                    }
+                }
+                if let Some(reason) = status["reason"].as_str() {
+                    println!("pending because: {reason}");
+                }
             }
+        }
+        Command::Presence { who, json } => {
+            let client = daemon_client(&home).await?;
+            let seen: Value = client
+                .get(&format!("/v1/presence/{}", urlencode(&who)))
+                .await?;
+            if json {
+                print_json(&seen)?;
+            } else if seen["online"] == true {
+                println!("online");
+            } else {
+                match seen["last_seen_ms"].as_u64() {
+                    Some(ms) => println!("offline, last seen {}", format_time_ms(ms)),
+                    None => println!("offline (last seen unknown or hidden)"),
+                }
+            }
+        }
+        Command::Typing { to } => {
+            let client = daemon_client(&home).await?;
+            let sent: Value = client.post("/v1/typing", &json!({ "to": to })).await?;
+            if sent["sent"] != true {
+                eprintln!("{to} is not reachable right now; nothing was sent");
+            }
+        }
+        Command::Settings {
+            presence,
+            read_receipts,
+            json,
+        } => {
+            let mut settings = Settings::load(&home)?;
+            let before = settings.clone();
+            if let Some(presence) = presence {
+                settings.presence = presence;
+            }
+            if let Some(read_receipts) = read_receipts {
+                settings.read_receipts = read_receipts;
+            }
+            if settings != before {
+                settings.save(&home)?;
+                if Client::for_home(&home).is_ok() {
+                    eprintln!("saved; restart the daemon to apply");
+                }
+            }
+            if json {
+                print_json(&json!({
+                    "name": settings.name,
+                    "presence": settings.presence,
+                    "read_receipts": settings.read_receipts,
+                }))?;
+            } else {
+                println!("name:          {}", settings.name);
+                println!("presence:      {}", settings.presence);
+                println!(
+                    "read receipts: {}",
+                    if settings.read_receipts { "on" } else { "off" }
+                );
+            }
+        }
+        Command::Demo { json } => {
+            kith_node::demo::run(json)
+                .await
+                .context("the demo failed")?;
+        }
+        Command::Group(command) => {
+            let client = daemon_client(&home).await?;
+            kith_node::group::cli::run(&client, command).await?;
         }
         Command::Events { json: _ } => {
             let client = daemon_client(&home).await?;
@@ -295,6 +451,24 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: use on or off")),
+    }
+}
+
+fn format_time_ms(ms: u64) -> String {
+    let ago = kith_node::engine::now_ms().saturating_sub(ms) / 1000;
+    match ago {
+        0..=59 => format!("{ago} s ago"),
+        60..=3599 => format!("{} min ago", ago / 60),
+        3600..=86399 => format!("{} h ago", ago / 3600),
+        _ => format!("{} days ago", ago / 86400),
+    }
 }
 
 fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
@@ -309,6 +483,7 @@ fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
         "invite": invite.encode(),
         "listen_addrs": [],
         "read_receipts": settings.read_receipts,
+        "presence": settings.presence,
     })
 }
 
@@ -347,14 +522,20 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon reports its progress; other commands (and the demo's transcript) stay quiet
+    // unless KITH_LOG asks for more.
+    let default_filter = match cli.command {
+        Command::Daemon { .. } => "warn,kith_node=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kith_node=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

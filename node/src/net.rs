@@ -10,14 +10,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kith_net::codec::Message;
-use kith_net::{DmCodec, MailboxCodec};
-use kith_protocol::{dm, mailbox};
+use kith_net::{DmCodec, MailboxCodec, PresenceCodec};
+use kith_protocol::{dm, mailbox, presence};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity::Keypair, mdns, noise, ping, relay, tcp, yamux};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot};
+
+use kith_net::GroupCodec;
+use kith_protocol::group as group_wire;
+use libp2p::gossipsub;
 
 /// Protocol version string sent in identify.
 const IDENTIFY_PROTOCOL: &str = "/kith/1.0.0";
@@ -48,11 +52,27 @@ pub(crate) struct Behaviour {
     dm: request_response::Behaviour<DmCodec>,
     mailbox: request_response::Behaviour<MailboxCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    gossipsub: crate::group::Gossipsub,
+    group: request_response::Behaviour<GroupCodec>,
+    presence: request_response::Behaviour<PresenceCodec>,
+    blob: request_response::Behaviour<kith_net::BlobCodec>,
 }
 
 /// What the rest of the node hears from the network.
 #[derive(Debug)]
 pub enum Event {
+    /// A message arrived on a group's gossipsub topic; validate it, then report with
+    /// [`Handle::validate_gossip`].
+    Gossip {
+        /// The peer that forwarded it.
+        source: PeerId,
+        /// gossipsub's id for it.
+        message_id: gossipsub::MessageId,
+        /// The topic.
+        topic: String,
+        /// The payload (a CBOR envelope).
+        data: Vec<u8>,
+    },
     /// A `/kith/dm/1` request arrived; answer it with [`Handle::respond_dm`].
     InboundDm {
         /// The connection's (authenticated) peer.
@@ -72,9 +92,54 @@ pub enum Event {
         /// The relay.
         relay: PeerId,
     },
+    /// A `/kith/blob/1` request arrived (another node wants a blob of a file we sent); answer
+    /// it with [`Handle::respond_blob`].
+    InboundBlob {
+        /// The connection's (authenticated) peer.
+        peer: PeerId,
+        /// The request, or why the codec refused it.
+        request: Message<kith_protocol::blob::Request>,
+        /// Where the answer goes.
+        channel: ResponseChannel<kith_protocol::blob::Response>,
+    },
+    /// A `/kith/presence/1` request arrived (a query or a typing notice from another node);
+    /// answer it with [`Handle::respond_presence`].
+    InboundPresence {
+        /// The connection's (authenticated) peer.
+        peer: PeerId,
+        /// The request, or why the codec refused it.
+        request: Message<presence::Request>,
+        /// Where the answer goes.
+        channel: ResponseChannel<presence::Response>,
+    },
 }
 
 enum Command {
+    Blob {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: kith_protocol::blob::Request,
+        reply: oneshot::Sender<Result<kith_protocol::blob::Response, NetError>>,
+    },
+    RespondBlob {
+        channel: ResponseChannel<kith_protocol::blob::Response>,
+        response: kith_protocol::blob::Response,
+    },
+    Group {
+        relay: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: group_wire::Request,
+        reply: oneshot::Sender<Result<group_wire::Response, NetError>>,
+    },
+    Subscribe {
+        topic: String,
+        subscribe: bool,
+    },
+    ValidateGossip {
+        source: PeerId,
+        message_id: gossipsub::MessageId,
+        acceptance: gossipsub::MessageAcceptance,
+    },
     SendDm {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -93,6 +158,16 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Presence {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: presence::Request,
+        reply: oneshot::Sender<Result<presence::Response, NetError>>,
+    },
+    RespondPresence {
+        channel: ResponseChannel<presence::Response>,
+        response: presence::Response,
     },
     Connected {
         peer: PeerId,
@@ -157,11 +232,110 @@ impl Handle {
         .await?
     }
 
+    /// Sends a `/kith/blob/1` request to `peer` (a relay or a node), dialing `addrs` if not
+    /// connected.
+    pub async fn blob(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: kith_protocol::blob::Request,
+    ) -> Result<kith_protocol::blob::Response, NetError> {
+        self.ask(|reply| Command::Blob {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound `/kith/blob/1` request.
+    pub async fn respond_blob(
+        &self,
+        channel: ResponseChannel<kith_protocol::blob::Response>,
+        response: kith_protocol::blob::Response,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::RespondBlob { channel, response })
+            .await;
+    }
+
     /// Answers an inbound `/kith/dm/1` request.
     pub async fn respond_dm(&self, channel: ResponseChannel<dm::Response>, response: dm::Response) {
         let _ = self
             .commands
             .send(Command::RespondDm { channel, response })
+            .await;
+    }
+
+    /// Sends a `/kith/presence/1` request to `peer` (a relay or a node), dialing `addrs` if not
+    /// connected.
+    pub async fn presence(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: presence::Request,
+    ) -> Result<presence::Response, NetError> {
+        self.ask(|reply| Command::Presence {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound `/kith/presence/1` request.
+    pub async fn respond_presence(
+        &self,
+        channel: ResponseChannel<presence::Response>,
+        response: presence::Response,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::RespondPresence { channel, response })
+            .await;
+    }
+
+    /// Sends a `/kith/group/1` request to a group's home relay.
+    pub async fn group(
+        &self,
+        relay: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: group_wire::Request,
+    ) -> Result<group_wire::Response, NetError> {
+        self.ask(|reply| Command::Group {
+            relay,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Subscribes to (or, with `subscribe: false`, leaves) a gossipsub topic.
+    pub async fn subscribe(&self, topic: String, subscribe: bool) {
+        let _ = self
+            .commands
+            .send(Command::Subscribe { topic, subscribe })
+            .await;
+    }
+
+    /// Reports whether a gossip message is valid (forwarded) or not (dropped).
+    pub async fn validate_gossip(
+        &self,
+        source: PeerId,
+        message_id: gossipsub::MessageId,
+        acceptance: gossipsub::MessageAcceptance,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::ValidateGossip {
+                source,
+                message_id,
+                acceptance,
+            })
             .await;
     }
 
@@ -189,6 +363,8 @@ pub struct Settings {
     pub relays: Vec<Multiaddr>,
     /// Whether to discover peers on the LAN with mDNS.
     pub mdns: bool,
+    /// gossipsub heartbeat interval (group topics' mesh upkeep).
+    pub gossip_heartbeat: Duration,
 }
 
 /// Why the network could not start.
@@ -232,6 +408,8 @@ pub(crate) async fn start(
         relays.insert(peer, addr.clone());
     }
     let mdns_enabled = settings.mdns;
+    let gossipsub =
+        crate::group::gossipsub(&key, settings.gossip_heartbeat).map_err(StartError::Transport)?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -273,6 +451,31 @@ pub(crate) async fn start(
                     kith_net::request_response_config(),
                 ),
                 mdns: Toggle::from(mdns),
+                gossipsub,
+                group: request_response::Behaviour::with_codec(
+                    GroupCodec::new(group_wire::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(group_wire::PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
+                    kith_net::request_response_config(),
+                ),
+                blob: request_response::Behaviour::with_codec(
+                    kith_net::BlobCodec::new(kith_protocol::blob::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(kith_protocol::blob::PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    kith_net::request_response_config(),
+                ),
+                presence: request_response::Behaviour::with_codec(
+                    PresenceCodec::new(presence::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(presence::PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    kith_net::request_response_config(),
+                ),
             }
         })
         .map_err(|e| StartError::Transport(e.to_string()))?
@@ -322,7 +525,10 @@ pub(crate) async fn start(
         circuits: HashSet::new(),
         pending_dm: HashMap::new(),
         pending_mailbox: HashMap::new(),
+        pending_presence: HashMap::new(),
         events: events_tx,
+        pending_group: HashMap::new(),
+        pending_blob: HashMap::new(),
     };
     let task = tokio::spawn(actor.run(commands_rx, shutdown));
     Ok((
@@ -343,7 +549,15 @@ struct Actor {
     pending_dm: HashMap<OutboundRequestId, oneshot::Sender<Result<dm::Response, NetError>>>,
     pending_mailbox:
         HashMap<OutboundRequestId, oneshot::Sender<Result<mailbox::Response, NetError>>>,
+    pending_presence:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<presence::Response, NetError>>>,
     events: mpsc::Sender<Event>,
+    pending_group:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<group_wire::Response, NetError>>>,
+    pending_blob: HashMap<
+        OutboundRequestId,
+        oneshot::Sender<Result<kith_protocol::blob::Response, NetError>>,
+    >,
 }
 
 impl Actor {
@@ -377,6 +591,33 @@ impl Actor {
 
     fn handle_command(&mut self, command: Command) {
         match command {
+            Command::Blob {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_request(&peer, Message::Valid(request));
+                self.pending_blob.insert(id, reply);
+            }
+            Command::RespondBlob { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("blob response not sent: the requester went away");
+                }
+            }
             Command::SendDm {
                 peer,
                 addrs,
@@ -425,8 +666,72 @@ impl Actor {
                     .collect();
                 let _ = reply.send(addrs);
             }
+            Command::Group {
+                relay,
+                addrs,
+                request,
+                reply,
+            } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(relay, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .group
+                    .send_request(&relay, Message::Valid(request));
+                self.pending_group.insert(id, reply);
+            }
+            Command::Subscribe { topic, subscribe } => {
+                let topic = gossipsub::IdentTopic::new(topic);
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                if subscribe {
+                    if let Err(e) = gossip.subscribe(&topic) {
+                        tracing::warn!(%topic, error = %e, "cannot subscribe to a group topic");
+                    }
+                } else {
+                    gossip.unsubscribe(&topic);
+                }
+            }
+            Command::ValidateGossip {
+                source,
+                message_id,
+                acceptance,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
             Command::Connected { peer, reply } => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
+            }
+            Command::Presence {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .presence
+                    .send_request(&peer, Message::Valid(request));
+                self.pending_presence.insert(id, reply);
+            }
+            Command::RespondPresence { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .presence
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("presence response not sent: the requester went away");
+                }
             }
         }
     }
@@ -434,7 +739,15 @@ impl Actor {
     async fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.handle_dm(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => self.handle_blob(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.handle_mailbox(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Group(event)) => self.handle_group(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => {
+                self.handle_gossip(event).await
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Presence(event)) => {
+                self.handle_presence(event).await
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     self.swarm.add_peer_address(peer, addr);
@@ -565,6 +878,57 @@ impl Actor {
     }
 }
 
+impl Actor {
+    async fn handle_presence(
+        &mut self,
+        event: request_response::Event<Message<presence::Request>, presence::Response>,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                emit(
+                    &self.events,
+                    Event::InboundPresence {
+                        peer,
+                        request,
+                        channel,
+                    },
+                )
+                .await;
+            }
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_presence.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_presence.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(error)));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound presence request failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+}
+
 async fn emit(events: &mpsc::Sender<Event>, event: Event) {
     if events.send(event).await.is_err() {
         tracing::debug!("event dropped: the engine has stopped");
@@ -597,4 +961,114 @@ pub fn circuit_addr(relay: &Multiaddr, peer: PeerId) -> Multiaddr {
         .clone()
         .with(Protocol::P2pCircuit)
         .with(Protocol::P2p(peer))
+}
+
+impl Actor {
+    fn handle_group(
+        &mut self,
+        event: request_response::Event<Message<group_wire::Request>, group_wire::Response>,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_group.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_group.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(error)));
+                }
+            }
+            E::Message { peer, .. } => {
+                tracing::warn!(%peer, "unexpected inbound group request (nodes only ask)");
+            }
+            E::InboundFailure { .. } | E::ResponseSent { .. } => {}
+        }
+    }
+
+    async fn handle_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let event = Event::Gossip {
+                    source: propagation_source,
+                    message_id,
+                    topic: message.topic.into_string(),
+                    data: message.data,
+                };
+                emit(&self.events, event).await;
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                tracing::debug!(peer = %peer_id, %topic, "peer subscribed");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Actor {
+    async fn handle_blob(
+        &mut self,
+        event: request_response::Event<
+            Message<kith_protocol::blob::Request>,
+            kith_protocol::blob::Response,
+        >,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                emit(
+                    &self.events,
+                    Event::InboundBlob {
+                        peer,
+                        request,
+                        channel,
+                    },
+                )
+                .await;
+            }
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_blob.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_blob.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(error)));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound blob request failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
 }

@@ -12,13 +12,22 @@
 //! | `l/` | peer | the conversation's Lamport clock (`u64`) |
 //! | `o/` | message id | [`OutboxEntry`]: envelopes waiting for delivery |
 //! | `k/` | contact name | [`Contact`] |
+//! | `G/` | group id | the group's [`State`](kith_protocol::group::State) as last validated |
+//! | `gc/` | group id, lamport, from, message id | empty: a group conversation in display order |
+//! | `gm/` | message id | group id: the message belongs to a group conversation |
+//! | `gs/` | message id | per-member states of an outgoing group message |
+//! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
+//! | `a/` | message id | the message's attachment record ([`crate::media`]) |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
 //! interleave.
 
 use std::path::Path;
 
-use kith_protocol::{cbor, Envelope, MessageId, MessageState, PeerId};
+use std::collections::BTreeMap;
+
+use kith_protocol::group::State as GroupState;
+use kith_protocol::{cbor, Envelope, GroupId, MessageId, MessageState, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -149,6 +158,12 @@ fn id_key(id: &MessageId) -> Vec<u8> {
     key
 }
 
+fn attachment_key(id: &MessageId) -> Vec<u8> {
+    let mut key = b"a/".to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Store values are plain structs well under the limit; encoding cannot fail for them.
     cbor::encode(value, MAX_VALUE_BYTES).unwrap_or_default()
@@ -212,6 +227,11 @@ impl Batch {
     /// Removes an outbox entry.
     pub fn remove_outbox(&mut self, id: &MessageId) {
         self.remove(outbox_key(id));
+    }
+
+    /// Stores (or replaces) the attachment record of message `id` (see [`crate::media`]).
+    pub fn put_attachment<T: Serialize>(&mut self, id: &MessageId, record: &T) {
+        self.insert(attachment_key(id), encode(record));
     }
 
     /// Stores a contact.
@@ -316,6 +336,30 @@ impl Store {
     ) -> Result<Option<StoredMessage>, StoreError> {
         let key = message_key(from, id);
         self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// The attachment record of message `id`, if it has one.
+    pub fn attachment<T: serde::de::DeserializeOwned>(
+        &self,
+        id: &MessageId,
+    ) -> Result<Option<T>, StoreError> {
+        let key = attachment_key(id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Every attachment record, by message id.
+    pub fn attachments<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(MessageId, T)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(b"a/") {
+            let (key, value) = entry?;
+            let Some(id) = key.get(2..).and_then(|b| MessageId::from_slice(b)) else {
+                continue;
+            };
+            out.push((id, decode(&key, &value)?));
+        }
+        Ok(out)
     }
 
     /// One of this node's outgoing messages by id.
@@ -425,6 +469,175 @@ impl Store {
                 decode(&key, &value)
             })
             .collect()
+    }
+}
+
+fn group_key(prefix: &[u8], group: &GroupId) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(group.as_bytes());
+    key
+}
+
+fn group_conversation_key(group: &GroupId, lamport: u64, from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = group_key(b"gc/", group);
+    key.extend_from_slice(&lamport.to_be_bytes());
+    let from = from.to_bytes();
+    key.push(from.len() as u8);
+    key.extend_from_slice(&from);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn id_prefixed(prefix: &[u8], id: &MessageId) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// Per-member states of an outgoing group message.
+pub type MemberStates = BTreeMap<PeerId, MessageState>;
+
+fn encode_members(states: &MemberStates) -> Vec<u8> {
+    let list: Vec<(serde_bytes::ByteBuf, MessageState)> = states
+        .iter()
+        .map(|(p, s)| (serde_bytes::ByteBuf::from(p.to_bytes()), *s))
+        .collect();
+    encode(&list)
+}
+
+fn decode_members(key: &[u8], bytes: &[u8]) -> Result<MemberStates, StoreError> {
+    let list: Vec<(serde_bytes::ByteBuf, MessageState)> = decode(key, bytes)?;
+    Ok(list
+        .into_iter()
+        .filter_map(|(p, s)| Some((PeerId::from_bytes(&p).ok()?, s)))
+        .collect())
+}
+
+/// Group conversations and membership (see the key layout above).
+impl Batch {
+    /// Stores a group's validated state.
+    pub fn put_group(&mut self, state: &GroupState) {
+        self.insert(group_key(b"G/", &state.group), encode(state));
+    }
+
+    /// Stores a message of a group conversation (instead of [`Batch::put_message`]).
+    pub fn put_group_message(&mut self, msg: &StoredMessage, group: &GroupId) {
+        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        self.insert(
+            group_conversation_key(group, msg.lamport, &msg.from, &msg.id),
+            Vec::new(),
+        );
+        self.insert(id_prefixed(b"gm/", &msg.id), group.as_bytes().to_vec());
+        if msg.direction == Direction::Out {
+            self.insert(id_key(&msg.id), msg.from.to_bytes());
+        }
+    }
+
+    /// Raises a group conversation's Lamport clock.
+    pub fn set_group_lamport(&mut self, group: &GroupId, lamport: u64) {
+        self.insert(group_key(b"gl/", group), lamport.to_be_bytes().to_vec());
+    }
+
+    /// Sets the per-member states of an outgoing group message.
+    pub fn put_member_states(&mut self, id: &MessageId, states: &MemberStates) {
+        self.insert(id_prefixed(b"gs/", id), encode_members(states));
+    }
+}
+
+impl Store {
+    /// Every group this node knows, members or not.
+    pub fn groups(&self) -> Result<Vec<GroupState>, StoreError> {
+        self.tree
+            .scan_prefix(b"G/")
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// A group conversation's messages in display order (oldest first).
+    pub fn group_conversation(&self, group: &GroupId) -> Result<Vec<StoredMessage>, StoreError> {
+        let prefix = group_key(b"gc/", group);
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let rest = &key[prefix.len()..];
+            let parsed = rest.get(8).and_then(|&len| {
+                let from = rest.get(9..9 + len as usize)?;
+                let id = rest.get(9 + len as usize..)?;
+                Some((PeerId::from_bytes(from).ok()?, MessageId::from_slice(id)?))
+            });
+            let Some((from, id)) = parsed else {
+                return Err(StoreError::Damaged {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "group conversation key does not parse".into(),
+                });
+            };
+            if let Some(msg) = self.message(&from, &id)? {
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The group a message belongs to, if it belongs to one.
+    pub fn message_group(&self, id: &MessageId) -> Result<Option<GroupId>, StoreError> {
+        Ok(self
+            .tree
+            .get(id_prefixed(b"gm/", id))?
+            .and_then(|v| GroupId::from_slice(&v)))
+    }
+
+    /// A group conversation's Lamport clock (0 when it is new).
+    pub fn group_lamport(&self, group: &GroupId) -> Result<u64, StoreError> {
+        Ok(self
+            .tree
+            .get(group_key(b"gl/", group))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// The per-member states of an outgoing group message.
+    pub fn member_states(&self, id: &MessageId) -> Result<MemberStates, StoreError> {
+        let key = id_prefixed(b"gs/", id);
+        match self.tree.get(&key)? {
+            Some(v) => decode_members(&key, &v),
+            None => Ok(MemberStates::new()),
+        }
+    }
+
+    /// Moves members' states forward (never back) atomically; `None` for a member means every
+    /// member. Returns the new states if anything changed.
+    pub fn advance_members(
+        &self,
+        id: &MessageId,
+        member: Option<&PeerId>,
+        to: MessageState,
+    ) -> Result<Option<MemberStates>, StoreError> {
+        let key = id_prefixed(b"gs/", id);
+        let mut changed = None;
+        self.tree.fetch_and_update(&key, |old| {
+            let old = old?;
+            let Ok(mut states) = decode_members(&key, old) else {
+                return Some(old.to_vec());
+            };
+            let mut moved = false;
+            for (peer, state) in states.iter_mut() {
+                if member.is_none_or(|m| m == peer) && *state < to {
+                    *state = to;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return Some(old.to_vec());
+            }
+            let bytes = encode_members(&states);
+            changed = Some(states);
+            Some(bytes)
+        })?;
+        Ok(changed)
     }
 }
 

@@ -50,6 +50,11 @@ pub enum Body {
         /// The messages it covers, at most [`MAX_IDS_PER_BATCH`].
         ids: Vec<MessageId>,
     },
+    /// A signed group membership operation (see [`crate::group`]), addressed to the group.
+    GroupOp(crate::group::Op),
+    /// A shared file: where its encrypted chunks are and the key to open them
+    /// (see [`crate::blob`]).
+    File(crate::blob::FileRef),
 }
 
 impl Body {
@@ -63,6 +68,10 @@ impl Body {
             Body::Receipt { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
                 Err(BodyError::BadReceipt { count: ids.len() })
             }
+            Body::GroupOp(op) => crate::group::validate_body(op),
+            Body::File(file) => file
+                .validate()
+                .map_err(|e| BodyError::BadFile(e.to_string())),
             _ => Ok(()),
         }
     }
@@ -85,6 +94,12 @@ pub enum BodyError {
         /// How many it named.
         count: usize,
     },
+    /// A group operation breaks its own limits.
+    #[error("bad group operation: {0}")]
+    BadGroupOp(String),
+    /// A file reference breaks its own limits.
+    #[error("bad file reference: {0}")]
+    BadFile(String),
     /// The body bytes do not decode.
     #[error("body does not decode: {0}")]
     Decode(#[from] DecodeError),

@@ -14,14 +14,17 @@
 //!    never needs to decode the body, which will later be end-to-end encrypted.
 #![deny(missing_docs)]
 
+pub mod blob;
 pub mod cbor;
 pub mod dm;
 pub mod envelope;
 pub mod frame;
+pub mod group;
 pub mod ids;
 pub mod invite;
 pub mod limits;
 pub mod mailbox;
+pub mod presence;
 pub mod reject;
 pub mod retry;
 pub mod state;

@@ -29,6 +29,10 @@ pub enum Request {
         req_id: u64,
         /// The envelope, addressed to a peer.
         envelope: Envelope,
+        /// The sender's hint of what the envelope is, since the relay cannot read bodies. A
+        /// relay under load sheds receipts before messages; absent on the wire means `Message`.
+        #[serde(default)]
+        class: DepositClass,
     },
     /// Return up to `limit` envelopes of the caller's own mailbox with a sequence number above
     /// `after` (or from the start).
@@ -47,6 +51,19 @@ pub enum Request {
         /// Sequence numbers from earlier fetches.
         seqs: Vec<u64>,
     },
+}
+
+/// What a deposited envelope carries, as its sender declares it.
+///
+/// Lying buys nothing: a receipt declared `Message` is treated as a message (which a real
+/// message could have been anyway), and a message declared `Receipt` only gets shed sooner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DepositClass {
+    /// A chat message (or anything that is not a receipt): shed last.
+    #[default]
+    Message,
+    /// A delivery or read receipt: shed before messages, retried by its sender.
+    Receipt,
 }
 
 impl Request {
@@ -112,5 +129,48 @@ impl Response {
             | Response::Acked { req_id, .. }
             | Response::Rejected { req_id, .. } => *req_id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cbor;
+
+    /// A deposit from a node that predates the class hint decodes as a message.
+    #[test]
+    fn a_deposit_without_a_class_is_a_message() {
+        #[derive(Serialize)]
+        enum OldRequest {
+            Deposit { req_id: u64, envelope: Envelope },
+        }
+        let key = libp2p_identity::Keypair::generate_ed25519();
+        let to = key.public().to_peer_id();
+        let envelope = Envelope::seal(
+            &key,
+            crate::envelope::Header {
+                id: crate::MessageId::random(),
+                to: crate::Destination::Peer(to),
+                sent_at_ms: 1,
+                lamport: 1,
+                expires_at_ms: None,
+            },
+            &crate::Body::Chat { text: "hi".into() },
+        )
+        .expect("seals");
+        let old = OldRequest::Deposit {
+            req_id: 3,
+            envelope: envelope.clone(),
+        };
+        let bytes = cbor::encode(&old, MAX_FRAME_BYTES).expect("encodes");
+        let new: Request = cbor::decode(&bytes, MAX_FRAME_BYTES).expect("decodes");
+        assert_eq!(
+            new,
+            Request::Deposit {
+                req_id: 3,
+                envelope,
+                class: DepositClass::Message
+            }
+        );
     }
 }

@@ -90,8 +90,17 @@ fn arb_dm_response() -> impl Strategy<Value = dm::Response> {
 
 fn arb_mailbox_request() -> impl Strategy<Value = mailbox::Request> {
     prop_oneof![
-        (any::<u64>(), arb_envelope())
-            .prop_map(|(req_id, envelope)| mailbox::Request::Deposit { req_id, envelope }),
+        (any::<u64>(), arb_envelope(), any::<bool>()).prop_map(|(req_id, envelope, receipt)| {
+            mailbox::Request::Deposit {
+                req_id,
+                envelope,
+                class: if receipt {
+                    mailbox::DepositClass::Receipt
+                } else {
+                    mailbox::DepositClass::Message
+                },
+            }
+        }),
         (any::<u64>(), any::<Option<u64>>(), any::<u32>()).prop_map(|(req_id, after, limit)| {
             mailbox::Request::Fetch {
                 req_id,

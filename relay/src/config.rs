@@ -71,6 +71,39 @@ pub struct Config {
     /// Mailbox: most pushes awaiting an answer; beyond that envelopes wait for a fetch.
     pub max_pending_pushes: usize,
 
+    /// Presence: longest silence after a node's heartbeat before it shows offline (a node may
+    /// ask for less).
+    pub presence_offline_after_ms: u64,
+    /// Presence: most peers whose online state and last seen are remembered (in memory).
+    pub presence_max_tracked_peers: usize,
+
+    /// Load shedding: refuse low-priority work with `Busy` under load (presence first, then
+    /// receipts, then group operations; never messages). See `shed.rs`.
+    pub shed_enabled: bool,
+    /// Load shedding: requests in flight that count as full load; 0 turns this limit off.
+    pub shed_max_in_flight_requests: usize,
+    /// Load shedding: store flush duration that counts as full load; 0 turns this limit off.
+    pub shed_max_flush_latency_ms: u64,
+
+    /// Groups: most members of a group hosted here (the 201st add is refused).
+    pub max_group_members: usize,
+    /// Groups: gossipsub heartbeat interval (mesh upkeep); tests shorten it.
+    pub gossip_heartbeat_interval_ms: u64,
+    /// Groups: most gossipsub topics one peer may subscribe to (libp2p's default filter allows
+    /// 100, fewer than a member of many groups needs).
+    pub max_gossip_topics_per_peer: usize,
+    /// Groups: requests queued for the group service before new ones are answered `Busy`.
+    pub max_pending_group_requests: usize,
+
+    /// Files: largest file whose chunks this relay accepts, in bytes (checked by `Begin`).
+    pub blob_max_file_bytes: u64,
+    /// Files: most bytes of encrypted chunks one uploader may have stored here at once.
+    pub blob_quota_bytes_per_peer: u64,
+    /// Files: how long a stored chunk is kept, in seconds.
+    pub blob_ttl_secs: u64,
+    /// Files: `/kith/blob/1` requests in progress before new ones are answered `Busy`.
+    pub max_pending_blob_requests: usize,
+
     /// The clock the mailbox reads; tests inject one they can advance.
     #[serde(skip)]
     pub clock: Clock,
@@ -104,6 +137,19 @@ impl Default for Config {
             busy_retry_after_ms: 1_000,
             push_to_connected: true,
             max_pending_pushes: 4_096,
+            presence_offline_after_ms: 30_000,
+            presence_max_tracked_peers: 100_000,
+            shed_enabled: true,
+            shed_max_in_flight_requests: 1_024,
+            shed_max_flush_latency_ms: 250,
+            max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,
+            gossip_heartbeat_interval_ms: 1_000,
+            max_gossip_topics_per_peer: 10_000,
+            max_pending_group_requests: 1_024,
+            blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
+            blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
+            blob_ttl_secs: 7 * 24 * 3600,
+            max_pending_blob_requests: 256,
             clock: Clock::system(),
         }
     }
@@ -185,6 +231,12 @@ impl Config {
         if self.mailbox_ttl_secs == 0 {
             return invalid("mailbox_ttl_secs", "must be above 0");
         }
+        if self.blob_ttl_secs == 0 {
+            return invalid("blob_ttl_secs", "must be above 0");
+        }
+        if self.max_pending_blob_requests == 0 {
+            return invalid("max_pending_blob_requests", "must be above 0");
+        }
         if self.purge_interval_secs == 0 {
             return invalid("purge_interval_secs", "must be above 0");
         }
@@ -197,8 +249,23 @@ impl Config {
                 "rate and burst must be above 0",
             );
         }
+        if self.presence_offline_after_ms == 0 {
+            return invalid("presence_offline_after_ms", "must be above 0");
+        }
         if self.max_pending_mailbox_requests == 0 {
             return invalid("max_pending_mailbox_requests", "must be above 0");
+        }
+        if self.max_group_members == 0 {
+            return invalid("max_group_members", "must be above 0");
+        }
+        if self.max_pending_group_requests == 0 {
+            return invalid("max_pending_group_requests", "must be above 0");
+        }
+        if crate::group::gossip_config(self).is_err() {
+            return invalid(
+                "gossip_heartbeat_interval_ms",
+                "gossipsub refuses these settings (the interval must be above 0)",
+            );
         }
         Ok(())
     }

@@ -14,6 +14,12 @@
 //! - [`identity`] and [`state_file`]: `<data>/identity.key` and `<data>/relay.json`.
 //! - [`swarm`]: the libp2p behaviour and the task that owns the swarm.
 //! - [`mailbox`]: the sled store, the service task that owns it, and the group-commit flusher.
+//! - [`presence`]: online / last seen from heartbeats, with each user's visibility enforced.
+//! - [`shed`]: graceful degradation, which work a loaded relay refuses first.
+//! - [`group`]: hosted groups: membership chains (`/kith/group/1`), server-side fan-out of group
+//!   messages into members' mailboxes, and their gossipsub topics.
+//! - [`blob`]: encrypted file chunks (`/kith/blob/1`) held for offline recipients, with quota
+//!   and TTL.
 //! - [`metrics`]: Prometheus metrics and the `GET /metrics` endpoint.
 //!
 //! Tasks: the swarm task, the mailbox service, the flusher and (optionally) the metrics server,
@@ -27,11 +33,15 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod blob;
 pub mod clock;
 pub mod config;
+pub mod group;
 pub mod identity;
 pub mod mailbox;
 pub mod metrics;
+pub mod presence;
+pub mod shed;
 pub mod state_file;
 pub mod swarm;
 mod task;
@@ -70,6 +80,12 @@ pub enum StartError {
     /// The swarm could not be built.
     #[error(transparent)]
     Swarm(#[from] swarm::BuildError),
+    /// The blob store could not be opened.
+    #[error(transparent)]
+    Blobs(#[from] blob::store::StoreError),
+    /// The group store could not be opened.
+    #[error(transparent)]
+    Groups(#[from] group::store::StoreError),
     /// A listener did not come up.
     #[error(transparent)]
     Listen(#[from] swarm::ListenError),
@@ -129,6 +145,7 @@ pub struct Running {
     swarm_task: Owned<()>,
     service_task: Owned<Result<(), sled::Error>>,
     flusher_task: Owned<()>,
+    group_task: Owned<()>,
     metrics_task: Option<(oneshot::Sender<()>, Owned<std::io::Result<()>>)>,
 }
 
@@ -176,6 +193,52 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (flush_tx, flush_rx) = mpsc::channel(flusher::CHANNEL_CAPACITY);
     let flusher_task = Owned::spawn(flusher::run(store.db().clone(), flush_rx, metrics.clone()));
     let (mailbox, requests) = service::channel(config.max_pending_mailbox_requests);
+    let (group_store, hosted) = group::store::Store::open(store.db())?;
+    let blobs = blob::Server::new(
+        blob::store::Store::open(
+            &data_dir,
+            store.db(),
+            blob::store::Limits {
+                quota_bytes_per_peer: config.blob_quota_bytes_per_peer,
+                ttl_ms: config.blob_ttl_secs.saturating_mul(1_000),
+            },
+        )?,
+        blob::Settings {
+            max_file_bytes: config.blob_max_file_bytes,
+            max_pending: config.max_pending_blob_requests,
+            busy_retry_after_ms: config.busy_retry_after_ms,
+            purge_interval: Duration::from_secs(config.purge_interval_secs),
+            clock: config.clock.clone(),
+        },
+        metrics.clone(),
+    );
+    let directory = group::Directory::default();
+    for state in hosted.into_values() {
+        directory.insert(state);
+    }
+    let (groups, group_requests) = group::service::channel(config.max_pending_group_requests);
+    let group_task = Owned::spawn(group::service::run(
+        group_store,
+        directory.clone(),
+        group::service::Settings {
+            limits: kith_protocol::group::Limits {
+                max_members: config.max_group_members,
+            },
+            relay: peer_id,
+        },
+        group_requests,
+        metrics.clone(),
+    ));
+    let gateway = group::gateway::Gateway::new(
+        groups,
+        directory,
+        mailbox.clone(),
+        metrics.clone(),
+        group::gateway::Settings {
+            busy_retry_after_ms: config.busy_retry_after_ms,
+            clock: config.clock.clone(),
+        },
+    );
     let service_task = Owned::spawn(service::run(
         store,
         service::Settings {
@@ -199,9 +262,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             push_to_connected: config.push_to_connected,
             max_pending_pushes: config.max_pending_pushes,
             busy_retry_after_ms: config.busy_retry_after_ms,
+            shed: shed::Policy {
+                enabled: config.shed_enabled,
+                max_in_flight: config.shed_max_in_flight_requests,
+                max_flush_latency_ms: config.shed_max_flush_latency_ms,
+            },
+            presence: presence::Settings {
+                offline_after_ms: config.presence_offline_after_ms,
+                max_tracked_peers: config.presence_max_tracked_peers,
+                clock: config.clock.clone(),
+            },
         },
     );
-    let swarm_task = Owned::spawn(task.run(swarm_stopped));
+    let swarm_task = Owned::spawn(
+        task.with_groups(gateway)
+            .with_blobs(blobs)
+            .run(swarm_stopped),
+    );
     let (metrics_addr, metrics_task) = match metrics_server {
         Some((local, stop, server)) => (Some(local), Some((stop, Owned::spawn(server)))),
         None => (None, None),
@@ -218,6 +295,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         swarm_task,
         service_task,
         flusher_task,
+        group_task,
         metrics_task,
     })
 }
@@ -233,12 +311,18 @@ impl Running {
             swarm_task,
             service_task,
             flusher_task,
+            group_task,
             metrics_task,
             ..
         } = self;
         let task_failed = |task| move |source| ShutdownError::Task { task, source };
         let _ = stop_swarm.send(());
         swarm_task.join().await.map_err(task_failed("swarm"))?;
+        // The gateway's handle went with the swarm task: the group service ends.
+        group_task
+            .join()
+            .await
+            .map_err(task_failed("group service"))?;
         // The swarm task's handle is gone with it; dropping ours ends the service.
         drop(mailbox);
         service_task

@@ -27,6 +27,13 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// The label of the sheds family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// The priority class: `message`, `group`, `receipt` or `presence`.
+    pub class: String,
+}
+
 /// Every metric the relay exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -55,6 +62,16 @@ pub struct Metrics {
     pub rejects: Family<RejectLabels, Counter>,
     /// Seconds one group-commit flush took.
     pub flush_seconds: Histogram,
+    /// Requests refused `Busy` by load shedding, by priority class.
+    pub sheds: Family<ShedLabels, Counter>,
+    /// Presence heartbeats taken.
+    pub presence_heartbeats: Counter,
+    /// Presence heartbeats that carried a (new) visibility policy.
+    pub presence_policies: Counter,
+    /// Presence queries answered.
+    pub presence_queries: Counter,
+    /// The duration of the latest flush, read by load shedding (not exported).
+    pub last_flush: crate::shed::FlushGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +102,25 @@ impl Metrics {
         let purged = Counter::default();
         let rejects = Family::<RejectLabels, Counter>::default();
         let flush_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        let sheds = Family::<ShedLabels, Counter>::default();
+        let presence_heartbeats = Counter::default();
+        let presence_policies = Counter::default();
+        let presence_queries = Counter::default();
+        registry.register(
+            "presence_heartbeats",
+            "Presence heartbeats taken",
+            presence_heartbeats.clone(),
+        );
+        registry.register(
+            "presence_policies",
+            "Presence heartbeats that carried a visibility policy",
+            presence_policies.clone(),
+        );
+        registry.register(
+            "presence_queries",
+            "Presence queries answered",
+            presence_queries.clone(),
+        );
         registry.register("connections", "Open connections", connections.clone());
         registry.register(
             "reservations",
@@ -121,6 +157,11 @@ impl Metrics {
             "Duration of one group-commit flush",
             flush_seconds.clone(),
         );
+        registry.register(
+            "sheds",
+            "Requests refused Busy by load shedding, by priority class",
+            sheds.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             connections,
@@ -135,7 +176,30 @@ impl Metrics {
             purged,
             rejects,
             flush_seconds,
+            sheds,
+            presence_heartbeats,
+            presence_policies,
+            presence_queries,
+            last_flush: crate::shed::FlushGauge::default(),
         }
+    }
+
+    /// Counts one request shed in `class` (also counted as a `busy` reject).
+    pub fn shed(&self, class: crate::shed::Class) {
+        self.sheds
+            .get_or_create(&ShedLabels {
+                class: class.label().to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many requests of `class` were shed so far.
+    pub fn shed_count(&self, class: crate::shed::Class) -> u64 {
+        self.sheds
+            .get_or_create(&ShedLabels {
+                class: class.label().to_owned(),
+            })
+            .get()
     }
 
     /// Counts one reject.
@@ -228,9 +292,11 @@ mod tests {
         let metrics = Metrics::new();
         metrics.reject(&Reject::QuotaExceeded);
         metrics.flush_seconds.observe(0.002);
+        metrics.shed(crate::shed::Class::Presence);
         let text = metrics.encode();
         assert!(text.contains("kith_relay_rejects_total{reason=\"quota_exceeded\"} 1"));
         assert!(text.contains("kith_relay_flush_seconds_bucket"));
         assert!(text.contains("kith_relay_mailbox_messages 0"));
+        assert!(text.contains("kith_relay_sheds_total{class=\"presence\"} 1"));
     }
 }

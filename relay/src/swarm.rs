@@ -1,8 +1,9 @@
 //! The relay's libp2p swarm and the task that owns it.
 //!
 //! The [`Behaviour`] combines the circuit relay v2 server (the gateway for nodes behind NAT),
-//! identify, ping, the autonat v1 server, the `/kith/mailbox/1` server and a `/kith/dm/1`
-//! client used to push deposits to connected recipients.
+//! identify, ping, the autonat v1 server, the `/kith/mailbox/1` server, a `/kith/dm/1`
+//! client used to push deposits to connected recipients, and the `/kith/presence/1` server
+//! ([`crate::presence`]). Low-priority requests are shed with `Busy` under load ([`crate::shed`]).
 //!
 //! The swarm task never waits on the store: a mailbox request goes to the
 //! [mailbox service](crate::mailbox::service) together with a oneshot; the libp2p response
@@ -19,8 +20,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use kith_net::codec::Message;
-use kith_net::{DmCodec, MailboxCodec};
-use kith_protocol::{dm, mailbox, Reject};
+use kith_net::{DmCodec, MailboxCodec, PresenceCodec};
+use kith_protocol::{dm, mailbox, presence as presence_wire, Reject};
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -32,9 +33,14 @@ use libp2p::{
 use tokio::sync::oneshot;
 
 use crate::config::Config;
+use crate::group::gateway::{Done as GroupDone, Gateway as GroupGateway};
 use crate::mailbox::service::{self, Outcome, Push};
 use crate::metrics::Metrics;
+use crate::presence;
+use crate::shed;
 use crate::state_file;
+use kith_net::GroupCodec;
+use kith_protocol::group as group_wire;
 
 /// The identify protocol version kith peers announce.
 pub const IDENTIFY_PROTOCOL: &str = "/kith/1.0.0";
@@ -54,6 +60,14 @@ pub struct Behaviour {
     pub mailbox: request_response::Behaviour<MailboxCodec>,
     /// `/kith/dm/1`, outbound pushes only.
     pub dm: request_response::Behaviour<DmCodec>,
+    /// `/kith/presence/1`, inbound: heartbeats, goodbyes, queries.
+    pub presence: request_response::Behaviour<PresenceCodec>,
+    /// Group messages to online members, on `kith/g/<group id>` ([`crate::group`]).
+    pub gossipsub: crate::group::Gossipsub,
+    /// `/kith/group/1`, inbound: membership operations, chains, message uploads.
+    pub group: request_response::Behaviour<GroupCodec>,
+    /// `/kith/blob/1`, inbound: encrypted file chunks ([`crate::blob`]).
+    pub blob: request_response::Behaviour<kith_net::BlobCodec>,
 }
 
 fn relay_config(config: &Config) -> relay::Config {
@@ -87,9 +101,27 @@ fn relay_config(config: &Config) -> relay::Config {
 
 impl Behaviour {
     /// The relay's behaviour for `key`, with the limits in `config`.
-    pub fn new(key: &identity::Keypair, config: &Config) -> Self {
+    pub fn new(key: &identity::Keypair, config: &Config) -> Result<Self, BuildError> {
         let peer_id = key.public().to_peer_id();
-        Self {
+        let gossipsub = crate::group::gossipsub(key, config).map_err(BuildError::Gossipsub)?;
+        Ok(Self {
+            blob: request_response::Behaviour::with_codec(
+                kith_net::BlobCodec::new(kith_protocol::blob::MAX_FRAME_BYTES),
+                [(
+                    StreamProtocol::new(kith_protocol::blob::PROTOCOL),
+                    ProtocolSupport::Inbound,
+                )],
+                kith_net::request_response_config(),
+            ),
+            gossipsub,
+            group: request_response::Behaviour::with_codec(
+                GroupCodec::new(group_wire::MAX_FRAME_BYTES),
+                [(
+                    StreamProtocol::new(group_wire::PROTOCOL),
+                    ProtocolSupport::Inbound,
+                )],
+                kith_net::request_response_config(),
+            ),
             relay: relay::Behaviour::new(peer_id, relay_config(config)),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -119,7 +151,15 @@ impl Behaviour {
                 [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound)],
                 kith_net::request_response_config(),
             ),
-        }
+            presence: request_response::Behaviour::with_codec(
+                PresenceCodec::new(presence_wire::MAX_FRAME_BYTES),
+                [(
+                    StreamProtocol::new(presence_wire::PROTOCOL),
+                    ProtocolSupport::Inbound,
+                )],
+                kith_net::request_response_config(),
+            ),
+        })
     }
 }
 
@@ -132,6 +172,9 @@ pub enum BuildError {
     /// DNS resolution could not be set up (no system resolver configuration).
     #[error("dns setup failed: {0}")]
     Dns(#[from] std::io::Error),
+    /// gossipsub refused its configuration.
+    #[error("gossipsub setup failed: {0}")]
+    Gossipsub(String),
 }
 
 /// Builds the swarm: TCP (noise, yamux), QUIC and DNS, with a long idle timeout.
@@ -146,8 +189,11 @@ pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behavi
         )?
         .with_quic()
         .with_dns()?
-        .with_behaviour(|key| Behaviour::new(key, config))
-        .unwrap_or_else(|never| match never {})
+        .with_behaviour(|key| {
+            Behaviour::new(key, config)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| BuildError::Gossipsub(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
     Ok(swarm)
@@ -293,6 +339,10 @@ pub struct TaskSettings {
     pub max_pending_pushes: usize,
     /// The delay a `Busy` answer asks for.
     pub busy_retry_after_ms: u64,
+    /// Which work to shed under load.
+    pub shed: shed::Policy,
+    /// The presence service's settings.
+    pub presence: presence::Settings,
 }
 
 /// The task that owns the swarm.
@@ -304,6 +354,9 @@ pub struct Task {
     pending: FuturesUnordered<Pending>,
     pushes: HashMap<OutboundRequestId, (PeerId, u64)>,
     listen_addrs: Vec<Multiaddr>,
+    presence: presence::Service,
+    groups: Option<GroupGateway>,
+    blobs: Option<crate::blob::Server>,
 }
 
 impl Task {
@@ -316,6 +369,7 @@ impl Task {
         settings: TaskSettings,
     ) -> Self {
         Self {
+            presence: presence::Service::new(settings.presence.clone(), metrics.clone()),
             swarm,
             mailbox,
             metrics,
@@ -323,7 +377,22 @@ impl Task {
             pending: FuturesUnordered::new(),
             pushes: HashMap::new(),
             listen_addrs,
+            groups: None,
+            blobs: None,
         }
+    }
+
+    /// Serves `/kith/group/1` and the group topics through `gateway`.
+    pub fn with_groups(mut self, gateway: GroupGateway) -> Self {
+        gateway.subscribe_hosted(&mut self.swarm);
+        self.groups = Some(gateway);
+        self
+    }
+
+    /// Serves `/kith/blob/1` through `server`.
+    pub fn with_blobs(mut self, server: crate::blob::Server) -> Self {
+        self.blobs = Some(server);
+        self
     }
 
     /// Runs until `shutdown` fires (or its sender is dropped).
@@ -336,10 +405,71 @@ impl Task {
                     if !self.pending.is_empty() => {
                     self.answer(peer, req_id, channel, outcome);
                 }
+                done = next_group(&mut self.groups) => self.on_group_done(done),
+                Some(done) = next_blob(&mut self.blobs) => {
+                    if let Some(blobs) = self.blobs.as_mut() {
+                        blobs.finish(&mut self.swarm, done);
+                    }
+                }
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
         }
         tracing::info!("swarm stopped");
+    }
+
+    fn on_group_done(&mut self, done: GroupDone) {
+        let Some(groups) = self.groups.as_mut() else {
+            return;
+        };
+        for push in groups.finish(&mut self.swarm, done) {
+            self.push(push);
+        }
+    }
+
+    fn on_group(
+        &mut self,
+        event: request_response::Event<Message<group_wire::Request>, group_wire::Response>,
+    ) {
+        let request_response::Event::Message {
+            peer,
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
+            ..
+        } = event
+        else {
+            return;
+        };
+        let (class, req_id) = match &request {
+            Message::Valid(r @ group_wire::Request::Post { .. }) => {
+                (shed::Class::Message, r.req_id())
+            }
+            Message::Valid(r) => (shed::Class::Group, r.req_id()),
+            _ => (shed::Class::Group, 0),
+        };
+        let shed = self.shed(class);
+        let refused = match (self.groups.as_mut(), shed) {
+            (Some(_), Some(busy)) => Some(busy),
+            (Some(groups), None) => {
+                groups.on_request(&mut self.swarm, peer, request, channel);
+                return;
+            }
+            (None, _) => Some(Reject::Malformed),
+        };
+        if let Some(reason) = refused {
+            self.metrics.reject(&reason);
+            let response = group_wire::Response::Rejected { req_id, reason };
+            if self
+                .swarm
+                .behaviour_mut()
+                .group
+                .send_response(channel, response)
+                .is_err()
+            {
+                tracing::debug!(%peer, "group requester went away before its answer");
+            }
+        }
     }
 
     fn write_state(&self) {
@@ -443,6 +573,17 @@ impl Task {
             } => match request {
                 Message::Valid(request) => {
                     let req_id = request.req_id();
+                    let class = match &request {
+                        mailbox::Request::Deposit {
+                            class: mailbox::DepositClass::Receipt,
+                            ..
+                        } => shed::Class::Receipt,
+                        _ => shed::Class::Message,
+                    };
+                    if let Some(reason) = self.shed(class) {
+                        self.respond_now(peer, channel, req_id, reason);
+                        return;
+                    }
                     match self.mailbox.try_request(peer, request) {
                         Ok(rx) => self.pending.push(Box::pin(async move {
                             (peer, req_id, channel, rx.await.ok())
@@ -467,6 +608,70 @@ impl Task {
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "mailbox inbound failure");
+            }
+            _ => {}
+        }
+    }
+
+    /// `Some(Busy)` when work of `class` is to be shed now (and counts it), else `None`.
+    fn shed(&self, class: shed::Class) -> Option<Reject> {
+        let load = shed::Load {
+            in_flight: self.pending.len(),
+            flush_latency_us: self.metrics.last_flush.latest_us(),
+        };
+        if self.settings.shed.admits(class, load) {
+            return None;
+        }
+        tracing::debug!(class = class.label(), ?load, "shedding");
+        self.metrics.shed(class);
+        Some(Reject::Busy {
+            retry_after_ms: self.settings.busy_retry_after_ms,
+        })
+    }
+
+    fn on_presence(
+        &mut self,
+        event: request_response::Event<Message<presence_wire::Request>, presence_wire::Response>,
+    ) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                // A goodbye is never shed: it is cheap and keeps presence true.
+                let sheddable = !matches!(
+                    request,
+                    Message::Valid(presence_wire::Request::Goodbye { .. })
+                );
+                let response = match self.shed(shed::Class::Presence).filter(|_| sheddable) {
+                    Some(reason) => {
+                        self.metrics.reject(&reason);
+                        presence_wire::Response::Rejected {
+                            req_id: match &request {
+                                Message::Valid(r) => r.req_id(),
+                                _ => 0,
+                            },
+                            reason,
+                        }
+                    }
+                    None => self.presence.handle(peer, request),
+                };
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .presence
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "presence requester went away before its answer");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "presence inbound failure");
             }
             _ => {}
         }
@@ -554,13 +759,32 @@ impl Task {
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
             SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.on_dm(event),
             SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Presence(event)) => self.on_presence(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Group(event)) => self.on_group(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => match self.blobs.as_mut() {
+                Some(blobs) => blobs.on_event(&mut self.swarm, event),
+                None => tracing::debug!("blob request while blobs are not served"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => {
+                if let Some(groups) = self.groups.as_mut() {
+                    groups.on_gossip(&mut self.swarm, event);
+                }
+            }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 tracing::debug!(peer = %peer_id, "connected");
                 self.metrics.connections.inc();
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, ?cause, "disconnected");
                 self.metrics.connections.dec();
+                if num_established == 0 {
+                    self.presence.disconnected(&peer_id);
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -581,5 +805,21 @@ impl Task {
             }
             _ => {}
         }
+    }
+}
+
+/// The next finished group work, or never when groups are not served.
+async fn next_group(groups: &mut Option<GroupGateway>) -> GroupDone {
+    match groups {
+        Some(groups) => groups.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// The next finished blob job, or never when blobs are not served.
+async fn next_blob(blobs: &mut Option<crate::blob::Server>) -> Option<crate::blob::Done> {
+    match blobs {
+        Some(blobs) => blobs.next().await,
+        None => futures::future::pending().await,
     }
 }

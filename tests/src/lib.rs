@@ -3,6 +3,9 @@
 //! synchronisation). Also a bare libp2p peer ([`RawPeer`]) for sending hostile input.
 
 pub mod bench;
+pub mod group_bench;
+pub mod media_bench;
+pub mod presence;
 pub mod process;
 pub mod relay_bench;
 
@@ -165,6 +168,8 @@ pub struct RawBehaviour {
     pub dm: request_response::Behaviour<DmCodec>,
     /// `/kith/mailbox/1`.
     pub mailbox: request_response::Behaviour<MailboxCodec>,
+    /// `/kith/group/1`.
+    pub group: request_response::Behaviour<kith_net::GroupCodec>,
 }
 
 /// A raw peer.
@@ -194,6 +199,14 @@ impl RawPeer {
                 dm: request_response::Behaviour::with_codec(
                     DmCodec::new(dm::MAX_FRAME_BYTES),
                     [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Full)],
+                    kith_net::request_response_config(),
+                ),
+                group: request_response::Behaviour::with_codec(
+                    kith_net::GroupCodec::new(kith_protocol::group::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(kith_protocol::group::PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
                     kith_net::request_response_config(),
                 ),
                 mailbox: request_response::Behaviour::with_codec(
@@ -236,6 +249,44 @@ impl RawPeer {
                         request_response::Event::OutboundFailure {
                             request_id, error, ..
                         } if request_id == id => bail!("dm failed: {error}"),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, fut).await?
+    }
+
+    /// Sends one `/kith/group/1` request to `relay` at `addr` and waits for the answer.
+    pub async fn group(
+        &mut self,
+        relay: PeerId,
+        addr: &Multiaddr,
+        request: kith_protocol::group::Request,
+    ) -> Result<kith_protocol::group::Response> {
+        self.swarm.add_peer_address(relay, addr.clone());
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .group
+            .send_request(&relay, Message::Valid(request));
+        let fut = async {
+            loop {
+                if let SwarmEvent::Behaviour(RawBehaviourEvent::Group(event)) =
+                    self.swarm.select_next_some().await
+                {
+                    match event {
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        } if request_id == id => return Ok(response),
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        } if request_id == id => bail!("group request failed: {error}"),
                         _ => {}
                     }
                 }

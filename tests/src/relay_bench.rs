@@ -54,6 +54,11 @@ impl ChildServer {
         Ok(Self { child, addr, peer })
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The child's resident memory in KiB.
     pub fn rss_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -106,7 +111,11 @@ pub async fn serve_bare() -> Result<()> {
     let limits = kith_relay::Config::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
         .with_behaviour(|key| BareServer {
             relay: relay::Behaviour::new(
                 key.public().to_peer_id(),
@@ -153,7 +162,11 @@ pub async fn rss_per_idle_node(server: &ChildServer, count: usize) -> Result<f64
         clients.spawn(async move {
             let mut swarm = libp2p::SwarmBuilder::with_new_identity()
                 .with_tokio()
-                .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+                .with_tcp(
+                    tcp::Config::default(),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
                 .with_relay_client(noise::Config::new, yamux::Config::default)?
                 .with_behaviour(|_, relay_client| IdleClient {
                     relay_client,
@@ -337,7 +350,10 @@ pub async fn fetch_per_sec(relay: &ChildServer, count: usize, payload: usize) ->
 /// Offline→online delivery: a message waits in the relay; the recipient's node starts; the time
 /// from the start call (store open, listeners, relay dial, fetch) until the message is in its
 /// store. Returns (p50, p99).
-pub async fn offline_to_online(relay: &ChildServer, samples: usize) -> Result<(Duration, Duration)> {
+pub async fn offline_to_online(
+    relay: &ChildServer,
+    samples: usize,
+) -> Result<(Duration, Duration)> {
     let mut bob = crate::TestNode::start("bob", vec![relay.addr.clone()]).await?;
     let bob_addr = bob.addr().await;
     let bob_peer = bob.peer_id();

@@ -96,3 +96,24 @@ async fn two_nodes_reachable_only_through_the_relay_chat() -> anyhow::Result<()>
     relay.shutdown().await?;
     Ok(())
 }
+
+#[test]
+fn the_example_relay_config_parses_and_matches_the_defaults() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/relay.example.toml");
+    let example = kith_relay::Config::from_toml_file(&path)?;
+    let defaults = kith_relay::Config::default();
+    assert_eq!(example.listen, defaults.listen);
+    assert_eq!(example.max_circuit_bytes, defaults.max_circuit_bytes);
+    assert_eq!(
+        example.max_circuit_duration_secs,
+        defaults.max_circuit_duration_secs
+    );
+    assert_eq!(example.mailbox_ttl_secs, defaults.mailbox_ttl_secs);
+    assert_eq!(example.mailbox_max_messages, defaults.mailbox_max_messages);
+    assert_eq!(example.mailbox_max_bytes, defaults.mailbox_max_bytes);
+    assert_eq!(
+        example.deposits_per_sec_per_peer,
+        defaults.deposits_per_sec_per_peer
+    );
+    Ok(())
+}

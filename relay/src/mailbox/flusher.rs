@@ -35,9 +35,9 @@ pub async fn run(db: sled::Db, mut jobs: mpsc::Receiver<Job>, metrics: Metrics) 
     while jobs.recv_many(&mut batch, MAX_JOBS_PER_FLUSH).await > 0 {
         let started = Instant::now();
         let result = db.flush_async().await;
-        metrics
-            .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics.flush_seconds.observe(took.as_secs_f64());
+        metrics.last_flush.record(took);
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = batch.len(), "mailbox flush failed");
         }

@@ -89,6 +89,22 @@ enum Command {
     Purge {
         reply: oneshot::Sender<u64>,
     },
+    FanOut {
+        recipients: Vec<PeerId>,
+        envelope: Box<Envelope>,
+        reply: oneshot::Sender<FanOut>,
+    },
+}
+
+/// A group message stored in many mailboxes (server-side fan-out), waiting for its flush.
+#[derive(Debug)]
+pub struct FanOut {
+    /// Released by the flusher (`Stored`) once every copy is durable.
+    pub flushed: oneshot::Receiver<Outcome>,
+    /// One push per newly stored copy.
+    pub pushes: Vec<Push>,
+    /// How many recipients hold a copy.
+    pub stored: u32,
 }
 
 /// The service's queue is full; answer `Busy`.
@@ -133,6 +149,24 @@ impl Handle {
             .map_err(|_| Busy)
     }
 
+    /// Queues a group envelope (already checked by the group gateway) for the mailboxes of
+    /// `recipients`, without waiting.
+    pub fn try_fan_out(
+        &self,
+        recipients: Vec<PeerId>,
+        envelope: Envelope,
+    ) -> Result<oneshot::Receiver<FanOut>, Busy> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Command::FanOut {
+                recipients,
+                envelope: Box::new(envelope),
+                reply,
+            })
+            .map_err(|_| Busy)?;
+        Ok(rx)
+    }
+
     /// Entries and bytes waiting for `owner`, or in all mailboxes.
     pub async fn usage(&self, owner: Option<PeerId>) -> Result<Usage, Stopped> {
         let (reply, rx) = oneshot::channel();
@@ -173,6 +207,7 @@ impl std::fmt::Debug for Command {
             Command::Delivered { owner, seq } => write!(f, "Delivered({owner}, {seq})"),
             Command::Usage { .. } => f.write_str("Usage"),
             Command::Purge { .. } => f.write_str("Purge"),
+            Command::FanOut { recipients, .. } => write!(f, "FanOut({})", recipients.len()),
         }
     }
 }
@@ -251,6 +286,11 @@ impl Service {
             Command::Purge { reply } => {
                 let _ = reply.send(self.purge());
             }
+            Command::FanOut {
+                recipients,
+                envelope,
+                reply,
+            } => self.fan_out(recipients, *envelope, reply).await,
         }
     }
 
@@ -291,7 +331,9 @@ impl Service {
 
     async fn request(&mut self, peer: PeerId, request: Request, reply: oneshot::Sender<Outcome>) {
         let outcome = match request {
-            Request::Deposit { req_id, envelope } => {
+            Request::Deposit {
+                req_id, envelope, ..
+            } => {
                 match self.deposit(&peer, req_id, envelope) {
                     Ok(outcome) => {
                         // The answer is released by the flusher once the write is durable.
@@ -349,6 +391,50 @@ impl Service {
             }
         };
         let _ = reply.send(outcome);
+    }
+
+    /// Stores one group envelope in every recipient's mailbox (one batch per copy, one flush
+    /// for all). A recipient whose mailbox is full misses this message; the others do not.
+    async fn fan_out(
+        &mut self,
+        recipients: Vec<PeerId>,
+        envelope: Envelope,
+        reply: oneshot::Sender<FanOut>,
+    ) {
+        let now = self.settings.clock.now_ms();
+        let mut pushes = Vec::new();
+        let mut stored = 0u32;
+        for recipient in recipients {
+            match self.store.deposit(&recipient, &envelope, now) {
+                Ok(done) => {
+                    stored += 1;
+                    if !done.duplicate {
+                        pushes.push(Push {
+                            recipient,
+                            seq: done.seq,
+                            envelope: envelope.clone(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                }
+            }
+        }
+        let (tx, flushed) = oneshot::channel();
+        let job = Job {
+            reply: tx,
+            outcome: Outcome::reply(Response::Stored { req_id: 0 }),
+        };
+        if self.flusher.send(job).await.is_err() {
+            tracing::error!("the mailbox flusher has stopped");
+        }
+        self.update_gauges();
+        let _ = reply.send(FanOut {
+            flushed,
+            pushes,
+            stored,
+        });
     }
 
     /// Validates and stores a deposit; the answer still has to wait for the flush.

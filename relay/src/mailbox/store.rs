@@ -200,10 +200,14 @@ fn deadline_key(deadline_ms: u64, seq: u64) -> Vec<u8> {
     key
 }
 
-fn dedup_key(envelope: &Envelope) -> Option<Vec<u8>> {
+fn dedup_key(envelope: &Envelope, owner: &[u8]) -> Option<Vec<u8>> {
     let mut key = vec![DEDUP];
     key.extend_from_slice(&peer_key(&envelope.from)?);
     key.extend_from_slice(envelope.id.as_bytes());
+    // A group envelope is fanned out into many mailboxes: one copy (and dedup entry) each.
+    if matches!(envelope.to, kith_protocol::Destination::Group(_)) {
+        key.extend_from_slice(owner);
+    }
     Some(key)
 }
 
@@ -274,14 +278,14 @@ impl Store {
         now_ms: u64,
     ) -> Result<Deposited, DepositError> {
         let unstorable = |what: &str| DepositError::Unstorable(what.to_owned());
-        let dedup = dedup_key(envelope).ok_or_else(|| unstorable("sender id too long"))?;
+        let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
+        let dedup = dedup_key(envelope, &owner).ok_or_else(|| unstorable("sender id too long"))?;
         if let Some(seq) = self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)) {
             return Ok(Deposited {
                 seq,
                 duplicate: true,
             });
         }
-        let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
         let retention = now_ms.saturating_add(self.limits.ttl_ms);
         let deadline_ms = envelope
             .expires_at_ms
@@ -444,7 +448,7 @@ impl Store {
         // to skip (they point at nothing).
         if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
             batch.remove(deadline_key(record.deadline_ms, seq));
-            if let Some(dedup) = dedup_key(&record.envelope) {
+            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
                 batch.remove(dedup);
             }
         }

@@ -249,8 +249,12 @@ impl Client {
 
     pub async fn deposit(&mut self, envelope: Envelope) -> anyhow::Result<Response> {
         let req_id = self.req_id();
-        self.request(Message::Valid(Request::Deposit { req_id, envelope }))
-            .await
+        self.request(Message::Valid(Request::Deposit {
+            req_id,
+            envelope,
+            class: Default::default(),
+        }))
+        .await
     }
 
     pub async fn fetch(&mut self, after: Option<u64>, limit: u32) -> anyhow::Result<Response> {

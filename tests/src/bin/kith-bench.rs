@@ -25,6 +25,9 @@ struct Args {
     /// A small, fast version (under two minutes).
     #[arg(long)]
     quick: bool,
+    /// Run only the file-transfer rows and replace them in an existing table.
+    #[arg(long)]
+    files_only: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -145,7 +148,9 @@ async fn relay_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     eprintln!("[relay 2/4] {senders} senders × {per_sender} durable deposits of {payload} bytes…");
     let deposits = deposits_per_sec(&relay, senders, per_sender, 64, payload).await?;
     rows.push(Row {
-        figure: format!("relay: durable deposits/s ({senders} senders, {payload} B, 64 in flight each)"),
+        figure: format!(
+            "relay: durable deposits/s ({senders} senders, {payload} B, 64 in flight each)"
+        ),
         value: format!("{deposits:.0}/s"),
         baseline: format!("{:.0}/s", bare.per_sec),
         ratio: format!("{:.2}", deposits / bare.per_sec),
@@ -186,6 +191,205 @@ async fn relay_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// Graceful degradation: the same overload on a relay with shedding on and (the baseline) off.
+async fn overload_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    use kith_tests::presence::{overload, Tally};
+    let duration = Duration::from_secs(if quick { 3 } else { 10 });
+    eprintln!("[overload 1/2] floods for {duration:?} on a relay with load shedding…");
+    let on = overload(true, duration).await?;
+    eprintln!("[overload 2/2] the same floods with load shedding off…");
+    let off = overload(false, duration).await?;
+    for (name, o) in [("shedding on", &on), ("shedding off", &off)] {
+        eprintln!(
+            "      {name}: messages {}/{} stored, receipts {}/{}, presence {}/{}",
+            o.messages.ok,
+            o.messages.total(),
+            o.receipts.ok,
+            o.receipts.total(),
+            o.presence.ok,
+            o.presence.total()
+        );
+    }
+    let rate = |t: &Tally| format!("{:.1} % of {}", t.success_rate() * 100.0, t.total());
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "—".into()
+        }
+    };
+    let p99 = |t: &Tally| {
+        let mut l = t.latencies.clone();
+        l.sort();
+        percentile(&l, 99.0)
+    };
+    rows.push(Row {
+        figure: "overload: message deposits answered Stored (shedding on; baseline: off)".into(),
+        value: rate(&on.messages),
+        baseline: rate(&off.messages),
+        ratio: ratio(on.messages.success_rate(), off.messages.success_rate()),
+        target: "100 %".into(),
+    });
+    rows.push(Row {
+        figure: "overload: message deposit p99 latency".into(),
+        value: ms(p99(&on.messages)),
+        baseline: ms(p99(&off.messages)),
+        ratio: ratio(
+            p99(&on.messages).as_secs_f64(),
+            p99(&off.messages).as_secs_f64(),
+        ),
+        target: "< baseline".into(),
+    });
+    rows.push(Row {
+        figure: "overload: message deposits stored per second".into(),
+        value: format!("{:.0}/s", on.messages.ok as f64 / duration.as_secs_f64()),
+        baseline: format!("{:.0}/s", off.messages.ok as f64 / duration.as_secs_f64()),
+        ratio: ratio(on.messages.ok as f64, off.messages.ok as f64),
+        target: "≥ baseline".into(),
+    });
+    rows.push(Row {
+        figure: "overload: receipt deposits answered Stored (the rest: Busy, retried later)".into(),
+        value: rate(&on.receipts),
+        baseline: rate(&off.receipts),
+        ratio: ratio(on.receipts.success_rate(), off.receipts.success_rate()),
+        target: "—".into(),
+    });
+    rows.push(Row {
+        figure: "overload: presence queries answered (the rest: Busy)".into(),
+        value: rate(&on.presence),
+        baseline: rate(&off.presence),
+        ratio: ratio(on.presence.success_rate(), off.presence.success_rate()),
+        target: "shed first".into(),
+    });
+    Ok(())
+}
+
+/// Groups: one message to a 200-member group, members in-process on loopback.
+async fn group_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    let (members, offline) = if quick { (200, 40) } else { (200, 50) };
+    eprintln!("[group] one message to a {members}-member group ({offline} offline)…");
+    let g = kith_tests::group_bench::one_message_to_a_group(members, offline).await?;
+    eprintln!("      {g:?}");
+    let online = g.online;
+    rows.push(Row {
+        figure: format!("group ({members} members): send → all {online} online members have it"),
+        value: ms(g.online_all),
+        baseline: format!("p50 {}", ms(g.online_p50)),
+        ratio: "—".into(),
+        target: "≤ 1 s".into(),
+    });
+    rows.push(Row {
+        figure: format!("group: send → sender sees all {online} online members delivered"),
+        value: ms(g.online_receipts),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "≤ 2 s".into(),
+    });
+    rows.push(Row {
+        figure: format!("group: {} offline members return → all have it", g.offline),
+        value: ms(g.offline_after_return),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "—".into(),
+    });
+    rows.push(Row {
+        figure: format!(
+            "group: return → sender sees all {} members delivered",
+            g.members - 1
+        ),
+        value: ms(g.all_receipts_after_return),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "≤ 2 s".into(),
+    });
+    rows.push(Row {
+        figure: "group: relay CPU time during it (send → last receipt; baseline: wall time)".into(),
+        value: ms(g.relay_cpu),
+        baseline: ms(g.wall),
+        ratio: format!(
+            "{:.0} % of one core",
+            100.0 * g.relay_cpu.as_secs_f64() / g.wall.as_secs_f64().max(1e-9)
+        ),
+        target: "—".into(),
+    });
+    rows.push(Row {
+        figure: format!(
+            "group: process RSS with the relay and {} nodes (peak)",
+            g.members
+        ),
+        value: format!("{} MiB", g.process_rss_kib / 1024),
+        baseline: format!("peak {} MiB", g.process_hwm_kib / 1024),
+        ratio: format!(
+            "{:.1} MiB/node",
+            g.process_rss_kib as f64 / 1024.0 / g.members as f64
+        ),
+        target: "—".into(),
+    });
+    Ok(())
+}
+
+/// Files: direct and through a relay, next to bare request-response moving the same bytes.
+async fn media_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    use kith_tests::media_bench::{bare_stream, direct, through_relay};
+    let mib = if quick { 20 } else { 100 };
+    let bytes = mib * 1024 * 1024;
+    let mb = |b: f64| format!("{:.0} MB/s", b / 1e6);
+    eprintln!("[files] bare libp2p: {mib} MiB as 256 KiB answers…");
+    let bare = bare_stream(bytes).await?;
+    eprintln!("[files] kith direct: {mib} MiB…");
+    let d = direct(bytes).await?;
+    eprintln!("[files] kith through a relay: {mib} MiB…");
+    let (up, down) = through_relay(bytes).await?;
+    let ratio = |x: f64| format!("{:.2}", x / bare);
+    rows.push(Row {
+        figure: format!("file direct: send-file → recipient has the checked file ({mib} MiB)"),
+        value: mb(d.bytes_per_sec),
+        baseline: mb(bare),
+        ratio: ratio(d.bytes_per_sec),
+        target: "≥ 0.50".into(),
+    });
+    rows.push(Row {
+        figure: format!("file via relay: upload, send-file → relay holds every chunk ({mib} MiB)"),
+        value: mb(up.bytes_per_sec),
+        baseline: mb(bare),
+        ratio: ratio(up.bytes_per_sec),
+        target: "≥ 0.50".into(),
+    });
+    rows.push(Row {
+        figure: format!("file via relay: download from the relay, sender offline ({mib} MiB)"),
+        value: mb(down.bytes_per_sec),
+        baseline: mb(bare),
+        ratio: ratio(down.bytes_per_sec),
+        target: "≥ 0.50".into(),
+    });
+    rows.push(Row {
+        figure: format!("file via relay: relay RSS during upload / download ({mib} MiB file)"),
+        value: format!(
+            "{} → {} MiB / {} → {} MiB",
+            up.relay_rss_before_kib / 1024,
+            up.relay_rss_peak_kib / 1024,
+            down.relay_rss_before_kib / 1024,
+            down.relay_rss_peak_kib / 1024
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "flat (≪ file size)".into(),
+    });
+    rows.push(Row {
+        figure: format!("file: sender+recipient process RSS growth, direct / upload / download ({mib} MiB file)"),
+        value: format!(
+            "{} / {} / {} MiB",
+            d.local_rss_growth_kib / 1024,
+            up.local_rss_growth_kib / 1024,
+            down.local_rss_growth_kib / 1024
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "flat (≪ file size)".into(),
+    });
+    Ok(())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -217,6 +421,31 @@ async fn main() -> Result<()> {
         }
         Some(Serve::ServeBare) => return kith_tests::relay_bench::serve_bare().await,
         None => {}
+    }
+    if args.files_only {
+        let mut rows = Vec::new();
+        media_rows(args.quick, &mut rows).await?;
+        let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+        let mut lines: Vec<String> = old
+            .lines()
+            .filter(|l| !l.starts_with("| file"))
+            .map(str::to_owned)
+            .collect();
+        let at = lines
+            .iter()
+            .rposition(|l| l.starts_with('|'))
+            .map_or(lines.len(), |i| i + 1);
+        for (k, r) in rows.iter().enumerate() {
+            lines.insert(
+                at + k,
+                format!(
+                    "| {} | {} | {} | {} | {} |",
+                    r.figure, r.value, r.baseline, r.ratio, r.target
+                ),
+            );
+        }
+        std::fs::write(&args.out, lines.join("\n") + "\n")?;
+        return Ok(());
     }
     let (samples, count) = if args.quick {
         (200, 2_000)
@@ -265,7 +494,18 @@ async fn main() -> Result<()> {
         target: "≥ 5,000/s".into(),
     });
 
-    relay_rows(args.quick, &mut rows).await.context("relay benchmarks")?;
+    relay_rows(args.quick, &mut rows)
+        .await
+        .context("relay benchmarks")?;
+    overload_rows(args.quick, &mut rows)
+        .await
+        .context("overload benchmarks")?;
+    group_rows(args.quick, &mut rows)
+        .await
+        .context("group benchmark")?;
+    media_rows(args.quick, &mut rows)
+        .await
+        .context("file benchmark")?;
 
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
@@ -276,6 +516,7 @@ async fn main() -> Result<()> {
         machine()
     )?;
     writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update.\n")?;
+    writeln!(md, "The overload rows run one relay whose mailbox queue holds 64 requests (shedding from 32 in flight) under three floods at once, each from its own peer: message deposits (32 in flight), receipt deposits (128 in flight) and presence queries (64 in flight); the baseline is the same load on the same relay with load shedding off.\n")?;
     writeln!(md, "| figure | kith | baseline | ratio | target |")?;
     writeln!(md, "|---|---|---|---|---|")?;
     for r in &rows {

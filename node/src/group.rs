@@ -1,0 +1,1112 @@
+//! Group chats on the node: membership (signed operations, validated by replaying the chain),
+//! sending (one upload to the group's home relay), receiving (gossip, pushes and mailbox
+//! fetches, deduplicated), batched receipts and per-member message states.
+//!
+//! Flows:
+//!
+//! - **Membership.** [`Node::create_group`] and [`Node::change_group`] seal a
+//!   [`group::Op`](kith_protocol::group::Op) on top of the group's current version and submit
+//!   it over `/kith/group/1` to the group's home relay (the creator's first home relay). On
+//!   `Conflict` (another admin won that version) the node syncs the chain, re-checks its change
+//!   on the new state and submits again, so concurrent admins end in one agreed state.
+//!   Operations that reach the node (announced by the relay through members' mailboxes) are
+//!   applied when they name the local version, or trigger a sync ([`Node::sync_group`]) that
+//!   replays every missing operation through [`State::apply`]: a member never trusts the relay
+//!   for membership.
+//! - **Sending.** A group message goes into the outbox like any other; an attempt `Post`s it to
+//!   the group's relay, which stores a copy for every other member before answering `Stored`
+//!   (`sent` for every member). Until then the message stays `pending` and the last failure is
+//!   kept as the reason `kith send` and `kith status` show.
+//! - **Receiving.** Gossip on `kith/g/<group id>`, relay pushes and mailbox fetches all end in
+//!   [`Node::accept_group`]: signature, membership of the sender and of this node, then a
+//!   deduplicated store by `(from, id)` in Lamport order. Gossip is forwarded only if valid, so
+//!   a removed member's (or a stranger's) messages go nowhere.
+//! - **Receipts.** Each received message is acknowledged to its sender with a `Delivered`
+//!   receipt, batched per sender over [`Config::receipt_batch_window`](crate::Config) (one
+//!   envelope covers many ids); `kith read GROUP` sends `Read` receipts the same way. The sender
+//!   keeps per-member states and shows their minimum.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::{Path, State as AxumState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as AxumResponse};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kith_protocol::envelope::Header;
+use kith_protocol::group::{self, Change, Limits, Op, State};
+use kith_protocol::limits::MAX_ENVELOPE_BYTES;
+use kith_protocol::{cbor, Body, Destination, Envelope, GroupId, MessageId, MessageState};
+use kith_protocol::{ReceiptState, Reject};
+use libp2p::gossipsub::{self, AllowAllSubscriptionFilter, MaxCountSubscriptionFilter};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::engine::{now_ms, MessageView, Node, NodeError, NodeEvent, Outcome, Sent};
+use crate::net::peer_of;
+use crate::shutdown::Signal;
+use crate::store::{Batch, Direction, OutboxEntry, StoredMessage};
+
+/// The node's gossipsub behaviour: its subscription filter lets a relay hold many topics.
+pub type Gossipsub = gossipsub::Behaviour<
+    gossipsub::IdentityTransform,
+    MaxCountSubscriptionFilter<AllowAllSubscriptionFilter>,
+>;
+
+/// Most topics a peer (typically a relay hosting many groups) may hold as seen by a node.
+const MAX_TOPICS_PER_PEER: usize = 100_000;
+
+/// How many times a membership change is re-submitted after conflicts.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
+/// Builds the node's gossipsub: a small mesh (groups are small and the relay floods), kith
+/// validates every message before it is forwarded, frames fit one envelope.
+pub(crate) fn gossipsub(key: &Keypair, heartbeat: Duration) -> Result<Gossipsub, String> {
+    let config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(heartbeat)
+        .heartbeat_initial_delay(heartbeat.min(Duration::from_secs(5)))
+        .mesh_outbound_min(1)
+        .mesh_n_low(1)
+        .mesh_n(3)
+        .mesh_n_high(6)
+        .flood_publish(true)
+        .validate_messages()
+        .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let filter = MaxCountSubscriptionFilter {
+        filter: AllowAllSubscriptionFilter {},
+        max_subscribed_topics: MAX_TOPICS_PER_PEER,
+        max_subscriptions_per_request: MAX_TOPICS_PER_PEER,
+    };
+    gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        config,
+        filter,
+    )
+    .map_err(str::to_owned)
+}
+
+/// The node's in-memory group state (the store holds the durable copy).
+#[derive(Default)]
+pub(crate) struct Groups {
+    states: Mutex<HashMap<GroupId, State>>,
+    lamports: Mutex<HashMap<GroupId, u64>>,
+    receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
+    receipts_wake: Notify,
+    /// Why a group message is still pending (its last attempt's failure).
+    reasons: Mutex<HashMap<MessageId, String>>,
+    /// Serialises chain syncs, so two never apply the same operations.
+    sync: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Groups {
+    /// Loads the groups from the store.
+    pub(crate) fn load(states: Vec<State>) -> Self {
+        let groups = Self::default();
+        lock(&groups.states).extend(states.into_iter().map(|s| (s.group, s)));
+        groups
+    }
+
+    fn get(&self, group: &GroupId) -> Option<State> {
+        lock(&self.states).get(group).cloned()
+    }
+
+    fn all(&self) -> Vec<State> {
+        lock(&self.states).values().cloned().collect()
+    }
+
+    /// Why a pending group message has not gone out yet.
+    pub(crate) fn reason(&self, id: &MessageId) -> Option<String> {
+        lock(&self.reasons).get(id).cloned()
+    }
+}
+
+/// A group as the API shows it (`kith group info --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupView {
+    /// The group id.
+    pub group_id: String,
+    /// Its name.
+    pub name: String,
+    /// Admins' peer ids.
+    pub admins: Vec<String>,
+    /// Members' peer ids (admins included).
+    pub members: Vec<String>,
+    /// Operations applied so far.
+    pub version: u64,
+    /// Its home relay.
+    pub relay: String,
+}
+
+impl From<&State> for GroupView {
+    fn from(s: &State) -> Self {
+        Self {
+            group_id: s.group.to_string(),
+            name: s.name.clone(),
+            admins: s.admins.iter().map(|p| p.to_string()).collect(),
+            members: s.members.iter().map(|p| p.to_string()).collect(),
+            version: s.version,
+            relay: s.relay.clone(),
+        }
+    }
+}
+
+/// A membership change asked for by the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// Add a member (admins only).
+    Add,
+    /// Remove a member (admins only).
+    Remove,
+    /// Make a member an admin (admins only).
+    Promote,
+    /// Leave the group.
+    Leave,
+}
+
+fn invalid(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Invalid(e.to_string())
+}
+
+impl Node {
+    fn group_limits(&self) -> Limits {
+        Limits {
+            max_members: self.config().max_group_members,
+        }
+    }
+
+    /// Resolves a group name or id among the groups this node knows.
+    pub fn find_group(&self, name_or_id: &str) -> Option<State> {
+        let groups = self.groups().all();
+        if let Ok(id) = name_or_id.trim().parse::<GroupId>() {
+            if let Some(s) = groups.iter().find(|s| s.group == id) {
+                return Some(s.clone());
+            }
+        }
+        let mut named: Vec<State> = groups
+            .into_iter()
+            .filter(|s| s.name == name_or_id && s.is_member(&self.peer_id()))
+            .collect();
+        named.sort_by_key(|s| s.group);
+        named.into_iter().next()
+    }
+
+    /// The group a `TO`/`WITH` argument names, unless a contact goes by that name.
+    pub(crate) fn group_target(&self, to: &str) -> Result<Option<State>, NodeError> {
+        if self.store().contacts()?.iter().any(|c| c.name == to) {
+            return Ok(None);
+        }
+        Ok(self.find_group(to))
+    }
+
+    fn group_of(&self, name_or_id: &str) -> Result<State, NodeError> {
+        self.find_group(name_or_id)
+            .ok_or_else(|| NodeError::UnknownRecipient(name_or_id.to_owned()))
+    }
+
+    fn relay_of(state: &State) -> Result<(PeerId, Multiaddr), NodeError> {
+        let addr: Multiaddr = state
+            .relay
+            .parse()
+            .map_err(|e| invalid(format!("group relay address {:?}: {e}", state.relay)))?;
+        let peer = peer_of(&addr)
+            .ok_or_else(|| invalid(format!("group relay address {addr} has no /p2p/ part")))?;
+        Ok((peer, addr))
+    }
+
+    /// Every group this node is a member of.
+    pub fn group_list(&self) -> Vec<GroupView> {
+        let me = self.peer_id();
+        let mut list: Vec<GroupView> = self
+            .groups()
+            .all()
+            .iter()
+            .filter(|s| s.is_member(&me))
+            .map(GroupView::from)
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name).then(a.group_id.cmp(&b.group_id)));
+        list
+    }
+
+    /// A group's membership, synced with its home relay when it is reachable.
+    pub async fn group_info(&self, name_or_id: &str) -> Result<GroupView, NodeError> {
+        let state = self.group_of(name_or_id)?;
+        let state = match self.sync_group(&state.group, None).await {
+            Ok(Some(s)) => s,
+            _ => state,
+        };
+        Ok(GroupView::from(&state))
+    }
+
+    /// Creates a group at this node's first home relay with the given initial members.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[String],
+    ) -> Result<GroupView, NodeError> {
+        let relay = self.config().relays.first().cloned().ok_or_else(|| {
+            invalid("a group needs a home relay: start the daemon with --relay MULTIADDR")
+        })?;
+        let me = self.peer_id();
+        let mut set = BTreeSet::new();
+        for who in members {
+            let peer = self.resolve(who)?;
+            if peer != me {
+                set.insert(peer);
+            }
+        }
+        let op = Op {
+            group: GroupId::random(),
+            version: 0,
+            change: Change::Create {
+                name: name.trim().to_owned(),
+                relay: relay.to_string(),
+                members: set,
+            },
+        };
+        let state = State::create(me, &op, &self.group_limits()).map_err(invalid)?;
+        let envelope = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
+        match self.submit(&state, envelope).await? {
+            group::Response::Applied { .. } => {}
+            other => {
+                return Err(invalid(format!(
+                    "the relay did not create the group: {other:?}"
+                )))
+            }
+        }
+        self.save_group(state.clone()).await?;
+        tracing::info!(group = %state.group, name = %state.name, "group created");
+        Ok(GroupView::from(&state))
+    }
+
+    /// Applies a membership change (add, remove, promote, leave) through the group's relay,
+    /// re-submitting on top of the new state after a conflict.
+    pub async fn change_group(
+        &self,
+        name_or_id: &str,
+        kind: ChangeKind,
+        who: Option<&str>,
+    ) -> Result<GroupView, NodeError> {
+        let group = self.group_of(name_or_id)?.group;
+        let target = match (kind, who) {
+            (ChangeKind::Leave, _) => None,
+            (_, Some(who)) => Some(self.resolve(who)?),
+            (_, None) => return Err(invalid("say whom to add, remove or promote")),
+        };
+        let me = self.peer_id();
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            let state = match self.sync_group(&group, None).await {
+                Ok(Some(s)) => s,
+                Ok(None) => return Err(NodeError::UnknownRecipient(name_or_id.to_owned())),
+                Err(e) => return Err(e),
+            };
+            let change = match (kind, target) {
+                (ChangeKind::Add, Some(member)) => Change::Add { member },
+                (ChangeKind::Remove, Some(member)) => Change::Remove { member },
+                (ChangeKind::Promote, Some(member)) => Change::Promote { member },
+                _ => Change::Leave,
+            };
+            let op = Op {
+                group,
+                version: state.version,
+                change,
+            };
+            let next = match state.apply(me, &op, &self.group_limits()) {
+                Ok(next) => next,
+                // Someone else made the same change while we raced: the goal is reached.
+                Err(
+                    group::OpError::AlreadyMember { .. }
+                    | group::OpError::AlreadyAdmin { .. }
+                    | group::OpError::NotMember { .. },
+                ) if attempt > 0 => return Ok(GroupView::from(&state)),
+                Err(e) => return Err(invalid(e)),
+            };
+            let envelope = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
+            match self.submit(&state, envelope).await? {
+                group::Response::Applied { version, .. } if version == next.version => {
+                    self.save_group(next.clone()).await?;
+                    return Ok(GroupView::from(&next));
+                }
+                group::Response::Applied { .. } | group::Response::Conflict { .. } => {
+                    tracing::info!(%group, attempt, "group changed meanwhile; syncing and retrying");
+                }
+                other => return Err(invalid(format!("unexpected answer {other:?}"))),
+            }
+        }
+        Err(invalid("the group keeps changing; try again"))
+    }
+
+    /// Submits a signed operation to the group's relay; `Refused` and `Rejected` become errors.
+    async fn submit(&self, state: &State, op: Envelope) -> Result<group::Response, NodeError> {
+        let (relay, addr) = Self::relay_of(state)?;
+        let request = group::Request::Submit {
+            req_id: self.req_id(),
+            op,
+        };
+        match self.net().group(relay, vec![addr], request).await {
+            Ok(group::Response::Refused { reason, .. }) => Err(invalid(reason)),
+            Ok(group::Response::Rejected { reason, .. }) => {
+                Err(invalid(format!("the group's relay refused: {reason}")))
+            }
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(invalid(format!(
+                "the group's home relay {relay} is unreachable: {e}"
+            ))),
+        }
+    }
+
+    /// Stores a validated state and (un)subscribes the group's topic as membership says.
+    async fn save_group(&self, state: State) -> Result<(), NodeError> {
+        let mut batch = Batch::new();
+        batch.put_group(&state);
+        self.store().commit(batch).await?;
+        let member = state.is_member(&self.peer_id());
+        let was = self
+            .groups()
+            .get(&state.group)
+            .is_some_and(|old| old.is_member(&self.peer_id()));
+        let topic = group::topic(&state.group);
+        lock(&self.groups().states).insert(state.group, state);
+        if member {
+            self.net().subscribe(topic, true).await;
+        } else if was {
+            self.net().subscribe(topic, false).await;
+        }
+        Ok(())
+    }
+
+    /// Fetches the operations this node has not seen from the group's relay, validates them by
+    /// replaying, and stores the result. `relay` is where to ask for a group not known yet.
+    pub(crate) async fn sync_group(
+        &self,
+        group: &GroupId,
+        relay: Option<(PeerId, Multiaddr)>,
+    ) -> Result<Option<State>, NodeError> {
+        let _one_at_a_time = self.groups().sync.lock().await;
+        let local = self.groups().get(group);
+        let (relay, addr) = match (&local, relay) {
+            (Some(state), _) => Self::relay_of(state)?,
+            (None, Some(r)) => r,
+            (None, None) => return Ok(None),
+        };
+        let mut state = local.clone();
+        loop {
+            let request = group::Request::Get {
+                req_id: self.req_id(),
+                group: *group,
+                after_version: state.as_ref().map_or(0, |s| s.version),
+                limit: group::MAX_OPS_PER_PAGE,
+            };
+            let (ops, more) = match self.net().group(relay, vec![addr.clone()], request).await {
+                Ok(group::Response::Ops { ops, more, .. }) => (ops, more),
+                Ok(other) => {
+                    return Err(invalid(format!("unexpected answer to a sync: {other:?}")))
+                }
+                Err(e) => {
+                    return Err(invalid(format!(
+                        "the group's home relay {relay} is unreachable: {e}"
+                    )))
+                }
+            };
+            state = group::replay(state, &ops, &self.group_limits()).map_err(|e| {
+                tracing::warn!(%group, %relay, error = %e, "refusing the relay's group chain");
+                invalid(format!("the group's chain does not validate: {e}"))
+            })?;
+            if !more || ops.is_empty() {
+                break;
+            }
+        }
+        if let Some(s) = &state {
+            if local.as_ref() != Some(s) {
+                self.save_group(s.clone()).await?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Handles an operation announced to us: apply it if it names our version, else sync.
+    async fn on_group_op(&self, via: PeerId, envelope: Envelope, op: Op) -> Result<(), Reject> {
+        let local = self.groups().get(&op.group);
+        if let Some(state) = &local {
+            if op.version < state.version {
+                return Ok(());
+            }
+            if op.version == state.version {
+                let next = state
+                    .apply(envelope.from, &op, &self.group_limits())
+                    .map_err(|e| {
+                        tracing::warn!(%via, group = %op.group, error = %e, "refusing a group operation");
+                        Reject::Malformed
+                    })?;
+                return self.save_group(next).await.map_err(|e| {
+                    tracing::error!(error = %e, "cannot store a group");
+                    Reject::StoreFailed
+                });
+            }
+        }
+        let hint = self.home_relays().get(&via).map(|a| (via, a.clone()));
+        match self.sync_group(&op.group, hint).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(%via, group = %op.group, error = %e, "group sync failed");
+                Err(Reject::Busy {
+                    retry_after_ms: 1_000,
+                })
+            }
+        }
+    }
+
+    /// Verifies and stores an envelope addressed to a group (a message or an operation).
+    pub(crate) async fn accept_group(
+        &self,
+        via: PeerId,
+        group_id: GroupId,
+        envelope: Envelope,
+    ) -> Result<(), Reject> {
+        if envelope.is_expired(now_ms()) {
+            return Err(Reject::Expired);
+        }
+        let from = envelope.from;
+        let body = envelope.body().map_err(|e| {
+            tracing::warn!(%via, %from, error = %e, "refusing a group envelope with a bad body");
+            Reject::Malformed
+        })?;
+        let mut file = None;
+        let text = match body {
+            Body::GroupOp(op) if op.group == group_id => {
+                return self.on_group_op(via, envelope, op).await
+            }
+            Body::Chat { text } => text,
+            Body::File(f) => {
+                file = Some(f);
+                String::new()
+            }
+            _ => {
+                tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind");
+                return Err(Reject::Malformed);
+            }
+        };
+        let me = self.peer_id();
+        let mut state = self.groups().get(&group_id);
+        let current = |s: &Option<State>| {
+            s.as_ref()
+                .is_some_and(|s| s.is_member(&from) && s.is_member(&me))
+        };
+        if !current(&state) {
+            // Our view may be behind (an add we have not seen yet): catch up once.
+            let hint = self.home_relays().get(&via).map(|a| (via, a.clone()));
+            if let Ok(synced) = self.sync_group(&group_id, hint).await {
+                state = synced;
+            }
+        }
+        if !current(&state) {
+            tracing::warn!(%via, %from, group = %group_id, "dropping a group message: sender or this node is not a member");
+            return Err(Reject::WrongRecipient);
+        }
+        let store_failed = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "cannot store a group message");
+            Reject::StoreFailed
+        };
+        if self
+            .store()
+            .message(&from, &envelope.id)
+            .map_err(|e| store_failed(&e))?
+            .is_some()
+        {
+            tracing::debug!(%from, id = %envelope.id, "duplicate group message");
+            return Ok(());
+        }
+        let lamport = {
+            let mut lamports = lock(&self.groups().lamports);
+            let current = match lamports.get(&group_id) {
+                Some(l) => *l,
+                None => self.store().group_lamport(&group_id).unwrap_or(0),
+            };
+            let next = current.max(envelope.lamport);
+            lamports.insert(group_id, next);
+            next
+        };
+        let msg = StoredMessage {
+            id: envelope.id,
+            direction: Direction::In,
+            from,
+            peer: from,
+            text: text.clone(),
+            sent_at_ms: envelope.sent_at_ms,
+            lamport: envelope.lamport,
+            state: MessageState::Delivered,
+            expires_at_ms: envelope.expires_at_ms,
+        };
+        let mut batch = Batch::new();
+        batch.put_group_message(&msg, &group_id);
+        batch.set_group_lamport(&group_id, lamport);
+        if let Some(file) = file.clone() {
+            self.put_incoming_file(&mut batch, &envelope, file, Some(group_id));
+        }
+        self.store()
+            .commit(batch)
+            .await
+            .map_err(|e| store_failed(&e))?;
+        self.emit(NodeEvent::Message {
+            id: envelope.id.to_string(),
+            from: from.to_string(),
+            text,
+            sent_at_ms: envelope.sent_at_ms,
+        });
+        self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
+        if let Some(file) = &file {
+            self.file_received(envelope.id, file.size).await;
+        }
+        Ok(())
+    }
+
+    /// Validates a gossip message and reports the verdict (valid ones are forwarded).
+    pub(crate) async fn handle_gossip(
+        &self,
+        source: PeerId,
+        message_id: gossipsub::MessageId,
+        topic: String,
+        data: Vec<u8>,
+    ) {
+        let verdict = match cbor::decode::<Envelope>(&data, MAX_ENVELOPE_BYTES) {
+            Ok(envelope) => match (envelope.verify(), envelope.to) {
+                (Ok(()), Destination::Group(g)) if group::topic(&g) == topic => {
+                    match self.accept_group(source, g, envelope).await {
+                        Ok(()) => gossipsub::MessageAcceptance::Accept,
+                        Err(reason) => {
+                            tracing::debug!(%source, %reason, "gossip refused");
+                            gossipsub::MessageAcceptance::Reject
+                        }
+                    }
+                }
+                _ => {
+                    tracing::warn!(%source, %topic, "refusing forged or misdirected gossip");
+                    gossipsub::MessageAcceptance::Reject
+                }
+            },
+            Err(e) => {
+                tracing::warn!(%source, %topic, error = %e, "refusing undecodable gossip");
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        self.net()
+            .validate_gossip(source, message_id, verdict)
+            .await;
+    }
+
+    fn batch_receipt(&self, to: PeerId, state: ReceiptState, id: MessageId) {
+        lock(&self.groups().receipts)
+            .entry((to, state))
+            .or_default()
+            .push(id);
+        self.groups().receipts_wake.notify_one();
+    }
+
+    /// Subscribes to the groups' topics, then sends batched receipts until shutdown.
+    pub(crate) async fn group_loop(self, mut shutdown: Signal) {
+        let me = self.peer_id();
+        for state in self.groups().all() {
+            if state.is_member(&me) {
+                self.net().subscribe(group::topic(&state.group), true).await;
+            }
+        }
+        let window = self.config().receipt_batch_window;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => return,
+                _ = self.groups().receipts_wake.notified() => {}
+            }
+            // Let more receipts join this batch.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(window) => {}
+            }
+            let batches: Vec<_> = lock(&self.groups().receipts).drain().collect();
+            for ((to, state), ids) in batches {
+                if let Err(e) = self.queue_receipts(to, state, &ids).await {
+                    tracing::error!(%to, error = %e, "cannot queue group receipts");
+                }
+            }
+        }
+    }
+
+    /// Sends a chat message to a group: stored with a pending state per member, then uploaded
+    /// once by the outbox.
+    pub(crate) async fn send_group(
+        &self,
+        state: State,
+        text: &str,
+        wait: Option<Duration>,
+    ) -> Result<Sent, NodeError> {
+        let body = Body::Chat {
+            text: text.to_owned(),
+        };
+        self.send_group_with(state, MessageId::random(), body, text, Batch::new(), wait)
+            .await
+    }
+
+    /// Sends `body` (shown as `text`) to a group as message `id`, with `batch` (extra writes,
+    /// such as a file's attachment record) committed together with it.
+    pub(crate) async fn send_group_with(
+        &self,
+        state: State,
+        id: MessageId,
+        body: Body,
+        text: &str,
+        mut batch: Batch,
+        wait: Option<Duration>,
+    ) -> Result<Sent, NodeError> {
+        let me = self.peer_id();
+        if !state.is_member(&me) {
+            return Err(invalid(format!("you are not a member of {}", state.name)));
+        }
+        body.validate().map_err(invalid)?;
+        let group_id = state.group;
+        let lamport = {
+            let mut lamports = lock(&self.groups().lamports);
+            let current = match lamports.get(&group_id) {
+                Some(l) => *l,
+                None => self.store().group_lamport(&group_id)?,
+            };
+            lamports.insert(group_id, current + 1);
+            current + 1
+        };
+        let header = Header {
+            id,
+            to: Destination::Group(group_id),
+            sent_at_ms: now_ms(),
+            lamport,
+            expires_at_ms: None,
+        };
+        let envelope = Envelope::seal(self.key(), header, &body).map_err(invalid)?;
+        let id = envelope.id;
+        let msg = StoredMessage {
+            id,
+            direction: Direction::Out,
+            from: me,
+            peer: me,
+            text: text.to_owned(),
+            sent_at_ms: envelope.sent_at_ms,
+            lamport,
+            state: MessageState::Pending,
+            expires_at_ms: None,
+        };
+        let members = state
+            .members
+            .iter()
+            .filter(|m| **m != me)
+            .map(|m| (*m, MessageState::Pending))
+            .collect();
+        let mut events = wait.map(|_| self.subscribe());
+        batch.put_group_message(&msg, &group_id);
+        batch.set_group_lamport(&group_id, lamport);
+        batch.put_member_states(&id, &members);
+        let entry = OutboxEntry {
+            envelope,
+            attempts: 0,
+            due_ms: now_ms(),
+        };
+        batch.put_outbox(&entry);
+        self.store().commit(batch).await?;
+        self.enqueue(entry);
+        let mut current = MessageState::Pending;
+        if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
+            let id_text = id.to_string();
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    match events.recv().await {
+                        Ok(NodeEvent::Receipt { id, .. }) if id == id_text => return,
+                        Ok(NodeEvent::Failed { id, .. }) if id == id_text => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            if let Ok(Some(m)) = self.store().outgoing(&id) {
+                current = m.state;
+            }
+        }
+        let note = (current == MessageState::Pending)
+            .then(|| self.groups().reason(&id))
+            .flatten()
+            .map(|why| format!("not sent yet, will retry: {why}"));
+        Ok(Sent {
+            id: id.to_string(),
+            state: current,
+            note,
+        })
+    }
+
+    /// One outbox attempt for a group message: upload it to the group's relay.
+    pub(crate) async fn deliver_group(&self, envelope: &Envelope, group_id: GroupId) -> Outcome {
+        let Some(state) = self.groups().get(&group_id) else {
+            return Outcome::Failed(format!("unknown group {group_id}"));
+        };
+        let (relay, addr) = match Self::relay_of(&state) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let request = group::Request::Post {
+            req_id: self.req_id(),
+            envelope: envelope.clone(),
+        };
+        let outcome = match tokio::time::timeout(
+            self.config().delivery_timeout,
+            self.net().group(relay, vec![addr], request),
+        )
+        .await
+        {
+            Ok(Ok(group::Response::Stored { .. })) => Outcome::Sent,
+            Ok(Ok(group::Response::Refused { reason, .. })) => {
+                Outcome::Failed(format!("the group's relay refused it: {reason}"))
+            }
+            Ok(Ok(group::Response::Rejected { reason, .. })) if !reason.is_retryable() => {
+                Outcome::Failed(format!("the group's relay refused it: {reason}"))
+            }
+            Ok(Ok(group::Response::Rejected { reason, .. })) => {
+                Outcome::Retry(format!("the group's relay is busy: {reason}"))
+            }
+            Ok(Ok(other)) => Outcome::Retry(format!("unexpected answer {other:?}")),
+            Ok(Err(e)) => Outcome::Retry(format!("the group's home relay is unreachable: {e}")),
+            Err(_) => Outcome::Retry("the group's home relay did not answer in time".into()),
+        };
+        let mut reasons = lock(&self.groups().reasons);
+        match &outcome {
+            Outcome::Retry(why) | Outcome::Failed(why) => {
+                reasons.insert(envelope.id, why.clone());
+            }
+            _ => {
+                reasons.remove(&envelope.id);
+            }
+        }
+        outcome
+    }
+
+    /// Moves the per-member states of an outgoing group message (one member, or all) forward
+    /// and the message's own state to their minimum.
+    pub(crate) fn advance_group_members(
+        &self,
+        id: &MessageId,
+        member: Option<&PeerId>,
+        state: MessageState,
+    ) -> Result<(), NodeError> {
+        if let Some(states) = self.store().advance_members(id, member, state)? {
+            let overall = group::overall_state(states.values().copied());
+            self.advance_state(id, overall)?;
+        }
+        Ok(())
+    }
+
+    /// Per-member states of an outgoing group message, for `kith status` (empty otherwise).
+    pub(crate) fn member_view(&self, id: &MessageId) -> HashMap<String, MessageState> {
+        self.store()
+            .member_states(id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, s)| (p.to_string(), s))
+            .collect()
+    }
+
+    /// A group conversation, oldest first.
+    pub(crate) fn group_messages(&self, state: &State) -> Result<Vec<MessageView>, NodeError> {
+        Ok(self
+            .store()
+            .group_conversation(&state.group)?
+            .into_iter()
+            .map(|m| {
+                let mut view = MessageView::from(m);
+                view.group = Some(state.group.to_string());
+                view
+            })
+            .collect())
+    }
+
+    /// Every known group conversation's messages.
+    pub(crate) fn all_group_messages(&self) -> Result<Vec<MessageView>, NodeError> {
+        let mut out = Vec::new();
+        for state in self.groups().all() {
+            out.extend(self.group_messages(&state)?);
+        }
+        Ok(out)
+    }
+
+    /// Marks a group conversation read and sends `Read` receipts, batched per sender.
+    pub(crate) async fn read_group(&self, state: &State) -> Result<usize, NodeError> {
+        let mut by_sender: HashMap<PeerId, Vec<MessageId>> = HashMap::new();
+        for msg in self.store().group_conversation(&state.group)? {
+            if msg.direction == Direction::In && msg.state < MessageState::Read {
+                self.store()
+                    .advance_state(&msg.from, &msg.id, MessageState::Read)?;
+                by_sender.entry(msg.from).or_default().push(msg.id);
+            }
+        }
+        let count = by_sender.values().map(Vec::len).sum();
+        if self.settings().read_receipts {
+            for (to, ids) in by_sender {
+                self.queue_receipts(to, ReceiptState::Read, &ids).await?;
+            }
+        }
+        self.store().flush().await?;
+        Ok(count)
+    }
+}
+
+// ---- local API ------------------------------------------------------------------------------
+
+struct ApiError(NodeError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> AxumResponse {
+        let status = match &self.0 {
+            NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        (status, Json(json!({ "error": self.0.to_string() }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        ApiError(e)
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ChangeBody {
+    #[serde(default)]
+    who: Option<String>,
+}
+
+async fn list(AxumState(node): AxumState<Node>) -> impl IntoResponse {
+    Json(node.group_list())
+}
+
+async fn create(
+    AxumState(node): AxumState<Node>,
+    Json(body): Json<CreateBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = node.create_group(&body.name, &body.members).await?;
+    Ok(Json(
+        json!({ "group_id": view.group_id, "name": view.name }),
+    ))
+}
+
+async fn info(
+    AxumState(node): AxumState<Node>,
+    Path(group): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(node.group_info(&group).await?))
+}
+
+async fn change(
+    AxumState(node): AxumState<Node>,
+    Path((group, kind)): Path<(String, ChangeKind)>,
+    Json(body): Json<ChangeBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        node.change_group(&group, kind, body.who.as_deref()).await?,
+    ))
+}
+
+/// The group routes of the local API (the caller adds authentication):
+///
+/// | method | path | body | answer |
+/// |---|---|---|---|
+/// | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
+/// | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
+/// | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
+/// | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
+pub(crate) fn api_routes() -> Router<Node> {
+    Router::new()
+        .route("/v1/groups", get(list).post(create))
+        .route("/v1/groups/{group}", get(info))
+        .route("/v1/groups/{group}/{kind}", post(change))
+}
+
+/// The `kith group …` subcommands (parsed by the binary, run against the daemon's API).
+pub mod cli {
+    use anyhow::Result;
+    use clap::Subcommand;
+    use serde_json::{json, Value};
+
+    use crate::client::Client;
+
+    /// `kith group …`
+    #[derive(Debug, Subcommand)]
+    pub enum GroupCommand {
+        /// Create a group at your first home relay.
+        Create {
+            /// Its name.
+            name: String,
+            /// An initial member: contact name or peer id (repeatable).
+            #[arg(long = "member")]
+            member: Vec<String>,
+            /// Print one JSON document.
+            #[arg(long)]
+            json: bool,
+        },
+        /// Add a member (admins only).
+        Add {
+            /// Group name or id.
+            group: String,
+            /// Contact name or peer id.
+            who: String,
+        },
+        /// Remove a member (admins only).
+        Remove {
+            /// Group name or id.
+            group: String,
+            /// Contact name or peer id.
+            who: String,
+        },
+        /// Make a member an admin (admins only).
+        Promote {
+            /// Group name or id.
+            group: String,
+            /// Contact name or peer id.
+            who: String,
+        },
+        /// Leave a group.
+        Leave {
+            /// Group name or id.
+            group: String,
+        },
+        /// List your groups.
+        List {
+            /// Print one JSON document.
+            #[arg(long)]
+            json: bool,
+        },
+        /// Show a group's admins, members and version.
+        Info {
+            /// Group name or id.
+            group: String,
+            /// Print one JSON document.
+            #[arg(long)]
+            json: bool,
+        },
+    }
+
+    fn seg(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    fn print(value: &Value) -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(())
+    }
+
+    fn print_info(g: &Value) {
+        println!(
+            "{}  {}  (version {})",
+            g["name"].as_str().unwrap_or_default(),
+            g["group_id"].as_str().unwrap_or_default(),
+            g["version"]
+        );
+        let admins: Vec<&str> = g["admins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for m in g["members"].as_array().into_iter().flatten() {
+            let m = m.as_str().unwrap_or_default();
+            println!(
+                "  {m}{}",
+                if admins.contains(&m) { "  (admin)" } else { "" }
+            );
+        }
+    }
+
+    /// Runs one `kith group` command.
+    pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
+        let change = |group: &str, kind: &str| format!("/v1/groups/{}/{kind}", seg(group));
+        match command {
+            GroupCommand::Create { name, member, json } => {
+                let created: Value = client
+                    .post("/v1/groups", &json!({ "name": name, "members": member }))
+                    .await?;
+                if json {
+                    print(&created)?;
+                } else {
+                    println!("{}", created["group_id"].as_str().unwrap_or_default());
+                }
+            }
+            GroupCommand::Add { group, who } => {
+                let g: Value = client
+                    .post(&change(&group, "add"), &json!({ "who": who }))
+                    .await?;
+                print_info(&g);
+            }
+            GroupCommand::Remove { group, who } => {
+                let g: Value = client
+                    .post(&change(&group, "remove"), &json!({ "who": who }))
+                    .await?;
+                print_info(&g);
+            }
+            GroupCommand::Promote { group, who } => {
+                let g: Value = client
+                    .post(&change(&group, "promote"), &json!({ "who": who }))
+                    .await?;
+                print_info(&g);
+            }
+            GroupCommand::Leave { group } => {
+                let _: Value = client.post(&change(&group, "leave"), &json!({})).await?;
+                println!("left {group}");
+            }
+            GroupCommand::List { json } => {
+                let list: Value = client.get("/v1/groups").await?;
+                if json {
+                    print(&list)?;
+                } else {
+                    for g in list.as_array().into_iter().flatten() {
+                        println!(
+                            "{}\t{}\t{} members",
+                            g["name"].as_str().unwrap_or_default(),
+                            g["group_id"].as_str().unwrap_or_default(),
+                            g["members"].as_array().map_or(0, Vec::len)
+                        );
+                    }
+                }
+            }
+            GroupCommand::Info { group, json } => {
+                let g: Value = client.get(&format!("/v1/groups/{}", seg(&group))).await?;
+                if json {
+                    print(&g)?;
+                } else {
+                    print_info(&g);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1433 @@
+//! Files, images and video: chunking, upload, download and serving over `/kith/blob/1`.
+//!
+//! Sending ([`Node::send_file`]): the size is checked against `max_file_bytes` (settings) and
+//! against the target relays' limit (`Begin`) before anything is uploaded. The file is then read
+//! once, chunk by chunk ([`kith_protocol::blob`]): each chunk is sealed with a fresh per-file key,
+//! hashed and written to `<home>/blobs/<hash>`, never holding more than one chunk in memory. The
+//! message ([`Body::File`]) goes through the normal outbox, while an upload job puts every blob
+//! on the recipient's home relays (for a group: the group's relay, once). Uploads retry with
+//! backoff until every target relay holds every blob, and resume after a restart.
+//!
+//! Receiving: the message is stored with its attachment record; files up to
+//! `auto_download_max_bytes` are fetched at once, larger ones on [`Node::download`]. A download
+//! asks the sender directly (first when it is connected) and the relays (the node's home relays
+//! and the group's relay); every blob is checked against its hash before it is written to
+//! `<home>/blobs/`, and a bad one is refused (`warn!`) and asked from the next source. Blobs
+//! already held are skipped, so an interrupted download resumes. Once every chunk is here, they
+//! are opened one by one into `<home>/files/<name>` (or `--to DIR`), the whole-file hash is
+//! checked, and the chunks are deleted. Progress goes to the event stream as
+//! `{"type":"progress","id","direction","done","total"}` (bytes).
+//!
+//! Serving: a node answers `Get` for blobs it holds (a sender's own chunks), so a recipient that
+//! can reach it needs no relay. It refuses `Put` and `Begin`: only relays store for others.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kith_net::codec::Message;
+use kith_protocol::blob::{self, FileRef, Hash, Key, CHUNK_BYTES};
+use kith_protocol::envelope::Header;
+use kith_protocol::{Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::engine::{now_ms, Node, NodeError, NodeEvent, Sent};
+use crate::net::{circuit_addr, peer_of};
+use crate::shutdown::Signal;
+use crate::store::{Batch, Direction, OutboxEntry, StoredMessage};
+
+/// Directory of sealed blobs inside the home.
+pub const BLOBS_DIR: &str = "blobs";
+/// Directory where downloaded files land inside the home (unless `--to DIR`).
+pub const FILES_DIR: &str = "files";
+/// Blob requests in flight per transfer.
+const WINDOW: usize = 16;
+/// Longest wait between two rounds of a transfer that keeps failing.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// First wait between two rounds.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
+/// Rounds a download asked for by the user tries before it reports what is missing.
+const MANUAL_ROUNDS: u32 = 4;
+/// Transfers running at once in the background.
+const MAX_BACKGROUND_TRANSFERS: usize = 4;
+/// Queued background transfers before new ones wait.
+const JOB_QUEUE: usize = 1024;
+/// Images larger than this get no thumbnail (decoding them costs too much).
+const MAX_THUMBNAIL_SOURCE_BYTES: u64 = 64 * 1024 * 1024;
+/// Thumbnail edge, in pixels.
+const THUMBNAIL_PX: u32 = 64;
+
+/// A file attached to a message, as the node keeps it (under `a/<message id>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// The reference from the signed message (key included).
+    pub file: FileRef,
+    /// Sent or received.
+    pub direction: Direction,
+    /// Who sent it.
+    pub from: PeerId,
+    /// The group it was sent to, if any.
+    pub group: Option<GroupId>,
+    /// Where the plaintext file is on this machine, once it is.
+    pub path: Option<String>,
+    /// Outgoing: every target relay holds every blob.
+    pub uploaded: bool,
+    /// Outgoing: the relays to upload to (multiaddrs ending in `/p2p/<relay>`).
+    pub relays: Vec<String>,
+}
+
+/// An attachment as `kith messages` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttachmentView {
+    /// The file's name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its media type.
+    pub mime: String,
+    /// BLAKE3 of the file, hex.
+    pub hash: String,
+    /// Where the file is on this machine, once it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A small PNG preview, hex-encoded, for images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<String>,
+}
+
+impl From<&Record> for AttachmentView {
+    fn from(r: &Record) -> Self {
+        Self {
+            name: r.file.name.clone(),
+            size: r.file.size,
+            mime: r.file.mime.clone(),
+            hash: r.file.file_hash.to_hex(),
+            path: r.path.clone(),
+            thumbnail: r.file.thumbnail.as_ref().map(hex::encode),
+        }
+    }
+}
+
+/// Counters for tests and diagnostics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Blobs refused because they did not match their hash.
+    pub refused_blobs: u64,
+    /// Blobs fetched and written.
+    pub fetched_blobs: u64,
+}
+
+enum Job {
+    Upload(MessageId),
+    Download(MessageId),
+}
+
+/// The media part of the node's shared state.
+pub(crate) struct State {
+    jobs: mpsc::Sender<Job>,
+    queue: Mutex<Option<mpsc::Receiver<Job>>>,
+    /// One lock per file being transferred, so a transfer never runs twice at once.
+    locks: Mutex<HashMap<MessageId, Arc<tokio::sync::Mutex<()>>>>,
+    refused: AtomicU64,
+    fetched: AtomicU64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let (jobs, queue) = mpsc::channel(JOB_QUEUE);
+        Self {
+            jobs,
+            queue: Mutex::new(Some(queue)),
+            locks: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why one round of a transfer did not finish.
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    /// Some blobs could not be had from any source (or stored at some relay).
+    #[error("{missing} of {total} blobs could not be transferred: {detail}")]
+    Incomplete {
+        missing: usize,
+        total: usize,
+        detail: String,
+    },
+    /// A relay refused the file outright (too large); retrying will not help.
+    #[error("{0}")]
+    Refused(String),
+    /// The local disk or store failed.
+    #[error("{0}")]
+    Local(String),
+}
+
+fn local(e: impl std::fmt::Display) -> TransferError {
+    TransferError::Local(e.to_string())
+}
+
+fn invalid(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Invalid(e.to_string())
+}
+
+/// The media type of a file, from its first bytes or its extension.
+pub fn sniff_mime(name: &str, head: &[u8]) -> String {
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return "image/png".into();
+    }
+    if head.starts_with(&[0xff, 0xd8, 0xff]) {
+        return "image/jpeg".into();
+    }
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "webm" => "video/webm",
+        "mp3" => "audio/mpeg",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        _ => "application/octet-stream",
+    }
+    .into()
+}
+
+/// A file name safe to send and to create: no directories, no control characters, at most
+/// [`blob::MAX_NAME_BYTES`] bytes.
+fn safe_name(path: &Path) -> String {
+    let raw = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while name.len() > blob::MAX_NAME_BYTES {
+        name.pop();
+    }
+    if name.is_empty() || name == "." || name == ".." {
+        name = "file".into();
+    }
+    name
+}
+
+/// Reads until `buf` is full or the file ends; returns how many bytes were read.
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes a blob under its hash (temporary file, then rename), unless it is already there.
+fn write_blob(dir: &Path, hash: &Hash, bytes: &[u8]) -> std::io::Result<()> {
+    let path = dir.join(hash.to_hex());
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!("{}.tmp{}", hash.to_hex(), rand::random::<u32>()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(tmp, path)
+}
+
+/// What chunking a file produced.
+struct Prepared {
+    size: u64,
+    file_hash: Hash,
+    manifest: Vec<Hash>,
+}
+
+/// Reads `path` once: seals and stores every chunk, writes the manifest blobs. Blocking.
+fn prepare(path: &Path, dir: &Path, key: &Key, expected_size: u64) -> std::io::Result<Prepared> {
+    std::fs::create_dir_all(dir)?;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut size = 0u64;
+    let mut index = 0u64;
+    loop {
+        let n = read_full(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let plain = &buf[..n];
+        hasher.update(plain);
+        let (sealed, hash) = blob::seal_chunk(key, index, plain);
+        write_blob(dir, &hash, &sealed)?;
+        chunks.push(hash);
+        size += n as u64;
+        index += 1;
+        if n < CHUNK_BYTES {
+            break;
+        }
+    }
+    if size != expected_size {
+        return Err(std::io::Error::other(format!(
+            "the file changed while it was read ({expected_size} bytes, then {size})"
+        )));
+    }
+    let mut manifest = Vec::new();
+    for (bytes, hash) in blob::manifest_blobs(&chunks) {
+        write_blob(dir, &hash, &bytes)?;
+        manifest.push(hash);
+    }
+    Ok(Prepared {
+        size,
+        file_hash: hasher.finalize().into(),
+        manifest,
+    })
+}
+
+/// A PNG thumbnail of at most [`THUMBNAIL_PX`] pixels a side, for PNG and JPEG images. Blocking.
+fn thumbnail(path: &Path, mime: &str, size: u64) -> Option<Vec<u8>> {
+    if !(mime == "image/png" || mime == "image/jpeg") || size > MAX_THUMBNAIL_SOURCE_BYTES {
+        return None;
+    }
+    let image = image::ImageReader::open(path)
+        .ok()?
+        .with_guessed_format()
+        .ok()?
+        .decode()
+        .ok()?;
+    let small = image.thumbnail(THUMBNAIL_PX, THUMBNAIL_PX);
+    let mut out = std::io::Cursor::new(Vec::new());
+    small.write_to(&mut out, image::ImageFormat::Png).ok()?;
+    let out = out.into_inner();
+    (out.len() <= blob::MAX_THUMBNAIL_BYTES).then_some(out)
+}
+
+/// The chunk hashes of a file whose manifest blobs are in `dir`. Blocking.
+fn read_manifest(dir: &Path, file: &FileRef) -> Result<Vec<Hash>, TransferError> {
+    let mut chunks = Vec::new();
+    for (part, hash) in file.manifest.iter().enumerate() {
+        let bytes = std::fs::read(dir.join(hash.to_hex())).map_err(local)?;
+        blob::verify(hash, &bytes).map_err(local)?;
+        chunks.extend(blob::parse_manifest(file.size, part, &bytes).map_err(local)?);
+    }
+    Ok(chunks)
+}
+
+/// A path in `dir` for `name` that does not exist yet (`name`, `name (1)`, ...).
+fn free_path(dir: &Path, name: &str) -> PathBuf {
+    let first = dir.join(name);
+    if !first.exists() {
+        return first;
+    }
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_owned(), format!(".{e}")),
+        _ => (name.to_owned(), String::new()),
+    };
+    (1..)
+        .map(|i| dir.join(format!("{stem} ({i}){ext}")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
+}
+
+/// Opens every chunk into `dest_dir/<name>` and checks the whole-file hash. Deletes a chunk that
+/// does not open (so it is fetched again). Blocking.
+fn assemble(
+    dir: &Path,
+    file: &FileRef,
+    chunks: &[Hash],
+    dest_dir: &Path,
+) -> Result<PathBuf, TransferError> {
+    std::fs::create_dir_all(dest_dir).map_err(local)?;
+    let part = dest_dir.join(format!(".{}.part{}", file.name, rand::random::<u32>()));
+    let result = (|| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&part).map_err(local)?);
+        let mut hasher = blake3::Hasher::new();
+        for (index, hash) in chunks.iter().enumerate() {
+            let path = dir.join(hash.to_hex());
+            let sealed = std::fs::read(&path).map_err(local)?;
+            let plain = match blob::verify(hash, &sealed)
+                .and_then(|()| blob::open_chunk(&file.key, file.size, index as u64, &sealed))
+            {
+                Ok(plain) => plain,
+                Err(e) => {
+                    tracing::warn!(%hash, error = %e, "a stored chunk does not open; fetching it again");
+                    let _ = std::fs::remove_file(&path);
+                    return Err(TransferError::Incomplete {
+                        missing: 1,
+                        total: chunks.len(),
+                        detail: e.to_string(),
+                    });
+                }
+            };
+            hasher.update(&plain);
+            out.write_all(&plain).map_err(local)?;
+        }
+        out.flush().map_err(local)?;
+        out.get_ref().sync_data().map_err(local)?;
+        let got: Hash = hasher.finalize().into();
+        if got != file.file_hash {
+            return Err(TransferError::Refused(format!(
+                "the file's hash is {got}, the message promised {}",
+                file.file_hash
+            )));
+        }
+        let dest = free_path(dest_dir, &file.name);
+        std::fs::rename(&part, &dest).map_err(local)?;
+        Ok(dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// Where blobs of a file can be had.
+#[derive(Debug, Clone)]
+struct Source {
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+}
+
+impl Node {
+    fn blobs_dir(&self) -> PathBuf {
+        self.config().home.join(BLOBS_DIR)
+    }
+
+    fn transfer_lock(&self, id: MessageId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.media().locks).entry(id).or_default().clone()
+    }
+
+    fn record(&self, id: &MessageId) -> Result<Record, NodeError> {
+        self.store()
+            .attachment::<Record>(id)?
+            .ok_or_else(|| NodeError::UnknownMessage(format!("{id} (no file attached)")))
+    }
+
+    /// The attachment of message `id`, if it has one.
+    pub fn attachment(&self, id: &MessageId) -> Option<AttachmentView> {
+        self.store()
+            .attachment::<Record>(id)
+            .ok()
+            .flatten()
+            .map(|r| AttachmentView::from(&r))
+    }
+
+    /// Fills in the `attachment` of every message view that has one.
+    pub(crate) fn with_attachments(
+        &self,
+        mut views: Vec<crate::engine::MessageView>,
+    ) -> Vec<crate::engine::MessageView> {
+        for view in &mut views {
+            if let Ok(id) = view.id.parse::<MessageId>() {
+                view.attachment = self.attachment(&id);
+            }
+        }
+        views
+    }
+
+    /// Transfer counters.
+    pub fn media_stats(&self) -> Stats {
+        Stats {
+            refused_blobs: self.media().refused.load(Ordering::Relaxed),
+            fetched_blobs: self.media().fetched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends the file at `path` to a contact, peer id or group. Returns once the message is in
+    /// the outbox; the upload to the relays continues in the background.
+    pub async fn send_file(&self, to: &str, path: &Path) -> Result<Sent, NodeError> {
+        let group = self.group_target(to)?;
+        let peer = match &group {
+            Some(_) => None,
+            None => Some(self.resolve(to)?),
+        };
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(invalid(format!("{} is not a file", path.display())));
+        }
+        let size = meta.len();
+        let max = self.settings().max_file_bytes;
+        if size > max {
+            return Err(invalid(format!(
+                "{} is {size} bytes, above the limit of {max} bytes (max_file_bytes in config.toml); nothing was sent",
+                path.display()
+            )));
+        }
+        let relays: Vec<String> = match (&group, &peer) {
+            (Some(state), _) => vec![state.relay.clone()],
+            (None, Some(peer)) => self.contact_of(peer).map(|c| c.relays).unwrap_or_default(),
+            (None, None) => Vec::new(),
+        };
+        self.check_relays_accept(&relays, size).await?;
+        self.mark_user_activity();
+        let name = safe_name(path);
+        let mut head = [0u8; 16];
+        let head_len = std::fs::File::open(path)
+            .and_then(|mut f| read_full(&mut f, &mut head))
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+        let mime = sniff_mime(&name, &head[..head_len]);
+        let key = Key::random(&mut rand::thread_rng());
+        let dir = self.blobs_dir();
+        let (prepared, thumb) = {
+            let (source, key, mime) = (path.to_owned(), key.clone(), mime.clone());
+            tokio::task::spawn_blocking(move || {
+                let prepared = prepare(&source, &dir, &key, size)?;
+                Ok::<_, std::io::Error>((prepared, thumbnail(&source, &mime, size)))
+            })
+            .await
+            .map_err(|e| invalid(format!("chunking failed: {e}")))?
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?
+        };
+        let file = FileRef {
+            name,
+            size: prepared.size,
+            mime,
+            file_hash: prepared.file_hash,
+            key,
+            manifest: prepared.manifest,
+            thumbnail: thumb,
+        };
+        let body = Body::File(file.clone());
+        body.validate().map_err(invalid)?;
+        let id = MessageId::random();
+        let record = Record {
+            file,
+            direction: Direction::Out,
+            from: self.peer_id(),
+            group: group.as_ref().map(|g| g.group),
+            path: Some(
+                std::fs::canonicalize(path)
+                    .unwrap_or_else(|_| path.to_owned())
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            uploaded: relays.is_empty(),
+            relays,
+        };
+        let mut batch = Batch::new();
+        batch.put_attachment(&id, &record);
+        let sent = match (group, peer) {
+            (Some(state), _) => {
+                self.send_group_with(state, id, body, "", batch, None)
+                    .await?
+            }
+            (None, Some(peer)) => self.send_file_to_peer(peer, id, body, batch).await?,
+            (None, None) => return Err(NodeError::UnknownRecipient(to.to_owned())),
+        };
+        if !record.uploaded {
+            self.queue_job(Job::Upload(id)).await;
+        }
+        Ok(sent)
+    }
+
+    /// Asks each reachable relay whether it takes a file of `size` bytes; a refusal is an error
+    /// before any upload. An unreachable relay is not an error: the upload retries later.
+    async fn check_relays_accept(&self, relays: &[String], size: u64) -> Result<(), NodeError> {
+        for relay in relays {
+            let Some((peer, addr)) = parse_relay(relay) else {
+                continue;
+            };
+            let request = blob::Request::Begin {
+                req_id: self.req_id(),
+                size,
+            };
+            match self.net().blob(peer, vec![addr], request).await {
+                Ok(blob::Response::Rejected {
+                    reason: Reject::TooLarge { max },
+                    ..
+                }) => {
+                    return Err(invalid(format!(
+                        "the file is {size} bytes; relay {peer} takes files of at most {max} bytes; nothing was sent"
+                    )))
+                }
+                Ok(blob::Response::Rejected {
+                    reason: Reject::QuotaExceeded,
+                    ..
+                }) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "relay {peer} has no room for {size} more bytes from you; nothing was sent"
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::info!(relay = %peer, error = %e, "relay unreachable; the upload will retry"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_file_to_peer(
+        &self,
+        peer: PeerId,
+        id: MessageId,
+        body: Body,
+        mut batch: Batch,
+    ) -> Result<Sent, NodeError> {
+        let lamport = self.next_lamport(&peer)?;
+        let header = Header {
+            id,
+            to: Destination::Peer(peer),
+            sent_at_ms: now_ms(),
+            lamport,
+            expires_at_ms: None,
+        };
+        let envelope = Envelope::seal(self.key(), header, &body).map_err(invalid)?;
+        let stored = StoredMessage {
+            id,
+            direction: Direction::Out,
+            from: self.peer_id(),
+            peer,
+            text: String::new(),
+            sent_at_ms: envelope.sent_at_ms,
+            lamport,
+            state: MessageState::Pending,
+            expires_at_ms: None,
+        };
+        batch.put_message(&stored);
+        batch.set_lamport(&peer, lamport);
+        let entry = OutboxEntry {
+            envelope,
+            attempts: 0,
+            due_ms: now_ms(),
+        };
+        batch.put_outbox(&entry);
+        self.store().commit(batch).await?;
+        self.enqueue(entry);
+        Ok(Sent {
+            id: id.to_string(),
+            state: MessageState::Pending,
+            note: None,
+        })
+    }
+
+    /// Adds the attachment record of an incoming file to `batch` (stored with the message).
+    pub(crate) fn put_incoming_file(
+        &self,
+        batch: &mut Batch,
+        envelope: &Envelope,
+        file: FileRef,
+        group: Option<GroupId>,
+    ) {
+        let record = Record {
+            file,
+            direction: Direction::In,
+            from: envelope.from,
+            group,
+            path: None,
+            uploaded: false,
+            relays: Vec::new(),
+        };
+        batch.put_attachment(&envelope.id, &record);
+    }
+
+    /// Called once an incoming file's message is stored: starts the download if it is small.
+    pub(crate) async fn file_received(&self, id: MessageId, size: u64) {
+        if size <= self.settings().auto_download_max_bytes {
+            self.queue_job(Job::Download(id)).await;
+        }
+    }
+
+    async fn queue_job(&self, job: Job) {
+        if self.media().jobs.send(job).await.is_err() {
+            tracing::debug!("media loop stopped; the transfer resumes at the next start");
+        }
+    }
+
+    /// Runs background transfers; resumes unfinished ones at start.
+    pub(crate) async fn media_loop(self, mut shutdown: Signal) {
+        let Some(mut queue) = lock(&self.media().queue).take() else {
+            return;
+        };
+        let mut work = JoinSet::new();
+        let mut waiting = std::collections::VecDeque::new();
+        match self.store().attachments::<Record>() {
+            Ok(records) => {
+                for (id, record) in records {
+                    match record.direction {
+                        Direction::Out if !record.uploaded => waiting.push_back(Job::Upload(id)),
+                        Direction::In
+                            if record.path.is_none()
+                                && record.file.size <= self.settings().auto_download_max_bytes =>
+                        {
+                            waiting.push_back(Job::Download(id))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read attachments"),
+        }
+        loop {
+            while work.len() < MAX_BACKGROUND_TRANSFERS {
+                let Some(job) = waiting.pop_front() else {
+                    break;
+                };
+                let node = self.clone();
+                work.spawn(async move {
+                    match job {
+                        Job::Upload(id) => node.upload_until_done(id).await,
+                        Job::Download(id) => node.download_until_done(id).await,
+                    }
+                });
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                Some(done) = work.join_next(), if !work.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "transfer task failed");
+                    }
+                }
+                job = queue.recv() => match job {
+                    Some(job) => waiting.push_back(job),
+                    None => break,
+                },
+            }
+        }
+        work.shutdown().await;
+    }
+
+    async fn upload_until_done(&self, id: MessageId) {
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            match self.upload(id).await {
+                Ok(()) => return,
+                Err(TransferError::Refused(reason)) => {
+                    tracing::warn!(%id, %reason, "upload refused");
+                    self.emit(NodeEvent::Failed {
+                        id: id.to_string(),
+                        reason,
+                    });
+                    return;
+                }
+                Err(e) => tracing::info!(%id, error = %e, "upload incomplete; will retry"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    async fn download_until_done(&self, id: MessageId) {
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            match self.download_once(id, None).await {
+                Ok(_) => return,
+                Err(TransferError::Refused(reason)) => {
+                    tracing::warn!(%id, %reason, "download failed for good");
+                    self.emit(NodeEvent::Failed {
+                        id: id.to_string(),
+                        reason,
+                    });
+                    return;
+                }
+                Err(e) => tracing::info!(%id, error = %e, "download incomplete; will retry"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    fn progress(&self, id: MessageId, direction: &str, done: u64, total: u64) {
+        self.emit(NodeEvent::Progress {
+            id: id.to_string(),
+            direction: direction.to_owned(),
+            done,
+            total,
+        });
+    }
+
+    /// One round of uploading every blob of an outgoing file to every target relay.
+    async fn upload(&self, id: MessageId) -> Result<(), TransferError> {
+        let lock = self.transfer_lock(id);
+        let _guard = lock.lock().await;
+        let mut record = self.record(&id).map_err(local)?;
+        if record.uploaded {
+            return Ok(());
+        }
+        let dir = self.blobs_dir();
+        let chunks = {
+            let (dir, file) = (dir.clone(), record.file.clone());
+            tokio::task::spawn_blocking(move || read_manifest(&dir, &file))
+                .await
+                .map_err(local)??
+        };
+        let size = record.file.size;
+        let total = size.saturating_mul(record.relays.len() as u64);
+        let done = AtomicU64::new(0);
+        let mut failures = Vec::new();
+        for relay in &record.relays {
+            let Some((peer, addr)) = parse_relay(relay) else {
+                tracing::warn!(%relay, "skipping a relay address without /p2p/");
+                continue;
+            };
+            let begin = blob::Request::Begin {
+                req_id: self.req_id(),
+                size,
+            };
+            match self.net().blob(peer, vec![addr.clone()], begin).await {
+                Ok(blob::Response::Ready { .. }) => {}
+                Ok(blob::Response::Rejected {
+                    reason: Reject::TooLarge { max },
+                    ..
+                }) => {
+                    return Err(TransferError::Refused(format!(
+                        "relay {peer} takes files of at most {max} bytes"
+                    )))
+                }
+                Ok(other) => {
+                    failures.push(format!("relay {peer}: {other:?}"));
+                    continue;
+                }
+                Err(e) => {
+                    failures.push(format!("relay {peer}: {e}"));
+                    continue;
+                }
+            }
+            let mut blobs: Vec<(Hash, usize)> =
+                record.file.manifest.iter().map(|h| (*h, 0usize)).collect();
+            for (i, h) in chunks.iter().enumerate() {
+                blobs.push((*h, blob::chunk_len(size, i as u64)));
+            }
+            let results: Vec<Result<(), String>> = futures::stream::iter(blobs)
+                .map(|(hash, plain_len)| {
+                    let (dir, addr, done) = (&dir, &addr, &done);
+                    async move {
+                        let bytes = tokio::fs::read(dir.join(hash.to_hex()))
+                            .await
+                            .map_err(|e| format!("blob {hash}: {e}"))?;
+                        let request = blob::Request::Put {
+                            req_id: self.req_id(),
+                            hash,
+                            bytes,
+                        };
+                        match self.net().blob(peer, vec![addr.clone()], request).await {
+                            Ok(blob::Response::Stored { .. }) => {
+                                let now = done.fetch_add(plain_len as u64, Ordering::Relaxed)
+                                    + plain_len as u64;
+                                if plain_len > 0 {
+                                    self.progress(id, "upload", now, total);
+                                }
+                                Ok(())
+                            }
+                            Ok(other) => Err(format!("relay {peer}: {other:?}")),
+                            Err(e) => Err(format!("relay {peer}: {e}")),
+                        }
+                    }
+                })
+                .buffer_unordered(WINDOW)
+                .collect()
+                .await;
+            let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+            if let Some(first) = failed.first() {
+                failures.push(format!("{} blobs failed, first: {first}", failed.len()));
+            }
+        }
+        if !failures.is_empty() {
+            return Err(TransferError::Incomplete {
+                missing: failures.len(),
+                total: record.relays.len(),
+                detail: failures.join("; "),
+            });
+        }
+        record.uploaded = true;
+        let mut batch = Batch::new();
+        batch.put_attachment(&id, &record);
+        self.store().commit(batch).await.map_err(local)?;
+        tracing::info!(%id, relays = record.relays.len(), "file uploaded");
+        Ok(())
+    }
+
+    /// Where to look for the blobs of `record`: the sender (first if connected), this node's
+    /// home relays and the group's relay.
+    async fn sources(&self, record: &Record) -> Vec<Source> {
+        let mut sender_addrs = Vec::new();
+        if let Some(contact) = self.contact_of(&record.from) {
+            sender_addrs.extend(contact.addrs.iter().filter_map(|a| a.parse().ok()));
+            for relay in &contact.relays {
+                if let Ok(relay) = relay.parse::<Multiaddr>() {
+                    sender_addrs.push(circuit_addr(&relay, record.from));
+                }
+            }
+        }
+        let sender = Source {
+            peer: record.from,
+            addrs: sender_addrs,
+        };
+        let mut relays: Vec<Source> = Vec::new();
+        let mut seen = HashSet::new();
+        let group_relay = record
+            .group
+            .and_then(|g| self.find_group(&g.to_string()))
+            .map(|s| s.relay);
+        for addr in self
+            .home_relays()
+            .values()
+            .map(|a| a.to_string())
+            .chain(group_relay)
+        {
+            if let Some((peer, addr)) = parse_relay(&addr) {
+                if seen.insert(peer) {
+                    relays.push(Source {
+                        peer,
+                        addrs: vec![addr],
+                    });
+                }
+            }
+        }
+        if record.from == self.peer_id() {
+            return relays;
+        }
+        if self.net().is_connected(record.from).await {
+            std::iter::once(sender).chain(relays).collect()
+        } else {
+            relays.into_iter().chain(std::iter::once(sender)).collect()
+        }
+    }
+
+    /// Gets one blob from the first source that has it and whose bytes match the hash.
+    async fn fetch(&self, sources: &[Source], start: usize, hash: Hash) -> Result<Vec<u8>, String> {
+        let mut why = Vec::new();
+        for k in 0..sources.len() {
+            let Some(source) = sources.get((start + k) % sources.len()) else {
+                continue;
+            };
+            let request = blob::Request::Get {
+                req_id: self.req_id(),
+                hash,
+            };
+            match self
+                .net()
+                .blob(source.peer, source.addrs.clone(), request)
+                .await
+            {
+                Ok(blob::Response::Blob { bytes, .. }) => match blob::verify(&hash, &bytes) {
+                    Ok(()) => return Ok(bytes),
+                    Err(e) => {
+                        self.media().refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(source = %source.peer, %hash, error = %e, "refusing a blob that does not match its hash; asking elsewhere");
+                        why.push(format!("{}: bad blob", source.peer));
+                    }
+                },
+                Ok(blob::Response::NotFound { .. }) => {
+                    why.push(format!("{}: not found", source.peer))
+                }
+                Ok(other) => why.push(format!("{}: {other:?}", source.peer)),
+                Err(e) => why.push(format!("{}: {e}", source.peer)),
+            }
+        }
+        Err(if why.is_empty() {
+            "no source".into()
+        } else {
+            why.join(", ")
+        })
+    }
+
+    /// Fetches the blobs in `wanted` that are not on disk yet, `WINDOW` at a time.
+    async fn fetch_missing(
+        &self,
+        id: MessageId,
+        sources: &[Source],
+        wanted: Vec<(Hash, u64)>,
+        done: &AtomicU64,
+        total: u64,
+    ) -> Result<(), TransferError> {
+        let dir = self.blobs_dir();
+        tokio::fs::create_dir_all(&dir).await.map_err(local)?;
+        let count = wanted.len();
+        let mut missing = Vec::new();
+        for (hash, plain_len) in wanted {
+            if tokio::fs::try_exists(dir.join(hash.to_hex()))
+                .await
+                .unwrap_or(false)
+            {
+                done.fetch_add(plain_len, Ordering::Relaxed);
+            } else {
+                missing.push((hash, plain_len));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.progress(id, "download", done.load(Ordering::Relaxed), total);
+        let failed: Vec<String> = futures::stream::iter(missing.into_iter().enumerate())
+            .map(|(n, (hash, plain_len))| {
+                let dir = dir.clone();
+                async move {
+                    let bytes = self.fetch(sources, n, hash).await?;
+                    tokio::task::spawn_blocking(move || write_blob(&dir, &hash, &bytes))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    self.media().fetched.fetch_add(1, Ordering::Relaxed);
+                    let now = done.fetch_add(plain_len, Ordering::Relaxed) + plain_len;
+                    if plain_len > 0 {
+                        self.progress(id, "download", now, total);
+                    }
+                    Ok::<(), String>(())
+                }
+            })
+            .buffer_unordered(WINDOW)
+            .filter_map(|r| async move { r.err() })
+            .collect()
+            .await;
+        match failed.first() {
+            None => Ok(()),
+            Some(first) => Err(TransferError::Incomplete {
+                missing: failed.len(),
+                total: count,
+                detail: first.clone(),
+            }),
+        }
+    }
+
+    /// One round of downloading an incoming file; returns where it is.
+    async fn download_once(
+        &self,
+        id: MessageId,
+        to: Option<&Path>,
+    ) -> Result<PathBuf, TransferError> {
+        let lock = self.transfer_lock(id);
+        let _guard = lock.lock().await;
+        let mut record = self.record(&id).map_err(local)?;
+        if let Some(path) = &record.path {
+            let path = PathBuf::from(path);
+            return match to {
+                Some(dir) if path.parent() != Some(dir) => {
+                    let (path, dir, name) =
+                        (path.clone(), dir.to_owned(), record.file.name.clone());
+                    tokio::task::spawn_blocking(move || {
+                        std::fs::create_dir_all(&dir)?;
+                        let dest = free_path(&dir, &name);
+                        std::fs::copy(&path, &dest)?;
+                        Ok::<_, std::io::Error>(dest)
+                    })
+                    .await
+                    .map_err(local)?
+                    .map_err(local)
+                }
+                _ => Ok(path),
+            };
+        }
+        let sources = self.sources(&record).await;
+        if sources.is_empty() {
+            return Err(TransferError::Incomplete {
+                missing: 1,
+                total: 1,
+                detail: "no source: the sender is unknown and there is no relay".into(),
+            });
+        }
+        let size = record.file.size;
+        let done = AtomicU64::new(0);
+        let manifest = record.file.manifest.iter().map(|h| (*h, 0)).collect();
+        self.fetch_missing(id, &sources, manifest, &done, size)
+            .await?;
+        let dir = self.blobs_dir();
+        let chunks = {
+            let (dir, file) = (dir.clone(), record.file.clone());
+            tokio::task::spawn_blocking(move || read_manifest(&dir, &file))
+                .await
+                .map_err(local)?
+        };
+        let chunks = match chunks {
+            Ok(chunks) => chunks,
+            Err(e) => {
+                // A manifest that hashes right but does not parse: the sender built it wrong.
+                return Err(TransferError::Refused(format!("bad manifest: {e}")));
+            }
+        };
+        let wanted = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (*h, blob::chunk_len(size, i as u64) as u64))
+            .collect();
+        self.fetch_missing(id, &sources, wanted, &done, size)
+            .await?;
+        let dest_dir = to
+            .map(Path::to_owned)
+            .unwrap_or_else(|| self.config().home.join(FILES_DIR));
+        let path = {
+            let (dir, file, chunks) = (dir.clone(), record.file.clone(), chunks.clone());
+            tokio::task::spawn_blocking(move || assemble(&dir, &file, &chunks, &dest_dir))
+                .await
+                .map_err(local)??
+        };
+        record.path = Some(path.to_string_lossy().into_owned());
+        let mut batch = Batch::new();
+        batch.put_attachment(&id, &record);
+        self.store().commit(batch).await.map_err(local)?;
+        self.progress(id, "download", size, size);
+        // The plaintext is here: the sealed copies are no longer needed.
+        tokio::task::spawn_blocking(move || {
+            for hash in chunks.iter().chain(record.file.manifest.iter()) {
+                let _ = std::fs::remove_file(dir.join(hash.to_hex()));
+            }
+        })
+        .await
+        .map_err(local)?;
+        tracing::info!(%id, path = %path.display(), "file downloaded");
+        Ok(path)
+    }
+
+    /// Downloads the file attached to message `id` (into `<home>/files`, or `to`), resuming
+    /// from the chunks already here. Returns the attachment with its `path`.
+    pub async fn download(&self, id: &str, to: Option<&Path>) -> Result<AttachmentView, NodeError> {
+        let parsed: MessageId = id
+            .parse()
+            .map_err(|e: kith_protocol::ids::ParseIdError| invalid(e))?;
+        let record = self.record(&parsed)?;
+        self.mark_user_activity();
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut last = String::new();
+        for round in 0..MANUAL_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            match self.download_once(parsed, to).await {
+                Ok(path) => {
+                    let mut view = AttachmentView::from(&record);
+                    view.path = Some(path.to_string_lossy().into_owned());
+                    return Ok(view);
+                }
+                Err(TransferError::Refused(reason)) => return Err(invalid(reason)),
+                Err(TransferError::Local(reason)) => return Err(invalid(reason)),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(NodeError::Unavailable(format!(
+            "download of {id} incomplete ({last}); run it again to resume"
+        )))
+    }
+
+    /// Answers a `/kith/blob/1` request from another node: `Get` for blobs held here.
+    pub(crate) async fn serve_blob(
+        &self,
+        peer: PeerId,
+        request: Message<blob::Request>,
+        channel: ResponseChannel<blob::Response>,
+    ) {
+        let response = match request {
+            Message::Valid(blob::Request::Get { req_id, hash }) => {
+                let path = self.blobs_dir().join(hash.to_hex());
+                match tokio::fs::read(&path).await {
+                    Ok(bytes) if bytes.len() <= blob::MAX_BLOB_BYTES => {
+                        blob::Response::Blob { req_id, bytes }
+                    }
+                    _ => blob::Response::NotFound { req_id },
+                }
+            }
+            Message::Valid(other) => {
+                tracing::warn!(%peer, "refusing a blob upload: nodes only serve their own files");
+                blob::Response::Rejected {
+                    req_id: other.req_id(),
+                    reason: Reject::Malformed,
+                }
+            }
+            Message::Invalid { reason, detail } => {
+                tracing::warn!(%peer, %detail, "refusing an undecodable blob request");
+                blob::Response::Rejected { req_id: 0, reason }
+            }
+            Message::Raw(_) => blob::Response::Rejected {
+                req_id: 0,
+                reason: Reject::Malformed,
+            },
+        };
+        self.net().respond_blob(channel, response).await;
+    }
+}
+
+fn parse_relay(addr: &str) -> Option<(PeerId, Multiaddr)> {
+    let addr: Multiaddr = addr.parse().ok()?;
+    Some((peer_of(&addr)?, addr))
+}
+
+// ---- local API ------------------------------------------------------------------------------
+
+mod api {
+    use std::path::PathBuf;
+
+    use axum::extract::State as AxumState;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use crate::engine::{Node, NodeError};
+
+    struct ApiError(NodeError);
+
+    impl IntoResponse for ApiError {
+        fn into_response(self) -> Response {
+            let status = match &self.0 {
+                NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
+                NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (status, Json(json!({ "error": self.0.to_string() }))).into_response()
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct SendFileBody {
+        to: String,
+        path: PathBuf,
+    }
+
+    async fn send_file(
+        AxumState(node): AxumState<Node>,
+        Json(body): Json<SendFileBody>,
+    ) -> Result<impl IntoResponse, ApiError> {
+        Ok(Json(
+            node.send_file(&body.to, &body.path)
+                .await
+                .map_err(ApiError)?,
+        ))
+    }
+
+    #[derive(Deserialize)]
+    struct DownloadBody {
+        id: String,
+        #[serde(default)]
+        to: Option<PathBuf>,
+    }
+
+    async fn download(
+        AxumState(node): AxumState<Node>,
+        Json(body): Json<DownloadBody>,
+    ) -> Result<impl IntoResponse, ApiError> {
+        Ok(Json(
+            node.download(&body.id, body.to.as_deref())
+                .await
+                .map_err(ApiError)?,
+        ))
+    }
+
+    /// `POST /v1/send-file` and `POST /v1/download`.
+    pub(crate) fn routes() -> Router<Node> {
+        Router::new()
+            .route("/v1/send-file", post(send_file))
+            .route("/v1/download", post(download))
+    }
+}
+
+pub(crate) use api::routes as api_routes;
+
+/// `kith send-file` and `kith download`: progress bars on a terminal, JSON otherwise.
+pub mod cli {
+    use std::io::IsTerminal;
+    use std::path::PathBuf;
+
+    use anyhow::{Context, Result};
+    use indicatif::{ProgressBar, ProgressStyle};
+    use serde_json::{json, Value};
+
+    use crate::client::Client;
+
+    fn bar(label: &str) -> ProgressBar {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_owned());
+        bar
+    }
+
+    /// Follows progress events for `id` in `direction` until `done == total`.
+    async fn follow(client: &Client, id: &str, direction: &str, label: &str) -> Result<()> {
+        let bar = bar(label);
+        let id = id.to_owned();
+        let direction = direction.to_owned();
+        let result = client
+            .events_until(|event: Value| {
+                if event["type"] == "failed" && event["id"] == id.as_str() {
+                    bar.abandon_with_message(format!(
+                        "failed: {}",
+                        event["reason"].as_str().unwrap_or_default()
+                    ));
+                    return true;
+                }
+                if event["type"] != "progress"
+                    || event["id"] != id.as_str()
+                    || event["direction"] != direction.as_str()
+                {
+                    return false;
+                }
+                let (done, total) = (
+                    event["done"].as_u64().unwrap_or(0),
+                    event["total"].as_u64().unwrap_or(0),
+                );
+                bar.set_length(total);
+                bar.set_position(done);
+                if done >= total {
+                    bar.finish();
+                    return true;
+                }
+                false
+            })
+            .await;
+        result.context("following progress")
+    }
+
+    /// `kith send-file TO PATH [--json]`.
+    pub async fn send_file(client: &Client, to: &str, path: PathBuf, json: bool) -> Result<()> {
+        let path = std::fs::canonicalize(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let sent: Value = client
+            .post(
+                "/v1/send-file",
+                &json!({ "to": to, "path": path.to_string_lossy() }),
+            )
+            .await?;
+        let id = sent["id"].as_str().unwrap_or_default().to_owned();
+        if json {
+            println!("{}", serde_json::to_string(&sent)?);
+            return Ok(());
+        }
+        println!("{id}");
+        if std::io::stdout().is_terminal() {
+            follow(client, &id, "upload", "uploading").await?;
+        }
+        Ok(())
+    }
+
+    /// `kith download MESSAGE_ID [--to DIR] [--json]`.
+    pub async fn download(
+        client: &Client,
+        id: &str,
+        to: Option<PathBuf>,
+        json: bool,
+    ) -> Result<()> {
+        let to = to
+            .map(|d| {
+                std::fs::create_dir_all(&d)?;
+                std::fs::canonicalize(&d)
+            })
+            .transpose()
+            .context("the --to directory")?;
+        let body = json!({ "id": id, "to": to.map(|d| d.to_string_lossy().into_owned()) });
+        let request = client.post::<Value>("/v1/download", &body);
+        let view = if !json && std::io::stdout().is_terminal() {
+            let (view, _) = tokio::join!(request, async {
+                let _ = follow(client, id, "download", "downloading").await;
+            });
+            view?
+        } else {
+            request.await?
+        };
+        if json {
+            println!("{}", serde_json::to_string(&view)?);
+        } else {
+            println!("{}", view["path"].as_str().unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mime_by_magic_then_extension() {
+        assert_eq!(sniff_mime("x.bin", b"\x89PNG\r\n\x1a\n...."), "image/png");
+        assert_eq!(sniff_mime("x", &[0xff, 0xd8, 0xff, 0xe0]), "image/jpeg");
+        assert_eq!(sniff_mime("clip.MP4", b"...."), "video/mp4");
+        assert_eq!(sniff_mime("notes", b"hello"), "application/octet-stream");
+    }
+
+    #[test]
+    fn names_are_made_safe() {
+        assert_eq!(safe_name(Path::new("/tmp/a b.png")), "a b.png");
+        assert_eq!(safe_name(Path::new("/")), "file");
+        assert_eq!(safe_name(Path::new("x\ny")), "x_y");
+    }
+
+    #[test]
+    fn prepare_then_assemble_round_trips_and_refuses_a_bad_chunk() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("data.bin");
+        let data: Vec<u8> = (0..(CHUNK_BYTES * 2 + 1000))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(&src, &data).expect("write");
+        let blobs = dir.path().join("blobs");
+        let key = Key([3u8; 32]);
+        let prepared = prepare(&src, &blobs, &key, data.len() as u64).expect("prepare");
+        let file = FileRef {
+            name: "data.bin".into(),
+            size: prepared.size,
+            mime: "application/octet-stream".into(),
+            file_hash: prepared.file_hash,
+            key,
+            manifest: prepared.manifest,
+            thumbnail: None,
+        };
+        file.validate().expect("valid");
+        let chunks = read_manifest(&blobs, &file).expect("manifest");
+        assert_eq!(chunks.len(), 3);
+        let out = dir.path().join("out");
+        let path = assemble(&blobs, &file, &chunks, &out).expect("assemble");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+        // A damaged chunk on disk is refused and deleted, so it is fetched again.
+        let victim = blobs.join(chunks[1].to_hex());
+        let mut bytes = std::fs::read(&victim).expect("read");
+        bytes[5] ^= 0xff;
+        std::fs::write(&victim, bytes).expect("write");
+        assert!(matches!(
+            assemble(&blobs, &file, &chunks, &out),
+            Err(TransferError::Incomplete { .. })
+        ));
+        assert!(!victim.exists());
+    }
+
+    #[test]
+    fn thumbnails_are_small_pngs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("big.png");
+        image::RgbImage::from_fn(400, 200, |x, y| image::Rgb([x as u8, y as u8, 7]))
+            .save(&src)
+            .expect("save");
+        let size = std::fs::metadata(&src).expect("meta").len();
+        let thumb = thumbnail(&src, "image/png", size).expect("a thumbnail");
+        let back = image::load_from_memory(&thumb).expect("decodes");
+        assert!(back.width() <= THUMBNAIL_PX && back.height() <= THUMBNAIL_PX);
+        assert!(thumbnail(&src, "application/octet-stream", size).is_none());
+    }
+}

@@ -1,0 +1,269 @@
+//! `/kith/blob/1` on the relay: encrypted file chunks held for offline recipients.
+//!
+//! Flow: a sender asks `Begin { size }` (refused with `TooLarge` above
+//! [`Settings::max_file_bytes`] or `QuotaExceeded` when its stored chunks plus `size` exceed its
+//! quota), then `Put`s each blob; the relay checks the BLAKE3 hash, writes the blob to disk
+//! ([`store`]) and answers `Stored`. Anyone who knows a hash may `Get` the blob: blobs are sealed
+//! with a key the relay never sees, and a hash is only learnt from a signed message. Blobs expire
+//! after a TTL; a periodic purge deletes them.
+//!
+//! The swarm task never touches the disk: each request becomes a blocking job whose answer the
+//! task collects with [`Server::next`] and sends with [`Server::finish`]. Past
+//! [`Settings::max_pending`] jobs, requests are answered `Busy` at once.
+
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use kith_net::codec::Message;
+use kith_protocol::blob::{self, Request, Response, MAX_BLOB_BYTES};
+use kith_protocol::Reject;
+use libp2p::request_response::{self, ResponseChannel};
+use libp2p::{PeerId, Swarm};
+
+use crate::metrics::Metrics;
+use crate::swarm::Behaviour;
+use crate::Clock;
+
+/// The blob service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest file accepted by `Begin`, in bytes.
+    pub max_file_bytes: u64,
+    /// Jobs in progress before requests are answered `Busy`.
+    pub max_pending: usize,
+    /// The delay a `Busy` answer asks for, in milliseconds.
+    pub busy_retry_after_ms: u64,
+    /// How often expired blobs are deleted.
+    pub purge_interval: Duration,
+    /// The clock expiry reads.
+    pub clock: Clock,
+}
+
+/// An answer ready to go back to a peer.
+pub struct Done {
+    peer: PeerId,
+    channel: ResponseChannel<Response>,
+    response: Response,
+}
+
+/// The blob service, owned by the swarm task.
+pub struct Server {
+    store: Arc<store::Store>,
+    settings: Settings,
+    metrics: Metrics,
+    pending: FuturesUnordered<BoxFuture<'static, Option<Done>>>,
+    purge: tokio::time::Interval,
+}
+
+impl Server {
+    /// A server over `store`.
+    pub fn new(store: store::Store, settings: Settings, metrics: Metrics) -> Self {
+        let mut purge = tokio::time::interval(settings.purge_interval);
+        purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            store: Arc::new(store),
+            settings,
+            metrics,
+            pending: FuturesUnordered::new(),
+            purge,
+        }
+    }
+
+    /// Handles one `/kith/blob/1` event from the swarm.
+    pub fn on_event(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        event: request_response::Event<Message<Request>, Response>,
+    ) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                if let Some(response) = self.on_request(peer, request, channel, swarm) {
+                    let (channel, response) = response;
+                    self.send(swarm, peer, channel, response);
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "blob inbound failure");
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a job for `request`, or returns an immediate answer.
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: Message<Request>,
+        channel: ResponseChannel<Response>,
+        _swarm: &mut Swarm<Behaviour>,
+    ) -> Option<(ResponseChannel<Response>, Response)> {
+        let reject = |req_id, reason: Reject| Response::Rejected { req_id, reason };
+        let request = match request {
+            Message::Valid(request) => request,
+            Message::Invalid { reason, detail } => {
+                tracing::warn!(%peer, %detail, "refusing an undecodable blob request");
+                self.metrics.reject(&reason);
+                return Some((channel, reject(0, reason)));
+            }
+            Message::Raw(_) => return Some((channel, reject(0, Reject::Malformed))),
+        };
+        let req_id = request.req_id();
+        if self.pending.len() >= self.settings.max_pending {
+            let reason = Reject::Busy {
+                retry_after_ms: self.settings.busy_retry_after_ms,
+            };
+            self.metrics.reject(&reason);
+            return Some((channel, reject(req_id, reason)));
+        }
+        let store = self.store.clone();
+        let now = self.settings.clock.now_ms();
+        match request {
+            Request::Begin { size, .. } => {
+                let response = if size > self.settings.max_file_bytes {
+                    tracing::info!(%peer, size, "refusing a file above the size limit");
+                    reject(
+                        req_id,
+                        Reject::TooLarge {
+                            max: self.settings.max_file_bytes,
+                        },
+                    )
+                } else if !store.has_room(&peer, size) {
+                    tracing::info!(%peer, size, "refusing a file over the uploader's quota");
+                    reject(req_id, Reject::QuotaExceeded)
+                } else {
+                    Response::Ready { req_id }
+                };
+                Some((channel, response))
+            }
+            Request::Put { hash, bytes, .. } => {
+                if bytes.len() > MAX_BLOB_BYTES {
+                    return Some((
+                        channel,
+                        reject(
+                            req_id,
+                            Reject::TooLarge {
+                                max: MAX_BLOB_BYTES as u64,
+                            },
+                        ),
+                    ));
+                }
+                let job = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = blob::verify(&hash, &bytes) {
+                        tracing::warn!(%peer, error = %e, "refusing a blob that does not match its hash");
+                        return reject(req_id, Reject::Malformed);
+                    }
+                    match store.put(peer, &hash, &bytes, now) {
+                        Ok(()) => Response::Stored { req_id },
+                        Err(store::PutError::Quota { .. }) => reject(req_id, Reject::QuotaExceeded),
+                        Err(store::PutError::Store(e)) => {
+                            tracing::error!(error = %e, "cannot store a blob");
+                            reject(req_id, Reject::StoreFailed)
+                        }
+                    }
+                });
+                self.push_job(peer, channel, req_id, job);
+                None
+            }
+            Request::Get { hash, .. } => {
+                let job = tokio::task::spawn_blocking(move || match store.get(&hash, now) {
+                    Ok(Some(bytes)) => Response::Blob { req_id, bytes },
+                    Ok(None) => Response::NotFound { req_id },
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read a blob");
+                        reject(req_id, Reject::StoreFailed)
+                    }
+                });
+                self.push_job(peer, channel, req_id, job);
+                None
+            }
+        }
+    }
+
+    fn push_job(
+        &mut self,
+        peer: PeerId,
+        channel: ResponseChannel<Response>,
+        req_id: u64,
+        job: tokio::task::JoinHandle<Response>,
+    ) {
+        self.pending.push(
+            async move {
+                let response = job.await.unwrap_or(Response::Rejected {
+                    req_id,
+                    reason: Reject::StoreFailed,
+                });
+                Some(Done {
+                    peer,
+                    channel,
+                    response,
+                })
+            }
+            .boxed(),
+        );
+    }
+
+    /// The next finished job (or `None` after a purge). Never resolves while idle.
+    pub async fn next(&mut self) -> Option<Done> {
+        tokio::select! {
+            Some(done) = self.pending.next(), if !self.pending.is_empty() => done,
+            _ = self.purge.tick() => {
+                let store = self.store.clone();
+                let now = self.settings.clock.now_ms();
+                self.pending.push(
+                    async move {
+                        match tokio::task::spawn_blocking(move || store.purge(now)).await {
+                            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "purged expired blobs"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "blob purge failed"),
+                            _ => {}
+                        }
+                        None
+                    }
+                    .boxed(),
+                );
+                None
+            }
+        }
+    }
+
+    /// Sends a finished job's answer.
+    pub fn finish(&mut self, swarm: &mut Swarm<Behaviour>, done: Done) {
+        let Done {
+            peer,
+            channel,
+            response,
+        } = done;
+        self.send(swarm, peer, channel, response);
+    }
+
+    fn send(
+        &self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        channel: ResponseChannel<Response>,
+        response: Response,
+    ) {
+        if let Response::Rejected { reason, .. } = &response {
+            self.metrics.reject(reason);
+        }
+        if swarm
+            .behaviour_mut()
+            .blob
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(%peer, "blob requester went away before its answer");
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The group gateway: the part of the group directory that runs inside the swarm task.
+//!
+//! It never waits: `Submit` and `Get` go to the [group service](super::service), a `Post` is
+//! checked against the [`Directory`] and handed to the mailbox service for fan-out; each answer
+//! comes back as a [`Done`] through [`Gateway::next`], and [`Gateway::finish`] answers the
+//! requester, publishes on the group's gossipsub topic and returns the pushes the swarm task
+//! should make (see the delivery design in [the module](super)).
+
+use std::collections::HashSet;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use kith_net::codec::Message;
+use kith_protocol::group::{self, OpError, Request, Response};
+use kith_protocol::limits::MAX_ENVELOPE_BYTES;
+use kith_protocol::{cbor, mailbox, Destination, Envelope, GroupId, PeerId, Reject, VerifyError};
+use libp2p::gossipsub::{self, IdentTopic};
+use libp2p::request_response::ResponseChannel;
+use libp2p::Swarm;
+
+use super::service::{self, Announce};
+use super::Directory;
+use crate::clock::Clock;
+use crate::mailbox::service::{self as mailbox_service, Push};
+use crate::metrics::Metrics;
+use crate::swarm::Behaviour;
+
+/// Where an answer goes.
+type Reply = (PeerId, ResponseChannel<Response>, u64);
+
+/// Work that has finished off the swarm task.
+pub enum Done {
+    /// The group service answered a `Submit` or `Get`.
+    Answer {
+        /// The requester.
+        reply: Reply,
+        /// The service's answer (`None`: it stopped).
+        outcome: Option<service::Outcome>,
+    },
+    /// A message or an operation was fanned out into members' mailboxes.
+    FannedOut {
+        /// The requester, for a `Post`.
+        reply: Option<Reply>,
+        /// The group.
+        group: GroupId,
+        /// The envelope.
+        envelope: Envelope,
+        /// How many copies and which pushes, or `None` if the store failed.
+        result: Option<(u32, Vec<Push>)>,
+    },
+}
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The delay a `Busy` answer asks for.
+    pub busy_retry_after_ms: u64,
+    /// The clock (for expiry).
+    pub clock: Clock,
+}
+
+/// The gateway.
+pub struct Gateway {
+    service: service::Handle,
+    directory: Directory,
+    mailbox: mailbox_service::Handle,
+    metrics: Metrics,
+    settings: Settings,
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
+}
+
+impl Gateway {
+    /// A gateway over the group service, the directory and the mailbox service.
+    pub fn new(
+        service: service::Handle,
+        directory: Directory,
+        mailbox: mailbox_service::Handle,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            service,
+            directory,
+            mailbox,
+            metrics,
+            settings,
+            pending: FuturesUnordered::new(),
+        }
+    }
+
+    /// Subscribes to the topic of every hosted group (at start).
+    pub fn subscribe_hosted(&self, swarm: &mut Swarm<Behaviour>) {
+        for group in self.directory.groups() {
+            subscribe(swarm, &group);
+        }
+    }
+
+    /// The next finished piece of work; pending forever when there is none.
+    pub async fn next(&mut self) -> Done {
+        match self.pending.next().await {
+            Some(done) => done,
+            None => futures::future::pending().await,
+        }
+    }
+
+    /// Whether work is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn respond(&self, swarm: &mut Swarm<Behaviour>, reply: Reply, response: Response) {
+        let (peer, channel, req_id) = reply;
+        if let Response::Rejected { reason, .. } = &response {
+            self.metrics.reject(reason);
+        }
+        if swarm
+            .behaviour_mut()
+            .group
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(%peer, req_id, "group requester went away before its answer");
+        }
+    }
+
+    /// Handles an inbound `/kith/group/1` request.
+    pub fn on_request(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request: Message<Request>,
+        channel: ResponseChannel<Response>,
+    ) {
+        let request = match request {
+            Message::Valid(request) => request,
+            Message::Invalid { reason, detail } => {
+                tracing::warn!(%peer, %reason, detail, "invalid group request");
+                return self.respond(
+                    swarm,
+                    (peer, channel, 0),
+                    Response::Rejected { req_id: 0, reason },
+                );
+            }
+            Message::Raw(_) => {
+                return self.respond(
+                    swarm,
+                    (peer, channel, 0),
+                    Response::Rejected {
+                        req_id: 0,
+                        reason: Reject::Malformed,
+                    },
+                )
+            }
+        };
+        let req_id = request.req_id();
+        let reply = (peer, channel, req_id);
+        match request {
+            Request::Post { envelope, .. } => match self.check_post(&peer, &envelope) {
+                Ok((group, recipients)) => {
+                    if let Err(reply) = self.fan_out(Some(reply), group, envelope, recipients) {
+                        self.busy(swarm, reply);
+                    }
+                }
+                Err(response) => self.respond(swarm, reply, response(req_id)),
+            },
+            request => match self.service.try_request(peer, request) {
+                Ok(rx) => self.pending.push(Box::pin(async move {
+                    Done::Answer {
+                        reply,
+                        outcome: rx.await.ok(),
+                    }
+                })),
+                Err(service::Busy) => self.busy(swarm, Some(reply)),
+            },
+        }
+    }
+
+    fn busy(&self, swarm: &mut Swarm<Behaviour>, reply: Option<Reply>) {
+        if let Some(reply) = reply {
+            tracing::warn!(peer = %reply.0, req_id = reply.2, "group request answered busy");
+            let response = Response::Rejected {
+                req_id: reply.2,
+                reason: Reject::Busy {
+                    retry_after_ms: self.settings.busy_retry_after_ms,
+                },
+            };
+            self.respond(swarm, reply, response);
+        }
+    }
+
+    /// Checks an uploaded group message: signed, from the connection's peer, for a hosted group
+    /// that counts it as a member, not expired. Returns the group and the other members.
+    #[allow(clippy::type_complexity)]
+    fn check_post(
+        &self,
+        peer: &PeerId,
+        envelope: &Envelope,
+    ) -> Result<(GroupId, Vec<PeerId>), Box<dyn FnOnce(u64) -> Response>> {
+        let rejected = |reason: Reject| -> Box<dyn FnOnce(u64) -> Response> {
+            Box::new(move |req_id| Response::Rejected { req_id, reason })
+        };
+        if let Err(e) = envelope.verify() {
+            tracing::warn!(%peer, id = %envelope.id, error = %e, "refusing a group post");
+            return Err(rejected(match e {
+                VerifyError::UnsupportedVersion(_) => Reject::UnsupportedVersion,
+                VerifyError::BodyTooLarge { max, .. } => Reject::TooLarge { max: max as u64 },
+                _ => Reject::BadSignature,
+            }));
+        }
+        if envelope.from != *peer {
+            tracing::warn!(%peer, from = %envelope.from, "refusing a group post for another sender");
+            return Err(rejected(Reject::WrongSender));
+        }
+        let Destination::Group(group) = envelope.to else {
+            return Err(rejected(Reject::WrongRecipient));
+        };
+        if envelope.is_expired(self.settings.clock.now_ms()) {
+            return Err(rejected(Reject::Expired));
+        }
+        let Some(state) = self.directory.get(&group) else {
+            tracing::warn!(%peer, %group, "post to a group not hosted here");
+            return Err(Box::new(|req_id| Response::Refused {
+                req_id,
+                reason: OpError::UnknownGroup,
+            }));
+        };
+        if !state.is_member(peer) {
+            tracing::warn!(%peer, %group, "post from a non-member refused");
+            let who = peer.to_string();
+            return Err(Box::new(move |req_id| Response::Refused {
+                req_id,
+                reason: OpError::NotMember { peer: who },
+            }));
+        }
+        let recipients = state
+            .members
+            .iter()
+            .filter(|m| *m != peer)
+            .copied()
+            .collect();
+        Ok((group, recipients))
+    }
+
+    /// Starts storing `envelope` for `recipients`. Gives the reply back if the mailbox is busy.
+    fn fan_out(
+        &mut self,
+        reply: Option<Reply>,
+        group: GroupId,
+        envelope: Envelope,
+        recipients: Vec<PeerId>,
+    ) -> Result<(), Option<Reply>> {
+        let rx = match self.mailbox.try_fan_out(recipients, envelope.clone()) {
+            Ok(rx) => rx,
+            Err(_) => {
+                tracing::warn!(%group, id = %envelope.id, "mailbox busy; group fan-out refused");
+                return Err(reply);
+            }
+        };
+        self.pending.push(Box::pin(async move {
+            let result = match rx.await {
+                Ok(fan) => match fan.flushed.await {
+                    Ok(outcome) if matches!(outcome.response, mailbox::Response::Stored { .. }) => {
+                        Some((fan.stored, fan.pushes))
+                    }
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            Done::FannedOut {
+                reply,
+                group,
+                envelope,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Completes finished work; returns the pushes the swarm task should make.
+    pub fn finish(&mut self, swarm: &mut Swarm<Behaviour>, done: Done) -> Vec<Push> {
+        match done {
+            Done::Answer { reply, outcome } => {
+                let req_id = reply.2;
+                let Some(service::Outcome { response, announce }) = outcome else {
+                    tracing::error!("the group service dropped a request");
+                    self.respond(
+                        swarm,
+                        reply,
+                        Response::Rejected {
+                            req_id,
+                            reason: Reject::StoreFailed,
+                        },
+                    );
+                    return Vec::new();
+                };
+                self.respond(swarm, reply, response);
+                if let Some(Announce {
+                    group,
+                    envelope,
+                    recipients,
+                    created,
+                }) = announce
+                {
+                    if created {
+                        subscribe(swarm, &group);
+                    }
+                    if self.fan_out(None, group, envelope, recipients).is_err() {
+                        tracing::warn!(%group, "membership change not announced (mailbox busy); members catch up on their next sync");
+                    }
+                }
+                Vec::new()
+            }
+            Done::FannedOut {
+                reply,
+                group,
+                envelope,
+                result,
+            } => {
+                let Some((stored, pushes)) = result else {
+                    tracing::error!(%group, id = %envelope.id, "group fan-out failed to store");
+                    if let Some(reply) = reply {
+                        let req_id = reply.2;
+                        self.respond(
+                            swarm,
+                            reply,
+                            Response::Rejected {
+                                req_id,
+                                reason: Reject::StoreFailed,
+                            },
+                        );
+                    }
+                    return Vec::new();
+                };
+                if let Some(reply) = reply {
+                    let req_id = reply.2;
+                    self.respond(
+                        swarm,
+                        reply,
+                        Response::Stored {
+                            req_id,
+                            recipients: stored,
+                        },
+                    );
+                }
+                if pushes.is_empty() {
+                    // A duplicate upload: every copy was stored (and published) before.
+                    return pushes;
+                }
+                self.publish_and_pick(swarm, &group, &envelope, pushes)
+            }
+        }
+    }
+
+    /// Publishes on the group's topic and keeps the pushes for members the publish did not
+    /// reach: every connected member if the publish failed, else those not subscribed.
+    fn publish_and_pick(
+        &self,
+        swarm: &mut Swarm<Behaviour>,
+        group: &GroupId,
+        envelope: &Envelope,
+        pushes: Vec<Push>,
+    ) -> Vec<Push> {
+        let topic = IdentTopic::new(group::topic(group));
+        let data = match cbor::encode(envelope, MAX_ENVELOPE_BYTES + 1024) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::error!(%group, error = %e, "cannot encode a group envelope for gossip");
+                return pushes;
+            }
+        };
+        let gossip = &mut swarm.behaviour_mut().gossipsub;
+        match gossip.publish(topic.clone(), data) {
+            Ok(_) => {
+                let hash = topic.hash();
+                let subscribed: HashSet<PeerId> = gossip
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(peer, _)| *peer)
+                    .collect();
+                pushes
+                    .into_iter()
+                    .filter(|p| !subscribed.contains(&p.recipient))
+                    .collect()
+            }
+            Err(e) => {
+                // Not queued by gossipsub: store-and-forward (the pushes) takes over.
+                tracing::debug!(%group, error = %e, "group publish failed; pushing instead");
+                pushes
+            }
+        }
+    }
+
+    /// Gossip that reaches the relay is never forwarded: members upload with `Post`, which is
+    /// durable and checked, and the relay alone publishes.
+    pub fn on_gossip(&mut self, swarm: &mut Swarm<Behaviour>, event: gossipsub::Event) {
+        if let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            ..
+        } = event
+        {
+            tracing::debug!(peer = %propagation_source, "ignoring gossip published by a peer");
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+        }
+    }
+}
+
+fn subscribe(swarm: &mut Swarm<Behaviour>, group: &GroupId) {
+    let topic = IdentTopic::new(group::topic(group));
+    if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+        tracing::warn!(%group, error = %e, "cannot subscribe to a hosted group's topic");
+    }
+}
