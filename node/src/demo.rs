@@ -124,12 +124,38 @@ async fn wait_state(node: &Node, id: &str, state: MessageState) -> Result<()> {
     }
 }
 
+/// Waits until one member's state of a group message reaches `state`.
+async fn wait_member_state(node: &Node, id: &str, member: &str, state: MessageState) -> Result<()> {
+    let mut events = node.subscribe();
+    let deadline = tokio::time::Instant::now() + STEP_DEADLINE;
+    loop {
+        if node
+            .status(id)?
+            .members
+            .get(member)
+            .is_some_and(|s| *s >= state)
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("member {member} did not reach `{state}` for {id}");
+        }
+        // One member's receipt changes no overall state, so no event may come: look again
+        // after any event or a short while.
+        let _ = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
+    }
+}
+
 /// Waits until `node` holds a message with `text` from `from`.
 async fn wait_message(node: &Node, from: &str, text: &str) -> Result<()> {
     let mut events = node.subscribe();
     let deadline = tokio::time::Instant::now() + STEP_DEADLINE;
     loop {
-        if node.messages(Some(from))?.iter().any(|m| m.text == text) {
+        // The conversation may not exist yet (a group this node has not heard of so far).
+        let arrived = node
+            .messages(Some(from))
+            .is_ok_and(|list| list.iter().any(|m| m.text == text));
+        if arrived {
             return Ok(());
         }
         match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -277,6 +303,75 @@ pub async fn run(json_output: bool) -> Result<()> {
         &format!("alice sees {}", tick(MessageState::Read)),
         json!({ "id": id, "state": "read" }),
     );
+
+    t.say(
+        "section",
+        "A group of three with per-member ticks",
+        json!({}),
+    );
+    let group = alice
+        .node()?
+        .create_group("trio", &["bob".to_owned(), "carol".to_owned()])
+        .await?;
+    t.say(
+        "group",
+        &format!(
+            "alice creates {:?} with bob and carol ({} members)",
+            group.name,
+            group.members.len()
+        ),
+        json!({ "group_id": group.group_id, "members": group.members }),
+    );
+    let sent = alice
+        .node()?
+        .send(&group.group_id, "Dinner on Friday?", None)
+        .await?;
+    t.say(
+        "send",
+        &format!("alice → trio: \"Dinner on Friday?\"  {}", tick(sent.state)),
+        json!({ "from": "alice", "to": "trio", "id": sent.id, "state": sent.state }),
+    );
+    for user in [&bob, &carol] {
+        wait_message(user.node()?, &group.group_id, "Dinner on Friday?").await?;
+    }
+    wait_state(alice.node()?, &sent.id, MessageState::Delivered).await?;
+    let names = [(&bob, "bob"), (&carol, "carol")];
+    let show_members = |node: &Node| -> Result<()> {
+        let status = node.status(&sent.id)?;
+        for (user, name) in names {
+            let state = status
+                .members
+                .get(&user.node()?.peer_id().to_string())
+                .copied()
+                .unwrap_or_default();
+            t.say(
+                "member",
+                &format!("  {name}: {}", tick(state)),
+                json!({ "id": sent.id, "member": name, "state": state }),
+            );
+        }
+        t.say(
+            "tick",
+            &format!("message: {}", tick(status.state)),
+            json!({ "id": sent.id, "state": status.state }),
+        );
+        Ok(())
+    };
+    show_members(alice.node()?)?;
+    t.say("read", "bob opens the group", json!({ "who": "bob" }));
+    bob.node()?.read(&group.group_id).await?;
+    wait_member_state(
+        alice.node()?,
+        &sent.id,
+        &bob.node()?.peer_id().to_string(),
+        MessageState::Read,
+    )
+    .await?;
+    show_members(alice.node()?)?;
+    t.say("read", "carol opens the group", json!({ "who": "carol" }));
+    carol.node()?.read(&group.group_id).await?;
+    wait_state(alice.node()?, &sent.id, MessageState::Read).await?;
+    show_members(alice.node()?)?;
 
     t.say("section", "Done: every step above was checked", json!({}));
     for user in [&mut alice, &mut bob] {
