@@ -170,6 +170,83 @@ async fn wait_message(node: &Node, from: &str, text: &str) -> Result<()> {
     }
 }
 
+/// Draws a small gradient picture as a PNG, standing in for a photo.
+fn make_photo(path: &Path) -> Result<()> {
+    // A gradient with grain, so that it weighs what a photo weighs (about 1 MiB as PNG).
+    let mut grain: u32 = 0x2545_f491;
+    let image = image::RgbImage::from_fn(800, 500, |x, y| {
+        grain ^= grain << 13;
+        grain ^= grain >> 17;
+        grain ^= grain << 5;
+        let noise = (grain % 64) as u8;
+        image::Rgb([
+            ((x * 190 / 800) as u8).saturating_add(noise),
+            ((y * 120 / 500) as u8).saturating_add(noise / 2),
+            90u8.saturating_add(noise),
+        ])
+    });
+    image.save(path).context("writing the demo photo")?;
+    Ok(())
+}
+
+/// Follows a download's progress (a bar on a terminal, events with `--json`) until the file is
+/// on disk; returns its path.
+async fn watch_download(
+    t: &Transcript,
+    node: &Node,
+    events: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
+    id: &str,
+) -> Result<std::path::PathBuf> {
+    use std::io::IsTerminal;
+    let bar = (!t.json && std::io::stdout().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("   bob downloads [{bar:30}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let parsed: kith_protocol::MessageId = id.parse()?;
+    let deadline = tokio::time::Instant::now() + STEP_DEADLINE;
+    let mut last = (0, 0);
+    loop {
+        if let Some(path) = node.attachment(&parsed).and_then(|a| a.path) {
+            if let Some(bar) = &bar {
+                bar.finish();
+                // The bar draws on stderr and leaves the cursor on its line.
+                eprintln!();
+            }
+            if last.1 > 0 && bar.is_none() {
+                t.say(
+                    "progress",
+                    &format!("bob downloaded {} of {} bytes", last.1, last.1),
+                    json!({ "id": id, "done": last.1, "total": last.1 }),
+                );
+            }
+            return Ok(path.into());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the photo did not download within {}s", STEP_DEADLINE.as_secs());
+        }
+        match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+            Ok(Ok(NodeEvent::Progress { id: got, done, total, .. })) if got == id => {
+                last = (done, total);
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                } else if t.json {
+                    t.say("progress", "download", json!({ "id": id, "done": done, "total": total }));
+                }
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                bail!("event stream closed")
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Sends `text` and narrates its ticks up to `until`.
 async fn send_and_watch(
     t: &Transcript,
@@ -372,6 +449,41 @@ pub async fn run(json_output: bool) -> Result<()> {
     carol.node()?.read(&group.group_id).await?;
     wait_state(alice.node()?, &sent.id, MessageState::Read).await?;
     show_members(alice.node()?)?;
+
+    t.say("section", "Alice shares a photo with Bob", json!({}));
+    let photo = dir.path().join("sunset.png");
+    make_photo(&photo)?;
+    let original = std::fs::read(&photo)?;
+    let mut bob_events = bob.node()?.subscribe();
+    let sent = alice.node()?.send_file("bob", &photo).await?;
+    t.say(
+        "send",
+        &format!("alice → bob: sunset.png ({} KiB)  {}", original.len() / 1024, tick(sent.state)),
+        json!({ "from": "alice", "to": "bob", "id": sent.id, "file": "sunset.png", "size": original.len() }),
+    );
+    let path = watch_download(&t, bob.node()?, &mut bob_events, &sent.id).await?;
+    let received = std::fs::read(&path)?;
+    if received != original {
+        bail!("bob's copy of the photo differs from alice's");
+    }
+    let view = bob
+        .node()?
+        .attachment(&sent.id.parse()?)
+        .context("bob has no attachment record")?;
+    t.say(
+        "file",
+        &format!(
+            "bob has {} ({}, {} bytes, BLAKE3 {}…), identical to alice's{}",
+            view.name,
+            view.mime,
+            view.size,
+            &view.hash[..16],
+            if view.thumbnail.is_some() { "; the message carried a thumbnail" } else { "" }
+        ),
+        json!({ "id": sent.id, "path": path, "hash": view.hash, "thumbnail": view.thumbnail.is_some() }),
+    );
+    wait_state(alice.node()?, &sent.id, MessageState::Delivered).await?;
+    t.say("tick", &format!("alice sees {}", tick(MessageState::Delivered)), json!({ "id": sent.id, "state": "delivered" }));
 
     t.say("section", "Done: every step above was checked", json!({}));
     for user in [&mut alice, &mut bob] {
