@@ -201,9 +201,11 @@ async fn watch_download(
     let bar = (!t.json && std::io::stdout().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("   bob downloads [{bar:30}] {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "   bob downloads [{bar:30}] {bytes}/{total_bytes}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar
     });
@@ -227,16 +229,28 @@ async fn watch_download(
             return Ok(path.into());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the photo did not download within {}s", STEP_DEADLINE.as_secs());
+            bail!(
+                "the photo did not download within {}s",
+                STEP_DEADLINE.as_secs()
+            );
         }
         match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
-            Ok(Ok(NodeEvent::Progress { id: got, done, total, .. })) if got == id => {
+            Ok(Ok(NodeEvent::Progress {
+                id: got,
+                done,
+                total,
+                ..
+            })) if got == id => {
                 last = (done, total);
                 if let Some(bar) = &bar {
                     bar.set_length(total);
                     bar.set_position(done);
                 } else if t.json {
-                    t.say("progress", "download", json!({ "id": id, "done": done, "total": total }));
+                    t.say(
+                        "progress",
+                        "download",
+                        json!({ "id": id, "done": done, "total": total }),
+                    );
                 }
             }
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
@@ -483,7 +497,11 @@ pub async fn run(json_output: bool) -> Result<()> {
         json!({ "id": sent.id, "path": path, "hash": view.hash, "thumbnail": view.thumbnail.is_some() }),
     );
     wait_state(alice.node()?, &sent.id, MessageState::Delivered).await?;
-    t.say("tick", &format!("alice sees {}", tick(MessageState::Delivered)), json!({ "id": sent.id, "state": "delivered" }));
+    t.say(
+        "tick",
+        &format!("alice sees {}", tick(MessageState::Delivered)),
+        json!({ "id": sent.id, "state": "delivered" }),
+    );
 
     t.say("section", "Done: every step above was checked", json!({}));
     for user in [&mut alice, &mut bob] {

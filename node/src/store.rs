@@ -354,7 +354,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.tree.scan_prefix(b"a/") {
             let (key, value) = entry?;
-            let Some(id) = key.get(2..).and_then(|b| MessageId::from_slice(b)) else {
+            let Some(id) = key.get(2..).and_then(MessageId::from_slice) else {
                 continue;
             };
             out.push((id, decode(&key, &value)?));
