@@ -363,11 +363,72 @@ pub async fn run(json_output: bool) -> Result<()> {
 
     t.say(
         "section",
-        "Bob goes offline; the relay holds his messages",
+        "Presence and typing; Bob goes offline and the relay holds his messages",
         json!({}),
+    );
+    let seen = alice.node()?.presence("bob").await?;
+    if !seen.online {
+        bail!("alice should see bob online, she sees {seen:?}");
+    }
+    t.say(
+        "presence",
+        "alice sees bob online",
+        json!({ "who": "bob", "online": true }),
+    );
+    let mut alice_events = alice.node()?.subscribe();
+    bob.node()?.typing("alice").await?;
+    let bob_id = bob.node()?.peer_id().to_string();
+    tokio::time::timeout(STEP_DEADLINE, async {
+        loop {
+            match alice_events.recv().await {
+                Ok(NodeEvent::Typing { from }) if from == bob_id => return Ok(()),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    bail!("event stream closed")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .context("bob's typing notice did not arrive")??;
+    t.say(
+        "typing",
+        "alice sees: bob is typing…",
+        json!({ "who": "bob" }),
     );
     bob.stop().await;
     t.say("offline", "bob stops his node", json!({ "who": "bob" }));
+    let stopped = Instant::now();
+    let seen = loop {
+        let seen = alice.node()?.presence("bob").await?;
+        if !seen.online {
+            break seen;
+        }
+        if stopped.elapsed() > STEP_DEADLINE {
+            bail!(
+                "bob still shows online {}s after he stopped",
+                STEP_DEADLINE.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ago = seen
+        .last_seen_ms
+        .map(|at| {
+            format!(
+                "last seen {:.1} s ago",
+                crate::engine::now_ms().saturating_sub(at) as f64 / 1000.0
+            )
+        })
+        .unwrap_or_else(|| "last seen hidden".into());
+    t.say(
+        "presence",
+        &format!(
+            "alice sees bob offline after {:.1} s, {ago}",
+            stopped.elapsed().as_secs_f64()
+        ),
+        json!({ "who": "bob", "online": false, "last_seen_ms": seen.last_seen_ms }),
+    );
     let id = send_and_watch(&t, &alice, "bob", "4pm works. See you!", MessageState::Sent).await?;
     t.say(
         "online",

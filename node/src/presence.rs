@@ -415,6 +415,14 @@ impl Node {
     pub async fn say_goodbye(&self) {
         let state = self.presence_state();
         state.stopping.store(true, Ordering::Relaxed);
+        // A user action not yet reported (heartbeats are spaced out) must still move last seen.
+        if state.user_pending.swap(false, Ordering::Relaxed)
+            && tokio::time::timeout(GOODBYE_TIMEOUT, self.heartbeat(Activity::User))
+                .await
+                .is_err()
+        {
+            tracing::debug!("the last user heartbeat did not go out in time");
+        }
         let (net, _, _, home_relays) = self.parts();
         let mut sends = Vec::new();
         for (relay, addr) in home_relays {

@@ -33,5 +33,15 @@ fn the_demo_runs_and_checks_itself() -> anyhow::Result<()> {
     assert!(has("tick", Some("delivered")));
     assert!(has("tick", Some("read")));
     assert!(has("catch-up", None));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "presence" && e["online"] == false));
+    assert!(has("typing", None));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "member" && e["state"] == "read"));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "file" && e["thumbnail"] == true));
     Ok(())
 }
