@@ -35,6 +35,9 @@ enum Command {
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
+        /// Print only the invite (to paste into `kith contact add`).
+        #[arg(long, conflicts_with = "json")]
+        invite: bool,
     },
     /// Run the node in the foreground.
     Daemon {
@@ -209,7 +212,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
             println!("next: kith --home {} daemon", home.display());
         }
-        Command::Id { json } => {
+        Command::Id { json, invite } => {
             let key = identity::load(&home)?;
             let settings = Settings::load(&home)?;
             let peer_id = key.public().to_peer_id();
@@ -222,6 +225,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             if json {
                 print_json(&info)?;
+            } else if invite {
+                println!("{}", info["invite"].as_str().unwrap_or_default());
             } else {
                 println!("peer id: {}", info["peer_id"].as_str().unwrap_or_default());
                 println!("name:    {}", info["name"].as_str().unwrap_or_default());

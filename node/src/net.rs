@@ -589,6 +589,12 @@ impl Actor {
         }
     }
 
+    fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        for addr in addrs {
+            self.swarm.add_peer_address(peer, addr);
+        }
+    }
+
     fn handle_command(&mut self, command: Command) {
         match command {
             Command::Blob {
@@ -597,26 +603,18 @@ impl Actor {
                 request,
                 reply,
             } => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, addr);
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .blob
-                    .send_request(&peer, Message::Valid(request));
-                self.pending_blob.insert(id, reply);
+                self.add_addresses(peer, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().blob;
+                send_to(
+                    behaviour,
+                    &mut self.pending_blob,
+                    &peer,
+                    Message::Valid(request),
+                    reply,
+                );
             }
             Command::RespondBlob { channel, response } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .blob
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!("blob response not sent: the requester went away");
-                }
+                respond_on(&mut self.swarm.behaviour_mut().blob, channel, response);
             }
             Command::SendDm {
                 peer,
@@ -624,11 +622,9 @@ impl Actor {
                 request,
                 reply,
             } => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, addr);
-                }
-                let id = self.swarm.behaviour_mut().dm.send_request(&peer, request);
-                self.pending_dm.insert(id, reply);
+                self.add_addresses(peer, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().dm;
+                send_to(behaviour, &mut self.pending_dm, &peer, request, reply);
             }
             Command::Mailbox {
                 relay,
@@ -636,26 +632,18 @@ impl Actor {
                 request,
                 reply,
             } => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(relay, addr);
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .mailbox
-                    .send_request(&relay, Message::Valid(request));
-                self.pending_mailbox.insert(id, reply);
+                self.add_addresses(relay, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().mailbox;
+                send_to(
+                    behaviour,
+                    &mut self.pending_mailbox,
+                    &relay,
+                    Message::Valid(request),
+                    reply,
+                );
             }
             Command::RespondDm { channel, response } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .dm
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!("dm response not sent: the requester went away");
-                }
+                respond_on(&mut self.swarm.behaviour_mut().dm, channel, response);
             }
             Command::ListenAddrs { reply } => {
                 let me = *self.swarm.local_peer_id();
@@ -672,15 +660,15 @@ impl Actor {
                 request,
                 reply,
             } => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(relay, addr);
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .group
-                    .send_request(&relay, Message::Valid(request));
-                self.pending_group.insert(id, reply);
+                self.add_addresses(relay, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().group;
+                send_to(
+                    behaviour,
+                    &mut self.pending_group,
+                    &relay,
+                    Message::Valid(request),
+                    reply,
+                );
             }
             Command::Subscribe { topic, subscribe } => {
                 let topic = gossipsub::IdentTopic::new(topic);
@@ -712,26 +700,18 @@ impl Actor {
                 request,
                 reply,
             } => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, addr);
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .presence
-                    .send_request(&peer, Message::Valid(request));
-                self.pending_presence.insert(id, reply);
+                self.add_addresses(peer, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().presence;
+                send_to(
+                    behaviour,
+                    &mut self.pending_presence,
+                    &peer,
+                    Message::Valid(request),
+                    reply,
+                );
             }
             Command::RespondPresence { channel, response } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .presence
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!("presence response not sent: the requester went away");
-                }
+                respond_on(&mut self.swarm.behaviour_mut().presence, channel, response);
             }
         }
     }
@@ -800,48 +780,17 @@ impl Actor {
         &mut self,
         event: request_response::Event<Message<dm::Request>, dm::Response>,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
+        if let Some((peer, request, channel)) = route(&mut self.pending_dm, event, dm::PROTOCOL) {
+            let request = Box::new(request);
+            emit(
+                &self.events,
+                Event::InboundDm {
+                    peer,
+                    request,
+                    channel,
                 },
-                ..
-            } => {
-                emit(
-                    &self.events,
-                    Event::InboundDm {
-                        peer,
-                        request: Box::new(request),
-                        channel,
-                    },
-                )
-                .await;
-            }
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_dm.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_dm.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(error)));
-                }
-            }
-            E::InboundFailure { peer, error, .. } => {
-                tracing::warn!(%peer, %error, "inbound dm failed");
-            }
-            E::ResponseSent { .. } => {}
+            )
+            .await;
         }
     }
 
@@ -849,31 +798,8 @@ impl Actor {
         &mut self,
         event: request_response::Event<Message<mailbox::Request>, mailbox::Response>,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(error)));
-                }
-            }
-            E::Message { peer, .. } => {
-                tracing::warn!(%peer, "unexpected inbound mailbox request (nodes only ask)");
-            }
-            E::InboundFailure { .. } | E::ResponseSent { .. } => {}
+        if let Some((peer, ..)) = route(&mut self.pending_mailbox, event, mailbox::PROTOCOL) {
+            tracing::warn!(%peer, "unexpected inbound mailbox request (nodes only ask)");
         }
     }
 }
@@ -883,49 +809,92 @@ impl Actor {
         &mut self,
         event: request_response::Event<Message<presence::Request>, presence::Response>,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
+        if let Some((peer, request, channel)) =
+            route(&mut self.pending_presence, event, presence::PROTOCOL)
+        {
+            emit(
+                &self.events,
+                Event::InboundPresence {
+                    peer,
+                    request,
+                    channel,
                 },
-                ..
-            } => {
-                emit(
-                    &self.events,
-                    Event::InboundPresence {
-                        peer,
-                        request,
-                        channel,
-                    },
-                )
-                .await;
-            }
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_presence.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_presence.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(error)));
-                }
-            }
-            E::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "inbound presence request failed");
-            }
-            E::ResponseSent { .. } => {}
+            )
+            .await;
         }
+    }
+}
+
+/// Sends a request and remembers who waits for its answer.
+fn send_to<C>(
+    behaviour: &mut request_response::Behaviour<C>,
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<C::Response, NetError>>>,
+    peer: &PeerId,
+    request: C::Request,
+    reply: oneshot::Sender<Result<C::Response, NetError>>,
+) where
+    C: request_response::Codec + Clone + Send + 'static,
+{
+    let id = behaviour.send_request(peer, request);
+    pending.insert(id, reply);
+}
+
+/// Answers an inbound request; the requester may have gone away meanwhile.
+fn respond_on<C>(
+    behaviour: &mut request_response::Behaviour<C>,
+    channel: ResponseChannel<C::Response>,
+    response: C::Response,
+) where
+    C: request_response::Codec + Clone + Send + 'static,
+{
+    if behaviour.send_response(channel, response).is_err() {
+        tracing::debug!("response not sent: the requester went away");
+    }
+}
+
+/// Routes one request-response event: an answer (or failure) of one of our requests goes to the
+/// caller waiting for it in `pending`; an inbound request is handed back for the caller to pass
+/// on with its response channel.
+fn route<Req, Resp>(
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, NetError>>>,
+    event: request_response::Event<Req, Resp>,
+    protocol: &'static str,
+) -> Option<(PeerId, Req, ResponseChannel<Resp>)> {
+    use request_response::{Event as E, Message as M};
+    match event {
+        E::Message {
+            peer,
+            message: M::Request {
+                request, channel, ..
+            },
+            ..
+        } => Some((peer, request, channel)),
+        E::Message {
+            message:
+                M::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Ok(response));
+            }
+            None
+        }
+        E::OutboundFailure {
+            request_id, error, ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Err(outbound_error(error)));
+            }
+            None
+        }
+        E::InboundFailure { peer, error, .. } => {
+            tracing::debug!(%peer, %error, protocol, "inbound request failed");
+            None
+        }
+        E::ResponseSent { .. } => None,
     }
 }
 
@@ -968,31 +937,8 @@ impl Actor {
         &mut self,
         event: request_response::Event<Message<group_wire::Request>, group_wire::Response>,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_group.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_group.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(error)));
-                }
-            }
-            E::Message { peer, .. } => {
-                tracing::warn!(%peer, "unexpected inbound group request (nodes only ask)");
-            }
-            E::InboundFailure { .. } | E::ResponseSent { .. } => {}
+        if let Some((peer, ..)) = route(&mut self.pending_group, event, group_wire::PROTOCOL) {
+            tracing::warn!(%peer, "unexpected inbound group request (nodes only ask)");
         }
     }
 
@@ -1027,48 +973,18 @@ impl Actor {
             kith_protocol::blob::Response,
         >,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
+        if let Some((peer, request, channel)) =
+            route(&mut self.pending_blob, event, kith_protocol::blob::PROTOCOL)
+        {
+            emit(
+                &self.events,
+                Event::InboundBlob {
+                    peer,
+                    request,
+                    channel,
                 },
-                ..
-            } => {
-                emit(
-                    &self.events,
-                    Event::InboundBlob {
-                        peer,
-                        request,
-                        channel,
-                    },
-                )
-                .await;
-            }
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(error)));
-                }
-            }
-            E::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "inbound blob request failed");
-            }
-            E::ResponseSent { .. } => {}
+            )
+            .await;
         }
     }
 }
