@@ -2,25 +2,49 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-/// The path of a workspace binary built next to the test executable (`cargo test --workspace`
-/// builds every binary before running tests).
+/// The path of a workspace binary, built (or brought up to date) once per test process with the
+/// same profile as the tests: `cargo test` builds only the binaries of the package under test,
+/// and `kith` and `kith-relay` belong to other packages.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .context("test executable has no parent directory")?;
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args([
+            "build",
+            "--quiet",
+            "-p",
+            "kith-node",
+            "-p",
+            "kith-relay",
+            "--bins",
+        ]);
+        if dir.ends_with("release") {
+            command.arg("--release");
+        }
+        match command.status() {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("building the binaries failed ({status})")),
+            Err(e) => Err(format!("cannot run cargo to build the binaries: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        bail!("{e}");
+    }
     let path = dir.join(name);
     if !path.exists() {
-        bail!(
-            "{} is not built; run the tests with `cargo test --workspace` (it builds every binary)",
-            path.display()
-        );
+        bail!("{} was not built", path.display());
     }
     Ok(path)
 }
