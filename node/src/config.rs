@@ -27,6 +27,10 @@ pub struct Settings {
     /// Received files up to this size, in bytes, download at once; larger ones on
     /// `kith download`.
     pub auto_download_max_bytes: u64,
+    /// The home relays the daemon last ran with (`kith daemon --relay`), remembered so that
+    /// `kith daemon` alone uses them again and `kith id` lists them in the invite while the
+    /// daemon is stopped.
+    pub relays: Vec<String>,
 }
 
 impl Default for Settings {
@@ -37,6 +41,7 @@ impl Default for Settings {
             presence: kith_protocol::presence::Visibility::Everyone,
             max_file_bytes: 2 * 1024 * 1024 * 1024,
             auto_download_max_bytes: 16 * 1024 * 1024,
+            relays: Vec::new(),
         }
     }
 }

@@ -44,7 +44,8 @@ enum Command {
         /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4101.
         #[arg(long = "listen")]
         listen: Vec<Multiaddr>,
-        /// Home relay (repeatable), a multiaddr ending in /p2p/<relay peer id>.
+        /// Home relay (repeatable), a multiaddr ending in /p2p/<relay peer id>. Remembered in
+        /// config.toml: without --relay the daemon uses the relays it last ran with.
         #[arg(long = "relay")]
         relay: Vec<Multiaddr>,
         /// Where the local API listens (loopback only).
@@ -246,7 +247,21 @@ async fn run(cli: Cli) -> Result<()> {
             if !listen.is_empty() {
                 config.listen = listen;
             }
-            config.relays = relay;
+            let mut settings = Settings::load(&home)?;
+            let remembered: Vec<String> = relay.iter().map(|a| a.to_string()).collect();
+            if relay.is_empty() {
+                for saved in &settings.relays {
+                    config.relays.push(saved.parse().with_context(|| {
+                        format!("the relay {saved:?} remembered in config.toml is not a multiaddr; fix or remove it")
+                    })?);
+                }
+            } else if settings.relays != remembered {
+                settings.relays = remembered;
+                settings.save(&home)?;
+                config.relays = relay;
+            } else {
+                config.relays = relay;
+            }
             config.api = api;
             config.mdns = mdns;
             let running = kith_node::start(config)
@@ -480,7 +495,7 @@ fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
     let invite = kith_protocol::invite::Invite {
         peer_id,
         name: settings.name.clone(),
-        relays: Vec::new(),
+        relays: settings.relays.clone(),
     };
     json!({
         "peer_id": peer_id.to_string(),

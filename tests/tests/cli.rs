@@ -150,3 +150,44 @@ async fn two_users_chat_through_the_cli() -> anyhow::Result<()> {
     assert!(!b.join("api.json").exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_relays_are_remembered_for_the_invite_and_the_next_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("dora");
+    assert!(kith(&home, &["init", "--name", "dora"])?.status.success());
+    let relay_peer = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    // Nobody listens there: the daemon keeps re-dialing, which is fine for this test.
+    let relay = format!("/ip4/127.0.0.1/tcp/9/p2p/{relay_peer}");
+    let mut daemon = Daemon::spawn(
+        &binary("kith")?,
+        &[
+            "--home",
+            home.to_str().expect("utf-8 path"),
+            "daemon",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--relay",
+            &relay,
+        ],
+        &home.join("daemon.log"),
+    )?;
+    wait_for("daemon api.json", || async {
+        home.join("api.json").exists().then_some(())
+    })
+    .await?;
+    assert!(daemon.terminate()?.success());
+
+    let offline = kith_json(&home, &["id", "--json"])?;
+    let invite =
+        kith_protocol::invite::Invite::decode(offline["invite"].as_str().expect("invite"))?;
+    assert_eq!(invite.relays, vec![relay.clone()]);
+    let printed = kith(&home, &["id", "--invite"])?;
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout).trim(),
+        offline["invite"].as_str().expect("invite")
+    );
+    Ok(())
+}
