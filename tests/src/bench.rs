@@ -258,3 +258,82 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
+
+/// Only the sender side of kith: a kith node sends `count` messages to a bare peer that answers
+/// `Accepted` at once (no verification, no store). Returns delivered messages per second.
+pub async fn kith_outbound_only(payload: usize, count: usize) -> Result<f64> {
+    let mut server = RawPeer::new()?;
+    server
+        .swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?)?;
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = server.swarm.select_next_some().await {
+            break address;
+        }
+    };
+    let server_peer = *server.swarm.local_peer_id();
+    let serve = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                },
+            )) = server.swarm.select_next_some().await
+            {
+                let req_id = match request {
+                    Message::Valid(r) => r.req_id,
+                    _ => 0,
+                };
+                let _ = server
+                    .swarm
+                    .behaviour_mut()
+                    .dm
+                    .send_response(channel, dm::Response::Accepted { req_id });
+            }
+        }
+    });
+    let alice = crate::TestNode::start("alice", vec![]).await?;
+    alice
+        .node()
+        .add_contact("sink", &server_peer.to_string(), &[addr.to_string()])
+        .await?;
+    let text = "x".repeat(payload);
+    let mut events = alice.node().subscribe();
+    let started = Instant::now();
+    let node = alice.node().clone();
+    let sender = tokio::spawn(async move {
+        let mut sends = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let node = node.clone();
+            let text = text.clone();
+            sends.spawn(async move { node.send("sink", &text, None).await });
+            if sends.len() >= 512 {
+                if let Some(r) = sends.join_next().await {
+                    r??;
+                }
+            }
+        }
+        while let Some(r) = sends.join_next().await {
+            r??;
+        }
+        anyhow::Ok(())
+    });
+    let mut delivered = 0;
+    while delivered < count {
+        if let kith_node::NodeEvent::Receipt {
+            state: kith_protocol::MessageState::Delivered,
+            ..
+        } = events.recv().await?
+        {
+            delivered += 1;
+        }
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    sender.await??;
+    serve.abort();
+    Ok(rate)
+}
