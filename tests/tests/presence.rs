@@ -268,7 +268,15 @@ async fn contacts_and_nobody_hide_presence_directly_and_through_the_relay() -> R
         presence_of(&alice, "bob").await?.0.then_some(())
     })
     .await?;
-    assert!(friend.query(relay_peer, &relay_addr, bob_id).await?.0);
+    // Bob's newest policy (with `friend`) reaches the relay with his next heartbeat: poll.
+    let deadline = tokio::time::Instant::now() + kith_tests::DEADLINE;
+    while !friend.query(relay_peer, &relay_addr, bob_id).await?.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's contact never saw him online through the relay"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         stranger.query(relay_peer, &relay_addr, bob_id).await?,
         (false, None)
