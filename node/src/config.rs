@@ -111,6 +111,9 @@ pub struct Config {
     pub backoff: Backoff,
     /// Most delivery attempts in flight at once.
     pub max_in_flight: usize,
+    /// Most delivery requests in flight to one peer at once; while they are, further messages
+    /// to it gather and leave together, several envelopes per request.
+    pub max_in_flight_per_peer: usize,
     /// How often the node polls its home relays' mailboxes even without a reconnect.
     pub mailbox_poll_interval: Duration,
     /// gossipsub heartbeat interval for group topics (mesh upkeep; tests shorten it).
@@ -144,6 +147,7 @@ impl Config {
             delivery_timeout: Duration::from_secs(5),
             backoff: Backoff::default(),
             max_in_flight: 256,
+            max_in_flight_per_peer: 4,
             mailbox_poll_interval: Duration::from_secs(30),
             gossip_heartbeat: Duration::from_secs(1),
             max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,

@@ -9,16 +9,17 @@
 //! failing that it is rescheduled with exponential backoff and jitter. Receipts travel the same
 //! way, as envelopes in the outbox.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kith_net::codec::Message;
+use kith_protocol::blob::FileRef;
 use kith_protocol::envelope::Header;
 use kith_protocol::invite::Invite;
 use kith_protocol::limits::{MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::{dm, mailbox, Body, Destination, Envelope, MessageId, MessageState};
-use kith_protocol::{ReceiptState, Reject};
+use kith_protocol::{GroupId, ReceiptState, Reject};
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -548,11 +549,16 @@ impl Node {
         let mut batch = Batch::new();
         batch.put_contact(&contact);
         self.inner.store.commit(batch).await?;
-        self.inner
-            .contacts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer_id, contact.clone());
+        {
+            let mut contacts = self
+                .inner
+                .contacts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // The store keys contacts by name: a name given again now means this peer only.
+            contacts.retain(|_, c| c.name != contact.name);
+            contacts.insert(peer_id, contact.clone());
+        }
         // Anything waiting for this peer may now have a route.
         self.inner
             .outbox
@@ -585,16 +591,21 @@ impl Node {
             .cloned()
     }
 
+    /// The peer of the contact called `name`, from the in-memory mirror of the contacts.
+    pub(crate) fn contact_named(&self, name: &str) -> Option<PeerId> {
+        self.inner
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|c| c.name == name)
+            .map(|c| c.peer_id)
+    }
+
     /// Resolves a contact name or a peer id.
     pub fn resolve(&self, who: &str) -> Result<PeerId, NodeError> {
-        if let Some(c) = self
-            .inner
-            .store
-            .contacts()?
-            .into_iter()
-            .find(|c| c.name == who)
-        {
-            return Ok(c.peer_id);
+        if let Some(peer) = self.contact_named(who) {
+            return Ok(peer);
         }
         who.trim()
             .parse::<PeerId>()
@@ -952,11 +963,19 @@ impl Node {
         channel: ResponseChannel<dm::Response>,
     ) {
         let response = match request {
-            Message::Valid(dm::Request { req_id, envelope }) => {
-                match self.accept(peer, envelope).await {
-                    Ok(()) => dm::Response::Accepted { req_id },
-                    Err(reason) => dm::Response::Rejected { req_id, reason },
+            Message::Valid(request) if !request.is_within_limits() => {
+                tracing::warn!(%peer, envelopes = request.len(), "refusing an oversize dm batch");
+                dm::Response::Rejected {
+                    req_id: request.req_id,
+                    reason: Reject::TooLarge {
+                        max: dm::MAX_BATCH as u64,
+                    },
                 }
+            }
+            Message::Valid(request) => {
+                let req_id = request.req_id;
+                let outcomes = self.accept_all(peer, request.into_envelopes()).await;
+                dm::Response::for_outcomes(req_id, &outcomes)
             }
             Message::Invalid { reason, detail } => {
                 tracing::warn!(%peer, %detail, "refusing undecodable dm request");
@@ -970,8 +989,49 @@ impl Node {
         self.inner.net.respond_dm(channel, response).await;
     }
 
-    /// Verifies and stores an envelope that `via` handed us; `Ok` only once it is on disk.
-    async fn accept(&self, via: PeerId, envelope: Envelope) -> Result<(), Reject> {
+    /// Verifies and stores envelopes that `via` handed us, each on its own merits, with one
+    /// flush for all of them; an `Ok` outcome means that envelope is on disk.
+    async fn accept_all(&self, via: PeerId, envelopes: Vec<Envelope>) -> Vec<Result<(), Reject>> {
+        let mut outcomes = Vec::with_capacity(envelopes.len());
+        // Written but not yet flushed: announced (and acknowledged) only after the flush.
+        let mut unflushed: Vec<(usize, Option<Fresh>)> = Vec::new();
+        for envelope in envelopes {
+            let index = outcomes.len();
+            let outcome = match self.check(via, &envelope) {
+                Err(reason) => Err(reason),
+                Ok(Checked::Group(group)) => self.accept_group(via, group, envelope).await,
+                Ok(Checked::Chat { text, file }) => self
+                    .stage_chat(via, envelope, text, file)
+                    .map(|fresh| unflushed.push((index, fresh))),
+                Ok(Checked::Receipt { state, ids }) => self
+                    .stage_receipt(envelope.from, state, ids)
+                    .map(|()| unflushed.push((index, None))),
+            };
+            outcomes.push(outcome);
+        }
+        if unflushed.is_empty() {
+            return outcomes;
+        }
+        if let Err(e) = self.inner.store.flush().await {
+            tracing::error!(error = %e, "cannot store inbound envelopes");
+            for (index, _) in unflushed {
+                outcomes[index] = Err(Reject::StoreFailed);
+            }
+            return outcomes;
+        }
+        for (index, fresh) in unflushed {
+            if let Some(fresh) = fresh {
+                if let Err(reason) = self.announce(via, fresh).await {
+                    outcomes[index] = Err(reason);
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// The checks every inbound envelope passes: signature, recipient, the connection's peer,
+    /// expiry and a body we understand.
+    fn check(&self, via: PeerId, envelope: &Envelope) -> Result<Checked, Reject> {
         let from = envelope.from;
         if let Err(e) = envelope.verify() {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope");
@@ -984,14 +1044,13 @@ impl Node {
             });
         }
         if let Destination::Group(group) = envelope.to {
-            return self.accept_group(via, group, envelope).await;
+            return Ok(Checked::Group(group));
         }
         if envelope.to != Destination::Peer(self.inner.me) {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope for someone else");
             return Err(Reject::WrongRecipient);
         }
-        let relayed = via != from;
-        if relayed && !self.inner.home_relays.contains_key(&via) {
+        if via != from && !self.inner.home_relays.contains_key(&via) {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope: sender is not the connection's peer");
             return Err(Reject::WrongSender);
         }
@@ -1002,102 +1061,128 @@ impl Node {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope with a bad body");
             Reject::Malformed
         })?;
-        let store_failed = |e: &dyn std::fmt::Display| {
-            tracing::error!(error = %e, "cannot store an inbound envelope");
-            Reject::StoreFailed
-        };
-        // A file is stored like a chat message (empty text) plus its attachment record.
-        let (body, file) = match body {
-            Body::File(file) => (
-                Body::Chat {
-                    text: String::new(),
-                },
-                Some(file),
-            ),
-            other => (other, None),
-        };
         match body {
-            Body::Chat { text } => {
-                let existing = self
-                    .inner
-                    .store
-                    .message(&from, &envelope.id)
-                    .map_err(|e| store_failed(&e))?;
-                if existing.is_some() {
-                    tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
-                } else {
-                    let lamport = self
-                        .observe_lamport(&from, envelope.lamport)
-                        .map_err(|e| store_failed(&e))?;
-                    let msg = StoredMessage {
-                        id: envelope.id,
-                        direction: Direction::In,
-                        from,
-                        peer: from,
-                        text: text.clone(),
-                        sent_at_ms: envelope.sent_at_ms,
-                        lamport: envelope.lamport,
-                        state: MessageState::Delivered,
-                        expires_at_ms: envelope.expires_at_ms,
-                    };
-                    let mut batch = Batch::new();
-                    batch.put_message(&msg);
-                    batch.set_lamport(&from, lamport);
-                    if let Some(file) = file.clone() {
-                        self.put_incoming_file(&mut batch, &envelope, file, None);
-                    }
-                    self.inner
-                        .store
-                        .commit(batch)
-                        .await
-                        .map_err(|e| store_failed(&e))?;
-                    self.emit(NodeEvent::Message {
-                        id: envelope.id.to_string(),
-                        from: from.to_string(),
-                        text,
-                        sent_at_ms: envelope.sent_at_ms,
-                    });
-                    if let Some(file) = &file {
-                        self.file_received(envelope.id, file.size).await;
-                    }
-                }
-                if relayed {
-                    // The sender did not see our answer: tell it with a receipt.
-                    self.queue_receipts(from, ReceiptState::Delivered, &[envelope.id])
-                        .await
-                        .map_err(|e| store_failed(&e))?;
-                }
-            }
-            // Turned into a chat message with an attachment above.
-            Body::File(_) => return Err(Reject::Malformed),
+            Body::Chat { text } => Ok(Checked::Chat { text, file: None }),
+            // A file is stored like a chat message (empty text) plus its attachment record.
+            Body::File(file) => Ok(Checked::Chat {
+                text: String::new(),
+                file: Some(file),
+            }),
+            Body::Receipt { state, ids } => Ok(Checked::Receipt { state, ids }),
             Body::GroupOp(_) => {
                 tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
-                return Err(Reject::Malformed);
+                Err(Reject::Malformed)
             }
-            Body::Receipt { state, ids } => {
-                for id in ids {
-                    let Ok(Some(msg)) = self.inner.store.outgoing(&id) else {
-                        continue;
-                    };
-                    if let Ok(Some(_)) = self.inner.store.message_group(&id) {
-                        // Group message: the receipt moves this member's state only.
-                        self.advance_group_members(&id, Some(&from), state.into())
-                            .map_err(|e| store_failed(&e))?;
-                        continue;
-                    }
-                    if msg.peer != from {
-                        tracing::warn!(%from, %id, "ignoring a receipt for another peer's message");
-                        continue;
-                    }
-                    self.advance(&msg.from, &id, state.into())
-                        .map_err(|e| store_failed(&e))?;
-                }
-                self.inner
-                    .store
-                    .flush()
-                    .await
+        }
+    }
+
+    /// Writes a checked chat envelope (not flushed); `Some` when it is new to us.
+    fn stage_chat(
+        &self,
+        via: PeerId,
+        envelope: Envelope,
+        text: String,
+        file: Option<FileRef>,
+    ) -> Result<Option<Fresh>, Reject> {
+        let from = envelope.from;
+        let existing = self
+            .inner
+            .store
+            .message(&from, &envelope.id)
+            .map_err(|e| store_failed(&e))?;
+        let relayed = via != from;
+        if existing.is_some() {
+            tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
+            // Already stored, but a relay redelivering it wants the sender told again.
+            return Ok(relayed.then_some(Fresh {
+                envelope,
+                text: None,
+                file_size: None,
+            }));
+        }
+        let lamport = self
+            .observe_lamport(&from, envelope.lamport)
+            .map_err(|e| store_failed(&e))?;
+        let msg = StoredMessage {
+            id: envelope.id,
+            direction: Direction::In,
+            from,
+            peer: from,
+            text: text.clone(),
+            sent_at_ms: envelope.sent_at_ms,
+            lamport: envelope.lamport,
+            state: MessageState::Delivered,
+            expires_at_ms: envelope.expires_at_ms,
+        };
+        let mut batch = Batch::new();
+        batch.put_message(&msg);
+        batch.set_lamport(&from, lamport);
+        let file_size = file.as_ref().map(|f| f.size);
+        if let Some(file) = file {
+            self.put_incoming_file(&mut batch, &envelope, file, None);
+        }
+        self.inner
+            .store
+            .apply(batch)
+            .map_err(|e| store_failed(&e))?;
+        Ok(Some(Fresh {
+            envelope,
+            text: Some(text),
+            file_size,
+        }))
+    }
+
+    /// Tells the watchers about a flushed chat envelope, starts its download, and sends the
+    /// receipt a relay's sender is waiting for.
+    async fn announce(&self, via: PeerId, fresh: Fresh) -> Result<(), Reject> {
+        let Fresh {
+            envelope,
+            text,
+            file_size,
+        } = fresh;
+        if let Some(text) = text {
+            self.emit(NodeEvent::Message {
+                id: envelope.id.to_string(),
+                from: envelope.from.to_string(),
+                text,
+                sent_at_ms: envelope.sent_at_ms,
+            });
+        }
+        if let Some(size) = file_size {
+            self.file_received(envelope.id, size).await;
+        }
+        if via != envelope.from {
+            // The sender did not see our answer: tell it with a receipt.
+            self.queue_receipts(envelope.from, ReceiptState::Delivered, &[envelope.id])
+                .await
+                .map_err(|e| store_failed(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies a checked receipt to our outgoing messages (not flushed).
+    fn stage_receipt(
+        &self,
+        from: PeerId,
+        state: ReceiptState,
+        ids: Vec<MessageId>,
+    ) -> Result<(), Reject> {
+        for id in ids {
+            let Ok(Some(msg)) = self.inner.store.outgoing(&id) else {
+                continue;
+            };
+            if let Ok(Some(_)) = self.inner.store.message_group(&id) {
+                // Group message: the receipt moves this member's state only.
+                self.advance_group_members(&id, Some(&from), state.into())
                     .map_err(|e| store_failed(&e))?;
+                continue;
             }
+            if msg.peer != from {
+                tracing::warn!(%from, %id, "ignoring a receipt for another peer's message");
+                continue;
+            }
+            self.advance(&msg.from, &id, state.into())
+                .map_err(|e| store_failed(&e))?;
         }
         Ok(())
     }
@@ -1148,14 +1233,20 @@ impl Node {
                 }
             };
             let mut seqs = Vec::with_capacity(items.len());
-            for item in items {
-                after = Some(item.seq);
-                match self.accept(relay, item.envelope).await {
-                    Ok(()) => seqs.push(item.seq),
+            after = items.last().map(|item| item.seq).or(after);
+            let (numbers, envelopes): (Vec<u64>, Vec<Envelope>) = items
+                .into_iter()
+                .map(|item| (item.seq, item.envelope))
+                .unzip();
+            // One flush for the whole batch.
+            let outcomes = self.accept_all(relay, envelopes).await;
+            for (seq, outcome) in numbers.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => seqs.push(seq),
                     Err(reason) if reason.is_retryable() => {}
                     Err(reason) => {
-                        tracing::warn!(%relay, seq = item.seq, %reason, "dropping a bad mailbox entry");
-                        seqs.push(item.seq);
+                        tracing::warn!(%relay, seq, %reason, "dropping a bad mailbox entry");
+                        seqs.push(seq);
                     }
                 }
             }
@@ -1199,16 +1290,24 @@ impl Node {
 
     async fn outbox_loop(self, mut shutdown: Signal) {
         let limit = Arc::new(Semaphore::new(self.inner.config.max_in_flight));
-        let mut attempts = JoinSet::new();
+        let per_peer = self.inner.config.max_in_flight_per_peer.max(1);
+        // Each attempt reports the peer whose request slot it frees.
+        let mut attempts: JoinSet<Option<PeerId>> = JoinSet::new();
+        // Taken from the schedule, waiting for a free request slot to their peer: while a peer's
+        // slots are busy its messages gather here and leave together, up to a batch per request.
+        let mut queued: HashMap<PeerId, VecDeque<OutboxEntry>> = HashMap::new();
+        let mut queued_len = 0usize;
+        let mut busy: HashMap<PeerId, usize> = HashMap::new();
+        let most_queued = self.inner.config.max_in_flight * dm::MAX_BATCH;
         loop {
             let now = now_ms();
             let (ready, next_due) = {
                 let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-                let budget = limit.available_permits().max(1);
+                let room = most_queued.saturating_sub(queued_len).max(1);
                 let mut ready = Vec::new();
                 let mut next_due = None;
                 while let Some(&(due_ms, id)) = schedule.due.first() {
-                    if due_ms > now || ready.len() >= budget {
+                    if due_ms > now || ready.len() >= room {
                         next_due = Some(due_ms.max(now));
                         break;
                     }
@@ -1222,15 +1321,44 @@ impl Node {
                 (ready, next_due)
             };
             for entry in ready {
-                let Ok(permit) = limit.clone().acquire_owned().await else {
-                    return;
-                };
-                let node = self.clone();
-                attempts.spawn(async move {
-                    node.attempt(entry).await;
-                    drop(permit);
-                });
+                match entry.envelope.to {
+                    Destination::Peer(peer) => {
+                        queued.entry(peer).or_default().push_back(entry);
+                        queued_len += 1;
+                    }
+                    Destination::Group(_) => {
+                        let Ok(permit) = limit.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let node = self.clone();
+                        attempts.spawn(async move {
+                            node.attempt(entry).await;
+                            drop(permit);
+                            None
+                        });
+                    }
+                }
             }
+            'dispatch: for (peer, queue) in queued.iter_mut() {
+                let slots = busy.entry(*peer).or_default();
+                while *slots < per_peer && !queue.is_empty() {
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        // Every request slot is taken: an attempt ending wakes us.
+                        break 'dispatch;
+                    };
+                    let batch = take_batch(queue);
+                    queued_len -= batch.len();
+                    *slots += 1;
+                    let node = self.clone();
+                    let peer = *peer;
+                    attempts.spawn(async move {
+                        node.attempt_peer(peer, batch).await;
+                        drop(permit);
+                        Some(peer)
+                    });
+                }
+            }
+            queued.retain(|_, queue| !queue.is_empty());
             let sleep = match next_due {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
@@ -1239,7 +1367,16 @@ impl Node {
                 biased;
                 _ = shutdown.wait() => break,
                 _ = self.inner.outbox_wake.notified() => {}
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                    if let Ok(Some(peer)) = done {
+                        if let Some(slots) = busy.get_mut(&peer) {
+                            *slots -= 1;
+                            if *slots == 0 {
+                                busy.remove(&peer);
+                            }
+                        }
+                    }
+                }
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
@@ -1248,14 +1385,19 @@ impl Node {
 
     /// One delivery attempt for an outbox entry.
     async fn attempt(&self, entry: OutboxEntry) {
-        let to = match entry.envelope.to {
-            Destination::Peer(to) => to,
+        match entry.envelope.to {
+            Destination::Peer(to) => self.attempt_peer(to, vec![entry]).await,
             Destination::Group(group) => {
                 let outcome = self.deliver_group(&entry.envelope, group).await;
                 self.finish(&entry, outcome);
-                return;
             }
-        };
+        }
+    }
+
+    /// One delivery attempt for outbox entries addressed to `to`, in one request: direct (or
+    /// through its relays' circuits), and for each one the recipient did not take, a deposit at
+    /// its home relays.
+    async fn attempt_peer(&self, to: PeerId, entries: Vec<OutboxEntry>) {
         let contact = self.contact_of(&to);
         let mut addrs: Vec<Multiaddr> = Vec::new();
         let mut relays: Vec<Multiaddr> = Vec::new();
@@ -1273,45 +1415,66 @@ impl Node {
         // A receipt for a peer we know no direct route to (a group member who is not a contact)
         // goes straight to the relays, which push it to a connected recipient: a group's
         // receipts must not cost one relayed circuit each.
-        let is_receipt = matches!(entry.envelope.body(), Ok(Body::Receipt { .. }));
-        if is_receipt
+        let is_receipt = |e: &OutboxEntry| matches!(e.envelope.body(), Ok(Body::Receipt { .. }));
+        let mut entries = entries;
+        if entries.iter().any(is_receipt)
             && contact.as_ref().is_none_or(|c| c.addrs.is_empty())
             && !self.inner.net.is_connected(to).await
         {
-            let outcome = self.deposit(&entry.envelope, &relays).await;
-            if !matches!(outcome, Outcome::Retry(_)) {
-                self.finish(&entry, outcome);
-                return;
+            let (receipts, rest): (Vec<_>, Vec<_>) = entries.into_iter().partition(is_receipt);
+            entries = rest;
+            for entry in receipts {
+                let outcome = self.deposit(&entry.envelope, &relays).await;
+                if matches!(outcome, Outcome::Retry(_)) {
+                    entries.push(entry);
+                } else {
+                    self.finish(&entry, outcome);
+                }
             }
         }
-
+        let Some((first, more)) = entries.split_first() else {
+            return;
+        };
         let request = Message::Valid(dm::Request {
             req_id: self.req_id(),
-            envelope: entry.envelope.clone(),
+            envelope: first.envelope.clone(),
+            more: more.iter().map(|e| e.envelope.clone()).collect(),
         });
         let direct = tokio::time::timeout(
             self.inner.config.delivery_timeout,
             self.inner.net.send_dm(to, addrs, request),
         )
         .await;
-        let outcome = match direct {
-            Ok(Ok(dm::Response::Accepted { .. })) => Outcome::Delivered,
-            Ok(Ok(dm::Response::Rejected { reason, .. })) if !reason.is_retryable() => {
-                tracing::warn!(%to, id = %entry.envelope.id, %reason, "recipient refused the message");
-                Outcome::Failed(format!("recipient refused it: {reason}"))
-            }
-            other => {
-                let why = match other {
-                    Ok(Ok(dm::Response::Rejected { reason, .. })) => reason.to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => NetError::Timeout.to_string(),
-                    Ok(Ok(dm::Response::Accepted { .. })) => String::new(),
-                };
-                tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
-                self.deposit(&entry.envelope, &relays).await
-            }
+        // Per entry: taken, refused by the recipient (`Ok(reason)`), or not answered.
+        let answers: Vec<Result<(), Result<Reject, String>>> = match direct {
+            Ok(Ok(response)) => (0..entries.len())
+                .map(|i| response.outcome(i).map_err(Ok))
+                .collect(),
+            Ok(Err(e)) => vec![Err(Err(e.to_string())); entries.len()],
+            Err(_) => vec![Err(Err(NetError::Timeout.to_string())); entries.len()],
         };
-        self.finish(&entry, outcome);
+        let relays = &relays;
+        let results = futures::future::join_all(entries.iter().zip(answers).map(
+            |(entry, answer)| async move {
+                let outcome = match answer {
+                    Ok(()) => Outcome::Delivered,
+                    Err(Ok(reason)) if !reason.is_retryable() => {
+                        tracing::warn!(%to, id = %entry.envelope.id, %reason, "recipient refused the message");
+                        Outcome::Failed(format!("recipient refused it: {reason}"))
+                    }
+                    Err(why) => {
+                        let why = why.map_or_else(|e| e, |reason| reason.to_string());
+                        tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
+                        self.deposit(&entry.envelope, relays).await
+                    }
+                };
+                (entry, outcome)
+            },
+        ))
+        .await;
+        for (entry, outcome) in results {
+            self.finish(entry, outcome);
+        }
     }
 
     /// Deposits an envelope at the recipient's home relays; `Sent` if at least one stored it.
@@ -1426,6 +1589,49 @@ impl Node {
         }
         self.inner.outbox_wake.notify_one();
     }
+}
+
+/// What [`Node::check`] found in an inbound envelope.
+enum Checked {
+    /// For a group: handled by the group code.
+    Group(GroupId),
+    /// A chat message, maybe with a file.
+    Chat { text: String, file: Option<FileRef> },
+    /// A receipt for our messages.
+    Receipt {
+        state: ReceiptState,
+        ids: Vec<MessageId>,
+    },
+}
+
+/// An inbound chat envelope written but not yet flushed.
+struct Fresh {
+    envelope: Envelope,
+    /// `None` for a duplicate (nothing to announce).
+    text: Option<String>,
+    file_size: Option<u64>,
+}
+
+/// Takes from the front of `queue` as many entries as one `/kith/dm/1` request may carry.
+fn take_batch(queue: &mut VecDeque<OutboxEntry>) -> Vec<OutboxEntry> {
+    let mut batch = Vec::new();
+    let mut more_bytes = 0;
+    while let Some(next) = queue.front() {
+        let size = next.envelope.size_bound();
+        if !dm::Request::fits(batch.len(), more_bytes, size) {
+            break;
+        }
+        if !batch.is_empty() {
+            more_bytes += size;
+        }
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+fn store_failed(e: &dyn std::fmt::Display) -> Reject {
+    tracing::error!(error = %e, "cannot store an inbound envelope");
+    Reject::StoreFailed
 }
 
 pub(crate) enum Outcome {

@@ -204,7 +204,7 @@ impl Node {
 
     /// The group a `TO`/`WITH` argument names, unless a contact goes by that name.
     pub(crate) fn group_target(&self, to: &str) -> Result<Option<State>, NodeError> {
-        if self.store().contacts()?.iter().any(|c| c.name == to) {
+        if self.contact_named(to).is_some() {
             return Ok(None);
         }
         Ok(self.find_group(to))

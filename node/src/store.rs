@@ -23,6 +23,7 @@
 //! interleave.
 
 use std::path::Path;
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -288,7 +289,12 @@ impl Store {
         let (tx, rx) = mpsc::channel(4096);
         let (closed_tx, closed) = watch::channel(false);
         // The flusher ends by itself once every handle is dropped; `closed()` waits for that.
-        tokio::spawn(flush_loop(tree.clone(), rx, closed_tx));
+        // It is a thread of its own: a flush blocks, and a waiter is then one wakeup away.
+        let flushing = tree.clone();
+        std::thread::Builder::new()
+            .name("kith-store-flush".into())
+            .spawn(move || flush_loop(flushing, rx, closed_tx))
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Self {
             tree,
             flusher: tx,
@@ -641,20 +647,37 @@ impl Store {
     }
 }
 
-async fn flush_loop(
+/// The least time between the end of one flush and the start of the next.
+const FLUSH_SPACING: Duration = Duration::from_micros(500);
+
+/// How many waiters one flush must have served for the next one to be spaced out.
+const BUSY_FLUSH: usize = 4;
+
+/// The group-commit flusher: every waiter that queued while a flush ran shares the next one.
+fn flush_loop(
     tree: sled::Db,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
     closed: watch::Sender<bool>,
 ) {
     let mut waiting = Vec::new();
-    while rx.recv_many(&mut waiting, 4096).await > 0 {
-        let flushing = tree.clone();
-        let result = match tokio::task::spawn_blocking(move || flushing.flush()).await {
-            Ok(result) => result.map(|_| ()),
-            Err(e) => Err(sled::Error::ReportableBug(format!(
-                "flush task failed: {e}"
-            ))),
-        };
+    let mut last_flush: Option<(std::time::Instant, usize)> = None;
+    while let Some(first) = rx.blocking_recv() {
+        waiting.push(first);
+        // Under load, flushes come back to back and each covers few writes, while every flush
+        // costs a log write, a sync and several thread wakeups. When the last flush served
+        // several waiters, the next one starts no sooner than a fraction of a millisecond after
+        // it, so that it serves many more. A lone writer is never kept waiting.
+        if let Some((at, served)) = last_flush {
+            let gap = FLUSH_SPACING.saturating_sub(at.elapsed());
+            if served >= BUSY_FLUSH && !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+        }
+        while let Ok(next) = rx.try_recv() {
+            waiting.push(next);
+        }
+        let result = tree.flush().map(|_| ());
+        last_flush = Some((std::time::Instant::now(), waiting.len()));
         for waiter in waiting.drain(..) {
             let _ = waiter.send(match &result {
                 Ok(()) => Ok(()),
@@ -663,7 +686,7 @@ async fn flush_loop(
         }
     }
     // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop.
-    if let Err(e) = tree.flush_async().await {
+    if let Err(e) = tree.flush() {
         tracing::error!(error = %e, "final store flush failed");
     }
     drop(tree);

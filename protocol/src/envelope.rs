@@ -17,6 +17,10 @@ pub const VERSION: u8 = 1;
 /// Prefix of every signed payload, so a kith signature can never be replayed in another context.
 const SIGNING_DOMAIN: &[u8] = b"kith/envelope/v1\0";
 
+/// The most an envelope's encoding adds to its body and signature: field names, the id, two
+/// peer ids' worth of `from` and `to`, three integers, and CBOR headers (about 300 bytes).
+const ENVELOPE_OVERHEAD_BOUND: usize = 512;
+
 /// Where an envelope goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Destination {
@@ -208,6 +212,12 @@ pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
 }
 
 impl Envelope {
+    /// An upper bound of its encoded size: the body and signature plus the most the header
+    /// fields and CBOR framing can take. Cheap: nothing is encoded.
+    pub fn size_bound(&self) -> usize {
+        self.body.len() + self.sig.len() + ENVELOPE_OVERHEAD_BOUND
+    }
+
     /// Encodes `body`, fills in `from` from `keypair`, and signs.
     pub fn seal(keypair: &Keypair, header: Header, body: &Body) -> Result<Self, SealError> {
         body.validate()?;

@@ -77,7 +77,16 @@ fn arb_reject() -> impl Strategy<Value = Reject> {
 }
 
 fn arb_dm_request() -> impl Strategy<Value = dm::Request> {
-    (any::<u64>(), arb_envelope()).prop_map(|(req_id, envelope)| dm::Request { req_id, envelope })
+    (
+        any::<u64>(),
+        arb_envelope(),
+        prop::collection::vec(arb_envelope(), 0..4),
+    )
+        .prop_map(|(req_id, envelope, more)| dm::Request {
+            req_id,
+            envelope,
+            more,
+        })
 }
 
 fn arb_dm_response() -> impl Strategy<Value = dm::Response> {
@@ -85,6 +94,17 @@ fn arb_dm_response() -> impl Strategy<Value = dm::Response> {
         any::<u64>().prop_map(|req_id| dm::Response::Accepted { req_id }),
         (any::<u64>(), arb_reject())
             .prop_map(|(req_id, reason)| dm::Response::Rejected { req_id, reason }),
+        (
+            any::<u64>(),
+            prop::collection::vec((any::<u32>(), arb_reject()), 0..4)
+        )
+            .prop_map(|(req_id, refused)| dm::Response::Partly {
+                req_id,
+                refused: refused
+                    .into_iter()
+                    .map(|(index, reason)| dm::Refused { index, reason })
+                    .collect(),
+            }),
     ]
 }
 
@@ -176,6 +196,12 @@ proptest! {
         let back = round_trip(&env, MAX_ENVELOPE_BYTES);
         prop_assert_eq!(&back, &env);
         prop_assert!(back.verify().is_ok());
+    }
+
+    #[test]
+    fn size_bound_is_an_upper_bound(env in arb_envelope()) {
+        let encoded = cbor::encode(&env, MAX_ENVELOPE_BYTES).expect("encode");
+        prop_assert!(encoded.len() <= env.size_bound(), "{} > {}", encoded.len(), env.size_bound());
     }
 
     #[test]
@@ -289,6 +315,68 @@ fn oversize_input_is_refused_before_parsing() {
     ));
     let header = ((dm::MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
     assert!(frame::decode(&header, dm::MAX_FRAME_BYTES).is_err());
+}
+
+#[test]
+fn a_full_batch_fits_in_one_frame() {
+    let (key, _) = peer_from_seed(1);
+    let (_, to) = peer_from_seed(2);
+    let big = |i: u8| {
+        let header = Header {
+            id: MessageId([i; 16]),
+            to: Destination::Peer(to),
+            sent_at_ms: u64::MAX,
+            lamport: u64::MAX,
+            expires_at_ms: Some(u64::MAX),
+        };
+        let text = "é".repeat(kith_protocol::limits::MAX_TEXT_BYTES / 2);
+        Envelope::seal(&key, header, &Body::Chat { text }).expect("seal")
+    };
+    // Pack as a sender does: the first envelope always, the next while they fit.
+    let (mut envelopes, mut more_bytes) = (Vec::new(), 0);
+    for i in 0..=u8::MAX {
+        let next = big(i);
+        if !dm::Request::fits(envelopes.len(), more_bytes, next.size_bound()) {
+            break;
+        }
+        if !envelopes.is_empty() {
+            more_bytes += next.size_bound();
+        }
+        envelopes.push(next);
+    }
+    assert!(envelopes.len() > 1 && envelopes.len() < dm::MAX_BATCH);
+    let request = dm::Request::batch(3, envelopes).expect("within limits");
+    assert_eq!(round_trip(&request, dm::MAX_FRAME_BYTES), request);
+}
+
+#[test]
+fn batch_answers_name_each_envelope() {
+    let outcomes = [Ok(()), Err(Reject::BadSignature), Ok(())];
+    let response = dm::Response::for_outcomes(5, &outcomes);
+    assert_eq!(
+        response,
+        dm::Response::Partly {
+            req_id: 5,
+            refused: vec![dm::Refused {
+                index: 1,
+                reason: Reject::BadSignature
+            }]
+        }
+    );
+    for (i, expected) in outcomes.iter().enumerate() {
+        assert_eq!(&response.outcome(i), expected);
+    }
+    assert_eq!(
+        dm::Response::for_outcomes(5, &[Ok(()), Ok(())]),
+        dm::Response::Accepted { req_id: 5 }
+    );
+    assert_eq!(
+        dm::Response::for_outcomes(5, &[Err(Reject::Expired)]),
+        dm::Response::Rejected {
+            req_id: 5,
+            reason: Reject::Expired
+        }
+    );
 }
 
 #[test]

@@ -528,13 +528,11 @@ impl Task {
         {
             return;
         }
-        let id = self.swarm.behaviour_mut().dm.send_request(
-            &recipient,
-            Message::Valid(dm::Request {
-                req_id: seq,
-                envelope,
-            }),
-        );
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .dm
+            .send_request(&recipient, Message::Valid(dm::Request::new(seq, envelope)));
         self.pushes.insert(id, (recipient, seq));
     }
 

@@ -102,12 +102,7 @@ pub async fn bare_request_response(
 
     let mut client = RawPeer::new()?;
     let envelope = payload_envelope(&client.key, server_peer, payload);
-    let request = |i: u64| {
-        Message::Valid(dm::Request {
-            req_id: i,
-            envelope: envelope.clone(),
-        })
-    };
+    let request = |i: u64| Message::Valid(dm::Request::new(i, envelope.clone()));
     // Warm up the connection.
     client.dm(server_peer, &addr, request(0)).await?;
     let mut samples = Vec::with_capacity(latency_samples);
@@ -218,10 +213,10 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
         .dm(
             bob_peer,
             &addr,
-            Message::Valid(dm::Request {
-                req_id: 0,
-                envelope: payload_envelope(&client.key, bob_peer, payload),
-            }),
+            Message::Valid(dm::Request::new(
+                0,
+                payload_envelope(&client.key, bob_peer, payload),
+            )),
         )
         .await?;
     let started = Instant::now();
@@ -230,10 +225,7 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
         while in_flight < window && sent < count {
             client.swarm.behaviour_mut().dm.send_request(
                 &bob_peer,
-                Message::Valid(dm::Request {
-                    req_id: sent as u64,
-                    envelope: envelopes[sent].clone(),
-                }),
+                Message::Valid(dm::Request::new(sent as u64, envelopes[sent].clone())),
             );
             sent += 1;
             in_flight += 1;

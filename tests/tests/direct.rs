@@ -104,10 +104,7 @@ async fn a_retried_delivery_is_stored_once_and_retries_keep_send_order() -> anyh
             .dm(
                 bob.peer_id(),
                 &addr,
-                Message::Valid(dm::Request {
-                    req_id: 7,
-                    envelope: env.clone(),
-                }),
+                Message::Valid(dm::Request::new(7, env.clone())),
             )
             .await?;
         assert_eq!(answer, dm::Response::Accepted { req_id: 7 });
@@ -124,12 +121,7 @@ async fn forged_and_malformed_input_is_rejected() -> anyhow::Result<()> {
     let mut raw = RawPeer::new()?;
     let mallory = libp2p::identity::Keypair::generate_ed25519();
 
-    let ask = |envelope: Envelope| {
-        Message::Valid(dm::Request {
-            req_id: 1,
-            envelope,
-        })
-    };
+    let ask = |envelope: Envelope| Message::Valid(dm::Request::new(1, envelope));
     let rejected = |reason| dm::Response::Rejected { req_id: 1, reason };
 
     // A tampered text.
@@ -220,5 +212,81 @@ async fn restarts_keep_history_and_resume_the_outbox() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(texts(&bob, "alice"), ["before", "while you were out"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_judged_envelope_by_envelope() -> anyhow::Result<()> {
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let mut raw = RawPeer::new()?;
+    let sender = raw.key.public().to_peer_id();
+    let mallory = libp2p::identity::Keypair::generate_ed25519();
+
+    let first = chat(&raw.key, bob.peer_id(), 1, "one");
+    let mut forged = chat(&raw.key, bob.peer_id(), 2, "two");
+    forged.body = kith_protocol::cbor::encode(
+        &Body::Chat {
+            text: "forged".into(),
+        },
+        1024,
+    )?;
+    let impostor = chat(&mallory, bob.peer_id(), 3, "from mallory");
+    let third = chat(&raw.key, bob.peer_id(), 4, "three");
+    // The same message twice in one batch is stored once and accepted twice.
+    let batch = vec![
+        first.clone(),
+        forged,
+        impostor,
+        third.clone(),
+        first.clone(),
+    ];
+    let answer = raw
+        .dm(
+            bob.peer_id(),
+            &addr,
+            Message::Valid(dm::Request::batch(9, batch).expect("a small batch")),
+        )
+        .await?;
+    assert_eq!(
+        answer,
+        dm::Response::Partly {
+            req_id: 9,
+            refused: vec![
+                dm::Refused {
+                    index: 1,
+                    reason: Reject::BadSignature
+                },
+                dm::Refused {
+                    index: 2,
+                    reason: Reject::WrongSender
+                },
+            ],
+        }
+    );
+    assert_eq!(texts(&bob, &sender.to_string()), ["one", "three"]);
+
+    // A batch over the limit is refused whole, before anything is stored.
+    let too_many: Vec<Envelope> = (0..=dm::MAX_BATCH as u64)
+        .map(|i| chat(&raw.key, bob.peer_id(), 10 + i, "many"))
+        .collect();
+    let request = dm::Request {
+        req_id: 10,
+        envelope: too_many[0].clone(),
+        more: too_many[1..].to_vec(),
+    };
+    assert!(!request.is_within_limits());
+    assert_eq!(
+        raw.dm(bob.peer_id(), &addr, Message::Valid(request))
+            .await?,
+        dm::Response::Rejected {
+            req_id: 10,
+            reason: Reject::TooLarge {
+                max: dm::MAX_BATCH as u64
+            }
+        }
+    );
+    assert_eq!(texts(&bob, &sender.to_string()), ["one", "three"]);
     Ok(())
 }

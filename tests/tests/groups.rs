@@ -441,10 +441,7 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
             .dm(
                 f.bob.peer_id(),
                 &bob_addr,
-                Message::Valid(dm::Request {
-                    req_id: i as u64,
-                    envelope,
-                }),
+                Message::Valid(dm::Request::new(i as u64, envelope)),
             )
             .await?;
         assert!(

@@ -28,6 +28,9 @@ struct Args {
     /// Run only the file-transfer rows and replace them in an existing table.
     #[arg(long)]
     files_only: bool,
+    /// Run only the direct-delivery rows and print them (the table is not written).
+    #[arg(long)]
+    direct_only: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -527,6 +530,15 @@ async fn main() -> Result<()> {
         target: "—".into(),
     });
 
+    if args.direct_only {
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {} |",
+                r.figure, r.value, r.baseline, r.ratio
+            );
+        }
+        return Ok(());
+    }
     relay_rows(args.quick, &mut rows)
         .await
         .context("relay benchmarks")?;
