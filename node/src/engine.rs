@@ -694,8 +694,8 @@ impl Node {
         };
         let mut events = wait.map(|_| self.subscribe());
         let mut batch = Batch::new();
+        // The conversation index records the clock (see `Store::lamport`).
         batch.put_message(&stored);
-        batch.set_lamport(&peer, lamport);
         let entry = OutboxEntry {
             envelope,
             attempts: 0,
@@ -1100,8 +1100,7 @@ impl Node {
                 file_size: None,
             }));
         }
-        let lamport = self
-            .observe_lamport(&from, envelope.lamport)
+        self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| store_failed(&e))?;
         let msg = StoredMessage {
             id: envelope.id,
@@ -1116,7 +1115,6 @@ impl Node {
         };
         let mut batch = Batch::new();
         batch.put_message(&msg);
-        batch.set_lamport(&from, lamport);
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
             self.put_incoming_file(&mut batch, &envelope, file, None);

@@ -408,11 +408,31 @@ impl Store {
 
     /// Every peer with at least one message.
     pub fn conversations(&self) -> Result<Vec<PeerId>, StoreError> {
+        // One step per peer through the conversation index: read the first key of a peer's
+        // range, then jump past that range.
         let mut out = Vec::new();
-        for entry in self.tree.scan_prefix(b"l/") {
+        let mut from = b"c/".to_vec();
+        while let Some(entry) = self.tree.range(from.clone()..).next() {
             let (key, _) = entry?;
-            if let Some(peer) = key.get(3..).and_then(|b| PeerId::from_bytes(b).ok()) {
-                out.push(peer);
+            if !key.starts_with(b"c/") {
+                break;
+            }
+            let len = key.get(2).copied().unwrap_or(0) as usize;
+            let Some(peer) = key.get(3..3 + len).and_then(|b| PeerId::from_bytes(b).ok()) else {
+                return Err(StoreError::Damaged {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "conversation key without a peer id".into(),
+                });
+            };
+            out.push(peer);
+            // The smallest key after every key starting with this peer's prefix.
+            from = peer_key(b"c/", &peer);
+            while from.last() == Some(&0xff) {
+                from.pop();
+            }
+            match from.last_mut() {
+                Some(last) => *last += 1,
+                None => break,
             }
         }
         Ok(out)
@@ -420,12 +440,26 @@ impl Store {
 
     /// A conversation's Lamport clock (0 when it is new).
     pub fn lamport(&self, peer: &PeerId) -> Result<u64, StoreError> {
-        Ok(self
+        let recorded = self
             .tree
             .get(peer_key(b"l/", peer))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes)
-            .unwrap_or(0))
+            .unwrap_or(0);
+        // The conversation index is ordered by Lamport time: its last key holds the highest
+        // one seen or sent, so a message needs no clock write of its own.
+        let prefix = peer_key(b"c/", peer);
+        let indexed = match self.tree.scan_prefix(&prefix).next_back() {
+            Some(entry) => {
+                let (key, _) = entry?;
+                key.get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        Ok(recorded.max(indexed))
     }
 
     /// Moves a message's state forward (never back), atomically. Returns the new state, or
@@ -648,10 +682,7 @@ impl Store {
 }
 
 /// The least time between the end of one flush and the start of the next.
-const FLUSH_SPACING: Duration = Duration::from_micros(500);
-
-/// How many waiters one flush must have served for the next one to be spaced out.
-const BUSY_FLUSH: usize = 4;
+const FLUSH_SPACING: Duration = Duration::from_millis(1);
 
 /// The group-commit flusher: every waiter that queued while a flush ran shares the next one.
 fn flush_loop(
@@ -660,16 +691,17 @@ fn flush_loop(
     closed: watch::Sender<bool>,
 ) {
     let mut waiting = Vec::new();
-    let mut last_flush: Option<(std::time::Instant, usize)> = None;
+    // When the last flush ended, and whether writers were queueing for it.
+    let mut last_flush: Option<(std::time::Instant, bool)> = None;
     while let Some(first) = rx.blocking_recv() {
         waiting.push(first);
         // Under load, flushes come back to back and each covers few writes, while every flush
-        // costs a log write, a sync and several thread wakeups. When the last flush served
-        // several waiters, the next one starts no sooner than a fraction of a millisecond after
-        // it, so that it serves many more. A lone writer is never kept waiting.
-        if let Some((at, served)) = last_flush {
+        // costs a log write, a sync and several thread wakeups. When writers are queueing, the
+        // next flush starts no sooner than a millisecond after the last one, so that it serves
+        // many more. A writer with nobody queueing before it is flushed at once.
+        if let Some((at, busy)) = last_flush {
             let gap = FLUSH_SPACING.saturating_sub(at.elapsed());
-            if served >= BUSY_FLUSH && !gap.is_zero() {
+            if busy && !gap.is_zero() {
                 std::thread::sleep(gap);
             }
         }
@@ -677,13 +709,14 @@ fn flush_loop(
             waiting.push(next);
         }
         let result = tree.flush().map(|_| ());
-        last_flush = Some((std::time::Instant::now(), waiting.len()));
+        let served = waiting.len();
         for waiter in waiting.drain(..) {
             let _ = waiter.send(match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Sled(e.clone())),
             });
         }
+        last_flush = Some((std::time::Instant::now(), served > 1 || !rx.is_empty()));
     }
     // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop.
     if let Err(e) = tree.flush() {
@@ -714,6 +747,26 @@ mod tests {
             state: MessageState::Pending,
             expires_at_ms: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_index_lists_conversations_and_holds_their_clocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (me, bob, carol) = (peer(), peer(), peer());
+        let mut batch = Batch::new();
+        for (peer, lamport) in [(bob, 7), (bob, 2), (carol, 1), (carol, u64::MAX - 1)] {
+            batch.put_message(&msg(me, peer, lamport, Direction::Out));
+        }
+        store.commit(batch).await.expect("commit");
+        let mut found = store.conversations().expect("conversations");
+        found.sort();
+        let mut expected = vec![bob, carol];
+        expected.sort();
+        assert_eq!(found, expected);
+        assert_eq!(store.lamport(&bob).expect("lamport"), 7);
+        assert_eq!(store.lamport(&carol).expect("lamport"), u64::MAX - 1);
+        assert_eq!(store.lamport(&me).expect("lamport"), 0);
     }
 
     #[tokio::test]
