@@ -515,6 +515,70 @@ fn held_chunks(
     Ok(held)
 }
 
+/// The whole-file hash of a download, fed in file order while chunks land in the part file in
+/// any order: a chunk is hashed when it arrives if every chunk before it is in, otherwise read
+/// back from the part file once the gap before it fills.
+struct InOrder {
+    hasher: blake3::Hasher,
+    next: u64,
+    written: Vec<bool>,
+}
+
+impl InOrder {
+    fn new(written: Vec<bool>) -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            next: 0,
+            written,
+        }
+    }
+
+    /// Records that chunk `index`, whose plaintext is `plain`, is in `part`, then hashes every
+    /// chunk from the cursor on that is in. Blocking.
+    fn add(
+        &mut self,
+        part: &std::fs::File,
+        size: u64,
+        index: u64,
+        plain: &[u8],
+    ) -> std::io::Result<()> {
+        if let Some(written) = self.written.get_mut(index as usize) {
+            *written = true;
+        }
+        self.advance(part, size, Some((index, plain)))
+    }
+
+    /// Hashes every chunk from the cursor on that is in `part` (`in_hand` need not be read).
+    fn advance(
+        &mut self,
+        part: &std::fs::File,
+        size: u64,
+        in_hand: Option<(u64, &[u8])>,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        while self.written.get(self.next as usize) == Some(&true) {
+            let index = self.next;
+            match in_hand {
+                Some((i, plain)) if i == index => {
+                    self.hasher.update(plain);
+                }
+                _ => {
+                    buf.resize(blob::chunk_len(size, index), 0);
+                    part.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
+                    self.hasher.update(&buf);
+                }
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// The whole-file hash, once every chunk is hashed.
+    fn finish(&self) -> Option<Hash> {
+        (self.next as usize == self.written.len()).then(|| self.hasher.finalize().into())
+    }
+}
+
 /// Moves `from` to `to`, copying (and syncing the copy) when they are on different file
 /// systems. Blocking.
 fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -527,28 +591,34 @@ fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Finishes a download whose every chunk is in `part_path`: syncs it, checks the whole-file
-/// hash, and only then moves it to `dest_dir/<name>`. A file that does not match is deleted.
-/// Blocking.
+/// hash (`hashed` while it arrived, or read back now), and only then moves it to
+/// `dest_dir/<name>`. A file that does not match is deleted. Blocking.
 fn finish_part(
     part: &std::fs::File,
     part_path: &Path,
     file: &FileRef,
     dest_dir: &Path,
+    hashed: Option<Hash>,
 ) -> Result<PathBuf, TransferError> {
     part.sync_data().map_err(local)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; HASH_READ_BYTES];
-    let mut at = 0u64;
-    while at < file.size {
-        let n = (file.size - at).min(HASH_READ_BYTES as u64) as usize;
-        let Some(slice) = buf.get_mut(..n) else {
-            break;
-        };
-        part.read_exact_at(slice, at).map_err(local)?;
-        hasher.update(slice);
-        at += n as u64;
-    }
-    let got: Hash = hasher.finalize().into();
+    let got = match hashed {
+        Some(hash) => hash,
+        None => {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; HASH_READ_BYTES];
+            let mut at = 0u64;
+            while at < file.size {
+                let n = (file.size - at).min(HASH_READ_BYTES as u64) as usize;
+                let Some(slice) = buf.get_mut(..n) else {
+                    break;
+                };
+                part.read_exact_at(slice, at).map_err(local)?;
+                hasher.update(slice);
+                at += n as u64;
+            }
+            hasher.finalize().into()
+        }
+    };
     if got != file.file_hash {
         let _ = std::fs::remove_file(part_path);
         return Err(TransferError::Refused(format!(
@@ -1307,16 +1377,19 @@ impl Node {
             .map_err(local)?
             .map_err(local)?
         };
-        self.fetch_chunks(id, &sources, &record.file, &chunks, &held, &part)
+        let hashed = self
+            .fetch_chunks(id, &sources, &record.file, &chunks, held, &part)
             .await?;
         let dest_dir = to
             .map(Path::to_owned)
             .unwrap_or_else(|| self.config().home.join(FILES_DIR));
         let path = {
             let file = record.file.clone();
-            tokio::task::spawn_blocking(move || finish_part(&part, &part_path, &file, &dest_dir))
-                .await
-                .map_err(local)??
+            tokio::task::spawn_blocking(move || {
+                finish_part(&part, &part_path, &file, &dest_dir, hashed)
+            })
+            .await
+            .map_err(local)??
         };
         record.path = Some(path.to_string_lossy().into_owned());
         let mut batch = Batch::new();
@@ -1336,20 +1409,21 @@ impl Node {
     }
 
     /// Fetches the chunks of `file` not `held` yet, `WINDOW` at a time: each is checked against
-    /// its hash, opened, and its plaintext written at its place in `part`.
+    /// its hash, opened, and its plaintext written at its place in `part`. Returns the
+    /// whole-file hash, computed on the way.
     async fn fetch_chunks(
         &self,
         id: MessageId,
         sources: &[Source],
         file: &FileRef,
         chunks: &[Hash],
-        held: &[bool],
+        held: Vec<bool>,
         part: &Arc<std::fs::File>,
-    ) -> Result<(), TransferError> {
+    ) -> Result<Option<Hash>, TransferError> {
         let size = file.size;
         let mut held_bytes = 0u64;
         let mut missing = Vec::new();
-        for (index, (hash, have)) in chunks.iter().zip(held).enumerate() {
+        for (index, (hash, have)) in chunks.iter().zip(&held).enumerate() {
             let index = index as u64;
             if *have {
                 held_bytes += blob::chunk_len(size, index) as u64;
@@ -1358,14 +1432,24 @@ impl Node {
             }
         }
         self.progress(id, "download", held_bytes, size);
+        let in_order = Arc::new(Mutex::new(InOrder::new(held)));
+        {
+            let (in_order, part) = (in_order.clone(), part.clone());
+            tokio::task::spawn_blocking(move || lock(&in_order).advance(&part, size, None))
+                .await
+                .map_err(local)?
+                .map_err(local)?;
+        }
+        let hashed = || lock(&in_order).finish();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(hashed());
         }
         let count = missing.len();
         let done = AtomicU64::new(held_bytes);
         let failures: Vec<TransferError> = futures::stream::iter(missing.into_iter().enumerate())
             .map(|(n, (index, hash))| {
                 let (part, key, done) = (part.clone(), file.key.clone(), &done);
+                let in_order = in_order.clone();
                 async move {
                     let mut bytes = self.fetch(sources, n, hash).await.map_err(|detail| {
                         TransferError::Incomplete {
@@ -1381,6 +1465,9 @@ impl Node {
                             ))
                         })?;
                         part.write_all_at(&bytes, index * CHUNK_BYTES as u64)
+                            .map_err(local)?;
+                        lock(&in_order)
+                            .add(&part, size, index, &bytes)
                             .map_err(local)
                     })
                     .await
@@ -1409,7 +1496,7 @@ impl Node {
             }
         }
         match first {
-            None => Ok(()),
+            None => Ok(hashed()),
             Some(detail) => Err(TransferError::Incomplete {
                 missing: incomplete,
                 total: count,
@@ -1760,7 +1847,17 @@ mod tests {
             put(i);
         }
         let out = dir.path().join("out");
-        let path = finish_part(&part, &part_path, &file, &out).expect("finish");
+        // The hash fed in file order while chunks land out of order.
+        let mut in_order = InOrder::new(vec![false; chunks.len()]);
+        for i in [2, 0, 1, 5, 3, 4] {
+            let mut plain = vec![0u8; blob::chunk_len(file.size, i)];
+            part.read_exact_at(&mut plain, i * CHUNK_BYTES as u64)
+                .expect("read");
+            assert_eq!(in_order.finish(), None);
+            in_order.add(&part, file.size, i, &plain).expect("add");
+        }
+        assert_eq!(in_order.finish(), Some(file.file_hash));
+        let path = finish_part(&part, &part_path, &file, &out, None).expect("finish");
         assert_eq!(std::fs::read(&path).expect("read"), data);
         assert!(!part_path.exists());
         // A file whose whole hash does not match is refused and deleted, never moved into place.
@@ -1771,7 +1868,7 @@ mod tests {
             ..file.clone()
         };
         assert!(matches!(
-            finish_part(&part, &part_path, &short, &out),
+            finish_part(&part, &part_path, &short, &out, None),
             Err(TransferError::Refused(_))
         ));
         assert!(!part_path.exists());
