@@ -25,7 +25,8 @@
 //! `{"type":"progress","id","direction","done","total"}` (bytes).
 //!
 //! Serving: a node answers `Get` for blobs it holds (a sender's own chunks, read from its packs),
-//! so a recipient that can reach it needs no relay. It refuses `Put` and `Begin`: only relays store for others.
+//! so a recipient that can reach it needs no relay. It refuses `Put` and `Begin`: only relays
+//! store for others.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -723,7 +724,9 @@ impl Node {
                         }
                         match read_manifest(&dir, &record.file) {
                             Ok(chunks) => found.push((pack, chunks, record.file.size)),
-                            Err(e) => tracing::warn!(%id, error = %e, "cannot read the manifest of a sent file"),
+                            Err(e) => {
+                                tracing::warn!(%id, error = %e, "cannot read a sent file's manifest")
+                            }
                         }
                     }
                     found
