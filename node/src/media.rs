@@ -2,8 +2,11 @@
 //!
 //! Sending ([`Node::send_file`]): the size is checked against `max_file_bytes` (settings) and
 //! against the target relays' limit (`Begin`) before anything is uploaded. The file is then read
-//! once, chunk by chunk ([`kith_protocol::blob`]): each chunk is sealed with a fresh per-file key,
-//! hashed and written to `<home>/blobs/<hash>`, never holding more than one chunk in memory. The
+//! once, chunk by chunk ([`kith_protocol::blob`]): one thread reads and hashes the plaintext while
+//! the others seal chunks with a fresh per-file key, hash them and write them at their place in
+//! one pack file, `<home>/blobs/<message id>.pack` (chunk `i` at `i` × [`PACK_STRIDE`]), a few
+//! chunks in memory at a time. The manifest blobs go to `<home>/blobs/<hash>`. An index in memory
+//! (rebuilt from the attachment records at start) maps each chunk hash to its place in a pack. The
 //! message ([`Body::File`]) goes through the normal outbox, while an upload job puts every blob
 //! on the recipient's home relays (for a group: the group's relay, once). Uploads retry with
 //! backoff until every target relay holds every blob, and resume after a restart.
@@ -11,18 +14,23 @@
 //! Receiving: the message is stored with its attachment record; files up to
 //! `auto_download_max_bytes` are fetched at once, larger ones on [`Node::download`]. A download
 //! asks the sender directly (first when it is connected) and the relays (the node's home relays
-//! and the group's relay); every blob is checked against its hash before it is written to
-//! `<home>/blobs/`, and a bad one is refused (`warn!`) and asked from the next source. Blobs
-//! already held are skipped, so an interrupted download resumes. Once every chunk is here, they
-//! are opened one by one into `<home>/files/<name>` (or `--to DIR`), the whole-file hash is
-//! checked, and the chunks are deleted. Progress goes to the event stream as
+//! and the group's relay); every blob is checked against its hash, and a bad one is refused
+//! (`warn!`) and asked from the next source. Manifest blobs are written to `<home>/blobs/`; each
+//! chunk is opened as it arrives and its plaintext written at its place in
+//! `<home>/blobs/<message id>.part`, so the file is assembled while it travels. An interrupted
+//! download resumes: the chunks already in the part file are found by sealing them again and
+//! comparing with the manifest, and only the others are fetched. Once every chunk is in, the part
+//! file is synced, its whole-file hash checked, and only then moved to `<home>/files/<name>` (or
+//! `--to DIR`) and recorded as the file's path. Progress goes to the event stream as
 //! `{"type":"progress","id","direction","done","total"}` (bytes).
 //!
-//! Serving: a node answers `Get` for blobs it holds (a sender's own chunks), so a recipient that
-//! can reach it needs no relay. It refuses `Put` and `Begin`: only relays store for others.
+//! Serving: a node answers `Get` for blobs it holds (a sender's own chunks, read from its packs),
+//! so a recipient that can reach it needs no relay. It refuses `Put` and `Begin`: only relays
+//! store for others.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +38,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kith_net::codec::Message;
-use kith_protocol::blob::{self, FileRef, Hash, Key, CHUNK_BYTES};
+use kith_protocol::blob::{self, FileRef, Hash, Key, CHUNK_BYTES, TAG_BYTES};
 use kith_protocol::envelope::Header;
 use kith_protocol::{Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
 use libp2p::request_response::ResponseChannel;
@@ -50,6 +58,12 @@ pub const BLOBS_DIR: &str = "blobs";
 pub const FILES_DIR: &str = "files";
 /// Blob requests in flight per transfer.
 const WINDOW: usize = 16;
+/// Bytes from the start of one sealed chunk to the next in a pack file.
+pub const PACK_STRIDE: u64 = (CHUNK_BYTES + TAG_BYTES) as u64;
+/// Most threads sealing one file.
+const MAX_SEAL_THREADS: usize = 4;
+/// Read size when hashing a whole assembled file.
+const HASH_READ_BYTES: usize = 1024 * 1024;
 /// Longest wait between two rounds of a transfer that keeps failing.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// First wait between two rounds.
@@ -130,12 +144,24 @@ enum Job {
     Download(MessageId),
 }
 
+/// Where a sealed chunk of one of this node's own files is: chunk `index` of a pack file.
+#[derive(Debug, Clone)]
+struct Packed {
+    pack: Arc<PathBuf>,
+    index: u64,
+    len: usize,
+}
+
 /// The media part of the node's shared state.
 pub(crate) struct State {
     jobs: mpsc::Sender<Job>,
     queue: Mutex<Option<mpsc::Receiver<Job>>>,
     /// One lock per file being transferred, so a transfer never runs twice at once.
     locks: Mutex<HashMap<MessageId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The chunks of the files this node sent, by hash.
+    packed: Mutex<HashMap<Hash, Packed>>,
+    /// Set once `packed` holds the packs of the files sent before this start.
+    packs_loaded: tokio::sync::OnceCell<()>,
     refused: AtomicU64,
     fetched: AtomicU64,
 }
@@ -147,6 +173,8 @@ impl Default for State {
             jobs,
             queue: Mutex::new(Some(queue)),
             locks: Mutex::new(HashMap::new()),
+            packed: Mutex::new(HashMap::new()),
+            packs_loaded: tokio::sync::OnceCell::new(),
             refused: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
         }
@@ -269,48 +297,150 @@ struct Prepared {
     size: u64,
     file_hash: Hash,
     manifest: Vec<Hash>,
+    chunks: Vec<Hash>,
 }
 
-/// Reads `path` once: seals and stores every chunk, writes the manifest blobs. Blocking.
-fn prepare(path: &Path, dir: &Path, key: &Key, expected_size: u64) -> std::io::Result<Prepared> {
+/// The name of the pack of message `id`'s file (sent) inside the blob directory.
+fn pack_name(id: &MessageId) -> String {
+    format!("{id}.pack")
+}
+
+/// The name of the partly downloaded file of message `id` inside the blob directory.
+fn part_name(id: &MessageId) -> String {
+    format!("{id}.part")
+}
+
+/// Reads `path` once: seals every chunk into the pack file `pack`, writes the manifest blobs
+/// into `dir`. The calling thread reads and hashes the plaintext; up to [`MAX_SEAL_THREADS`]
+/// threads seal, hash and write chunks, so at most a few chunks are in memory. Blocking.
+fn prepare(
+    path: &Path,
+    dir: &Path,
+    pack: &Path,
+    key: &Key,
+    expected_size: u64,
+) -> std::io::Result<Prepared> {
     std::fs::create_dir_all(dir)?;
     let mut file = std::fs::File::open(path)?;
+    let count = usize::try_from(blob::chunk_count(expected_size))
+        .map_err(|_| std::io::Error::other("the file is too large"))?;
+    let mut tmp_name = pack.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let out = std::fs::File::create(&tmp)?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_SEAL_THREADS);
+    let hashes: Mutex<Vec<Option<Hash>>> = Mutex::new(vec![None; count]);
+    let failure: Mutex<Option<std::io::Error>> = Mutex::new(None);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (to_seal, queue) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(workers);
+    let queue = Mutex::new(queue);
+    let (to_reuse, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(2 * workers + 2);
     let mut hasher = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    let mut buf = vec![0u8; CHUNK_BYTES];
-    let mut size = 0u64;
-    let mut index = 0u64;
-    loop {
-        let n = read_full(&mut file, &mut buf)?;
-        if n == 0 {
-            break;
+    let read: std::io::Result<u64> = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                // Workers drain the queue even after a failure, so the reader never blocks.
+                let next = lock(&queue).recv();
+                let Ok((index, mut buf)) = next else {
+                    return;
+                };
+                if failed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let hash = blob::seal_chunk_in_place(key, index, &mut buf);
+                if let Err(e) = out.write_all_at(&buf, index * PACK_STRIDE) {
+                    failed.store(true, Ordering::Relaxed);
+                    lock(&failure).get_or_insert(e);
+                    continue;
+                }
+                if let Some(slot) = lock(&hashes).get_mut(index as usize) {
+                    *slot = Some(hash);
+                }
+                let _ = to_reuse.try_send(buf);
+            });
         }
-        let plain = &buf[..n];
-        hasher.update(plain);
-        let (sealed, hash) = blob::seal_chunk(key, index, plain);
-        write_blob(dir, &hash, &sealed)?;
-        chunks.push(hash);
-        size += n as u64;
-        index += 1;
-        if n < CHUNK_BYTES {
-            break;
+        let mut size = 0u64;
+        let mut index = 0u64;
+        let result = loop {
+            if failed.load(Ordering::Relaxed) {
+                break Ok(size);
+            }
+            let mut buf = spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK_BYTES + TAG_BYTES));
+            buf.clear();
+            buf.resize(CHUNK_BYTES, 0);
+            let n = match read_full(&mut file, &mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                break Ok(size);
+            }
+            buf.truncate(n);
+            hasher.update(&buf);
+            size += n as u64;
+            if index as usize >= count {
+                // Grew since its size was read: the size check below refuses it.
+                break Ok(size);
+            }
+            if to_seal.send((index, buf)).is_err() {
+                break Err(std::io::Error::other("the sealing threads stopped"));
+            }
+            index += 1;
+            if n < CHUNK_BYTES {
+                break Ok(size);
+            }
+        };
+        drop(to_seal);
+        result
+    });
+    let outcome = (|| {
+        let size = read?;
+        if let Some(e) = lock(&failure).take() {
+            return Err(e);
         }
-    }
-    if size != expected_size {
-        return Err(std::io::Error::other(format!(
-            "the file changed while it was read ({expected_size} bytes, then {size})"
-        )));
-    }
+        if size != expected_size {
+            return Err(std::io::Error::other(format!(
+                "the file changed while it was read ({expected_size} bytes, then {size})"
+            )));
+        }
+        let chunks = std::mem::take(&mut *lock(&hashes))
+            .into_iter()
+            .collect::<Option<Vec<Hash>>>()
+            .ok_or_else(|| std::io::Error::other("a chunk was not sealed"))?;
+        drop(out);
+        std::fs::rename(&tmp, pack)?;
+        Ok(chunks)
+    })();
+    let chunks = match outcome {
+        Ok(chunks) => chunks,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     let mut manifest = Vec::new();
     for (bytes, hash) in blob::manifest_blobs(&chunks) {
         write_blob(dir, &hash, &bytes)?;
         manifest.push(hash);
     }
     Ok(Prepared {
-        size,
+        size: expected_size,
         file_hash: hasher.finalize().into(),
         manifest,
+        chunks,
     })
+}
+
+/// Reads sealed chunk `index` (of `len` bytes) from a pack file. Blocking.
+fn read_packed(pack: &Path, index: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(pack)?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, index * PACK_STRIDE)?;
+    Ok(buf)
 }
 
 /// A PNG thumbnail of at most [`THUMBNAIL_PX`] pixels a side, for PNG and JPEG images. Blocking.
@@ -358,56 +488,149 @@ fn free_path(dir: &Path, name: &str) -> PathBuf {
         .unwrap_or(first)
 }
 
-/// Opens every chunk into `dest_dir/<name>` and checks the whole-file hash. Deletes a chunk that
-/// does not open (so it is fetched again). Blocking.
-fn assemble(
-    dir: &Path,
+/// Which chunks of a partly downloaded file are already in `part`: each is sealed again and
+/// compared with its hash in the manifest (a hole or a torn write does not match). Blocking.
+fn held_chunks(
+    part: &std::fs::File,
     file: &FileRef,
     chunks: &[Hash],
-    dest_dir: &Path,
-) -> Result<PathBuf, TransferError> {
-    std::fs::create_dir_all(dest_dir).map_err(local)?;
-    let part = dest_dir.join(format!(".{}.part{}", file.name, rand::random::<u32>()));
-    let result = (|| {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&part).map_err(local)?);
-        let mut hasher = blake3::Hasher::new();
-        for (index, hash) in chunks.iter().enumerate() {
-            let path = dir.join(hash.to_hex());
-            let sealed = std::fs::read(&path).map_err(local)?;
-            let plain = match blob::verify(hash, &sealed)
-                .and_then(|()| blob::open_chunk(&file.key, file.size, index as u64, &sealed))
-            {
-                Ok(plain) => plain,
-                Err(e) => {
-                    tracing::warn!(%hash, error = %e, "a stored chunk does not open; fetching it again");
-                    let _ = std::fs::remove_file(&path);
-                    return Err(TransferError::Incomplete {
-                        missing: 1,
-                        total: chunks.len(),
-                        detail: e.to_string(),
-                    });
-                }
-            };
-            hasher.update(&plain);
-            out.write_all(&plain).map_err(local)?;
-        }
-        out.flush().map_err(local)?;
-        out.get_ref().sync_data().map_err(local)?;
-        let got: Hash = hasher.finalize().into();
-        if got != file.file_hash {
-            return Err(TransferError::Refused(format!(
-                "the file's hash is {got}, the message promised {}",
-                file.file_hash
-            )));
-        }
-        let dest = free_path(dest_dir, &file.name);
-        std::fs::rename(&part, &dest).map_err(local)?;
-        Ok(dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&part);
+) -> std::io::Result<Vec<bool>> {
+    let len = part.metadata()?.len();
+    let mut held = vec![false; chunks.len()];
+    if len == 0 {
+        return Ok(held);
     }
-    result
+    let mut buf = Vec::with_capacity(CHUNK_BYTES + TAG_BYTES);
+    for (index, (hash, have)) in chunks.iter().zip(held.iter_mut()).enumerate() {
+        let index = index as u64;
+        let plain_len = blob::chunk_len(file.size, index);
+        let at = index * CHUNK_BYTES as u64;
+        if at + plain_len as u64 > len {
+            break;
+        }
+        buf.clear();
+        buf.resize(plain_len, 0);
+        part.read_exact_at(&mut buf, at)?;
+        *have = blob::seal_chunk_in_place(&file.key, index, &mut buf) == *hash;
+    }
+    Ok(held)
+}
+
+/// The whole-file hash of a download, fed in file order while chunks land in the part file in
+/// any order: a chunk is hashed when it arrives if every chunk before it is in, otherwise read
+/// back from the part file once the gap before it fills.
+struct InOrder {
+    hasher: blake3::Hasher,
+    next: u64,
+    written: Vec<bool>,
+}
+
+impl InOrder {
+    fn new(written: Vec<bool>) -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            next: 0,
+            written,
+        }
+    }
+
+    /// Records that chunk `index`, whose plaintext is `plain`, is in `part`, then hashes every
+    /// chunk from the cursor on that is in. Blocking.
+    fn add(
+        &mut self,
+        part: &std::fs::File,
+        size: u64,
+        index: u64,
+        plain: &[u8],
+    ) -> std::io::Result<()> {
+        if let Some(written) = self.written.get_mut(index as usize) {
+            *written = true;
+        }
+        self.advance(part, size, Some((index, plain)))
+    }
+
+    /// Hashes every chunk from the cursor on that is in `part` (`in_hand` need not be read).
+    fn advance(
+        &mut self,
+        part: &std::fs::File,
+        size: u64,
+        in_hand: Option<(u64, &[u8])>,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        while self.written.get(self.next as usize) == Some(&true) {
+            let index = self.next;
+            match in_hand {
+                Some((i, plain)) if i == index => {
+                    self.hasher.update(plain);
+                }
+                _ => {
+                    buf.resize(blob::chunk_len(size, index), 0);
+                    part.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
+                    self.hasher.update(&buf);
+                }
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// The whole-file hash, once every chunk is hashed.
+    fn finish(&self) -> Option<Hash> {
+        (self.next as usize == self.written.len()).then(|| self.hasher.finalize().into())
+    }
+}
+
+/// Moves `from` to `to`, copying (and syncing the copy) when they are on different file
+/// systems. Blocking.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)?;
+    std::fs::File::open(to)?.sync_all()?;
+    std::fs::remove_file(from)
+}
+
+/// Finishes a download whose every chunk is in `part_path`: syncs it, checks the whole-file
+/// hash (`hashed` while it arrived, or read back now), and only then moves it to
+/// `dest_dir/<name>`. A file that does not match is deleted. Blocking.
+fn finish_part(
+    part: &std::fs::File,
+    part_path: &Path,
+    file: &FileRef,
+    dest_dir: &Path,
+    hashed: Option<Hash>,
+) -> Result<PathBuf, TransferError> {
+    part.sync_data().map_err(local)?;
+    let got = match hashed {
+        Some(hash) => hash,
+        None => {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; HASH_READ_BYTES];
+            let mut at = 0u64;
+            while at < file.size {
+                let n = (file.size - at).min(HASH_READ_BYTES as u64) as usize;
+                let Some(slice) = buf.get_mut(..n) else {
+                    break;
+                };
+                part.read_exact_at(slice, at).map_err(local)?;
+                hasher.update(slice);
+                at += n as u64;
+            }
+            hasher.finalize().into()
+        }
+    };
+    if got != file.file_hash {
+        let _ = std::fs::remove_file(part_path);
+        return Err(TransferError::Refused(format!(
+            "the file's hash is {got}, the message promised {}",
+            file.file_hash
+        )));
+    }
+    std::fs::create_dir_all(dest_dir).map_err(local)?;
+    let dest = free_path(dest_dir, &file.name);
+    move_file(part_path, &dest).map_err(local)?;
+    Ok(dest)
 }
 
 /// Where blobs of a file can be had.
@@ -462,6 +685,73 @@ impl Node {
         }
     }
 
+    /// Records where the chunks of a file this node sends are (chunk `i` of `pack`).
+    fn add_pack(&self, pack: PathBuf, chunks: &[Hash], size: u64) {
+        let pack = Arc::new(pack);
+        let mut packed = lock(&self.media().packed);
+        for (index, hash) in chunks.iter().enumerate() {
+            let index = index as u64;
+            packed.insert(
+                *hash,
+                Packed {
+                    pack: pack.clone(),
+                    index,
+                    len: blob::chunk_len(size, index) + TAG_BYTES,
+                },
+            );
+        }
+    }
+
+    /// Fills the index of packed chunks from the files sent before this start (once).
+    async fn load_packs(&self) {
+        self.media()
+            .packs_loaded
+            .get_or_init(|| async {
+                let records = match self.store().attachments::<Record>() {
+                    Ok(records) => records,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read attachments");
+                        return;
+                    }
+                };
+                let dir = self.blobs_dir();
+                let found = tokio::task::spawn_blocking(move || {
+                    let mut found = Vec::new();
+                    for (id, record) in records {
+                        let pack = dir.join(pack_name(&id));
+                        if record.direction != Direction::Out || !pack.exists() {
+                            continue;
+                        }
+                        match read_manifest(&dir, &record.file) {
+                            Ok(chunks) => found.push((pack, chunks, record.file.size)),
+                            Err(e) => {
+                                tracing::warn!(%id, error = %e, "cannot read a sent file's manifest")
+                            }
+                        }
+                    }
+                    found
+                })
+                .await
+                .unwrap_or_default();
+                for (pack, chunks, size) in found {
+                    self.add_pack(pack, &chunks, size);
+                }
+            })
+            .await;
+    }
+
+    /// A blob of this node's own: a chunk from a pack, or a blob file (manifests).
+    async fn read_own_blob(&self, hash: &Hash) -> std::io::Result<Vec<u8>> {
+        self.load_packs().await;
+        let packed = lock(&self.media().packed).get(hash).cloned();
+        match packed {
+            Some(p) => tokio::task::spawn_blocking(move || read_packed(&p.pack, p.index, p.len))
+                .await
+                .map_err(std::io::Error::other)?,
+            None => tokio::fs::read(self.blobs_dir().join(hash.to_hex())).await,
+        }
+    }
+
     /// Sends the file at `path` to a contact, peer id or group. Returns once the message is in
     /// the outbox; the upload to the relays continues in the background.
     pub async fn send_file(&self, to: &str, path: &Path) -> Result<Sent, NodeError> {
@@ -498,17 +788,21 @@ impl Node {
             .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
         let mime = sniff_mime(&name, &head[..head_len]);
         let key = Key::random(&mut rand::thread_rng());
+        let id = MessageId::random();
         let dir = self.blobs_dir();
+        let pack = dir.join(pack_name(&id));
         let (prepared, thumb) = {
-            let (source, key, mime) = (path.to_owned(), key.clone(), mime.clone());
+            let (source, key, mime, pack) =
+                (path.to_owned(), key.clone(), mime.clone(), pack.clone());
             tokio::task::spawn_blocking(move || {
-                let prepared = prepare(&source, &dir, &key, size)?;
+                let prepared = prepare(&source, &dir, &pack, &key, size)?;
                 Ok::<_, std::io::Error>((prepared, thumbnail(&source, &mime, size)))
             })
             .await
             .map_err(|e| invalid(format!("chunking failed: {e}")))?
             .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?
         };
+        self.add_pack(pack, &prepared.chunks, prepared.size);
         let file = FileRef {
             name,
             size: prepared.size,
@@ -520,7 +814,6 @@ impl Node {
         };
         let body = Body::File(file.clone());
         body.validate().map_err(invalid)?;
-        let id = MessageId::random();
         let record = Record {
             file,
             direction: Direction::Out,
@@ -668,6 +961,7 @@ impl Node {
         let Some(mut queue) = lock(&self.media().queue).take() else {
             return;
         };
+        self.load_packs().await;
         let mut work = JoinSet::new();
         let mut waiting = std::collections::VecDeque::new();
         match self.store().attachments::<Record>() {
@@ -820,9 +1114,10 @@ impl Node {
             }
             let results: Vec<Result<(), String>> = futures::stream::iter(blobs)
                 .map(|(hash, plain_len)| {
-                    let (dir, addr, done) = (&dir, &addr, &done);
+                    let (addr, done) = (&addr, &done);
                     async move {
-                        let bytes = tokio::fs::read(dir.join(hash.to_hex()))
+                        let bytes = self
+                            .read_own_blob(&hash)
                             .await
                             .map_err(|e| format!("blob {hash}: {e}"))?;
                         let request = blob::Request::Put {
@@ -952,7 +1247,8 @@ impl Node {
         })
     }
 
-    /// Fetches the blobs in `wanted` that are not on disk yet, `WINDOW` at a time.
+    /// Fetches the blobs in `wanted` (manifest blobs) that are not on disk yet, `WINDOW` at a
+    /// time, and writes them to the blob directory.
     async fn fetch_missing(
         &self,
         id: MessageId,
@@ -1065,30 +1361,47 @@ impl Node {
                 return Err(TransferError::Refused(format!("bad manifest: {e}")));
             }
         };
-        let wanted = chunks
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (*h, blob::chunk_len(size, i as u64) as u64))
-            .collect();
-        self.fetch_missing(id, &sources, wanted, &done, size)
+        let part_path = dir.join(part_name(&id));
+        let (part, held) = {
+            let (part_path, file, chunks) =
+                (part_path.clone(), record.file.clone(), chunks.clone());
+            tokio::task::spawn_blocking(move || {
+                let part = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&part_path)?;
+                let held = held_chunks(&part, &file, &chunks)?;
+                part.set_len(file.size)?;
+                Ok::<_, std::io::Error>((Arc::new(part), held))
+            })
+            .await
+            .map_err(local)?
+            .map_err(local)?
+        };
+        let hashed = self
+            .fetch_chunks(id, &sources, &record.file, &chunks, held, &part)
             .await?;
         let dest_dir = to
             .map(Path::to_owned)
             .unwrap_or_else(|| self.config().home.join(FILES_DIR));
         let path = {
-            let (dir, file, chunks) = (dir.clone(), record.file.clone(), chunks.clone());
-            tokio::task::spawn_blocking(move || assemble(&dir, &file, &chunks, &dest_dir))
-                .await
-                .map_err(local)??
+            let file = record.file.clone();
+            tokio::task::spawn_blocking(move || {
+                finish_part(&part, &part_path, &file, &dest_dir, hashed)
+            })
+            .await
+            .map_err(local)??
         };
         record.path = Some(path.to_string_lossy().into_owned());
         let mut batch = Batch::new();
         batch.put_attachment(&id, &record);
         self.store().commit(batch).await.map_err(local)?;
         self.progress(id, "download", size, size);
-        // The plaintext is here: the sealed copies are no longer needed.
+        // The file is here: the manifest blobs are no longer needed.
         tokio::task::spawn_blocking(move || {
-            for hash in chunks.iter().chain(record.file.manifest.iter()) {
+            for hash in &record.file.manifest {
                 let _ = std::fs::remove_file(dir.join(hash.to_hex()));
             }
         })
@@ -1096,6 +1409,103 @@ impl Node {
         .map_err(local)?;
         tracing::info!(%id, path = %path.display(), "file downloaded");
         Ok(path)
+    }
+
+    /// Fetches the chunks of `file` not `held` yet, `WINDOW` at a time: each is checked against
+    /// its hash, opened, and its plaintext written at its place in `part`. Returns the
+    /// whole-file hash, computed on the way.
+    async fn fetch_chunks(
+        &self,
+        id: MessageId,
+        sources: &[Source],
+        file: &FileRef,
+        chunks: &[Hash],
+        held: Vec<bool>,
+        part: &Arc<std::fs::File>,
+    ) -> Result<Option<Hash>, TransferError> {
+        let size = file.size;
+        let mut held_bytes = 0u64;
+        let mut missing = Vec::new();
+        for (index, (hash, have)) in chunks.iter().zip(&held).enumerate() {
+            let index = index as u64;
+            if *have {
+                held_bytes += blob::chunk_len(size, index) as u64;
+            } else {
+                missing.push((index, *hash));
+            }
+        }
+        self.progress(id, "download", held_bytes, size);
+        let in_order = Arc::new(Mutex::new(InOrder::new(held)));
+        {
+            let (in_order, part) = (in_order.clone(), part.clone());
+            tokio::task::spawn_blocking(move || lock(&in_order).advance(&part, size, None))
+                .await
+                .map_err(local)?
+                .map_err(local)?;
+        }
+        let hashed = || lock(&in_order).finish();
+        if missing.is_empty() {
+            return Ok(hashed());
+        }
+        let count = missing.len();
+        let done = AtomicU64::new(held_bytes);
+        let failures: Vec<TransferError> = futures::stream::iter(missing.into_iter().enumerate())
+            .map(|(n, (index, hash))| {
+                let (part, key, done) = (part.clone(), file.key.clone(), &done);
+                let in_order = in_order.clone();
+                async move {
+                    let mut bytes = self.fetch(sources, n, hash).await.map_err(|detail| {
+                        TransferError::Incomplete {
+                            missing: 1,
+                            total: count,
+                            detail,
+                        }
+                    })?;
+                    tokio::task::spawn_blocking(move || {
+                        blob::open_chunk_in_place(&key, size, index, &mut bytes).map_err(|e| {
+                            TransferError::Refused(format!(
+                                "chunk {index} ({hash}) matches the manifest but does not open: {e}"
+                            ))
+                        })?;
+                        part.write_all_at(&bytes, index * CHUNK_BYTES as u64)
+                            .map_err(local)?;
+                        lock(&in_order)
+                            .add(&part, size, index, &bytes)
+                            .map_err(local)
+                    })
+                    .await
+                    .map_err(local)??;
+                    self.media().fetched.fetch_add(1, Ordering::Relaxed);
+                    let plain_len = blob::chunk_len(size, index) as u64;
+                    let now = done.fetch_add(plain_len, Ordering::Relaxed) + plain_len;
+                    self.progress(id, "download", now, size);
+                    Ok::<(), TransferError>(())
+                }
+            })
+            .buffer_unordered(WINDOW)
+            .filter_map(|r| async move { r.err() })
+            .collect()
+            .await;
+        let mut incomplete = 0;
+        let mut first = None;
+        for failure in failures {
+            match failure {
+                TransferError::Incomplete { detail, .. } => {
+                    incomplete += 1;
+                    first.get_or_insert(detail);
+                }
+                // A chunk that does not open will not open from any source; a disk error is ours.
+                other => return Err(other),
+            }
+        }
+        match first {
+            None => Ok(hashed()),
+            Some(detail) => Err(TransferError::Incomplete {
+                missing: incomplete,
+                total: count,
+                detail,
+            }),
+        }
     }
 
     /// Downloads the file attached to message `id` (into `<home>/files`, or `to`), resuming
@@ -1138,8 +1548,7 @@ impl Node {
     ) {
         let response = match request {
             Message::Valid(blob::Request::Get { req_id, hash }) => {
-                let path = self.blobs_dir().join(hash.to_hex());
-                match tokio::fs::read(&path).await {
+                match self.read_own_blob(&hash).await {
                     Ok(bytes) if bytes.len() <= blob::MAX_BLOB_BYTES => {
                         blob::Response::Blob { req_id, bytes }
                     }
@@ -1380,16 +1789,17 @@ mod tests {
     }
 
     #[test]
-    fn prepare_then_assemble_round_trips_and_refuses_a_bad_chunk() {
+    fn prepare_then_assemble_round_trips_resumes_and_refuses_a_bad_file() {
         let dir = tempfile::tempdir().expect("tmp");
         let src = dir.path().join("data.bin");
-        let data: Vec<u8> = (0..(CHUNK_BYTES * 2 + 1000))
+        let data: Vec<u8> = (0..(CHUNK_BYTES * 5 + 1000))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&src, &data).expect("write");
         let blobs = dir.path().join("blobs");
+        let pack = blobs.join("m.pack");
         let key = Key([3u8; 32]);
-        let prepared = prepare(&src, &blobs, &key, data.len() as u64).expect("prepare");
+        let prepared = prepare(&src, &blobs, &pack, &key, data.len() as u64).expect("prepare");
         let file = FileRef {
             name: "data.bin".into(),
             size: prepared.size,
@@ -1400,21 +1810,72 @@ mod tests {
             thumbnail: None,
         };
         file.validate().expect("valid");
+        assert_eq!(file.file_hash, Hash::of(&data));
         let chunks = read_manifest(&blobs, &file).expect("manifest");
-        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks, prepared.chunks);
+        assert_eq!(chunks.len(), 6);
+        // Every packed chunk is the sealed chunk its hash names.
+        let sealed: Vec<Vec<u8>> = (0..chunks.len() as u64)
+            .map(|i| {
+                let bytes =
+                    read_packed(&pack, i, blob::chunk_len(file.size, i) + TAG_BYTES).expect("read");
+                blob::verify(&chunks[i as usize], &bytes).expect("hash");
+                bytes
+            })
+            .collect();
+        // A download that got chunks 0, 2 and 5 before it stopped.
+        let part_path = blobs.join("m.part");
+        let part = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part_path)
+            .expect("part");
+        part.set_len(file.size).expect("len");
+        let put = |i: usize| {
+            let mut bytes = sealed[i].clone();
+            blob::open_chunk_in_place(&file.key, file.size, i as u64, &mut bytes).expect("opens");
+            part.write_all_at(&bytes, (i * CHUNK_BYTES) as u64)
+                .expect("write");
+        };
+        for i in [0, 2, 5] {
+            put(i);
+        }
+        assert_eq!(
+            held_chunks(&part, &file, &chunks).expect("scan"),
+            [true, false, true, false, false, true]
+        );
+        for i in [1, 3, 4] {
+            put(i);
+        }
         let out = dir.path().join("out");
-        let path = assemble(&blobs, &file, &chunks, &out).expect("assemble");
+        // The hash fed in file order while chunks land out of order.
+        let mut in_order = InOrder::new(vec![false; chunks.len()]);
+        for i in [2, 0, 1, 5, 3, 4] {
+            let mut plain = vec![0u8; blob::chunk_len(file.size, i)];
+            part.read_exact_at(&mut plain, i * CHUNK_BYTES as u64)
+                .expect("read");
+            assert_eq!(in_order.finish(), None);
+            in_order.add(&part, file.size, i, &plain).expect("add");
+        }
+        assert_eq!(in_order.finish(), Some(file.file_hash));
+        let path = finish_part(&part, &part_path, &file, &out, None).expect("finish");
         assert_eq!(std::fs::read(&path).expect("read"), data);
-        // A damaged chunk on disk is refused and deleted, so it is fetched again.
-        let victim = blobs.join(chunks[1].to_hex());
-        let mut bytes = std::fs::read(&victim).expect("read");
-        bytes[5] ^= 0xff;
-        std::fs::write(&victim, bytes).expect("write");
+        assert!(!part_path.exists());
+        // A file whose whole hash does not match is refused and deleted, never moved into place.
+        std::fs::write(&part_path, &data[1..]).expect("write");
+        let part = std::fs::File::open(&part_path).expect("open");
+        let short = FileRef {
+            size: data.len() as u64 - 1,
+            ..file.clone()
+        };
         assert!(matches!(
-            assemble(&blobs, &file, &chunks, &out),
-            Err(TransferError::Incomplete { .. })
+            finish_part(&part, &part_path, &short, &out, None),
+            Err(TransferError::Refused(_))
         ));
-        assert!(!victim.exists());
+        assert!(!part_path.exists());
+        assert_eq!(std::fs::read_dir(&out).expect("out").count(), 1);
     }
 
     #[test]

@@ -16,8 +16,8 @@
 //!
 //! Everything here is pure: no files, no sockets, no clock.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use serde::{Deserialize, Serialize};
 
 use crate::reject::Reject;
@@ -230,20 +230,22 @@ fn nonce(index: u64) -> Nonce {
 
 /// Seals plaintext chunk `index` with `key`; returns the sealed bytes and their hash.
 pub fn seal_chunk(key: &Key, index: u64, plain: &[u8]) -> (Vec<u8>, Hash) {
+    let mut sealed = Vec::with_capacity(plain.len() + TAG_BYTES);
+    sealed.extend_from_slice(plain);
+    let hash = seal_chunk_in_place(key, index, &mut sealed);
+    (sealed, hash)
+}
+
+/// Seals plaintext chunk `index` in `buf` (the tag is appended); returns the sealed chunk's hash.
+/// The same bytes as [`seal_chunk`], without a copy.
+pub fn seal_chunk_in_place(key: &Key, index: u64, buf: &mut Vec<u8>) -> Hash {
     let cipher = ChaCha20Poly1305::new(&key.0.into());
     let aad = index.to_be_bytes();
     // Encryption fails only for inputs beyond 2^38 bytes; a chunk is 256 KiB.
-    let sealed = cipher
-        .encrypt(
-            &nonce(index),
-            Payload {
-                msg: plain,
-                aad: &aad,
-            },
-        )
-        .unwrap_or_default();
-    let hash = Hash::of(&sealed);
-    (sealed, hash)
+    if let Ok(tag) = cipher.encrypt_in_place_detached(&nonce(index), &aad, buf) {
+        buf.extend_from_slice(&tag);
+    }
+    Hash::of(buf)
 }
 
 /// Checks that `sealed` hashes to `expected` (do this before writing a received blob).
@@ -257,21 +259,32 @@ pub fn verify(expected: &Hash, sealed: &[u8]) -> Result<(), BlobError> {
 
 /// Opens sealed chunk `index` of a file of `size` bytes: checks the length, then the AEAD tag.
 pub fn open_chunk(key: &Key, size: u64, index: u64, sealed: &[u8]) -> Result<Vec<u8>, BlobError> {
-    let expected = chunk_len(size, index) + TAG_BYTES;
-    if index >= chunk_count(size) || sealed.len() != expected {
+    let mut buf = sealed.to_vec();
+    open_chunk_in_place(key, size, index, &mut buf)?;
+    Ok(buf)
+}
+
+/// Opens sealed chunk `index` of a file of `size` bytes in `buf`, which then holds the
+/// plaintext (the tag is removed). On error `buf` holds garbage.
+pub fn open_chunk_in_place(
+    key: &Key,
+    size: u64,
+    index: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), BlobError> {
+    let plain_len = chunk_len(size, index);
+    if index >= chunk_count(size) || buf.len() != plain_len + TAG_BYTES {
         return Err(BlobError::Decrypt { index });
     }
+    let (body, tag) = buf.split_at_mut(plain_len);
+    let tag = Tag::clone_from_slice(tag);
     let cipher = ChaCha20Poly1305::new(&key.0.into());
     let aad = index.to_be_bytes();
     cipher
-        .decrypt(
-            &nonce(index),
-            Payload {
-                msg: sealed,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| BlobError::Decrypt { index })
+        .decrypt_in_place_detached(&nonce(index), &aad, body, &tag)
+        .map_err(|_| BlobError::Decrypt { index })?;
+    buf.truncate(plain_len);
+    Ok(())
 }
 
 /// Builds the manifest blobs for a list of chunk hashes (in order); returns each with its hash.
@@ -441,6 +454,34 @@ mod tests {
         bad[10] ^= 1;
         assert_eq!(verify(&hash, &bad), Err(BlobError::HashMismatch(hash)));
         assert!(open_chunk(&key(), size, 3, &bad).is_err());
+    }
+
+    #[test]
+    fn in_place_sealing_matches_and_matches_the_rfc_8439_construction() {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let plain: Vec<u8> = (0..CHUNK_BYTES).map(|i| (i % 253) as u8).collect();
+        let mut buf = plain.clone();
+        let hash = seal_chunk_in_place(&key(), 9, &mut buf);
+        // The combined-mode AEAD over the same key, nonce and associated data.
+        let reference = ChaCha20Poly1305::new(&key().0.into())
+            .encrypt(
+                &nonce(9),
+                Payload {
+                    msg: &plain,
+                    aad: &9u64.to_be_bytes(),
+                },
+            )
+            .expect("seals");
+        assert_eq!(buf, reference);
+        assert_eq!(seal_chunk(&key(), 9, &plain), (reference, hash));
+        let size = 10 * CHUNK_BYTES as u64;
+        open_chunk_in_place(&key(), size, 9, &mut buf).expect("opens");
+        assert_eq!(buf, plain);
+        let mut short = vec![0u8; TAG_BYTES - 1];
+        assert_eq!(
+            open_chunk_in_place(&key(), size, 9, &mut short),
+            Err(BlobError::Decrypt { index: 9 })
+        );
     }
 
     #[test]

@@ -202,7 +202,9 @@ impl Store {
         }
         match std::fs::File::open(self.path(hash)) {
             Ok(file) => {
-                let mut bytes = Vec::new();
+                // Sized from the start: a blob is read with one copy, not a growing buffer.
+                let len = file.metadata()?.len().min(MAX_BLOB_BYTES as u64) as usize;
+                let mut bytes = Vec::with_capacity(len);
                 std::io::Read::read_to_end(
                     &mut std::io::Read::take(file, MAX_BLOB_BYTES as u64),
                     &mut bytes,
