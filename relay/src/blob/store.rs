@@ -144,6 +144,8 @@ impl Store {
             file.write_all(bytes)?;
             file.sync_data()?;
             std::fs::rename(&tmp, &path)?;
+            // The rename itself must survive a crash before `Stored` goes out.
+            std::fs::File::open(&self.dir)?.sync_all()?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -151,6 +153,8 @@ impl Store {
             return Err(e.into());
         }
         self.index_insert(&key, owner, bytes.len() as u64, expires_at_ms, true)?;
+        // `Stored` promises the blob can be fetched after a crash: the index entry too.
+        self.index.flush().map_err(StoreError::from)?;
         Ok(())
     }
 
