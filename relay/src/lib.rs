@@ -12,7 +12,8 @@
 //!
 //! - [`config`]: every limit, loaded from TOML and overridden by flags.
 //! - [`identity`] and [`state_file`]: `<data>/identity.key` and `<data>/relay.json`.
-//! - [`swarm`]: the libp2p behaviour and the task that owns the swarm.
+//! - [`swarm`]: the libp2p behaviour and the task that owns the swarm; [`boxed`] keeps its
+//!   per-connection handler in one allocation.
 //! - [`mailbox`]: the sled store, the service task that owns it, and the group-commit flusher.
 //! - [`presence`]: online / last seen from heartbeats, with each user's visibility enforced.
 //! - [`shed`]: graceful degradation, which work a loaded relay refuses first.
@@ -34,6 +35,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 pub mod blob;
+pub mod boxed;
 pub mod clock;
 pub mod config;
 pub mod group;

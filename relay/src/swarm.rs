@@ -32,6 +32,7 @@ use libp2p::{
 };
 use tokio::sync::oneshot;
 
+use crate::boxed::Boxed;
 use crate::config::Config;
 use crate::group::gateway::{Done as GroupDone, Gateway as GroupGateway};
 use crate::mailbox::service::{self, Outcome, Push};
@@ -45,9 +46,16 @@ use kith_protocol::group as group_wire;
 /// The identify protocol version kith peers announce.
 pub const IDENTIFY_PROTOCOL: &str = "/kith/1.0.0";
 
+/// The relay's behaviour: [`Protocols`], with each connection's handler in a box so an idle
+/// connection holds it once ([`crate::boxed`]). Derefs to [`Protocols`].
+pub type Behaviour = Boxed<Protocols>;
+
+/// What the relay's swarm reports.
+pub type BehaviourEvent = ProtocolsEvent;
+
 /// Every protocol the relay speaks.
 #[derive(NetworkBehaviour)]
-pub struct Behaviour {
+pub struct Protocols {
     /// Circuit relay v2 server.
     pub relay: relay::Behaviour,
     /// Address exchange.
@@ -99,8 +107,8 @@ fn relay_config(config: &Config) -> relay::Config {
     relay
 }
 
-impl Behaviour {
-    /// The relay's behaviour for `key`, with the limits in `config`.
+impl Protocols {
+    /// The relay's protocols for `key`, with the limits in `config`.
     pub fn new(key: &identity::Keypair, config: &Config) -> Result<Self, BuildError> {
         let peer_id = key.public().to_peer_id();
         let gossipsub = crate::group::gossipsub(key, config).map_err(BuildError::Gossipsub)?;
@@ -190,7 +198,8 @@ pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behavi
         .with_quic()
         .with_dns()?
         .with_behaviour(|key| {
-            Behaviour::new(key, config)
+            Protocols::new(key, config)
+                .map(Boxed)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| BuildError::Gossipsub(e.to_string()))?

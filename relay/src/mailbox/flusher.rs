@@ -1,9 +1,9 @@
 //! Group commit: one sled flush makes every deposit written before it durable.
 //!
-//! The mailbox service writes a deposit into sled (in memory) and hands the finished answer to
-//! the flusher as a [`Job`]. The flusher takes every job waiting in its channel, runs one
-//! `flush_async`, and only then releases the answers, so `Stored` always means "on disk" while
-//! a burst of deposits costs one fsync instead of one each.
+//! The mailbox service writes a round of deposits into sled (in memory) and hands the finished
+//! answers to the flusher as one batch of [`Job`]s. The flusher takes every batch waiting in its
+//! channel, runs one `flush_async`, and only then releases the answers, so `Stored` always means
+//! "on disk" while a burst of deposits costs one flush instead of one each.
 
 use std::time::Instant;
 
@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::service::Outcome;
 use crate::metrics::Metrics;
 
-/// Most answers released by one flush; the rest wait for the next one.
-pub const MAX_JOBS_PER_FLUSH: usize = 4_096;
+/// Most batches released by one flush; the rest wait for the next one.
+pub const MAX_BATCHES_PER_FLUSH: usize = 1_024;
 
-/// Capacity of the flusher's channel (the mailbox service waits when it is full).
-pub const CHANNEL_CAPACITY: usize = 4_096;
+/// Capacity of the flusher's channel, in batches (the mailbox service waits when it is full).
+pub const CHANNEL_CAPACITY: usize = 1_024;
 
 /// An answer waiting for the data it reports to be durable.
 #[derive(Debug)]
@@ -29,19 +29,23 @@ pub struct Job {
     pub outcome: Outcome,
 }
 
-/// Runs until every sender of `jobs` is gone, flushing once per batch of waiting jobs.
-pub async fn run(db: sled::Db, mut jobs: mpsc::Receiver<Job>, metrics: Metrics) {
-    let mut batch = Vec::with_capacity(64);
-    while jobs.recv_many(&mut batch, MAX_JOBS_PER_FLUSH).await > 0 {
+/// The answers of one round of the mailbox service.
+pub type Jobs = Vec<Job>;
+
+/// Runs until every sender of `jobs` is gone, flushing once for all the batches waiting.
+pub async fn run(db: sled::Db, mut jobs: mpsc::Receiver<Jobs>, metrics: Metrics) {
+    let mut batches = Vec::with_capacity(MAX_BATCHES_PER_FLUSH);
+    while jobs.recv_many(&mut batches, MAX_BATCHES_PER_FLUSH).await > 0 {
         let started = Instant::now();
         let result = db.flush_async().await;
         let took = started.elapsed();
         metrics.flush_seconds.observe(took.as_secs_f64());
         metrics.last_flush.record(took);
         if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = batch.len(), "mailbox flush failed");
+            let jobs: usize = batches.iter().map(Vec::len).sum();
+            tracing::error!(error = %e, jobs, "mailbox flush failed");
         }
-        for job in batch.drain(..) {
+        for job in batches.drain(..).flatten() {
             let outcome = match &result {
                 Ok(_) => {
                     if matches!(job.outcome.response, Response::Stored { .. }) {

@@ -2,12 +2,15 @@
 //!
 //! Flow: the swarm task receives a request, hands it here with [`Handle::try_request`] (a full
 //! queue is answered `Busy` at once, so the swarm never waits), and keeps the libp2p response
-//! channel itself. This task validates and applies the request:
+//! channel itself. This task works in rounds: it takes every request waiting in its queue (up to
+//! [`MAX_ROUND`]), verifies the signatures of the round's deposits in parallel on blocking
+//! threads (ed25519 verification is most of a deposit's CPU time), then validates and applies the
+//! requests one by one, in arrival order:
 //!
-//! - `Deposit`: verify the signature, require a peer recipient, refuse expired envelopes, check
-//!   the depositor's rate and the recipient's quota, store (deduplicated by `(from, id)`), then
-//!   pass the `Stored` answer to the [flusher](super::flusher), which releases it after the
-//!   flush. A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
+//! - `Deposit`: require a valid signature, a peer recipient and an unexpired envelope, check the
+//!   depositor's rate and the recipient's quota, store (deduplicated by `(from, id)`), then pass
+//!   the `Stored` answer to the [flusher](super::flusher), which releases it after the flush.
+//!   All of a round's answers go to the flusher together, so one flush covers the whole round. A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
 //!   once to a connected recipient; when that recipient accepts, [`Handle::try_delivered`]
 //!   removes the entry.
 //! - `Fetch` and `Ack`: always on the mailbox of the connection's own peer id.
@@ -23,9 +26,9 @@ use kith_protocol::{Destination, Envelope, PeerId, Reject, VerifyError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
-use super::flusher::Job;
+use super::flusher::{Job, Jobs};
 use super::rate::RateLimiter;
-use super::store::{AckError, DepositError, Store, Usage};
+use super::store::{AckError, DepositError, Staged, Store, Usage};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 
@@ -58,6 +61,13 @@ impl Outcome {
         }
     }
 }
+
+/// Most requests handled in one round (one batch for the flusher).
+pub const MAX_ROUND: usize = 1_024;
+
+/// Fewest deposits in a round for which verification is spread over several threads; below
+/// it, the service verifies them itself (handing work to a thread costs more than it saves).
+const PARALLEL_VERIFY_FROM: usize = 8;
 
 /// The service's settings.
 #[derive(Debug, Clone)]
@@ -216,16 +226,32 @@ struct Service {
     store: Store,
     rate: RateLimiter,
     settings: Settings,
-    flusher: mpsc::Sender<Job>,
+    flusher: mpsc::Sender<Jobs>,
     metrics: Metrics,
+    /// Threads to verify a round's signatures on.
+    parallelism: usize,
 }
+
+/// A request of the current round; a deposit's envelope waits in the round's list of envelopes
+/// to verify.
+enum Prepared {
+    Deposit {
+        peer: PeerId,
+        req_id: u64,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Other(Command),
+}
+
+/// An envelope after verification; `None` when its verification thread failed.
+type Checked = Option<(Envelope, Result<(), VerifyError>)>;
 
 /// Runs the service until every [`Handle`] is dropped, then flushes the store.
 pub async fn run(
     store: Store,
     settings: Settings,
     Receiver(mut rx): Receiver,
-    flusher: mpsc::Sender<Job>,
+    flusher: mpsc::Sender<Jobs>,
     metrics: Metrics,
 ) -> Result<(), sled::Error> {
     let mut service = Service {
@@ -237,17 +263,21 @@ pub async fn run(
         settings,
         flusher,
         metrics,
+        parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     service.update_gauges();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
     purge.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut round = Vec::with_capacity(64);
     loop {
         tokio::select! {
             biased;
-            command = rx.recv() => match command {
-                None => break,
-                Some(command) => service.handle(command).await,
-            },
+            n = rx.recv_many(&mut round, MAX_ROUND) => {
+                if n == 0 {
+                    break;
+                }
+                service.round(&mut round).await;
+            }
             _ = purge.tick() => {
                 service.purge();
             }
@@ -258,24 +288,165 @@ pub async fn run(
     db.flush_async().await.map(|_| ())
 }
 
+/// Verifies every envelope, on up to `parallelism` blocking threads when there are enough, and
+/// returns them in order with their results. The envelopes move to the threads and back: no
+/// copies.
+async fn verify_all(envelopes: Vec<Envelope>, parallelism: usize) -> Vec<Checked> {
+    let check = |envelope: Envelope| {
+        let verified = envelope.verify();
+        Some((envelope, verified))
+    };
+    if parallelism <= 1 || envelopes.len() < PARALLEL_VERIFY_FROM {
+        return envelopes.into_iter().map(check).collect();
+    }
+    let total = envelopes.len();
+    let share = total.div_ceil(parallelism);
+    let mut rest = envelopes;
+    let mut threads = Vec::with_capacity(parallelism);
+    while !rest.is_empty() {
+        let tail = rest.split_off(share.min(rest.len()));
+        let chunk = std::mem::replace(&mut rest, tail);
+        let len = chunk.len();
+        let thread =
+            tokio::task::spawn_blocking(move || chunk.into_iter().map(check).collect::<Vec<_>>());
+        threads.push((len, thread));
+    }
+    let mut checked = Vec::with_capacity(total);
+    for (len, thread) in threads {
+        match thread.await {
+            Ok(done) => checked.extend(done),
+            Err(e) => {
+                tracing::error!(error = %e, "a signature verification thread failed");
+                checked.extend((0..len).map(|_| None));
+            }
+        }
+    }
+    checked
+}
+
 impl Service {
-    async fn handle(&mut self, command: Command) {
+    /// Handles one round of requests, in order, and hands the round's durable answers to the
+    /// flusher as one batch.
+    async fn round(&mut self, commands: &mut Vec<Command>) {
+        let mut envelopes = Vec::new();
+        let mut prepared = Vec::with_capacity(commands.len());
+        for command in commands.drain(..) {
+            match command {
+                Command::Request {
+                    peer,
+                    request,
+                    reply,
+                } => match *request {
+                    Request::Deposit {
+                        req_id, envelope, ..
+                    } => {
+                        envelopes.push(envelope);
+                        prepared.push(Prepared::Deposit {
+                            peer,
+                            req_id,
+                            reply,
+                        });
+                    }
+                    request => prepared.push(Prepared::Other(Command::Request {
+                        peer,
+                        request: Box::new(request),
+                        reply,
+                    })),
+                },
+                other => prepared.push(Prepared::Other(other)),
+            }
+        }
+        let mut checked = verify_all(envelopes, self.parallelism).await.into_iter();
+        // Answers released by the flusher, and the staged deposits' answers, released to the
+        // flusher once their batch is written.
+        let mut jobs = Vec::new();
+        let mut staged = (Staged::default(), Vec::new());
+        for item in prepared {
+            match item {
+                Prepared::Deposit {
+                    peer,
+                    req_id,
+                    reply,
+                } => {
+                    // One entry per deposit of the round; `None` if its verification failed to
+                    // run, which is answered like a failed write (the sender retries).
+                    let Some((envelope, verified)) = checked.next().flatten() else {
+                        let detail = "signature verification did not run";
+                        let reason = Reject::StoreFailed;
+                        let _ = reply.send(self.reject(&peer, req_id, reason, detail));
+                        continue;
+                    };
+                    match self.deposit(&peer, req_id, envelope, verified, &mut staged.0) {
+                        // The answer is released by the flusher once the write is durable.
+                        Ok(outcome) => staged.1.push(Job { reply, outcome }),
+                        Err((reason, detail)) => {
+                            let _ = reply.send(self.reject(&peer, req_id, reason, &detail));
+                        }
+                    }
+                }
+                Prepared::Other(command) => {
+                    // Later requests (a fetch, say) see every earlier deposit.
+                    self.commit(&mut staged, &mut jobs);
+                    self.handle(command, &mut jobs);
+                }
+            }
+        }
+        self.commit(&mut staged, &mut jobs);
+        if !jobs.is_empty() {
+            if let Err(mpsc::error::SendError(jobs)) = self.flusher.send(jobs).await {
+                tracing::error!("the mailbox flusher has stopped");
+                for job in jobs {
+                    let req_id = job.outcome.response.req_id();
+                    self.metrics.reject(&Reject::StoreFailed);
+                    let _ = job.reply.send(Outcome::reply(Response::Rejected {
+                        req_id,
+                        reason: Reject::StoreFailed,
+                    }));
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Writes the staged deposits in one batch and moves their answers to `jobs`, or, if the
+    /// write fails, answers them `StoreFailed` at once (nothing of the batch was stored).
+    fn commit(&mut self, (deposits, answers): &mut (Staged, Vec<Job>), jobs: &mut Vec<Job>) {
+        if deposits.is_empty() {
+            jobs.append(answers);
+            return;
+        }
+        match self.store.commit(std::mem::take(deposits)) {
+            Ok(()) => jobs.append(answers),
+            Err(e) => {
+                tracing::error!(error = %e, deposits = answers.len(), "mailbox store failed");
+                for job in answers.drain(..) {
+                    let req_id = job.outcome.response.req_id();
+                    self.metrics.reject(&Reject::StoreFailed);
+                    let _ = job.reply.send(Outcome::reply(Response::Rejected {
+                        req_id,
+                        reason: Reject::StoreFailed,
+                    }));
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command, jobs: &mut Vec<Job>) {
         match command {
             Command::Request {
                 peer,
                 request,
                 reply,
-            } => self.request(peer, *request, reply).await,
-            Command::Delivered { owner, seq } => {
-                match self.store.remove(&owner, seq) {
-                    Ok(true) => {
-                        self.metrics.pushes.inc();
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(%owner, seq, error = %e, "removing a pushed entry"),
-                }
-                self.update_gauges();
+            } => {
+                let _ = reply.send(self.request(peer, *request));
             }
+            Command::Delivered { owner, seq } => match self.store.remove(&owner, seq) {
+                Ok(true) => {
+                    self.metrics.pushes.inc();
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(%owner, seq, error = %e, "removing a pushed entry"),
+            },
             Command::Usage { owner, reply } => {
                 let usage = match owner {
                     Some(owner) => self.store.usage(&owner),
@@ -290,7 +461,7 @@ impl Service {
                 recipients,
                 envelope,
                 reply,
-            } => self.fan_out(recipients, *envelope, reply).await,
+            } => self.fan_out(recipients, *envelope, reply, jobs),
         }
     }
 
@@ -329,27 +500,13 @@ impl Service {
         Outcome::reply(Response::Rejected { req_id, reason })
     }
 
-    async fn request(&mut self, peer: PeerId, request: Request, reply: oneshot::Sender<Outcome>) {
-        let outcome = match request {
-            Request::Deposit {
-                req_id, envelope, ..
-            } => {
-                match self.deposit(&peer, req_id, envelope) {
-                    Ok(outcome) => {
-                        // The answer is released by the flusher once the write is durable.
-                        let job = Job { reply, outcome };
-                        if let Err(mpsc::error::SendError(job)) = self.flusher.send(job).await {
-                            tracing::error!("the mailbox flusher has stopped");
-                            let _ = job.reply.send(Outcome::reply(Response::Rejected {
-                                req_id,
-                                reason: Reject::StoreFailed,
-                            }));
-                        }
-                        self.update_gauges();
-                        return;
-                    }
-                    Err((reason, detail)) => self.reject(&peer, req_id, reason, &detail),
-                }
+    /// Answers a fetch or an ack (deposits go through [`Service::round`]).
+    fn request(&mut self, peer: PeerId, request: Request) -> Outcome {
+        match request {
+            Request::Deposit { req_id, .. } => {
+                // Rounds take deposits apart before they get here.
+                let detail = "deposit outside a round";
+                self.reject(&peer, req_id, Reject::StoreFailed, detail)
             }
             Request::Fetch {
                 req_id,
@@ -389,25 +546,36 @@ impl Service {
                     }
                 }
             }
-        };
-        let _ = reply.send(outcome);
+        }
     }
 
-    /// Stores one group envelope in every recipient's mailbox (one batch per copy, one flush
-    /// for all). A recipient whose mailbox is full misses this message; the others do not.
-    async fn fan_out(
+    /// Stores one group envelope in every recipient's mailbox (one batch and one flush for all
+    /// copies). A recipient whose mailbox is full misses this message; the others do not.
+    fn fan_out(
         &mut self,
         recipients: Vec<PeerId>,
         envelope: Envelope,
         reply: oneshot::Sender<FanOut>,
+        jobs: &mut Vec<Job>,
     ) {
         let now = self.settings.clock.now_ms();
+        let mut copies = Vec::new();
+        let mut staged = Staged::default();
+        for recipient in recipients {
+            match self.store.stage(&mut staged, &recipient, &envelope, now) {
+                Ok(done) => copies.push((recipient, done)),
+                Err(e) => {
+                    tracing::warn!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                }
+            }
+        }
+        let (tx, flushed) = oneshot::channel();
         let mut pushes = Vec::new();
         let mut stored = 0u32;
-        for recipient in recipients {
-            match self.store.deposit(&recipient, &envelope, now) {
-                Ok(done) => {
-                    stored += 1;
+        let response = match self.store.commit(staged) {
+            Ok(()) => {
+                stored = u32::try_from(copies.len()).unwrap_or(u32::MAX);
+                for (recipient, done) in copies {
                     if !done.duplicate {
                         pushes.push(Push {
                             recipient,
@@ -416,20 +584,21 @@ impl Service {
                         });
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                Response::Stored { req_id: 0 }
+            }
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "group copies not stored");
+                self.metrics.reject(&Reject::StoreFailed);
+                Response::Rejected {
+                    req_id: 0,
+                    reason: Reject::StoreFailed,
                 }
             }
-        }
-        let (tx, flushed) = oneshot::channel();
-        let job = Job {
-            reply: tx,
-            outcome: Outcome::reply(Response::Stored { req_id: 0 }),
         };
-        if self.flusher.send(job).await.is_err() {
-            tracing::error!("the mailbox flusher has stopped");
-        }
-        self.update_gauges();
+        jobs.push(Job {
+            reply: tx,
+            outcome: Outcome::reply(response),
+        });
         let _ = reply.send(FanOut {
             flushed,
             pushes,
@@ -437,14 +606,17 @@ impl Service {
         });
     }
 
-    /// Validates and stores a deposit; the answer still has to wait for the flush.
+    /// Validates and stores a deposit whose signature check gave `verified`; the answer still
+    /// has to wait for the flush.
     fn deposit(
         &mut self,
         peer: &PeerId,
         req_id: u64,
         envelope: Envelope,
+        verified: Result<(), VerifyError>,
+        staged: &mut Staged,
     ) -> Result<Outcome, (Reject, String)> {
-        if let Err(e) = envelope.verify() {
+        if let Err(e) = verified {
             let reason = match e {
                 VerifyError::UnsupportedVersion(_) => Reject::UnsupportedVersion,
                 VerifyError::BodyTooLarge { .. } => Reject::TooLarge {
@@ -473,7 +645,7 @@ impl Service {
         if !self.rate.check(peer, now) {
             return Err((Reject::QuotaExceeded, "deposit rate exceeded".into()));
         }
-        match self.store.deposit(&recipient, &envelope, now) {
+        match self.store.stage(staged, &recipient, &envelope, now) {
             Ok(stored) => {
                 tracing::debug!(%recipient, seq = stored.seq, duplicate = stored.duplicate, "deposit");
                 let push = (!stored.duplicate).then_some(Push {
@@ -493,6 +665,61 @@ impl Service {
             Err(e @ DepositError::Storage(_)) => {
                 tracing::error!(error = %e, "mailbox store failed");
                 Err((Reject::StoreFailed, e.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Keypair, MessageId};
+
+    fn envelope(from: &Keypair, to: PeerId, text: &str) -> Envelope {
+        Envelope::seal(
+            from,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(to),
+                sent_at_ms: 0,
+                lamport: 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat { text: text.into() },
+        )
+        .expect("seal")
+    }
+
+    #[tokio::test]
+    async fn parallel_verification_keeps_order_and_catches_forgeries() {
+        let alice = Keypair::generate_ed25519();
+        let bob = Keypair::generate_ed25519().public().to_peer_id();
+        let mut envelopes: Vec<Envelope> = (0..3 * PARALLEL_VERIFY_FROM)
+            .map(|i| envelope(&alice, bob, &format!("message {i}")))
+            .collect();
+        let forged = [1, PARALLEL_VERIFY_FROM + 2, envelopes.len() - 1];
+        for &i in &forged {
+            envelopes[i].body = kith_protocol::cbor::encode(
+                &Body::Chat {
+                    text: "forged".into(),
+                },
+                MAX_BODY_BYTES,
+            )
+            .expect("encode");
+        }
+        let ids: Vec<_> = envelopes.iter().map(|e| e.id).collect();
+        for parallelism in [1, 2, 3, 8] {
+            let checked = verify_all(envelopes.clone(), parallelism).await;
+            assert_eq!(checked.len(), envelopes.len());
+            for (i, entry) in checked.into_iter().enumerate() {
+                let (envelope, verified) = entry.expect("verification ran");
+                assert_eq!(envelope.id, ids[i], "order kept");
+                if forged.contains(&i) {
+                    assert!(matches!(verified, Err(VerifyError::BadSignature)), "{i}");
+                } else {
+                    assert!(verified.is_ok(), "{i}");
+                }
             }
         }
     }

@@ -64,6 +64,13 @@ struct Record {
     envelope: Envelope,
 }
 
+/// A [`Record`] being written: the same encoding, borrowing the envelope instead of copying it.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    deadline_ms: u64,
+    envelope: &'a Envelope,
+}
+
 /// The result of a deposit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deposited {
@@ -150,6 +157,31 @@ pub enum RemoveError {
     /// sled failed.
     #[error("mailbox store failed: {0}")]
     Storage(#[from] sled::Error),
+}
+
+/// Deposits prepared by [`Store::stage`] and not yet written: [`Store::commit`] writes them.
+#[derive(Default)]
+pub struct Staged {
+    batch: sled::Batch,
+    /// The dedup keys of the staged deposits, with their sequence numbers.
+    dedup: HashMap<Vec<u8>, u64>,
+    /// Entries and bytes the staged deposits add, per recipient.
+    usage: HashMap<PeerId, Usage>,
+}
+
+impl Staged {
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.usage.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("deposits", &self.dedup.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The mailbox store.
@@ -277,10 +309,32 @@ impl Store {
         envelope: &Envelope,
         now_ms: u64,
     ) -> Result<Deposited, DepositError> {
+        let mut staged = Staged::default();
+        let deposited = self.stage(&mut staged, recipient, envelope, now_ms)?;
+        self.commit(staged)?;
+        Ok(deposited)
+    }
+
+    /// Prepares the deposit of `envelope` into the mailbox of `recipient` as part of `staged`,
+    /// which [`Store::commit`] writes in one atomic sled batch with the other deposits staged
+    /// with it (one batch costs sled two log writes, whatever it holds). Deduplicates against
+    /// the store and against `staged`; checks the quota with `staged`'s earlier deposits
+    /// counted. Nothing is visible before the commit. The envelope must already be verified.
+    pub fn stage(
+        &mut self,
+        staged: &mut Staged,
+        recipient: &PeerId,
+        envelope: &Envelope,
+        now_ms: u64,
+    ) -> Result<Deposited, DepositError> {
         let unstorable = |what: &str| DepositError::Unstorable(what.to_owned());
         let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
         let dedup = dedup_key(envelope, &owner).ok_or_else(|| unstorable("sender id too long"))?;
-        if let Some(seq) = self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)) {
+        let known = match staged.dedup.get(&dedup) {
+            Some(&seq) => Some(seq),
+            None => self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)),
+        };
+        if let Some(seq) = known {
             return Ok(Deposited {
                 seq,
                 duplicate: true,
@@ -290,14 +344,18 @@ impl Store {
         let deadline_ms = envelope
             .expires_at_ms
             .map_or(retention, |at| at.min(retention));
-        let record = Record {
+        let record = RecordRef {
             deadline_ms,
-            envelope: envelope.clone(),
+            envelope,
         };
         let value = cbor::encode(&record, MAX_RECORD_BYTES)
             .map_err(|e| DepositError::Unstorable(e.to_string()))?;
         let size = value.len() as u64;
-        let used = self.usage(recipient);
+        let mut used = self.usage(recipient);
+        if let Some(more) = staged.usage.get(recipient) {
+            used.messages += more.messages;
+            used.bytes += more.bytes;
+        }
         if used.messages >= self.limits.max_messages
             || used.bytes.saturating_add(size) > self.limits.max_bytes
         {
@@ -309,21 +367,37 @@ impl Store {
         }
         // generate_id starts at 0; seqs start at 1 so that "after 0" means "from the start".
         let seq = self.db.generate_id()?.saturating_add(1);
-        let mut batch = sled::Batch::default();
-        batch.insert(item_key(&owner, seq), value);
-        batch.insert(owner_key(seq), owner.as_slice());
-        batch.insert(deadline_key(deadline_ms, seq), owner.as_slice());
-        batch.insert(dedup, &seq.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        let u = self.usage.entry(*recipient).or_default();
+        staged.batch.insert(item_key(&owner, seq), value);
+        staged.batch.insert(owner_key(seq), owner.as_slice());
+        staged
+            .batch
+            .insert(deadline_key(deadline_ms, seq), owner.as_slice());
+        staged.batch.insert(dedup.as_slice(), &seq.to_be_bytes());
+        staged.dedup.insert(dedup, seq);
+        let u = staged.usage.entry(*recipient).or_default();
         u.messages += 1;
         u.bytes += size;
-        self.totals.messages += 1;
-        self.totals.bytes += size;
         Ok(Deposited {
             seq,
             duplicate: false,
         })
+    }
+
+    /// Writes every deposit of `staged` in one atomic batch and counts them. On failure nothing
+    /// was stored and the usage counts are unchanged.
+    pub fn commit(&mut self, staged: Staged) -> Result<(), sled::Error> {
+        if staged.usage.is_empty() {
+            return Ok(());
+        }
+        self.tree.apply_batch(staged.batch)?;
+        for (recipient, added) in staged.usage {
+            let u = self.usage.entry(recipient).or_default();
+            u.messages += added.messages;
+            u.bytes += added.bytes;
+            self.totals.messages += added.messages;
+            self.totals.bytes += added.bytes;
+        }
+        Ok(())
     }
 
     /// Up to `limit` entries of `owner`'s mailbox with a sequence number above `after`, oldest
@@ -539,6 +613,53 @@ mod tests {
             .items
             .is_empty());
         assert_eq!(s.totals(), Usage::default());
+    }
+
+    #[test]
+    fn staged_deposits_are_written_together() {
+        let mut s = store(Limits {
+            max_messages: 2,
+            ..limits()
+        });
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let e1 = envelope(&alice, bob, "one", None);
+        let e2 = envelope(&alice, bob, "two", None);
+        let e3 = envelope(&alice, bob, "three", None);
+        let mut staged = Staged::default();
+        let d1 = s.stage(&mut staged, &bob, &e1, 0).expect("stage");
+        // The same envelope again in the same batch is a duplicate of the staged copy.
+        let again = s.stage(&mut staged, &bob, &e1, 0).expect("stage");
+        assert_eq!(
+            again,
+            Deposited {
+                seq: d1.seq,
+                duplicate: true
+            }
+        );
+        let d2 = s.stage(&mut staged, &bob, &e2, 0).expect("stage");
+        // The quota counts the staged deposits.
+        assert!(matches!(
+            s.stage(&mut staged, &bob, &e3, 0),
+            Err(DepositError::QuotaExceeded { messages: 2, .. })
+        ));
+        // Nothing is visible before the commit.
+        assert_eq!(s.usage(&bob), Usage::default());
+        assert!(s
+            .fetch(&bob, None, 10, MAX)
+            .expect("fetch")
+            .items
+            .is_empty());
+        s.commit(staged).expect("commit");
+        assert_eq!(s.usage(&bob).messages, 2);
+        let page = s.fetch(&bob, None, 10, MAX).expect("fetch");
+        let seqs: Vec<u64> = page.items.iter().map(|i| i.seq).collect();
+        assert_eq!(seqs, vec![d1.seq, d2.seq]);
+        assert_eq!(page.items[1].envelope, e2);
+        // A later deposit of a committed envelope is a duplicate too.
+        let later = s.deposit(&bob, &e2, 0).expect("deposit");
+        assert!(later.duplicate);
+        assert_eq!(later.seq, d2.seq);
     }
 
     #[test]

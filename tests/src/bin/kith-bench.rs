@@ -31,6 +31,10 @@ struct Args {
     /// Run only the direct-delivery rows and print them (the table is not written).
     #[arg(long)]
     direct_only: bool,
+    /// Run only the relay rows (deposits, fetch, offline→online, memory per idle node) and
+    /// replace them in an existing table.
+    #[arg(long)]
+    relay_only: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -425,19 +429,29 @@ async fn main() -> Result<()> {
         Some(Serve::ServeBare) => return kith_tests::relay_bench::serve_bare().await,
         None => {}
     }
-    if args.files_only {
+    if args.files_only || args.relay_only {
         let mut rows = Vec::new();
-        media_rows(args.quick, &mut rows).await?;
+        let prefix = if args.relay_only {
+            relay_rows(args.quick, &mut rows).await?;
+            "| relay:"
+        } else {
+            media_rows(args.quick, &mut rows).await?;
+            "| file"
+        };
         let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+        // The new rows go where the old ones were (or after the table).
+        let first = old.lines().position(|l| l.starts_with(prefix));
         let mut lines: Vec<String> = old
             .lines()
-            .filter(|l| !l.starts_with("| file"))
+            .filter(|l| !l.starts_with(prefix))
             .map(str::to_owned)
             .collect();
-        let at = lines
-            .iter()
-            .rposition(|l| l.starts_with('|'))
-            .map_or(lines.len(), |i| i + 1);
+        let at = first.unwrap_or_else(|| {
+            lines
+                .iter()
+                .rposition(|l| l.starts_with('|'))
+                .map_or(lines.len(), |i| i + 1)
+        });
         for (k, r) in rows.iter().enumerate() {
             lines.insert(
                 at + k,
@@ -448,6 +462,9 @@ async fn main() -> Result<()> {
             );
         }
         std::fs::write(&args.out, lines.join("\n") + "\n")?;
+        for r in &rows {
+            eprintln!("{}: {} (baseline {})", r.figure, r.value, r.baseline);
+        }
         return Ok(());
     }
     let (samples, count) = if args.quick {
