@@ -694,18 +694,19 @@ impl Node {
         };
         let mut events = wait.map(|_| self.subscribe());
         let mut batch = Batch::new();
-        // The conversation index records the clock (see `Store::lamport`).
-        batch.put_message(&stored);
         let entry = OutboxEntry {
             envelope,
             attempts: 0,
             due_ms: now_ms(),
         };
+        // The outbox entry first: if a crash keeps only part of this, the message still goes
+        // out. The conversation index records the clock (see `Store::lamport`).
         batch.put_outbox(&entry);
+        batch.put_message(&stored);
         // The first attempt may start while the outbox write is being flushed: delivering is
         // not acknowledging anything, and a message that got out before a crash is only
         // delivered, never lost. The caller hears back once the write is on disk.
-        self.inner.store.apply(batch)?;
+        self.inner.store.apply_in_order(batch)?;
         self.schedule(entry);
         self.inner.store.flush().await?;
         let mut state = MessageState::Pending;
@@ -1114,14 +1115,16 @@ impl Node {
             expires_at_ms: envelope.expires_at_ms,
         };
         let mut batch = Batch::new();
-        batch.put_message(&msg);
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
             self.put_incoming_file(&mut batch, &envelope, file, None);
         }
+        // The message itself lands last, so a crash part way is redelivered in full; the
+        // answer waits for the flush anyway.
+        batch.put_message(&msg);
         self.inner
             .store
-            .apply(batch)
+            .apply_in_order(batch)
             .map_err(|e| store_failed(&e))?;
         Ok(Some(Fresh {
             envelope,

@@ -180,32 +180,29 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T,
 /// A batch of writes applied atomically by [`Store::commit`].
 #[derive(Default)]
 pub struct Batch {
-    inner: sled::Batch,
-    empty: bool,
+    /// Keys to set (`Some`) or remove (`None`), in order.
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
-
 impl Batch {
     /// A new, empty batch.
     pub fn new() -> Self {
-        Self {
-            inner: sled::Batch::default(),
-            empty: true,
-        }
+        Self { ops: Vec::new() }
     }
 
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.empty = false;
-        self.inner.insert(key, value);
+        self.ops.push((key, Some(value)));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
-        self.empty = false;
-        self.inner.remove(key);
+        self.ops.push((key, None));
     }
 
     /// Stores (or overwrites) a message and its conversation index entry.
+    ///
+    /// The message itself comes last: applied in order ([`Store::apply_in_order`]), a crash
+    /// part way leaves at most index entries that point at nothing (skipped when read), and a
+    /// redelivery, not seeing the message, writes it all again.
     pub fn put_message(&mut self, msg: &StoredMessage) {
-        self.insert(message_key(&msg.from, &msg.id), encode(msg));
         self.insert(
             conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id),
             Vec::new(),
@@ -213,6 +210,7 @@ impl Batch {
         if msg.direction == Direction::Out {
             self.insert(id_key(&msg.id), msg.from.to_bytes());
         }
+        self.insert(message_key(&msg.from, &msg.id), encode(msg));
     }
 
     /// Raises a conversation's Lamport clock.
@@ -309,17 +307,50 @@ impl Store {
 
     /// Applies `batch` atomically and waits until it is on disk.
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        if !batch.empty {
-            self.tree.apply_batch(batch.inner)?;
-        }
+        self.apply(batch)?;
         self.flush().await
     }
 
     /// Applies `batch` atomically without waiting for the disk (for changes that are safe to
     /// lose in a crash, such as an outbox entry that would only be sent again).
-    pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        if !batch.empty {
-            self.tree.apply_batch(batch.inner)?;
+    pub fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
+        match batch.ops.len() {
+            0 => {}
+            // sled's `apply_batch` takes a process-wide write lock that waits for every flush
+            // in progress: a single change does not need it.
+            1 => {
+                let Some((key, value)) = batch.ops.pop() else {
+                    return Ok(());
+                };
+                match value {
+                    Some(value) => drop(self.tree.insert(key, value)?),
+                    None => drop(self.tree.remove(key)?),
+                }
+            }
+            _ => {
+                let mut atomic = sled::Batch::default();
+                for (key, value) in batch.ops {
+                    match value {
+                        Some(value) => atomic.insert(key, value),
+                        None => atomic.remove(key),
+                    }
+                }
+                self.tree.apply_batch(atomic)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `batch` one change at a time, in the order it was built, without waiting for
+    /// the disk. Only for batches built so that any first part of them that survives a crash
+    /// is harmless (see [`Batch::put_message`]): it spares sled's `apply_batch`, whose
+    /// process-wide lock waits for every flush in progress.
+    pub fn apply_in_order(&self, batch: Batch) -> Result<(), StoreError> {
+        for (key, value) in batch.ops {
+            match value {
+                Some(value) => drop(self.tree.insert(key, value)?),
+                None => drop(self.tree.remove(key)?),
+            }
         }
         Ok(())
     }
