@@ -590,6 +590,10 @@ impl Actor {
     }
 
     fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        // Every behaviour hears of each address added; a connected peer needs none.
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
         for addr in addrs {
             self.swarm.add_peer_address(peer, addr);
         }
