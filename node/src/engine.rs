@@ -1103,17 +1103,7 @@ impl Node {
         }
         self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| store_failed(&e))?;
-        let msg = StoredMessage {
-            id: envelope.id,
-            direction: Direction::In,
-            from,
-            peer: from,
-            text: text.clone(),
-            sent_at_ms: envelope.sent_at_ms,
-            lamport: envelope.lamport,
-            state: MessageState::Delivered,
-            expires_at_ms: envelope.expires_at_ms,
-        };
+        let msg = StoredMessage::received(&envelope, text.clone());
         let mut batch = Batch::new();
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
@@ -1341,15 +1331,14 @@ impl Node {
                 }
             }
             'dispatch: for (peer, queue) in queued.iter_mut() {
-                let slots = busy.entry(*peer).or_default();
-                while *slots < per_peer && !queue.is_empty() {
+                while busy.get(peer).copied().unwrap_or(0) < per_peer && !queue.is_empty() {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         // Every request slot is taken: an attempt ending wakes us.
                         break 'dispatch;
                     };
                     let batch = take_batch(queue);
                     queued_len -= batch.len();
-                    *slots += 1;
+                    *busy.entry(*peer).or_default() += 1;
                     let node = self.clone();
                     let peer = *peer;
                     attempts.spawn(async move {

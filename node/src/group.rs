@@ -537,17 +537,7 @@ impl Node {
             lamports.insert(group_id, next);
             next
         };
-        let msg = StoredMessage {
-            id: envelope.id,
-            direction: Direction::In,
-            from,
-            peer: from,
-            text: text.clone(),
-            sent_at_ms: envelope.sent_at_ms,
-            lamport: envelope.lamport,
-            state: MessageState::Delivered,
-            expires_at_ms: envelope.expires_at_ms,
-        };
+        let msg = StoredMessage::received(&envelope, text.clone());
         let mut batch = Batch::new();
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);

@@ -98,6 +98,23 @@ pub struct StoredMessage {
     pub expires_at_ms: Option<u64>,
 }
 
+impl StoredMessage {
+    /// An incoming message as it is first stored: `delivered`, in the sender's conversation.
+    pub fn received(envelope: &Envelope, text: String) -> Self {
+        Self {
+            id: envelope.id,
+            direction: Direction::In,
+            from: envelope.from,
+            peer: envelope.from,
+            text,
+            sent_at_ms: envelope.sent_at_ms,
+            lamport: envelope.lamport,
+            state: MessageState::Delivered,
+            expires_at_ms: envelope.expires_at_ms,
+        }
+    }
+}
+
 /// An envelope waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {

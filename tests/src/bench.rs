@@ -56,15 +56,9 @@ pub fn payload_envelope(
     .expect("a small chat body seals")
 }
 
-/// Bare libp2p request-response (TCP, noise, yamux, kith's codec) with a server that answers
-/// `Accepted` at once: no verification, no store. `latency_samples` sequential requests, then
-/// `count` requests with `window` in flight.
-pub async fn bare_request_response(
-    payload: usize,
-    latency_samples: usize,
-    count: usize,
-    window: usize,
-) -> Result<Figures> {
+/// A bare libp2p peer on loopback that answers every `/kith/dm/1` request `Accepted` at once
+/// (no verification, no store): its peer id, its address, and the task serving it.
+async fn bare_dm_server() -> Result<(libp2p::PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
     let mut server = RawPeer::new()?;
     server
         .swarm
@@ -99,6 +93,43 @@ pub async fn bare_request_response(
             }
         }
     });
+    Ok((server_peer, addr, serve))
+}
+
+/// Sends `count` messages of `text` to `to` from `node`, 512 sends in flight.
+pub async fn send_many(
+    node: kith_node::Node,
+    to: &'static str,
+    text: String,
+    count: usize,
+) -> Result<()> {
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let node = node.clone();
+        let text = text.clone();
+        sends.spawn(async move { node.send(to, &text, None).await });
+        if sends.len() >= 512 {
+            if let Some(r) = sends.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = sends.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Bare libp2p request-response (TCP, noise, yamux, kith's codec) with a server that answers
+/// `Accepted` at once: no verification, no store. `latency_samples` sequential requests, then
+/// `count` requests with `window` in flight.
+pub async fn bare_request_response(
+    payload: usize,
+    latency_samples: usize,
+    count: usize,
+    window: usize,
+) -> Result<Figures> {
+    let (server_peer, addr, serve) = bare_dm_server().await?;
 
     let mut client = RawPeer::new()?;
     let envelope = payload_envelope(&client.key, server_peer, payload);
@@ -254,40 +285,7 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
 /// Only the sender side of kith: a kith node sends `count` messages to a bare peer that answers
 /// `Accepted` at once (no verification, no store). Returns delivered messages per second.
 pub async fn kith_outbound_only(payload: usize, count: usize) -> Result<f64> {
-    let mut server = RawPeer::new()?;
-    server
-        .swarm
-        .listen_on("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?)?;
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = server.swarm.select_next_some().await {
-            break address;
-        }
-    };
-    let server_peer = *server.swarm.local_peer_id();
-    let serve = tokio::spawn(async move {
-        loop {
-            if let SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Request {
-                            request, channel, ..
-                        },
-                    ..
-                },
-            )) = server.swarm.select_next_some().await
-            {
-                let req_id = match request {
-                    Message::Valid(r) => r.req_id,
-                    _ => 0,
-                };
-                let _ = server
-                    .swarm
-                    .behaviour_mut()
-                    .dm
-                    .send_response(channel, dm::Response::Accepted { req_id });
-            }
-        }
-    });
+    let (server_peer, addr, serve) = bare_dm_server().await?;
     let alice = crate::TestNode::start("alice", vec![]).await?;
     alice
         .node()
@@ -296,24 +294,7 @@ pub async fn kith_outbound_only(payload: usize, count: usize) -> Result<f64> {
     let text = "x".repeat(payload);
     let mut events = alice.node().subscribe();
     let started = Instant::now();
-    let node = alice.node().clone();
-    let sender = tokio::spawn(async move {
-        let mut sends = tokio::task::JoinSet::new();
-        for _ in 0..count {
-            let node = node.clone();
-            let text = text.clone();
-            sends.spawn(async move { node.send("sink", &text, None).await });
-            if sends.len() >= 512 {
-                if let Some(r) = sends.join_next().await {
-                    r??;
-                }
-            }
-        }
-        while let Some(r) = sends.join_next().await {
-            r??;
-        }
-        anyhow::Ok(())
-    });
+    let sender = tokio::spawn(send_many(alice.node().clone(), "sink", text, count));
     let mut delivered = 0;
     while delivered < count {
         if let kith_node::NodeEvent::Receipt {

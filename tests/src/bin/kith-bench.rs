@@ -91,24 +91,12 @@ async fn kith_direct(payload: usize, latency_samples: usize, count: usize) -> Re
     samples.sort();
 
     let started = Instant::now();
-    let node = alice.node().clone();
-    let sender = tokio::spawn(async move {
-        let mut sends = tokio::task::JoinSet::new();
-        for _ in 0..count {
-            let node = node.clone();
-            let text = text.clone();
-            sends.spawn(async move { node.send("bob", &text, None).await });
-            if sends.len() >= 512 {
-                if let Some(r) = sends.join_next().await {
-                    r??;
-                }
-            }
-        }
-        while let Some(r) = sends.join_next().await {
-            r??;
-        }
-        anyhow::Ok(())
-    });
+    let sender = tokio::spawn(kith_tests::bench::send_many(
+        alice.node().clone(),
+        "bob",
+        text,
+        count,
+    ));
     let mut delivered = 0;
     while delivered < count {
         match events.recv().await {
