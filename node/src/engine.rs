@@ -127,10 +127,21 @@ struct Inner {
     contacts: Mutex<HashMap<PeerId, Contact>>,
     outbox: Mutex<Schedule>,
     outbox_wake: Notify,
+    /// Delivery attempts running at once, at most `max_in_flight`.
+    attempt_slots: Arc<Semaphore>,
+    /// The running delivery attempts: the outbox loop reaps them and stops them at shutdown.
+    attempts: Mutex<JoinSet<()>>,
     next_req_id: std::sync::atomic::AtomicU64,
     presence: crate::presence::State,
     groups: crate::group::Groups,
     media: crate::media::State,
+}
+
+/// Where a peer may be reached (see [`Node::route`]).
+struct Route {
+    contact: Option<Contact>,
+    addrs: Vec<Multiaddr>,
+    relays: Vec<Multiaddr>,
 }
 
 /// The in-memory outbox schedule (the store holds the durable copy).
@@ -139,6 +150,8 @@ struct Schedule {
     entries: HashMap<MessageId, OutboxEntry>,
     due: BTreeSet<(u64, MessageId)>,
     in_flight: HashSet<MessageId>,
+    /// Requests in flight per peer (at most `max_in_flight_per_peer`).
+    busy: HashMap<PeerId, usize>,
 }
 
 impl Schedule {
@@ -332,6 +345,7 @@ impl Node {
             .into_iter()
             .map(|c| (c.peer_id, c))
             .collect();
+        let max_in_flight = config.max_in_flight;
         let node = Node {
             inner: Arc::new(Inner {
                 key,
@@ -346,6 +360,8 @@ impl Node {
                 contacts: Mutex::new(contacts),
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
+                attempt_slots: Arc::new(Semaphore::new(max_in_flight)),
+                attempts: Mutex::new(JoinSet::new()),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
                 presence: crate::presence::State::default(),
                 groups: crate::group::Groups::load(store_groups),
@@ -707,7 +723,7 @@ impl Node {
         // not acknowledging anything, and a message that got out before a crash is only
         // delivered, never lost. The caller hears back once the write is on disk.
         self.inner.store.apply_in_order(batch)?;
-        self.schedule(entry);
+        self.dispatch_or_schedule(entry);
         self.inner.store.flush().await?;
         let mut state = MessageState::Pending;
         if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
@@ -735,6 +751,62 @@ impl Node {
             state,
             note: None,
         })
+    }
+
+    /// Starts the first attempt for `entry` at once when nothing else is being delivered (a lone
+    /// message leaves without waiting for the outbox loop); otherwise hands it to the loop, which
+    /// batches what queues behind busy requests.
+    fn dispatch_or_schedule(&self, entry: OutboxEntry) {
+        let Destination::Peer(peer) = entry.envelope.to else {
+            return self.schedule(entry);
+        };
+        if matches!(entry.envelope.body(), Ok(Body::Receipt { .. })) {
+            // Receipts may take another road (see `attempt_peer`).
+            return self.schedule(entry);
+        }
+        let permit = {
+            let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            // Only when the outbox is idle: under load, messages queue and leave in batches.
+            let now = now_ms();
+            let idle = schedule.in_flight.is_empty()
+                && schedule.due.first().is_none_or(|&(due_ms, _)| due_ms > now);
+            let permit = match idle {
+                true => self.inner.attempt_slots.clone().try_acquire_owned().ok(),
+                false => None,
+            };
+            let Some(permit) = permit else {
+                drop(schedule);
+                return self.schedule(entry);
+            };
+            schedule.busy.insert(peer, 1);
+            schedule.in_flight.insert(entry.envelope.id);
+            schedule.entries.insert(entry.envelope.id, entry.clone());
+            permit
+        };
+        // The request leaves now; a task waits for the answer.
+        let entries = vec![entry];
+        let Route { addrs, relays, .. } = self.route(peer);
+        let direct = self.start_direct(peer, &entries, addrs);
+        let node = self.clone();
+        self.spawn_attempt(async move {
+            if let Some(direct) = direct {
+                node.settle(peer, entries, &relays, direct).await;
+            }
+            drop(permit);
+        });
+    }
+
+    /// An attempt to `peer` ended: its request slot is free for what queued behind it.
+    fn release_peer_slot(&self, peer: &PeerId) {
+        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slots) = schedule.busy.get_mut(peer) {
+            *slots -= 1;
+            if *slots == 0 {
+                schedule.busy.remove(peer);
+            }
+        }
+        drop(schedule);
+        self.inner.outbox_wake.notify_one();
     }
 
     fn schedule(&self, entry: OutboxEntry) {
@@ -1280,15 +1352,12 @@ impl Node {
     // ---- outbox -----------------------------------------------------------------------------
 
     async fn outbox_loop(self, mut shutdown: Signal) {
-        let limit = Arc::new(Semaphore::new(self.inner.config.max_in_flight));
+        let limit = self.inner.attempt_slots.clone();
         let per_peer = self.inner.config.max_in_flight_per_peer.max(1);
-        // Each attempt reports the peer whose request slot it frees.
-        let mut attempts: JoinSet<Option<PeerId>> = JoinSet::new();
         // Taken from the schedule, waiting for a free request slot to their peer: while a peer's
         // slots are busy its messages gather here and leave together, up to a batch per request.
         let mut queued: HashMap<PeerId, VecDeque<OutboxEntry>> = HashMap::new();
         let mut queued_len = 0usize;
-        let mut busy: HashMap<PeerId, usize> = HashMap::new();
         let most_queued = self.inner.config.max_in_flight * dm::MAX_BATCH;
         loop {
             let now = now_ms();
@@ -1317,38 +1386,54 @@ impl Node {
                         queued.entry(peer).or_default().push_back(entry);
                         queued_len += 1;
                     }
-                    Destination::Group(_) => {
+                    Destination::Group(group) => {
                         let Ok(permit) = limit.clone().acquire_owned().await else {
                             return;
                         };
                         let node = self.clone();
-                        attempts.spawn(async move {
-                            node.attempt(entry).await;
+                        self.spawn_attempt(async move {
+                            node.attempt_group(entry, group).await;
                             drop(permit);
-                            None
                         });
                     }
                 }
             }
             'dispatch: for (peer, queue) in queued.iter_mut() {
-                while busy.get(peer).copied().unwrap_or(0) < per_peer && !queue.is_empty() {
+                while !queue.is_empty() {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         // Every request slot is taken: an attempt ending wakes us.
                         break 'dispatch;
                     };
+                    {
+                        let mut schedule =
+                            self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+                        let slots = schedule.busy.entry(*peer).or_default();
+                        if *slots >= per_peer {
+                            // The peer's slots are busy: an attempt ending wakes us.
+                            break;
+                        }
+                        *slots += 1;
+                    }
                     let batch = take_batch(queue);
                     queued_len -= batch.len();
-                    *busy.entry(*peer).or_default() += 1;
                     let node = self.clone();
                     let peer = *peer;
-                    attempts.spawn(async move {
+                    self.spawn_attempt(async move {
                         node.attempt_peer(peer, batch).await;
                         drop(permit);
-                        Some(peer)
                     });
                 }
             }
             queued.retain(|_, queue| !queue.is_empty());
+            // Finished attempts only need reaping; each one wakes us itself.
+            while self
+                .inner
+                .attempts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_join_next()
+                .is_some()
+            {}
             let sleep = match next_due {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
@@ -1357,51 +1442,49 @@ impl Node {
                 biased;
                 _ = shutdown.wait() => break,
                 _ = self.inner.outbox_wake.notified() => {}
-                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                    if let Ok(Some(peer)) = done {
-                        if let Some(slots) = busy.get_mut(&peer) {
-                            *slots -= 1;
-                            if *slots == 0 {
-                                busy.remove(&peer);
-                            }
-                        }
-                    }
-                }
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
+        let mut attempts = std::mem::take(
+            &mut *self
+                .inner
+                .attempts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         attempts.shutdown().await;
     }
 
-    /// One delivery attempt for an outbox entry.
-    async fn attempt(&self, entry: OutboxEntry) {
-        match entry.envelope.to {
-            Destination::Peer(to) => self.attempt_peer(to, vec![entry]).await,
-            Destination::Group(group) => {
-                let outcome = self.deliver_group(&entry.envelope, group).await;
-                self.finish(&entry, outcome);
-            }
-        }
+    /// Runs a delivery attempt among the node's attempts (stopped at shutdown). Its end wakes
+    /// the outbox loop: the request slot it held may be what a queued message waits for.
+    fn spawn_attempt(&self, attempt: impl std::future::Future<Output = ()> + Send + 'static) {
+        let node = self.clone();
+        self.inner
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spawn(async move {
+                attempt.await;
+                node.inner.outbox_wake.notify_one();
+            });
     }
 
-    /// One delivery attempt for outbox entries addressed to `to`, in one request: direct (or
+    /// One delivery attempt for an entry addressed to a group.
+    async fn attempt_group(&self, entry: OutboxEntry, group: GroupId) {
+        let outcome = self.deliver_group(&entry.envelope, group).await;
+        self.finish(&entry, outcome);
+    }
+
+    /// One delivery attempt for outbox entries addressed to `to` (holding one of its request
+    /// slots, freed once the recipient answered), in one request: direct (or
     /// through its relays' circuits), and for each one the recipient did not take, a deposit at
     /// its home relays.
     async fn attempt_peer(&self, to: PeerId, entries: Vec<OutboxEntry>) {
-        let contact = self.contact_of(&to);
-        let mut addrs: Vec<Multiaddr> = Vec::new();
-        let mut relays: Vec<Multiaddr> = Vec::new();
-        if let Some(c) = &contact {
-            addrs.extend(c.addrs.iter().filter_map(|a| a.parse().ok()));
-            relays.extend(c.relays.iter().filter_map(|a| a.parse().ok()));
-        }
-        if relays.is_empty() {
-            // A peer whose relays we do not know (a stranger who wrote to us, say) most likely
-            // shares ours: a community relay. Try its circuit there, and its mailbox there.
-            relays.extend(self.inner.home_relays.values().cloned());
-        }
-        addrs.extend(relays.iter().map(|r| circuit_addr(r, to)));
-
+        let Route {
+            contact,
+            addrs,
+            relays,
+        } = self.route(to);
         // A receipt for a peer we know no direct route to (a group member who is not a contact)
         // goes straight to the relays, which push it to a connected recipient: a group's
         // receipts must not cost one relayed circuit each.
@@ -1422,19 +1505,68 @@ impl Node {
                 }
             }
         }
-        let Some((first, more)) = entries.split_first() else {
+        let Some(direct) = self.start_direct(to, &entries, addrs) else {
+            self.release_peer_slot(&to);
             return;
         };
+        self.settle(to, entries, &relays, direct).await;
+    }
+
+    /// Where `to` may be reached: its known addresses and relays (ours if it has none listed),
+    /// with a circuit through each relay.
+    fn route(&self, to: PeerId) -> Route {
+        let contact = self.contact_of(&to);
+        let mut addrs: Vec<Multiaddr> = Vec::new();
+        let mut relays: Vec<Multiaddr> = Vec::new();
+        if let Some(c) = &contact {
+            addrs.extend(c.addrs.iter().filter_map(|a| a.parse().ok()));
+            relays.extend(c.relays.iter().filter_map(|a| a.parse().ok()));
+        }
+        if relays.is_empty() {
+            // A peer whose relays we do not know (a stranger who wrote to us, say) most likely
+            // shares ours: a community relay. Try its circuit there, and its mailbox there.
+            relays.extend(self.inner.home_relays.values().cloned());
+        }
+        addrs.extend(relays.iter().map(|r| circuit_addr(r, to)));
+        Route {
+            contact,
+            addrs,
+            relays,
+        }
+    }
+
+    /// Hands `entries` to the network as one `/kith/dm/1` request to `to` (it leaves before the
+    /// returned future is first polled); `None` if there is nothing to send.
+    fn start_direct(
+        &self,
+        to: PeerId,
+        entries: &[OutboxEntry],
+        addrs: Vec<Multiaddr>,
+    ) -> Option<impl std::future::Future<Output = Result<dm::Response, NetError>> + Send + 'static>
+    {
+        let (first, more) = entries.split_first()?;
         let request = Message::Valid(dm::Request {
             req_id: self.req_id(),
             envelope: first.envelope.clone(),
             more: more.iter().map(|e| e.envelope.clone()).collect(),
         });
-        let direct = tokio::time::timeout(
-            self.inner.config.delivery_timeout,
-            self.inner.net.send_dm(to, addrs, request),
-        )
-        .await;
+        Some(self.inner.net.send_dm(to, addrs, request))
+    }
+
+    /// Waits for the recipient's answer to a direct request carrying `entries`, then settles each
+    /// one: delivered, refused for good, or deposited at `relays` when the recipient did not
+    /// take it.
+    async fn settle(
+        &self,
+        to: PeerId,
+        entries: Vec<OutboxEntry>,
+        relays: &[Multiaddr],
+        direct: impl std::future::Future<Output = Result<dm::Response, NetError>>,
+    ) {
+        let direct = tokio::time::timeout(self.inner.config.delivery_timeout, direct).await;
+        // The request to `to` is over: its slot is free for what queued behind it, while these
+        // entries settle (a deposit at the relays, say).
+        self.release_peer_slot(&to);
         // Per entry: taken, refused by the recipient (`Ok(reason)`), or not answered.
         let answers: Vec<Result<(), Result<Reject, String>>> = match direct {
             Ok(Ok(response)) => (0..entries.len())
@@ -1443,7 +1575,6 @@ impl Node {
             Ok(Err(e)) => vec![Err(Err(e.to_string())); entries.len()],
             Err(_) => vec![Err(Err(NetError::Timeout.to_string())); entries.len()],
         };
-        let relays = &relays;
         let results = futures::future::join_all(entries.iter().zip(answers).map(
             |(entry, answer)| async move {
                 let outcome = match answer {
@@ -1522,20 +1653,6 @@ impl Node {
             Outcome::Sent => Some(MessageState::Sent),
             _ => None,
         };
-        if let (Some(state), true) = (state, is_chat) {
-            let recorded = match entry.envelope.to {
-                // The relay holds a copy for every member: each member is `sent`.
-                Destination::Group(_) => self
-                    .advance_group_members(&id, None, state)
-                    .map_err(|e| e.to_string()),
-                Destination::Peer(_) => self
-                    .advance(&self.inner.me, &id, state)
-                    .map_err(|e| e.to_string()),
-            };
-            if let Err(e) = recorded {
-                tracing::error!(%id, error = %e, "cannot record a delivery");
-            }
-        }
         let mut batch = Batch::new();
         match outcome {
             Outcome::Delivered | Outcome::Sent => {
@@ -1571,6 +1688,22 @@ impl Node {
                 let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
                 schedule.in_flight.remove(&id);
                 schedule.insert(next);
+            }
+        }
+        // Recorded (and announced) once the schedule let go of it: whoever hears of it may send
+        // again at once.
+        if let (Some(state), true) = (state, is_chat) {
+            let recorded = match entry.envelope.to {
+                // The relay holds a copy for every member: each member is `sent`.
+                Destination::Group(_) => self
+                    .advance_group_members(&id, None, state)
+                    .map_err(|e| e.to_string()),
+                Destination::Peer(_) => self
+                    .advance(&self.inner.me, &id, state)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = recorded {
+                tracing::error!(%id, error = %e, "cannot record a delivery");
             }
         }
         // Losing this write in a crash only means one more (deduplicated) attempt.

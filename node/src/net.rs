@@ -200,20 +200,34 @@ impl Handle {
         rx.await.map_err(|_| NetError::Closed)
     }
 
-    /// Sends a `/kith/dm/1` request to `peer`, dialing `addrs` if not connected.
-    pub async fn send_dm(
+    /// Sends a `/kith/dm/1` request to `peer`, dialing `addrs` if not connected. The request is
+    /// handed to the network task at once when its queue has room (before the returned future is
+    /// first polled), so it is on its way while the caller goes on; the future yields the answer.
+    pub fn send_dm(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         request: Message<dm::Request>,
-    ) -> Result<dm::Response, NetError> {
-        self.ask(|reply| Command::SendDm {
+    ) -> impl std::future::Future<Output = Result<dm::Response, NetError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::SendDm {
             peer,
             addrs,
             request,
             reply,
-        })
-        .await?
+        };
+        let waiting = match self.commands.try_send(command) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(command)) => Ok(Some(command)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(NetError::Closed),
+        };
+        let commands = self.commands.clone();
+        async move {
+            if let Some(command) = waiting? {
+                commands.send(command).await.map_err(|_| NetError::Closed)?;
+            }
+            answer.await.map_err(|_| NetError::Closed)?
+        }
     }
 
     /// Sends a `/kith/mailbox/1` request to a relay.
@@ -479,7 +493,12 @@ pub(crate) async fn start(
             }
         })
         .map_err(|e| StartError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(kith_net::IDLE_CONNECTION_TIMEOUT))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(kith_net::IDLE_CONNECTION_TIMEOUT)
+                // 0-RTT stream negotiation: a request leaves with its protocol proposal instead
+                // of a round trip later. Same wire protocol as V1; every listener accepts it.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
 
     let mut pending_listeners = HashSet::new();

@@ -122,16 +122,21 @@ pub async fn send_many(
 
 /// Bare libp2p request-response (TCP, noise, yamux, kith's codec) with a server that answers
 /// `Accepted` at once: no verification, no store. `latency_samples` sequential requests, then
-/// `count` requests with `window` in flight.
+/// `count` requests with `window` in flight. With `zero_rtt` the client negotiates each stream's
+/// protocol without a round trip, as kith nodes do; libp2p's default waits for one.
 pub async fn bare_request_response(
     payload: usize,
     latency_samples: usize,
     count: usize,
     window: usize,
+    zero_rtt: bool,
 ) -> Result<Figures> {
     let (server_peer, addr, serve) = bare_dm_server().await?;
 
-    let mut client = RawPeer::new()?;
+    let mut client = match zero_rtt {
+        true => RawPeer::zero_rtt()?,
+        false => RawPeer::new()?,
+    };
     let envelope = payload_envelope(&client.key, server_peer, payload);
     let request = |i: u64| Message::Valid(dm::Request::new(i, envelope.clone()));
     // Warm up the connection.

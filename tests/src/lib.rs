@@ -188,6 +188,16 @@ impl RawPeer {
 
     /// A raw peer with a given identity.
     pub fn with_key(key: Keypair) -> Result<Self> {
+        Self::build(key, false)
+    }
+
+    /// A new raw peer that negotiates the protocol of each stream it opens in 0-RTT
+    /// (multistream-select `V1Lazy`, as kith nodes do) instead of libp2p's default round trip.
+    pub fn zero_rtt() -> Result<Self> {
+        Self::build(Keypair::generate_ed25519(), true)
+    }
+
+    fn build(key: Keypair, zero_rtt: bool) -> Result<Self> {
         let swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()
             .with_tcp(
@@ -218,7 +228,15 @@ impl RawPeer {
                     kith_net::request_response_config(),
                 ),
             })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| {
+                let c = c.with_idle_connection_timeout(Duration::from_secs(60));
+                match zero_rtt {
+                    true => c.with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    ),
+                    false => c,
+                }
+            })
             .build();
         Ok(Self { swarm, key })
     }

@@ -138,7 +138,7 @@ async fn relay_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     };
     let payload = 200;
     eprintln!("[relay 1/4] bare request-response baseline ({payload} bytes)…");
-    let bare = bare_request_response(payload, 50, senders * per_sender / 4, 256).await?;
+    let bare = bare_request_response(payload, 50, senders * per_sender / 4, 256, false).await?;
     let relay = ChildServer::spawn(&["serve-relay"])?;
     eprintln!("[relay 2/4] {senders} senders × {per_sender} durable deposits of {payload} bytes…");
     let deposits = deposits_per_sec(&relay, senders, per_sender, 64, payload).await?;
@@ -476,7 +476,8 @@ async fn main() -> Result<()> {
     let outbound = kith_tests::bench::kith_outbound_only(payload, count).await?;
     eprintln!("      kith outbound only: {outbound:.0}/s");
     eprintln!("[1/2] bare libp2p request-response baseline ({count} requests of {payload} bytes)…");
-    let bare = bare_request_response(payload, samples, count, 256).await?;
+    let bare = bare_request_response(payload, samples, count, 256, false).await?;
+    let bare_0rtt = bare_request_response(payload, samples, count / 4, 256, true).await?;
     eprintln!("[2/2] kith direct delivery ({count} messages of {payload} bytes)…");
     let kith = kith_direct(payload, samples, count)
         .await
@@ -490,6 +491,16 @@ async fn main() -> Result<()> {
         target: format!(
             "≤ 2× baseline + one flush = {}",
             ms(bare.p50 * 2 + flush.p50)
+        ),
+    });
+    rows.push(Row {
+        figure: "direct: send → delivered, p50, against bare request-response negotiating in 0-RTT as kith does".into(),
+        value: ms(kith.p50),
+        baseline: ms(bare_0rtt.p50),
+        ratio: format!("{:.1}×", kith.p50.as_secs_f64() / bare_0rtt.p50.as_secs_f64()),
+        target: format!(
+            "— (2× baseline + one flush = {})",
+            ms(bare_0rtt.p50 * 2 + flush.p50)
         ),
     });
     rows.push(Row {
