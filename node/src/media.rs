@@ -64,6 +64,8 @@ pub const PACK_STRIDE: u64 = (CHUNK_BYTES + TAG_BYTES) as u64;
 const MAX_SEAL_THREADS: usize = 4;
 /// Read size when hashing a whole assembled file.
 const HASH_READ_BYTES: usize = 1024 * 1024;
+/// Bytes written to a pack or part file before a background sync starts (see [`WriteBehind`]).
+const WRITE_BEHIND_BYTES: u64 = 8 * 1024 * 1024;
 /// Longest wait between two rounds of a transfer that keeps failing.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// First wait between two rounds.
@@ -292,6 +294,79 @@ fn write_blob(dir: &Path, hash: &Hash, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Syncs a file on a thread of its own while it is being written, each time another
+/// [`WRITE_BEHIND_BYTES`] are in, so the sync that must come before the file is relied on finds
+/// little left to write: the disk works while the chunks are sealed or travel. Its syncs prove
+/// nothing; the owner still syncs the whole file at the end. Stopped and joined when dropped.
+struct WriteBehind {
+    shared: Arc<(Mutex<Pending>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    unsynced: u64,
+    stop: bool,
+}
+
+impl WriteBehind {
+    /// Starts syncing `file` (a handle of its own on the file being written). Without a thread
+    /// to spare it does nothing, which only makes the final sync longer.
+    fn start(file: std::fs::File) -> Self {
+        let shared = Arc::new((Mutex::new(Pending::default()), std::sync::Condvar::new()));
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("kith-write-behind".into())
+            .spawn(move || {
+                let (pending, wake) = &*theirs;
+                let mut state = lock(pending);
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if state.unsynced < WRITE_BEHIND_BYTES {
+                        state = wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
+                    state.unsynced = 0;
+                    drop(state);
+                    if let Err(e) = file.sync_data() {
+                        tracing::debug!(error = %e, "background sync failed; the final sync will tell");
+                    }
+                    state = lock(pending);
+                }
+            })
+            .ok();
+        Self { shared, thread }
+    }
+
+    /// Records that `bytes` more were written.
+    fn wrote(&self, bytes: u64) {
+        let (pending, wake) = &*self.shared;
+        let mut state = lock(pending);
+        state.unsynced += bytes;
+        if state.unsynced >= WRITE_BEHIND_BYTES {
+            wake.notify_one();
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        let (pending, wake) = &*self.shared;
+        lock(pending).stop = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Makes a directory's entries (a rename, a new file) survive a crash. Blocking.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// What chunking a file produced.
 struct Prepared {
     size: u64,
@@ -328,6 +403,7 @@ fn prepare(
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let out = std::fs::File::create(&tmp)?;
+    let behind = WriteBehind::start(out.try_clone()?);
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_SEAL_THREADS);
@@ -355,6 +431,7 @@ fn prepare(
                     lock(&failure).get_or_insert(e);
                     continue;
                 }
+                behind.wrote(buf.len() as u64);
                 if let Some(slot) = lock(&hashes).get_mut(index as usize) {
                     *slot = Some(hash);
                 }
@@ -411,6 +488,9 @@ fn prepare(
             .into_iter()
             .collect::<Option<Vec<Hash>>>()
             .ok_or_else(|| std::io::Error::other("a chunk was not sealed"))?;
+        drop(behind);
+        // The message that names these chunks is committed next: they must be on disk first.
+        out.sync_data()?;
         drop(out);
         std::fs::rename(&tmp, pack)?;
         Ok(chunks)
@@ -425,8 +505,11 @@ fn prepare(
     let mut manifest = Vec::new();
     for (bytes, hash) in blob::manifest_blobs(&chunks) {
         write_blob(dir, &hash, &bytes)?;
+        std::fs::File::open(dir.join(hash.to_hex()))?.sync_data()?;
         manifest.push(hash);
     }
+    // The pack's and the manifest blobs' names.
+    sync_dir(dir)?;
     Ok(Prepared {
         size: expected_size,
         file_hash: hasher.finalize().into(),
@@ -1380,8 +1463,9 @@ impl Node {
             .map_err(local)?
             .map_err(local)?
         };
+        let behind = Arc::new(WriteBehind::start(part.try_clone().map_err(local)?));
         let hashed = self
-            .fetch_chunks(id, &sources, &record.file, &chunks, held, &part)
+            .fetch_chunks(id, &sources, &record.file, &chunks, held, (&part, &behind))
             .await?;
         let dest_dir = to
             .map(Path::to_owned)
@@ -1389,6 +1473,7 @@ impl Node {
         let path = {
             let file = record.file.clone();
             tokio::task::spawn_blocking(move || {
+                drop(behind);
                 finish_part(&part, &part_path, &file, &dest_dir, hashed)
             })
             .await
@@ -1412,8 +1497,8 @@ impl Node {
     }
 
     /// Fetches the chunks of `file` not `held` yet, `WINDOW` at a time: each is checked against
-    /// its hash, opened, and its plaintext written at its place in `part`. Returns the
-    /// whole-file hash, computed on the way.
+    /// its hash, opened, and its plaintext written at its place in `part` (synced behind the
+    /// writes by `behind`). Returns the whole-file hash, computed on the way.
     async fn fetch_chunks(
         &self,
         id: MessageId,
@@ -1421,7 +1506,7 @@ impl Node {
         file: &FileRef,
         chunks: &[Hash],
         held: Vec<bool>,
-        part: &Arc<std::fs::File>,
+        (part, behind): (&Arc<std::fs::File>, &Arc<WriteBehind>),
     ) -> Result<Option<Hash>, TransferError> {
         let size = file.size;
         let mut held_bytes = 0u64;
@@ -1452,6 +1537,7 @@ impl Node {
         let failures: Vec<TransferError> = futures::stream::iter(missing.into_iter().enumerate())
             .map(|(n, (index, hash))| {
                 let (part, key, done) = (part.clone(), file.key.clone(), &done);
+                let behind = behind.clone();
                 let in_order = in_order.clone();
                 async move {
                     let mut bytes = self.fetch(sources, n, hash).await.map_err(|detail| {
@@ -1469,6 +1555,7 @@ impl Node {
                         })?;
                         part.write_all_at(&bytes, index * CHUNK_BYTES as u64)
                             .map_err(local)?;
+                        behind.wrote(bytes.len() as u64);
                         lock(&in_order)
                             .add(&part, size, index, &bytes)
                             .map_err(local)

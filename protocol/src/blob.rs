@@ -16,8 +16,7 @@
 //!
 //! Everything here is pure: no files, no sockets, no clock.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use serde::{Deserialize, Serialize};
 
 use crate::reject::Reject;
@@ -222,10 +221,17 @@ impl FileRef {
     }
 }
 
-fn nonce(index: u64) -> Nonce {
+/// The 96-bit nonce of chunk `index`: four zero bytes, then `index` big-endian.
+fn nonce_bytes(index: u64) -> [u8; 12] {
     let mut nonce = [0u8; 12];
     nonce[4..].copy_from_slice(&index.to_be_bytes());
-    Nonce::from(nonce)
+    nonce
+}
+
+/// `ring`'s ChaCha20-Poly1305 (RFC 8439) under `key`. `UnboundKey::new` fails only on a key
+/// of the wrong length, which a [`Key`] cannot be.
+fn cipher(key: &Key) -> Result<LessSafeKey, ring::error::Unspecified> {
+    UnboundKey::new(&CHACHA20_POLY1305, &key.0).map(LessSafeKey::new)
 }
 
 /// Seals plaintext chunk `index` with `key`; returns the sealed bytes and their hash.
@@ -239,11 +245,12 @@ pub fn seal_chunk(key: &Key, index: u64, plain: &[u8]) -> (Vec<u8>, Hash) {
 /// Seals plaintext chunk `index` in `buf` (the tag is appended); returns the sealed chunk's hash.
 /// The same bytes as [`seal_chunk`], without a copy.
 pub fn seal_chunk_in_place(key: &Key, index: u64, buf: &mut Vec<u8>) -> Hash {
-    let cipher = ChaCha20Poly1305::new(&key.0.into());
+    let nonce = Nonce::assume_unique_for_key(nonce_bytes(index));
     let aad = index.to_be_bytes();
-    // Encryption fails only for inputs beyond 2^38 bytes; a chunk is 256 KiB.
-    if let Ok(tag) = cipher.encrypt_in_place_detached(&nonce(index), &aad, buf) {
-        buf.extend_from_slice(&tag);
+    // Sealing fails only for inputs beyond 2^38 bytes; a chunk is 256 KiB.
+    let sealed = cipher(key).and_then(|c| c.seal_in_place_separate_tag(nonce, Aad::from(aad), buf));
+    if let Ok(tag) = sealed {
+        buf.extend_from_slice(tag.as_ref());
     }
     Hash::of(buf)
 }
@@ -276,12 +283,10 @@ pub fn open_chunk_in_place(
     if index >= chunk_count(size) || buf.len() != plain_len + TAG_BYTES {
         return Err(BlobError::Decrypt { index });
     }
-    let (body, tag) = buf.split_at_mut(plain_len);
-    let tag = Tag::clone_from_slice(tag);
-    let cipher = ChaCha20Poly1305::new(&key.0.into());
+    let nonce = Nonce::assume_unique_for_key(nonce_bytes(index));
     let aad = index.to_be_bytes();
-    cipher
-        .decrypt_in_place_detached(&nonce(index), &aad, body, &tag)
+    cipher(key)
+        .and_then(|c| c.open_in_place(nonce, Aad::from(aad), buf).map(|_| ()))
         .map_err(|_| BlobError::Decrypt { index })?;
     buf.truncate(plain_len);
     Ok(())
@@ -456,27 +461,64 @@ mod tests {
         assert!(open_chunk(&key(), size, 3, &bad).is_err());
     }
 
+    /// Chunk 9 of a file under the key `[7; 32]`, plaintext bytes `(31 j + 5) mod 256`, sealed
+    /// by an independent RFC 8439 implementation (OpenSSL's, through Python's `cryptography`):
+    /// nonce `0u32 ‖ 9u64` big-endian, associated data `9u64` big-endian, tag appended.
+    const KNOWN_SEALED_CHUNK_9: &str = "3314595fab5636281723bb1cd2793b3a91a2856d00c6f181f4d72a3c\
+        983e691ba6f33d8d2337448ddfe7df9974929605312237deaef53f5926e40cb512207e5b807a7c3d75336e01\
+        f394c7357c6d4e862a2d0c9555e5";
+
     #[test]
-    fn in_place_sealing_matches_and_matches_the_rfc_8439_construction() {
-        use chacha20poly1305::aead::{Aead, Payload};
-        let plain: Vec<u8> = (0..CHUNK_BYTES).map(|i| (i % 253) as u8).collect();
-        let mut buf = plain.clone();
-        let hash = seal_chunk_in_place(&key(), 9, &mut buf);
-        // The combined-mode AEAD over the same key, nonce and associated data.
-        let reference = ChaCha20Poly1305::new(&key().0.into())
-            .encrypt(
-                &nonce(9),
-                Payload {
-                    msg: &plain,
-                    aad: &9u64.to_be_bytes(),
-                },
-            )
-            .expect("seals");
-        assert_eq!(buf, reference);
-        assert_eq!(seal_chunk(&key(), 9, &plain), (reference, hash));
-        let size = 10 * CHUNK_BYTES as u64;
-        open_chunk_in_place(&key(), size, 9, &mut buf).expect("opens");
-        assert_eq!(buf, plain);
+    fn sealing_matches_a_known_answer() {
+        let plain: Vec<u8> = (0..70u32).map(|j| ((j * 31 + 5) % 256) as u8).collect();
+        let known = hex::decode(KNOWN_SEALED_CHUNK_9).expect("hex");
+        let (sealed, hash) = seal_chunk(&key(), 9, &plain);
+        assert_eq!(sealed, known);
+        assert_eq!(hash, Hash::of(&known));
+        let size = 9 * CHUNK_BYTES as u64 + 70;
+        assert_eq!(open_chunk(&key(), size, 9, &known).expect("opens"), plain);
+    }
+
+    #[test]
+    fn sealing_is_the_wire_format_of_the_rustcrypto_construction() {
+        // The construction chunks were sealed with before `ring`: same key, nonce, associated
+        // data and tag position, so chunks sealed by either open with the other.
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+        let rustcrypto = ChaCha20Poly1305::new(&key().0.into());
+        let size = 10 * CHUNK_BYTES as u64 - 3;
+        for index in [0u64, 9] {
+            let plain: Vec<u8> = (0..chunk_len(size, index))
+                .map(|i| (i % 253) as u8)
+                .collect();
+            let aad = index.to_be_bytes();
+            let nonce = Nonce::from(nonce_bytes(index));
+            let mut buf = plain.clone();
+            let hash = seal_chunk_in_place(&key(), index, &mut buf);
+            let reference = rustcrypto
+                .encrypt(
+                    &nonce,
+                    Payload {
+                        msg: &plain,
+                        aad: &aad,
+                    },
+                )
+                .expect("seals");
+            assert_eq!(buf, reference);
+            assert_eq!(seal_chunk(&key(), index, &plain), (reference.clone(), hash));
+            let opened = rustcrypto
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: &buf,
+                        aad: &aad,
+                    },
+                )
+                .expect("the old code opens ring's chunk");
+            assert_eq!(opened, plain);
+            open_chunk_in_place(&key(), size, index, &mut buf).expect("opens");
+            assert_eq!(buf, plain);
+        }
         let mut short = vec![0u8; TAG_BYTES - 1];
         assert_eq!(
             open_chunk_in_place(&key(), size, 9, &mut short),

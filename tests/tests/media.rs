@@ -41,7 +41,16 @@ fn write_file(dir: &Path, name: &str, len: usize, seed: u64) -> anyhow::Result<P
     Ok(path)
 }
 
-/// Blob files in a relay's or node's blob directory (temporary files excluded).
+/// The distinct blobs a relay's store holds, each with its record in a segment file.
+fn relay_blobs(dir: &Path) -> Vec<kith_relay::blob::store::Record> {
+    let mut seen = std::collections::HashSet::new();
+    let mut records = kith_relay::blob::store::records(dir).unwrap_or_default();
+    records.reverse();
+    records.retain(|r| seen.insert(r.hash));
+    records
+}
+
+/// Blob files in a node's blob directory (temporary files excluded).
 fn blob_files(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir.join("blobs"))
         .map(|entries| {
@@ -80,7 +89,7 @@ async fn a_large_file_reaches_an_offline_recipient_and_resumes_after_an_interrup
     let sent = alice.node().send_file("bob", &source).await?;
     let chunks = 20 * MIB / (256 * 1024);
     wait_for("the relay holds every chunk and the manifest", || async {
-        (blob_files(&relay_dir).len() == chunks + 1).then_some(())
+        (relay_blobs(&relay_dir).len() == chunks + 1).then_some(())
     })
     .await?;
     wait_for("the message is sent", || async {
@@ -187,15 +196,20 @@ async fn a_tampered_chunk_is_refused_then_fetched_from_the_sender() -> anyhow::R
     let source = write_file(dir.path(), "photo.bin", MIB, 2)?;
     alice.node().send_file("bob", &source).await?;
     wait_for("the relay holds the file", || async {
-        (blob_files(&relay_dir).len() == 5).then_some(())
+        (relay_blobs(&relay_dir).len() == 5).then_some(())
     })
     .await?;
     // Damage every full chunk the relay holds.
-    for path in blob_files(&relay_dir) {
-        let mut bytes = std::fs::read(&path)?;
-        if bytes.len() > 1024 {
-            bytes[100] ^= 0x5a;
-            std::fs::write(&path, bytes)?;
+    for record in relay_blobs(&relay_dir) {
+        if record.len > 1024 {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&record.path)?;
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, record.offset + 100)?;
+            file.write_all_at(&[byte[0] ^ 0x5a], record.offset + 100)?;
         }
     }
 
@@ -280,7 +294,7 @@ async fn over_limit_files_are_refused_before_any_upload() -> anyhow::Result<()> 
         .expect_err("over the relay's limit");
     assert!(err.to_string().contains("at most 1048576 bytes"), "{err}");
 
-    assert!(blob_files(&relay_dir).is_empty(), "nothing was uploaded");
+    assert!(relay_blobs(&relay_dir).is_empty(), "nothing was uploaded");
     assert!(blob_files(&alice.home).is_empty() && blob_files(&carol.home).is_empty());
     assert!(alice.node().messages(Some("bob"))?.is_empty());
     assert!(carol.node().messages(Some("bob"))?.is_empty());
@@ -333,7 +347,7 @@ async fn a_group_file_is_uploaded_once_and_reaches_every_member() -> anyhow::Res
     }
     // One upload: the relay holds each blob once (3 chunks and a manifest).
     wait_for("the group's relay holds the file once", || async {
-        (blob_files(&relay_dir).len() == 4).then_some(())
+        (relay_blobs(&relay_dir).len() == 4).then_some(())
     })
     .await?;
     relay.shutdown().await?;
