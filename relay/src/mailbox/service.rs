@@ -10,7 +10,8 @@
 //! - `Deposit`: require a valid signature, a peer recipient and an unexpired envelope, check the
 //!   depositor's rate and the recipient's quota, store (deduplicated by `(from, id)`), then pass
 //!   the `Stored` answer to the [flusher](super::flusher), which releases it after the flush.
-//!   All of a round's answers go to the flusher together, so one flush covers the whole round. A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
+//!   All of a round's answers go to the flusher together, so one flush covers the whole round.
+//!   A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
 //!   once to a connected recipient; when that recipient accepts, [`Handle::try_delivered`]
 //!   removes the entry.
 //! - `Fetch` and `Ack`: always on the mailbox of the connection's own peer id.
@@ -408,8 +409,9 @@ impl Service {
         self.update_gauges();
     }
 
-    /// Writes the staged deposits in one batch and moves their answers to `jobs`, or, if the
-    /// write fails, answers them `StoreFailed` at once (nothing of the batch was stored).
+    /// Writes the staged deposits and moves their answers to `jobs`, or, if a write fails,
+    /// answers them all `StoreFailed` at once: the senders retry, and a deposit written before
+    /// the failure is then found by its dedup key and answered `Stored`.
     fn commit(&mut self, (deposits, answers): &mut (Staged, Vec<Job>), jobs: &mut Vec<Job>) {
         if deposits.is_empty() {
             jobs.append(answers);
@@ -549,7 +551,7 @@ impl Service {
         }
     }
 
-    /// Stores one group envelope in every recipient's mailbox (one batch and one flush for all
+    /// Stores one group envelope in every recipient's mailbox (one flush for all
     /// copies). A recipient whose mailbox is full misses this message; the others do not.
     fn fan_out(
         &mut self,
