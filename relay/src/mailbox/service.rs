@@ -4,7 +4,8 @@
 //! queue is answered `Busy` at once, so the swarm never waits), and keeps the libp2p response
 //! channel itself. This task works in rounds: it takes every request waiting in its queue (up to
 //! [`MAX_ROUND`]), verifies the signatures of the round's deposits in parallel on blocking
-//! threads (ed25519 verification is most of a deposit's CPU time), then validates and applies the
+//! threads (ed25519 verification is most of a deposit's CPU time; senders' decoded keys come
+//! from a bounded [cache](super::keys)), then validates and applies the
 //! requests one by one, in arrival order:
 //!
 //! - `Deposit`: require a valid signature, a peer recipient and an unexpired envelope, check the
@@ -21,6 +22,7 @@
 
 use std::time::Duration;
 
+use kith_protocol::envelope::SenderKey;
 use kith_protocol::limits::{MAX_BODY_BYTES, MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::mailbox::{Request, Response, MAX_FRAME_BYTES};
 use kith_protocol::{Destination, Envelope, PeerId, Reject, VerifyError};
@@ -28,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::flusher::{Job, Jobs};
+use super::keys::{self, Keys};
 use super::rate::RateLimiter;
 use super::store::{AckError, DepositError, Staged, Store, Usage};
 use crate::clock::Clock;
@@ -231,6 +234,8 @@ struct Service {
     metrics: Metrics,
     /// Threads to verify a round's signatures on.
     parallelism: usize,
+    /// Depositors' decoded keys.
+    keys: Keys,
 }
 
 /// A request of the current round; a deposit's envelope waits in the round's list of envelopes
@@ -246,6 +251,9 @@ enum Prepared {
 
 /// An envelope after verification; `None` when its verification thread failed.
 type Checked = Option<(Envelope, Result<(), VerifyError>)>;
+
+/// An envelope to verify, with its sender's key if the sender's id embeds one.
+type ToCheck = (Envelope, Option<SenderKey>);
 
 /// Runs the service until every [`Handle`] is dropped, then flushes the store.
 pub async fn run(
@@ -265,6 +273,7 @@ pub async fn run(
         flusher,
         metrics,
         parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        keys: Keys::new(keys::CAPACITY),
     };
     service.update_gauges();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
@@ -292,9 +301,13 @@ pub async fn run(
 /// Verifies every envelope, on up to `parallelism` blocking threads when there are enough, and
 /// returns them in order with their results. The envelopes move to the threads and back: no
 /// copies.
-async fn verify_all(envelopes: Vec<Envelope>, parallelism: usize) -> Vec<Checked> {
-    let check = |envelope: Envelope| {
-        let verified = envelope.verify();
+async fn verify_all(envelopes: Vec<ToCheck>, parallelism: usize) -> Vec<Checked> {
+    let check = |(envelope, sender): ToCheck| {
+        let verified = match &sender {
+            Some(sender) => envelope.verify_with(sender),
+            // No key to check with: `verify` says why (a bad version, a key-less id...).
+            None => envelope.verify(),
+        };
         Some((envelope, verified))
     };
     if parallelism <= 1 || envelopes.len() < PARALLEL_VERIFY_FROM {
@@ -341,7 +354,8 @@ impl Service {
                     Request::Deposit {
                         req_id, envelope, ..
                     } => {
-                        envelopes.push(envelope);
+                        let sender = self.keys.get(&envelope.from);
+                        envelopes.push((envelope, sender));
                         prepared.push(Prepared::Deposit {
                             peer,
                             req_id,
@@ -711,8 +725,13 @@ mod tests {
             .expect("encode");
         }
         let ids: Vec<_> = envelopes.iter().map(|e| e.id).collect();
+        let mut keys = Keys::new(keys::CAPACITY);
         for parallelism in [1, 2, 3, 8] {
-            let checked = verify_all(envelopes.clone(), parallelism).await;
+            let to_check = envelopes
+                .iter()
+                .map(|e| (e.clone(), keys.get(&e.from)))
+                .collect();
+            let checked = verify_all(to_check, parallelism).await;
             assert_eq!(checked.len(), envelopes.len());
             for (i, entry) in checked.into_iter().enumerate() {
                 let (envelope, verified) = entry.expect("verification ran");
