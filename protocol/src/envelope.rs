@@ -211,6 +211,31 @@ pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
     (key.to_peer_id() == *peer).then_some(key)
 }
 
+/// A sender's public key, decoded once from its peer id ([`public_key_of`]) and reusable for
+/// every envelope that sender signs: decoding an ed25519 key decompresses a curve point, a
+/// sizeable part of a verification. It stays tied to its peer id, so a key can only ever check
+/// envelopes whose `from` is that peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderKey {
+    peer: PeerId,
+    key: PublicKey,
+}
+
+impl SenderKey {
+    /// The key embedded in `peer`, if it embeds one (ed25519 peer ids do).
+    pub fn of(peer: &PeerId) -> Option<Self> {
+        Some(Self {
+            peer: *peer,
+            key: public_key_of(peer)?,
+        })
+    }
+
+    /// The peer this key belongs to.
+    pub fn peer(&self) -> &PeerId {
+        &self.peer
+    }
+}
+
 impl Envelope {
     /// An upper bound of its encoded size: the body and signature plus the most the header
     /// fields and CBOR framing can take. Cheap: nothing is encoded.
@@ -262,6 +287,27 @@ impl Envelope {
 
     /// Checks the version, the body size and the signature against `from`'s key.
     pub fn verify(&self) -> Result<(), VerifyError> {
+        self.check_limits()?;
+        let sender = SenderKey::of(&self.from).ok_or(VerifyError::UnknownKey(self.from))?;
+        self.verify_with(&sender)
+    }
+
+    /// [`Envelope::verify`] with the sender's key already decoded. A key of another peer than
+    /// `from` is refused as [`VerifyError::UnknownKey`].
+    pub fn verify_with(&self, sender: &SenderKey) -> Result<(), VerifyError> {
+        self.check_limits()?;
+        if sender.peer != self.from {
+            return Err(VerifyError::UnknownKey(self.from));
+        }
+        if sender.key.verify(&self.signing_payload(), &self.sig) {
+            Ok(())
+        } else {
+            Err(VerifyError::BadSignature)
+        }
+    }
+
+    /// The version and body size checks of [`Envelope::verify`].
+    fn check_limits(&self) -> Result<(), VerifyError> {
         if self.v != VERSION {
             return Err(VerifyError::UnsupportedVersion(self.v));
         }
@@ -271,12 +317,7 @@ impl Envelope {
                 max: MAX_BODY_BYTES,
             });
         }
-        let key = public_key_of(&self.from).ok_or(VerifyError::UnknownKey(self.from))?;
-        if key.verify(&self.signing_payload(), &self.sig) {
-            Ok(())
-        } else {
-            Err(VerifyError::BadSignature)
-        }
+        Ok(())
     }
 
     /// Decodes and validates the body.
@@ -330,6 +371,38 @@ mod tests {
             Body::Chat {
                 text: "hello".into()
             }
+        );
+    }
+
+    #[test]
+    fn a_decoded_sender_key_checks_only_its_own_envelopes() {
+        let (alice, env) = sealed();
+        let key = SenderKey::of(&alice.public().to_peer_id()).expect("ed25519 id");
+        assert_eq!(key.peer(), &env.from);
+        assert_eq!(env.verify_with(&key), Ok(()));
+        // The same key again, on a forged envelope of the same sender: refused.
+        let mut forged = env.clone();
+        forged.body = cbor::encode(
+            &Body::Chat {
+                text: "forged".into(),
+            },
+            MAX_BODY_BYTES,
+        )
+        .expect("encode");
+        assert_eq!(forged.verify_with(&key), Err(VerifyError::BadSignature));
+        // Another sender's key never checks alice's envelope, even a genuine one.
+        let mallory = Keypair::generate_ed25519().public().to_peer_id();
+        let other = SenderKey::of(&mallory).expect("ed25519 id");
+        assert_eq!(
+            env.verify_with(&other),
+            Err(VerifyError::UnknownKey(env.from))
+        );
+        // The limits are checked as by `verify`.
+        let mut future = env;
+        future.v = VERSION + 1;
+        assert_eq!(
+            future.verify_with(&key),
+            Err(VerifyError::UnsupportedVersion(VERSION + 1))
         );
     }
 

@@ -4,13 +4,15 @@
 //! queue is answered `Busy` at once, so the swarm never waits), and keeps the libp2p response
 //! channel itself. This task works in rounds: it takes every request waiting in its queue (up to
 //! [`MAX_ROUND`]), verifies the signatures of the round's deposits in parallel on blocking
-//! threads (ed25519 verification is most of a deposit's CPU time), then validates and applies the
+//! threads (ed25519 verification is most of a deposit's CPU time; senders' decoded keys come
+//! from a bounded [cache](super::keys)), then validates and applies the
 //! requests one by one, in arrival order:
 //!
 //! - `Deposit`: require a valid signature, a peer recipient and an unexpired envelope, check the
 //!   depositor's rate and the recipient's quota, store (deduplicated by `(from, id)`), then pass
 //!   the `Stored` answer to the [flusher](super::flusher), which releases it after the flush.
-//!   All of a round's answers go to the flusher together, so one flush covers the whole round. A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
+//!   All of a round's answers go to the flusher together, so one flush covers the whole round.
+//!   A newly stored envelope comes back with a [`Push`] so the swarm can deliver it at
 //!   once to a connected recipient; when that recipient accepts, [`Handle::try_delivered`]
 //!   removes the entry.
 //! - `Fetch` and `Ack`: always on the mailbox of the connection's own peer id.
@@ -20,6 +22,7 @@
 
 use std::time::Duration;
 
+use kith_protocol::envelope::SenderKey;
 use kith_protocol::limits::{MAX_BODY_BYTES, MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::mailbox::{Request, Response, MAX_FRAME_BYTES};
 use kith_protocol::{Destination, Envelope, PeerId, Reject, VerifyError};
@@ -27,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::flusher::{Job, Jobs};
+use super::keys::{self, Keys};
 use super::rate::RateLimiter;
 use super::store::{AckError, DepositError, Staged, Store, Usage};
 use crate::clock::Clock;
@@ -230,6 +234,8 @@ struct Service {
     metrics: Metrics,
     /// Threads to verify a round's signatures on.
     parallelism: usize,
+    /// Depositors' decoded keys.
+    keys: Keys,
 }
 
 /// A request of the current round; a deposit's envelope waits in the round's list of envelopes
@@ -245,6 +251,9 @@ enum Prepared {
 
 /// An envelope after verification; `None` when its verification thread failed.
 type Checked = Option<(Envelope, Result<(), VerifyError>)>;
+
+/// An envelope to verify, with its sender's key if the sender's id embeds one.
+type ToCheck = (Envelope, Option<SenderKey>);
 
 /// Runs the service until every [`Handle`] is dropped, then flushes the store.
 pub async fn run(
@@ -264,6 +273,7 @@ pub async fn run(
         flusher,
         metrics,
         parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        keys: Keys::new(keys::CAPACITY),
     };
     service.update_gauges();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
@@ -291,9 +301,13 @@ pub async fn run(
 /// Verifies every envelope, on up to `parallelism` blocking threads when there are enough, and
 /// returns them in order with their results. The envelopes move to the threads and back: no
 /// copies.
-async fn verify_all(envelopes: Vec<Envelope>, parallelism: usize) -> Vec<Checked> {
-    let check = |envelope: Envelope| {
-        let verified = envelope.verify();
+async fn verify_all(envelopes: Vec<ToCheck>, parallelism: usize) -> Vec<Checked> {
+    let check = |(envelope, sender): ToCheck| {
+        let verified = match &sender {
+            Some(sender) => envelope.verify_with(sender),
+            // No key to check with: `verify` says why (a bad version, a key-less id...).
+            None => envelope.verify(),
+        };
         Some((envelope, verified))
     };
     if parallelism <= 1 || envelopes.len() < PARALLEL_VERIFY_FROM {
@@ -340,7 +354,8 @@ impl Service {
                     Request::Deposit {
                         req_id, envelope, ..
                     } => {
-                        envelopes.push(envelope);
+                        let sender = self.keys.get(&envelope.from);
+                        envelopes.push((envelope, sender));
                         prepared.push(Prepared::Deposit {
                             peer,
                             req_id,
@@ -408,8 +423,9 @@ impl Service {
         self.update_gauges();
     }
 
-    /// Writes the staged deposits in one batch and moves their answers to `jobs`, or, if the
-    /// write fails, answers them `StoreFailed` at once (nothing of the batch was stored).
+    /// Writes the staged deposits and moves their answers to `jobs`, or, if a write fails,
+    /// answers them all `StoreFailed` at once: the senders retry, and a deposit written before
+    /// the failure is then found by its dedup key and answered `Stored`.
     fn commit(&mut self, (deposits, answers): &mut (Staged, Vec<Job>), jobs: &mut Vec<Job>) {
         if deposits.is_empty() {
             jobs.append(answers);
@@ -549,7 +565,7 @@ impl Service {
         }
     }
 
-    /// Stores one group envelope in every recipient's mailbox (one batch and one flush for all
+    /// Stores one group envelope in every recipient's mailbox (one flush for all
     /// copies). A recipient whose mailbox is full misses this message; the others do not.
     fn fan_out(
         &mut self,
@@ -709,8 +725,13 @@ mod tests {
             .expect("encode");
         }
         let ids: Vec<_> = envelopes.iter().map(|e| e.id).collect();
+        let mut keys = Keys::new(keys::CAPACITY);
         for parallelism in [1, 2, 3, 8] {
-            let checked = verify_all(envelopes.clone(), parallelism).await;
+            let to_check = envelopes
+                .iter()
+                .map(|e| (e.clone(), keys.get(&e.from)))
+                .collect();
+            let checked = verify_all(to_check, parallelism).await;
             assert_eq!(checked.len(), envelopes.len());
             for (i, entry) in checked.into_iter().enumerate() {
                 let (envelope, verified) = entry.expect("verification ran");

@@ -3,7 +3,7 @@
 //! Every operation names the mailbox's owner explicitly; the service passes the connection's
 //! Noise-authenticated peer id, so a peer only ever reads or deletes its own entries.
 //!
-//! Key layout (one tree, prefixed keys; each change is one atomic sled batch):
+//! Key layout (one tree, prefixed keys):
 //!
 //! | key | value |
 //! |---|---|
@@ -15,6 +15,15 @@
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
 //! answers `Stored` only after the group-commit flusher has flushed.
+//!
+//! Writes do not use sled's `apply_batch`: it takes a process-wide write lock that waits for
+//! any flush in progress, so every round of deposits would stall behind the flusher (and hold
+//! a runtime thread while it waits). An entry's keys are written one by one instead, in an
+//! order where whatever part of it survives a crash is harmless: the retention key first (purge
+//! drops a retention key that points at nothing), then the record, the owner key, and the
+//! dedup key last, so a deposit that a crash cut short is stored again when its sender retries
+//! (the recipient drops a second copy by `(from, id)`). Removal goes the other way round: the
+//! record first.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -162,24 +171,33 @@ pub enum RemoveError {
 /// Deposits prepared by [`Store::stage`] and not yet written: [`Store::commit`] writes them.
 #[derive(Default)]
 pub struct Staged {
-    batch: sled::Batch,
+    /// The staged deposits, in the order they are written.
+    deposits: Vec<StagedDeposit>,
     /// The dedup keys of the staged deposits, with their sequence numbers.
     dedup: HashMap<Vec<u8>, u64>,
     /// Entries and bytes the staged deposits add, per recipient.
     usage: HashMap<PeerId, Usage>,
 }
 
+/// One deposit's keys and values, in the order they are written: retention, record, owner,
+/// dedup (see the module documentation for why).
+struct StagedDeposit {
+    recipient: PeerId,
+    size: u64,
+    writes: [(Vec<u8>, Vec<u8>); 4],
+}
+
 impl Staged {
     /// Whether nothing is staged.
     pub fn is_empty(&self) -> bool {
-        self.usage.is_empty()
+        self.deposits.is_empty()
     }
 }
 
 impl std::fmt::Debug for Staged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Staged")
-            .field("deposits", &self.dedup.len())
+            .field("deposits", &self.deposits.len())
             .finish_non_exhaustive()
     }
 }
@@ -316,8 +334,8 @@ impl Store {
     }
 
     /// Prepares the deposit of `envelope` into the mailbox of `recipient` as part of `staged`,
-    /// which [`Store::commit`] writes in one atomic sled batch with the other deposits staged
-    /// with it (one batch costs sled two log writes, whatever it holds). Deduplicates against
+    /// which [`Store::commit`] writes together with the other deposits staged with it (one
+    /// flush then covers them all). Deduplicates against
     /// the store and against `staged`; checks the quota with `staged`'s earlier deposits
     /// counted. Nothing is visible before the commit. The envelope must already be verified.
     pub fn stage(
@@ -367,12 +385,16 @@ impl Store {
         }
         // generate_id starts at 0; seqs start at 1 so that "after 0" means "from the start".
         let seq = self.db.generate_id()?.saturating_add(1);
-        staged.batch.insert(item_key(&owner, seq), value);
-        staged.batch.insert(owner_key(seq), owner.as_slice());
-        staged
-            .batch
-            .insert(deadline_key(deadline_ms, seq), owner.as_slice());
-        staged.batch.insert(dedup.as_slice(), &seq.to_be_bytes());
+        staged.deposits.push(StagedDeposit {
+            recipient: *recipient,
+            size,
+            writes: [
+                (deadline_key(deadline_ms, seq), owner.clone()),
+                (item_key(&owner, seq), value),
+                (owner_key(seq), owner),
+                (dedup.clone(), seq.to_be_bytes().to_vec()),
+            ],
+        });
         staged.dedup.insert(dedup, seq);
         let u = staged.usage.entry(*recipient).or_default();
         u.messages += 1;
@@ -383,19 +405,26 @@ impl Store {
         })
     }
 
-    /// Writes every deposit of `staged` in one atomic batch and counts them. On failure nothing
-    /// was stored and the usage counts are unchanged.
+    /// Writes every deposit of `staged`, in order, and counts them. On failure the deposits
+    /// written before it stay (and are counted); the failed one may be missing its later keys,
+    /// at worst its dedup key, so that a retry stores it again rather than calling it a
+    /// duplicate.
     pub fn commit(&mut self, staged: Staged) -> Result<(), sled::Error> {
-        if staged.usage.is_empty() {
-            return Ok(());
-        }
-        self.tree.apply_batch(staged.batch)?;
-        for (recipient, added) in staged.usage {
+        for deposit in staged.deposits {
+            let StagedDeposit {
+                recipient,
+                size,
+                writes: [deadline, item, owner, dedup],
+            } = deposit;
+            self.tree.insert(deadline.0, deadline.1)?;
+            self.tree.insert(item.0, item.1)?;
             let u = self.usage.entry(recipient).or_default();
-            u.messages += added.messages;
-            u.bytes += added.bytes;
-            self.totals.messages += added.messages;
-            self.totals.bytes += added.bytes;
+            u.messages += 1;
+            u.bytes += size;
+            self.totals.messages += 1;
+            self.totals.bytes += size;
+            self.tree.insert(owner.0, owner.1)?;
+            self.tree.insert(dedup.0, dedup.1)?;
         }
         Ok(())
     }
@@ -511,22 +540,12 @@ impl Store {
         owner_bytes: &[u8],
         seq: u64,
     ) -> Result<bool, sled::Error> {
-        let key = item_key(owner_bytes, seq);
-        let Some(value) = self.tree.get(&key)? else {
+        // The record goes first: once it is gone the entry is gone, and what a crash leaves of
+        // the rest is harmless (a dedup key of a delivered message; a retention key that purge
+        // drops).
+        let Some(value) = self.tree.remove(item_key(owner_bytes, seq))? else {
             return Ok(false);
         };
-        let mut batch = sled::Batch::default();
-        batch.remove(key);
-        batch.remove(owner_key(seq));
-        // A record that does not decode still goes; its index entries are then left for purge
-        // to skip (they point at nothing).
-        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
-            batch.remove(deadline_key(record.deadline_ms, seq));
-            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
-                batch.remove(dedup);
-            }
-        }
-        self.tree.apply_batch(batch)?;
         let size = value.len() as u64;
         if let Some(u) = self.usage.get_mut(owner) {
             u.messages = u.messages.saturating_sub(1);
@@ -537,6 +556,15 @@ impl Store {
         }
         self.totals.messages = self.totals.messages.saturating_sub(1);
         self.totals.bytes = self.totals.bytes.saturating_sub(size);
+        self.tree.remove(owner_key(seq))?;
+        // A record that does not decode still goes; its index entries are then left for purge
+        // to skip (they point at nothing).
+        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                self.tree.remove(dedup)?;
+            }
+            self.tree.remove(deadline_key(record.deadline_ms, seq))?;
+        }
         Ok(true)
     }
 }
@@ -581,6 +609,64 @@ mod tests {
         let k = Keypair::generate_ed25519();
         let p = k.public().to_peer_id();
         (k, p)
+    }
+
+    /// A crash can leave any prefix of a deposit's writes (they are not one atomic batch); every
+    /// prefix must be harmless: the sender's retry stores the envelope again, and purge leaves
+    /// nothing behind.
+    #[test]
+    fn every_prefix_of_a_deposit_is_harmless() {
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let e = envelope(&alice, bob, "cut short", None);
+        for written in 0..4 {
+            let db = sled::Config::new().temporary(true).open().expect("sled");
+            let mut s = Store::with_db(db.clone(), limits()).expect("store");
+            let mut staged = Staged::default();
+            s.stage(&mut staged, &bob, &e, 0).expect("stage");
+            // What survived the crash: the first `written` keys.
+            for (key, value) in staged.deposits[0].writes.iter().take(written) {
+                s.tree
+                    .insert(key.as_slice(), value.as_slice())
+                    .expect("insert");
+            }
+            drop(s);
+            let mut s = Store::with_db(db, limits()).expect("reopen");
+            let again = s.deposit(&bob, &e, 0).expect("retry");
+            assert!(
+                !again.duplicate,
+                "{written} keys written: the retry must store it"
+            );
+            let page = s.fetch(&bob, None, 10, MAX).expect("fetch");
+            assert!(page.items.iter().any(|i| i.seq == again.seq), "{written}");
+            // A second copy, if any, is the same envelope (the recipient drops it).
+            assert!(page.items.iter().all(|i| i.envelope == e), "{written}");
+            assert_eq!(s.usage(&bob).messages, page.items.len() as u64, "{written}");
+            assert_eq!(s.purge(u64::MAX).expect("purge"), page.items.len() as u64);
+            let left: Vec<_> = s
+                .tree
+                .iter()
+                .keys()
+                .collect::<Result<_, _>>()
+                .expect("scan");
+            assert!(left.is_empty(), "{written} keys written: left {left:?}");
+            assert_eq!(s.totals(), Usage::default());
+        }
+    }
+
+    #[test]
+    fn entries_go_without_a_trace() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let e1 = envelope(&alice, bob, "acked", None);
+        let e2 = envelope(&alice, bob, "purged", Some(10));
+        let d1 = s.deposit(&bob, &e1, 0).expect("deposit");
+        s.deposit(&bob, &e2, 0).expect("deposit");
+        assert_eq!(s.ack(&bob, &[d1.seq]).expect("ack"), 1);
+        assert_eq!(s.purge(10).expect("purge"), 1);
+        assert_eq!(s.tree.len(), 0, "every key of both entries is gone");
+        assert_eq!(s.totals(), Usage::default());
     }
 
     #[test]
