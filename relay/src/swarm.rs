@@ -203,12 +203,7 @@ pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behavi
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| BuildError::Gossipsub(e.to_string()))?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(idle)
-                // 0-RTT stream negotiation, as nodes do: a push travels with its protocol
-                // proposal instead of one round trip later.
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-        })
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
     Ok(swarm)
 }
