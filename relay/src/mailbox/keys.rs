@@ -69,23 +69,11 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kith_protocol::envelope::Header;
-    use kith_protocol::{Body, Destination, Envelope, Keypair, MessageId, VerifyError};
+    use kith_protocol::{Envelope, Keypair, VerifyError};
 
     fn sealed(from: &Keypair, text: &str) -> Envelope {
         let to = Keypair::generate_ed25519().public().to_peer_id();
-        Envelope::seal(
-            from,
-            Header {
-                id: MessageId::random(),
-                to: Destination::Peer(to),
-                sent_at_ms: 0,
-                lamport: 1,
-                expires_at_ms: None,
-            },
-            &Body::Chat { text: text.into() },
-        )
-        .expect("seal")
+        crate::mailbox::test_envelope(from, to, text, None)
     }
 
     #[test]

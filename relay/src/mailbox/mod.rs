@@ -14,3 +14,26 @@ pub mod store;
 
 pub use service::Handle;
 pub use store::{Store, Usage};
+
+/// A signed chat envelope from `from` to `to`, for the mailbox's tests.
+#[cfg(test)]
+pub(crate) fn test_envelope(
+    from: &kith_protocol::Keypair,
+    to: libp2p::PeerId,
+    text: &str,
+    expires_at_ms: Option<u64>,
+) -> kith_protocol::Envelope {
+    use kith_protocol::{envelope::Header, Body, Destination, Envelope, MessageId};
+    Envelope::seal(
+        from,
+        Header {
+            id: MessageId::random(),
+            to: Destination::Peer(to),
+            sent_at_ms: 0,
+            lamport: 1,
+            expires_at_ms,
+        },
+        &Body::Chat { text: text.into() },
+    )
+    .expect("seal")
+}

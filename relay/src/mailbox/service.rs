@@ -689,22 +689,10 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kith_protocol::envelope::Header;
-    use kith_protocol::{Body, Keypair, MessageId};
+    use kith_protocol::{Body, Keypair};
 
     fn envelope(from: &Keypair, to: PeerId, text: &str) -> Envelope {
-        Envelope::seal(
-            from,
-            Header {
-                id: MessageId::random(),
-                to: Destination::Peer(to),
-                sent_at_ms: 0,
-                lamport: 1,
-                expires_at_ms: None,
-            },
-            &Body::Chat { text: text.into() },
-        )
-        .expect("seal")
+        crate::mailbox::test_envelope(from, to, text, None)
     }
 
     #[tokio::test]

@@ -572,8 +572,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kith_protocol::envelope::Header;
-    use kith_protocol::{Body, Destination, Keypair, MessageId};
+    use kith_protocol::Keypair;
 
     const MAX: usize = kith_protocol::mailbox::MAX_FRAME_BYTES;
 
@@ -590,20 +589,7 @@ mod tests {
         Store::with_db(db, limits).expect("store")
     }
 
-    fn envelope(from: &Keypair, to: PeerId, text: &str, expires_at_ms: Option<u64>) -> Envelope {
-        Envelope::seal(
-            from,
-            Header {
-                id: MessageId::random(),
-                to: Destination::Peer(to),
-                sent_at_ms: 0,
-                lamport: 1,
-                expires_at_ms,
-            },
-            &Body::Chat { text: text.into() },
-        )
-        .expect("seal")
-    }
+    use crate::mailbox::test_envelope as envelope;
 
     fn peer() -> (Keypair, PeerId) {
         let k = Keypair::generate_ed25519();
