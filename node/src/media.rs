@@ -874,6 +874,7 @@ impl Node {
         let id = MessageId::random();
         let dir = self.blobs_dir();
         let pack = dir.join(pack_name(&id));
+        let started = std::time::Instant::now();
         let (prepared, thumb) = {
             let (source, key, mime, pack) =
                 (path.to_owned(), key.clone(), mime.clone(), pack.clone());
@@ -885,6 +886,12 @@ impl Node {
             .map_err(|e| invalid(format!("chunking failed: {e}")))?
             .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?
         };
+        tracing::debug!(
+            %id,
+            bytes = size,
+            ms = started.elapsed().as_millis() as u64,
+            "file sealed and its pack synced"
+        );
         self.add_pack(pack, &prepared.chunks, prepared.size);
         let file = FileRef {
             name,
