@@ -72,19 +72,36 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
             return Err(ReadError::TooLarge { len, max })
         }
     };
-    // Grow with the data actually received, not with the claimed length.
-    let mut payload = Vec::with_capacity(len.min(64 * 1024));
-    io.take(len as u64)
-        .read_to_end(&mut payload)
+    // Grow with the data actually received, not with the claimed length: a first step, then
+    // (once the peer has shown it sends) the rest in one exact allocation. Reading into an
+    // initialised buffer of the right size avoids `read_to_end`'s regrow-and-copy at the end.
+    let first = len.min(FIRST_READ_BYTES);
+    let mut payload = vec![0u8; first];
+    io.read_exact(&mut payload)
         .await
-        .map_err(ReadError::Io)?;
-    if payload.len() != len {
-        return Err(ReadError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("frame ended after {} of {len} bytes", payload.len()),
-        )));
+        .map_err(|e| eof(e, 0, len))?;
+    if len > first {
+        payload.resize(len, 0);
+        io.read_exact(&mut payload[first..])
+            .await
+            .map_err(|e| eof(e, first, len))?;
     }
     Ok(payload)
+}
+
+/// How much of a frame is read before the rest of its claimed length is allocated.
+const FIRST_READ_BYTES: usize = 64 * 1024;
+
+/// An early end of stream, saying how far the frame got.
+fn eof(e: io::Error, from: usize, len: usize) -> ReadError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ReadError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame of {len} bytes ended early (after at least {from})"),
+        ))
+    } else {
+        ReadError::Io(e)
+    }
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send, V: Serialize>(
@@ -92,8 +109,7 @@ async fn write_frame<T: AsyncWrite + Unpin + Send, V: Serialize>(
     value: &V,
     max: usize,
 ) -> io::Result<()> {
-    let payload = cbor::encode(value, max).map_err(io::Error::other)?;
-    let framed = frame::encode(&payload, max).map_err(io::Error::other)?;
+    let framed = cbor::encode_framed(value, max).map_err(io::Error::other)?;
     io.write_all(&framed).await?;
     io.close().await
 }

@@ -407,13 +407,12 @@ fn prepare(
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_SEAL_THREADS);
-    let hashes: Mutex<Vec<Option<Hash>>> = Mutex::new(vec![None; count]);
+    let hashes: Mutex<Vec<Option<(Hash, blob::PartHash)>>> = Mutex::new(vec![None; count]);
     let failure: Mutex<Option<std::io::Error>> = Mutex::new(None);
     let failed = std::sync::atomic::AtomicBool::new(false);
     let (to_seal, queue) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(workers);
     let queue = Mutex::new(queue);
     let (to_reuse, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(2 * workers + 2);
-    let mut hasher = blake3::Hasher::new();
     let read: std::io::Result<u64> = std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
@@ -425,6 +424,7 @@ fn prepare(
                 if failed.load(Ordering::Relaxed) {
                     continue;
                 }
+                let part = blob::part_hash(expected_size, index, &buf);
                 let hash = blob::seal_chunk_in_place(key, index, &mut buf);
                 if let Err(e) = out.write_all_at(&buf, index * PACK_STRIDE) {
                     failed.store(true, Ordering::Relaxed);
@@ -433,7 +433,7 @@ fn prepare(
                 }
                 behind.wrote(buf.len() as u64);
                 if let Some(slot) = lock(&hashes).get_mut(index as usize) {
-                    *slot = Some(hash);
+                    *slot = Some((hash, part));
                 }
                 let _ = to_reuse.try_send(buf);
             });
@@ -457,7 +457,6 @@ fn prepare(
                 break Ok(size);
             }
             buf.truncate(n);
-            hasher.update(&buf);
             size += n as u64;
             if index as usize >= count {
                 // Grew since its size was read: the size check below refuses it.
@@ -484,19 +483,23 @@ fn prepare(
                 "the file changed while it was read ({expected_size} bytes, then {size})"
             )));
         }
-        let chunks = std::mem::take(&mut *lock(&hashes))
+        let (chunks, parts): (Vec<Hash>, Vec<blob::PartHash>) = std::mem::take(&mut *lock(&hashes))
             .into_iter()
-            .collect::<Option<Vec<Hash>>>()
-            .ok_or_else(|| std::io::Error::other("a chunk was not sealed"))?;
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| std::io::Error::other("a chunk was not sealed"))?
+            .into_iter()
+            .unzip();
+        let file_hash = blob::file_hash(size, &parts)
+            .ok_or_else(|| std::io::Error::other("a chunk was not hashed"))?;
         drop(behind);
         // The message that names these chunks is committed next: they must be on disk first.
         out.sync_data()?;
         drop(out);
         std::fs::rename(&tmp, pack)?;
-        Ok(chunks)
+        Ok((chunks, file_hash))
     })();
-    let chunks = match outcome {
-        Ok(chunks) => chunks,
+    let (chunks, file_hash) = match outcome {
+        Ok(done) => done,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -512,7 +515,7 @@ fn prepare(
     sync_dir(dir)?;
     Ok(Prepared {
         size: expected_size,
-        file_hash: hasher.finalize().into(),
+        file_hash,
         manifest,
         chunks,
     })
@@ -599,67 +602,40 @@ fn held_chunks(
     Ok(held)
 }
 
-/// The whole-file hash of a download, fed in file order while chunks land in the part file in
-/// any order: a chunk is hashed when it arrives if every chunk before it is in, otherwise read
-/// back from the part file once the gap before it fills.
-struct InOrder {
-    hasher: blake3::Hasher,
-    next: u64,
-    written: Vec<bool>,
+/// The whole-file hash of a download, from each chunk's share ([`blob::part_hash`]) computed as
+/// the chunk lands, in whatever order chunks arrive.
+struct PartHashes {
+    size: u64,
+    parts: Vec<Option<blob::PartHash>>,
 }
 
-impl InOrder {
-    fn new(written: Vec<bool>) -> Self {
-        Self {
-            hasher: blake3::Hasher::new(),
-            next: 0,
-            written,
-        }
-    }
-
-    /// Records that chunk `index`, whose plaintext is `plain`, is in `part`, then hashes every
-    /// chunk from the cursor on that is in. Blocking.
-    fn add(
-        &mut self,
-        part: &std::fs::File,
-        size: u64,
-        index: u64,
-        plain: &[u8],
-    ) -> std::io::Result<()> {
-        if let Some(written) = self.written.get_mut(index as usize) {
-            *written = true;
-        }
-        self.advance(part, size, Some((index, plain)))
-    }
-
-    /// Hashes every chunk from the cursor on that is in `part` (`in_hand` need not be read).
-    fn advance(
-        &mut self,
-        part: &std::fs::File,
-        size: u64,
-        in_hand: Option<(u64, &[u8])>,
-    ) -> std::io::Result<()> {
+impl PartHashes {
+    /// Hashes the chunks already `held` in `part` (a resumed download). Blocking.
+    fn new(part: &std::fs::File, size: u64, held: &[bool]) -> std::io::Result<Self> {
         let mut buf = Vec::new();
-        while self.written.get(self.next as usize) == Some(&true) {
-            let index = self.next;
-            match in_hand {
-                Some((i, plain)) if i == index => {
-                    self.hasher.update(plain);
-                }
-                _ => {
-                    buf.resize(blob::chunk_len(size, index), 0);
-                    part.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
-                    self.hasher.update(&buf);
-                }
+        let mut parts = vec![None; held.len()];
+        for (index, (slot, held)) in parts.iter_mut().zip(held).enumerate() {
+            if *held {
+                let index = index as u64;
+                buf.resize(blob::chunk_len(size, index), 0);
+                part.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
+                *slot = Some(blob::part_hash(size, index, &buf));
             }
-            self.next += 1;
         }
-        Ok(())
+        Ok(Self { size, parts })
     }
 
-    /// The whole-file hash, once every chunk is hashed.
+    /// Records chunk `index`'s share.
+    fn add(&mut self, index: u64, part: blob::PartHash) {
+        if let Some(slot) = self.parts.get_mut(index as usize) {
+            *slot = Some(part);
+        }
+    }
+
+    /// The whole-file hash, once every chunk is in.
     fn finish(&self) -> Option<Hash> {
-        (self.next as usize == self.written.len()).then(|| self.hasher.finalize().into())
+        let parts: Option<Vec<blob::PartHash>> = self.parts.iter().copied().collect();
+        blob::file_hash(self.size, &parts?)
     }
 }
 
@@ -1527,15 +1503,15 @@ impl Node {
             }
         }
         self.progress(id, "download", held_bytes, size);
-        let in_order = Arc::new(Mutex::new(InOrder::new(held)));
-        {
-            let (in_order, part) = (in_order.clone(), part.clone());
-            tokio::task::spawn_blocking(move || lock(&in_order).advance(&part, size, None))
+        let hashes = {
+            let part = part.clone();
+            tokio::task::spawn_blocking(move || PartHashes::new(&part, size, &held))
                 .await
                 .map_err(local)?
-                .map_err(local)?;
-        }
-        let hashed = || lock(&in_order).finish();
+                .map_err(local)?
+        };
+        let hashes = Arc::new(Mutex::new(hashes));
+        let hashed = || lock(&hashes).finish();
         if missing.is_empty() {
             return Ok(hashed());
         }
@@ -1545,7 +1521,7 @@ impl Node {
             .map(|(n, (index, hash))| {
                 let (part, key, done) = (part.clone(), file.key.clone(), &done);
                 let behind = behind.clone();
-                let in_order = in_order.clone();
+                let hashes = hashes.clone();
                 async move {
                     let mut bytes = self.fetch(sources, n, hash).await.map_err(|detail| {
                         TransferError::Incomplete {
@@ -1563,9 +1539,9 @@ impl Node {
                         part.write_all_at(&bytes, index * CHUNK_BYTES as u64)
                             .map_err(local)?;
                         behind.wrote(bytes.len() as u64);
-                        lock(&in_order)
-                            .add(&part, size, index, &bytes)
-                            .map_err(local)
+                        let share = blob::part_hash(size, index, &bytes);
+                        lock(&hashes).add(index, share);
+                        Ok::<(), TransferError>(())
                     })
                     .await
                     .map_err(local)??;
@@ -1944,16 +1920,17 @@ mod tests {
             put(i);
         }
         let out = dir.path().join("out");
-        // The hash fed in file order while chunks land out of order.
-        let mut in_order = InOrder::new(vec![false; chunks.len()]);
-        for i in [2, 0, 1, 5, 3, 4] {
+        // The hash assembled from chunks landing out of order, some already held at the start.
+        let held = [false, true, false, false, true, false];
+        let mut hashes = PartHashes::new(&part, file.size, &held).expect("held chunks");
+        for i in [2, 0, 5, 3] {
             let mut plain = vec![0u8; blob::chunk_len(file.size, i)];
             part.read_exact_at(&mut plain, i * CHUNK_BYTES as u64)
                 .expect("read");
-            assert_eq!(in_order.finish(), None);
-            in_order.add(&part, file.size, i, &plain).expect("add");
+            assert_eq!(hashes.finish(), None);
+            hashes.add(i, blob::part_hash(file.size, i, &plain));
         }
-        assert_eq!(in_order.finish(), Some(file.file_hash));
+        assert_eq!(hashes.finish(), Some(file.file_hash));
         let path = finish_part(&part, &part_path, &file, &out, None).expect("finish");
         assert_eq!(std::fs::read(&path).expect("read"), data);
         assert!(!part_path.exists());

@@ -179,6 +179,62 @@ pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(CHUNK_BYTES as u64)
 }
 
+/// A chunk's share of its file's whole BLAKE3 hash: the chaining value of the chunk's subtree in
+/// BLAKE3's tree (or, for a file of one chunk, the hash itself). Chunks can be hashed in any
+/// order and on any thread, and [`file_hash`] assembles the same hash as hashing the file in one
+/// pass — no re-reading chunks that arrived out of order.
+pub type PartHash = [u8; 32];
+
+/// The share of chunk `index`, whose plaintext is `plain`, in the hash of a file of `size` bytes.
+pub fn part_hash(size: u64, index: u64, plain: &[u8]) -> PartHash {
+    use blake3::hazmat::HasherExt;
+    if chunk_count(size) <= 1 {
+        return *blake3::hash(plain).as_bytes();
+    }
+    // A chunk is 2^18 bytes at an offset that is a multiple of it: a whole subtree of the tree.
+    blake3::Hasher::new()
+        .set_input_offset(index.saturating_mul(CHUNK_BYTES as u64))
+        .update(plain)
+        .finalize_non_root()
+}
+
+/// The BLAKE3 hash of a file of `size` bytes from every chunk's [`part_hash`], in file order;
+/// `None` when `parts` does not have one per chunk.
+pub fn file_hash(size: u64, parts: &[PartHash]) -> Option<Hash> {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    /// The chaining value of the subtree over `parts`, which cover `len` bytes.
+    fn subtree(parts: &[PartHash], len: u64) -> PartHash {
+        match parts {
+            [one] => *one,
+            _ => {
+                let (left, right) = split(parts, len);
+                merge_subtrees_non_root(&left, &right, Mode::Hash)
+            }
+        }
+    }
+    /// BLAKE3's split: the left subtree is the largest power of two of chunks that leaves
+    /// something on the right (for more than one 256 KiB chunk, a whole number of ours).
+    fn split(parts: &[PartHash], len: u64) -> (PartHash, PartHash) {
+        let left_len = left_subtree_len(len);
+        let k = (left_len / CHUNK_BYTES as u64) as usize;
+        (
+            subtree(&parts[..k], left_len),
+            subtree(&parts[k..], len - left_len),
+        )
+    }
+    if parts.len() as u64 != chunk_count(size) {
+        return None;
+    }
+    Some(match parts {
+        [] => Hash::of(&[]),
+        [one] => Hash(*one),
+        _ => {
+            let (left, right) = split(parts, size);
+            merge_subtrees_root(&left, &right, Mode::Hash).into()
+        }
+    })
+}
+
 /// The plaintext length of chunk `index` of a file of `size` bytes (0 past the end).
 pub fn chunk_len(size: u64, index: u64) -> usize {
     let start = index.saturating_mul(CHUNK_BYTES as u64);
@@ -349,7 +405,7 @@ pub enum Request {
         /// Its BLAKE3 hash.
         hash: Hash,
         /// The blob, at most [`MAX_BLOB_BYTES`].
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::cbor::bytes")]
         bytes: Vec<u8>,
     },
     /// Send this blob if you hold it.
@@ -390,7 +446,7 @@ pub enum Response {
         /// The request's id.
         req_id: u64,
         /// Its bytes (check them against the hash before use).
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::cbor::bytes")]
         bytes: Vec<u8>,
     },
     /// Not held here.
@@ -574,5 +630,36 @@ mod tests {
         let bytes = cbor::encode(&request, MAX_FRAME_BYTES).expect("fits");
         let back: Request = cbor::decode(&bytes, MAX_FRAME_BYTES).expect("decodes");
         assert_eq!(back, request);
+    }
+
+    #[test]
+    fn file_hash_from_parts_is_the_hash_of_the_file() {
+        let c = CHUNK_BYTES;
+        for size in [
+            0,
+            1,
+            c - 1,
+            c,
+            c + 1,
+            2 * c,
+            3 * c + 5,
+            4 * c,
+            5 * c + 1000,
+            8 * c + 1,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let parts: Vec<PartHash> = data
+                .chunks(c)
+                .enumerate()
+                .map(|(i, plain)| part_hash(size as u64, i as u64, plain))
+                .collect();
+            assert_eq!(
+                file_hash(size as u64, &parts),
+                Some(Hash::of(&data)),
+                "size {size}"
+            );
+        }
+        let one = [part_hash(3 * c as u64, 0, &[0; 10])];
+        assert_eq!(file_hash(3 * c as u64, &one), None);
     }
 }

@@ -8,6 +8,8 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::limits::FRAME_HEADER_BYTES;
+
 /// Why a value could not be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -45,18 +47,55 @@ pub enum DecodeError {
 
 /// Encodes `value`, refusing results larger than `max`.
 pub fn encode<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::new();
-    ciborium::into_writer(value, &mut out).map_err(|e| EncodeError::Cbor(e.to_string()))?;
-    if out.len() > max {
-        return Err(EncodeError::TooLarge {
-            len: out.len(),
-            max,
-        });
-    }
+    encode_after(value, 0, max)
+}
+
+/// Encodes `value` as one frame: the 4-byte big-endian length, then the CBOR, in one buffer.
+/// Refuses values whose encoding is larger than `max`.
+pub fn encode_framed<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut out = encode_after(value, FRAME_HEADER_BYTES, max.min(u32::MAX as usize))?;
+    let len = (out.len() - FRAME_HEADER_BYTES) as u32;
+    out[..FRAME_HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
     Ok(out)
 }
 
+/// Encodes `value` after `room` zero bytes, into a buffer of exactly the right size: the value
+/// is first encoded into a counter, so a large byte string (a file chunk) is copied once instead
+/// of being regrown and copied again as the buffer doubles.
+fn encode_after<T: Serialize>(value: &T, room: usize, max: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut counter = Counter(0);
+    ciborium::into_writer(value, &mut counter).map_err(|e| EncodeError::Cbor(e.to_string()))?;
+    if counter.0 > max {
+        return Err(EncodeError::TooLarge {
+            len: counter.0,
+            max,
+        });
+    }
+    let mut out = Vec::with_capacity(room + counter.0);
+    out.resize(room, 0);
+    ciborium::into_writer(value, &mut out).map_err(|e| EncodeError::Cbor(e.to_string()))?;
+    Ok(out)
+}
+
+/// A writer that only counts what it is given.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Decodes exactly one value from `bytes`, refusing inputs larger than `max`.
+///
+/// ciborium copies byte strings through a scratch buffer. Inputs up to [`STACK_SCRATCH`] bytes
+/// use one on the stack; larger ones a per-thread buffer at least as long as the input, so every
+/// byte string fits in it whole and [`bytes`] fields are read with one exact allocation.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, DecodeError> {
     if bytes.len() > max {
         return Err(DecodeError::TooLarge {
@@ -64,13 +103,208 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, Decode
             max,
         });
     }
+    if bytes.len() <= STACK_SCRATCH {
+        let mut scratch = [0u8; STACK_SCRATCH];
+        return decode_with(bytes, &mut scratch);
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        // Kept for the next frame only up to a bound, so a thread does not hold a huge buffer.
+        Ok(mut scratch) if bytes.len() <= MAX_KEPT_SCRATCH => {
+            if scratch.len() < bytes.len() {
+                scratch.resize(bytes.len(), 0);
+            }
+            decode_with(bytes, &mut scratch)
+        }
+        // Too large to keep, or a decode inside a decode.
+        _ => decode_with(bytes, &mut vec![0u8; bytes.len()]),
+    })
+}
+
+/// The scratch buffer on the stack: enough for every message but files and large batches.
+const STACK_SCRATCH: usize = 4096;
+
+/// The largest scratch buffer a thread keeps between decodes.
+const MAX_KEPT_SCRATCH: usize = 2 * 1024 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn decode_with<T: DeserializeOwned>(bytes: &[u8], scratch: &mut [u8]) -> Result<T, DecodeError> {
     let mut reader = bytes;
-    let value = ciborium::from_reader(&mut reader).map_err(|e| match e {
-        ciborium::de::Error::Io(_) => DecodeError::Malformed("unexpected end of input".into()),
-        other => DecodeError::Malformed(other.to_string()),
-    })?;
+    let value =
+        ciborium::de::from_reader_with_buffer(&mut reader, scratch).map_err(|e| match e {
+            ciborium::de::Error::Io(_) => DecodeError::Malformed("unexpected end of input".into()),
+            other => DecodeError::Malformed(other.to_string()),
+        })?;
     if !reader.is_empty() {
         return Err(DecodeError::TrailingBytes(reader.len()));
     }
     Ok(value)
+}
+
+/// `#[serde(with = "kith_protocol::cbor::bytes")]` for large `Vec<u8>` fields (file chunks):
+/// the same encoding as `serde_bytes`, decoded with one allocation of the exact length instead
+/// of a buffer regrown piece by piece. Needs [`decode`]'s scratch buffer, which always holds
+/// the whole byte string (a definite-length one; the encoder never writes the other kind).
+pub mod bytes {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    /// Writes `bytes` as a CBOR byte string.
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Reads a CBOR byte string (or, like `serde_bytes`, an array of bytes).
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_bytes(Exact)
+    }
+
+    struct Exact;
+
+    impl<'de> Visitor<'de> for Exact {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Cautious pre-sizing: the length is the peer's claim.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                out.push(byte);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Chunk {
+        id: u64,
+        #[serde(with = "crate::cbor::bytes")]
+        bytes: Vec<u8>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Reference {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct AsArray {
+        id: u64,
+        bytes: Vec<u8>,
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn exact_bytes_match_serde_bytes_on_the_wire_at_every_size() {
+        // Around the stack scratch size, and larger than the kept per-thread buffer.
+        for len in [
+            0,
+            1,
+            23,
+            24,
+            4080,
+            4096,
+            4097,
+            300_000,
+            MAX_KEPT_SCRATCH + 10,
+        ] {
+            let chunk = Chunk {
+                id: len as u64,
+                bytes: data(len),
+            };
+            let reference = Reference {
+                id: len as u64,
+                bytes: data(len),
+            };
+            let wire = encode(&chunk, usize::MAX).expect("encodes");
+            assert_eq!(wire, encode(&reference, usize::MAX).expect("encodes"));
+            assert_eq!(decode::<Chunk>(&wire, usize::MAX), Ok(chunk));
+            assert_eq!(decode::<Reference>(&wire, usize::MAX), Ok(reference));
+        }
+    }
+
+    #[test]
+    fn exact_bytes_also_read_an_array_of_bytes() {
+        let wire = encode(
+            &AsArray {
+                id: 1,
+                bytes: vec![1, 2, 3],
+            },
+            1024,
+        )
+        .expect("encodes");
+        assert_eq!(
+            decode::<Chunk>(&wire, 1024),
+            Ok(Chunk {
+                id: 1,
+                bytes: vec![1, 2, 3]
+            })
+        );
+    }
+
+    #[test]
+    fn a_byte_string_longer_than_its_input_is_malformed() {
+        // A header claiming 1 MiB of bytes, followed by three.
+        let mut wire = encode(
+            &Chunk {
+                id: 1,
+                bytes: Vec::new(),
+            },
+            1024,
+        )
+        .expect("encodes");
+        wire.truncate(wire.len() - 1);
+        wire.extend_from_slice(&[0x5a, 0x00, 0x10, 0x00, 0x00, 1, 2, 3]);
+        assert!(matches!(
+            decode::<Chunk>(&wire, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn framed_encoding_is_the_frame_of_the_encoding() {
+        let chunk = Chunk {
+            id: 9,
+            bytes: data(5000),
+        };
+        let framed = encode_framed(&chunk, 10_000).expect("fits");
+        let plain = encode(&chunk, 10_000).expect("fits");
+        assert_eq!(framed, crate::frame::encode(&plain, 10_000).expect("fits"));
+        assert!(matches!(
+            encode_framed(&chunk, 4000),
+            Err(EncodeError::TooLarge { max: 4000, .. })
+        ));
+    }
+
+    #[test]
+    fn input_above_the_limit_is_refused_before_parsing() {
+        assert_eq!(
+            decode::<Chunk>(&[0u8; 100], 99),
+            Err(DecodeError::TooLarge { len: 100, max: 99 })
+        );
+    }
 }
