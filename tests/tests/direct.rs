@@ -207,7 +207,10 @@ async fn restarts_keep_history_and_resume_the_outbox() -> anyhow::Result<()> {
     bob.restart_on(bob_addr).await?;
     // Bob's history survived his restart. Alice's resumed outbox may already have reached him
     // by the time we look, so only the first message is certain here.
-    assert_eq!(texts(&bob, "alice").first().map(String::as_str), Some("before"));
+    assert_eq!(
+        texts(&bob, "alice").first().map(String::as_str),
+        Some("before")
+    );
 
     wait_for("resumed outbox delivered", || async {
         (alice.state(&pending.id) == Some(MessageState::Delivered)).then_some(())
