@@ -31,10 +31,10 @@ pub type Behaviour = request_response::Behaviour<Codec>;
 
 /// The behaviour with every protocol in its direction, kith's timeout and stream limit.
 ///
-/// The stream limit now covers the protocols together on a connection instead of each alone.
-/// That changes nothing in effect: yamux accepts at most 512 streams on a connection
+/// The stream limit covers the protocols together on a connection, not each alone. That is no
+/// tighter than one behaviour per protocol was: yamux accepts at most 512 streams on a connection
 /// ([`kith_net::MAX_CONCURRENT_STREAMS`] is the same figure) and QUIC fewer, so the protocols
-/// together could never have had more streams open than one limit.
+/// together never had more streams open than one limit allows.
 pub fn behaviour() -> Behaviour {
     let inbound = [
         mailbox::PROTOCOL,
@@ -221,7 +221,7 @@ pub enum Event {
 impl Event {
     /// The event for `event`, or `None` for what the relay does not act on (a response sent, and
     /// a request or response of a protocol in the other direction, which the codec never reads).
-    pub fn sort(event: request_response::Event<Request, Response>) -> Option<Self> {
+    pub fn classify(event: request_response::Event<Request, Response>) -> Option<Self> {
         use request_response::{Event as E, Message as M};
         Some(match event {
             E::Message {

@@ -685,7 +685,7 @@ impl Task {
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Requests(event)) => {
-                if let Some(event) = requests::Event::sort(event) {
+                if let Some(event) = requests::Event::classify(event) {
                     self.on_requests(event);
                 }
             }
