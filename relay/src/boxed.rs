@@ -2,10 +2,10 @@
 //!
 //! libp2p keeps each connection's handler inline in that connection's task, and the task's
 //! future has room for it several times over (its arguments and its running state each hold a
-//! copy's worth of space). The relay's handler is large — ten protocols, identify's part alone
-//! over 3 KiB — so every idle connection paid for it about three times (some 18 KiB). [`Boxed`]
-//! puts the handler behind a pointer: each connection holds it once. Everything else passes
-//! through unchanged.
+//! copy's worth of space). The relay's handler is large — six behaviours, identify's part alone
+//! over 3 KiB — so every idle connection paid for it about three times. [`Boxed`] puts the
+//! handler behind a pointer: each connection holds it once. Everything else passes through
+//! unchanged.
 
 use std::ops::{Deref, DerefMut};
 use std::task::{Context, Poll};

@@ -13,7 +13,8 @@
 //! - [`config`]: every limit, loaded from TOML and overridden by flags.
 //! - [`identity`] and [`state_file`]: `<data>/identity.key` and `<data>/relay.json`.
 //! - [`swarm`]: the libp2p behaviour and the task that owns the swarm; [`boxed`] keeps its
-//!   per-connection handler in one allocation.
+//!   per-connection handler in one allocation, and [`requests`] serves every request-response
+//!   protocol from one behaviour.
 //! - [`mailbox`]: the sled store, the service task that owns it, and the group-commit flusher.
 //! - [`presence`]: online / last seen from heartbeats, with each user's visibility enforced.
 //! - [`shed`]: graceful degradation, which work a loaded relay refuses first.
@@ -43,6 +44,7 @@ pub mod identity;
 pub mod mailbox;
 pub mod metrics;
 pub mod presence;
+pub mod requests;
 pub mod shed;
 pub mod state_file;
 pub mod swarm;

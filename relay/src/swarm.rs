@@ -1,9 +1,11 @@
 //! The relay's libp2p swarm and the task that owns it.
 //!
 //! The [`Behaviour`] combines the circuit relay v2 server (the gateway for nodes behind NAT),
-//! identify, ping, the autonat v1 server, the `/kith/mailbox/1` server, a `/kith/dm/1`
-//! client used to push deposits to connected recipients, and the `/kith/presence/1` server
-//! ([`crate::presence`]). Low-priority requests are shed with `Busy` under load ([`crate::shed`]).
+//! identify, ping, the autonat v1 server, gossipsub for group topics, and one request-response
+//! behaviour ([`crate::requests`]) for the `/kith/mailbox/1`, `/kith/presence/1`
+//! ([`crate::presence`]), `/kith/group/1` and `/kith/blob/1` servers and the `/kith/dm/1`
+//! client used to push deposits to connected recipients. Low-priority requests are shed with
+//! `Busy` under load ([`crate::shed`]).
 //!
 //! The swarm task never waits on the store: a mailbox request goes to the
 //! [mailbox service](crate::mailbox::service) together with a oneshot; the libp2p response
@@ -20,15 +22,13 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use kith_net::codec::Message;
-use kith_net::{DmCodec, MailboxCodec, PresenceCodec};
 use kith_protocol::{dm, mailbox, presence as presence_wire, Reject};
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{OutboundFailure, OutboundRequestId};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    autonat, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
-    Swarm,
+    autonat, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, Swarm,
 };
 use tokio::sync::oneshot;
 
@@ -38,9 +38,9 @@ use crate::group::gateway::{Done as GroupDone, Gateway as GroupGateway};
 use crate::mailbox::service::{self, Outcome, Push};
 use crate::metrics::Metrics;
 use crate::presence;
+use crate::requests::{self, Channel};
 use crate::shed;
 use crate::state_file;
-use kith_net::GroupCodec;
 use kith_protocol::group as group_wire;
 
 /// The identify protocol version kith peers announce.
@@ -64,18 +64,12 @@ pub struct Protocols {
     pub ping: ping::Behaviour,
     /// NAT status probes for nodes (server side).
     pub autonat: autonat::Behaviour,
-    /// `/kith/mailbox/1`, inbound.
-    pub mailbox: request_response::Behaviour<MailboxCodec>,
-    /// `/kith/dm/1`, outbound pushes only.
-    pub dm: request_response::Behaviour<DmCodec>,
-    /// `/kith/presence/1`, inbound: heartbeats, goodbyes, queries.
-    pub presence: request_response::Behaviour<PresenceCodec>,
+    /// `/kith/mailbox/1`, `/kith/presence/1` (heartbeats, goodbyes, queries), `/kith/group/1`
+    /// (membership operations, chains, message uploads) and `/kith/blob/1` (encrypted file
+    /// chunks, [`crate::blob`]) inbound; `/kith/dm/1` pushes outbound.
+    pub requests: requests::Behaviour,
     /// Group messages to online members, on `kith/g/<group id>` ([`crate::group`]).
     pub gossipsub: crate::group::Gossipsub,
-    /// `/kith/group/1`, inbound: membership operations, chains, message uploads.
-    pub group: request_response::Behaviour<GroupCodec>,
-    /// `/kith/blob/1`, inbound: encrypted file chunks ([`crate::blob`]).
-    pub blob: request_response::Behaviour<kith_net::BlobCodec>,
 }
 
 fn relay_config(config: &Config) -> relay::Config {
@@ -113,23 +107,8 @@ impl Protocols {
         let peer_id = key.public().to_peer_id();
         let gossipsub = crate::group::gossipsub(key, config).map_err(BuildError::Gossipsub)?;
         Ok(Self {
-            blob: request_response::Behaviour::with_codec(
-                kith_net::BlobCodec::new(kith_protocol::blob::MAX_FRAME_BYTES),
-                [(
-                    StreamProtocol::new(kith_protocol::blob::PROTOCOL),
-                    ProtocolSupport::Inbound,
-                )],
-                kith_net::request_response_config(),
-            ),
             gossipsub,
-            group: request_response::Behaviour::with_codec(
-                GroupCodec::new(group_wire::MAX_FRAME_BYTES),
-                [(
-                    StreamProtocol::new(group_wire::PROTOCOL),
-                    ProtocolSupport::Inbound,
-                )],
-                kith_net::request_response_config(),
-            ),
+            requests: requests::behaviour(),
             relay: relay::Behaviour::new(peer_id, relay_config(config)),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -145,27 +124,6 @@ impl Protocols {
                     use_connected: false,
                     ..autonat::Config::default()
                 },
-            ),
-            mailbox: request_response::Behaviour::with_codec(
-                MailboxCodec::new(mailbox::MAX_FRAME_BYTES),
-                [(
-                    StreamProtocol::new(mailbox::PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                kith_net::request_response_config(),
-            ),
-            dm: request_response::Behaviour::with_codec(
-                DmCodec::new(dm::MAX_FRAME_BYTES),
-                [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound)],
-                kith_net::request_response_config(),
-            ),
-            presence: request_response::Behaviour::with_codec(
-                PresenceCodec::new(presence_wire::MAX_FRAME_BYTES),
-                [(
-                    StreamProtocol::new(presence_wire::PROTOCOL),
-                    ProtocolSupport::Inbound,
-                )],
-                kith_net::request_response_config(),
             ),
         })
     }
@@ -327,15 +285,7 @@ pub async fn listen(
     Ok(found)
 }
 
-type Pending = BoxFuture<
-    'static,
-    (
-        PeerId,
-        u64,
-        ResponseChannel<mailbox::Response>,
-        Option<Outcome>,
-    ),
->;
+type Pending = BoxFuture<'static, (PeerId, u64, Channel<mailbox::Response>, Option<Outcome>)>;
 
 /// Settings the swarm task needs from the config.
 #[derive(Debug, Clone)]
@@ -437,19 +387,10 @@ impl Task {
 
     fn on_group(
         &mut self,
-        event: request_response::Event<Message<group_wire::Request>, group_wire::Response>,
+        peer: PeerId,
+        request: Message<group_wire::Request>,
+        channel: Channel<group_wire::Response>,
     ) {
-        let request_response::Event::Message {
-            peer,
-            message:
-                request_response::Message::Request {
-                    request, channel, ..
-                },
-            ..
-        } = event
-        else {
-            return;
-        };
         let (class, req_id) = match &request {
             Message::Valid(r @ group_wire::Request::Post { .. }) => {
                 (shed::Class::Message, r.req_id())
@@ -469,13 +410,7 @@ impl Task {
         if let Some(reason) = refused {
             self.metrics.reject(&reason);
             let response = group_wire::Response::Rejected { req_id, reason };
-            if self
-                .swarm
-                .behaviour_mut()
-                .group
-                .send_response(channel, response)
-                .is_err()
-            {
+            if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
                 tracing::debug!(%peer, "group requester went away before its answer");
             }
         }
@@ -500,7 +435,7 @@ impl Task {
         &mut self,
         peer: PeerId,
         req_id: u64,
-        channel: ResponseChannel<mailbox::Response>,
+        channel: Channel<mailbox::Response>,
         outcome: Option<Outcome>,
     ) {
         let Outcome { response, push } = outcome.unwrap_or_else(|| {
@@ -511,13 +446,7 @@ impl Task {
                 reason: Reject::StoreFailed,
             })
         });
-        if self
-            .swarm
-            .behaviour_mut()
-            .mailbox
-            .send_response(channel, response)
-            .is_err()
-        {
+        if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
         }
         if let Some(push) = push {
@@ -537,86 +466,109 @@ impl Task {
         {
             return;
         }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .dm
-            .send_request(&recipient, Message::Valid(dm::Request::new(seq, envelope)));
+        let id = self.swarm.behaviour_mut().requests.send_request(
+            &recipient,
+            requests::Request::Dm(Message::Valid(dm::Request::new(seq, envelope))),
+        );
         self.pushes.insert(id, (recipient, seq));
     }
 
     fn respond_now(
         &mut self,
         peer: PeerId,
-        channel: ResponseChannel<mailbox::Response>,
+        channel: Channel<mailbox::Response>,
         req_id: u64,
         reason: Reject,
     ) {
         self.metrics.reject(&reason);
         let response = mailbox::Response::Rejected { req_id, reason };
-        if self
-            .swarm
-            .behaviour_mut()
-            .mailbox
-            .send_response(channel, response)
-            .is_err()
-        {
+        if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
+        }
+    }
+
+    fn on_requests(&mut self, event: requests::Event) {
+        match event {
+            requests::Event::Mailbox {
+                peer,
+                request,
+                channel,
+            } => self.on_mailbox(peer, request, channel),
+            requests::Event::Presence {
+                peer,
+                request,
+                channel,
+            } => self.on_presence(peer, request, channel),
+            requests::Event::Group {
+                peer,
+                request,
+                channel,
+            } => self.on_group(peer, request, channel),
+            requests::Event::Blob {
+                peer,
+                request,
+                channel,
+            } => match self.blobs.as_mut() {
+                Some(blobs) => blobs.on_request(&mut self.swarm, peer, request, channel),
+                None => tracing::debug!("blob request while blobs are not served"),
+            },
+            requests::Event::Pushed {
+                peer,
+                request_id,
+                response,
+            } => self.on_pushed(peer, request_id, response),
+            requests::Event::PushFailed {
+                peer,
+                request_id,
+                error,
+            } => self.on_push_failed(peer, request_id, error),
+            requests::Event::InboundFailure { peer, error } => {
+                tracing::debug!(%peer, %error, "inbound request failure");
+            }
         }
     }
 
     fn on_mailbox(
         &mut self,
-        event: request_response::Event<Message<mailbox::Request>, mailbox::Response>,
+        peer: PeerId,
+        request: Message<mailbox::Request>,
+        channel: Channel<mailbox::Response>,
     ) {
-        match event {
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => match request {
-                Message::Valid(request) => {
-                    let req_id = request.req_id();
-                    let class = match &request {
-                        mailbox::Request::Deposit {
-                            class: mailbox::DepositClass::Receipt,
-                            ..
-                        } => shed::Class::Receipt,
-                        _ => shed::Class::Message,
-                    };
-                    if let Some(reason) = self.shed(class) {
+        match request {
+            Message::Valid(request) => {
+                let req_id = request.req_id();
+                let class = match &request {
+                    mailbox::Request::Deposit {
+                        class: mailbox::DepositClass::Receipt,
+                        ..
+                    } => shed::Class::Receipt,
+                    _ => shed::Class::Message,
+                };
+                if let Some(reason) = self.shed(class) {
+                    self.respond_now(peer, channel, req_id, reason);
+                    return;
+                }
+                match self.mailbox.try_request(peer, request) {
+                    Ok(rx) => self.pending.push(Box::pin(async move {
+                        (peer, req_id, channel, rx.await.ok())
+                    })),
+                    Err(service::Busy) => {
+                        tracing::warn!(%peer, req_id, "mailbox busy");
+                        let reason = Reject::Busy {
+                            retry_after_ms: self.settings.busy_retry_after_ms,
+                        };
                         self.respond_now(peer, channel, req_id, reason);
-                        return;
-                    }
-                    match self.mailbox.try_request(peer, request) {
-                        Ok(rx) => self.pending.push(Box::pin(async move {
-                            (peer, req_id, channel, rx.await.ok())
-                        })),
-                        Err(service::Busy) => {
-                            tracing::warn!(%peer, req_id, "mailbox busy");
-                            let reason = Reject::Busy {
-                                retry_after_ms: self.settings.busy_retry_after_ms,
-                            };
-                            self.respond_now(peer, channel, req_id, reason);
-                        }
                     }
                 }
-                Message::Invalid { reason, detail } => {
-                    tracing::warn!(%peer, %reason, detail, "invalid mailbox request");
-                    self.respond_now(peer, channel, 0, reason);
-                }
-                Message::Raw(_) => {
-                    tracing::warn!(%peer, "raw mailbox request (never produced by reading)");
-                    self.respond_now(peer, channel, 0, Reject::Malformed);
-                }
-            },
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "mailbox inbound failure");
             }
-            _ => {}
+            Message::Invalid { reason, detail } => {
+                tracing::warn!(%peer, %reason, detail, "invalid mailbox request");
+                self.respond_now(peer, channel, 0, reason);
+            }
+            Message::Raw(_) => {
+                tracing::warn!(%peer, "raw mailbox request (never produced by reading)");
+                self.respond_now(peer, channel, 0, Reject::Malformed);
+            }
         }
     }
 
@@ -638,89 +590,58 @@ impl Task {
 
     fn on_presence(
         &mut self,
-        event: request_response::Event<Message<presence_wire::Request>, presence_wire::Response>,
+        peer: PeerId,
+        request: Message<presence_wire::Request>,
+        channel: Channel<presence_wire::Response>,
     ) {
-        match event {
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
+        // A goodbye is never shed: it is cheap and keeps presence true.
+        let sheddable = !matches!(
+            request,
+            Message::Valid(presence_wire::Request::Goodbye { .. })
+        );
+        let response = match self.shed(shed::Class::Presence).filter(|_| sheddable) {
+            Some(reason) => {
+                self.metrics.reject(&reason);
+                presence_wire::Response::Rejected {
+                    req_id: match &request {
+                        Message::Valid(r) => r.req_id(),
+                        _ => 0,
                     },
-                ..
-            } => {
-                // A goodbye is never shed: it is cheap and keeps presence true.
-                let sheddable = !matches!(
-                    request,
-                    Message::Valid(presence_wire::Request::Goodbye { .. })
-                );
-                let response = match self.shed(shed::Class::Presence).filter(|_| sheddable) {
-                    Some(reason) => {
-                        self.metrics.reject(&reason);
-                        presence_wire::Response::Rejected {
-                            req_id: match &request {
-                                Message::Valid(r) => r.req_id(),
-                                _ => 0,
-                            },
-                            reason,
-                        }
-                    }
-                    None => self.presence.handle(peer, request),
-                };
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .presence
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!(%peer, "presence requester went away before its answer");
+                    reason,
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "presence inbound failure");
-            }
-            _ => {}
+            None => self.presence.handle(peer, request),
+        };
+        if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
+            tracing::debug!(%peer, "presence requester went away before its answer");
         }
     }
 
-    fn on_dm(&mut self, event: request_response::Event<Message<dm::Request>, dm::Response>) {
-        match event {
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                let Some((owner, seq)) = self.pushes.remove(&request_id) else {
-                    return;
-                };
-                match response {
-                    dm::Response::Accepted { req_id } if req_id == seq && peer == owner => {
-                        tracing::debug!(%owner, seq, "push accepted");
-                        if self.mailbox.try_delivered(owner, seq).is_err() {
-                            tracing::debug!(%owner, seq, "mailbox busy; entry stays for a fetch");
-                        }
-                    }
-                    other => {
-                        tracing::debug!(%owner, seq, ?other, "push not accepted; entry stays");
-                    }
+    fn on_pushed(&mut self, peer: PeerId, request_id: OutboundRequestId, response: dm::Response) {
+        let Some((owner, seq)) = self.pushes.remove(&request_id) else {
+            return;
+        };
+        match response {
+            dm::Response::Accepted { req_id } if req_id == seq && peer == owner => {
+                tracing::debug!(%owner, seq, "push accepted");
+                if self.mailbox.try_delivered(owner, seq).is_err() {
+                    tracing::debug!(%owner, seq, "mailbox busy; entry stays for a fetch");
                 }
             }
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                self.pushes.remove(&request_id);
-                tracing::debug!(%peer, %error, "push failed; entry stays for a fetch");
+            other => {
+                tracing::debug!(%owner, seq, ?other, "push not accepted; entry stays");
             }
-            _ => {}
         }
+    }
+
+    fn on_push_failed(
+        &mut self,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        error: OutboundFailure,
+    ) {
+        self.pushes.remove(&request_id);
+        tracing::debug!(%peer, %error, "push failed; entry stays for a fetch");
     }
 
     fn on_relay(&mut self, event: relay::Event) {
@@ -763,15 +684,12 @@ impl Task {
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.on_dm(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Requests(event)) => {
+                if let Some(event) = requests::Event::classify(event) {
+                    self.on_requests(event);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Presence(event)) => self.on_presence(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Group(event)) => self.on_group(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => match self.blobs.as_mut() {
-                Some(blobs) => blobs.on_event(&mut self.swarm, event),
-                None => tracing::debug!("blob request while blobs are not served"),
-            },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => {
                 if let Some(groups) = self.groups.as_mut() {
                     groups.on_gossip(&mut self.swarm, event);

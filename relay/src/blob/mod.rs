@@ -22,10 +22,10 @@ use futures::{FutureExt, StreamExt};
 use kith_net::codec::Message;
 use kith_protocol::blob::{self, Request, Response, MAX_BLOB_BYTES};
 use kith_protocol::Reject;
-use libp2p::request_response::{self, ResponseChannel};
 use libp2p::{PeerId, Swarm};
 
 use crate::metrics::Metrics;
+use crate::requests::{self, Channel};
 use crate::swarm::Behaviour;
 use crate::Clock;
 
@@ -47,7 +47,7 @@ pub struct Settings {
 /// An answer ready to go back to a peer.
 pub struct Done {
     peer: PeerId,
-    channel: ResponseChannel<Response>,
+    channel: Channel<Response>,
     response: Response,
 }
 
@@ -74,41 +74,26 @@ impl Server {
         }
     }
 
-    /// Handles one `/kith/blob/1` event from the swarm.
-    pub fn on_event(
+    /// Handles one inbound `/kith/blob/1` request.
+    pub fn on_request(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
-        event: request_response::Event<Message<Request>, Response>,
+        peer: PeerId,
+        request: Message<Request>,
+        channel: Channel<Response>,
     ) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                if let Some(response) = self.on_request(peer, request, channel, swarm) {
-                    let (channel, response) = response;
-                    self.send(swarm, peer, channel, response);
-                }
-            }
-            E::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "blob inbound failure");
-            }
-            _ => {}
+        if let Some((channel, response)) = self.start(peer, request, channel) {
+            self.send(swarm, peer, channel, response);
         }
     }
 
     /// Starts a job for `request`, or returns an immediate answer.
-    fn on_request(
+    fn start(
         &mut self,
         peer: PeerId,
         request: Message<Request>,
-        channel: ResponseChannel<Response>,
-        _swarm: &mut Swarm<Behaviour>,
-    ) -> Option<(ResponseChannel<Response>, Response)> {
+        channel: Channel<Response>,
+    ) -> Option<(Channel<Response>, Response)> {
         let reject = |req_id, reason: Reject| Response::Rejected { req_id, reason };
         let request = match request {
             Message::Valid(request) => request,
@@ -194,7 +179,7 @@ impl Server {
     fn push_job(
         &mut self,
         peer: PeerId,
-        channel: ResponseChannel<Response>,
+        channel: Channel<Response>,
         req_id: u64,
         job: tokio::task::JoinHandle<Response>,
     ) {
@@ -251,18 +236,13 @@ impl Server {
         &self,
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
-        channel: ResponseChannel<Response>,
+        channel: Channel<Response>,
         response: Response,
     ) {
         if let Response::Rejected { reason, .. } = &response {
             self.metrics.reject(reason);
         }
-        if swarm
-            .behaviour_mut()
-            .blob
-            .send_response(channel, response)
-            .is_err()
-        {
+        if !requests::respond(&mut swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, "blob requester went away before its answer");
         }
     }

@@ -16,7 +16,6 @@ use kith_protocol::group::{self, OpError, Request, Response};
 use kith_protocol::limits::MAX_ENVELOPE_BYTES;
 use kith_protocol::{cbor, mailbox, Destination, Envelope, GroupId, PeerId, Reject, VerifyError};
 use libp2p::gossipsub::{self, IdentTopic};
-use libp2p::request_response::ResponseChannel;
 use libp2p::Swarm;
 
 use super::service::{self, Announce};
@@ -24,10 +23,11 @@ use super::Directory;
 use crate::clock::Clock;
 use crate::mailbox::service::{self as mailbox_service, Push};
 use crate::metrics::Metrics;
+use crate::requests::{self, Channel};
 use crate::swarm::Behaviour;
 
 /// Where an answer goes.
-type Reply = (PeerId, ResponseChannel<Response>, u64);
+type Reply = (PeerId, Channel<Response>, u64);
 
 /// Work that has finished off the swarm task.
 pub enum Done {
@@ -114,12 +114,7 @@ impl Gateway {
         if let Response::Rejected { reason, .. } = &response {
             self.metrics.reject(reason);
         }
-        if swarm
-            .behaviour_mut()
-            .group
-            .send_response(channel, response)
-            .is_err()
-        {
+        if !requests::respond(&mut swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "group requester went away before its answer");
         }
     }
@@ -130,7 +125,7 @@ impl Gateway {
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         request: Message<Request>,
-        channel: ResponseChannel<Response>,
+        channel: Channel<Response>,
     ) {
         let request = match request {
             Message::Valid(request) => request,
