@@ -521,6 +521,15 @@ fn prepare(
     })
 }
 
+/// Checks a received blob against its hash on a blocking thread (hashing 256 KiB would hold up
+/// the async workers that drive the transfer's other streams).
+async fn check_blob(hash: Hash, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    tokio::task::spawn_blocking(move || blob::verify(&hash, &bytes).map(|()| bytes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// Reads sealed chunk `index` (of `len` bytes) from a pack file. Blocking.
 fn read_packed(pack: &Path, index: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(pack)?;
@@ -1291,8 +1300,8 @@ impl Node {
                 .blob(source.peer, source.addrs.clone(), request)
                 .await
             {
-                Ok(blob::Response::Blob { bytes, .. }) => match blob::verify(&hash, &bytes) {
-                    Ok(()) => return Ok(bytes),
+                Ok(blob::Response::Blob { bytes, .. }) => match check_blob(hash, bytes).await {
+                    Ok(bytes) => return Ok(bytes),
                     Err(e) => {
                         self.media().refused.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(source = %source.peer, %hash, error = %e, "refusing a blob that does not match its hash; asking elsewhere");

@@ -581,6 +581,7 @@ async fn main() -> Result<()> {
         machine()
     )?;
     writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update.\n")?;
+    writeln!(md, "kith-bench allocates with jemalloc like the `kith` and `kith-relay` binaries, and every baseline runs in the same binary (servers in child processes of it), so both sides of each row use the same allocator. The absolute targets (deposits per second, RSS per idle node) are what a relay operator gets from `kith-relay`.\n")?;
     writeln!(md, "The overload rows run one relay whose mailbox queue holds 64 requests (shedding from 32 in flight) under three floods at once, each from its own peer: message deposits (32 in flight), receipt deposits (128 in flight) and presence queries (64 in flight); the baseline is the same load on the same relay with load shedding off.\n")?;
     writeln!(md, "| figure | kith | baseline | ratio | target |")?;
     writeln!(md, "|---|---|---|---|---|")?;
