@@ -94,8 +94,9 @@ impl std::io::Write for Counter {
 /// Decodes exactly one value from `bytes`, refusing inputs larger than `max`.
 ///
 /// ciborium copies byte strings through a scratch buffer. Inputs up to [`STACK_SCRATCH`] bytes
-/// use one on the stack; larger ones a per-thread buffer at least as long as the input, so every
-/// byte string fits in it whole and [`bytes`] fields are read with one exact allocation.
+/// use one on the stack; larger ones a per-thread buffer as long as the input, up to
+/// [`MAX_SCRATCH`], so a [`bytes`] field (a file chunk) fits in it whole and is read with one
+/// exact allocation.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, DecodeError> {
     if bytes.len() > max {
         return Err(DecodeError::TooLarge {
@@ -107,24 +108,27 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, Decode
         let mut scratch = [0u8; STACK_SCRATCH];
         return decode_with(bytes, &mut scratch);
     }
+    let len = bytes.len().min(MAX_SCRATCH);
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        // Kept for the next frame only up to a bound, so a thread does not hold a huge buffer.
-        Ok(mut scratch) if bytes.len() <= MAX_KEPT_SCRATCH => {
-            if scratch.len() < bytes.len() {
-                scratch.resize(bytes.len(), 0);
+        Ok(mut scratch) => {
+            if scratch.len() < len {
+                scratch.resize(len, 0);
             }
-            decode_with(bytes, &mut scratch)
+            decode_with(bytes, &mut scratch[..len])
         }
-        // Too large to keep, or a decode inside a decode.
-        _ => decode_with(bytes, &mut vec![0u8; bytes.len()]),
+        // A decode inside a decode.
+        Err(_) => decode_with(bytes, &mut vec![0u8; len]),
     })
 }
 
 /// The scratch buffer on the stack: enough for every message but files and large batches.
 const STACK_SCRATCH: usize = 4096;
 
-/// The largest scratch buffer a thread keeps between decodes.
-const MAX_KEPT_SCRATCH: usize = 2 * 1024 * 1024;
+/// The largest scratch buffer, kept by each decoding thread: the longest [`bytes`] field that
+/// decodes. A file chunk frame is a little over 256 KiB.
+pub const MAX_SCRATCH: usize = 512 * 1024;
+
+const _: () = assert!(crate::blob::MAX_FRAME_BYTES <= MAX_SCRATCH);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -145,8 +149,8 @@ fn decode_with<T: DeserializeOwned>(bytes: &[u8], scratch: &mut [u8]) -> Result<
 
 /// `#[serde(with = "kith_protocol::cbor::bytes")]` for large `Vec<u8>` fields (file chunks):
 /// the same encoding as `serde_bytes`, decoded with one allocation of the exact length instead
-/// of a buffer regrown piece by piece. Needs [`decode`]'s scratch buffer, which always holds
-/// the whole byte string (a definite-length one; the encoder never writes the other kind).
+/// of a buffer regrown piece by piece. The byte string must fit in [`decode`]'s scratch buffer:
+/// at most [`MAX_SCRATCH`] bytes, definite-length (the encoder never writes the other kind).
 pub mod bytes {
     use serde::de::{Deserializer, Error, SeqAccess, Visitor};
     use serde::Serializer;
@@ -220,18 +224,8 @@ mod tests {
 
     #[test]
     fn exact_bytes_match_serde_bytes_on_the_wire_at_every_size() {
-        // Around the stack scratch size, and larger than the kept per-thread buffer.
-        for len in [
-            0,
-            1,
-            23,
-            24,
-            4080,
-            4096,
-            4097,
-            300_000,
-            MAX_KEPT_SCRATCH + 10,
-        ] {
+        // Around the stack scratch size, a file chunk, and the longest that fits the scratch.
+        for len in [0, 1, 23, 24, 4080, 4096, 4097, 262_160, MAX_SCRATCH - 16] {
             let chunk = Chunk {
                 id: len as u64,
                 bytes: data(len),
@@ -245,6 +239,21 @@ mod tests {
             assert_eq!(decode::<Chunk>(&wire, usize::MAX), Ok(chunk));
             assert_eq!(decode::<Reference>(&wire, usize::MAX), Ok(reference));
         }
+    }
+
+    #[test]
+    fn inputs_longer_than_the_scratch_still_decode_ordinary_byte_strings() {
+        let reference = Reference {
+            id: 7,
+            bytes: data(3 * MAX_SCRATCH),
+        };
+        let wire = encode(&reference, usize::MAX).expect("encodes");
+        assert_eq!(decode::<Reference>(&wire, usize::MAX), Ok(reference));
+        // An exact-bytes field longer than the scratch is refused, not a panic.
+        assert!(matches!(
+            decode::<Chunk>(&wire, usize::MAX),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
