@@ -70,6 +70,13 @@ const WRITE_BEHIND_BYTES: u64 = 8 * 1024 * 1024;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// First wait between two rounds.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// How long a background transfer waits after its `attempts + 1`-th incomplete try.
+fn retry_delay(attempts: u32) -> Duration {
+    FIRST_RETRY_DELAY
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(MAX_RETRY_DELAY)
+}
 /// Rounds a download asked for by the user tries before it reports what is missing.
 const MANUAL_ROUNDS: u32 = 4;
 /// Transfers running at once in the background.
@@ -1043,12 +1050,14 @@ impl Node {
             Ok(records) => {
                 for (id, record) in records {
                     match record.direction {
-                        Direction::Out if !record.uploaded => waiting.push_back(Job::Upload(id)),
+                        Direction::Out if !record.uploaded => {
+                            waiting.push_back((0, Job::Upload(id)))
+                        }
                         Direction::In
                             if record.path.is_none()
                                 && record.file.size <= self.settings().auto_download_max_bytes =>
                         {
-                            waiting.push_back(Job::Download(id))
+                            waiting.push_back((0, Job::Download(id)))
                         }
                         _ => {}
                     }
@@ -1056,29 +1065,41 @@ impl Node {
             }
             Err(e) => tracing::error!(error = %e, "cannot read attachments"),
         }
+        // Jobs waiting for their next attempt, soonest first. A job that failed for a reason that
+        // may pass (its sources are offline, say) waits here, not in one of the running slots:
+        // files that cannot be had right now never hold up the others.
+        let mut later: Vec<(tokio::time::Instant, u32, Job)> = Vec::new();
         loop {
+            let now = tokio::time::Instant::now();
+            while let Some(at) = later.iter().position(|(due, ..)| *due <= now) {
+                let (_, attempts, job) = later.swap_remove(at);
+                waiting.push_back((attempts, job));
+            }
             while work.len() < MAX_BACKGROUND_TRANSFERS {
-                let Some(job) = waiting.pop_front() else {
+                let Some((attempts, job)) = waiting.pop_front() else {
                     break;
                 };
                 let node = self.clone();
                 work.spawn(async move {
-                    match job {
-                        Job::Upload(id) => node.upload_until_done(id).await,
-                        Job::Download(id) => node.download_until_done(id).await,
-                    }
+                    let again = node.attempt(&job).await;
+                    (attempts, job, again)
                 });
             }
+            let next_due = later.iter().map(|(due, ..)| *due).min();
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                Some(done) = work.join_next(), if !work.is_empty() => {
-                    if let Err(e) = done {
-                        tracing::error!(error = %e, "transfer task failed");
+                Some(done) = work.join_next(), if !work.is_empty() => match done {
+                    Ok((attempts, job, true)) => {
+                        let delay = retry_delay(attempts);
+                        later.push((tokio::time::Instant::now() + delay, attempts + 1, job));
                     }
-                }
+                    Ok((_, _, false)) => {}
+                    Err(e) => tracing::error!(error = %e, "transfer task failed"),
+                },
+                _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
                 job = queue.recv() => match job {
-                    Some(job) => waiting.push_back(job),
+                    Some(job) => waiting.push_back((0, job)),
                     None => break,
                 },
             }
@@ -1086,43 +1107,30 @@ impl Node {
         work.shutdown().await;
     }
 
-    async fn upload_until_done(&self, id: MessageId) {
-        let mut delay = FIRST_RETRY_DELAY;
-        loop {
-            match self.upload(id).await {
-                Ok(()) => return,
-                Err(TransferError::Refused(reason)) => {
-                    tracing::warn!(%id, %reason, "upload refused");
-                    self.emit(NodeEvent::Failed {
-                        id: id.to_string(),
-                        reason,
-                    });
-                    return;
-                }
-                Err(e) => tracing::info!(%id, error = %e, "upload incomplete; will retry"),
+    /// One attempt at a background job; returns whether it should be tried again later.
+    async fn attempt(&self, job: &Job) -> bool {
+        let (id, outcome, what) = match *job {
+            Job::Upload(id) => (id, self.upload(id).await, "upload"),
+            Job::Download(id) => (
+                id,
+                self.download_once(id, None).await.map(|_| ()),
+                "download",
+            ),
+        };
+        match outcome {
+            Ok(()) => false,
+            Err(TransferError::Refused(reason)) => {
+                tracing::warn!(%id, %reason, "{what} failed for good");
+                self.emit(NodeEvent::Failed {
+                    id: id.to_string(),
+                    reason,
+                });
+                false
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
-        }
-    }
-
-    async fn download_until_done(&self, id: MessageId) {
-        let mut delay = FIRST_RETRY_DELAY;
-        loop {
-            match self.download_once(id, None).await {
-                Ok(_) => return,
-                Err(TransferError::Refused(reason)) => {
-                    tracing::warn!(%id, %reason, "download failed for good");
-                    self.emit(NodeEvent::Failed {
-                        id: id.to_string(),
-                        reason,
-                    });
-                    return;
-                }
-                Err(e) => tracing::info!(%id, error = %e, "download incomplete; will retry"),
+            Err(e) => {
+                tracing::info!(%id, error = %e, "{what} incomplete; will retry");
+                true
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
 

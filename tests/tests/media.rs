@@ -353,3 +353,61 @@ async fn a_group_file_is_uploaded_once_and_reaches_every_member() -> anyhow::Res
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_cannot_be_had_now_do_not_hold_up_the_others() -> anyhow::Result<()> {
+    use kith_net::codec::Message;
+    use kith_protocol::blob::{FileRef, Hash, Key};
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{dm, Body, Destination, Envelope, MessageId};
+
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    // More small files than bob runs transfers at once, from a peer that leaves right after:
+    // none of them can be fetched, and bob keeps retrying them.
+    let mut raw = kith_tests::RawPeer::new()?;
+    for i in 0..6u8 {
+        let file = FileRef {
+            name: format!("gone-{i}.bin"),
+            size: 1000,
+            mime: "application/octet-stream".into(),
+            file_hash: Hash::of(&[i]),
+            key: Key([i; 32]),
+            manifest: vec![Hash::of(&[i, i])],
+            thumbnail: None,
+        };
+        let header = Header {
+            id: MessageId::random(),
+            to: Destination::Peer(bob.peer_id()),
+            sent_at_ms: 1,
+            lamport: u64::from(i) + 1,
+            expires_at_ms: None,
+        };
+        let envelope = Envelope::seal(&raw.key, header, &Body::File(file))?;
+        let request = Message::Valid(dm::Request::new(u64::from(i), envelope));
+        assert_eq!(
+            raw.dm(bob.peer_id(), &addr, request).await?,
+            dm::Response::Accepted {
+                req_id: u64::from(i)
+            }
+        );
+    }
+    drop(raw);
+    // A file from a contact who is online still arrives.
+    let alice = TestNode::start("alice", vec![]).await?;
+    kith_tests::befriend(&alice, "bob", &bob).await?;
+    kith_tests::befriend(&bob, "alice", &alice).await?;
+    let path = write_file(dir.path(), "later.bin", 300 * 1024, 9)?;
+    alice.node().send_file("bob", &path).await?;
+    let view = wait_for("the reachable file is downloaded", || async {
+        attachment(&bob, "alice").and_then(|(_, v)| v.path.is_some().then_some(v))
+    })
+    .await?;
+    assert_eq!(
+        std::fs::read(view.path.expect("path"))?,
+        std::fs::read(&path)?
+    );
+    Ok(())
+}
