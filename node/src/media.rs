@@ -153,9 +153,11 @@ enum Job {
     Download(MessageId),
 }
 
-/// Where a sealed chunk of one of this node's own files is: chunk `index` of a pack file.
+/// Where a sealed chunk of one of this node's own files is: chunk `index` of a pack file, or,
+/// once the pack is gone (the relays hold the file), of message `id`'s file sealed again.
 #[derive(Debug, Clone)]
 struct Packed {
+    id: MessageId,
     pack: Arc<PathBuf>,
     index: u64,
     len: usize,
@@ -761,7 +763,7 @@ impl Node {
     }
 
     /// Records where the chunks of a file this node sends are (chunk `i` of `pack`).
-    fn add_pack(&self, pack: PathBuf, chunks: &[Hash], size: u64) {
+    fn add_pack(&self, id: MessageId, pack: PathBuf, chunks: &[Hash], size: u64) {
         let pack = Arc::new(pack);
         let mut packed = lock(&self.media().packed);
         for (index, hash) in chunks.iter().enumerate() {
@@ -769,6 +771,7 @@ impl Node {
             packed.insert(
                 *hash,
                 Packed {
+                    id,
                     pack: pack.clone(),
                     index,
                     len: blob::chunk_len(size, index) + TAG_BYTES,
@@ -793,12 +796,13 @@ impl Node {
                 let found = tokio::task::spawn_blocking(move || {
                     let mut found = Vec::new();
                     for (id, record) in records {
-                        let pack = dir.join(pack_name(&id));
-                        if record.direction != Direction::Out || !pack.exists() {
+                        if record.direction != Direction::Out {
                             continue;
                         }
+                        // Its pack, or (uploaded) its source file sealed again on demand.
+                        let pack = dir.join(pack_name(&id));
                         match read_manifest(&dir, &record.file) {
-                            Ok(chunks) => found.push((pack, chunks, record.file.size)),
+                            Ok(chunks) => found.push((id, pack, chunks, record.file.size)),
                             Err(e) => {
                                 tracing::warn!(%id, error = %e, "cannot read a sent file's manifest")
                             }
@@ -808,8 +812,8 @@ impl Node {
                 })
                 .await
                 .unwrap_or_default();
-                for (pack, chunks, size) in found {
-                    self.add_pack(pack, &chunks, size);
+                for (id, pack, chunks, size) in found {
+                    self.add_pack(id, pack, &chunks, size);
                 }
             })
             .await;
@@ -819,12 +823,40 @@ impl Node {
     async fn read_own_blob(&self, hash: &Hash) -> std::io::Result<Vec<u8>> {
         self.load_packs().await;
         let packed = lock(&self.media().packed).get(hash).cloned();
-        match packed {
-            Some(p) => tokio::task::spawn_blocking(move || read_packed(&p.pack, p.index, p.len))
-                .await
-                .map_err(std::io::Error::other)?,
-            None => tokio::fs::read(self.blobs_dir().join(hash.to_hex())).await,
+        let Some(p) = packed else {
+            return tokio::fs::read(self.blobs_dir().join(hash.to_hex())).await;
+        };
+        let (pack, index, len) = (p.pack.clone(), p.index, p.len);
+        match tokio::task::spawn_blocking(move || read_packed(&pack, index, len))
+            .await
+            .map_err(std::io::Error::other)?
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.reseal(&p, *hash).await,
+            read => read,
         }
+    }
+
+    /// Chunk `p.index` of a sent file whose pack was dropped after its upload: read from the
+    /// file the user sent and sealed again (sealing is deterministic: same key, same nonce). A
+    /// file that moved or changed since is reported as not found; the relays still have it.
+    async fn reseal(&self, p: &Packed, hash: Hash) -> std::io::Result<Vec<u8>> {
+        let gone = |why: &str| std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned());
+        let record = self.record(&p.id).map_err(|e| gone(&e.to_string()))?;
+        let source = record
+            .path
+            .ok_or_else(|| gone("the sent file has no path"))?;
+        let (key, size, index) = (record.file.key, record.file.size, p.index);
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&source)?;
+            let mut buf = vec![0u8; blob::chunk_len(size, index)];
+            file.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
+            if blob::seal_chunk_in_place(&key, index, &mut buf) != hash {
+                return Err(gone("the sent file changed since it was sent"));
+            }
+            Ok(buf)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Sends the file at `path` to a contact, peer id or group. Returns once the message is in
@@ -884,7 +916,7 @@ impl Node {
             ms = started.elapsed().as_millis() as u64,
             "file sealed and its pack synced"
         );
-        self.add_pack(pack, &prepared.chunks, prepared.size);
+        self.add_pack(id, pack, &prepared.chunks, prepared.size);
         let file = FileRef {
             name,
             size: prepared.size,
@@ -1242,6 +1274,14 @@ impl Node {
         batch.put_attachment(&id, &record);
         self.store().commit(batch).await.map_err(local)?;
         tracing::info!(%id, relays = record.relays.len(), "file uploaded");
+        // The relays hold every chunk now: the pack, a sealed copy of the whole file, is no
+        // longer worth its disk space. Chunks asked of this node are sealed again from the file.
+        let pack = self.blobs_dir().join(pack_name(&id));
+        if let Err(e) = tokio::fs::remove_file(&pack).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(%id, error = %e, "cannot delete an uploaded file's pack");
+            }
+        }
         Ok(())
     }
 

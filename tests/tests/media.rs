@@ -199,6 +199,14 @@ async fn a_tampered_chunk_is_refused_then_fetched_from_the_sender() -> anyhow::R
         (relay_blobs(&relay_dir).len() == 5).then_some(())
     })
     .await?;
+    // Uploaded: alice drops her sealed copy of the file (below, she seals chunks again from it).
+    wait_for("alice's pack is deleted", || async {
+        (!blob_files(&alice.home)
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "pack")))
+        .then_some(())
+    })
+    .await?;
     // Damage every full chunk the relay holds.
     for record in relay_blobs(&relay_dir) {
         if record.len > 1024 {
