@@ -71,7 +71,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// First wait between two rounds.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
 
-/// How long a background transfer waits after its `attempts + 1`-th incomplete try.
+/// How long a transfer waits after its `attempts + 1`-th incomplete try.
 fn retry_delay(attempts: u32) -> Duration {
     FIRST_RETRY_DELAY
         .saturating_mul(1u32 << attempts.min(16))
@@ -153,12 +153,11 @@ enum Job {
     Download(MessageId),
 }
 
-/// Where a sealed chunk of one of this node's own files is: chunk `index` of a pack file, or,
-/// once the pack is gone (the relays hold the file), of message `id`'s file sealed again.
+/// Where a sealed chunk of one of this node's own files is: chunk `index` of message `id`'s
+/// pack file, or, once the pack is gone (the relays hold the file), of its file sealed again.
 #[derive(Debug, Clone)]
 struct Packed {
     id: MessageId,
-    pack: Arc<PathBuf>,
     index: u64,
     len: usize,
 }
@@ -762,9 +761,8 @@ impl Node {
         }
     }
 
-    /// Records where the chunks of a file this node sends are (chunk `i` of `pack`).
-    fn add_pack(&self, id: MessageId, pack: PathBuf, chunks: &[Hash], size: u64) {
-        let pack = Arc::new(pack);
+    /// Records where the chunks of a file this node sends are (chunk `i` of message `id`'s pack).
+    fn add_pack(&self, id: MessageId, chunks: &[Hash], size: u64) {
         let mut packed = lock(&self.media().packed);
         for (index, hash) in chunks.iter().enumerate() {
             let index = index as u64;
@@ -772,7 +770,6 @@ impl Node {
                 *hash,
                 Packed {
                     id,
-                    pack: pack.clone(),
                     index,
                     len: blob::chunk_len(size, index) + TAG_BYTES,
                 },
@@ -800,9 +797,8 @@ impl Node {
                             continue;
                         }
                         // Its pack, or (uploaded) its source file sealed again on demand.
-                        let pack = dir.join(pack_name(&id));
                         match read_manifest(&dir, &record.file) {
-                            Ok(chunks) => found.push((id, pack, chunks, record.file.size)),
+                            Ok(chunks) => found.push((id, chunks, record.file.size)),
                             Err(e) => {
                                 tracing::warn!(%id, error = %e, "cannot read a sent file's manifest")
                             }
@@ -812,8 +808,8 @@ impl Node {
                 })
                 .await
                 .unwrap_or_default();
-                for (id, pack, chunks, size) in found {
-                    self.add_pack(id, pack, &chunks, size);
+                for (id, chunks, size) in found {
+                    self.add_pack(id, &chunks, size);
                 }
             })
             .await;
@@ -826,7 +822,7 @@ impl Node {
         let Some(p) = packed else {
             return tokio::fs::read(self.blobs_dir().join(hash.to_hex())).await;
         };
-        let (pack, index, len) = (p.pack.clone(), p.index, p.len);
+        let (pack, index, len) = (self.blobs_dir().join(pack_name(&p.id)), p.index, p.len);
         match tokio::task::spawn_blocking(move || read_packed(&pack, index, len))
             .await
             .map_err(std::io::Error::other)?
@@ -916,7 +912,7 @@ impl Node {
             ms = started.elapsed().as_millis() as u64,
             "file sealed and its pack synced"
         );
-        self.add_pack(id, pack, &prepared.chunks, prepared.size);
+        self.add_pack(id, &prepared.chunks, prepared.size);
         let file = FileRef {
             name,
             size: prepared.size,
@@ -1643,12 +1639,10 @@ impl Node {
             .map_err(|e: kith_protocol::ids::ParseIdError| invalid(e))?;
         let record = self.record(&parsed)?;
         self.mark_user_activity();
-        let mut delay = FIRST_RETRY_DELAY;
         let mut last = String::new();
         for round in 0..MANUAL_ROUNDS {
             if round > 0 {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+                tokio::time::sleep(retry_delay(round - 1)).await;
             }
             match self.download_once(parsed, to).await {
                 Ok(path) => {
