@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kith_net::codec::Message;
-use kith_protocol::blob::{self, FileRef, Hash, Key, CHUNK_BYTES, TAG_BYTES};
+use kith_protocol::blob::{self, Cipher, FileRef, Hash, Key, CHUNK_BYTES, TAG_BYTES};
 use kith_protocol::envelope::Header;
 use kith_protocol::{Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
 use libp2p::request_response::ResponseChannel;
@@ -400,6 +400,7 @@ fn prepare(
     path: &Path,
     dir: &Path,
     pack: &Path,
+    cipher: Cipher,
     key: &Key,
     expected_size: u64,
 ) -> std::io::Result<Prepared> {
@@ -433,7 +434,7 @@ fn prepare(
                     continue;
                 }
                 let part = blob::part_hash(expected_size, index, &buf);
-                let hash = blob::seal_chunk_in_place(key, index, &mut buf);
+                let hash = blob::seal_chunk_in_place(cipher, key, index, &mut buf);
                 if let Err(e) = out.write_all_at(&buf, index * PACK_STRIDE) {
                     failed.store(true, Ordering::Relaxed);
                     lock(&failure).get_or_insert(e);
@@ -614,7 +615,7 @@ fn held_chunks(
         buf.clear();
         buf.resize(plain_len, 0);
         part.read_exact_at(&mut buf, at)?;
-        *have = blob::seal_chunk_in_place(&file.key, index, &mut buf) == *hash;
+        *have = blob::seal_chunk_in_place(file.cipher, &file.key, index, &mut buf) == *hash;
     }
     Ok(held)
 }
@@ -841,12 +842,13 @@ impl Node {
         let source = record
             .path
             .ok_or_else(|| gone("the sent file has no path"))?;
-        let (key, size, index) = (record.file.key, record.file.size, p.index);
+        let file = record.file;
+        let (cipher, key, size, index) = (file.cipher, file.key, file.size, p.index);
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&source)?;
             let mut buf = vec![0u8; blob::chunk_len(size, index)];
             file.read_exact_at(&mut buf, index * CHUNK_BYTES as u64)?;
-            if blob::seal_chunk_in_place(&key, index, &mut buf) != hash {
+            if blob::seal_chunk_in_place(cipher, &key, index, &mut buf) != hash {
                 return Err(gone("the sent file changed since it was sent"));
             }
             Ok(buf)
@@ -891,6 +893,7 @@ impl Node {
             .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
         let mime = sniff_mime(&name, &head[..head_len]);
         let key = Key::random(&mut rand::thread_rng());
+        let cipher = Cipher::CURRENT;
         let id = MessageId::random();
         let dir = self.blobs_dir();
         let pack = dir.join(pack_name(&id));
@@ -899,7 +902,7 @@ impl Node {
             let (source, key, mime, pack) =
                 (path.to_owned(), key.clone(), mime.clone(), pack.clone());
             tokio::task::spawn_blocking(move || {
-                let prepared = prepare(&source, &dir, &pack, &key, size)?;
+                let prepared = prepare(&source, &dir, &pack, cipher, &key, size)?;
                 Ok::<_, std::io::Error>((prepared, thumbnail(&source, &mime, size)))
             })
             .await
@@ -919,6 +922,7 @@ impl Node {
             mime,
             file_hash: prepared.file_hash,
             key,
+            cipher,
             manifest: prepared.manifest,
             thumbnail: thumb,
         };
@@ -1573,6 +1577,7 @@ impl Node {
         let failures: Vec<TransferError> = futures::stream::iter(missing.into_iter().enumerate())
             .map(|(n, (index, hash))| {
                 let (part, key, done) = (part.clone(), file.key.clone(), &done);
+                let cipher = file.cipher;
                 let behind = behind.clone();
                 let hashes = hashes.clone();
                 async move {
@@ -1584,11 +1589,13 @@ impl Node {
                         }
                     })?;
                     tokio::task::spawn_blocking(move || {
-                        blob::open_chunk_in_place(&key, size, index, &mut bytes).map_err(|e| {
-                            TransferError::Refused(format!(
+                        blob::open_chunk_in_place(cipher, &key, size, index, &mut bytes).map_err(
+                            |e| {
+                                TransferError::Refused(format!(
                                 "chunk {index} ({hash}) matches the manifest but does not open: {e}"
                             ))
-                        })?;
+                            },
+                        )?;
                         part.write_all_at(&bytes, index * CHUNK_BYTES as u64)
                             .map_err(local)?;
                         behind.wrote(bytes.len() as u64);
@@ -1920,13 +1927,16 @@ mod tests {
         let blobs = dir.path().join("blobs");
         let pack = blobs.join("m.pack");
         let key = Key([3u8; 32]);
-        let prepared = prepare(&src, &blobs, &pack, &key, data.len() as u64).expect("prepare");
+        let cipher = Cipher::CURRENT;
+        let prepared =
+            prepare(&src, &blobs, &pack, cipher, &key, data.len() as u64).expect("prepare");
         let file = FileRef {
             name: "data.bin".into(),
             size: prepared.size,
             mime: "application/octet-stream".into(),
             file_hash: prepared.file_hash,
             key,
+            cipher,
             manifest: prepared.manifest,
             thumbnail: None,
         };
@@ -1956,7 +1966,8 @@ mod tests {
         part.set_len(file.size).expect("len");
         let put = |i: usize| {
             let mut bytes = sealed[i].clone();
-            blob::open_chunk_in_place(&file.key, file.size, i as u64, &mut bytes).expect("opens");
+            blob::open_chunk_in_place(file.cipher, &file.key, file.size, i as u64, &mut bytes)
+                .expect("opens");
             part.write_all_at(&bytes, (i * CHUNK_BYTES) as u64)
                 .expect("write");
         };

@@ -365,7 +365,7 @@ async fn a_group_file_is_uploaded_once_and_reaches_every_member() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_that_cannot_be_had_now_do_not_hold_up_the_others() -> anyhow::Result<()> {
     use kith_net::codec::Message;
-    use kith_protocol::blob::{FileRef, Hash, Key};
+    use kith_protocol::blob::{Cipher, FileRef, Hash, Key};
     use kith_protocol::envelope::Header;
     use kith_protocol::{dm, Body, Destination, Envelope, MessageId};
 
@@ -383,6 +383,7 @@ async fn files_that_cannot_be_had_now_do_not_hold_up_the_others() -> anyhow::Res
             mime: "application/octet-stream".into(),
             file_hash: Hash::of(&[i]),
             key: Key([i; 32]),
+            cipher: Cipher::CURRENT,
             manifest: vec![Hash::of(&[i, i])],
             thumbnail: None,
         };

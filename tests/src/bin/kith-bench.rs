@@ -37,6 +37,10 @@ struct Args {
     /// Run only the direct-delivery rows and print them (the table is not written).
     #[arg(long)]
     direct_only: bool,
+    /// Measure only send → delivered latency, kith next to bare request-response, with SAMPLES
+    /// messages each (for profiling); prints p50 and p99.
+    #[arg(long, value_name = "SAMPLES")]
+    latency_only: Option<usize>,
     /// Run only the relay rows (deposits, fetch, offline→online, memory per idle node) and
     /// replace them in an existing table.
     #[arg(long)]
@@ -468,6 +472,18 @@ async fn main() -> Result<()> {
     };
     let payload = 100;
     let mut rows = Vec::new();
+    if let Some(samples) = args.latency_only {
+        let bare = bare_request_response(payload, samples, 1, 1, true).await?;
+        let kith = kith_direct(payload, samples, 1).await?;
+        println!(
+            "send → delivered p50 / p99: kith {} / {}, bare {} / {}",
+            ms(kith.p50),
+            ms(kith.p99),
+            ms(bare.p50),
+            ms(bare.p99)
+        );
+        return Ok(());
+    }
 
     eprintln!("[0/2] store: one durable commit, and {count} commits from 512 tasks…");
     let flush = kith_tests::bench::store_commits(samples.min(200), count, 512).await?;
