@@ -719,11 +719,10 @@ impl Node {
         // out. The conversation index records the clock (see `Store::lamport`).
         batch.put_outbox(&entry);
         batch.put_message(&stored);
-        // The first attempt may start while the outbox write is being flushed: delivering is
-        // not acknowledging anything, and a message that got out before a crash is only
+        // The first attempt may start before the outbox write is applied or flushed: delivering
+        // is not acknowledging anything, and a message that got out before a crash is only
         // delivered, never lost. The caller hears back once the write is on disk.
-        self.inner.store.apply_in_order(batch)?;
-        self.dispatch_or_schedule(entry);
+        self.write_and_dispatch(entry, batch)?;
         self.inner.store.flush().await?;
         let mut state = MessageState::Pending;
         if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
@@ -753,47 +752,75 @@ impl Node {
         })
     }
 
-    /// Starts the first attempt for `entry` at once when nothing else is being delivered (a lone
-    /// message leaves without waiting for the outbox loop); otherwise hands it to the loop, which
-    /// batches what queues behind busy requests.
-    fn dispatch_or_schedule(&self, entry: OutboxEntry) {
-        let Destination::Peer(peer) = entry.envelope.to else {
-            return self.schedule(entry);
-        };
-        if matches!(entry.envelope.body(), Ok(Body::Receipt { .. })) {
+    /// Applies `batch`, which records the new outgoing message `entry` (not flushed), and starts
+    /// its first attempt. When nothing else is being delivered the request leaves at once, even
+    /// before `batch` is applied (the attempt settles only after it is); otherwise the entry
+    /// goes to the outbox loop, which batches what queues behind busy requests.
+    fn write_and_dispatch(&self, entry: OutboxEntry, batch: Batch) -> Result<(), NodeError> {
+        let lone = match entry.envelope.to {
             // Receipts may take another road (see `attempt_peer`).
-            return self.schedule(entry);
-        }
-        let permit = {
-            let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            // Only when the outbox is idle: under load, messages queue and leave in batches.
-            let now = now_ms();
-            let idle = schedule.in_flight.is_empty()
-                && schedule.due.first().is_none_or(|&(due_ms, _)| due_ms > now);
-            let permit = match idle {
-                true => self.inner.attempt_slots.clone().try_acquire_owned().ok(),
-                false => None,
-            };
-            let Some(permit) = permit else {
-                drop(schedule);
-                return self.schedule(entry);
-            };
-            schedule.busy.insert(peer, 1);
-            schedule.in_flight.insert(entry.envelope.id);
-            schedule.entries.insert(entry.envelope.id, entry.clone());
-            permit
+            Destination::Peer(peer)
+                if !matches!(entry.envelope.body(), Ok(Body::Receipt { .. })) =>
+            {
+                self.claim_idle_slot(peer, &entry)
+                    .map(|permit| (peer, permit))
+            }
+            _ => None,
         };
-        // The request leaves now; a task waits for the answer.
-        let entries = vec![entry];
+        let Some((peer, permit)) = lone else {
+            self.inner.store.apply_in_order(batch)?;
+            self.schedule(entry);
+            return Ok(());
+        };
         let Route { addrs, relays, .. } = self.route(peer);
-        let direct = self.start_direct(peer, &entries, addrs);
+        let id = entry.envelope.id;
+        let (go, ready) = tokio::sync::oneshot::channel();
+        let request = Message::Valid(dm::Request::new(self.req_id(), entry.envelope.clone()));
+        let entries = vec![entry];
         let node = self.clone();
+        // Spawned before the request is handed over: the swarm task, woken by the request, then
+        // runs next on this thread (a task spawned after it would take its place and push it to
+        // the back of the queue).
         self.spawn_attempt(async move {
-            if let Some(direct) = direct {
+            if let Ok(direct) = ready.await {
                 node.settle(peer, entries, &relays, direct).await;
             }
             drop(permit);
         });
+        let direct = self.inner.net.send_dm(peer, addrs, request);
+        if let Err(e) = self.inner.store.apply_in_order(batch) {
+            // Not recorded: forget the attempt (its answer, if any, goes nowhere).
+            self.inner
+                .outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            self.release_peer_slot(&peer);
+            return Err(e.into());
+        }
+        let _ = go.send(direct);
+        Ok(())
+    }
+
+    /// A request slot for a first attempt to `peer` when the outbox is idle (under load,
+    /// messages queue and leave in batches); the entry is then in flight.
+    fn claim_idle_slot(
+        &self,
+        peer: PeerId,
+        entry: &OutboxEntry,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        let idle = schedule.in_flight.is_empty()
+            && schedule.due.first().is_none_or(|&(due_ms, _)| due_ms > now);
+        if !idle {
+            return None;
+        }
+        let permit = self.inner.attempt_slots.clone().try_acquire_owned().ok()?;
+        schedule.busy.insert(peer, 1);
+        schedule.in_flight.insert(entry.envelope.id);
+        schedule.entries.insert(entry.envelope.id, entry.clone());
+        Some(permit)
     }
 
     /// An attempt to `peer` ended: its request slot is free for what queued behind it.
