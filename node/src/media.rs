@@ -530,15 +530,6 @@ fn prepare(
     })
 }
 
-/// Checks a received blob against its hash on a blocking thread (hashing 256 KiB would hold up
-/// the async workers that drive the transfer's other streams).
-async fn check_blob(hash: Hash, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
-    tokio::task::spawn_blocking(move || blob::verify(&hash, &bytes).map(|()| bytes))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
-}
-
 /// Reads sealed chunk `index` (of `len` bytes) from a pack file. Blocking.
 fn read_packed(pack: &Path, index: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(pack)?;
@@ -1332,8 +1323,15 @@ impl Node {
         }
     }
 
-    /// Gets one blob from the first source that has it and whose bytes match the hash.
-    async fn fetch(&self, sources: &[Source], start: usize, hash: Hash) -> Result<Vec<u8>, String> {
+    /// Gets one blob from the first source that has it and whose bytes match the hash, and
+    /// hands it to `accept` on the blocking thread that checked the hash (one hop for both).
+    async fn fetch<T: Send + 'static>(
+        &self,
+        sources: &[Source],
+        start: usize,
+        hash: Hash,
+        mut accept: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+    ) -> Result<T, String> {
         let mut why = Vec::new();
         for k in 0..sources.len() {
             let Some(source) = sources.get((start + k) % sources.len()) else {
@@ -1348,14 +1346,25 @@ impl Node {
                 .blob(source.peer, source.addrs.clone(), request)
                 .await
             {
-                Ok(blob::Response::Blob { bytes, .. }) => match check_blob(hash, bytes).await {
-                    Ok(bytes) => return Ok(bytes),
-                    Err(e) => {
-                        self.media().refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(source = %source.peer, %hash, error = %e, "refusing a blob that does not match its hash; asking elsewhere");
-                        why.push(format!("{}: bad blob", source.peer));
+                Ok(blob::Response::Blob { bytes, .. }) => {
+                    // Hashing 256 KiB would hold up the async workers that drive the other
+                    // streams. A blob that does not match hands `accept` back for the next source.
+                    let checked =
+                        tokio::task::spawn_blocking(move || match blob::verify(&hash, &bytes) {
+                            Ok(()) => Ok(accept(bytes)),
+                            Err(e) => Err((accept, e)),
+                        });
+                    match checked.await {
+                        Ok(Ok(accepted)) => return Ok(accepted),
+                        Err(e) => return Err(e.to_string()),
+                        Ok(Err((back, e))) => {
+                            accept = back;
+                            self.media().refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(source = %source.peer, %hash, error = %e, "refusing a blob that does not match its hash; asking elsewhere");
+                            why.push(format!("{}: bad blob", source.peer));
+                        }
                     }
-                },
+                }
                 Ok(blob::Response::NotFound { .. }) => {
                     why.push(format!("{}: not found", source.peer))
                 }
@@ -1402,11 +1411,11 @@ impl Node {
             .map(|(n, (hash, plain_len))| {
                 let dir = dir.clone();
                 async move {
-                    let bytes = self.fetch(sources, n, hash).await?;
-                    tokio::task::spawn_blocking(move || write_blob(&dir, &hash, &bytes))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                    self.fetch(sources, n, hash, move |bytes| {
+                        write_blob(&dir, &hash, &bytes)
+                    })
+                    .await?
+                    .map_err(|e| e.to_string())?;
                     self.media().fetched.fetch_add(1, Ordering::Relaxed);
                     let now = done.fetch_add(plain_len, Ordering::Relaxed) + plain_len;
                     if plain_len > 0 {
@@ -1581,14 +1590,8 @@ impl Node {
                 let behind = behind.clone();
                 let hashes = hashes.clone();
                 async move {
-                    let mut bytes = self.fetch(sources, n, hash).await.map_err(|detail| {
-                        TransferError::Incomplete {
-                            missing: 1,
-                            total: count,
-                            detail,
-                        }
-                    })?;
-                    tokio::task::spawn_blocking(move || {
+                    // Checked, opened, written and hashed on one blocking thread.
+                    let accept = move |mut bytes: Vec<u8>| {
                         blob::open_chunk_in_place(cipher, &key, size, index, &mut bytes).map_err(
                             |e| {
                                 TransferError::Refused(format!(
@@ -1602,9 +1605,14 @@ impl Node {
                         let share = blob::part_hash(size, index, &bytes);
                         lock(&hashes).add(index, share);
                         Ok::<(), TransferError>(())
-                    })
-                    .await
-                    .map_err(local)??;
+                    };
+                    self.fetch(sources, n, hash, accept)
+                        .await
+                        .map_err(|detail| TransferError::Incomplete {
+                            missing: 1,
+                            total: count,
+                            detail,
+                        })??;
                     self.media().fetched.fetch_add(1, Ordering::Relaxed);
                     let plain_len = blob::chunk_len(size, index) as u64;
                     let now = done.fetch_add(plain_len, Ordering::Relaxed) + plain_len;
