@@ -17,6 +17,7 @@ use kith_net::codec::Message;
 use kith_protocol::blob::FileRef;
 use kith_protocol::envelope::Header;
 use kith_protocol::invite::Invite;
+use kith_protocol::keys::Keys;
 use kith_protocol::limits::{MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::{dm, mailbox, Body, Destination, Envelope, MessageId, MessageState};
 use kith_protocol::{GroupId, ReceiptState, Reject};
@@ -32,6 +33,9 @@ use crate::config::{Config, Settings};
 use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
 use crate::store::{Batch, Contact, Direction, OutboxEntry, Store, StoreError, StoredMessage};
+
+/// Senders' decoded keys kept per generation ([`Keys`]): far more than a node's contacts.
+const KEY_CACHE_CAPACITY: usize = 256;
 
 /// The current time in unix milliseconds.
 pub fn now_ms() -> u64 {
@@ -123,6 +127,8 @@ struct Inner {
     home_relays: HashMap<PeerId, Multiaddr>,
     /// Per-conversation Lamport clocks, kept here so concurrent sends never share a value.
     lamports: Mutex<HashMap<PeerId, u64>>,
+    /// Senders' decoded public keys, so a contact's key is not decoded again for each envelope.
+    keys: Mutex<Keys>,
     /// Contacts by peer id, mirrored from the store so that attempts need no store scan.
     contacts: Mutex<HashMap<PeerId, Contact>>,
     outbox: Mutex<Schedule>,
@@ -357,6 +363,7 @@ impl Node {
                 events,
                 home_relays,
                 lamports: Mutex::new(HashMap::new()),
+                keys: Mutex::new(Keys::new(KEY_CACHE_CAPACITY)),
                 contacts: Mutex::new(contacts),
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
@@ -1129,11 +1136,25 @@ impl Node {
         outcomes
     }
 
+    /// Checks `envelope`'s signature with its sender's cached key.
+    pub(crate) fn verify(&self, envelope: &Envelope) -> Result<(), kith_protocol::VerifyError> {
+        let key = self
+            .inner
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&envelope.from);
+        match key {
+            Some(key) => envelope.verify_with(&key),
+            None => Err(kith_protocol::VerifyError::UnknownKey(envelope.from)),
+        }
+    }
+
     /// The checks every inbound envelope passes: signature, recipient, the connection's peer,
     /// expiry and a body we understand.
     fn check(&self, via: PeerId, envelope: &Envelope) -> Result<Checked, Reject> {
         let from = envelope.from;
-        if let Err(e) = envelope.verify() {
+        if let Err(e) = self.verify(envelope) {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope");
             return Err(match e {
                 kith_protocol::VerifyError::UnsupportedVersion(_) => Reject::UnsupportedVersion,

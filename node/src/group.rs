@@ -570,7 +570,7 @@ impl Node {
         data: Vec<u8>,
     ) {
         let verdict = match cbor::decode::<Envelope>(&data, MAX_ENVELOPE_BYTES) {
-            Ok(envelope) => match (envelope.verify(), envelope.to) {
+            Ok(envelope) => match (self.verify(&envelope), envelope.to) {
                 (Ok(()), Destination::Group(g)) if group::topic(&g) == topic => {
                     match self.accept_group(source, g, envelope).await {
                         Ok(()) => gossipsub::MessageAcceptance::Accept,

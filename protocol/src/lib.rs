@@ -22,6 +22,7 @@ pub mod frame;
 pub mod group;
 pub mod ids;
 pub mod invite;
+pub mod keys;
 pub mod limits;
 pub mod mailbox;
 pub mod presence;

@@ -7,7 +7,6 @@
 //! - [`flusher`]: group commit, so `Stored` is only said once the write is on disk.
 
 pub mod flusher;
-pub mod keys;
 pub mod rate;
 pub mod service;
 pub mod store;

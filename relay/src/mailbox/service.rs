@@ -30,11 +30,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::flusher::{Job, Jobs};
-use super::keys::{self, Keys};
 use super::rate::RateLimiter;
 use super::store::{AckError, DepositError, Staged, Store, Usage};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use kith_protocol::keys::Keys;
 
 /// An envelope to push to its connected recipient.
 #[derive(Debug, Clone)]
@@ -72,6 +72,9 @@ pub const MAX_ROUND: usize = 1_024;
 /// Fewest deposits in a round for which verification is spread over several threads; below
 /// it, the service verifies them itself (handing work to a thread costs more than it saves).
 const PARALLEL_VERIFY_FROM: usize = 8;
+
+/// Depositors' decoded keys kept per generation ([`Keys`]).
+const KEY_CACHE_CAPACITY: usize = 1_024;
 
 /// The service's settings.
 #[derive(Debug, Clone)]
@@ -273,7 +276,7 @@ pub async fn run(
         flusher,
         metrics,
         parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        keys: Keys::new(keys::CAPACITY),
+        keys: Keys::new(KEY_CACHE_CAPACITY),
     };
     service.update_gauges();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
@@ -713,7 +716,7 @@ mod tests {
             .expect("encode");
         }
         let ids: Vec<_> = envelopes.iter().map(|e| e.id).collect();
-        let mut keys = Keys::new(keys::CAPACITY);
+        let mut keys = Keys::new(KEY_CACHE_CAPACITY);
         for parallelism in [1, 2, 3, 8] {
             let to_check = envelopes
                 .iter()

@@ -1,7 +1,8 @@
-//! Senders' public keys, decoded once and kept for their next deposits.
+//! Senders' public keys, decoded once and kept for their next envelopes.
 //!
 //! Decoding an ed25519 key from a peer id decompresses a curve point, a good part of the cost of
-//! verifying an envelope, and a relay sees the same senders over and over. The cache is bounded
+//! verifying an envelope, and a relay (deposits) or a node (its contacts' messages) sees the same
+//! senders over and over. The cache is bounded
 //! with two generations: lookups fill the current one; when it holds [`Keys::capacity`] keys
 //! it becomes the previous one (the one before is dropped), and a key found only there moves
 //! back. Recently used keys stay; the memory held is at most twice the capacity. A cached key
@@ -10,11 +11,8 @@
 
 use std::collections::HashMap;
 
-use kith_protocol::envelope::SenderKey;
-use kith_protocol::PeerId;
-
-/// Keys kept per generation by the mailbox service.
-pub const CAPACITY: usize = 1_024;
+use crate::envelope::SenderKey;
+use crate::PeerId;
 
 /// A bounded cache of senders' decoded keys.
 #[derive(Debug)]
@@ -69,11 +67,19 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kith_protocol::{Envelope, Keypair, VerifyError};
+    use crate::envelope::Header;
+    use crate::{Body, Destination, Envelope, Keypair, MessageId, VerifyError};
 
     fn sealed(from: &Keypair, text: &str) -> Envelope {
         let to = Keypair::generate_ed25519().public().to_peer_id();
-        crate::mailbox::test_envelope(from, to, text, None)
+        let header = Header {
+            id: MessageId::random(),
+            to: Destination::Peer(to),
+            sent_at_ms: 0,
+            lamport: 1,
+            expires_at_ms: None,
+        };
+        Envelope::seal(from, header, &Body::Chat { text: text.into() }).expect("seal")
     }
 
     #[test]
