@@ -757,14 +757,16 @@ fn flush_loop(
             waiting.push(next);
         }
         let result = tree.flush().map(|_| ());
-        let served = waiting.len();
+        // Queueing means several writers shared this flush or others came while it ran; it is
+        // judged before the waiters are released, whose next writes are not a queue.
+        let busy = waiting.len() > 1 || !rx.is_empty();
         for waiter in waiting.drain(..) {
             let _ = waiter.send(match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Sled(e.clone())),
             });
         }
-        last_flush = Some((std::time::Instant::now(), served > 1 || !rx.is_empty()));
+        last_flush = Some((std::time::Instant::now(), busy));
     }
     // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop.
     if let Err(e) = tree.flush() {
