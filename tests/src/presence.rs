@@ -176,8 +176,11 @@ pub async fn query_flood(
     window: usize,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Tally> {
-    // Connect first, so connection set-up is not counted.
-    peer.query(relay, &addr, who).await?;
+    // Connect first, so connection set-up is not counted. Any answer means the connection is
+    // up: a relay already shedding under the other floods may well say `Busy`.
+    let req_id = peer.req_id();
+    peer.request(relay, &addr, Request::Query { req_id, peer: who })
+        .await?;
     let mut tally = Tally::default();
     let mut started = std::collections::HashMap::new();
     loop {
