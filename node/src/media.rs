@@ -833,8 +833,8 @@ impl Node {
         let source = record
             .path
             .ok_or_else(|| gone("the sent file has no path"))?;
-        let file = record.file;
-        let (cipher, key, size, index) = (file.cipher, file.key, file.size, p.index);
+        let sent = record.file;
+        let (cipher, key, size, index) = (sent.cipher, sent.key, sent.size, p.index);
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&source)?;
             let mut buf = vec![0u8; blob::chunk_len(size, index)];

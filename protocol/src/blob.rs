@@ -561,25 +561,6 @@ mod tests {
         }
     }
 
-    /// The same chunk as [`KNOWN_SEALED_CHUNK_9`], sealed with AES-256-GCM by OpenSSL (through
-    /// Python's `cryptography`).
-    const KNOWN_AES_SEALED_CHUNK_9: &str =
-        "f8f8f7d2ddb4e3f3b0510aaf5f2c736e60a3c0efb68915bacb13ee7\
-        4522178fcace8c80bb3ffe4bf9b3984075064598892ccd2be87f538d1fc264e540afe9ff57b56b0e6259d7bb\
-        ac057c45078e4de67dab4037a96e3";
-
-    #[test]
-    fn aes_sealing_matches_a_known_answer() {
-        let plain: Vec<u8> = (0..70u32).map(|j| ((j * 31 + 5) % 256) as u8).collect();
-        let known = hex::decode(KNOWN_AES_SEALED_CHUNK_9).expect("hex");
-        let (sealed, hash) = seal_chunk(Cipher::Aes256Gcm, &key(), 9, &plain);
-        assert_eq!(sealed, known);
-        assert_eq!(hash, Hash::of(&known));
-        let size = 9 * CHUNK_BYTES as u64 + 70;
-        let opened = open_chunk(Cipher::Aes256Gcm, &key(), size, 9, &known).expect("opens");
-        assert_eq!(opened, plain);
-    }
-
     #[test]
     fn a_reference_without_a_cipher_is_chacha_and_new_ones_say_aes() {
         let file = FileRef {
@@ -623,25 +604,34 @@ mod tests {
     }
 
     /// Chunk 9 of a file under the key `[7; 32]`, plaintext bytes `(31 j + 5) mod 256`, sealed
-    /// by an independent RFC 8439 implementation (OpenSSL's, through Python's `cryptography`):
-    /// nonce `0u32 ‖ 9u64` big-endian, associated data `9u64` big-endian, tag appended.
+    /// by an independent implementation (OpenSSL's, through Python's `cryptography`): nonce
+    /// `0u32 ‖ 9u64` big-endian, associated data `9u64` big-endian, tag appended. ChaCha20-Poly1305
+    /// is RFC 8439's.
     const KNOWN_SEALED_CHUNK_9: &str = "3314595fab5636281723bb1cd2793b3a91a2856d00c6f181f4d72a3c\
         983e691ba6f33d8d2337448ddfe7df9974929605312237deaef53f5926e40cb512207e5b807a7c3d75336e01\
         f394c7357c6d4e862a2d0c9555e5";
 
+    /// The same chunk sealed with AES-256-GCM.
+    const KNOWN_AES_SEALED_CHUNK_9: &str =
+        "f8f8f7d2ddb4e3f3b0510aaf5f2c736e60a3c0efb68915bacb13ee7\
+        4522178fcace8c80bb3ffe4bf9b3984075064598892ccd2be87f538d1fc264e540afe9ff57b56b0e6259d7bb\
+        ac057c45078e4de67dab4037a96e3";
+
     #[test]
     fn sealing_matches_a_known_answer() {
         let plain: Vec<u8> = (0..70u32).map(|j| ((j * 31 + 5) % 256) as u8).collect();
-        let known = hex::decode(KNOWN_SEALED_CHUNK_9).expect("hex");
-        let chacha = Cipher::Chacha20Poly1305;
-        let (sealed, hash) = seal_chunk(chacha, &key(), 9, &plain);
-        assert_eq!(sealed, known);
-        assert_eq!(hash, Hash::of(&known));
         let size = 9 * CHUNK_BYTES as u64 + 70;
-        assert_eq!(
-            open_chunk(chacha, &key(), size, 9, &known).expect("opens"),
-            plain
-        );
+        for (cipher, known) in [
+            (Cipher::Chacha20Poly1305, KNOWN_SEALED_CHUNK_9),
+            (Cipher::Aes256Gcm, KNOWN_AES_SEALED_CHUNK_9),
+        ] {
+            let known = hex::decode(known).expect("hex");
+            let (sealed, hash) = seal_chunk(cipher, &key(), 9, &plain);
+            assert_eq!(sealed, known, "{cipher:?}");
+            assert_eq!(hash, Hash::of(&known));
+            let opened = open_chunk(cipher, &key(), size, 9, &known).expect("opens");
+            assert_eq!(opened, plain, "{cipher:?}");
+        }
     }
 
     #[test]
