@@ -730,6 +730,9 @@ impl Node {
         // is not acknowledging anything, and a message that got out before a crash is only
         // delivered, never lost. The caller hears back once the write is on disk.
         self.write_and_dispatch(entry, batch)?;
+        // The request is with the swarm task, which this thread runs next: let it send before
+        // the flush (which may run on this thread) holds the thread.
+        tokio::task::yield_now().await;
         self.inner.store.flush().await?;
         let mut state = MessageState::Pending;
         if let (Some(wait), Some(events)) = (wait, events.as_mut()) {

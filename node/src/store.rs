@@ -1,5 +1,6 @@
 //! The node's durable store: one sled tree with prefixed keys, written in atomic batches and made
-//! durable by a group-commit flusher (one `flush` serves every write waiting for it).
+//! durable by a flush. A lone flush runs on its caller's thread; flushes asked for while one is
+//! under way go to a group-commit flusher (one sync serves every write waiting for it).
 //!
 //! Key layout (all integers big-endian so that byte order is numeric order):
 //!
@@ -23,6 +24,8 @@
 //! interleave.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -263,6 +266,8 @@ impl Batch {
 pub struct Store {
     tree: sled::Db,
     flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
+    /// [`Store::flush`] calls under way, on either road.
+    flushing: Arc<AtomicUsize>,
     closed: watch::Receiver<bool>,
 }
 
@@ -313,6 +318,7 @@ impl Store {
         Ok(Self {
             tree,
             flusher: tx,
+            flushing: Default::default(),
             closed,
         })
     }
@@ -373,13 +379,29 @@ impl Store {
     }
 
     /// Waits until everything written so far is on disk. Concurrent callers share one flush.
+    ///
+    /// A caller with no other flush under way flushes on its own thread: a lone write (one
+    /// message answered, say) is then on disk after one sync, with no wake-up of the flusher
+    /// thread and none back, which together cost more than the sync itself. Callers that come
+    /// while another flush is under way go to the flusher, which serves them together, so at
+    /// most one async worker per store is ever held by a sync.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let under_way = FlushUnderWay::enter(&self.flushing);
+        if under_way.alone {
+            return self.tree.flush().map(|_| ()).map_err(StoreError::from);
+        }
         let (tx, rx) = oneshot::channel();
         self.flusher
             .send(tx)
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// How many [`Store::flush`] calls are under way.
+    #[cfg(test)]
+    fn flushes_under_way(&self) -> usize {
+        self.flushing.load(Ordering::Acquire)
     }
 
     /// A message by sender and id.
@@ -729,6 +751,27 @@ impl Store {
     }
 }
 
+/// One [`Store::flush`] call counted in the store's calls under way, for as long as it lives
+/// (a caller that gives up waiting is no longer counted).
+struct FlushUnderWay<'a> {
+    count: &'a AtomicUsize,
+    /// No other call was under way when this one began.
+    alone: bool,
+}
+
+impl<'a> FlushUnderWay<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let alone = count.fetch_add(1, Ordering::AcqRel) == 0;
+        Self { count, alone }
+    }
+}
+
+impl Drop for FlushUnderWay<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The least time between the end of one flush and the start of the next.
 const FLUSH_SPACING: Duration = Duration::from_millis(1);
 
@@ -853,6 +896,68 @@ mod tests {
                 .map(|m| m.text),
             Some("m3".into())
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_share_flushes_and_all_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (me, bob) = (peer(), peer());
+        let written: Vec<StoredMessage> =
+            (1..=400).map(|l| msg(me, bob, l, Direction::Out)).collect();
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut tasks = tokio::task::JoinSet::new();
+            for chunk in written.chunks(4) {
+                let (store, chunk) = (store.clone(), chunk.to_vec());
+                tasks.spawn(async move {
+                    for m in chunk {
+                        let mut batch = Batch::new();
+                        batch.put_message(&m);
+                        store.commit(batch).await?;
+                    }
+                    Ok::<_, StoreError>(())
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("task").expect("commit");
+            }
+            // Every call has ended, so the next lone flush runs on its caller's thread again.
+            assert_eq!(store.flushes_under_way(), 0);
+            let closed = store.closed();
+            drop(store);
+            closed.wait().await;
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let lamports: Vec<u64> = store
+            .conversation(&bob)
+            .expect("conversation")
+            .into_iter()
+            .map(|m| m.lamport)
+            .collect();
+        assert_eq!(lamports, (1..=400).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
+    async fn a_flush_given_up_is_no_longer_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let first = FlushUnderWay::enter(&store.flushing);
+        assert!(first.alone);
+        // Another flush is under way, so this one queues at the flusher; dropping it before it
+        // is served must not leave it counted. (A flusher quick enough to answer before the
+        // first poll ends the call; the next one is then tried.)
+        let queued = loop {
+            let mut queued = Box::pin(store.flush());
+            if futures::poll!(queued.as_mut()).is_pending() {
+                break queued;
+            }
+        };
+        assert_eq!(store.flushes_under_way(), 2);
+        drop(queued);
+        drop(first);
+        assert_eq!(store.flushes_under_way(), 0);
+        store.flush().await.expect("lone flush");
+        assert_eq!(store.flushes_under_way(), 0);
     }
 
     #[tokio::test]
