@@ -1096,7 +1096,7 @@ impl Node {
                 reason: Reject::Malformed,
             },
         };
-        self.inner.net.respond_dm(channel, response).await;
+        self.inner.net.respond_dm(channel, response);
     }
 
     /// Verifies and stores envelopes that `via` handed us, each on its own merits, with one

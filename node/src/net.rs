@@ -6,6 +6,7 @@
 //! channel, and the engine answers with [`Handle::respond_dm`] once its write is flushed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -152,10 +153,6 @@ enum Command {
         request: mailbox::Request,
         reply: oneshot::Sender<Result<mailbox::Response, NetError>>,
     },
-    RespondDm {
-        channel: ResponseChannel<dm::Response>,
-        response: dm::Response,
-    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -180,6 +177,28 @@ enum Command {
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    answers: Arc<Answers>,
+}
+
+/// Answers inbound `/kith/dm/1` requests straight to their connection, without a trip through
+/// the swarm task. A `ResponseChannel` holds the sending end of its stream's answer, and
+/// `request_response::Behaviour::send_response` uses nothing else (libp2p-request-response
+/// 0.30), so a behaviour that is never polled answers for the swarm's own. Every end-to-end
+/// test of delivery fails if that ever changes.
+struct Answers {
+    dm: std::sync::Mutex<request_response::Behaviour<DmCodec>>,
+}
+
+impl Answers {
+    fn new() -> Self {
+        Self {
+            dm: std::sync::Mutex::new(request_response::Behaviour::with_codec(
+                DmCodec::new(dm::MAX_FRAME_BYTES),
+                std::iter::empty(),
+                kith_net::request_response_config(),
+            )),
+        }
+    }
 }
 
 impl Handle {
@@ -276,11 +295,9 @@ impl Handle {
     }
 
     /// Answers an inbound `/kith/dm/1` request.
-    pub async fn respond_dm(&self, channel: ResponseChannel<dm::Response>, response: dm::Response) {
-        let _ = self
-            .commands
-            .send(Command::RespondDm { channel, response })
-            .await;
+    pub fn respond_dm(&self, channel: ResponseChannel<dm::Response>, response: dm::Response) {
+        let mut answers = self.answers.dm.lock().unwrap_or_else(|p| p.into_inner());
+        respond_on(&mut answers, channel, response);
     }
 
     /// Sends a `/kith/presence/1` request to `peer` (a relay or a node), dialing `addrs` if not
@@ -554,6 +571,7 @@ pub(crate) async fn start(
         Handle {
             commands: commands_tx,
             local_peer_id,
+            answers: Arc::new(Answers::new()),
         },
         events_rx,
         task,
@@ -664,9 +682,6 @@ impl Actor {
                     Message::Valid(request),
                     reply,
                 );
-            }
-            Command::RespondDm { channel, response } => {
-                respond_on(&mut self.swarm.behaviour_mut().dm, channel, response);
             }
             Command::ListenAddrs { reply } => {
                 let me = *self.swarm.local_peer_id();
