@@ -8,7 +8,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,9 +23,12 @@ use tokio::sync::mpsc;
 use crate::bench::{payload_envelope, percentile};
 use crate::{RawBehaviourEvent, RawPeer};
 
-/// A relay (or bare server) in a child process, killed on drop.
+/// A relay (or bare server) in a child process. It ends when its standard input closes: on drop,
+/// or when this process dies in any way (see [`exit_when_parent_goes`]).
 pub struct ChildServer {
     child: Child,
+    /// The write end of the child's standard input; closing it tells the child to go.
+    parent: Option<ChildStdin>,
     /// Its address, with `/p2p/<id>`.
     pub addr: Multiaddr,
     /// Its peer id.
@@ -37,10 +40,11 @@ impl ChildServer {
     pub fn spawn(args: &[&str]) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
+        let parent = child.stdin.take();
         let stdout = child.stdout.take().context("child stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -51,7 +55,12 @@ impl ChildServer {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             bail!("child address {addr} has no peer id");
         };
-        Ok(Self { child, addr, peer })
+        Ok(Self {
+            child,
+            parent,
+            addr,
+            peer,
+        })
     }
 
     /// The child's process id.
@@ -72,9 +81,23 @@ impl ChildServer {
 
 impl Drop for ChildServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The child exits on end of input, after removing its data.
+        drop(self.parent.take());
         let _ = self.child.wait();
     }
+}
+
+/// For a [`ChildServer`] child: exits this process once standard input ends, which happens when
+/// the parent drops its handle or dies (even killed outright, which no signal handler sees),
+/// first removing `data` if given.
+pub fn exit_when_parent_goes(data: Option<std::path::PathBuf>) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        if let Some(data) = data {
+            let _ = std::fs::remove_dir_all(data);
+        }
+        std::process::exit(0);
+    });
 }
 
 /// The relay config the benchmark runs with: the production defaults, except the per-peer

@@ -459,9 +459,13 @@ async fn main() -> Result<()> {
     match args.serve {
         Some(Serve::ServeRelay) => {
             let dir = tempfile::tempdir()?;
+            kith_tests::relay_bench::exit_when_parent_goes(Some(dir.path().to_owned()));
             return kith_tests::relay_bench::serve_relay(dir.path()).await;
         }
-        Some(Serve::ServeBare) => return kith_tests::relay_bench::serve_bare().await,
+        Some(Serve::ServeBare) => {
+            kith_tests::relay_bench::exit_when_parent_goes(None);
+            return kith_tests::relay_bench::serve_bare().await;
+        }
         None => {}
     }
     if args.files_only || args.relay_only {
