@@ -131,59 +131,107 @@ pub async fn bare_request_response(
     window: usize,
     zero_rtt: bool,
 ) -> Result<Figures> {
-    let (server_peer, addr, serve) = bare_dm_server().await?;
-
-    let mut client = match zero_rtt {
-        true => RawPeer::zero_rtt()?,
-        false => RawPeer::new()?,
-    };
-    let envelope = payload_envelope(&client.key, server_peer, payload);
-    let request = |i: u64| Message::Valid(dm::Request::new(i, envelope.clone()));
-    // Warm up the connection.
-    client.dm(server_peer, &addr, request(0)).await?;
+    let mut bare = BareDm::start(payload, zero_rtt).await?;
     let mut samples = Vec::with_capacity(latency_samples);
-    for i in 0..latency_samples {
-        let started = Instant::now();
-        client.dm(server_peer, &addr, request(i as u64)).await?;
-        samples.push(started.elapsed());
-    }
+    bare.time(latency_samples, &mut samples).await?;
     samples.sort();
-
-    let started = Instant::now();
-    let mut sent = 0usize;
-    let mut done = 0usize;
-    let mut in_flight = 0usize;
-    while done < count {
-        while in_flight < window && sent < count {
-            client
-                .swarm
-                .behaviour_mut()
-                .dm
-                .send_request(&server_peer, request(sent as u64));
-            sent += 1;
-            in_flight += 1;
-        }
-        match client.swarm.select_next_some().await {
-            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(request_response::Event::Message {
-                message: request_response::Message::Response { .. },
-                ..
-            })) => {
-                done += 1;
-                in_flight -= 1;
-            }
-            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
-                request_response::Event::OutboundFailure { error, .. },
-            )) => anyhow::bail!("baseline request failed: {error}"),
-            _ => {}
-        }
-    }
-    let elapsed = started.elapsed();
-    serve.abort();
     Ok(Figures {
         p50: percentile(&samples, 50.0),
         p99: percentile(&samples, 99.0),
-        per_sec: count as f64 / elapsed.as_secs_f64(),
+        per_sec: bare.per_sec(count, window).await?,
     })
+}
+
+/// A bare request-response client connected to a server that answers `Accepted` at once (see
+/// [`bare_request_response`]), ready to time requests.
+pub struct BareDm {
+    client: RawPeer,
+    server_peer: libp2p::PeerId,
+    addr: Multiaddr,
+    envelope: Envelope,
+    serve: tokio::task::JoinHandle<()>,
+}
+
+impl BareDm {
+    /// Starts the server, connects (in 0-RTT negotiation with `zero_rtt`) and warms up.
+    pub async fn start(payload: usize, zero_rtt: bool) -> Result<Self> {
+        let (server_peer, addr, serve) = bare_dm_server().await?;
+        let client = match zero_rtt {
+            true => RawPeer::zero_rtt()?,
+            false => RawPeer::new()?,
+        };
+        let envelope = payload_envelope(&client.key, server_peer, payload);
+        let mut bare = Self {
+            client,
+            server_peer,
+            addr,
+            envelope,
+            serve,
+        };
+        bare.request(0).await?;
+        Ok(bare)
+    }
+
+    fn message(&self, i: u64) -> Message<dm::Request> {
+        Message::Valid(dm::Request::new(i, self.envelope.clone()))
+    }
+
+    async fn request(&mut self, i: u64) -> Result<dm::Response> {
+        let request = self.message(i);
+        self.client.dm(self.server_peer, &self.addr, request).await
+    }
+
+    /// Times `n` requests one after another, adding each latency to `into`.
+    pub async fn time(&mut self, n: usize, into: &mut Vec<Duration>) -> Result<()> {
+        for i in 0..n {
+            let started = Instant::now();
+            self.request(i as u64).await?;
+            into.push(started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Requests per second for `count` requests with `window` in flight.
+    pub async fn per_sec(&mut self, count: usize, window: usize) -> Result<f64> {
+        let started = Instant::now();
+        let mut sent = 0usize;
+        let mut done = 0usize;
+        let mut in_flight = 0usize;
+        while done < count {
+            while in_flight < window && sent < count {
+                let request = self.message(sent as u64);
+                self.client
+                    .swarm
+                    .behaviour_mut()
+                    .dm
+                    .send_request(&self.server_peer, request);
+                sent += 1;
+                in_flight += 1;
+            }
+            match self.client.swarm.select_next_some().await {
+                SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                    request_response::Event::Message {
+                        message: request_response::Message::Response { .. },
+                        ..
+                    },
+                )) => {
+                    done += 1;
+                    in_flight -= 1;
+                }
+                SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                    request_response::Event::OutboundFailure { error, .. },
+                )) => anyhow::bail!("baseline request failed: {error}"),
+                _ => {}
+            }
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for BareDm {
+    fn drop(&mut self) {
+        self.serve.abort();
+    }
 }
 
 /// The node store's durable write: `samples` single commits one after another (the latency of

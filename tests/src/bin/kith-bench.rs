@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kith_node::NodeEvent;
 use kith_protocol::MessageState;
-use kith_tests::bench::{bare_request_response, percentile, Figures};
+use kith_tests::bench::{bare_request_response, percentile, BareDm, Figures};
 use kith_tests::{befriend, TestNode};
 
 /// jemalloc instead of the system allocator: no per-allocation header and tight size classes,
@@ -68,72 +68,129 @@ struct Row {
     target: String,
 }
 
-/// kith direct delivery: send to `delivered` (the recipient verified, stored and flushed).
-async fn kith_direct(payload: usize, latency_samples: usize, count: usize) -> Result<Figures> {
-    let alice = TestNode::start("alice", vec![]).await?;
-    let bob = TestNode::start("bob", vec![]).await?;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
-    let text = "x".repeat(payload);
-    let mut events = alice.node().subscribe();
-    // Warm up the connection.
-    alice
-        .node()
-        .send("bob", &text, Some(Duration::from_secs(10)))
-        .await?;
+/// kith direct delivery between two nodes on loopback: send to `delivered` (the recipient
+/// verified, stored and flushed).
+struct KithDirect {
+    alice: TestNode,
+    bob: TestNode,
+    events: tokio::sync::broadcast::Receiver<NodeEvent>,
+    text: String,
+    /// Messages sent so far (all must reach bob).
+    sent: usize,
+}
 
-    let mut samples = Vec::with_capacity(latency_samples);
-    for _ in 0..latency_samples {
-        let started = Instant::now();
-        let sent = alice.node().send("bob", &text, None).await?;
-        loop {
-            match events.recv().await? {
-                NodeEvent::Receipt { id, state, .. }
-                    if id == sent.id && state >= MessageState::Delivered =>
-                {
-                    break
+impl KithDirect {
+    /// Starts both nodes, makes them contacts and warms up the connection.
+    async fn start(payload: usize) -> Result<Self> {
+        let alice = TestNode::start("alice", vec![]).await?;
+        let bob = TestNode::start("bob", vec![]).await?;
+        befriend(&alice, "bob", &bob).await?;
+        befriend(&bob, "alice", &alice).await?;
+        let events = alice.node().subscribe();
+        let text = "x".repeat(payload);
+        alice
+            .node()
+            .send("bob", &text, Some(Duration::from_secs(10)))
+            .await?;
+        Ok(Self {
+            alice,
+            bob,
+            events,
+            text,
+            sent: 1,
+        })
+    }
+
+    /// Times `n` messages one after another, each from `send` until it is `delivered`, adding
+    /// each latency to `into`.
+    async fn time(&mut self, n: usize, into: &mut Vec<Duration>) -> Result<()> {
+        for _ in 0..n {
+            let started = Instant::now();
+            let sent = self.alice.node().send("bob", &self.text, None).await?;
+            self.sent += 1;
+            loop {
+                match self.events.recv().await? {
+                    NodeEvent::Receipt { id, state, .. }
+                        if id == sent.id && state >= MessageState::Delivered =>
+                    {
+                        break
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
+            into.push(started.elapsed());
         }
-        samples.push(started.elapsed());
+        Ok(())
     }
-    samples.sort();
 
-    let started = Instant::now();
-    let sender = tokio::spawn(kith_tests::bench::send_many(
-        alice.node().clone(),
-        "bob",
-        text,
-        count,
-    ));
-    let mut delivered = 0;
-    while delivered < count {
-        match events.recv().await {
-            Ok(NodeEvent::Receipt {
-                state: MessageState::Delivered,
-                ..
-            }) => delivered += 1,
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                anyhow::bail!("event stream lagged by {n}; raise the broadcast capacity")
+    /// Durably delivered messages per second for `count` messages, many in flight; then checks
+    /// that bob holds every message sent.
+    async fn per_sec(&mut self, count: usize) -> Result<f64> {
+        let started = Instant::now();
+        let sender = tokio::spawn(kith_tests::bench::send_many(
+            self.alice.node().clone(),
+            "bob",
+            self.text.clone(),
+            count,
+        ));
+        let mut delivered = 0;
+        while delivered < count {
+            match self.events.recv().await {
+                Ok(NodeEvent::Receipt {
+                    state: MessageState::Delivered,
+                    ..
+                }) => delivered += 1,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    anyhow::bail!("event stream lagged by {n}; raise the broadcast capacity")
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
+        let elapsed = started.elapsed();
+        sender.await??;
+        self.sent += count;
+        let inbox = self.bob.node().messages(Some("alice"))?.len();
+        anyhow::ensure!(
+            inbox == self.sent,
+            "bob holds {inbox} messages, expected {}",
+            self.sent
+        );
+        Ok(count as f64 / elapsed.as_secs_f64())
     }
-    let elapsed = started.elapsed();
-    sender.await??;
-    let inbox = bob.node().messages(Some("alice"))?.len();
-    anyhow::ensure!(
-        inbox == count + latency_samples + 1,
-        "bob holds {inbox} messages, expected {}",
-        count + latency_samples + 1
-    );
-    Ok(Figures {
-        p50: percentile(&samples, 50.0),
-        p99: percentile(&samples, 99.0),
-        per_sec: count as f64 / elapsed.as_secs_f64(),
-    })
+}
+
+/// Rounds the send → delivered samples are taken in, kith and its baselines in turn, so that all
+/// of them see the same moments of a noisy machine.
+const LATENCY_ROUNDS: usize = 5;
+
+/// Send → delivered latency: `samples` each from kith and every baseline, in
+/// [`LATENCY_ROUNDS`] interleaved rounds. Returns kith's sorted samples, then each baseline's.
+async fn interleaved_latency(
+    samples: usize,
+    kith: &mut KithDirect,
+    baselines: &mut [&mut BareDm],
+) -> Result<(Vec<Duration>, Vec<Vec<Duration>>)> {
+    let mut ours = Vec::with_capacity(samples);
+    let mut theirs = vec![Vec::with_capacity(samples); baselines.len()];
+    for round in 0..LATENCY_ROUNDS {
+        // The last round takes what division left over.
+        let n = samples / LATENCY_ROUNDS
+            + if round + 1 == LATENCY_ROUNDS {
+                samples % LATENCY_ROUNDS
+            } else {
+                0
+            };
+        for (bare, into) in baselines.iter_mut().zip(theirs.iter_mut()) {
+            bare.time(n, into).await?;
+        }
+        kith.time(n, &mut ours).await?;
+    }
+    ours.sort();
+    for t in &mut theirs {
+        t.sort();
+    }
+    Ok((ours, theirs))
 }
 
 /// Relay figures: deposits, fetches, offline→online latency, memory per idle node.
@@ -514,14 +571,15 @@ async fn main() -> Result<()> {
     let payload = 100;
     let mut rows = Vec::new();
     if let Some(samples) = args.latency_only {
-        let bare = bare_request_response(payload, samples, 1, 1, true).await?;
-        let kith = kith_direct(payload, samples, 1).await?;
+        let mut bare = BareDm::start(payload, true).await?;
+        let mut kith = KithDirect::start(payload).await?;
+        let (kith, bare) = interleaved_latency(samples, &mut kith, &mut [&mut bare]).await?;
         println!(
             "send → delivered p50 / p99: kith {} / {}, bare {} / {}",
-            ms(kith.p50),
-            ms(kith.p99),
-            ms(bare.p50),
-            ms(bare.p99)
+            ms(percentile(&kith, 50.0)),
+            ms(percentile(&kith, 99.0)),
+            ms(percentile(&bare[0], 50.0)),
+            ms(percentile(&bare[0], 99.0))
         );
         return Ok(());
     }
@@ -541,13 +599,30 @@ async fn main() -> Result<()> {
     eprintln!("      kith inbound only: {inbound:.0}/s");
     let outbound = kith_tests::bench::kith_outbound_only(payload, count).await?;
     eprintln!("      kith outbound only: {outbound:.0}/s");
-    eprintln!("[1/2] bare libp2p request-response baseline ({count} requests of {payload} bytes)…");
-    let bare = bare_request_response(payload, samples, count, 256, false).await?;
-    let bare_0rtt = bare_request_response(payload, samples, count / 4, 256, true).await?;
-    eprintln!("[2/2] kith direct delivery ({count} messages of {payload} bytes)…");
-    let kith = kith_direct(payload, samples, count)
-        .await
-        .context("kith direct")?;
+    eprintln!(
+        "[1/2] send → delivered latency: {samples} messages of {payload} bytes, kith and bare \
+         request-response in turn…"
+    );
+    let mut bare = BareDm::start(payload, false).await?;
+    let mut bare_0rtt = BareDm::start(payload, true).await?;
+    let mut direct = KithDirect::start(payload).await.context("kith direct")?;
+    let (kith_samples, bare_samples) =
+        interleaved_latency(samples, &mut direct, &mut [&mut bare, &mut bare_0rtt])
+            .await
+            .context("kith direct")?;
+    eprintln!("[2/2] throughput: {count} messages of {payload} bytes, many in flight…");
+    let figures = |samples: &[Duration], per_sec: f64| Figures {
+        p50: percentile(samples, 50.0),
+        p99: percentile(samples, 99.0),
+        per_sec,
+    };
+    let bare_per_sec = bare.per_sec(count, 256).await?;
+    let bare_0rtt_per_sec = bare_0rtt.per_sec(count / 4, 256).await?;
+    drop((bare, bare_0rtt));
+    let kith_per_sec = direct.per_sec(count).await.context("kith direct")?;
+    let bare = figures(&bare_samples[0], bare_per_sec);
+    let bare_0rtt = figures(&bare_samples[1], bare_0rtt_per_sec);
+    let kith = figures(&kith_samples, kith_per_sec);
 
     // p50 against a bare baseline; the target is 2× that baseline plus one flush.
     let p50_row = |figure: &str, bare: &Figures, target: &str| Row {
@@ -646,7 +721,7 @@ async fn main() -> Result<()> {
         if args.quick { " -- --quick" } else { "" },
         machine()
     )?;
-    writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update.\n")?;
+    writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update. The latency samples are taken in {LATENCY_ROUNDS} rounds, kith and both baselines in turn, so that all of them see the same moments of the machine.\n")?;
     writeln!(md, "kith-bench allocates with jemalloc like the `kith` and `kith-relay` binaries, and every baseline runs in the same binary (servers in child processes of it), so both sides of each row use the same allocator. The absolute targets (deposits per second, RSS per idle node) are what a relay operator gets from `kith-relay`.\n")?;
     writeln!(md, "The overload rows run one relay whose mailbox queue holds 64 requests (shedding from 32 in flight) under three floods at once, each from its own peer: message deposits (32 in flight), receipt deposits (128 in flight) and presence queries (64 in flight); the baseline is the same load on the same relay with load shedding off.\n")?;
     writeln!(md, "The file rows run three rounds (the bare transfer, kith direct, kith through a relay, in turn) and show the median with the range in brackets; the ratio is of the medians. Memory rows show the run that grew most.\n")?;
