@@ -899,35 +899,36 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_commits_share_flushes_and_all_survive_reopen() {
+    async fn concurrent_commits_are_on_disk_when_they_return() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (me, bob) = (peer(), peer());
         let written: Vec<StoredMessage> =
             (1..=400).map(|l| msg(me, bob, l, Direction::Out)).collect();
-        {
-            let store = Store::open(dir.path()).expect("open");
-            let mut tasks = tokio::task::JoinSet::new();
-            for chunk in written.chunks(4) {
-                let (store, chunk) = (store.clone(), chunk.to_vec());
-                tasks.spawn(async move {
-                    for m in chunk {
-                        let mut batch = Batch::new();
-                        batch.put_message(&m);
-                        store.commit(batch).await?;
-                    }
-                    Ok::<_, StoreError>(())
-                });
-            }
-            while let Some(done) = tasks.join_next().await {
-                done.expect("task").expect("commit");
-            }
-            // Every call has ended, so the next lone flush runs on its caller's thread again.
-            assert_eq!(store.flushes_under_way(), 0);
-            let closed = store.closed();
-            drop(store);
-            closed.wait().await;
+        let store = Store::open(dir.path()).expect("open");
+        // Lone commits flush on their own thread, the others through the flusher.
+        let mut tasks = tokio::task::JoinSet::new();
+        for chunk in written.chunks(4) {
+            let (store, chunk) = (store.clone(), chunk.to_vec());
+            tasks.spawn(async move {
+                for m in chunk {
+                    let mut batch = Batch::new();
+                    batch.put_message(&m);
+                    store.commit(batch).await?;
+                }
+                Ok::<_, StoreError>(())
+            });
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        while let Some(done) = tasks.join_next().await {
+            done.expect("task").expect("commit");
+        }
+        // Every call has ended, so the next lone flush runs on its caller's thread again.
+        assert_eq!(store.flushes_under_way(), 0);
+        // What a crash now would leave: the files as they are, the store still open (no final
+        // flush on close). A commit that returned before its write reached the file is missing.
+        let crashed = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), crashed.path());
+        drop(store);
+        let store = Store::open(crashed.path()).expect("open the copy");
         let lamports: Vec<u64> = store
             .conversation(&bob)
             .expect("conversation")
@@ -935,6 +936,19 @@ mod tests {
             .map(|m| m.lamport)
             .collect();
         assert_eq!(lamports, (1..=400).collect::<Vec<u64>>());
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).expect("read dir") {
+            let entry = entry.expect("dir entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                std::fs::create_dir(&target).expect("create dir");
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy");
+            }
+        }
     }
 
     #[tokio::test]

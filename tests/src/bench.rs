@@ -193,39 +193,54 @@ impl BareDm {
 
     /// Requests per second for `count` requests with `window` in flight.
     pub async fn per_sec(&mut self, count: usize, window: usize) -> Result<f64> {
-        let started = Instant::now();
-        let mut sent = 0usize;
-        let mut done = 0usize;
-        let mut in_flight = 0usize;
-        while done < count {
-            while in_flight < window && sent < count {
-                let request = self.message(sent as u64);
-                self.client
-                    .swarm
-                    .behaviour_mut()
-                    .dm
-                    .send_request(&self.server_peer, request);
-                sent += 1;
-                in_flight += 1;
-            }
-            match self.client.swarm.select_next_some().await {
-                SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
-                    request_response::Event::Message {
-                        message: request_response::Message::Response { .. },
-                        ..
-                    },
-                )) => {
-                    done += 1;
-                    in_flight -= 1;
-                }
-                SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
-                    request_response::Event::OutboundFailure { error, .. },
-                )) => anyhow::bail!("baseline request failed: {error}"),
-                _ => {}
-            }
-        }
-        Ok(count as f64 / started.elapsed().as_secs_f64())
+        let envelope = &self.envelope;
+        dm_window(&mut self.client, self.server_peer, count, window, |i| {
+            Message::Valid(dm::Request::new(i as u64, envelope.clone()))
+        })
+        .await
     }
+}
+
+/// `count` `/kith/dm/1` requests from `client` to `peer` with `window` in flight, request `i`
+/// made by `request(i)`; each must be answered `Accepted`. Returns requests per second.
+async fn dm_window(
+    client: &mut RawPeer,
+    peer: libp2p::PeerId,
+    count: usize,
+    window: usize,
+    request: impl Fn(usize) -> Message<dm::Request>,
+) -> Result<f64> {
+    let started = Instant::now();
+    let (mut sent, mut done, mut in_flight) = (0usize, 0usize, 0usize);
+    while done < count {
+        while in_flight < window && sent < count {
+            client
+                .swarm
+                .behaviour_mut()
+                .dm
+                .send_request(&peer, request(sent));
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.swarm.select_next_some().await {
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(request_response::Event::Message {
+                message: request_response::Message::Response { response, .. },
+                ..
+            })) => {
+                anyhow::ensure!(
+                    matches!(response, dm::Response::Accepted { .. }),
+                    "refused: {response:?}"
+                );
+                done += 1;
+                in_flight -= 1;
+            }
+            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
+                request_response::Event::OutboundFailure { error, .. },
+            )) => anyhow::bail!("request failed: {error}"),
+            _ => {}
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 impl Drop for BareDm {
@@ -235,7 +250,8 @@ impl Drop for BareDm {
 }
 
 /// The node store's durable write: `samples` single commits one after another (the latency of
-/// one flush), `samples` more each after an idle gap, then `count` commits from `concurrency` tasks at once (group commit at work).
+/// one flush), `samples` more each after an idle gap, then `count` commits from `concurrency`
+/// tasks at once (group commit at work).
 /// Every commit changes a value (sled skips a write that changes nothing, and its flush then has
 /// nothing to sync).
 pub async fn store_commits(
@@ -339,36 +355,10 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
             )),
         )
         .await?;
-    let started = Instant::now();
-    let (mut sent, mut done, mut in_flight) = (0usize, 0usize, 0usize);
-    while done < count {
-        while in_flight < window && sent < count {
-            client.swarm.behaviour_mut().dm.send_request(
-                &bob_peer,
-                Message::Valid(dm::Request::new(sent as u64, envelopes[sent].clone())),
-            );
-            sent += 1;
-            in_flight += 1;
-        }
-        match client.swarm.select_next_some().await {
-            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(request_response::Event::Message {
-                message: request_response::Message::Response { response, .. },
-                ..
-            })) => {
-                anyhow::ensure!(
-                    matches!(response, dm::Response::Accepted { .. }),
-                    "refused: {response:?}"
-                );
-                done += 1;
-                in_flight -= 1;
-            }
-            SwarmEvent::Behaviour(RawBehaviourEvent::Dm(
-                request_response::Event::OutboundFailure { error, .. },
-            )) => anyhow::bail!("request failed: {error}"),
-            _ => {}
-        }
-    }
-    Ok(count as f64 / started.elapsed().as_secs_f64())
+    dm_window(&mut client, bob_peer, count, window, |i| {
+        Message::Valid(dm::Request::new(i as u64, envelopes[i].clone()))
+    })
+    .await
 }
 
 /// Only the sender side of kith: a kith node sends `count` messages to a bare peer that answers
