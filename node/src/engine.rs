@@ -22,7 +22,6 @@ use kith_protocol::limits::{MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::{dm, mailbox, Body, Destination, Envelope, MessageId, MessageState};
 use kith_protocol::{GroupId, ReceiptState, Reject};
 use libp2p::identity::Keypair;
-use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
 use serde::Serialize;
@@ -1000,17 +999,13 @@ impl Node {
                 },
             };
             match event {
-                net::Event::InboundDm {
-                    peer,
-                    request,
-                    channel,
-                } => {
+                net::Event::InboundDm { peer, stream } => {
                     let Ok(permit) = limit.clone().acquire_owned().await else {
                         break;
                     };
                     let node = self.clone();
                     work.spawn(async move {
-                        node.handle_dm(peer, *request, channel).await;
+                        node.serve_dm(peer, stream).await;
                         drop(permit);
                     });
                 }
@@ -1066,13 +1061,27 @@ impl Node {
         work.shutdown().await;
     }
 
-    async fn handle_dm(
-        &self,
-        peer: PeerId,
-        request: Message<dm::Request>,
-        channel: ResponseChannel<dm::Response>,
-    ) {
-        let response = match request {
+    /// Serves one inbound `/kith/dm/1` stream: the request, then the answer once what it
+    /// carries is on disk.
+    async fn serve_dm(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        let request = match net::read_dm(&mut stream).await {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "inbound dm request not read");
+                return;
+            }
+        };
+        let response = self.handle_dm(peer, request).await;
+        if let Err(e) = net::answer_dm(stream, response).await {
+            // The sender hears nothing and tries again; the copy it sends is dropped as a
+            // duplicate.
+            tracing::debug!(%peer, error = %e, "dm answer not sent");
+        }
+    }
+
+    /// The answer to a `/kith/dm/1` request from `peer`.
+    async fn handle_dm(&self, peer: PeerId, request: Message<dm::Request>) -> dm::Response {
+        match request {
             Message::Valid(request) if !request.is_within_limits() => {
                 tracing::warn!(%peer, envelopes = request.len(), "refusing an oversize dm batch");
                 dm::Response::Rejected {
@@ -1095,8 +1104,7 @@ impl Node {
                 req_id: 0,
                 reason: Reject::Malformed,
             },
-        };
-        self.inner.net.respond_dm(channel, response);
+        }
     }
 
     /// Verifies and stores envelopes that `via` handed us, each on its own merits, with one

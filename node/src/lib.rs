@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod demo;
+mod dm_streams;
 pub mod engine;
 pub mod group;
 pub mod identity;

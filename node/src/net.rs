@@ -2,11 +2,12 @@
 //! cloneable [`Handle`] over a bounded channel and hears from it through a bounded event channel.
 //!
 //! Flow: the delivery engine asks for `SendDm` / `Mailbox` requests and gets the peer's answer on
-//! a oneshot; inbound `/kith/dm/1` requests come out as [`Event::InboundDm`] with the response
-//! channel, and the engine answers with [`Handle::respond_dm`] once its write is flushed.
+//! a oneshot. `/kith/dm/1` streams go around this task where they can (see
+//! [`crate::dm_streams`]): a request leaves on a connection's ready stream when it has one, and
+//! inbound requests come out as [`Event::InboundDm`] with their stream, on which the engine
+//! reads the request and answers once its write is flushed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -50,6 +51,9 @@ pub(crate) struct Behaviour {
     relay_client: relay::client::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// Inbound `/kith/dm/1` streams, and ready outbound ones.
+    dm_streams: crate::dm_streams::Behaviour,
+    /// Outbound `/kith/dm/1` requests when no ready stream is at hand (this one dials).
     dm: request_response::Behaviour<DmCodec>,
     mailbox: request_response::Behaviour<MailboxCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -74,14 +78,13 @@ pub enum Event {
         /// The payload (a CBOR envelope).
         data: Vec<u8>,
     },
-    /// A `/kith/dm/1` request arrived; answer it with [`Handle::respond_dm`].
+    /// A `/kith/dm/1` stream opened: read the request on it with [`read_dm`], answer with
+    /// [`answer_dm`].
     InboundDm {
         /// The connection's (authenticated) peer.
         peer: PeerId,
-        /// The request, or why it was refused by the codec.
-        request: Box<Message<dm::Request>>,
-        /// Where the answer goes.
-        channel: ResponseChannel<dm::Response>,
+        /// The stream, its protocol negotiated.
+        stream: libp2p::Stream,
     },
     /// A connection to `peer` is up (a good moment to retry what waits for it).
     Connected {
@@ -177,28 +180,7 @@ enum Command {
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
-    answers: Arc<Answers>,
-}
-
-/// Answers inbound `/kith/dm/1` requests straight to their connection, without a trip through
-/// the swarm task. A `ResponseChannel` holds the sending end of its stream's answer, and
-/// `request_response::Behaviour::send_response` uses nothing else (libp2p-request-response
-/// 0.30), so a behaviour that is never polled answers for the swarm's own. Every end-to-end
-/// test of delivery fails if that ever changes.
-struct Answers {
-    dm: std::sync::Mutex<request_response::Behaviour<DmCodec>>,
-}
-
-impl Answers {
-    fn new() -> Self {
-        Self {
-            dm: std::sync::Mutex::new(request_response::Behaviour::with_codec(
-                DmCodec::new(dm::MAX_FRAME_BYTES),
-                std::iter::empty(),
-                kith_net::request_response_config(),
-            )),
-        }
-    }
+    streams: crate::dm_streams::Streams,
 }
 
 impl Handle {
@@ -219,10 +201,43 @@ impl Handle {
         rx.await.map_err(|_| NetError::Closed)
     }
 
-    /// Sends a `/kith/dm/1` request to `peer`, dialing `addrs` if not connected. The request is
-    /// handed to the network task at once when its queue has room (before the returned future is
-    /// first polled), so it is on its way while the caller goes on; the future yields the answer.
+    /// Sends a `/kith/dm/1` request to `peer`, dialing `addrs` if not connected. The request
+    /// leaves at once (before the returned future is first polled): on a ready stream of a
+    /// connection to `peer` if there is one, else through the network task when its queue has
+    /// room. The caller goes on while it is on its way; the future yields the answer.
     pub fn send_dm(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Message<dm::Request>,
+    ) -> impl std::future::Future<Output = Result<dm::Response, NetError>> + Send + 'static {
+        let Some(stream) = self.streams.take(peer) else {
+            return futures::future::Either::Left(self.send_dm_through_swarm(peer, addrs, request));
+        };
+        let mut exchange = Box::pin(exchange_on(stream, request));
+        // Writes the request now. What is left is waiting for the answer: the caller's task polls
+        // again, with its own waker, before an answer can be there (and finds it if it is).
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        let early = std::future::Future::poll(exchange.as_mut(), &mut cx);
+        let handle = self.clone();
+        futures::future::Either::Right(async move {
+            let result = match early {
+                std::task::Poll::Ready(result) => result,
+                std::task::Poll::Pending => exchange.await,
+            };
+            match result {
+                Ok(response) => Ok(response),
+                Err(Exchange::Unsent(request, e)) => {
+                    tracing::debug!(%peer, error = %e, "ready dm stream failed; using request-response");
+                    handle.send_dm_through_swarm(peer, addrs, request).await
+                }
+                Err(Exchange::Failed(e)) => Err(NetError::Unreachable(e.to_string())),
+            }
+        })
+    }
+
+    /// [`Handle::send_dm`] through the swarm's request-response behaviour.
+    fn send_dm_through_swarm(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -292,12 +307,6 @@ impl Handle {
             .commands
             .send(Command::RespondBlob { channel, response })
             .await;
-    }
-
-    /// Answers an inbound `/kith/dm/1` request.
-    pub fn respond_dm(&self, channel: ResponseChannel<dm::Response>, response: dm::Response) {
-        let mut answers = self.answers.dm.lock().unwrap_or_else(|p| p.into_inner());
-        respond_on(&mut answers, channel, response);
     }
 
     /// Sends a `/kith/presence/1` request to `peer` (a relay or a node), dialing `addrs` if not
@@ -441,6 +450,9 @@ pub(crate) async fn start(
     let mdns_enabled = settings.mdns;
     let gossipsub =
         crate::group::gossipsub(&key, settings.gossip_heartbeat).map_err(StartError::Transport)?;
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (dm_streams, streams) =
+        crate::dm_streams::Behaviour::new(StreamProtocol::new(dm::PROTOCOL), events_tx.clone());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -468,9 +480,10 @@ pub(crate) async fn start(
                         .with_push_listen_addr_updates(true),
                 ),
                 ping: ping::Behaviour::default(),
+                dm_streams,
                 dm: request_response::Behaviour::with_codec(
                     DmCodec::new(dm::MAX_FRAME_BYTES),
-                    [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Full)],
+                    [(StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound)],
                     kith_net::request_response_config(),
                 ),
                 mailbox: request_response::Behaviour::with_codec(
@@ -554,7 +567,6 @@ pub(crate) async fn start(
     }
 
     let (commands_tx, commands_rx) = mpsc::channel(1024);
-    let (events_tx, events_rx) = mpsc::channel(1024);
     let actor = Actor {
         swarm,
         relays,
@@ -571,7 +583,7 @@ pub(crate) async fn start(
         Handle {
             commands: commands_tx,
             local_peer_id,
-            answers: Arc::new(Answers::new()),
+            streams,
         },
         events_rx,
         task,
@@ -818,17 +830,9 @@ impl Actor {
         &mut self,
         event: request_response::Event<Message<dm::Request>, dm::Response>,
     ) {
-        if let Some((peer, request, channel)) = route(&mut self.pending_dm, event, dm::PROTOCOL) {
-            let request = Box::new(request);
-            emit(
-                &self.events,
-                Event::InboundDm {
-                    peer,
-                    request,
-                    channel,
-                },
-            )
-            .await;
+        // Inbound dm streams go to `dm_streams`: this behaviour only asks.
+        if let Some((peer, ..)) = route(&mut self.pending_dm, event, dm::PROTOCOL) {
+            tracing::warn!(%peer, "unexpected inbound dm request through request-response");
         }
     }
 
@@ -934,6 +938,69 @@ fn route<Req, Resp>(
         }
         E::ResponseSent { .. } => None,
     }
+}
+
+/// How a request on a ready stream went wrong.
+enum Exchange {
+    /// Before any of the request left: it may go another way.
+    Unsent(Message<dm::Request>, std::io::Error),
+    /// Afterwards: the recipient may or may not have it.
+    Failed(std::io::Error),
+}
+
+/// One `/kith/dm/1` request on a ready stream, as request-response does it: the request, the
+/// write half closed, the answer.
+async fn exchange_on(
+    mut stream: crate::dm_streams::InUse,
+    request: Message<dm::Request>,
+) -> Result<dm::Response, Exchange> {
+    use futures::AsyncWriteExt;
+    use request_response::Codec;
+    let protocol = StreamProtocol::new(dm::PROTOCOL);
+    let mut codec = DmCodec::new(dm::MAX_FRAME_BYTES);
+    let io = &mut stream.stream;
+    // If the write fails (the connection is gone, say), the request goes through
+    // request-response; should some of it have left, the recipient drops the copy.
+    let written = async {
+        codec.write_request(&protocol, io, request.clone()).await?;
+        io.close().await
+    }
+    .await;
+    stream.refill();
+    if let Err(e) = written {
+        return Err(Exchange::Unsent(request, e));
+    }
+    codec
+        .read_response(&protocol, &mut stream.stream)
+        .await
+        .map_err(Exchange::Failed)
+}
+
+/// Reads the request on an inbound `/kith/dm/1` stream ([`Event::InboundDm`]); it must come
+/// within [`kith_net::REQUEST_TIMEOUT`].
+pub async fn read_dm(stream: &mut libp2p::Stream) -> std::io::Result<Message<dm::Request>> {
+    use request_response::Codec;
+    let protocol = StreamProtocol::new(dm::PROTOCOL);
+    let mut codec = DmCodec::new(dm::MAX_FRAME_BYTES);
+    let read = codec.read_request(&protocol, stream);
+    tokio::time::timeout(kith_net::REQUEST_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// Answers the request read with [`read_dm`], and closes the stream.
+pub async fn answer_dm(mut stream: libp2p::Stream, response: dm::Response) -> std::io::Result<()> {
+    use futures::AsyncWriteExt;
+    use request_response::Codec;
+    let write = async {
+        DmCodec::new(dm::MAX_FRAME_BYTES)
+            .write_response(&StreamProtocol::new(dm::PROTOCOL), &mut stream, response)
+            .await?;
+        stream.close().await
+    };
+    tokio::time::timeout(kith_net::REQUEST_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
 async fn emit(events: &mpsc::Sender<Event>, event: Event) {

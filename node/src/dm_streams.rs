@@ -1,0 +1,308 @@
+//! `/kith/dm/1` streams that go around the swarm task.
+//!
+//! The wire protocol is request-response's (see [`kith_net::DmCodec`]): one stream per request,
+//! the request frame, the sender's half closed, the answer frame. Only the plumbing differs:
+//!
+//! - **Inbound**: each connection's handler hands a new `/kith/dm/1` stream straight to the
+//!   delivery engine (as [`crate::net::Event::InboundDm`]), which reads the request, and answers
+//!   once its write is flushed. The swarm task never sees it.
+//! - **Outbound**: each connection keeps [`SPARE_STREAMS`] outbound streams open and ready.
+//!   Opening one costs nothing on the wire (yamux opens streams lazily, and the protocol proposal
+//!   leaves with the first frame, in 0-RTT negotiation), so the remote sees nothing until one is
+//!   used. [`Streams::take`] hands one to a caller, which writes its request on it at once; the
+//!   handler opens another in its place. When no spare stream is ready (no connection yet, or
+//!   all taken), requests go through the swarm's request-response behaviour as before, which
+//!   also dials.
+//!
+//! A request thus crosses one task hand-off on each side instead of two, and skips
+//! request-response's per-request timer thread wake-ups: on a two-core machine this is a good
+//! part of the send → delivered latency.
+//!
+//! Keep-alive: a spare stream does not keep its connection open (the idle timeout runs as if
+//! it did not exist); a stream taken for a request does, until it is dropped.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::upgrade::ReadyUpgrade;
+use libp2p::core::Endpoint;
+use libp2p::swarm::handler::{
+    ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
+};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+use tokio::sync::mpsc;
+
+use crate::net::Event;
+
+/// Outbound streams each connection keeps ready for requests.
+pub const SPARE_STREAMS: usize = 2;
+
+/// The behaviour: one [`Handler`] per connection.
+pub(crate) struct Behaviour {
+    shared: Arc<Shared>,
+}
+
+/// Takes ready streams for requests; cloneable, usable from any task.
+#[derive(Clone)]
+pub(crate) struct Streams {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    protocol: StreamProtocol,
+    /// Where inbound streams go (the engine's network events).
+    inbound: mpsc::Sender<Event>,
+    connections: Mutex<HashMap<ConnectionId, Connection>>,
+}
+
+struct Connection {
+    peer: PeerId,
+    /// Ready outbound streams.
+    spare: Vec<Stream>,
+    /// The handler, waiting for a spare stream to be taken.
+    waker: Option<Waker>,
+    /// Held (upgraded) by each stream in use; the handler keeps the connection alive meanwhile.
+    alive: Weak<()>,
+}
+
+impl Shared {
+    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Connection>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Behaviour {
+    /// A behaviour for `protocol` whose inbound streams go to `inbound`, and the handle that
+    /// takes its ready outbound streams.
+    pub(crate) fn new(protocol: StreamProtocol, inbound: mpsc::Sender<Event>) -> (Self, Streams) {
+        let shared = Arc::new(Shared {
+            protocol,
+            inbound,
+            connections: Mutex::new(HashMap::new()),
+        });
+        (
+            Self {
+                shared: shared.clone(),
+            },
+            Streams { shared },
+        )
+    }
+
+    fn handler(&self, connection: ConnectionId, peer: PeerId) -> Handler {
+        let alive = Arc::new(());
+        self.shared.connections().insert(
+            connection,
+            Connection {
+                peer,
+                spare: Vec::new(),
+                waker: None,
+                alive: Arc::downgrade(&alive),
+            },
+        );
+        Handler {
+            connection,
+            peer,
+            shared: self.shared.clone(),
+            alive,
+            opening: false,
+            failed: false,
+        }
+    }
+}
+
+impl Streams {
+    /// A ready stream to `peer`, if a connection to it has one. The caller writes its request
+    /// on it, then calls [`InUse::refill`].
+    pub(crate) fn take(&self, peer: PeerId) -> Option<InUse> {
+        let mut connections = self.shared.connections();
+        let connection = connections
+            .values_mut()
+            .find(|c| c.peer == peer && !c.spare.is_empty())?;
+        let alive = connection.alive.upgrade()?;
+        let stream = connection.spare.pop()?;
+        Some(InUse {
+            stream,
+            refill: connection.waker.take(),
+            _alive: alive,
+        })
+    }
+
+    /// Ready streams to `peer` (for tests).
+    #[cfg(test)]
+    pub(crate) fn ready(&self, peer: PeerId) -> usize {
+        self.shared
+            .connections()
+            .values()
+            .filter(|c| c.peer == peer)
+            .map(|c| c.spare.len())
+            .sum()
+    }
+}
+
+/// A stream taken for one request; its connection stays open until it is dropped.
+pub(crate) struct InUse {
+    pub(crate) stream: Stream,
+    refill: Option<Waker>,
+    _alive: Arc<()>,
+}
+
+impl InUse {
+    /// Tells the connection's handler to open a stream in place of this one. Called once the
+    /// request is written: the write has woken the connection's task already, so this costs no
+    /// further hand-off.
+    pub(crate) fn refill(&mut self) {
+        if let Some(waker) = self.refill.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(connection, peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(connection, peer))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        // Another behaviour may deny a connection this one made a handler for: forget it too.
+        let gone = match event {
+            FromSwarm::ConnectionClosed(c) => c.connection_id,
+            FromSwarm::DialFailure(f) => f.connection_id,
+            FromSwarm::ListenFailure(f) => f.connection_id,
+            _ => return,
+        };
+        self.shared.connections().remove(&gone);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+/// One connection's `/kith/dm/1` streams.
+pub(crate) struct Handler {
+    connection: ConnectionId,
+    peer: PeerId,
+    shared: Arc<Shared>,
+    /// More than one holder: a stream of this connection is in use.
+    alive: Arc<()>,
+    /// An outbound stream is being opened.
+    opening: bool,
+    /// Opening a stream failed: this connection has no spare streams (requests on it go
+    /// through request-response).
+    failed: bool,
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Infallible;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = ();
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
+        SubstreamProtocol::new(ReadyUpgrade::new(self.shared.protocol.clone()), ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        Arc::strong_count(&self.alive) > 1
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Self::ToBehaviour>> {
+        if self.opening || self.failed {
+            return Poll::Pending;
+        }
+        let mut connections = self.shared.connections();
+        let Some(connection) = connections.get_mut(&self.connection) else {
+            return Poll::Pending;
+        };
+        if connection.spare.len() >= SPARE_STREAMS {
+            connection.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        self.opening = true;
+        Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+            protocol: SubstreamProtocol::new(ReadyUpgrade::new(self.shared.protocol.clone()), ()),
+        })
+    }
+
+    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
+        match event {}
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<'_, Self::InboundProtocol, Self::OutboundProtocol>,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+                protocol: stream,
+                ..
+            }) => {
+                let event = Event::InboundDm {
+                    peer: self.peer,
+                    stream,
+                };
+                if self.shared.inbound.try_send(event).is_err() {
+                    // The peer sees its stream reset and tries again later.
+                    tracing::warn!(peer = %self.peer, "node busy: dropping an inbound dm stream");
+                }
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
+                protocol: mut stream,
+                ..
+            }) => {
+                self.opening = false;
+                stream.ignore_for_keep_alive();
+                if let Some(connection) = self.shared.connections().get_mut(&self.connection) {
+                    connection.spare.push(stream);
+                }
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { error, .. }) => {
+                tracing::debug!(peer = %self.peer, %error, "cannot open a spare dm stream");
+                self.opening = false;
+                self.failed = true;
+            }
+            _ => {}
+        }
+    }
+}
