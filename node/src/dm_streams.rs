@@ -55,9 +55,14 @@ pub(crate) struct Streams {
     shared: Arc<Shared>,
 }
 
+/// Serves an inbound stream; called on the connection's task, so it must only hand it on.
+pub(crate) type Server = Box<dyn Fn(PeerId, Stream) + Send + Sync>;
+
 struct Shared {
     protocol: StreamProtocol,
-    /// Where inbound streams go (the engine's network events).
+    /// Serves inbound streams once the engine is up (see [`Streams::serve_with`]).
+    server: std::sync::OnceLock<Server>,
+    /// Where inbound streams go until then (the engine's network events).
     inbound: mpsc::Sender<Event>,
     connections: Mutex<HashMap<ConnectionId, Connection>>,
 }
@@ -84,6 +89,7 @@ impl Behaviour {
     pub(crate) fn new(protocol: StreamProtocol, inbound: mpsc::Sender<Event>) -> (Self, Streams) {
         let shared = Arc::new(Shared {
             protocol,
+            server: std::sync::OnceLock::new(),
             inbound,
             connections: Mutex::new(HashMap::new()),
         });
@@ -118,6 +124,13 @@ impl Behaviour {
 }
 
 impl Streams {
+    /// Inbound streams go to `server` from now on, called on their connection's task: a task
+    /// it spawns runs next on the same thread, where a hand-off to another task through a
+    /// channel would wake another thread. Only the first call has an effect.
+    pub(crate) fn serve_with(&self, server: Server) {
+        let _ = self.shared.server.set(server);
+    }
+
     /// A ready stream to `peer`, if a connection to it has one. The caller writes its request
     /// on it, then calls [`InUse::refill`].
     pub(crate) fn take(&self, peer: PeerId) -> Option<InUse> {
@@ -278,6 +291,10 @@ impl ConnectionHandler for Handler {
                 protocol: stream,
                 ..
             }) => {
+                if let Some(serve) = self.shared.server.get() {
+                    serve(self.peer, stream);
+                    return;
+                }
                 let event = Event::InboundDm {
                     peer: self.peer,
                     stream,
@@ -304,5 +321,113 @@ impl ConnectionHandler for Handler {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{noise, tcp, yamux, Swarm};
+
+    fn swarm(inbound: mpsc::Sender<Event>) -> (Swarm<Behaviour>, Streams) {
+        let (behaviour, streams) =
+            Behaviour::new(StreamProtocol::new(kith_protocol::dm::PROTOCOL), inbound);
+        let swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp transport")
+            .with_behaviour(|_| behaviour)
+            .expect("behaviour")
+            .with_swarm_config(|c| {
+                c.with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+            })
+            .build();
+        (swarm, streams)
+    }
+
+    /// Drives both swarms until `done` holds (failing after ten seconds).
+    async fn drive(a: &mut Swarm<Behaviour>, b: &mut Swarm<Behaviour>, done: impl Fn() -> bool) {
+        let drive = async {
+            while !done() {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    _ = b.select_next_some() => {}
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), drive)
+            .await
+            .expect("the swarms got there");
+    }
+
+    #[tokio::test]
+    async fn a_ready_stream_carries_a_request_to_the_other_sides_engine() {
+        let (a_events, _a_inbound) = mpsc::channel(8);
+        let (b_events, mut b_inbound) = mpsc::channel(8);
+        let (mut a, a_streams) = swarm(a_events);
+        let (mut b, _) = swarm(b_events);
+        b.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("address"))
+            .expect("listen");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
+                break address;
+            }
+        };
+        let b_peer = *b.local_peer_id();
+        assert!(a_streams.take(b_peer).is_none(), "no connection, no stream");
+        a.dial(addr).expect("dial");
+        // Spare streams open without a word to the other side.
+        drive(&mut a, &mut b, || a_streams.ready(b_peer) == SPARE_STREAMS).await;
+        assert!(
+            b_inbound.try_recv().is_err(),
+            "the other side saw a spare stream"
+        );
+
+        let mut taken = a_streams.take(b_peer).expect("a ready stream");
+        assert_eq!(a_streams.ready(b_peer), SPARE_STREAMS - 1);
+        let exchange = async move {
+            taken.stream.write_all(b"hello").await?;
+            taken.stream.close().await?;
+            taken.refill();
+            let mut answer = Vec::new();
+            taken.stream.read_to_end(&mut answer).await?;
+            std::io::Result::Ok(answer)
+        };
+        let serve = async {
+            let Some(Event::InboundDm { peer, mut stream }) = b_inbound.recv().await else {
+                panic!("no inbound stream");
+            };
+            let mut request = Vec::new();
+            stream.read_to_end(&mut request).await?;
+            stream.write_all(b"answer").await?;
+            stream.close().await?;
+            std::io::Result::Ok((peer, request))
+        };
+        let both = async { tokio::try_join!(exchange, serve) };
+        tokio::pin!(both);
+        let (answer, (peer, request)) = loop {
+            tokio::select! {
+                done = &mut both => break done.expect("request and answer"),
+                _ = a.select_next_some() => {}
+                _ = b.select_next_some() => {}
+            }
+        };
+        assert_eq!(peer, *a.local_peer_id());
+        assert_eq!(request, b"hello");
+        assert_eq!(answer, b"answer");
+        // The handler opened another in place of the one taken.
+        drive(&mut a, &mut b, || a_streams.ready(b_peer) == SPARE_STREAMS).await;
+
+        // A closed connection takes its ready streams with it.
+        let a_peer = *a.local_peer_id();
+        b.disconnect_peer_id(a_peer).expect("connected");
+        drive(&mut a, &mut b, || a_streams.ready(b_peer) == 0).await;
+        assert!(a_streams.take(b_peer).is_none());
     }
 }

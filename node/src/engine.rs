@@ -136,6 +136,10 @@ struct Inner {
     attempt_slots: Arc<Semaphore>,
     /// The running delivery attempts: the outbox loop reaps them and stops them at shutdown.
     attempts: Mutex<JoinSet<()>>,
+    /// Inbound `/kith/dm/1` streams being served (reaped as new ones come, stopped at
+    /// shutdown, after which there are none), at most `max_in_flight` at once.
+    inbound: Mutex<Option<JoinSet<()>>>,
+    inbound_slots: Arc<Semaphore>,
     next_req_id: std::sync::atomic::AtomicU64,
     presence: crate::presence::State,
     groups: crate::group::Groups,
@@ -368,12 +372,21 @@ impl Node {
                 outbox_wake: Notify::new(),
                 attempt_slots: Arc::new(Semaphore::new(max_in_flight)),
                 attempts: Mutex::new(JoinSet::new()),
+                inbound: Mutex::new(Some(JoinSet::new())),
+                inbound_slots: Arc::new(Semaphore::new(max_in_flight)),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
                 presence: crate::presence::State::default(),
                 groups: crate::group::Groups::load(store_groups),
                 media: crate::media::State::default(),
             }),
         };
+        // A weak reference: the network handle, which the node holds, holds this.
+        let weak = Arc::downgrade(&node.inner);
+        node.inner.net.serve_dm_with(move |peer, stream| {
+            if let Some(inner) = weak.upgrade() {
+                Node { inner }.spawn_serve_dm(peer, stream);
+            }
+        });
         tasks.spawn(node.clone().net_loop(net_events, shutdown.clone()));
         tasks.spawn(node.clone().outbox_loop(shutdown.clone()));
         tasks.spawn(node.clone().heartbeat_loop(shutdown.clone()));
@@ -473,6 +486,11 @@ impl Node {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.me
+    }
+
+    /// `/kith/dm/1` requests this node sent so far, by the road they took.
+    pub fn dm_paths(&self) -> net::DmPaths {
+        self.inner.net.dm_paths()
     }
 
     /// Subscribes to the event stream.
@@ -1059,6 +1077,32 @@ impl Node {
             }
         }
         work.shutdown().await;
+        let inbound = self
+            .inner
+            .inbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut inbound) = inbound {
+            inbound.shutdown().await;
+        }
+    }
+
+    /// Serves an inbound `/kith/dm/1` stream on a task of its own.
+    fn spawn_serve_dm(&self, peer: PeerId, stream: libp2p::Stream) {
+        let node = self.clone();
+        let slots = self.inner.inbound_slots.clone();
+        let mut inbound = self.inner.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(inbound) = inbound.as_mut() else {
+            return; // Shutting down.
+        };
+        while inbound.try_join_next().is_some() {}
+        inbound.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            node.serve_dm(peer, stream).await;
+        });
     }
 
     /// Serves one inbound `/kith/dm/1` stream: the request, then the answer once what it

@@ -8,6 +8,8 @@
 //! reads the request and answers once its write is flushed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -181,6 +183,23 @@ pub struct Handle {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     streams: crate::dm_streams::Streams,
+    paths: Arc<Paths>,
+}
+
+/// `/kith/dm/1` requests sent so far, by the road they took.
+#[derive(Default)]
+struct Paths {
+    ready_stream: AtomicU64,
+    request_response: AtomicU64,
+}
+
+/// `/kith/dm/1` requests a node sent, by the road they took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DmPaths {
+    /// On a connection's ready stream (see [`crate::dm_streams`]).
+    pub ready_stream: u64,
+    /// Through the swarm's request-response behaviour (no ready stream; it dials if need be).
+    pub request_response: u64,
 }
 
 impl Handle {
@@ -214,6 +233,7 @@ impl Handle {
         let Some(stream) = self.streams.take(peer) else {
             return futures::future::Either::Left(self.send_dm_through_swarm(peer, addrs, request));
         };
+        self.paths.ready_stream.fetch_add(1, Ordering::Relaxed);
         let mut exchange = Box::pin(exchange_on(stream, request));
         // Writes the request now. What is left is waiting for the answer: the caller's task polls
         // again, with its own waker, before an answer can be there (and finds it if it is).
@@ -229,7 +249,7 @@ impl Handle {
                 Ok(response) => Ok(response),
                 Err(Exchange::Unsent(request, e)) => {
                     tracing::debug!(%peer, error = %e, "ready dm stream failed; using request-response");
-                    handle.send_dm_through_swarm(peer, addrs, request).await
+                    handle.send_dm_through_swarm(peer, addrs, *request).await
                 }
                 Err(Exchange::Failed(e)) => Err(NetError::Unreachable(e.to_string())),
             }
@@ -243,6 +263,7 @@ impl Handle {
         addrs: Vec<Multiaddr>,
         request: Message<dm::Request>,
     ) -> impl std::future::Future<Output = Result<dm::Response, NetError>> + Send + 'static {
+        self.paths.request_response.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let command = Command::SendDm {
             peer,
@@ -262,6 +283,23 @@ impl Handle {
             }
             answer.await.map_err(|_| NetError::Closed)?
         }
+    }
+
+    /// `/kith/dm/1` requests sent so far, by the road they took.
+    pub fn dm_paths(&self) -> DmPaths {
+        DmPaths {
+            ready_stream: self.paths.ready_stream.load(Ordering::Relaxed),
+            request_response: self.paths.request_response.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Inbound `/kith/dm/1` streams go to `server` (called on their connection's task) instead
+    /// of coming out as [`Event::InboundDm`].
+    pub(crate) fn serve_dm_with(
+        &self,
+        server: impl Fn(PeerId, libp2p::Stream) + Send + Sync + 'static,
+    ) {
+        self.streams.serve_with(Box::new(server));
     }
 
     /// Sends a `/kith/mailbox/1` request to a relay.
@@ -584,6 +622,7 @@ pub(crate) async fn start(
             commands: commands_tx,
             local_peer_id,
             streams,
+            paths: Arc::default(),
         },
         events_rx,
         task,
@@ -943,7 +982,7 @@ fn route<Req, Resp>(
 /// How a request on a ready stream went wrong.
 enum Exchange {
     /// Before any of the request left: it may go another way.
-    Unsent(Message<dm::Request>, std::io::Error),
+    Unsent(Box<Message<dm::Request>>, std::io::Error),
     /// Afterwards: the recipient may or may not have it.
     Failed(std::io::Error),
 }
@@ -968,7 +1007,7 @@ async fn exchange_on(
     .await;
     stream.refill();
     if let Err(e) = written {
-        return Err(Exchange::Unsent(request, e));
+        return Err(Exchange::Unsent(Box::new(request), e));
     }
     codec
         .read_response(&protocol, &mut stream.stream)

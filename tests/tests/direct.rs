@@ -72,6 +72,41 @@ async fn fifty_quick_sends_arrive_once_and_in_order() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_connected_requests_leave_on_ready_streams() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    // Not connected yet: the first request dials, through request-response.
+    let wait = Some(std::time::Duration::from_secs(10));
+    let first = alice.node().send("bob", "first", wait).await?;
+    assert_eq!(first.state, MessageState::Delivered);
+    let before = alice.node().dm_paths();
+    assert_eq!(before.ready_stream, 0);
+    assert_eq!(before.request_response, 1);
+    // Then each one, sent once the one before was delivered, finds a stream ready.
+    for i in 0..20 {
+        let sent = alice.node().send("bob", &format!("m{i:02}"), wait).await?;
+        assert_eq!(sent.state, MessageState::Delivered, "message {i}");
+    }
+    let after = alice.node().dm_paths();
+    assert_eq!(after.request_response, 1, "{after:?}");
+    assert_eq!(after.ready_stream, 20, "{after:?}");
+    let mut expected = vec!["first".to_owned()];
+    expected.extend((0..20).map(|i| format!("m{i:02}")));
+    assert_eq!(texts(&bob, "alice"), expected);
+    // Bob's answers (read receipts) go back on ready streams of the same connection.
+    assert_eq!(bob.node().read("alice").await?, 21);
+    wait_for("read", || async {
+        (alice.state(&first.id) == Some(MessageState::Read)).then_some(())
+    })
+    .await?;
+    assert_eq!(bob.node().dm_paths().request_response, 0);
+    Ok(())
+}
+
 fn chat(key: &libp2p::identity::Keypair, to: libp2p::PeerId, lamport: u64, text: &str) -> Envelope {
     Envelope::seal(
         key,
