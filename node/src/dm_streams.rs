@@ -131,8 +131,8 @@ impl Streams {
         let _ = self.shared.server.set(server);
     }
 
-    /// A ready stream to `peer`, if a connection to it has one. The caller writes its request
-    /// on it, then calls [`InUse::refill`].
+    /// A ready stream to `peer`, if a connection to it has one. Its connection's handler opens
+    /// another in its place once it is dropped.
     pub(crate) fn take(&self, peer: PeerId) -> Option<InUse> {
         let mut connections = self.shared.connections();
         let connection = connections
@@ -166,11 +166,11 @@ pub(crate) struct InUse {
     _alive: Arc<()>,
 }
 
-impl InUse {
-    /// Tells the connection's handler to open a stream in place of this one. Called once the
-    /// request is written: the write has woken the connection's task already, so this costs no
-    /// further hand-off.
-    pub(crate) fn refill(&mut self) {
+impl Drop for InUse {
+    /// Tells the connection's handler to open a stream in place of this one: once the request
+    /// is over, so that opening it (which starts a timer, a wake-up of another thread) is not
+    /// on the request's way; the other ready streams serve meanwhile.
+    fn drop(&mut self) {
         if let Some(waker) = self.refill.take() {
             waker.wake();
         }
@@ -394,7 +394,6 @@ mod tests {
         let exchange = async move {
             taken.stream.write_all(b"hello").await?;
             taken.stream.close().await?;
-            taken.refill();
             let mut answer = Vec::new();
             taken.stream.read_to_end(&mut answer).await?;
             std::io::Result::Ok(answer)

@@ -1005,7 +1005,6 @@ async fn exchange_on(
         io.close().await
     }
     .await;
-    stream.refill();
     if let Err(e) = written {
         return Err(Exchange::Unsent(Box::new(request), e));
     }
