@@ -3,9 +3,10 @@
 //!
 //! Flow: the delivery engine asks for `SendDm` / `Mailbox` requests and gets the peer's answer on
 //! a oneshot. `/kith/dm/1` streams go around this task where they can (see
-//! [`crate::dm_streams`]): a request leaves on a connection's ready stream when it has one, and
-//! inbound requests come out as [`Event::InboundDm`] with their stream, on which the engine
-//! reads the request and answers once its write is flushed.
+//! `dm_streams`): a request leaves on a connection's ready stream when it has one, and
+//! inbound streams go to the engine's server (`Handle::serve_dm_with`; before it is set, they
+//! come out as [`Event::InboundDm`]), which reads the request on the stream and answers there
+//! once its write is flushed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,7 +197,7 @@ struct Paths {
 /// `/kith/dm/1` requests a node sent, by the road they took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct DmPaths {
-    /// On a connection's ready stream (see [`crate::dm_streams`]).
+    /// On a connection's ready stream (see `dm_streams`).
     pub ready_stream: u64,
     /// Through the swarm's request-response behaviour (no ready stream; it dials if need be).
     pub request_response: u64,
