@@ -579,7 +579,21 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    eprintln!("[0/2] store: one durable commit, and {count} commits from 512 tasks…");
+    // Latency first, on a quiet machine: the store and one-sided benchmarks below leave the
+    // kernel writing back and freeing their databases for a while, which slows kith's flushes
+    // (and not the bare baseline, which writes nothing).
+    eprintln!(
+        "[1/3] send → delivered latency: {samples} messages of {payload} bytes, kith and bare \
+         request-response in turn…"
+    );
+    let mut bare = BareDm::start(payload, false).await?;
+    let mut bare_0rtt = BareDm::start(payload, true).await?;
+    let mut direct = KithDirect::start(payload).await.context("kith direct")?;
+    let (kith_samples, bare_samples) =
+        interleaved_latency(samples, &mut direct, &mut [&mut bare, &mut bare_0rtt])
+            .await
+            .context("kith direct")?;
+    eprintln!("[2/3] store: one durable commit, and {count} commits from 512 tasks…");
     let store = kith_tests::bench::store_commits(samples.min(200), count, 512).await?;
     let flush = &store.back_to_back;
     eprintln!(
@@ -594,18 +608,7 @@ async fn main() -> Result<()> {
     eprintln!("      kith inbound only: {inbound:.0}/s");
     let outbound = kith_tests::bench::kith_outbound_only(payload, count).await?;
     eprintln!("      kith outbound only: {outbound:.0}/s");
-    eprintln!(
-        "[1/2] send → delivered latency: {samples} messages of {payload} bytes, kith and bare \
-         request-response in turn…"
-    );
-    let mut bare = BareDm::start(payload, false).await?;
-    let mut bare_0rtt = BareDm::start(payload, true).await?;
-    let mut direct = KithDirect::start(payload).await.context("kith direct")?;
-    let (kith_samples, bare_samples) =
-        interleaved_latency(samples, &mut direct, &mut [&mut bare, &mut bare_0rtt])
-            .await
-            .context("kith direct")?;
-    eprintln!("[2/2] throughput: {count} messages of {payload} bytes, many in flight…");
+    eprintln!("[3/3] throughput: {count} messages of {payload} bytes, many in flight…");
     let figures = |samples: &[Duration], per_sec: f64| Figures {
         p50: percentile(samples, 50.0),
         p99: percentile(samples, 99.0),
@@ -716,7 +719,7 @@ async fn main() -> Result<()> {
         if args.quick { " -- --quick" } else { "" },
         machine()
     )?;
-    writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update. The latency samples are taken in {LATENCY_ROUNDS} rounds, kith and both baselines in turn, so that all of them see the same moments of the machine.\n")?;
+    writeln!(md, "The baseline for direct delivery is bare libp2p request-response over the same transport (TCP, noise, yamux) and codec, with a server that answers at once: no signature check, no store, no flush. kith's figure includes signing, verification, the recipient's durable (flushed) write, the sender's outbox and its state update. The latency samples are taken in {LATENCY_ROUNDS} rounds, kith and both baselines in turn, so that all of them see the same moments of the machine, and before any other benchmark: the store and throughput runs leave the kernel writing back and freeing their databases for a while, which would slow kith's flushes and not the baseline.\n")?;
     writeln!(md, "kith-bench allocates with jemalloc like the `kith` and `kith-relay` binaries, and every baseline runs in the same binary (servers in child processes of it), so both sides of each row use the same allocator. The absolute targets (deposits per second, RSS per idle node) are what a relay operator gets from `kith-relay`.\n")?;
     writeln!(md, "The overload rows run one relay whose mailbox queue holds 64 requests (shedding from 32 in flight) under three floods at once, each from its own peer: message deposits (32 in flight), receipt deposits (128 in flight) and presence queries (64 in flight); the baseline is the same load on the same relay with load shedding off.\n")?;
     writeln!(md, "The file rows run three rounds (the bare transfer, kith direct, kith through a relay, in turn) and show the median with the range in brackets; the ratio is of the medians. Memory rows show the run that grew most.\n")?;
