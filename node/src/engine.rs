@@ -137,9 +137,10 @@ struct Inner {
     /// The running delivery attempts: the outbox loop reaps them and stops them at shutdown.
     attempts: Mutex<JoinSet<()>>,
     /// Inbound `/kith/dm/1` streams being served (reaped as new ones come, stopped at
-    /// shutdown, after which there are none), at most `max_in_flight` at once.
+    /// shutdown, after which there are none).
     inbound: Mutex<Option<JoinSet<()>>>,
-    inbound_slots: Arc<Semaphore>,
+    /// Inbound `/kith/dm/1` requests handled at once (verified, stored and flushed).
+    inbound_slots: Semaphore,
     next_req_id: std::sync::atomic::AtomicU64,
     presence: crate::presence::State,
     groups: crate::group::Groups,
@@ -373,7 +374,7 @@ impl Node {
                 attempt_slots: Arc::new(Semaphore::new(max_in_flight)),
                 attempts: Mutex::new(JoinSet::new()),
                 inbound: Mutex::new(Some(JoinSet::new())),
-                inbound_slots: Arc::new(Semaphore::new(max_in_flight)),
+                inbound_slots: Semaphore::new(max_in_flight),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
                 presence: crate::presence::State::default(),
                 groups: crate::group::Groups::load(store_groups),
@@ -1018,14 +1019,8 @@ impl Node {
             };
             match event {
                 net::Event::InboundDm { peer, stream } => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
-                        break;
-                    };
                     let node = self.clone();
-                    work.spawn(async move {
-                        node.serve_dm(peer, stream).await;
-                        drop(permit);
-                    });
+                    work.spawn(async move { node.serve_dm(peer, stream).await });
                 }
                 net::Event::InboundPresence {
                     peer,
@@ -1091,22 +1086,17 @@ impl Node {
     /// Serves an inbound `/kith/dm/1` stream on a task of its own.
     fn spawn_serve_dm(&self, peer: PeerId, stream: libp2p::Stream) {
         let node = self.clone();
-        let slots = self.inner.inbound_slots.clone();
         let mut inbound = self.inner.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let Some(inbound) = inbound.as_mut() else {
             return; // Shutting down.
         };
         while inbound.try_join_next().is_some() {}
-        inbound.spawn(async move {
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
-            };
-            node.serve_dm(peer, stream).await;
-        });
+        inbound.spawn(async move { node.serve_dm(peer, stream).await });
     }
 
     /// Serves one inbound `/kith/dm/1` stream: the request, then the answer once what it
-    /// carries is on disk.
+    /// carries is on disk. A slot (of `max_in_flight`) is taken only once the request is read,
+    /// so that peers who open streams and send nothing (or slowly) hold up no one else.
     async fn serve_dm(&self, peer: PeerId, mut stream: libp2p::Stream) {
         let request = match net::read_dm(&mut stream).await {
             Ok(request) => request,
@@ -1114,6 +1104,9 @@ impl Node {
                 tracing::debug!(%peer, error = %e, "inbound dm request not read");
                 return;
             }
+        };
+        let Ok(_slot) = self.inner.inbound_slots.acquire().await else {
+            return;
         };
         let response = self.handle_dm(peer, request).await;
         if let Err(e) = net::answer_dm(stream, response).await {
