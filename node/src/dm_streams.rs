@@ -45,13 +45,13 @@ use crate::net::Event;
 pub const SPARE_STREAMS: usize = 2;
 
 /// The behaviour: one [`Handler`] per connection.
-pub(crate) struct Behaviour {
+pub struct Behaviour {
     shared: Arc<Shared>,
 }
 
 /// Takes ready streams for requests; cloneable, usable from any task.
 #[derive(Clone)]
-pub(crate) struct Streams {
+pub struct Streams {
     shared: Arc<Shared>,
 }
 
@@ -86,7 +86,7 @@ impl Shared {
 impl Behaviour {
     /// A behaviour for `protocol` whose inbound streams go to `inbound`, and the handle that
     /// takes its ready outbound streams.
-    pub(crate) fn new(protocol: StreamProtocol, inbound: mpsc::Sender<Event>) -> (Self, Streams) {
+    pub fn new(protocol: StreamProtocol, inbound: mpsc::Sender<Event>) -> (Self, Streams) {
         let shared = Arc::new(Shared {
             protocol,
             server: std::sync::OnceLock::new(),
@@ -133,7 +133,7 @@ impl Streams {
 
     /// A ready stream to `peer`, if a connection to it has one. Its connection's handler opens
     /// another in its place once it is dropped.
-    pub(crate) fn take(&self, peer: PeerId) -> Option<InUse> {
+    pub fn take(&self, peer: PeerId) -> Option<InUse> {
         let mut connections = self.shared.connections();
         let connection = connections
             .values_mut()
@@ -160,8 +160,9 @@ impl Streams {
 }
 
 /// A stream taken for one request; its connection stays open until it is dropped.
-pub(crate) struct InUse {
-    pub(crate) stream: Stream,
+pub struct InUse {
+    /// The stream, its protocol proposed (in 0-RTT negotiation it leaves with the first write).
+    pub stream: Stream,
     refill: Option<Waker>,
     _alive: Arc<()>,
 }
@@ -228,7 +229,7 @@ impl NetworkBehaviour for Behaviour {
 }
 
 /// One connection's `/kith/dm/1` streams.
-pub(crate) struct Handler {
+pub struct Handler {
     connection: ConnectionId,
     peer: PeerId,
     shared: Arc<Shared>,
@@ -346,6 +347,9 @@ mod tests {
             .expect("behaviour")
             .with_swarm_config(|c| {
                 c.with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+                    // Ready streams do not keep a connection open, and libp2p's default idle
+                    // timeout is zero.
+                    .with_idle_connection_timeout(std::time::Duration::from_secs(60))
             })
             .build();
         (swarm, streams)
@@ -355,9 +359,11 @@ mod tests {
     async fn drive(a: &mut Swarm<Behaviour>, b: &mut Swarm<Behaviour>, done: impl Fn() -> bool) {
         let drive = async {
             while !done() {
+                // Connection tasks open streams without a swarm event: look again now and then.
                 tokio::select! {
                     _ = a.select_next_some() => {}
                     _ = b.select_next_some() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
                 }
             }
         };

@@ -8,7 +8,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod demo;
-mod dm_streams;
+pub mod dm_streams;
 pub mod engine;
 pub mod group;
 pub mod identity;

@@ -107,6 +107,70 @@ async fn once_connected_requests_leave_on_ready_streams() -> anyhow::Result<()> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_dm_streams_do_not_hold_up_other_senders() -> anyhow::Result<()> {
+    use futures::{AsyncWriteExt, StreamExt};
+    init_logs();
+    // Bob handles one request at a time.
+    let home = tempfile::tempdir()?;
+    TestNode::init_home(home.path(), "bob")?;
+    let mut config = kith_node::Config::loopback(home.path());
+    config.max_in_flight = 1;
+    let bob = TestNode::start_in(config).await?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+
+    // A peer opens dm streams to bob and sends the first byte of a request on each, and no more.
+    let (events, _inbound) = tokio::sync::mpsc::channel(8);
+    let (behaviour, streams) =
+        kith_node::dm_streams::Behaviour::new(libp2p::StreamProtocol::new(dm::PROTOCOL), events);
+    let mut silent = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|_| behaviour)?
+        .with_swarm_config(|c| {
+            c.with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+                .with_idle_connection_timeout(std::time::Duration::from_secs(60))
+        })
+        .build();
+    let tcp = bob.node().listen_addrs().await.into_iter().find(|a| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+    });
+    silent.dial(tcp.expect("bob listens on TCP"))?;
+    // The swarm's connection task opens the ready streams on its own: keep the swarm going
+    // and wait for them.
+    let keep_polling = tokio::spawn(async move {
+        loop {
+            silent.select_next_some().await;
+        }
+    });
+    let mut held = Vec::new();
+    for _ in 0..kith_node::dm_streams::SPARE_STREAMS {
+        let mut taken = wait_for("a ready stream to bob", || async {
+            streams.take(bob.peer_id())
+        })
+        .await?;
+        taken.stream.write_all(&[0]).await?;
+        taken.stream.flush().await?;
+        held.push(taken);
+    }
+
+    // Their requests wait to be read (for up to 10 s), holding no slot: alice's goes through.
+    let wait = Some(std::time::Duration::from_secs(5));
+    let sent = alice.node().send("bob", "through", wait).await?;
+    assert_eq!(sent.state, MessageState::Delivered);
+    assert_eq!(texts(&bob, "alice"), ["through"]);
+    keep_polling.abort();
+    drop(held);
+    Ok(())
+}
+
 fn chat(key: &libp2p::identity::Keypair, to: libp2p::PeerId, lamport: u64, text: &str) -> Envelope {
     Envelope::seal(
         key,
