@@ -144,6 +144,12 @@ impl Drop for SegmentAccountant {
             };
             M.segment_utilization_shutdown.measure(segment_utilization as u64);
         }
+        // kith patch: a segment written ahead holds the file (and its lock)
+        // until the write is done; whoever opens the database next must find
+        // both free, and must not see the write land in a segment it uses.
+        for (_, prefill) in std::mem::take(&mut self.prefills) {
+            let _ = prefill.wait();
+        }
     }
 }
 
@@ -1050,6 +1056,8 @@ impl SegmentAccountant {
             )
             .and_then(|_| config.file.sync_data())
             .map_err(|e| e.into());
+            // Let go of the file before telling the waiter (see `Drop`).
+            drop(config);
             completer.fill(res);
         })?;
         self.prefills.insert(at, promise);
