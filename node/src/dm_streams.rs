@@ -4,13 +4,14 @@
 //! the request frame, the sender's half closed, the answer frame. Only the plumbing differs:
 //!
 //! - **Inbound**: each connection's handler hands a new `/kith/dm/1` stream straight to the
-//!   delivery engine (as [`crate::net::Event::InboundDm`]), which reads the request, and answers
-//!   once its write is flushed. The swarm task never sees it.
+//!   delivery engine's server ([`Streams::serve_with`]; before that is set, as a
+//!   [`crate::net::Event::InboundDm`]), which reads the request, and answers once its write is
+//!   flushed. The swarm task never sees it.
 //! - **Outbound**: each connection keeps [`SPARE_STREAMS`] outbound streams open and ready.
 //!   Opening one costs nothing on the wire (yamux opens streams lazily, and the protocol proposal
 //!   leaves with the first frame, in 0-RTT negotiation), so the remote sees nothing until one is
 //!   used. [`Streams::take`] hands one to a caller, which writes its request on it at once; the
-//!   handler opens another in its place. When no spare stream is ready (no connection yet, or
+//!   handler opens another in its place once the request is over. When no spare stream is ready (no connection yet, or
 //!   all taken), requests go through the swarm's request-response behaviour as before, which
 //!   also dials.
 //!

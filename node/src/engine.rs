@@ -1018,10 +1018,7 @@ impl Node {
                 },
             };
             match event {
-                net::Event::InboundDm { peer, stream } => {
-                    let node = self.clone();
-                    work.spawn(async move { node.serve_dm(peer, stream).await });
-                }
+                net::Event::InboundDm { peer, stream } => self.spawn_serve_dm(peer, stream),
                 net::Event::InboundPresence {
                     peer,
                     request,

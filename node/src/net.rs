@@ -982,7 +982,8 @@ fn route<Req, Resp>(
 
 /// How a request on a ready stream went wrong.
 enum Exchange {
-    /// Before any of the request left: it may go another way.
+    /// Writing the request failed: it may go another way (should part of it have left, the
+    /// recipient drops the second copy).
     Unsent(Box<Message<dm::Request>>, std::io::Error),
     /// Afterwards: the recipient may or may not have it.
     Failed(std::io::Error),
@@ -994,18 +995,13 @@ async fn exchange_on(
     mut stream: crate::dm_streams::InUse,
     request: Message<dm::Request>,
 ) -> Result<dm::Response, Exchange> {
-    use futures::AsyncWriteExt;
     use request_response::Codec;
-    let protocol = StreamProtocol::new(dm::PROTOCOL);
-    let mut codec = DmCodec::new(dm::MAX_FRAME_BYTES);
-    let io = &mut stream.stream;
-    // If the write fails (the connection is gone, say), the request goes through
-    // request-response; should some of it have left, the recipient drops the copy.
-    let written = async {
-        codec.write_request(&protocol, io, request.clone()).await?;
-        io.close().await
-    }
-    .await;
+    let (protocol, mut codec) = dm_codec();
+    // The codec closes the write half after the request. If the write fails (the connection is
+    // gone, say), the request goes through request-response.
+    let written = codec
+        .write_request(&protocol, &mut stream.stream, request.clone())
+        .await;
     if let Err(e) = written {
         return Err(Exchange::Unsent(Box::new(request), e));
     }
@@ -1015,28 +1011,30 @@ async fn exchange_on(
         .map_err(Exchange::Failed)
 }
 
+/// The `/kith/dm/1` protocol name and codec, for streams handled outside request-response.
+fn dm_codec() -> (StreamProtocol, DmCodec) {
+    (
+        StreamProtocol::new(dm::PROTOCOL),
+        DmCodec::new(dm::MAX_FRAME_BYTES),
+    )
+}
+
 /// Reads the request on an inbound `/kith/dm/1` stream ([`Event::InboundDm`]); it must come
 /// within [`kith_net::REQUEST_TIMEOUT`].
 pub async fn read_dm(stream: &mut libp2p::Stream) -> std::io::Result<Message<dm::Request>> {
     use request_response::Codec;
-    let protocol = StreamProtocol::new(dm::PROTOCOL);
-    let mut codec = DmCodec::new(dm::MAX_FRAME_BYTES);
+    let (protocol, mut codec) = dm_codec();
     let read = codec.read_request(&protocol, stream);
     tokio::time::timeout(kith_net::REQUEST_TIMEOUT, read)
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
-/// Answers the request read with [`read_dm`], and closes the stream.
+/// Answers the request read with [`read_dm`], and closes the stream (the codec does).
 pub async fn answer_dm(mut stream: libp2p::Stream, response: dm::Response) -> std::io::Result<()> {
-    use futures::AsyncWriteExt;
     use request_response::Codec;
-    let write = async {
-        DmCodec::new(dm::MAX_FRAME_BYTES)
-            .write_response(&StreamProtocol::new(dm::PROTOCOL), &mut stream, response)
-            .await?;
-        stream.close().await
-    };
+    let (protocol, mut codec) = dm_codec();
+    let write = codec.write_response(&protocol, &mut stream, response);
     tokio::time::timeout(kith_net::REQUEST_TIMEOUT, write)
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?

@@ -875,9 +875,7 @@ mod tests {
             }
             batch.set_lamport(&bob, 3);
             store.commit(batch).await.expect("commit");
-            let closed = store.closed();
-            drop(store);
-            closed.wait().await;
+            close(store).await;
         }
         let store = Store::open(dir.path()).expect("reopen");
         let texts: Vec<_> = store
@@ -975,11 +973,6 @@ mod tests {
         );
         let crashed = tempfile::tempdir().expect("tempdir");
         copy_dir(dir.path(), crashed.path());
-        let close = |store: Store| async move {
-            let closed = store.closed();
-            drop(store);
-            closed.wait().await;
-        };
         close(store).await;
         let copy = Store::open(crashed.path()).expect("open the crash image");
         assert_eq!(lamports_in(&copy), (1..=2_000).collect::<Vec<u64>>());
@@ -988,6 +981,13 @@ mod tests {
         close(store).await;
         let store = Store::open(dir.path()).expect("reopen again");
         assert_eq!(lamports_in(&store), (1..=3_000).collect::<Vec<u64>>());
+    }
+
+    /// Drops the last handle to `store` and waits until it is flushed and closed.
+    async fn close(store: Store) {
+        let closed = store.closed();
+        drop(store);
+        closed.wait().await;
     }
 
     fn copy_dir(from: &Path, to: &Path) {

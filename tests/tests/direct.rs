@@ -14,13 +14,24 @@ fn texts(node: &TestNode, with: &str) -> Vec<String> {
         .collect()
 }
 
+/// Makes alice and bob each other's contacts.
+async fn acquaint(alice: &TestNode, bob: &TestNode) -> anyhow::Result<()> {
+    befriend(alice, "bob", bob).await?;
+    befriend(bob, "alice", alice).await
+}
+
+/// Alice and bob, started on loopback and each other's contacts.
+async fn friends() -> anyhow::Result<(TestNode, TestNode)> {
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    acquaint(&alice, &bob).await?;
+    Ok((alice, bob))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_ticks() -> anyhow::Result<()> {
     init_logs();
-    let alice = TestNode::start("alice", vec![]).await?;
-    let bob = TestNode::start("bob", vec![]).await?;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, bob) = friends().await?;
 
     let sent = alice.node().send("bob", "hello bob", None).await?;
     wait_for("delivered", || async {
@@ -45,10 +56,7 @@ async fn the_three_ticks() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_quick_sends_arrive_once_and_in_order() -> anyhow::Result<()> {
     init_logs();
-    let alice = TestNode::start("alice", vec![]).await?;
-    let bob = TestNode::start("bob", vec![]).await?;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, bob) = friends().await?;
 
     let mut ids = Vec::new();
     for i in 0..50 {
@@ -75,10 +83,7 @@ async fn fifty_quick_sends_arrive_once_and_in_order() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_connected_requests_leave_on_ready_streams() -> anyhow::Result<()> {
     init_logs();
-    let alice = TestNode::start("alice", vec![]).await?;
-    let bob = TestNode::start("bob", vec![]).await?;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, bob) = friends().await?;
     // Not connected yet: the first request dials, through request-response.
     let wait = Some(std::time::Duration::from_secs(10));
     let first = alice.node().send("bob", "first", wait).await?;
@@ -118,8 +123,7 @@ async fn silent_dm_streams_do_not_hold_up_other_senders() -> anyhow::Result<()> 
     config.max_in_flight = 1;
     let bob = TestNode::start_in(config).await?;
     let alice = TestNode::start("alice", vec![]).await?;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    acquaint(&alice, &bob).await?;
 
     // A peer opens dm streams to bob and sends the first byte of a request on each, and no more.
     let (events, _inbound) = tokio::sync::mpsc::channel(8);
@@ -287,8 +291,7 @@ async fn restarts_keep_history_and_resume_the_outbox() -> anyhow::Result<()> {
     let mut alice = TestNode::start("alice", vec![]).await?;
     let mut bob = TestNode::start("bob", vec![]).await?;
     let bob_addr = bob.addr().await;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    acquaint(&alice, &bob).await?;
 
     let first = alice.node().send("bob", "before", None).await?;
     wait_for("first delivered", || async {
