@@ -8,6 +8,8 @@
 //! | GET | `/v1/id` | | `{peer_id, name, invite, listen_addrs, read_receipts, presence}` |
 //! | GET | `/v1/contacts` | | `[{name, peer_id, addrs, relays}]` |
 //! | POST | `/v1/contacts` | `{name, peer, addrs?}` | the contact |
+//! | DELETE | `/v1/contacts/{name}` | | the removed contact |
+//! | POST | `/v1/contacts/{name}/rename` | `{name}` (the new name) | the renamed contact |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
 //! | GET | `/v1/messages` | `?with=NAME_OR_PEER` | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
 //! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
@@ -17,13 +19,19 @@
 //! | GET | `/v1/presence/{who}` | | `{peer_id, online, last_seen_ms}` (503 when nobody could answer) |
 //! | POST | `/v1/typing` | `{to}` | `{sent: bool}` (once, never stored or retried) |
 //! | POST | `/v1/open` | `{with}` | `{peer_id}` (the user opened the chat: user activity) |
+//! | GET | `/v1/health` | | `{peer_id, name, relays: [{addr, connected, reserved, error, since_ms}], pending_outbox, last_mailbox_fetch_ms, contacts: [{name, peer_id, path}]}` |
+//! | GET | `/v1/settings` | | the settings in effect `{name, presence, read_receipts, max_file_bytes, auto_download_max_bytes, relays}` |
+//! | POST | `/v1/settings` | `{name?, presence?, read_receipts?}` | the settings in effect, changed at once and saved |
 //! | GET | `/v1/events` | | server-sent events, one JSON event per `data:` line (`message`, `receipt`, `failed`, `typing`, `progress {id, direction, done, total}`) |
 //! | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
 //! | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
 //! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
 //! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
 //!
-//! Errors answer `{"error": "..."}` with 400 (bad input), 401 (token), 404 (unknown) or 500.
+//! Every error answers `{"error": "..."}`: 400 (bad input or malformed JSON), 401 (token), 404
+//! (unknown route, message or contact), 405 (wrong method), 413 (body too large), 415 (body not
+//! `application/json`), 422 (a field missing or of the wrong type), 500 (store), 503 (nobody who
+//! could answer did).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,7 +63,9 @@ struct AppState {
     shutdown: Signal,
 }
 
-struct ApiError(StatusCode, String);
+/// An error answer of the local API: `{"error": "..."}` with its status. Every route (the
+/// group and media ones too) answers errors through this one mapping.
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -67,12 +77,52 @@ impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         let status = match &e {
             NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
+            NodeError::UnknownMessage(_) | NodeError::UnknownContact(_) => StatusCode::NOT_FOUND,
             NodeError::UnknownRecipient(_) | NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
             NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
+}
+
+/// Most of an error body kept when one is rewritten as JSON.
+const MAX_ERROR_TEXT_BYTES: usize = 4096;
+
+/// Rewrites error answers that are not JSON (axum's own: an unknown route, a wrong method, a
+/// body that is not JSON, too large, or missing a field) as `{"error": "..."}` with the same
+/// status, so that a client reads every error the same way.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::NOT_FOUND if text.is_empty() => {
+            format!("no API route {method} {path} (README lists the API)")
+        }
+        StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => {
+            format!("{path} does not take {method}")
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text,
+    };
+    let mut rewritten = ApiError(status, message).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        rewritten.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    rewritten
 }
 
 async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -117,6 +167,41 @@ async fn add_contact(
             .add_contact(&body.name, &body.peer, &body.addrs)
             .await?,
     ))
+}
+
+async fn remove_contact(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.node.remove_contact(&name).await?))
+}
+
+#[derive(Deserialize)]
+struct RenameContact {
+    name: String,
+}
+
+async fn rename_contact(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<RenameContact>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.node.rename_contact(&name, &body.name).await?))
+}
+
+async fn health(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.node.health().await)
+}
+
+async fn settings(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.node.settings_view())
+}
+
+async fn change_settings(
+    State(s): State<AppState>,
+    Json(change): Json<crate::config::SettingsChange>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.node.update_settings(change)?))
 }
 
 #[derive(Deserialize)]
@@ -237,6 +322,8 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/v1/id", get(id))
         .route("/v1/contacts", get(contacts).post(add_contact))
+        .route("/v1/contacts/{name}", axum::routing::delete(remove_contact))
+        .route("/v1/contacts/{name}/rename", post(rename_contact))
         .route("/v1/send", post(send))
         .route("/v1/messages", get(messages))
         .route("/v1/read", post(read))
@@ -245,9 +332,13 @@ pub(crate) async fn serve(
         .route("/v1/typing", post(typing))
         .route("/v1/open", post(open))
         .route("/v1/events", get(events))
+        .route("/v1/health", get(health))
+        .route("/v1/settings", get(settings).post(change_settings))
         .merge(crate::group::api_routes().with_state(state.node.clone()))
         .merge(crate::media::api_routes().with_state(state.node.clone()))
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;

@@ -12,7 +12,7 @@ use crate::{ApiInfo, API_FILE, TOKEN_FILE};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No daemon runs with this home.
-    #[error("no kith daemon is running for {0} (start one with `kith --home {0} daemon`)")]
+    #[error("no kith daemon is running for {} (start one with `kith --home {} daemon`)", .0.display(), .0.display())]
     NotRunning(PathBuf),
     /// The daemon answered with an error.
     #[error("{0}")]
@@ -32,6 +32,7 @@ pub enum ClientError {
 
 /// A client for one home's daemon.
 pub struct Client {
+    home: PathBuf,
     base: String,
     token: String,
     http: reqwest::Client,
@@ -52,10 +53,21 @@ impl Client {
             .trim()
             .to_owned();
         Ok(Self {
+            home: home.to_path_buf(),
             base: format!("http://{}", info.api),
             token,
             http: reqwest::Client::new(),
         })
+    }
+
+    /// A request that failed before any answer: a refused connection means the daemon that
+    /// wrote `api.json` is gone (it crashed, or was killed).
+    fn failed(&self, e: reqwest::Error) -> ClientError {
+        if e.is_connect() {
+            ClientError::NotRunning(self.home.clone())
+        } else {
+            ClientError::Http(e)
+        }
     }
 
     async fn answer<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
@@ -79,7 +91,20 @@ impl Client {
             .get(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .send()
-            .await?;
+            .await
+            .map_err(|e| self.failed(e))?;
+        Self::answer(response).await
+    }
+
+    /// DELETE a resource, get a JSON document back.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.failed(e))?;
         Self::answer(response).await
     }
 
@@ -95,7 +120,8 @@ impl Client {
             .bearer_auth(&self.token)
             .json(body)
             .send()
-            .await?;
+            .await
+            .map_err(|e| self.failed(e))?;
         Self::answer(response).await
     }
 
@@ -118,7 +144,8 @@ impl Client {
             .get(format!("{}/v1/events", self.base))
             .bearer_auth(&self.token)
             .send()
-            .await?;
+            .await
+            .map_err(|e| self.failed(e))?;
         if !response.status().is_success() {
             return Self::answer::<Value>(response).await.map(|_| ());
         }

@@ -92,6 +92,98 @@ impl Settings {
     }
 }
 
+/// A change of settings asked of a running node (`kith settings`, `kith name`): the fields
+/// given change, the others stay.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsChange {
+    /// A new display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Who may see this node's online state.
+    #[serde(default)]
+    pub presence: Option<kith_protocol::presence::Visibility>,
+    /// Whether to send read receipts.
+    #[serde(default)]
+    pub read_receipts: Option<bool>,
+}
+
+/// The settings in effect, as the API shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SettingsView {
+    /// The display name.
+    pub name: String,
+    /// Who may see this node's online state.
+    pub presence: kith_protocol::presence::Visibility,
+    /// Whether read receipts are sent.
+    pub read_receipts: bool,
+    /// Largest file sent, in bytes.
+    pub max_file_bytes: u64,
+    /// Received files up to this size download at once.
+    pub auto_download_max_bytes: u64,
+    /// The home relays in effect.
+    pub relays: Vec<String>,
+}
+
+impl crate::engine::Node {
+    /// The settings in effect.
+    pub fn settings_view(&self) -> SettingsView {
+        let s = self.settings();
+        SettingsView {
+            name: s.name,
+            presence: s.presence,
+            read_receipts: s.read_receipts,
+            max_file_bytes: s.max_file_bytes,
+            auto_download_max_bytes: s.auto_download_max_bytes,
+            relays: self.config().relays.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// Applies `change` to the running node and saves it in `<home>/config.toml`. A new
+    /// presence setting reaches the home relays at once.
+    pub fn update_settings(
+        &self,
+        change: SettingsChange,
+    ) -> Result<SettingsView, crate::engine::NodeError> {
+        let name = change.name.as_deref().map(valid_display_name).transpose()?;
+        let before = self.settings();
+        self.change_settings(|s| {
+            if let Some(name) = name {
+                s.name = name.to_owned();
+            }
+            if let Some(presence) = change.presence {
+                s.presence = presence;
+            }
+            if let Some(read_receipts) = change.read_receipts {
+                s.read_receipts = read_receipts;
+            }
+        })
+        .map_err(|e| crate::engine::NodeError::Invalid(e.to_string()))?;
+        if self.settings().presence != before.presence {
+            self.presence_state().wake();
+        }
+        Ok(self.settings_view())
+    }
+}
+
+/// Longest display name, in bytes.
+pub const MAX_DISPLAY_NAME_BYTES: usize = 64;
+
+/// A display name, trimmed, if acceptable: 1 to [`MAX_DISPLAY_NAME_BYTES`] bytes of printable
+/// text (it travels in invites and shows on other people's terminals).
+pub fn valid_display_name(name: &str) -> Result<&str, crate::engine::NodeError> {
+    let name = name.trim();
+    if name.is_empty()
+        || name.len() > MAX_DISPLAY_NAME_BYTES
+        || name.chars().any(crate::text::is_unsafe_char)
+    {
+        return Err(crate::engine::NodeError::Invalid(format!(
+            "a name is 1 to {MAX_DISPLAY_NAME_BYTES} bytes of printable text"
+        )));
+    }
+    Ok(name)
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -381,7 +381,7 @@ pub async fn run(json_output: bool) -> Result<()> {
     tokio::time::timeout(STEP_DEADLINE, async {
         loop {
             match alice_events.recv().await {
-                Ok(NodeEvent::Typing { from }) if from == bob_id => return Ok(()),
+                Ok(NodeEvent::Typing { from, .. }) if from == bob_id => return Ok(()),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     bail!("event stream closed")
                 }

@@ -58,15 +58,29 @@ pub enum NodeEvent {
         text: String,
         /// The sender's clock.
         sent_at_ms: u64,
+        /// The conversation it belongs to: the other party's peer id, or the group id.
+        conversation: String,
+        /// The group id for a group message, `None` (null) for a one-to-one message.
+        group: Option<String>,
+        /// The sender's contact name (this node's own name for its own messages), if known.
+        from_name: Option<String>,
+        /// The conversation's name (the contact's or the group's), if known.
+        conversation_name: Option<String>,
     },
-    /// One of this node's messages changed state (a tick).
+    /// One of this node's messages changed state (a tick) for one recipient.
     Receipt {
         /// The message id.
         id: String,
-        /// The recipient.
+        /// The recipient whose state changed (for a group message: that member).
         peer: String,
-        /// The new state.
+        /// That recipient's new state.
         state: MessageState,
+        /// The conversation: the recipient's peer id, or the group id.
+        conversation: String,
+        /// The group id for a group message, `None` (null) for a one-to-one message.
+        group: Option<String>,
+        /// The recipient's contact name, if known.
+        peer_name: Option<String>,
     },
     /// A message could not be delivered and will not be retried.
     Failed {
@@ -79,6 +93,8 @@ pub enum NodeEvent {
     Typing {
         /// The typing peer's id.
         from: String,
+        /// Its contact name, if known.
+        from_name: Option<String>,
     },
     /// A file transfer moved on ([`crate::media`]).
     Progress {
@@ -105,6 +121,9 @@ pub enum NodeError {
     /// No message with that id.
     #[error("no message with id {0}")]
     UnknownMessage(String),
+    /// No contact goes by that name.
+    #[error("no contact named {0:?} (`kith contact list` shows them)")]
+    UnknownContact(String),
     /// The input is not acceptable (empty text, too long, bad address...).
     #[error("{0}")]
     Invalid(String),
@@ -117,7 +136,8 @@ pub enum NodeError {
 struct Inner {
     key: Keypair,
     me: PeerId,
-    settings: Settings,
+    /// The settings in effect; `kith settings` and `kith name` change them while the node runs.
+    settings: std::sync::RwLock<Settings>,
     config: Config,
     store: Store,
     net: net::Handle,
@@ -145,6 +165,8 @@ struct Inner {
     presence: crate::presence::State,
     groups: crate::group::Groups,
     media: crate::media::State,
+    /// When a mailbox fetch last completed (unix ms, 0: never), for `kith status`.
+    last_fetch_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Where a peer may be reached (see [`Node::route`]).
@@ -255,6 +277,12 @@ pub struct MessageView {
     /// The group conversation it belongs to, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The conversation: the other party's peer id, or the group id.
+    pub conversation: String,
+    /// The conversation's name (the contact's or the group's), if known.
+    pub conversation_name: Option<String>,
+    /// The author's name (a contact's, or this node's own), if known.
+    pub from_name: Option<String>,
     /// The attached file, if any ([`crate::media`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<crate::media::AttachmentView>,
@@ -271,6 +299,9 @@ impl From<StoredMessage> for MessageView {
             sent_at_ms: m.sent_at_ms,
             state: m.state,
             group: None,
+            conversation: m.peer.to_string(),
+            conversation_name: None,
+            from_name: None,
             attachment: None,
         }
     }
@@ -285,6 +316,9 @@ pub struct StatusView {
     pub state: MessageState,
     /// Per-member states (empty for one-to-one messages).
     pub members: HashMap<String, MessageState>,
+    /// Names of the members that this node knows (contacts), by peer id.
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    pub member_names: HashMap<String, String>,
     /// Why a pending message has not gone out yet, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -360,7 +394,7 @@ impl Node {
             inner: Arc::new(Inner {
                 key,
                 me,
-                settings,
+                settings: std::sync::RwLock::new(settings),
                 config,
                 store,
                 net,
@@ -379,6 +413,7 @@ impl Node {
                 presence: crate::presence::State::default(),
                 groups: crate::group::Groups::load(store_groups),
                 media: crate::media::State::default(),
+                last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         // A weak reference: the network handle, which the node holds, holds this.
@@ -415,8 +450,33 @@ impl Node {
         &self.inner.config
     }
 
-    pub(crate) fn settings(&self) -> &Settings {
-        &self.inner.settings
+    /// The settings in effect (a copy: they may change while the node runs).
+    pub(crate) fn settings(&self) -> Settings {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes the settings in effect with `change` and saves them to `<home>/config.toml`;
+    /// returns the new settings.
+    pub(crate) fn change_settings(
+        &self,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<Settings, crate::config::SettingsError> {
+        let mut settings = self
+            .inner
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut changed = settings.clone();
+        change(&mut changed);
+        if changed != *settings {
+            changed.save(&self.inner.config.home)?;
+            *settings = changed;
+        }
+        Ok(settings.clone())
     }
 
     pub(crate) fn home_relays(&self) -> &HashMap<PeerId, Multiaddr> {
@@ -436,13 +496,17 @@ impl Node {
         self.schedule(entry);
     }
 
-    /// Moves one of this node's outgoing messages forward and tells the watchers.
+    /// Moves one of this node's outgoing group messages forward (its overall state); the
+    /// watchers hear of each member's change instead (see `advance_group_members`).
     pub(crate) fn advance_state(
         &self,
         id: &MessageId,
         state: MessageState,
     ) -> Result<(), StoreError> {
-        self.advance(&self.inner.me, id, state)
+        self.inner
+            .store
+            .advance_state(&self.inner.me, id, state)
+            .map(|_| ())
     }
 
     pub(crate) fn req_id(&self) -> u64 {
@@ -457,17 +521,10 @@ impl Node {
     }
 
     /// The network handle, settings, config and home relays (for `presence.rs`).
-    pub(crate) fn parts(
-        &self,
-    ) -> (
-        &net::Handle,
-        &Settings,
-        &Config,
-        &HashMap<PeerId, Multiaddr>,
-    ) {
+    pub(crate) fn parts(&self) -> (&net::Handle, Settings, &Config, &HashMap<PeerId, Multiaddr>) {
         (
             &self.inner.net,
-            &self.inner.settings,
+            self.settings(),
             &self.inner.config,
             &self.inner.home_relays,
         )
@@ -507,7 +564,7 @@ impl Node {
     pub fn invite(&self) -> Invite {
         Invite {
             peer_id: self.inner.me,
-            name: self.inner.settings.name.clone(),
+            name: self.settings().name,
             relays: self
                 .inner
                 .config
@@ -520,9 +577,10 @@ impl Node {
 
     /// What `kith id` shows.
     pub async fn id_info(&self) -> IdInfo {
+        let settings = self.settings();
         IdInfo {
             peer_id: self.inner.me.to_string(),
-            name: self.inner.settings.name.clone(),
+            name: settings.name,
             invite: self.invite().encode(),
             listen_addrs: self
                 .inner
@@ -532,8 +590,8 @@ impl Node {
                 .iter()
                 .map(|a| a.to_string())
                 .collect(),
-            read_receipts: self.inner.settings.read_receipts,
-            presence: self.inner.settings.presence,
+            read_receipts: settings.read_receipts,
+            presence: settings.presence,
         }
     }
 
@@ -542,19 +600,16 @@ impl Node {
         self.inner.net.listen_addrs().await
     }
 
-    /// Adds (or replaces) a contact from a peer id or an invite, with extra direct addresses.
+    /// Adds a contact from a peer id or an invite, with extra direct addresses. Adding the same
+    /// peer under the same name again updates its addresses; a name or a peer already taken is
+    /// refused (see [`Node::rename_contact`] and [`Node::remove_contact`]).
     pub async fn add_contact(
         &self,
         name: &str,
         peer_or_invite: &str,
         addrs: &[String],
     ) -> Result<ContactView, NodeError> {
-        let name = name.trim();
-        if name.is_empty() || name.len() > 64 {
-            return Err(NodeError::Invalid(
-                "a contact name is 1 to 64 characters".into(),
-            ));
-        }
+        let name = crate::contacts::valid_name(name)?;
         let (peer_id, relays) = if let Ok(peer) = peer_or_invite.trim().parse::<PeerId>() {
             (peer, Vec::new())
         } else {
@@ -587,19 +642,7 @@ impl Node {
             addrs: addrs.to_vec(),
             relays,
         };
-        let mut batch = Batch::new();
-        batch.put_contact(&contact);
-        self.inner.store.commit(batch).await?;
-        {
-            let mut contacts = self
-                .inner
-                .contacts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            // The store keys contacts by name: a name given again now means this peer only.
-            contacts.retain(|_, c| c.name != contact.name);
-            contacts.insert(peer_id, contact.clone());
-        }
+        self.save_new_contact(&contact).await?;
         // Anything waiting for this peer may now have a route.
         self.inner
             .outbox
@@ -621,6 +664,11 @@ impl Node {
             .into_iter()
             .map(Into::into)
             .collect())
+    }
+
+    /// The in-memory mirror of the contacts, by peer id (for `contacts.rs`).
+    pub(crate) fn contacts_mirror(&self) -> &Mutex<HashMap<PeerId, Contact>> {
+        &self.inner.contacts
     }
 
     pub(crate) fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
@@ -692,7 +740,7 @@ impl Node {
         wait: Option<Duration>,
     ) -> Result<Sent, NodeError> {
         if let Some(group) = self.group_target(to)? {
-            if text.is_empty() {
+            if text.trim().is_empty() {
                 return Err(NodeError::Invalid(
                     "refusing to send an empty message".into(),
                 ));
@@ -701,7 +749,7 @@ impl Node {
         }
         let peer = self.resolve(to)?;
         self.mark_user_activity();
-        if text.is_empty() {
+        if text.trim().is_empty() {
             return Err(NodeError::Invalid(
                 "refusing to send an empty message".into(),
             ));
@@ -875,7 +923,9 @@ impl Node {
 
     /// A conversation (by contact name or peer id), or every message when `with` is `None`.
     pub fn messages(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
-        Ok(self.with_attachments(self.messages_without_files(with)?))
+        let mut views = self.with_attachments(self.messages_without_files(with)?);
+        self.name_messages(&mut views);
+        Ok(views)
     }
 
     fn messages_without_files(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
@@ -921,7 +971,7 @@ impl Node {
         if ids.is_empty() {
             return Ok(0);
         }
-        if self.inner.settings.read_receipts {
+        if self.settings().read_receipts {
             self.queue_receipts(peer, ReceiptState::Read, &ids).await?;
         } else {
             self.inner.store.flush().await?;
@@ -976,10 +1026,16 @@ impl Node {
             let reason = (m.state == MessageState::Pending)
                 .then(|| self.inner.groups.reason(&m.id))
                 .flatten();
+            let members = self.member_view(&m.id);
+            let member_names = members
+                .keys()
+                .filter_map(|p| Some((p.clone(), self.name_of(&p.parse().ok()?)?)))
+                .collect();
             return Ok(StatusView {
                 id: m.id.to_string(),
                 state: m.state,
-                members: self.member_view(&m.id),
+                members,
+                member_names,
                 reason,
             });
         }
@@ -990,6 +1046,7 @@ impl Node {
                     id: m.id.to_string(),
                     state: m.state,
                     members: HashMap::new(),
+                    member_names: HashMap::new(),
                     reason: None,
                 });
             }
@@ -1297,12 +1354,7 @@ impl Node {
             file_size,
         } = fresh;
         if let Some(text) = text {
-            self.emit(NodeEvent::Message {
-                id: envelope.id.to_string(),
-                from: envelope.from.to_string(),
-                text,
-                sent_at_ms: envelope.sent_at_ms,
-            });
+            self.emit(self.message_event(&envelope, None, text));
         }
         if let Some(size) = file_size {
             self.file_received(envelope.id, size).await;
@@ -1351,11 +1403,7 @@ impl Node {
         state: MessageState,
     ) -> Result<(), StoreError> {
         if let Some(msg) = self.inner.store.advance_state(from, id, state)? {
-            self.emit(NodeEvent::Receipt {
-                id: id.to_string(),
-                peer: msg.peer.to_string(),
-                state: msg.state,
-            });
+            self.emit(self.receipt_event(id, msg.peer, None, msg.state));
         }
         Ok(())
     }
@@ -1416,9 +1464,34 @@ impl Node {
                 }
             }
             if !more {
+                self.inner
+                    .last_fetch_ms
+                    .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                 return;
             }
         }
+    }
+
+    /// When a mailbox fetch last completed (unix ms), if one did.
+    pub(crate) fn last_fetch_ms(&self) -> Option<u64> {
+        match self
+            .inner
+            .last_fetch_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// Envelopes waiting in the outbox (messages and receipts).
+    pub(crate) fn outbox_len(&self) -> usize {
+        self.inner
+            .outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
     }
 
     async fn poll_loop(self, mut shutdown: Signal) {

@@ -31,7 +31,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::{Path, State as AxumState};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as AxumResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -548,12 +547,7 @@ impl Node {
             .commit(batch)
             .await
             .map_err(|e| store_failed(&e))?;
-        self.emit(NodeEvent::Message {
-            id: envelope.id.to_string(),
-            from: from.to_string(),
-            text,
-            sent_at_ms: envelope.sent_at_ms,
-        });
+        self.emit(self.message_event(&envelope, Some(group_id), text));
         self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
         if let Some(file) = &file {
             self.file_received(envelope.id, file.size).await;
@@ -794,9 +788,15 @@ impl Node {
         member: Option<&PeerId>,
         state: MessageState,
     ) -> Result<(), NodeError> {
-        if let Some(states) = self.store().advance_members(id, member, state)? {
+        if let Some((states, moved)) = self.store().advance_members(id, member, state)? {
             let overall = group::overall_state(states.values().copied());
             self.advance_state(id, overall)?;
+            // Recorded first: whoever hears of a change reads it back.
+            let group = self.store().message_group(id)?;
+            for peer in moved {
+                let state = states.get(&peer).copied().unwrap_or(state);
+                self.emit(self.receipt_event(id, peer, group, state));
+            }
         }
         Ok(())
     }
@@ -820,6 +820,7 @@ impl Node {
             .map(|m| {
                 let mut view = MessageView::from(m);
                 view.group = Some(state.group.to_string());
+                view.conversation = state.group.to_string();
                 view
             })
             .collect())
@@ -861,12 +862,7 @@ struct ApiError(NodeError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> AxumResponse {
-        let status = match &self.0 {
-            NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        (status, Json(json!({ "error": self.0.to_string() }))).into_response()
+        crate::api::ApiError::from(self.0).into_response()
     }
 }
 

@@ -5,18 +5,23 @@
 //! shutdown signal, which is what `kith daemon` does.
 
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod config;
+mod contacts;
 pub mod demo;
 pub mod dm_streams;
 pub mod engine;
 pub mod group;
+pub mod health;
 pub mod identity;
 pub mod media;
+mod names;
 pub mod net;
 pub mod presence;
 pub mod shutdown;
 pub mod store;
+pub mod text;
 
 use std::future::Future;
 use std::io::Write;
@@ -55,8 +60,11 @@ pub enum StartError {
     /// The settings file is damaged.
     #[error(transparent)]
     Settings(#[from] config::SettingsError),
-    /// The store could not be opened (another daemon may be using this home).
-    #[error("cannot open the store in {path}: {source} (is another `kith daemon` running with this --home?)")]
+    /// Another daemon holds this home's store.
+    #[error("another kith daemon is already running with --home {0}; stop it first, or give this one another --home")]
+    AlreadyRunning(PathBuf),
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}")]
     Store {
         /// The store directory.
         path: PathBuf,
@@ -140,9 +148,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let key = identity::load(&config.home)?;
     let settings = Settings::load(&config.home)?;
     let db_path = config.home.join("db");
-    let store = store::Store::open(&db_path).map_err(|source| StartError::Store {
-        path: db_path.clone(),
-        source,
+    let store = store::Store::open(&db_path).map_err(|source| match source {
+        // sled says so only in its message: "could not acquire lock on ...".
+        store::StoreError::Sled(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
+            StartError::AlreadyRunning(config.home.clone())
+        }
+        source => StartError::Store {
+            path: db_path.clone(),
+            source,
+        },
     })?;
     let store_closed = store.closed();
     let (trigger, signal) = shutdown::channel();

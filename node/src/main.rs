@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kith_node::client::Client;
+use kith_node::text::for_terminal;
 use kith_node::{identity, Config, Settings};
 use libp2p::Multiaddr;
 use serde_json::{json, Value};
@@ -47,7 +48,8 @@ enum Command {
     },
     /// Run the node in the foreground.
     Daemon {
-        /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4101.
+        /// Address to listen on (repeatable), e.g. /ip4/127.0.0.1/tcp/4101. Without it the
+        /// daemon listens on every interface (0.0.0.0 and ::, TCP and QUIC, random ports).
         #[arg(long = "listen")]
         listen: Vec<Multiaddr>,
         /// Home relay (repeatable), a multiaddr ending in /p2p/<relay peer id>. Remembered in
@@ -67,11 +69,11 @@ enum Command {
     /// Group chats: create, add, remove, promote, leave, list, info.
     #[command(subcommand)]
     Group(kith_node::group::cli::GroupCommand),
-    /// Send a message; prints its id.
+    /// Send a message; prints its id (its state goes to stderr).
     Send {
         /// Contact name, peer id, or group name or id.
         to: String,
-        /// The text.
+        /// The text, at most 16 KiB (16384 bytes of UTF-8); `-` reads it from standard input.
         text: String,
         /// Print one JSON document.
         #[arg(long)]
@@ -111,10 +113,11 @@ enum Command {
         /// Contact name or peer id.
         with: String,
     },
-    /// Show a message's state.
+    /// Show a message's state, or without an id the node's health: relays, reservations,
+    /// outbox, last mailbox fetch, and the road to each contact.
     Status {
         /// The message id.
-        id: String,
+        id: Option<String>,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
@@ -132,7 +135,8 @@ enum Command {
         /// Contact name or peer id.
         to: String,
     },
-    /// Show or change your settings (in <home>/config.toml; restart the daemon to apply).
+    /// Show or change your settings (saved in <home>/config.toml; a running daemon applies
+    /// them at once).
     Settings {
         /// Who may see your online state and last seen: everyone, contacts or nobody.
         #[arg(long)]
@@ -140,9 +144,17 @@ enum Command {
         /// Send read receipts: on or off.
         #[arg(long, value_parser = parse_on_off)]
         read_receipts: Option<bool>,
+        /// Your display name (shown in your invite).
+        #[arg(long)]
+        name: Option<String>,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
+    },
+    /// Change your display name (shown in your invite).
+    Name {
+        /// The new name.
+        name: String,
     },
     /// Start a relay and three nodes on loopback and play the features end to end.
     Demo {
@@ -150,9 +162,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream events (messages, receipts, typing) as JSON lines.
+    /// Stream events (messages, receipts, typing, failures) until stopped, reconnecting when
+    /// the daemon restarts. On a terminal one readable line each; otherwise, or with --json,
+    /// one JSON event per line.
     Events {
-        /// Print JSON lines (the default output is JSON lines too).
+        /// Print JSON lines, the exact events of `GET /v1/events`.
         #[arg(long)]
         json: bool,
     },
@@ -176,6 +190,18 @@ enum ContactCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a contact (its conversation stays).
+    Remove {
+        /// The contact's name.
+        name: String,
+    },
+    /// Give a contact another name.
+    Rename {
+        /// Its name now.
+        old: String,
+        /// The new name.
+        new: String,
+    },
 }
 
 fn default_home() -> PathBuf {
@@ -187,15 +213,6 @@ fn default_home() -> PathBuf {
 fn print_json(value: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-fn tick(state: &str) -> &'static str {
-    match state {
-        "sent" => "✓",
-        "delivered" => "✓✓",
-        "read" => "✓✓ read",
-        _ => "…",
-    }
 }
 
 async fn daemon_client(home: &std::path::Path) -> Result<Client> {
@@ -254,6 +271,14 @@ async fn run(cli: Cli) -> Result<()> {
                 config.listen = listen;
             }
             let mut settings = Settings::load(&home)?;
+            // Checked before anything is saved: a bad address must not stick in config.toml.
+            for addr in &relay {
+                if kith_node::net::peer_of(addr).is_none() {
+                    anyhow::bail!(
+                        "the relay address {addr} must end in /p2p/<relay peer id> (`kith-relay id` prints the full address); nothing was saved"
+                    );
+                }
+            }
             let remembered: Vec<String> = relay.iter().map(|a| a.to_string()).collect();
             if relay.is_empty() {
                 for saved in &settings.relays {
@@ -296,8 +321,33 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?;
             println!(
                 "added {} ({})",
-                contact["name"].as_str().unwrap_or_default(),
+                for_terminal(contact["name"].as_str().unwrap_or_default()),
                 contact["peer_id"].as_str().unwrap_or_default()
+            );
+        }
+        Command::Contact(ContactCommand::Remove { name }) => {
+            let client = daemon_client(&home).await?;
+            let removed: Value = client
+                .delete(&format!("/v1/contacts/{}", urlencode(&name)))
+                .await?;
+            println!(
+                "removed {} ({}); the conversation stays",
+                for_terminal(removed["name"].as_str().unwrap_or_default()),
+                removed["peer_id"].as_str().unwrap_or_default()
+            );
+        }
+        Command::Contact(ContactCommand::Rename { old, new }) => {
+            let client = daemon_client(&home).await?;
+            let renamed: Value = client
+                .post(
+                    &format!("/v1/contacts/{}/rename", urlencode(&old)),
+                    &json!({ "name": new }),
+                )
+                .await?;
+            println!(
+                "renamed {} to {}",
+                for_terminal(&old),
+                for_terminal(renamed["name"].as_str().unwrap_or_default())
             );
         }
         Command::Contact(ContactCommand::List { json }) => {
@@ -309,13 +359,18 @@ async fn run(cli: Cli) -> Result<()> {
                 for c in contacts.as_array().into_iter().flatten() {
                     println!(
                         "{}\t{}",
-                        c["name"].as_str().unwrap_or_default(),
+                        for_terminal(c["name"].as_str().unwrap_or_default()),
                         c["peer_id"].as_str().unwrap_or_default()
                     );
                 }
             }
         }
         Command::Send { to, text, json } => {
+            let text = if text == "-" {
+                read_stdin_text()?
+            } else {
+                text
+            };
             let client = daemon_client(&home).await?;
             let sent: Value = client
                 .post(
@@ -327,6 +382,14 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&sent)?;
             } else {
                 println!("{}", sent["id"].as_str().unwrap_or_default());
+                let state = sent["state"].as_str().unwrap_or_default();
+                match state {
+                    "pending" => eprintln!(
+                        "pending: not reachable yet; kith keeps trying (`kith status {}`)",
+                        sent["id"].as_str().unwrap_or_default()
+                    ),
+                    state => eprintln!("{state} {}", kith_node::cli::tick(state)),
+                }
             }
             if let Some(note) = sent["note"].as_str() {
                 eprintln!("note: {note}");
@@ -350,35 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 print_json(&messages)?;
             } else {
-                for m in messages.as_array().into_iter().flatten() {
-                    let out = m["direction"] == "out";
-                    let file = &m["attachment"];
-                    let text = if file.is_object() {
-                        format!(
-                            "[file {} ({} bytes, {}){}] {}",
-                            file["name"].as_str().unwrap_or_default(),
-                            file["size"],
-                            m["id"].as_str().unwrap_or_default(),
-                            file["path"]
-                                .as_str()
-                                .map(|p| format!(" at {p}"))
-                                .unwrap_or_else(|| " not downloaded".into()),
-                            m["text"].as_str().unwrap_or_default(),
-                        )
-                    } else {
-                        m["text"].as_str().unwrap_or_default().to_owned()
-                    };
-                    println!(
-                        "{} {}  {}",
-                        if out { "→" } else { "←" },
-                        text,
-                        if out {
-                            tick(m["state"].as_str().unwrap_or_default())
-                        } else {
-                            ""
-                        }
-                    );
-                }
+                kith_node::cli::print_messages(&messages, with.is_some());
             }
         }
         Command::Read { with } => {
@@ -386,7 +421,16 @@ async fn run(cli: Cli) -> Result<()> {
             let read: Value = client.post("/v1/read", &json!({ "with": with })).await?;
             println!("marked {} message(s) read", read["read"]);
         }
-        Command::Status { id, json } => {
+        Command::Status { id: None, json } => {
+            let client = daemon_client(&home).await?;
+            let health: Value = client.get("/v1/health").await?;
+            if json {
+                print_json(&health)?;
+            } else {
+                kith_node::cli::print_health(&health);
+            }
+        }
+        Command::Status { id: Some(id), json } => {
             let client = daemon_client(&home).await?;
             let status: Value = client
                 .get(&format!("/v1/status/{}", urlencode(&id)))
@@ -396,8 +440,13 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", status["state"].as_str().unwrap_or_default());
                 if let Some(members) = status["members"].as_object() {
+                    let names = &status["member_names"];
                     for (peer, state) in members {
-                        println!("  {peer}  {}", state.as_str().unwrap_or_default());
+                        let who = names[peer]
+                            .as_str()
+                            .map(|n| format!("{} ({peer})", for_terminal(n)))
+                            .unwrap_or_else(|| peer.clone());
+                        println!("  {who}  {}", state.as_str().unwrap_or_default());
                     }
                 }
                 if let Some(reason) = status["reason"].as_str() {
@@ -416,7 +465,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("online");
             } else {
                 match seen["last_seen_ms"].as_u64() {
-                    Some(ms) => println!("offline, last seen {}", format_time_ms(ms)),
+                    Some(ms) => println!("offline, last seen {}", kith_node::cli::ago(ms)),
                     None => println!("offline (last seen unknown or hidden)"),
                 }
             }
@@ -431,36 +480,27 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Settings {
             presence,
             read_receipts,
+            name,
             json,
         } => {
-            let mut settings = Settings::load(&home)?;
-            let before = settings.clone();
-            if let Some(presence) = presence {
-                settings.presence = presence;
-            }
-            if let Some(read_receipts) = read_receipts {
-                settings.read_receipts = read_receipts;
-            }
-            if settings != before {
-                settings.save(&home)?;
-                if Client::for_home(&home).is_ok() {
-                    eprintln!("saved; restart the daemon to apply");
-                }
-            }
+            let change = json!({
+                "presence": presence,
+                "read_receipts": read_receipts,
+                "name": name,
+            });
+            let settings = change_settings(&home, change).await?;
             if json {
-                print_json(&json!({
-                    "name": settings.name,
-                    "presence": settings.presence,
-                    "read_receipts": settings.read_receipts,
-                }))?;
+                print_json(&settings)?;
             } else {
-                println!("name:          {}", settings.name);
-                println!("presence:      {}", settings.presence);
-                println!(
-                    "read receipts: {}",
-                    if settings.read_receipts { "on" } else { "off" }
-                );
+                kith_node::cli::print_settings(&settings);
             }
+        }
+        Command::Name { name } => {
+            let settings = change_settings(&home, json!({ "name": name })).await?;
+            println!(
+                "your name is now {}",
+                for_terminal(settings["name"].as_str().unwrap_or_default())
+            );
         }
         Command::Demo { json } => {
             kith_node::demo::run(json)
@@ -471,9 +511,8 @@ async fn run(cli: Cli) -> Result<()> {
             let client = daemon_client(&home).await?;
             kith_node::group::cli::run(&client, command).await?;
         }
-        Command::Events { json: _ } => {
-            let client = daemon_client(&home).await?;
-            client.events(|event| println!("{event}")).await?;
+        Command::Events { json } => {
+            follow_events(&home, json).await?;
         }
     }
     Ok(())
@@ -487,14 +526,126 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn format_time_ms(ms: u64) -> String {
-    let ago = kith_node::engine::now_ms().saturating_sub(ms) / 1000;
-    match ago {
-        0..=59 => format!("{ago} s ago"),
-        60..=3599 => format!("{} min ago", ago / 60),
-        3600..=86399 => format!("{} h ago", ago / 3600),
-        _ => format!("{} days ago", ago / 86400),
+/// The text of `kith send TO -`: standard input, one final line break dropped.
+fn read_stdin_text() -> Result<String> {
+    use std::io::Read as _;
+    let max = kith_protocol::limits::MAX_TEXT_BYTES;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(max as u64 + 2)
+        .read_to_end(&mut bytes)
+        .context("reading the text from standard input")?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
     }
+    if bytes.len() > max {
+        anyhow::bail!(
+            "the text on standard input is over {max} bytes, the most a message holds; send it as a file with `kith send-file`"
+        );
+    }
+    String::from_utf8(bytes).context("the text on standard input is not UTF-8")
+}
+
+/// Applies a settings change (`null` fields stay) and returns the settings in effect: through a
+/// running daemon, which applies them at once, or in config.toml when none runs.
+async fn change_settings(home: &std::path::Path, change: Value) -> Result<Value> {
+    let change: serde_json::Map<String, Value> = change
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Ok(client) = Client::for_home(home) {
+        match client
+            .post("/v1/settings", &Value::Object(change.clone()))
+            .await
+        {
+            Ok(settings) => return Ok(settings),
+            Err(kith_node::client::ClientError::NotRunning(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut settings = Settings::load(home)?;
+    if let Some(name) = change.get("name").and_then(Value::as_str) {
+        settings.name = kith_node::config::valid_display_name(name)?.to_owned();
+    }
+    if let Some(presence) = change.get("presence") {
+        settings.presence = serde_json::from_value(presence.clone())?;
+    }
+    if let Some(on) = change.get("read_receipts").and_then(Value::as_bool) {
+        settings.read_receipts = on;
+    }
+    if !change.is_empty() {
+        settings.save(home)?;
+    }
+    Ok(json!({
+        "name": settings.name,
+        "presence": settings.presence,
+        "read_receipts": settings.read_receipts,
+        "max_file_bytes": settings.max_file_bytes,
+        "auto_download_max_bytes": settings.auto_download_max_bytes,
+        "relays": settings.relays,
+    }))
+}
+
+/// How often `kith events` looks for a daemon that went away.
+const EVENTS_RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `kith events`: prints events until the process is stopped; when the daemon goes away, says
+/// so on stderr and waits for it to come back.
+async fn follow_events(home: &std::path::Path, json: bool) -> Result<()> {
+    use std::io::IsTerminal as _;
+    let readable = !json && std::io::stdout().is_terminal();
+    let print = |event: Value| {
+        if readable {
+            if let Some(line) = kith_node::cli::event_line(&event) {
+                println!("{line}");
+            }
+        } else {
+            println!("{event}");
+        }
+    };
+    // The first connection must work: a mistyped --home should not wait forever.
+    let mut client = daemon_client(home).await?;
+    loop {
+        match client.events(&print).await {
+            Ok(()) => {
+                eprintln!("kith: the daemon stopped; waiting for it to come back (Ctrl-C to quit)")
+            }
+            Err(e) => eprintln!(
+                "kith: lost the daemon ({e}); waiting for it to come back (Ctrl-C to quit)"
+            ),
+        }
+        client = loop {
+            tokio::time::sleep(EVENTS_RECONNECT_INTERVAL).await;
+            if let Ok(client) = Client::for_home(home) {
+                if client.get::<Value>("/v1/id").await.is_ok() {
+                    break client;
+                }
+            }
+        };
+        eprintln!("kith: reconnected to the daemon (events in between were not shown)");
+    }
+}
+
+/// An error as one line: its chain of causes, each said once.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
@@ -561,11 +712,12 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kith: {e:#}");
+            eprintln!("kith: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

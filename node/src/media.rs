@@ -1722,12 +1722,10 @@ mod api {
     use std::path::PathBuf;
 
     use axum::extract::State as AxumState;
-    use axum::http::StatusCode;
     use axum::response::{IntoResponse, Response};
     use axum::routing::post;
     use axum::{Json, Router};
     use serde::Deserialize;
-    use serde_json::json;
 
     use crate::engine::{Node, NodeError};
 
@@ -1735,13 +1733,7 @@ mod api {
 
     impl IntoResponse for ApiError {
         fn into_response(self) -> Response {
-            let status = match &self.0 {
-                NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
-                NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            (status, Json(json!({ "error": self.0.to_string() }))).into_response()
+            crate::api::ApiError::from(self.0).into_response()
         }
     }
 

@@ -176,6 +176,43 @@ enum Command {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
     },
+    Health {
+        reply: oneshot::Sender<Health>,
+    },
+}
+
+/// What the network knows of its home relays and its connections, for `kith status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    /// Each home relay.
+    pub relays: Vec<RelayHealth>,
+    /// Connected peers and the road each connection takes: `direct` when one connection is
+    /// not through a relay circuit, `relayed` otherwise.
+    pub paths: HashMap<PeerId, &'static str>,
+}
+
+/// One home relay's state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayHealth {
+    /// Its address, with `/p2p/<id>`.
+    pub addr: String,
+    /// Whether a connection to it is open.
+    pub connected: bool,
+    /// Whether it holds a circuit reservation for this node (others can reach it through it).
+    pub reserved: bool,
+    /// Why the last dial failed, while it is not connected.
+    pub error: Option<String>,
+    /// Since when (unix ms) it is connected, or failing.
+    pub since_ms: Option<u64>,
+}
+
+/// The actor's record of one home relay.
+#[derive(Debug, Default)]
+struct RelayState {
+    connected: bool,
+    reserved: bool,
+    error: Option<String>,
+    since_ms: Option<u64>,
 }
 
 /// A cloneable handle to the network actor.
@@ -425,6 +462,13 @@ impl Handle {
             .unwrap_or_default()
     }
 
+    /// The home relays' state and the roads to connected peers.
+    pub async fn health(&self) -> Health {
+        self.ask(|reply| Command::Health { reply })
+            .await
+            .unwrap_or_default()
+    }
+
     /// Whether a connection to `peer` is open.
     pub async fn is_connected(&self, peer: PeerId) -> bool {
         self.ask(|reply| Command::Connected { peer, reply })
@@ -608,6 +652,8 @@ pub(crate) async fn start(
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let actor = Actor {
         swarm,
+        relay_states: relays.keys().map(|p| (*p, RelayState::default())).collect(),
+        connections: HashMap::new(),
         relays,
         circuits: HashSet::new(),
         pending_dm: HashMap::new(),
@@ -633,6 +679,10 @@ pub(crate) async fn start(
 struct Actor {
     swarm: Swarm<Behaviour>,
     relays: HashMap<PeerId, Multiaddr>,
+    /// What `kith status` shows of each home relay.
+    relay_states: HashMap<PeerId, RelayState>,
+    /// Open connections per peer, and whether each goes through a relay circuit.
+    connections: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, bool>>,
     /// Relays on which a circuit listener is open.
     circuits: HashSet<PeerId>,
     pending_dm: HashMap<OutboundRequestId, oneshot::Sender<Result<dm::Response, NetError>>>,
@@ -676,6 +726,56 @@ impl Actor {
                 let _ = self.swarm.dial(addr.clone());
             }
         }
+    }
+
+    /// A dial failed: for a home relay, remember why and say so once per new reason (the
+    /// re-dial every few seconds would otherwise repeat it).
+    fn relay_dial_failed(&mut self, peer: PeerId, reason: String) {
+        let (Some(state), Some(addr)) = (self.relay_states.get_mut(&peer), self.relays.get(&peer))
+        else {
+            return;
+        };
+        if state.connected {
+            return;
+        }
+        if state.error.as_deref() != Some(reason.as_str()) {
+            tracing::warn!(relay = %addr, error = %reason, "cannot reach home relay; will keep trying (`kith status` shows it)");
+            if state.error.is_none() {
+                state.since_ms = Some(crate::engine::now_ms());
+            }
+            state.error = Some(reason);
+        }
+    }
+
+    fn health(&self) -> Health {
+        let mut relays: Vec<RelayHealth> = self
+            .relays
+            .iter()
+            .map(|(peer, addr)| {
+                let state = self.relay_states.get(peer);
+                RelayHealth {
+                    addr: addr.to_string(),
+                    connected: self.swarm.is_connected(peer),
+                    reserved: state.is_some_and(|s| s.reserved),
+                    error: state.and_then(|s| s.error.clone()),
+                    since_ms: state.and_then(|s| s.since_ms),
+                }
+            })
+            .collect();
+        relays.sort_by(|a, b| a.addr.cmp(&b.addr));
+        let paths = self
+            .connections
+            .iter()
+            .map(|(peer, open)| {
+                let road = if open.values().any(|relayed| !relayed) {
+                    "direct"
+                } else {
+                    "relayed"
+                };
+                (*peer, road)
+            })
+            .collect();
+        Health { relays, paths }
     }
 
     fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
@@ -784,6 +884,9 @@ impl Actor {
             Command::Connected { peer, reply } => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
             }
+            Command::Health { reply } => {
+                let _ = reply.send(self.health());
+            }
             Command::Presence {
                 peer,
                 addrs,
@@ -825,11 +928,41 @@ impl Actor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
                 tracing::debug!(?event, "relay client");
+                if let relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } = event {
+                    if let Some(state) = self.relay_states.get_mut(&relay_peer_id) {
+                        state.reserved = true;
+                    }
+                }
             }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => self.relay_dial_failed(peer, error.to_string()),
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, endpoint.is_relayed());
+                if let Some(state) = self.relay_states.get_mut(&peer_id) {
+                    if !state.connected {
+                        if state.error.is_some() {
+                            tracing::info!(relay = %peer_id, "home relay reachable again");
+                        }
+                        *state = RelayState {
+                            connected: true,
+                            reserved: state.reserved,
+                            error: None,
+                            since_ms: Some(crate::engine::now_ms()),
+                        };
+                    }
+                }
                 if let Some(addr) = self.relays.get(&peer_id).cloned() {
                     if self.circuits.insert(peer_id) {
                         let circuit = addr.with(Protocol::P2pCircuit);
@@ -844,18 +977,35 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
+                if let Some(open) = self.connections.get_mut(&peer_id) {
+                    open.remove(&connection_id);
+                    if open.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+                if num_established > 0 {
+                    return;
+                }
                 tracing::debug!(peer = %peer_id, "disconnected");
-                if self.relays.contains_key(&peer_id) {
+                if let Some(state) = self.relay_states.get_mut(&peer_id) {
                     tracing::info!(relay = %peer_id, "lost home relay; will re-dial");
+                    *state = RelayState {
+                        since_ms: Some(crate::engine::now_ms()),
+                        ..RelayState::default()
+                    };
                 }
             }
             SwarmEvent::ListenerClosed { addresses, .. } => {
                 for addr in addresses {
                     if let Some(relay) = relay_of_circuit(&addr) {
                         self.circuits.remove(&relay);
+                        if let Some(state) = self.relay_states.get_mut(&relay) {
+                            state.reserved = false;
+                        }
                     }
                 }
             }

@@ -278,6 +278,7 @@ impl Node {
             Message::Valid(Request::Typing { req_id }) => {
                 self.emit(NodeEvent::Typing {
                     from: peer.to_string(),
+                    from_name: self.contact_of(&peer).map(|c| c.name),
                 });
                 Response::Ack {
                     req_id,

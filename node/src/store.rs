@@ -12,7 +12,7 @@
 //! | `c/` | peer, lamport, from, message id | empty: a conversation in display order |
 //! | `l/` | peer | the conversation's Lamport clock (`u64`) |
 //! | `o/` | message id | [`OutboxEntry`]: envelopes waiting for delivery |
-//! | `k/` | contact name | [`Contact`] |
+//! | `K/` | contact's peer id | [`Contact`] (one name per peer; names unique) |
 //! | `G/` | group id | the group's [`State`](kith_protocol::group::State) as last validated |
 //! | `gc/` | group id, lamport, from, message id | empty: a group conversation in display order |
 //! | `gm/` | message id | group id: the message belongs to a group conversation |
@@ -37,7 +37,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// The schema this release writes. Bump it, and add a migration in [`Store::open`], when the key
 /// layout or a value's encoding changes.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 2: contacts are keyed by peer id (`K/`) instead of by name (`k/`); [`Store::open`] moves
+///   contacts of a version-1 store.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Largest value this store writes or reads back.
 const MAX_VALUE_BYTES: usize = 1024 * 1024;
@@ -253,11 +256,14 @@ impl Batch {
         self.insert(attachment_key(id), encode(record));
     }
 
-    /// Stores a contact.
+    /// Stores a contact (replacing the contact of the same peer).
     pub fn put_contact(&mut self, contact: &Contact) {
-        let mut key = b"k/".to_vec();
-        key.extend_from_slice(contact.name.as_bytes());
-        self.insert(key, encode(contact));
+        self.insert(peer_key(b"K/", &contact.peer_id), encode(contact));
+    }
+
+    /// Removes the contact of `peer`.
+    pub fn remove_contact(&mut self, peer: &PeerId) {
+        self.remove(peer_key(b"K/", peer));
     }
 }
 
@@ -303,6 +309,9 @@ impl Store {
                     })?;
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::NewerSchema { found });
+                }
+                if found < 2 {
+                    migrate_contacts_by_peer(&tree)?;
                 }
             }
         }
@@ -570,16 +579,51 @@ impl Store {
             .collect()
     }
 
-    /// Every contact, by name.
+    /// Every contact, sorted by name.
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
-        self.tree
-            .scan_prefix(b"k/")
+        let mut contacts = self
+            .tree
+            .scan_prefix(b"K/")
             .map(|entry| {
                 let (key, value) = entry?;
                 decode(&key, &value)
             })
-            .collect()
+            .collect::<Result<Vec<Contact>, _>>()?;
+        contacts.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(contacts)
     }
+}
+
+/// Schema 1 to 2: contacts keyed by name (`k/NAME`) move to their peer id (`K/PEER`), in one
+/// atomic batch with the new version. A peer that had several names keeps the first (by name);
+/// the others are logged, since one peer under two names is what this change forbids.
+fn migrate_contacts_by_peer(tree: &sled::Db) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut kept: BTreeMap<PeerId, String> = BTreeMap::new();
+    for entry in tree.scan_prefix(b"k/") {
+        let (key, value) = entry?;
+        batch.remove(key.clone());
+        let contact: Contact = match decode(&key, &value) {
+            Ok(contact) => contact,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping a damaged contact while migrating the store");
+                continue;
+            }
+        };
+        if let Some(first) = kept.get(&contact.peer_id) {
+            tracing::warn!(
+                peer = %contact.peer_id, kept = %first, dropped = %contact.name,
+                "a peer had two contact names; keeping the first"
+            );
+            continue;
+        }
+        kept.insert(contact.peer_id, contact.name.clone());
+        batch.insert(peer_key(b"K/", &contact.peer_id), encode(&contact));
+    }
+    batch.insert(b"v", &SCHEMA_VERSION.to_be_bytes());
+    tree.apply_batch(batch)?;
+    tree.flush()?;
+    Ok(())
 }
 
 fn group_key(prefix: &[u8], group: &GroupId) -> Vec<u8> {
@@ -719,32 +763,34 @@ impl Store {
     }
 
     /// Moves members' states forward (never back) atomically; `None` for a member means every
-    /// member. Returns the new states if anything changed.
+    /// member. Returns the new states and the members that moved, if any did.
     pub fn advance_members(
         &self,
         id: &MessageId,
         member: Option<&PeerId>,
         to: MessageState,
-    ) -> Result<Option<MemberStates>, StoreError> {
+    ) -> Result<Option<(MemberStates, Vec<PeerId>)>, StoreError> {
         let key = id_prefixed(b"gs/", id);
         let mut changed = None;
         self.tree.fetch_and_update(&key, |old| {
+            // Run again when another writer got there first: start from scratch.
+            changed = None;
             let old = old?;
             let Ok(mut states) = decode_members(&key, old) else {
                 return Some(old.to_vec());
             };
-            let mut moved = false;
+            let mut moved = Vec::new();
             for (peer, state) in states.iter_mut() {
                 if member.is_none_or(|m| m == peer) && *state < to {
                     *state = to;
-                    moved = true;
+                    moved.push(*peer);
                 }
             }
-            if !moved {
+            if moved.is_empty() {
                 return Some(old.to_vec());
             }
             let bytes = encode_members(&states);
-            changed = Some(states);
+            changed = Some((states, moved));
             Some(bytes)
         })?;
         Ok(changed)
@@ -1039,5 +1085,49 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::NewerSchema { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn contacts_of_a_version_1_store_move_to_their_peer_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bob, carol) = (peer(), peer());
+        let contact = |name: &str, peer_id: PeerId| Contact {
+            name: name.into(),
+            peer_id,
+            addrs: vec![],
+            relays: vec![],
+        };
+        {
+            // A version-1 store: contacts by name, bob under two names.
+            let db = sled::open(dir.path()).expect("sled");
+            db.insert(b"v", &1u32.to_be_bytes()).expect("insert");
+            for c in [
+                contact("bob", bob),
+                contact("junk", bob),
+                contact("carol", carol),
+            ] {
+                let mut key = b"k/".to_vec();
+                key.extend_from_slice(c.name.as_bytes());
+                db.insert(key, encode(&c)).expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(
+            store.contacts().expect("contacts"),
+            vec![contact("bob", bob), contact("carol", carol)]
+        );
+        assert_eq!(store.tree.scan_prefix(b"k/").count(), 0);
+        close(store).await;
+        // Opened again (now version 2), nothing moves.
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.contacts().expect("contacts").len(), 2);
+        let mut batch = Batch::new();
+        batch.remove_contact(&bob);
+        store.commit(batch).await.expect("remove");
+        assert_eq!(
+            store.contacts().expect("contacts"),
+            vec![contact("carol", carol)]
+        );
     }
 }

@@ -130,8 +130,9 @@ async fn online_last_seen_typing_and_offline_after_a_clean_stop() -> Result<()> 
     let from = alice.peer_id().to_string();
     tokio::time::timeout(kith_tests::DEADLINE, async {
         loop {
-            if let Ok(NodeEvent::Typing { from: f }) = events.recv().await {
+            if let Ok(NodeEvent::Typing { from: f, from_name }) = events.recv().await {
                 if f == from {
+                    assert_eq!(from_name.as_deref(), Some("alice"), "bob's name for alice");
                     return;
                 }
             }
@@ -140,8 +141,14 @@ async fn online_last_seen_typing_and_offline_after_a_clean_stop() -> Result<()> 
     .await?;
     assert!(bob.node().messages(None)?.is_empty());
     assert!(alice.node().messages(None)?.is_empty());
-    let json = serde_json::to_value(NodeEvent::Typing { from: from.clone() })?;
-    assert_eq!(json, serde_json::json!({"type": "typing", "from": from}));
+    let json = serde_json::to_value(NodeEvent::Typing {
+        from: from.clone(),
+        from_name: None,
+    })?;
+    assert_eq!(
+        json,
+        serde_json::json!({"type": "typing", "from": from, "from_name": null})
+    );
 
     // A clean stop shows offline within 5 s, with the same last seen.
     let stopped = Instant::now();
@@ -328,7 +335,7 @@ async fn typing_goes_directly_and_is_never_stored() -> Result<()> {
     let from = alice.peer_id().to_string();
     tokio::time::timeout(kith_tests::DEADLINE, async {
         loop {
-            if let Ok(NodeEvent::Typing { from: f }) = events.recv().await {
+            if let Ok(NodeEvent::Typing { from: f, .. }) = events.recv().await {
                 if f == from {
                     return;
                 }
