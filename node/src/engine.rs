@@ -33,6 +33,10 @@ use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
 use crate::store::{Batch, Contact, Direction, OutboxEntry, Store, StoreError, StoredMessage};
 
+/// How long a sender or relay is asked to wait when another copy of its message is being
+/// stored (see `claims`).
+const CLAIMED_RETRY_AFTER_MS: u64 = 500;
+
 /// Senders' decoded keys kept per generation ([`Keys`]): far more than a node's contacts.
 const KEY_CACHE_CAPACITY: usize = 256;
 
@@ -88,6 +92,16 @@ pub enum NodeEvent {
         id: String,
         /// Why.
         reason: String,
+    },
+    /// An attempt to deliver one of this node's messages failed; it stays `pending` and is
+    /// tried again.
+    Retry {
+        /// The message id.
+        id: String,
+        /// Why the attempt failed.
+        reason: String,
+        /// When the next attempt is due (unix ms).
+        next_attempt_ms: u64,
     },
     /// A peer is typing to this node (never stored).
     Typing {
@@ -165,6 +179,8 @@ struct Inner {
     presence: crate::presence::State,
     groups: crate::group::Groups,
     media: crate::media::State,
+    /// Inbound messages between their "is it new" check and their flush.
+    claims: crate::claims::Claims,
     /// When a mailbox fetch last completed (unix ms, 0: never), for `kith status`.
     last_fetch_ms: std::sync::atomic::AtomicU64,
 }
@@ -413,6 +429,7 @@ impl Node {
                 presence: crate::presence::State::default(),
                 groups: crate::group::Groups::load(store_groups),
                 media: crate::media::State::default(),
+                claims: crate::claims::Claims::default(),
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
@@ -513,6 +530,11 @@ impl Node {
         self.inner
             .next_req_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Inbound messages being stored (for `group.rs`).
+    pub(crate) fn claims(&self) -> &crate::claims::Claims {
+        &self.inner.claims
     }
 
     /// The presence state (for `presence.rs`).
@@ -810,7 +832,11 @@ impl Node {
                             state = state.advance(s);
                             return;
                         }
-                        Ok(NodeEvent::Failed { id, .. }) if id == id_text => return,
+                        Ok(NodeEvent::Failed { id, .. } | NodeEvent::Retry { id, .. })
+                            if id == id_text =>
+                        {
+                            return
+                        }
                         Err(broadcast::error::RecvError::Closed) => return,
                         _ => {}
                     }
@@ -1204,13 +1230,15 @@ impl Node {
         let mut outcomes = Vec::with_capacity(envelopes.len());
         // Written but not yet flushed: announced (and acknowledged) only after the flush.
         let mut unflushed: Vec<(usize, Option<Fresh>)> = Vec::new();
+        // Held until the end: another copy arriving meanwhile is turned away.
+        let mut claims = Vec::new();
         for envelope in envelopes {
             let index = outcomes.len();
             let outcome = match self.check(via, &envelope) {
                 Err(reason) => Err(reason),
                 Ok(Checked::Group(group)) => self.accept_group(via, group, envelope).await,
                 Ok(Checked::Chat { text, file }) => self
-                    .stage_chat(via, envelope, text, file)
+                    .stage_chat(via, envelope, text, file, &mut claims)
                     .map(|fresh| unflushed.push((index, fresh))),
                 Ok(Checked::Receipt { state, ids }) => self
                     .stage_receipt(envelope.from, state, ids)
@@ -1299,21 +1327,40 @@ impl Node {
         }
     }
 
-    /// Writes a checked chat envelope (not flushed); `Some` when it is new to us.
-    fn stage_chat(
-        &self,
+    /// Writes a checked chat envelope (not flushed); `Some` when it is new to us. Its claim goes
+    /// to `claims`, to be held until it is flushed and announced; a copy already claimed is
+    /// refused as busy (it is stored or about to be: the sender or relay asks again later, and
+    /// then hears it is there).
+    fn stage_chat<'a>(
+        &'a self,
         via: PeerId,
         envelope: Envelope,
         text: String,
         file: Option<FileRef>,
+        claims: &mut Vec<crate::claims::Claim<'a>>,
     ) -> Result<Option<Fresh>, Reject> {
         let from = envelope.from;
+        let relayed = via != from;
+        let Some(claim) = self.inner.claims.claim(from, envelope.id) else {
+            if claims.iter().any(|c| c.is(from, envelope.id)) {
+                // Twice in this batch: stored with it, like any duplicate.
+                return Ok(relayed.then_some(Fresh {
+                    envelope,
+                    text: None,
+                    file_size: None,
+                }));
+            }
+            tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
+            return Err(Reject::Busy {
+                retry_after_ms: CLAIMED_RETRY_AFTER_MS,
+            });
+        };
+        claims.push(claim);
         let existing = self
             .inner
             .store
             .message(&from, &envelope.id)
             .map_err(|e| store_failed(&e))?;
-        let relayed = via != from;
         if existing.is_some() {
             tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
             // Already stored, but a relay redelivering it wants the sender told again.
@@ -1850,6 +1897,13 @@ impl Node {
                     attempts: entry.attempts + 1,
                     due_ms: now_ms() + delay,
                 };
+                if is_chat {
+                    self.emit(NodeEvent::Retry {
+                        id: id.to_string(),
+                        reason,
+                        next_attempt_ms: next.due_ms,
+                    });
+                }
                 batch.put_outbox(&next);
                 let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
                 schedule.in_flight.remove(&id);

@@ -517,6 +517,12 @@ impl Node {
             tracing::error!(error = %e, "cannot store a group message");
             Reject::StoreFailed
         };
+        // Held until it is stored and announced: a copy arriving meanwhile (gossip and the
+        // relay's fan-out) is a duplicate.
+        let Some(_claim) = self.claims().claim(from, envelope.id) else {
+            tracing::debug!(%from, id = %envelope.id, "another copy of a group message is being stored");
+            return Ok(());
+        };
         if self
             .store()
             .message(&from, &envelope.id)
@@ -713,7 +719,11 @@ impl Node {
                 loop {
                     match events.recv().await {
                         Ok(NodeEvent::Receipt { id, .. }) if id == id_text => return,
-                        Ok(NodeEvent::Failed { id, .. }) if id == id_text => return,
+                        Ok(NodeEvent::Failed { id, .. } | NodeEvent::Retry { id, .. })
+                            if id == id_text =>
+                        {
+                            return
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                         _ => {}
                     }

@@ -5,6 +5,7 @@
 //! shutdown signal, which is what `kith daemon` does.
 
 pub mod api;
+mod claims;
 pub mod cli;
 pub mod client;
 pub mod config;

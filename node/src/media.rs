@@ -1652,7 +1652,15 @@ impl Node {
         let parsed: MessageId = id
             .parse()
             .map_err(|e: kith_protocol::ids::ParseIdError| invalid(e))?;
-        let record = self.record(&parsed)?;
+        let record = match self.store().attachment::<Record>(&parsed)? {
+            Some(record) => record,
+            None if self.status(id).is_ok() => {
+                return Err(invalid(format!(
+                    "message {id} is a text message: it has no file to download"
+                )))
+            }
+            None => return Err(NodeError::UnknownMessage(id.to_owned())),
+        };
         self.mark_user_activity();
         let mut last = String::new();
         for round in 0..MANUAL_ROUNDS {
