@@ -636,8 +636,10 @@ impl Node {
             (peer, Vec::new())
         } else {
             let invite = Invite::decode(peer_or_invite).map_err(|e| {
+                tracing::debug!(error = %e, "not an invite");
+                let shown: String = peer_or_invite.chars().take(24).collect();
                 NodeError::Invalid(format!(
-                    "{peer_or_invite:?} is neither a peer id nor an invite: {e}"
+                    "{shown:?}… is neither a peer id nor an invite (`kith id --invite` prints one; copy the whole line)"
                 ))
             })?;
             (invite.peer_id, invite.relays)

@@ -25,6 +25,9 @@ struct Cli {
     /// The node's home directory (identity, messages, settings).
     #[arg(long, env = "KITH_HOME", global = true)]
     home: Option<PathBuf>,
+    /// Whether --home was given on the command line (not through KITH_HOME).
+    #[arg(skip)]
+    home_flag: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -220,7 +223,7 @@ async fn daemon_client(home: &std::path::Path) -> Result<Client> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let home = cli.home.unwrap_or_else(default_home);
+    let home = cli.home.clone().unwrap_or_else(default_home);
     match cli.command {
         Command::Init { name } => {
             let key = identity::create(&home)?;
@@ -503,6 +506,9 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Demo { json } => {
+            if cli.home_flag {
+                anyhow::bail!("kith demo runs in a temporary directory of its own and takes no --home; run it without");
+            }
             kith_node::demo::run(json)
                 .await
                 .context("the demo failed")?;
@@ -699,7 +705,12 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli.home_flag = matches.value_source("home") == Some(clap::parser::ValueSource::CommandLine);
     // The daemon reports its progress; other commands (and the demo's transcript) stay quiet
     // unless KITH_LOG asks for more.
     let default_filter = match cli.command {

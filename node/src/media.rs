@@ -174,6 +174,44 @@ pub(crate) struct State {
     packs_loaded: tokio::sync::OnceCell<()>,
     refused: AtomicU64,
     fetched: AtomicU64,
+    /// The last progress step announced per transfer (message, upload?): `progress` events
+    /// come once per step, not once per chunk.
+    progress_steps: Mutex<HashMap<(MessageId, bool), u64>>,
+}
+
+/// `progress` events a transfer announces at most, besides its end.
+const PROGRESS_STEPS: u64 = 20;
+
+/// Whether `done` of `total` bytes is worth a `progress` event: the transfer reached a new
+/// step (of [`PROGRESS_STEPS`]) or its end. Records the step in `steps`.
+fn new_progress_step<K: std::hash::Hash + Eq>(
+    steps: &mut HashMap<K, u64>,
+    key: K,
+    done: u64,
+    total: u64,
+) -> bool {
+    if done >= total {
+        steps.remove(&key);
+        return true;
+    }
+    let step = done.saturating_mul(PROGRESS_STEPS) / total.max(1);
+    steps.insert(key, step) != Some(step)
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_in_many_chunks_announces_each_step_once() {
+        let mut steps = HashMap::new();
+        let total = 5 * 1024 * 1024;
+        let shown = (1..=total / 4096)
+            .filter(|chunk| new_progress_step(&mut steps, "upload", chunk * 4096, total))
+            .count() as u64;
+        assert_eq!(shown, PROGRESS_STEPS + 1, "each step once, and the end");
+        assert!(steps.is_empty(), "forgotten at the end");
+    }
 }
 
 impl Default for State {
@@ -187,6 +225,7 @@ impl Default for State {
             packs_loaded: tokio::sync::OnceCell::new(),
             refused: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
+            progress_steps: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -1158,6 +1197,10 @@ impl Node {
     }
 
     fn progress(&self, id: MessageId, direction: &str, done: u64, total: u64) {
+        let key = (id, direction == "upload");
+        if !new_progress_step(&mut lock(&self.media().progress_steps), key, done, total) {
+            return;
+        }
         self.emit(NodeEvent::Progress {
             id: id.to_string(),
             direction: direction.to_owned(),
