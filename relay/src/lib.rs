@@ -43,6 +43,7 @@ pub mod group;
 pub mod identity;
 pub mod mailbox;
 pub mod metrics;
+pub mod occupancy;
 pub mod presence;
 pub mod requests;
 pub mod shed;

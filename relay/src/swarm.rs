@@ -309,6 +309,8 @@ pub struct Task {
     swarm: Swarm<Behaviour>,
     mailbox: service::Handle,
     metrics: Metrics,
+    /// Reservations and circuits held, from which their gauges are set.
+    occupancy: crate::occupancy::Occupancy,
     settings: TaskSettings,
     pending: FuturesUnordered<Pending>,
     pushes: HashMap<OutboundRequestId, (PeerId, u64)>,
@@ -332,6 +334,7 @@ impl Task {
             swarm,
             mailbox,
             metrics,
+            occupancy: Default::default(),
             settings,
             pending: FuturesUnordered::new(),
             pushes: HashMap::new(),
@@ -651,12 +654,11 @@ impl Task {
                 renewed,
             } => {
                 tracing::debug!(peer = %src_peer_id, renewed, "reservation accepted");
-                if !renewed {
-                    self.metrics.reservations.inc();
-                }
+                self.occupancy.reserved(src_peer_id);
             }
-            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
-                self.metrics.reservations.dec();
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.occupancy.unreserved(&src_peer_id);
             }
             relay::Event::ReservationReqDenied { src_peer_id, .. } => {
                 tracing::info!(peer = %src_peer_id, "reservation denied");
@@ -666,10 +668,14 @@ impl Task {
                 dst_peer_id,
             } => {
                 tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
-                self.metrics.circuits.inc();
+                self.occupancy.circuit_opened(src_peer_id, dst_peer_id);
             }
-            relay::Event::CircuitClosed { .. } => {
-                self.metrics.circuits.dec();
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                self.occupancy.circuit_closed(src_peer_id, dst_peer_id);
             }
             relay::Event::CircuitReqDenied {
                 src_peer_id,
@@ -680,6 +686,12 @@ impl Task {
             }
             _ => {}
         }
+        self.count_occupancy();
+    }
+
+    fn count_occupancy(&self) {
+        self.metrics.reservations.set(self.occupancy.reservations());
+        self.metrics.circuits.set(self.occupancy.circuits());
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -709,6 +721,8 @@ impl Task {
                 self.metrics.connections.dec();
                 if num_established == 0 {
                     self.presence.disconnected(&peer_id);
+                    self.occupancy.disconnected(&peer_id);
+                    self.count_occupancy();
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
