@@ -145,6 +145,9 @@ pub struct GroupView {
     pub version: u64,
     /// Its home relay.
     pub relay: String,
+    /// Names of the members this node knows (its contacts, and itself), by peer id.
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    pub member_names: HashMap<String, String>,
 }
 
 impl From<&State> for GroupView {
@@ -156,6 +159,7 @@ impl From<&State> for GroupView {
             members: s.members.iter().map(|p| p.to_string()).collect(),
             version: s.version,
             relay: s.relay.clone(),
+            member_names: HashMap::new(),
         }
     }
 }
@@ -232,7 +236,7 @@ impl Node {
             .all()
             .iter()
             .filter(|s| s.is_member(&me))
-            .map(GroupView::from)
+            .map(|s| self.named_view(s))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then(a.group_id.cmp(&b.group_id)));
         list
@@ -245,7 +249,7 @@ impl Node {
             Ok(Some(s)) => s,
             _ => state,
         };
-        Ok(GroupView::from(&state))
+        Ok(self.named_view(&state))
     }
 
     /// Creates a group at this node's first home relay with the given initial members.
@@ -286,7 +290,7 @@ impl Node {
         }
         self.save_group(state.clone()).await?;
         tracing::info!(group = %state.group, name = %state.name, "group created");
-        Ok(GroupView::from(&state))
+        Ok(self.named_view(&state))
     }
 
     /// Applies a membership change (add, remove, promote, leave) through the group's relay,
@@ -328,14 +332,14 @@ impl Node {
                     group::OpError::AlreadyMember { .. }
                     | group::OpError::AlreadyAdmin { .. }
                     | group::OpError::NotMember { .. },
-                ) if attempt > 0 => return Ok(GroupView::from(&state)),
+                ) if attempt > 0 => return Ok(self.named_view(&state)),
                 Err(e) => return Err(invalid(e)),
             };
             let envelope = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
             match self.submit(&state, envelope).await? {
                 group::Response::Applied { version, .. } if version == next.version => {
                     self.save_group(next.clone()).await?;
-                    return Ok(GroupView::from(&next));
+                    return Ok(self.named_view(&next));
                 }
                 group::Response::Applied { .. } | group::Response::Conflict { .. } => {
                     tracing::info!(%group, attempt, "group changed meanwhile; syncing and retrying");
@@ -1024,7 +1028,7 @@ pub mod cli {
     fn print_info(g: &Value) {
         println!(
             "{}  {}  (version {})",
-            g["name"].as_str().unwrap_or_default(),
+            crate::text::for_terminal(g["name"].as_str().unwrap_or_default()),
             g["group_id"].as_str().unwrap_or_default(),
             g["version"]
         );
@@ -1036,8 +1040,12 @@ pub mod cli {
             .collect();
         for m in g["members"].as_array().into_iter().flatten() {
             let m = m.as_str().unwrap_or_default();
+            let who = match g["member_names"][m].as_str() {
+                Some(name) => format!("{} ({m})", crate::text::for_terminal(name)),
+                None => m.to_owned(),
+            };
             println!(
-                "  {m}{}",
+                "  {who}{}",
                 if admins.contains(&m) { "  (admin)" } else { "" }
             );
         }

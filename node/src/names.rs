@@ -80,4 +80,26 @@ impl Node {
             };
         }
     }
+
+    /// A group's view with the names of the members this node knows.
+    pub(crate) fn named_view(
+        &self,
+        state: &kith_protocol::group::State,
+    ) -> crate::group::GroupView {
+        let mut view = crate::group::GroupView::from(state);
+        view.member_names = state
+            .members
+            .iter()
+            .filter_map(|p| Some((p.to_string(), self.name_of(p)?)))
+            .collect();
+        view
+    }
+
+    /// A peer as an error message shows it: its contact name and id, or the id alone.
+    pub(crate) fn peer_label(&self, peer: &PeerId) -> String {
+        match self.name_of(peer) {
+            Some(name) => format!("{} ({peer})", crate::text::for_terminal(&name)),
+            None => peer.to_string(),
+        }
+    }
 }

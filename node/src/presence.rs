@@ -220,10 +220,12 @@ impl Node {
                 last_seen_ms: status.last_seen_ms,
             }),
             None if problems.is_empty() => Err(NodeError::Unavailable(format!(
-                "no connection to {peer} and no relay to ask about it"
+                "no connection to {} and no relay to ask about it",
+                self.peer_label(&peer)
             ))),
             None => Err(NodeError::Unavailable(format!(
-                "presence of {peer} unavailable: {}",
+                "presence of {} unavailable: {}",
+                self.peer_label(&peer),
                 problems.join("; ")
             ))),
         }

@@ -163,6 +163,21 @@ async fn group_events_carry_the_group_and_each_member() -> anyhow::Result<()> {
     assert_eq!(read["peer_name"], "bobby");
     assert_eq!(read["group"], group.as_str());
     assert_eq!(alice.state(&id), Some(MessageState::Delivered));
+
+    // Names where they are known: group info and per-member status.
+    let info = alice.node().group_info("friends").await?;
+    assert_eq!(info.member_names.get(&b).map(String::as_str), Some("bobby"));
+    assert_eq!(info.member_names.get(&a).map(String::as_str), Some("alice"));
+    assert_eq!(
+        info.member_names.get(&c),
+        None,
+        "carol is no contact of alice's"
+    );
+    let status = alice.node().status(&id)?;
+    assert_eq!(
+        status.member_names.get(&b).map(String::as_str),
+        Some("bobby")
+    );
     drop(relay);
     Ok(())
 }
