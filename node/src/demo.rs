@@ -533,7 +533,11 @@ pub async fn run(json_output: bool) -> Result<()> {
     let sent = alice.node()?.send_file("bob", &photo).await?;
     t.say(
         "send",
-        &format!("alice → bob: sunset.png ({} KiB)  {}", original.len() / 1024, tick(sent.state)),
+        &format!(
+            "alice → bob: sunset.png ({})  {}",
+            indicatif::HumanBytes(original.len() as u64),
+            tick(sent.state)
+        ),
         json!({ "from": "alice", "to": "bob", "id": sent.id, "file": "sunset.png", "size": original.len() }),
     );
     let path = watch_download(&t, bob.node()?, &mut bob_events, &sent.id).await?;

@@ -720,10 +720,29 @@ impl Actor {
     }
 
     fn redial_relays(&mut self) {
+        let mut unreserved = Vec::new();
         for (peer, addr) in &self.relays {
             if !self.swarm.is_connected(peer) {
                 tracing::debug!(relay = %addr, "re-dialing home relay");
                 let _ = self.swarm.dial(addr.clone());
+            } else if !self.circuits.contains(peer) {
+                unreserved.push((*peer, addr.clone()));
+            }
+        }
+        // Connected, but the circuit listener closed (the reservation was refused or lapsed
+        // while the connection stayed): reserve again now rather than on the next connection.
+        for (peer, addr) in unreserved {
+            self.reserve(peer, addr);
+        }
+    }
+
+    /// Opens a circuit listener (a reservation) at home relay `peer`, once.
+    fn reserve(&mut self, peer: PeerId, addr: Multiaddr) {
+        if self.circuits.insert(peer) {
+            let circuit = addr.with(Protocol::P2pCircuit);
+            if let Err(e) = self.swarm.listen_on(circuit.clone()) {
+                tracing::warn!(%circuit, error = %e, "cannot reserve a relay circuit");
+                self.circuits.remove(&peer);
             }
         }
     }
@@ -964,13 +983,7 @@ impl Actor {
                     }
                 }
                 if let Some(addr) = self.relays.get(&peer_id).cloned() {
-                    if self.circuits.insert(peer_id) {
-                        let circuit = addr.with(Protocol::P2pCircuit);
-                        if let Err(e) = self.swarm.listen_on(circuit.clone()) {
-                            tracing::warn!(%circuit, error = %e, "cannot reserve a relay circuit");
-                            self.circuits.remove(&peer_id);
-                        }
-                    }
+                    self.reserve(peer_id, addr);
                     emit(&self.events, Event::RelayConnected { relay: peer_id }).await;
                 }
                 emit(&self.events, Event::Connected { peer: peer_id }).await;

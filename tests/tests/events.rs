@@ -71,6 +71,14 @@ async fn one_to_one_events_name_the_conversation_and_the_people() -> anyhow::Res
     .await?;
     assert_eq!(read["peer"], b.as_str());
     assert_eq!(read["peer_name"], "bobby");
+    // Health: no relays, and bob is reached directly.
+    let health = alice.node().health().await;
+    assert!(health.relays.is_empty());
+    assert_eq!(health.contacts.len(), 1);
+    assert_eq!(
+        (health.contacts[0].name.as_str(), health.contacts[0].path),
+        ("bobby", "direct")
+    );
     Ok(())
 }
 
@@ -178,6 +186,26 @@ async fn group_events_carry_the_group_and_each_member() -> anyhow::Result<()> {
         status.member_names.get(&b).map(String::as_str),
         Some("bobby")
     );
+
+    // Health: the relay is connected with a reservation; bob, who has no direct address, is
+    // reached through the relay's circuit once a message went to him.
+    let direct = alice.node().send("bobby", "just you", None).await?;
+    wait_for("delivered through the circuit", || async {
+        (alice.state(&direct.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let health = wait_for("the reservation held", || async {
+        let health = alice.node().health().await;
+        health
+            .relays
+            .first()
+            .is_some_and(|r| r.reserved)
+            .then_some(health)
+    })
+    .await?;
+    assert!(health.relays[0].connected && health.relays[0].error.is_none());
+    assert_eq!(health.contacts[0].path, "relayed", "{:?}", health.contacts);
+    assert!(health.last_mailbox_fetch_ms.is_some());
     drop(relay);
     Ok(())
 }
