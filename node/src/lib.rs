@@ -17,6 +17,7 @@ pub mod net;
 pub mod presence;
 pub mod shutdown;
 pub mod store;
+pub mod ui;
 
 use std::future::Future;
 use std::io::Write;

@@ -150,6 +150,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the chat window: prints the web UI's address with a one-time code.
+    Ui {
+        /// Also open it in the browser (xdg-open).
+        #[arg(long)]
+        open: bool,
+    },
     /// Stream events (messages, receipts, typing) as JSON lines.
     Events {
         /// Print JSON lines (the default output is JSON lines too).
@@ -470,6 +476,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Group(command) => {
             let client = daemon_client(&home).await?;
             kith_node::group::cli::run(&client, command).await?;
+        }
+        Command::Ui { open } => {
+            let client = daemon_client(&home).await?;
+            kith_node::ui::open(&client, open).await?;
         }
         Command::Events { json: _ } => {
             let client = daemon_client(&home).await?;

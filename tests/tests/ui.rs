@@ -1,0 +1,596 @@
+//! The web UI: its port's defences over plain HTTP, and the chat window in headless Chromium
+//! (Debian's `chromium` and `chromium-driver`, driven over W3C WebDriver) with a relay and real
+//! nodes: a message shown live, the read tick, files by picker and by drag and drop with their
+//! thumbnail, a group's per-member ticks, paging through 10,000 messages, and a reconnect after
+//! a daemon restart. Screenshots of each step go to `target/ui-screenshots/`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use kith_node::store::{Batch, Contact, Direction, Store, StoredMessage};
+use kith_protocol::{MessageId, MessageState};
+use kith_tests::webdriver::{screenshot_dir, Browser, Driver, ENTER};
+use kith_tests::{init_logs, wait_for, TestNode};
+use libp2p::Multiaddr;
+use serde_json::{json, Value};
+
+/// The page and what it loads at start may weigh this much at most.
+const MAX_INITIAL_PAGE_BYTES: usize = 300 * 1024;
+
+fn token(node: &TestNode) -> Result<String> {
+    Ok(
+        std::fs::read_to_string(node.home.join(kith_node::TOKEN_FILE))?
+            .trim()
+            .to_owned(),
+    )
+}
+
+fn api(node: &TestNode) -> std::net::SocketAddr {
+    node.running.as_ref().expect("running").api_addr
+}
+
+/// A one-time link to `node`'s chat window, as `kith ui` prints it.
+async fn ui_link(node: &TestNode) -> Result<String> {
+    let client = kith_node::client::Client::for_home(&node.home)?;
+    let answer: Value = client.post("/v1/ui/code", &json!({})).await?;
+    answer["url"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no url in the answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let addr = api(&alice);
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+
+    // The page is public, with a strict policy and no inline script; it weighs little.
+    let page = http.get(format!("{base}/")).send().await?;
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()?
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let html = page.text().await?;
+    assert!(!html.contains("<script>"), "no inline script");
+    let mut bytes = html.len();
+    for asset in ["app.js", "app.css", "icon.svg"] {
+        let body = http.get(format!("{base}/assets/{asset}")).send().await?;
+        assert_eq!(body.status(), 200, "{asset}");
+        bytes += body.bytes().await?.len();
+    }
+    println!("initial page: {bytes} bytes (HTML + CSS + JS + icon)");
+    assert!(bytes <= MAX_INITIAL_PAGE_BYTES, "{bytes} bytes");
+    assert_eq!(bytes, kith_node::ui::initial_page_bytes());
+
+    // No credentials: refused. A wrong Host (DNS rebinding): refused even with the token.
+    let bare = http.get(format!("{base}/v1/contacts")).send().await?;
+    assert_eq!(bare.status(), 401);
+    let rebound = http
+        .get(format!("{base}/v1/contacts"))
+        .header("host", format!("rebind.example:{}", addr.port()))
+        .bearer_auth(token(&alice)?)
+        .send()
+        .await?;
+    assert_eq!(rebound.status(), 421);
+    let rebound_page = http
+        .get(format!("{base}/"))
+        .header("host", "evil.example")
+        .send()
+        .await?;
+    assert_eq!(rebound_page.status(), 421);
+    let with_token = http
+        .get(format!("{base}/v1/contacts"))
+        .bearer_auth(token(&alice)?)
+        .send()
+        .await?;
+    assert_eq!(with_token.status(), 200);
+
+    // A code buys one session cookie, once; the exchange itself is same-origin only.
+    let link = ui_link(&alice).await?;
+    let code = link
+        .split("#code=")
+        .nth(1)
+        .context("code in link")?
+        .to_owned();
+    assert!(
+        !link.contains(&token(&alice)?),
+        "the token never goes in a URL"
+    );
+    let cross = http
+        .post(format!("{base}/ui/session"))
+        .json(&json!({ "code": code }))
+        .send()
+        .await?;
+    assert_eq!(cross.status(), 403, "no x-kith-csrf header");
+    let exchange = || {
+        http.post(format!("{base}/ui/session"))
+            .header("x-kith-csrf", "1")
+            .header("origin", base.clone())
+            .json(&json!({ "code": code }))
+    };
+    let session = exchange().send().await?;
+    assert_eq!(session.status(), 200);
+    let set_cookie = session.headers()["set-cookie"].to_str()?.to_owned();
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
+    let cookie = set_cookie.split(';').next().context("cookie")?.to_owned();
+    assert_eq!(exchange().send().await?.status(), 401, "a code works once");
+
+    let read = http
+        .get(format!("{base}/v1/contacts"))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(read.status(), 200);
+    let change = |origin: Option<&str>, csrf: bool| {
+        let mut request = http
+            .post(format!("{base}/v1/contacts"))
+            .header("cookie", &cookie)
+            .json(&json!({ "name": "x", "peer": "not a peer" }));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        if csrf {
+            request = request.header("x-kith-csrf", "1");
+        }
+        request.send()
+    };
+    assert_eq!(
+        change(None, false).await?.status(),
+        403,
+        "a cross-site form"
+    );
+    assert_eq!(
+        change(Some("http://evil.example"), true).await?.status(),
+        403
+    );
+    // Same origin: let through to the handler (which refuses the bad peer id itself).
+    assert_eq!(change(Some(&base), true).await?.status(), 400);
+    Ok(())
+}
+
+async fn start_relay(dir: &Path) -> Result<(kith_relay::Running, Multiaddr)> {
+    let config = kith_relay::Config {
+        gossip_heartbeat_interval_ms: 200,
+        ..kith_relay::Config::ephemeral(dir)
+    };
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    Ok((relay, addr))
+}
+
+/// Adds `other` to `node`'s contacts from its invite (relays included), with a direct address.
+async fn add_from_invite(node: &TestNode, name: &str, other: &TestNode) -> Result<()> {
+    let direct = other
+        .node()
+        .listen_addrs()
+        .await
+        .into_iter()
+        .find(|a| !a.to_string().contains("p2p-circuit"))
+        .context("a direct address")?;
+    node.node()
+        .add_contact(name, &other.node().invite().encode(), &[direct.to_string()])
+        .await?;
+    Ok(())
+}
+
+/// Writes a 480×320 PNG gradient.
+fn write_png(path: &Path) -> Result<()> {
+    image::RgbImage::from_fn(480, 320, |x, y| {
+        image::Rgb([(x / 2) as u8, (y * 3 / 4) as u8, 160])
+    })
+    .save(path)?;
+    Ok(())
+}
+
+/// Gives a fresh home 10,000 messages from `erin` (a contact), before its node starts.
+async fn fill_history(home: &Path) -> Result<()> {
+    let erin = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let store = Store::open(&home.join("db"))?;
+    let mut batch = Batch::new();
+    batch.put_contact(&Contact {
+        name: "erin".into(),
+        peer_id: erin,
+        addrs: Vec::new(),
+        relays: Vec::new(),
+    });
+    let now = kith_node::engine::now_ms();
+    for i in 1..=10_000u64 {
+        batch.put_message(&StoredMessage {
+            id: MessageId::random(),
+            direction: Direction::In,
+            from: erin,
+            peer: erin,
+            text: format!("message {i} of 10000"),
+            sent_at_ms: now - (10_000 - i) * 60_000,
+            lamport: i,
+            state: MessageState::Read,
+            expires_at_ms: None,
+        });
+    }
+    store.commit(batch).await?;
+    let closed = store.closed();
+    drop(store);
+    closed.wait().await;
+    Ok(())
+}
+
+struct Shots {
+    dir: std::path::PathBuf,
+    n: usize,
+}
+
+impl Shots {
+    async fn take(&mut self, browser: &Browser, name: &str) -> Result<()> {
+        self.n += 1;
+        let path = self.dir.join(format!("{:02}-{name}.png", self.n));
+        browser.screenshot(&path).await?;
+        println!("screenshot: {}", path.display());
+        Ok(())
+    }
+}
+
+/// Opens `node`'s chat window in `browser` through a one-time link; returns when the
+/// conversation list is on screen, with the time it took from navigation start (ms).
+async fn sign_in(browser: &Browser, node: &TestNode) -> Result<f64> {
+    browser.goto(&ui_link(node).await?).await?;
+    let at = browser
+        .wait(
+            "the conversation list",
+            "!document.getElementById('app').hidden && window.kith.timings.list",
+        )
+        .await?;
+    at.as_f64().context("a time")
+}
+
+fn conv(id: &str) -> String {
+    format!("#conversations li[data-conv=\"{id}\"]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_in_a_real_browser() -> Result<()> {
+    init_logs();
+    let Some(driver) = Driver::start().await? else {
+        println!(
+            "SKIPPED chat_in_a_real_browser: {} or {} is missing. Install them with \
+             `apt-get install chromium chromium-driver` to run the browser tests.",
+            kith_tests::webdriver::CHROMEDRIVER,
+            kith_tests::webdriver::CHROMIUM
+        );
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = start_relay(dir.path()).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    for (node, others) in [
+        (&alice, [("bob", &bob), ("carol", &carol)]),
+        (&bob, [("alice", &alice), ("carol", &carol)]),
+        (&carol, [("alice", &alice), ("bob", &bob)]),
+    ] {
+        for (name, other) in others {
+            add_from_invite(node, name, other).await?;
+        }
+    }
+    let (a_id, b_id, c_id) = (
+        alice.peer_id().to_string(),
+        bob.peer_id().to_string(),
+        carol.peer_id().to_string(),
+    );
+    let mut shots = Shots {
+        dir: screenshot_dir(),
+        n: 0,
+    };
+    let alice_page = driver.browser(&dir.path().join("alice-profile")).await?;
+    let bob_page = driver.browser(&dir.path().join("bob-profile")).await?;
+    let alice_list_ms = sign_in(&alice_page, &alice).await?;
+    let bob_list_ms = sign_in(&bob_page, &bob).await?;
+    println!(
+        "conversation list on screen {alice_list_ms:.0} ms and {bob_list_ms:.0} ms after load"
+    );
+    assert!(alice_list_ms < 1000.0 && bob_list_ms < 1000.0);
+
+    // 1. alice writes; bob's page shows it without a reload, as unread.
+    alice_page.click(&conv(&b_id)).await?;
+    alice_page
+        .wait("alice's chat with bob", "window.kith.timings.opened >= 1")
+        .await?;
+    alice_page
+        .type_into("#text", &format!("hello bob, this is alice{ENTER}"))
+        .await?;
+    alice_page
+        .wait(
+            "the sent message",
+            "[...document.querySelectorAll('.msg.out .text')].some(e => e.textContent === 'hello bob, this is alice')",
+        )
+        .await?;
+    bob_page
+        .wait(
+            "alice's message in bob's list",
+            &format!(
+                "document.querySelector('{} .badge')?.textContent === '1' && document.title === '(1) kith'",
+                conv(&a_id).replace('\'', "\\'")
+            ),
+        )
+        .await?;
+    shots.take(&bob_page, "bob-sees-unread").await?;
+    alice_page
+        .wait(
+            "the delivered tick",
+            "['delivered', 'read'].includes(document.querySelector('.msg.out .tick')?.dataset.state)",
+        )
+        .await?;
+    shots.take(&alice_page, "alice-delivered").await?;
+
+    // 2. bob opens the chat: alice's tick turns to read.
+    bob_page.click(&conv(&a_id)).await?;
+    bob_page
+        .wait(
+            "the message in bob's chat",
+            "[...document.querySelectorAll('.msg.in .text')].some(e => e.textContent === 'hello bob, this is alice') && document.title === 'kith'",
+        )
+        .await?;
+    alice_page
+        .wait(
+            "the read tick",
+            "document.querySelector('.msg.out .tick')?.dataset.state === 'read'",
+        )
+        .await?;
+    shots.take(&alice_page, "alice-read").await?;
+
+    // bob types; alice sees it live.
+    bob_page.type_into("#text", "ok").await?;
+    alice_page
+        .wait(
+            "bob is typing",
+            "document.getElementById('chat-sub').textContent.includes('typing')",
+        )
+        .await?;
+
+    // 3. a picture by the file picker, a text file by drag and drop.
+    let picture = dir.path().join("sunset.png");
+    write_png(&picture)?;
+    alice_page
+        .type_into("#file", &picture.to_string_lossy())
+        .await?;
+    alice_page
+        .wait(
+            "alice's thumbnail",
+            "document.querySelector('.msg.out img.thumb')?.naturalWidth > 0",
+        )
+        .await?;
+    bob_page
+        .wait(
+            "the picture at bob's, with its thumbnail, downloaded",
+            "document.querySelector('.msg.in img.thumb')?.naturalWidth > 0 && document.querySelector('.msg.in .file a.file-name')",
+        )
+        .await?;
+    // The full picture is served back through the session: a real PNG of the right size.
+    let full: Value = bob_page
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             const a = document.querySelector('.msg.in .file a.file-name');
+             fetch(a.href).then(r => r.blob()).then(b => done([b.size, b.type])).catch(e => done(String(e)));",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(
+        full[0].as_u64(),
+        Some(std::fs::metadata(&picture)?.len()),
+        "{full}"
+    );
+    shots.take(&bob_page, "bob-gets-picture").await?;
+    alice_page
+        .js(
+            "const file = new File(['notes for bob\\n'], 'notes.txt', { type: 'text/plain' });
+             const data = new DataTransfer();
+             data.items.add(file);
+             const chat = document.getElementById('chat');
+             chat.dispatchEvent(new DragEvent('dragenter', { dataTransfer: data, bubbles: true }));
+             chat.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));",
+            json!([]),
+        )
+        .await?;
+    bob_page
+        .wait(
+            "the dropped file at bob's",
+            "[...document.querySelectorAll('.msg.in .file-name')].some(e => e.textContent.startsWith('📄 notes.txt'))",
+        )
+        .await?;
+    let notes = bob
+        .node()
+        .messages(Some("alice"))?
+        .into_iter()
+        .find_map(|m| m.attachment.filter(|a| a.name == "notes.txt"))
+        .context("notes.txt in bob's history")?;
+    assert_eq!(notes.size, 14);
+
+    // 4. a group of three made in alice's page; per-member ticks in the message info.
+    alice_page.click("#btn-group").await?;
+    alice_page.type_into("input[name=gname]", "friends").await?;
+    alice_page
+        .click(&format!("#panel input[value=\"{b_id}\"]"))
+        .await?;
+    alice_page
+        .click(&format!("#panel input[value=\"{c_id}\"]"))
+        .await?;
+    alice_page.click("#panel button[type=submit]").await?;
+    let group = alice_page
+        .wait(
+            "the new group open",
+            "window.kith.state.open?.kind === 'group' && window.kith.state.open.id",
+        )
+        .await?
+        .as_str()
+        .context("group id")?
+        .to_owned();
+    for node in [&bob, &carol] {
+        wait_for("the member knows the group", || async {
+            node.node()
+                .group_list()
+                .iter()
+                .any(|g| g.group_id == group)
+                .then_some(())
+        })
+        .await?;
+    }
+    alice_page
+        .type_into("#text", &format!("hello friends{ENTER}"))
+        .await?;
+    let message = alice_page
+        .wait(
+            "the group message's id",
+            "window.kith.state.messages.find(m => m.text === 'hello friends' && !m.local)?.id",
+        )
+        .await?
+        .as_str()
+        .context("id")?
+        .to_owned();
+    wait_for("carol has the group message", || async {
+        carol
+            .node()
+            .messages(Some(&group))
+            .ok()?
+            .iter()
+            .any(|m| m.text == "hello friends")
+            .then_some(())
+    })
+    .await?;
+    carol.node().read(&group).await?;
+    wait_for("carol read, bob delivered", || async {
+        let members = alice.node().status(&message).ok()?.members;
+        (members.get(&c_id) == Some(&MessageState::Read)
+            && members.get(&b_id) == Some(&MessageState::Delivered))
+        .then_some(())
+    })
+    .await?;
+    bob_page
+        .wait(
+            "the group in bob's list",
+            &format!("document.querySelector('{}')", conv(&group)),
+        )
+        .await?;
+    alice_page
+        .click(&format!(".msg[data-id=\"{message}\"] .meta button"))
+        .await?;
+    alice_page
+        .wait(
+            "per-member ticks",
+            &format!(
+                "document.querySelector('#panel li[data-member=\"{c_id}\"] .tick')?.dataset.state === 'read' && document.querySelector('#panel li[data-member=\"{b_id}\"] .tick')?.dataset.state === 'delivered'"
+            ),
+        )
+        .await?;
+    shots.take(&alice_page, "alice-group-ticks").await?;
+
+    // 5. without the session cookie the API refuses the page's own requests.
+    let refused = alice_page
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             fetch('/v1/contacts', { credentials: 'omit' }).then(r => done(r.status)).catch(e => done(String(e)));",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(refused, json!(401));
+
+    // 6. a conversation of 10,000 messages opens with one page and loads more on scroll.
+    let dave_dir = tempfile::tempdir()?;
+    TestNode::init_home(dave_dir.path(), "dave")?;
+    fill_history(dave_dir.path()).await?;
+    let dave = TestNode::start_in(kith_node::Config::loopback(dave_dir.path())).await?;
+    let dave_page = driver.browser(&dir.path().join("dave-profile")).await?;
+    sign_in(&dave_page, &dave).await?;
+    let erin = dave_page
+        .wait(
+            "erin in the list",
+            "window.kith.state.convs.find(c => c.name === 'erin')?.id",
+        )
+        .await?
+        .as_str()
+        .context("erin")?
+        .to_owned();
+    dave_page.click(&conv(&erin)).await?;
+    let open_ms = dave_page
+        .wait(
+            "the long conversation",
+            "window.kith.timings.opened >= 1 && window.kith.timings.open",
+        )
+        .await?
+        .as_f64()
+        .context("ms")?;
+    let shown = dave_page
+        .js(
+            "return document.querySelectorAll('#messages .msg').length",
+            json!([]),
+        )
+        .await?;
+    println!("10,000-message conversation: {shown} messages rendered in {open_ms:.0} ms");
+    assert_eq!(shown, json!(50));
+    assert!(open_ms < 1000.0, "{open_ms} ms");
+    dave_page
+        .js(
+            "document.getElementById('messages').scrollTop = 0",
+            json!([]),
+        )
+        .await?;
+    dave_page
+        .wait(
+            "an older page",
+            "document.querySelectorAll('#messages .msg').length === 100 && document.querySelector('#messages .msg .text').textContent === 'message 9901 of 10000'",
+        )
+        .await?;
+    shots.take(&dave_page, "long-conversation").await?;
+    dave_page.quit().await?;
+
+    // 7. bob's daemon restarts on the same port; his page reconnects by itself.
+    let bob_api = api(&bob);
+    bob.stop().await;
+    bob_page
+        .wait(
+            "the lost-connection banner",
+            "!document.getElementById('banner').hidden",
+        )
+        .await?;
+    bob.config.api = bob_api;
+    bob.running = Some(kith_node::start(bob.config.clone()).await?);
+    bob_page
+        .wait(
+            "the page reconnected",
+            "document.getElementById('banner').hidden",
+        )
+        .await?;
+    alice.node().send("bob", "welcome back", None).await?;
+    bob_page
+        .wait(
+            "a message after the restart",
+            "[...document.querySelectorAll('.msg.in .text')].some(e => e.textContent === 'welcome back')",
+        )
+        .await?;
+    shots.take(&bob_page, "bob-after-restart").await?;
+
+    // 8. a page without a link shows how to get one.
+    bob_page.goto(&format!("http://{}/", api(&alice))).await?;
+    bob_page
+        .wait(
+            "the sign-in notice",
+            "!document.getElementById('signin').hidden",
+        )
+        .await?;
+    shots.take(&bob_page, "no-session").await?;
+
+    alice_page.quit().await?;
+    bob_page.quit().await?;
+    if shots.n < 8 {
+        bail!("expected a screenshot per step");
+    }
+    Ok(())
+}
