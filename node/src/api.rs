@@ -252,7 +252,7 @@ pub(crate) async fn serve(
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let gate = std::sync::Arc::new(crate::ui::Gate::new(&token, bound.port()));
+    let gate = std::sync::Arc::new(crate::ui::Gate::new(&token, bound));
     let state = AppState {
         node,
         token,

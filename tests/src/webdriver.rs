@@ -16,7 +16,7 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// Where Debian installs the browser.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// The key W3C WebDriver names element references with.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52f-4f735466cecf";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// The Enter key, for [`Browser::type_into`].
 pub const ENTER: char = '\u{E007}';
 
@@ -190,7 +190,7 @@ impl Browser {
         value[ELEMENT_KEY]
             .as_str()
             .map(str::to_owned)
-            .context("no element reference")
+            .with_context(|| format!("no element reference in {value}"))
     }
 
     /// Clicks the first element matching `css` (waiting for it to exist).

@@ -17,6 +17,7 @@
 //! the browser sends `Origin`, an origin of this port. Other sites on the same machine share the
 //! "site" 127.0.0.1 with us (SameSite ignores ports), which is why the header matters.
 
+use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use axum::http::{header, HeaderMap, Method};
@@ -65,17 +66,20 @@ pub enum Access {
 pub struct Gate {
     token: String,
     port: u16,
+    /// The address the API is bound to, as a `Host` names it (`127.0.0.2:4100`, say).
+    bound: String,
     session_key: [u8; 32],
     /// Unspent codes with their expiry (unix ms), oldest first.
     codes: Mutex<Vec<(String, u64)>>,
 }
 
 impl Gate {
-    /// The gate of the API on `port`, whose bearer token is `token`.
-    pub fn new(token: &str, port: u16) -> Self {
+    /// The gate of the API bound to `addr`, whose bearer token is `token`.
+    pub fn new(token: &str, addr: SocketAddr) -> Self {
         Self {
             token: token.to_owned(),
-            port,
+            port: addr.port(),
+            bound: addr.to_string(),
             session_key: blake3::derive_key("kith web UI session cookie v1", token.as_bytes()),
             codes: Mutex::new(Vec::new()),
         }
@@ -153,8 +157,12 @@ impl Gate {
         )
     }
 
-    /// Whether `host` (a `Host` header) names this port on a loopback name.
+    /// Whether `host` (a `Host` header) names this port on a loopback name, or the address
+    /// the API is bound to.
     pub fn host_allowed(&self, host: &str) -> bool {
+        if host == self.bound {
+            return true;
+        }
         let port = self.port.to_string();
         ["127.0.0.1", "localhost", "[::1]"]
             .iter()
@@ -252,6 +260,10 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000_000;
 
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 4100))
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
@@ -262,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_code_is_spent_once_and_expires() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let code = gate.issue_code(NOW);
         assert!(gate.redeem("not-a-code", NOW).is_none());
         let session = gate.redeem(&code, NOW + 1000).expect("first use");
@@ -277,7 +289,7 @@ mod tests {
 
     #[test]
     fn only_the_newest_codes_are_kept() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let first = gate.issue_code(NOW);
         let rest: Vec<String> = (0..MAX_CODES).map(|_| gate.issue_code(NOW)).collect();
         assert!(gate.redeem(&first, NOW).is_none());
@@ -286,12 +298,12 @@ mod tests {
 
     #[test]
     fn sessions_are_bound_to_the_token_and_expire() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let code = gate.issue_code(NOW);
         let session = gate.redeem(&code, NOW).expect("session");
         // Another daemon (another token) does not take it; a restart of this one does.
-        assert!(!Gate::new("other", 4100).session_valid(&session, NOW));
-        assert!(Gate::new("token", 4100).session_valid(&session, NOW));
+        assert!(!Gate::new("other", addr()).session_valid(&session, NOW));
+        assert!(Gate::new("token", addr()).session_valid(&session, NOW));
         assert!(!gate.session_valid(&session, NOW + SESSION_TTL_MS + 1));
         // A changed issue time or nonce breaks the MAC.
         let (issued, rest) = session.split_once('.').expect("parts");
@@ -304,10 +316,13 @@ mod tests {
 
     #[test]
     fn the_host_must_be_this_port_on_loopback() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         for ok in ["127.0.0.1:4100", "localhost:4100", "[::1]:4100"] {
             assert!(gate.host_allowed(ok), "{ok}");
         }
+        let elsewhere = Gate::new("token", SocketAddr::from(([127, 0, 0, 2], 4100)));
+        assert!(elsewhere.host_allowed("127.0.0.2:4100"));
+        assert!(!elsewhere.host_allowed("127.0.0.3:4100"));
         for bad in [
             "127.0.0.1:4101",
             "127.0.0.1",
@@ -334,7 +349,7 @@ mod tests {
 
     #[test]
     fn api_calls_need_the_token_or_a_session() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let host = ("host", "127.0.0.1:4100");
         let check = |method: Method, pairs: &[(&'static str, &str)]| {
             gate.check(&method, "/v1/send", &headers(pairs), NOW)
@@ -367,7 +382,7 @@ mod tests {
 
     #[test]
     fn cookie_changes_need_the_same_origin_proof() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let host = ("host", "127.0.0.1:4100");
         let session = gate.redeem(&gate.issue_code(NOW), NOW).expect("session");
         let cookie = format!("{}={session}", gate.cookie_name());
@@ -407,7 +422,7 @@ mod tests {
 
     #[test]
     fn the_cookie_is_http_only_and_strict() {
-        let gate = Gate::new("token", 4100);
+        let gate = Gate::new("token", addr());
         let set = gate.set_cookie("v");
         assert!(set.starts_with("kith_session_4100=v;"));
         assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));

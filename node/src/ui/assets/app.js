@@ -74,6 +74,7 @@ const state = {
   typing: new Map(), // peer id -> until (ms)
   presence: new Map(), // peer id -> {online, last_seen_ms}
   progress: new Map(), // message id -> {direction, done, total}
+  receipts: new Map(), // message id -> the latest state a receipt event told (it may beat the send's answer)
   failed: new Map(), // message id -> reason
   localSeq: 0,
   lastTypingSent: 0,
@@ -158,7 +159,10 @@ function refreshListSoon() {
 }
 
 async function refreshList() {
-  const [convs, contacts] = await Promise.all([get('/v1/conversations'), get('/v1/contacts')]);
+  applyList(await Promise.all([get('/v1/conversations'), get('/v1/contacts')]));
+}
+
+function applyList([convs, contacts]) {
   state.contacts = new Map(contacts.map((c) => [c.peer_id, c.name]));
   state.convs = convs;
   if (state.open) {
@@ -174,7 +178,7 @@ function preview(conv) {
   const m = conv.last;
   if (!m) return h('span', { class: 'muted' }, conv.kind === 'group' ? 'group' : 'no messages yet');
   const who = conv.kind === 'group' && m.direction === 'in' ? `${nameOf(m.from)}: ` : '';
-  const body = m.attachment ? `📎 ${m.attachment.name}${m.text ? ' ' + m.text : ''}` : m.text;
+  const body = m.attachment ? `[file] ${m.attachment.name}${m.text ? ' ' + m.text : ''}` : m.text;
   return h('span', {}, m.direction === 'out' ? tick(m.state, m.id) : null, who + body);
 }
 
@@ -276,6 +280,8 @@ async function openConversation(id) {
   if (conv.kind === 'contact') {
     post('/v1/open', { with: id }).catch(() => {});
     refreshPresence(id);
+  } else {
+    get(`/v1/groups/${enc(id)}`).then((g) => { state.groupInfo = g; renderHead(); }).catch(() => {});
   }
 }
 
@@ -297,12 +303,12 @@ function renderHead() {
   const p = state.presence.get(conv.id);
   dot.className = `dot ${p && p.online ? 'online' : 'offline'}`;
   const typing = (state.typing.get(conv.id) || 0) > Date.now();
-  sub.textContent = typing ? `${conv.name} is typing…` : lastSeen(p);
+  sub.textContent = typing ? `${conv.name} is typing…` : lastSeen(p) || 'presence unknown';
 }
 
 function tick(s, id) {
   if (id && state.failed.has(id)) return h('span', { class: 'tick failed', 'aria-label': 'not sent' }, '!');
-  const shown = { pending: '🕓', sent: '✓', delivered: '✓✓', read: '✓✓' }[s] || '';
+  const shown = { pending: '◷', sent: '✓', delivered: '✓✓', read: '✓✓' }[s] || '';
   return h('span', { class: `tick ${s}`, title: s, 'aria-label': s, 'data-state': s }, shown);
 }
 
@@ -314,7 +320,7 @@ function attachmentView(m) {
     const img = h('img', { class: 'thumb', src: `${url}/thumbnail`, alt: `picture ${a.name}`, width: '64', height: '64' });
     box.append(a.path ? h('a', { href: url, target: '_blank', rel: 'noopener', title: 'open full size' }, img) : img);
   }
-  const label = `${a.thumbnail ? '' : '📄 '}${a.name} · ${size(a.size)}`;
+  const label = `${a.name} · ${size(a.size)}`;
   if (a.path) {
     box.append(h('a', { class: 'file-name', href: `${url}?download=true`, download: a.name }, label));
   } else if (m.direction === 'in') {
@@ -441,12 +447,13 @@ async function markRead() {
 // ---- sending -----------------------------------------------------------------------------
 
 async function sendText(text, conv) {
-  const local = { id: `local-${++state.localSeq}`, local: true, direction: 'out', from: state.me.peer_id, text, sent_at_ms: Date.now(), state: 'pending' };
+  const local = { id: `local-${++state.localSeq}`, local: true, direction: 'out', from: state.me.peer_id, text, sent_at_ms: Date.now(), state: 'pending', group: conv.kind === 'group' ? conv.id : undefined };
   state.messages.push(local);
   renderMessages({ bottom: true });
   try {
     const sent = await post('/v1/send', { to: conv.id, text });
     local.realId = sent.id;
+    sent.state = later(sent.state, state.receipts.get(sent.id) || 'pending');
     if (state.open === conv) {
       const known = state.messages.find((m) => m.id === sent.id);
       if (known) state.messages = state.messages.filter((m) => m !== local);
@@ -564,7 +571,9 @@ function handle(ev) {
       new Notification(title, { body: ev.text || 'sent a file', tag: conv || ev.from });
     }
   } else if (ev.type === 'receipt') {
-    const m = state.messages.find((x) => x.id === ev.id);
+    state.receipts.set(ev.id, later(state.receipts.get(ev.id) || 'pending', ev.state));
+    if (state.receipts.size > 1000) state.receipts.delete(state.receipts.keys().next().value);
+    const m = state.messages.find((x) => x.id === ev.id || x.realId === ev.id);
     if (m) {
       if (m.group) {
         get(`/v1/status/${enc(ev.id)}`).then((s) => { m.state = later(m.state, s.state); updateTick(m); }).catch(() => {});
@@ -630,7 +639,7 @@ function presenceLoop() {
 
 function openPanel(title, ...body) {
   $('panel-title').textContent = title;
-  $('panel-body').replaceChildren(...body);
+  $('panel-body').replaceChildren(...body.filter((b) => b !== null && b !== undefined));
   $('panel').hidden = false;
   const first = $('panel-body').querySelector('input, select, textarea, button');
   (first || $('panel-close')).focus();
@@ -839,6 +848,7 @@ function wire() {
   text.addEventListener('input', () => {
     text.style.height = 'auto';
     text.style.height = `${Math.min(text.scrollHeight, 160)}px`;
+    text.style.overflowY = text.scrollHeight > 160 ? 'auto' : 'hidden';
     const conv = state.open;
     if (conv && conv.kind === 'contact' && text.value && Date.now() - state.lastTypingSent > TYPING_SENT_EVERY_MS) {
       state.lastTypingSent = Date.now();
@@ -900,6 +910,7 @@ function wire() {
 }
 
 async function boot() {
+  window.kith.timings.script = performance.now();
   const code = location.hash.match(/code=([0-9a-f]+)/);
   if (code) {
     history.replaceState(null, '', location.pathname);
@@ -910,8 +921,10 @@ async function boot() {
       return;
     }
   }
+  window.kith.timings.session = performance.now();
+  let lists;
   try {
-    state.me = await get('/v1/id');
+    [state.me, lists] = await Promise.all([get('/v1/id'), Promise.all([get('/v1/conversations'), get('/v1/contacts')])]);
   } catch (e) {
     if (e.status !== 401) {
       banner(`${e.message}; retrying…`);
@@ -924,7 +937,7 @@ async function boot() {
   $('me-name').textContent = state.me.name;
   $('me-id').textContent = ` ${state.me.peer_id.slice(0, 10)}…`;
   wire();
-  await refreshList();
+  applyList(lists);
   connectEvents();
   presenceLoop();
 }
