@@ -92,8 +92,12 @@ async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Resu
         .await?;
     assert_eq!(with_token.status(), 200);
 
-    // A code buys one session cookie, once; the exchange itself is same-origin only.
-    let link = ui_link(&alice).await?;
+    // `kith ui` prints a link with a one-time code; the code buys one session cookie, once;
+    // the exchange itself is same-origin only.
+    let printed = kith_tests::process::kith(&alice.home, &["ui"])?;
+    assert!(printed.status.success(), "{printed:?}");
+    let link = String::from_utf8(printed.stdout)?.trim().to_owned();
+    assert!(link.starts_with(&format!("{base}/#code=")), "{link}");
     let code = link
         .split("#code=")
         .nth(1)
@@ -350,6 +354,23 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&alice_page, "alice-read").await?;
+
+    // A send the daemon refuses (too long) is marked on the message, with a retry.
+    alice_page
+        .js(
+            "const text = document.getElementById('text');
+             text.value = 'x'.repeat(arguments[0]);
+             document.getElementById('composer').requestSubmit();",
+            json!([kith_protocol::limits::MAX_TEXT_BYTES + 1]),
+        )
+        .await?;
+    alice_page
+        .wait(
+            "the failed send, marked",
+            "[...document.querySelectorAll('.msg.out.has-error .error')].some(e => e.textContent.startsWith('Not sent:') && e.querySelector('button')?.textContent === 'Retry')",
+        )
+        .await?;
+    shots.take(&alice_page, "alice-failed-send").await?;
 
     // bob types; alice sees it live.
     bob_page.type_into("#text", "ok").await?;
@@ -612,7 +633,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
 
     alice_page.quit().await?;
     bob_page.quit().await?;
-    if shots.n < 9 {
+    if shots.n < 10 {
         bail!("expected a screenshot per step");
     }
     Ok(())
