@@ -219,6 +219,21 @@ impl Browser {
         .map(|_| ())
     }
 
+    /// Makes the page see `prefers-color-scheme: dark` (or `light`), through Chromium's
+    /// DevTools protocol.
+    pub async fn color_scheme(&self, scheme: &str) -> Result<()> {
+        self.command(
+            reqwest::Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({
+                "cmd": "Emulation.setEmulatedMedia",
+                "params": { "features": [{ "name": "prefers-color-scheme", "value": scheme }] },
+            })),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Saves a PNG screenshot of the window to `path`.
     pub async fn screenshot(&self, path: &Path) -> Result<()> {
         let value = self

@@ -535,6 +535,23 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&alice_page, "alice-chat").await?;
+    // The system's dark theme.
+    let light = alice_page
+        .js(
+            "return getComputedStyle(document.body).backgroundColor",
+            json!([]),
+        )
+        .await?;
+    alice_page.color_scheme("dark").await?;
+    let dark = alice_page
+        .js(
+            "return getComputedStyle(document.body).backgroundColor",
+            json!([]),
+        )
+        .await?;
+    assert_ne!(light, dark, "the dark theme changes the background");
+    shots.take(&alice_page, "alice-chat-dark").await?;
+    alice_page.color_scheme("light").await?;
 
     // 5. without the session cookie the API refuses the page's own requests.
     let refused = alice_page
@@ -633,7 +650,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
 
     alice_page.quit().await?;
     bob_page.quit().await?;
-    if shots.n < 10 {
+    if shots.n < 11 {
         bail!("expected a screenshot per step");
     }
     Ok(())
