@@ -610,6 +610,32 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&dave_page, "long-conversation").await?;
+    // dave adds alice from her invite, and shows his own invite with its QR code.
+    dave_page.click("#btn-add").await?;
+    dave_page
+        .type_into("#panel input[name=name]", "alice")
+        .await?;
+    dave_page
+        .type_into(
+            "#panel textarea[name=peer]",
+            &alice.node().invite().encode(),
+        )
+        .await?;
+    dave_page.click("#panel button[type=submit]").await?;
+    dave_page
+        .wait(
+            "alice in dave's list, open",
+            &format!("window.kith.state.open?.id === '{a_id}'"),
+        )
+        .await?;
+    dave_page.click("#btn-invite").await?;
+    dave_page
+        .wait(
+            "the invite's QR code",
+            "document.querySelector('#panel img.qr')?.naturalWidth > 0 && document.querySelector('#panel textarea').value.startsWith('kith:')",
+        )
+        .await?;
+    shots.take(&dave_page, "dave-invite").await?;
     dave_page.quit().await?;
 
     // 7. bob's daemon restarts on the same port; his page reconnects by itself.
@@ -650,7 +676,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
 
     alice_page.quit().await?;
     bob_page.quit().await?;
-    if shots.n < 11 {
+    if shots.n < 12 {
         bail!("expected a screenshot per step");
     }
     Ok(())
