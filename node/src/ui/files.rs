@@ -10,10 +10,10 @@
 //! a file is never served as a page: only images and video are shown inline, everything else is
 //! an attachment, always with `nosniff` and a `sandbox` Content-Security-Policy.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -64,7 +64,7 @@ pub(super) async fn upload(
         .home
         .join(UPLOADS_DIR)
         .join(hex::encode(nonce));
-    let path = dir.join(crate::media::safe_name(std::path::Path::new(&q.name)));
+    let path = dir.join(crate::media::safe_name(Path::new(&q.name)));
     let written = receive(&dir, &path, body, s.node.settings().max_file_bytes).await;
     if let Err(e) = written {
         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -80,7 +80,7 @@ pub(super) async fn upload(
 }
 
 /// Writes `body` to `path` as it arrives, refusing more than `max` bytes.
-async fn receive(dir: &PathBuf, path: &PathBuf, body: Body, max: u64) -> Result<u64, UiError> {
+async fn receive(dir: &Path, path: &Path, body: Body, max: u64) -> Result<u64, UiError> {
     let io = |e: std::io::Error| UiError(StatusCode::INTERNAL_SERVER_ERROR, format!("upload: {e}"));
     tokio::fs::create_dir_all(dir).await.map_err(io)?;
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
@@ -123,7 +123,7 @@ pub(super) struct FileQuery {
 /// `GET /v1/files/{id}`: the file attached to message `id`, once it is on this machine.
 pub(super) async fn file(
     State(s): State<UiState>,
-    Path(id): Path<String>,
+    UrlPath(id): UrlPath<String>,
     Query(q): Query<FileQuery>,
 ) -> Result<Response, UiError> {
     let parsed = parse_id(&id)?;
@@ -189,7 +189,7 @@ pub(super) async fn file(
 /// `GET /v1/files/{id}/thumbnail`: the small PNG carried inside the file message.
 pub(super) async fn thumbnail(
     State(s): State<UiState>,
-    Path(id): Path<String>,
+    UrlPath(id): UrlPath<String>,
 ) -> Result<Response, UiError> {
     let parsed = parse_id(&id)?;
     let png = s

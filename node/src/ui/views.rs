@@ -80,7 +80,16 @@ impl Node {
             Owned::Group(_, members) => senders.extend(members.iter().copied()),
         }
         for from in senders {
-            if let Some(m) = self.store().message(&from, &parsed)? {
+            let Some(m) = self.store().message(&from, &parsed)? else {
+                continue;
+            };
+            let here = match thread {
+                Owned::Peer(peer) => {
+                    m.peer == *peer && self.store().message_group(&m.id)?.is_none()
+                }
+                Owned::Group(group, _) => self.store().message_group(&m.id)? == Some(*group),
+            };
+            if here {
                 return Ok(m);
             }
         }
