@@ -159,6 +159,109 @@ async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Resu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_pages_uploads_and_files_over_http() -> Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("alice");
+    TestNode::init_home(&home, "alice")?;
+    let mut settings = kith_node::Settings::load(&home)?;
+    settings.max_file_bytes = 1024 * 1024;
+    settings.save(&home)?;
+    let alice = TestNode::start_in(kith_node::Config::loopback(&home)).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    kith_tests::befriend(&alice, "bob", &bob).await?;
+    kith_tests::befriend(&bob, "alice", &alice).await?;
+    let http = reqwest::Client::new();
+    let bob_get = |path: String| {
+        let request = http
+            .get(format!("http://{}{path}", api(&bob)))
+            .bearer_auth(token(&bob).unwrap_or_default());
+        async move { anyhow::Ok(request.send().await?.json::<Value>().await?) }
+    };
+
+    for i in 0..5 {
+        alice.node().send("bob", &format!("m{i}"), None).await?;
+    }
+    wait_for("five messages at bob's", || async {
+        (bob.node().messages(Some("alice")).ok()?.len() == 5).then_some(())
+    })
+    .await?;
+    let list = bob_get("/v1/conversations".into()).await?;
+    let entry = &list[0];
+    assert_eq!(entry["name"], "alice");
+    assert_eq!(entry["unread"], 5);
+    assert_eq!(entry["last"]["text"], "m4");
+
+    // Pages, oldest first within a page, each before the previous page's first message.
+    let texts = |page: &Value| -> Vec<String> {
+        page.as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let newest = bob_get("/v1/messages?with=alice&limit=2".into()).await?;
+    assert_eq!(texts(&newest), ["m3", "m4"]);
+    let older = bob_get(format!(
+        "/v1/messages?with=alice&limit=2&before={}",
+        newest[0]["id"].as_str().context("id")?
+    ))
+    .await?;
+    assert_eq!(texts(&older), ["m1", "m2"]);
+    let oldest = bob_get(format!(
+        "/v1/messages?with=alice&limit=2&before={}",
+        older[0]["id"].as_str().context("id")?
+    ))
+    .await?;
+    assert_eq!(texts(&oldest), ["m0"]);
+    bob.node().read("alice").await?;
+    assert_eq!(bob_get("/v1/conversations".into()).await?[0]["unread"], 0);
+
+    // An upload streams into alice's uploads and goes out as a file; bob's copy of an HTML file
+    // is served as a sandboxed download, never as a page of the UI's origin.
+    let page = b"<script>alert('hi')</script>".to_vec();
+    let upload = |name: &str, body: Vec<u8>| {
+        http.post(format!(
+            "http://{}/v1/upload?to=bob&name={name}",
+            api(&alice)
+        ))
+        .bearer_auth(token(&alice).unwrap_or_default())
+        .body(body)
+        .send()
+    };
+    let sent: Value = upload("page.html", page.clone()).await?.json().await?;
+    let id = sent["id"].as_str().context("id")?.to_owned();
+    let parsed: MessageId = id.parse()?;
+    wait_for("the file at bob's", || async {
+        bob.node().attachment(&parsed)?.path
+    })
+    .await?;
+    let served = http
+        .get(format!("http://{}/v1/files/{id}", api(&bob)))
+        .bearer_auth(token(&bob)?)
+        .send()
+        .await?;
+    assert_eq!(served.status(), 200);
+    let header = |name: &str| {
+        served.headers()[name]
+            .to_str()
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert_eq!(header("content-type"), "application/octet-stream");
+    assert!(header("content-disposition").starts_with("attachment"));
+    assert!(header("content-security-policy").starts_with("sandbox"));
+    assert_eq!(served.bytes().await?.to_vec(), page);
+
+    // Over max_file_bytes: refused while it streams, and nothing is left behind.
+    let too_big = upload("big.bin", vec![7u8; 1024 * 1024 + 1]).await?;
+    assert_eq!(too_big.status(), 413);
+    let kept = std::fs::read_dir(home.join(kith_node::ui::files::UPLOADS_DIR))?.count();
+    assert_eq!(kept, 1, "only page.html's upload stays");
+    Ok(())
+}
+
 async fn start_relay(dir: &Path) -> Result<(kith_relay::Running, Multiaddr)> {
     let config = kith_relay::Config {
         gossip_heartbeat_interval_ms: 200,
