@@ -628,6 +628,38 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&alice_page, "alice-group-ticks").await?;
+    // The group's details: alice (an admin) makes bob an admin too.
+    alice_page.click("#btn-info").await?;
+    alice_page
+        .click(&format!("#panel .members li:nth-child({}) button", {
+            let members = alice.node().group_list();
+            let g = members
+                .iter()
+                .find(|g| g.group_id == group)
+                .context("group")?;
+            1 + g
+                .members
+                .iter()
+                .position(|m| *m == b_id)
+                .context("bob is a member")?
+        }))
+        .await?;
+    wait_for("bob promoted", || async {
+        alice
+            .node()
+            .group_list()
+            .iter()
+            .any(|g| g.group_id == group && g.admins.contains(&b_id))
+            .then_some(())
+    })
+    .await?;
+    alice_page
+        .wait(
+            "two admins shown",
+            "document.querySelectorAll('#panel .members .badge.admin').length === 2",
+        )
+        .await?;
+    shots.take(&alice_page, "alice-group-members").await?;
 
     // alice's chat with bob, as README shows it.
     alice_page.click(&conv(&b_id)).await?;
@@ -779,7 +811,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
 
     alice_page.quit().await?;
     bob_page.quit().await?;
-    if shots.n < 12 {
+    if shots.n < 13 {
         bail!("expected a screenshot per step");
     }
     Ok(())

@@ -598,8 +598,19 @@ function handle(ev) {
       state.progress.delete(ev.id);
       if (shown && ev.direction === 'download') waitForFile(ev.id, 10);
     }
-    if (shown) renderMessages();
+    if (shown) renderSoon();
   }
+}
+
+// Progress events come many a second: draw at most once a frame.
+let renderQueued = false;
+function renderSoon() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => {
+    renderQueued = false;
+    renderMessages();
+  });
 }
 
 // A finished download is recorded just after its last progress event.
