@@ -771,6 +771,17 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&dave_page, "dave-invite").await?;
+    // dave turns read receipts off in the settings: saved, to apply at the next start.
+    dave_page.click("#btn-settings").await?;
+    dave_page.click("#panel input[name=receipts]").await?;
+    dave_page.click("#panel button[type=submit]").await?;
+    dave_page
+        .wait(
+            "the saved note",
+            "document.querySelector('#panel .note')?.textContent.includes('restart')",
+        )
+        .await?;
+    assert!(!kith_node::Settings::load(dave_dir.path())?.read_receipts);
     dave_page.quit().await?;
 
     // 7. bob's daemon restarts on the same port; his page reconnects by itself.
@@ -809,6 +820,10 @@ async fn chat_in_a_real_browser() -> Result<()> {
         .await?;
     shots.take(&bob_page, "no-session").await?;
 
+    let blocked = alice_page
+        .js("return window.kith.violations", json!([]))
+        .await?;
+    assert_eq!(blocked, json!([]), "the page keeps to its own policy");
     alice_page.quit().await?;
     bob_page.quit().await?;
     if shots.n < 13 {

@@ -80,8 +80,12 @@ const state = {
   lastTypingSent: 0,
   events: null,
 };
-// Read by the browser tests: when the list and each opened conversation were on screen.
-window.kith = { timings: {}, state };
+// Read by the browser tests: when the list and each opened conversation were on screen, and
+// anything the Content-Security-Policy blocked (there should be nothing).
+window.kith = { timings: {}, state, violations: [] };
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.kith.violations.push(`${e.violatedDirective} ${e.blockedURI}`);
+});
 
 function nameOf(peer) {
   if (!peer) return '';
