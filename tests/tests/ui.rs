@@ -379,7 +379,15 @@ async fn chat_in_a_real_browser() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_relay, relay_addr) = start_relay(dir.path()).await?;
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
-    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    // bob downloads files up to 64 KiB by himself, larger ones when he asks.
+    let bob_home = dir.path().join("bob");
+    TestNode::init_home(&bob_home, "bob")?;
+    let mut settings = kith_node::Settings::load(&bob_home)?;
+    settings.auto_download_max_bytes = 64 * 1024;
+    settings.save(&bob_home)?;
+    let mut bob_config = kith_node::Config::loopback(&bob_home);
+    bob_config.relays = vec![relay_addr.clone()];
+    let mut bob = TestNode::start_in(bob_config).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     for (node, others) in [
         (&alice, [("bob", &bob), ("carol", &carol)]),
@@ -550,6 +558,32 @@ async fn chat_in_a_real_browser() -> Result<()> {
         .find_map(|m| m.attachment.filter(|a| a.name == "notes.txt"))
         .context("notes.txt in bob's history")?;
     assert_eq!(notes.size, 14);
+    // A larger file waits for bob's click, then downloads.
+    let archive = dir.path().join("archive.bin");
+    std::fs::write(
+        &archive,
+        (0..300_000u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )?;
+    alice_page
+        .type_into("#file", &archive.to_string_lossy())
+        .await?;
+    bob_page.click(".msg.in[aria-label] .file button").await?;
+    let fetched = bob_page
+        .wait(
+            "the archive downloaded at bob's",
+            "[...document.querySelectorAll('.msg.in a.file-name')].find(a => a.textContent.startsWith('archive.bin'))?.href",
+        )
+        .await?;
+    let got: Value = bob_page
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             fetch(arguments[0]).then(r => r.blob()).then(b => done(b.size)).catch(e => done(String(e)));",
+            json!([fetched]),
+        )
+        .await?;
+    assert_eq!(got, json!(300_000));
 
     // 4. a group of three made in alice's page; per-member ticks in the message info.
     alice_page.click("#btn-group").await?;
@@ -761,6 +795,32 @@ async fn chat_in_a_real_browser() -> Result<()> {
         .wait(
             "alice in dave's list, open",
             &format!("window.kith.state.open?.id === '{a_id}'"),
+        )
+        .await?;
+    // The keyboard: from alice (second in the list), ArrowUp then Enter opens erin's chat.
+    let order = dave_page
+        .js(
+            "return [...document.querySelectorAll('#conversations li')].map(li => li.dataset.conv)",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(order, json!([erin, a_id]));
+    dave_page
+        .type_into("#conversations li:nth-child(2)", "\u{E013}")
+        .await?;
+    dave_page
+        .wait(
+            "the focus on erin",
+            &format!("document.activeElement.dataset.conv === '{erin}'"),
+        )
+        .await?;
+    dave_page
+        .type_into("#conversations li:nth-child(1)", &ENTER.to_string())
+        .await?;
+    dave_page
+        .wait(
+            "erin's chat open",
+            "window.kith.state.open?.name === 'erin'",
         )
         .await?;
     dave_page.click("#btn-invite").await?;
