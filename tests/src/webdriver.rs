@@ -193,30 +193,39 @@ impl Browser {
             .with_context(|| format!("no element reference in {value}"))
     }
 
-    /// Clicks the first element matching `css` (waiting for it to exist).
-    pub async fn click(&self, css: &str) -> Result<()> {
+    /// Runs `command` (`click` or `value`) on the first element matching `css`, waiting for it
+    /// to exist. The page redraws parts of itself as events arrive, so an element found may be
+    /// replaced before the command reaches it: it is then found again.
+    async fn on_element(&self, css: &str, command: &str, body: Value) -> Result<()> {
         self.wait(css, &format!("document.querySelector({})", json!(css)))
             .await?;
-        let element = self.find(css).await?;
-        self.command(
-            reqwest::Method::POST,
-            &format!("/element/{element}/click"),
-            Some(json!({})),
-        )
-        .await
-        .map(|_| ())
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let element = self.find(css).await?;
+            let done = self
+                .command(
+                    reqwest::Method::POST,
+                    &format!("/element/{element}/{command}"),
+                    Some(body.clone()),
+                )
+                .await;
+            match done {
+                Err(e)
+                    if e.to_string().contains("stale element")
+                        && tokio::time::Instant::now() < deadline => {}
+                other => return other.map(|_| ()),
+            }
+        }
+    }
+
+    /// Clicks the first element matching `css` (waiting for it to exist).
+    pub async fn click(&self, css: &str) -> Result<()> {
+        self.on_element(css, "click", json!({})).await
     }
 
     /// Types `text` into the first element matching `css` (for a file input: a file's path).
     pub async fn type_into(&self, css: &str, text: &str) -> Result<()> {
-        let element = self.find(css).await?;
-        self.command(
-            reqwest::Method::POST,
-            &format!("/element/{element}/value"),
-            Some(json!({ "text": text })),
-        )
-        .await
-        .map(|_| ())
+        self.on_element(css, "value", json!({ "text": text })).await
     }
 
     /// Makes the page see `prefers-color-scheme: dark` (or `light`), through Chromium's
