@@ -425,7 +425,8 @@ async function refreshNewest() {
     }
   }
   // Locally shown messages the daemon now knows under their id are dropped.
-  state.messages = state.messages.filter((m) => !m.local || !m.realId || !byId.has(m.realId));
+  const pageIds = new Set(page.map((m) => m.id));
+  state.messages = state.messages.filter((m) => !m.local || !m.realId || !pageIds.has(m.realId));
   if (added) {
     const locals = state.messages.filter((m) => m.local);
     state.messages = state.messages.filter((m) => !m.local).sort((a, b) => a.sent_at_ms - b.sent_at_ms).concat(locals);
