@@ -11,7 +11,7 @@
 //! | DELETE | `/v1/contacts/{name}` | | the removed contact |
 //! | POST | `/v1/contacts/{name}/rename` | `{name}` (the new name) | the renamed contact |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
-//! | GET | `/v1/messages` | `?with=NAME_OR_PEER` | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
+//! | GET | `/v1/messages` | `?with=NAME_OR_PEER` (`&limit=N&before=ID`: one page, oldest first) | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
 //! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
 //! | POST | `/v1/download` | `{id, to?}` (`to`: a directory) | `{name, size, mime, hash, path}` once the file is complete |
 //! | POST | `/v1/read` | `{with}` | `{read: n}` |
@@ -27,6 +27,9 @@
 //! | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
 //! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
 //! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
+//!
+//! The web UI's routes ([`crate::ui`]) are served on the same port; a UI session cookie stands
+//! in for the token there, and every request must name a loopback host in `Host`.
 //!
 //! Every error answers `{"error": "..."}`: 400 (bad input or malformed JSON), 401 (token), 404
 //! (unknown route, message or contact), 405 (wrong method), 413 (body too large), 415 (body not
@@ -131,7 +134,9 @@ async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Re
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if given != Some(expected.as_str()) {
+    // The web UI's guard (outside this layer) admits session cookies and the page's assets.
+    let admitted = request.extensions().get::<crate::ui::Admitted>().is_some();
+    if !admitted && given != Some(expected.as_str()) {
         tracing::warn!(path = %request.uri().path(), "local API request without a valid token");
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -223,12 +228,28 @@ async fn send(
 #[derive(Deserialize)]
 struct MessagesQuery {
     with: Option<String>,
+    /// Paging: messages sent before this message id.
+    before: Option<String>,
+    /// Paging: at most this many (the newest of them).
+    limit: Option<usize>,
 }
 
 async fn messages(
     State(s): State<AppState>,
     Query(q): Query<MessagesQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if q.before.is_some() || q.limit.is_some() {
+        let with = q
+            .with
+            .as_deref()
+            .ok_or_else(|| NodeError::Invalid("paging (before, limit) needs `with`".into()))?;
+        let limit = q.limit.unwrap_or(crate::ui::views::DEFAULT_PAGE);
+        return Ok(Json(s.node.messages_page(
+            with,
+            q.before.as_deref(),
+            limit,
+        )?));
+    }
     Ok(Json(s.node.messages(q.with.as_deref())?))
 }
 
@@ -314,6 +335,9 @@ pub(crate) async fn serve(
             format!("the local API only listens on loopback, not {addr}"),
         ));
     }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let gate = std::sync::Arc::new(crate::ui::Gate::new(&token, bound));
     let state = AppState {
         node,
         token,
@@ -336,12 +360,12 @@ pub(crate) async fn serve(
         .route("/v1/settings", get(settings).post(change_settings))
         .merge(crate::group::api_routes().with_state(state.node.clone()))
         .merge(crate::media::api_routes().with_state(state.node.clone()))
+        .merge(crate::ui::routes(state.node.clone(), gate.clone(), bound))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(gate, crate::ui::guard))
         .layer(middleware::from_fn(json_errors))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.wait().await;

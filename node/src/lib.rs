@@ -23,6 +23,7 @@ pub mod presence;
 pub mod shutdown;
 pub mod store;
 pub mod text;
+pub mod ui;
 
 use std::future::Future;
 use std::io::Write;

@@ -165,6 +165,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the chat window: prints the web UI's address with a one-time code.
+    Ui {
+        /// Also open it in the browser (xdg-open).
+        #[arg(long)]
+        open: bool,
+    },
     /// Stream events (messages, receipts, typing, failures) until stopped, reconnecting when
     /// the daemon restarts. On a terminal one readable line each; otherwise, or with --json,
     /// one JSON event per line.
@@ -516,6 +522,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Group(command) => {
             let client = daemon_client(&home).await?;
             kith_node::group::cli::run(&client, command).await?;
+        }
+        Command::Ui { open } => {
+            let client = daemon_client(&home).await?;
+            kith_node::ui::open(&client, open).await?;
         }
         Command::Events { json } => {
             follow_events(&home, json).await?;

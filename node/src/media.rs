@@ -290,7 +290,7 @@ pub fn sniff_mime(name: &str, head: &[u8]) -> String {
 
 /// A file name safe to send and to create: no directories, no control characters, at most
 /// [`blob::MAX_NAME_BYTES`] bytes.
-fn safe_name(path: &Path) -> String {
+pub(crate) fn safe_name(path: &Path) -> String {
     let raw = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

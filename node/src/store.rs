@@ -797,6 +797,75 @@ impl Store {
     }
 }
 
+/// Which conversation index a page is read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Thread<'a> {
+    /// A one-to-one conversation with this peer.
+    Peer(&'a PeerId),
+    /// A group conversation.
+    Group(&'a GroupId),
+}
+
+impl Thread<'_> {
+    fn prefix(&self) -> Vec<u8> {
+        match self {
+            Thread::Peer(peer) => peer_key(b"c/", peer),
+            Thread::Group(group) => group_key(b"gc/", group),
+        }
+    }
+}
+
+/// Reading conversations a page at a time, newest first, for user interfaces.
+impl Store {
+    /// A conversation's messages from the newest backwards, starting just before `before`
+    /// (the message's Lamport time, sender and id: its place in the index) or at the end.
+    /// Nothing is read ahead: a caller that takes 50 messages reads 50 records.
+    pub fn newest_first(
+        &self,
+        thread: Thread<'_>,
+        before: Option<(u64, &PeerId, &MessageId)>,
+    ) -> impl Iterator<Item = Result<StoredMessage, StoreError>> + '_ {
+        let prefix = thread.prefix();
+        let end = match before {
+            Some((lamport, from, id)) => match thread {
+                Thread::Peer(peer) => conversation_key(peer, lamport, from, id),
+                Thread::Group(group) => group_conversation_key(group, lamport, from, id),
+            },
+            None => {
+                // The smallest key after every key with this prefix.
+                let mut end = prefix.clone();
+                while end.last() == Some(&0xff) {
+                    end.pop();
+                }
+                if let Some(last) = end.last_mut() {
+                    *last += 1;
+                }
+                end
+            }
+        };
+        let start = prefix.clone();
+        self.tree.range(start..end).rev().filter_map(move |entry| {
+            let (key, _) = match entry {
+                Ok(entry) => entry,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let rest = key.get(prefix.len()..).unwrap_or_default();
+            let parsed = rest.get(8).and_then(|&len| {
+                let from = rest.get(9..9 + len as usize)?;
+                let id = rest.get(9 + len as usize..)?;
+                Some((PeerId::from_bytes(from).ok()?, MessageId::from_slice(id)?))
+            });
+            let Some((from, id)) = parsed else {
+                return Some(Err(StoreError::Damaged {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "conversation key does not parse".into(),
+                }));
+            };
+            self.message(&from, &id).transpose()
+        })
+    }
+}
+
 /// One [`Store::flush`] call counted in the store's calls under way, for as long as it lives
 /// (a caller that gives up waiting is no longer counted).
 struct FlushUnderWay<'a> {
@@ -940,6 +1009,47 @@ mod tests {
                 .map(|m| m.text),
             Some("m3".into())
         );
+    }
+
+    #[tokio::test]
+    async fn pages_of_a_long_conversation_read_backwards_from_a_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (me, bob, carol) = (peer(), peer(), peer());
+        let mut batch = Batch::new();
+        let written: Vec<StoredMessage> = (1..=10_000)
+            .map(|l| {
+                let from = if l % 3 == 0 { me } else { bob };
+                msg(from, bob, l, Direction::In)
+            })
+            .collect();
+        for m in &written {
+            batch.put_message(m);
+        }
+        // Another conversation whose keys sort right after bob's must not leak into his pages.
+        batch.put_message(&msg(me, carol, 1, Direction::Out));
+        store.commit(batch).await.expect("commit");
+        let page = |before: Option<&StoredMessage>, n: usize| -> Vec<u64> {
+            store
+                .newest_first(
+                    Thread::Peer(&bob),
+                    before.map(|m| (m.lamport, &m.from, &m.id)),
+                )
+                .take(n)
+                .map(|m| m.expect("read").lamport)
+                .collect()
+        };
+        assert_eq!(page(None, 3), [10_000, 9_999, 9_998]);
+        let before = &written[5_000 - 1];
+        assert_eq!(page(Some(before), 2), [4_999, 4_998]);
+        assert_eq!(page(Some(&written[1]), 50), [1]);
+        assert_eq!(page(Some(&written[0]), 50), Vec::<u64>::new());
+        assert_eq!(page(None, 20_000).len(), 10_000);
+        let carols: Vec<_> = store
+            .newest_first(Thread::Peer(&carol), None)
+            .map(|m| m.expect("read").text)
+            .collect();
+        assert_eq!(carols, ["m1"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

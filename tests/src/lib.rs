@@ -8,6 +8,7 @@ pub mod media_bench;
 pub mod presence;
 pub mod process;
 pub mod relay_bench;
+pub mod webdriver;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
