@@ -75,13 +75,20 @@ impl From<NodeError> for ApiError {
     }
 }
 
+/// Whether the `Authorization` header is the expected one, compared in constant time (a
+/// timing difference must not tell a local attacker how much of a guess was right).
+fn token_matches(given: Option<&[u8]>, expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.is_some_and(|given| bool::from(given.ct_eq(expected)))
+}
+
 async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let expected = format!("Bearer {}", state.token);
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if given != Some(expected.as_str()) {
+        .map(|v| v.as_bytes());
+    if !token_matches(given, expected.as_bytes()) {
         tracing::warn!(path = %request.uri().path(), "local API request without a valid token");
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -260,4 +267,19 @@ pub(crate) async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_matches;
+
+    #[test]
+    fn only_the_exact_header_matches() {
+        let expected = b"Bearer abc123";
+        assert!(token_matches(Some(b"Bearer abc123"), expected));
+        assert!(!token_matches(Some(b"Bearer abc124"), expected));
+        assert!(!token_matches(Some(b"Bearer abc12"), expected));
+        assert!(!token_matches(Some(b""), expected));
+        assert!(!token_matches(None, expected));
+    }
 }

@@ -117,7 +117,7 @@ impl Groups {
         groups
     }
 
-    fn get(&self, group: &GroupId) -> Option<State> {
+    pub(crate) fn get(&self, group: &GroupId) -> Option<State> {
         lock(&self.states).get(group).cloned()
     }
 
@@ -533,7 +533,7 @@ impl Node {
                 Some(l) => *l,
                 None => self.store().group_lamport(&group_id).unwrap_or(0),
             };
-            let next = current.max(envelope.lamport);
+            let next = kith_protocol::lamport::observe(current, envelope.lamport);
             lamports.insert(group_id, next);
             next
         };
@@ -671,8 +671,9 @@ impl Node {
                 Some(l) => *l,
                 None => self.store().group_lamport(&group_id)?,
             };
-            lamports.insert(group_id, current + 1);
-            current + 1
+            let next = kith_protocol::lamport::next(current);
+            lamports.insert(group_id, next);
+            next
         };
         let header = Header {
             id,

@@ -39,6 +39,9 @@ pub const PROTOCOL: &str = "/kith/group/1";
 /// Largest frame on this protocol (a page of operations).
 pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
 
+/// Largest request frame: each request carries at most one envelope.
+pub const MAX_REQUEST_BYTES: usize = crate::limits::MAX_ENVELOPE_BYTES + 1024;
+
 /// Default most members of a group (a relay and node setting).
 pub const DEFAULT_MAX_MEMBERS: usize = 200;
 
