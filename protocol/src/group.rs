@@ -558,12 +558,16 @@ pub enum Response {
         /// Whether more follow.
         more: bool,
     },
-    /// The message is durably stored for every other member.
+    /// The message is durably stored for every other member but those in `missed`.
     Stored {
         /// The request's id.
         req_id: u64,
         /// How many members' mailboxes got a copy.
         recipients: u32,
+        /// Members whose mailbox refused the copy (full): they did not get it, and the sender
+        /// must not show them `sent`. Absent (empty) from older relays, which did not say.
+        #[serde(default, skip_serializing_if = "BTreeSet::is_empty", with = "peer_set")]
+        missed: BTreeSet<PeerId>,
     },
     /// The operation or message is invalid for the group's state.
     Refused {

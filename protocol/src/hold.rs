@@ -125,11 +125,14 @@ impl Holds {
         Admit::Probe
     }
 
-    /// The probe for `recipient` is over, whatever its outcome (a refusal has set a new hold
-    /// already). Returns whether waiting entries may go now: no relay of the recipient is on
-    /// hold any more.
+    /// A deposit for `recipient` is over, whatever its outcome (a refusal has set a new hold
+    /// already). Returns whether it was a running probe and waiting entries may go now: a relay
+    /// of the recipient is no longer on hold. Without a probe running there is nothing to
+    /// release (entries that were never held keep their own schedule).
     pub fn probe_done(&mut self, recipient: &PeerId, relays: &[PeerId], now_ms: u64) -> bool {
-        self.probes.remove(recipient);
+        if self.probes.remove(recipient).is_none() {
+            return false;
+        }
         relays
             .iter()
             .any(|relay| self.held_until(relay, recipient, now_ms).is_none())
@@ -211,8 +214,23 @@ mod tests {
         assert_eq!(h.admit(bob, &[r1, r2], 2_000), Admit::Probe);
         assert_eq!(h.all_held_until(&bob, &[r1, r2], 2_000), None);
         assert!(h.stored(r2, bob));
-        assert!(h.probe_done(&bob, &[r1, r2], 2_100));
+        // The store released the waiting entries; the probe's end has nothing more to release.
+        assert!(!h.probe_done(&bob, &[r1, r2], 2_100));
         assert_eq!(h.admit(bob, &[r1, r2], 2_100), Admit::Go);
+    }
+
+    #[test]
+    fn deposits_that_were_never_held_release_nothing() {
+        let (r1, _, bob, _) = peers();
+        let mut h = Holds::new();
+        assert!(!h.probe_done(&bob, &[r1], 0));
+        // A probe whose relay is free again (its hold ended and was pruned) releases the rest.
+        h.hold(r1, bob, 100, 0);
+        assert_eq!(h.admit(bob, &[r1], 100), Admit::Probe);
+        h.release_relay(&r1);
+        h.hold(r1, bob, 0, 0);
+        assert_eq!(h.admit(bob, &[r1], 200), Admit::Probe);
+        assert!(h.probe_done(&bob, &[r1], 200));
     }
 
     #[test]

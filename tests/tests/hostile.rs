@@ -337,3 +337,162 @@ async fn a_full_mailbox_refuses_before_checking_signatures_and_says_when_to_come
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_relay_restart_waiting_messages_leave_at_once() -> anyhow::Result<()> {
+    use kith_protocol::MessageState;
+    use kith_tests::TestNode;
+    init_logs();
+    let relay_dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(relay_dir.path())).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+
+    // Alice's retries wait long (the first one 30 to 60 s): only hurrying can beat that.
+    let home = tempfile::tempdir()?;
+    TestNode::init_home(home.path(), "alice")?;
+    let mut config = kith_node::Config::loopback(home.path());
+    config.relays = vec![relay_addr.clone()];
+    config.backoff = kith_protocol::retry::Backoff {
+        base_ms: 60_000,
+        max_ms: 60_000,
+    };
+    let alice = TestNode::start_in(config).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+
+    // The relay goes down; alice's messages fail once and wait for their retry.
+    relay.shutdown().await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(alice.node().send("bob", &format!("r{i}"), None).await?.id);
+    }
+    wait_for("every first attempt to fail", || async {
+        ids.iter()
+            .all(|id| alice.node().outbox_attempts(id).is_some_and(|n| n >= 1))
+            .then_some(())
+    })
+    .await?;
+
+    // It comes back on the same address: alice re-dials it (every 3 s) and sends at once.
+    let mut config = kith_relay::Config::ephemeral(relay_dir.path());
+    config.listen = vec![relay_addr
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()];
+    let back = std::time::Instant::now();
+    let relay = kith_relay::start(config).await?;
+    wait_for("every message sent", || async {
+        ids.iter()
+            .all(|id| alice.state(id) == Some(MessageState::Sent))
+            .then_some(())
+    })
+    .await?;
+    println!(
+        "5 messages sent {:?} after the relay came back",
+        back.elapsed()
+    );
+    assert!(back.elapsed() < Duration::from_secs(15));
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, MessageId, MessageState};
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.gossip_heartbeat_interval_ms = 200;
+    config.mailbox_max_messages = 3;
+    let relay = kith_relay::start(config).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let mut carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    let created = alice.node().create_group("friends", &members).await?;
+    for node in [&bob, &carol] {
+        wait_for("member knows the group", || async {
+            node.node()
+                .group_list()
+                .iter()
+                .any(|g| g.group_id == created.group_id)
+                .then_some(())
+        })
+        .await?;
+    }
+    let carol_addr = carol.addr().await;
+    let carol_id = carol.peer_id();
+    carol.stop().await;
+
+    // A stranger fills carol's mailbox while she is away.
+    let mut raw = kith_tests::RawPeer::new()?;
+    for i in 0..3 {
+        let envelope = Envelope::seal(
+            &raw.key,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(carol_id),
+                sent_at_ms: 1,
+                lamport: i + 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat {
+                text: format!("junk {i}"),
+            },
+        )?;
+        let request = kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: i,
+            envelope,
+            class: mailbox::DepositClass::Message,
+        });
+        let answer = raw.mailbox(relay.peer_id, &relay_addr, request).await?;
+        assert!(
+            matches!(answer, mailbox::Response::Stored { .. }),
+            "{answer:?}"
+        );
+    }
+
+    let sent = alice.node().send("friends", "hello", None).await?;
+    let member = |who: PeerId| {
+        alice
+            .node()
+            .status(&sent.id)
+            .ok()
+            .and_then(|s| s.members.get(&who.to_string()).copied())
+    };
+    wait_for("bob's copy stored", || async {
+        (member(bob.peer_id()) >= Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    assert!(relay.metrics().limit_hits("mailbox_quota") >= 1);
+    assert_eq!(
+        member(carol_id),
+        Some(MessageState::Pending),
+        "carol has no copy"
+    );
+    assert_eq!(alice.state(&sent.id), Some(MessageState::Pending));
+
+    // Carol comes back and empties her mailbox: alice's retry stores her copy.
+    carol.restart_on(carol_addr).await?;
+    wait_for("carol gets the message", || async {
+        carol
+            .node()
+            .messages(Some(&created.group_id))
+            .ok()?
+            .iter()
+            .any(|m| m.text == "hello")
+            .then_some(())
+    })
+    .await?;
+    wait_for("carol's tick", || async {
+        (member(carol_id) >= Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}

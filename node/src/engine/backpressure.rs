@@ -18,6 +18,14 @@ use crate::net::peer_of;
 use crate::store::OutboxEntry;
 
 impl Node {
+    /// Failed attempts so far of outbox entry `id`, or `None` when it is not in the outbox (it
+    /// left, or never was there).
+    pub fn outbox_attempts(&self, id: &str) -> Option<u32> {
+        let id: kith_protocol::MessageId = id.parse().ok()?;
+        let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        schedule.entries.get(&id).map(|e| e.attempts)
+    }
+
     /// The relays (by peer id) that deposits for `to` go to.
     fn deposit_relays(&self, to: PeerId) -> Vec<PeerId> {
         self.route(to).relays.iter().filter_map(peer_of).collect()

@@ -127,6 +127,8 @@ pub struct FanOut {
     pub pushes: Vec<Push>,
     /// How many recipients hold a copy.
     pub stored: u32,
+    /// Recipients whose mailbox refused the copy.
+    pub missed: Vec<PeerId>,
 }
 
 /// The service's queue is full; answer `Busy`.
@@ -645,12 +647,15 @@ impl Service {
     ) {
         let now = self.settings.clock.now_ms();
         let mut copies = Vec::new();
+        let mut missed = Vec::new();
         let mut staged = Staged::default();
         for recipient in recipients {
             match self.store.stage(&mut staged, &recipient, &envelope, now) {
                 Ok(done) => copies.push((recipient, done)),
                 Err(e) => {
-                    tracing::warn!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                    tracing::debug!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                    self.metrics.limit_hit("mailbox_quota");
+                    missed.push(recipient);
                 }
             }
         }
@@ -685,6 +690,7 @@ impl Service {
             flushed,
             pushes,
             stored,
+            missed,
         });
     }
 
