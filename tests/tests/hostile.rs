@@ -496,3 +496,48 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_read_a_groups_chain() -> anyhow::Result<()> {
+    use kith_protocol::group::{OpError, Request, Response};
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let created = alice
+        .node()
+        .create_group("friends", &[bob.peer_id().to_string()])
+        .await?;
+    let group: kith_protocol::GroupId = created.group_id.parse()?;
+    let get = Request::Get {
+        req_id: 1,
+        group,
+        after_version: 0,
+        limit: 16,
+    };
+    let mut stranger = kith_tests::RawPeer::new()?;
+    let answer = stranger
+        .group(relay.peer_id, &relay_addr, get.clone())
+        .await?;
+    assert!(
+        matches!(
+            answer,
+            Response::Refused {
+                reason: OpError::NotMember { .. },
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let mut member = kith_tests::RawPeer::with_key(kith_node::identity::load(&bob.home)?)?;
+    let answer = member.group(relay.peer_id, &relay_addr, get).await?;
+    assert!(
+        matches!(answer, Response::Ops { ref ops, .. } if ops.len() == 1),
+        "{answer:?}"
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
