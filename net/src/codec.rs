@@ -1,11 +1,22 @@
 //! A `request_response::Codec` over kith's framing and ciborium.
 //!
-//! Reading: the 4-byte length is checked against the protocol's maximum before anything is
-//! allocated; a frame that is too large or does not decode becomes [`Message::Invalid`] (inbound
-//! requests) or an I/O error (responses), never a panic.
+//! Reading: the 4-byte length is checked against the protocol's maximum for that direction
+//! (requests and responses have limits of their own) before anything is allocated; a frame that
+//! is too large or does not decode becomes [`Message::Invalid`] (inbound requests) or an I/O
+//! error (responses), never a panic.
+//!
+//! Memory is committed as bytes arrive, never for a length a peer merely claims: the buffer
+//! grows a [`READ_STEP_BYTES`] step at a time (doubling its capacity at most, never past the
+//! claimed length), so a peer that claims large frames and trickles bytes holds at most about
+//! twice what it sent plus one step per stream. Every byte of a frame being read is counted in
+//! [`buffered_bytes`] (process-wide) and in the codec's [`Budget`], if it has one: a relay gives
+//! all its streams one budget, and a frame that would take it past its cap is refused with
+//! `Busy` before more is read.
 
 use std::io;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use kith_protocol::limits::FRAME_HEADER_BYTES;
@@ -31,25 +42,183 @@ pub enum Message<T> {
     Raw(Vec<u8>),
 }
 
-/// The codec: `Req` and `Resp` are CBOR inside frames of at most `max_frame_bytes`.
+/// The codec: `Req` and `Resp` are CBOR inside frames of at most `max_request_bytes` and
+/// `max_response_bytes`.
 #[derive(Debug)]
 pub struct Codec<Req, Resp> {
-    max_frame_bytes: usize,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+    budget: Option<Budget>,
     _types: PhantomData<fn() -> (Req, Resp)>,
 }
 
 impl<Req, Resp> Clone for Codec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::new(self.max_frame_bytes)
+        Self {
+            max_request_bytes: self.max_request_bytes,
+            max_response_bytes: self.max_response_bytes,
+            budget: self.budget.clone(),
+            _types: PhantomData,
+        }
     }
 }
 
 impl<Req, Resp> Codec<Req, Resp> {
-    /// A codec that refuses frames above `max_frame_bytes`.
+    /// A codec that refuses frames above `max_frame_bytes`, in both directions.
     pub fn new(max_frame_bytes: usize) -> Self {
+        Self::with_limits(max_frame_bytes, max_frame_bytes)
+    }
+
+    /// A codec that refuses requests above `max_request_bytes` and responses above
+    /// `max_response_bytes`.
+    pub fn with_limits(max_request_bytes: usize, max_response_bytes: usize) -> Self {
         Self {
-            max_frame_bytes,
+            max_request_bytes,
+            max_response_bytes,
+            budget: None,
             _types: PhantomData,
+        }
+    }
+
+    /// The same codec, counting the frames it reads against `budget`.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+}
+
+/// Bytes held by frames being read in this process, whatever their codec.
+static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes held right now by frames being read (buffers allocated for frames not yet decoded and
+/// dropped), in this whole process.
+pub fn buffered_bytes() -> usize {
+    BUFFERED.load(Ordering::Relaxed)
+}
+
+/// A cap on the bytes that frames being read may hold together, shared by every stream of the
+/// codecs that carry it (clones share the count).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    inner: Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    max_bytes: usize,
+    retry_after_ms: u64,
+    held: AtomicUsize,
+    frames: AtomicUsize,
+    peak: AtomicUsize,
+    refused: AtomicU64,
+}
+
+impl Budget {
+    /// At most `max_bytes` held at once; a frame refused for the budget asks its sender to come
+    /// back after `retry_after_ms`.
+    pub fn new(max_bytes: usize, retry_after_ms: u64) -> Self {
+        Self {
+            inner: Arc::new(BudgetInner {
+                max_bytes,
+                retry_after_ms,
+                held: AtomicUsize::new(0),
+                frames: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> usize {
+        self.inner.held.load(Ordering::Relaxed)
+    }
+
+    /// Frames being read that hold bytes now (their header has arrived).
+    pub fn frames(&self) -> usize {
+        self.inner.frames.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once so far.
+    pub fn peak_bytes(&self) -> usize {
+        self.inner.peak.load(Ordering::Relaxed)
+    }
+
+    /// Frames refused because the budget was spent.
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+
+    /// The cap.
+    pub fn max_bytes(&self) -> usize {
+        self.inner.max_bytes
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        let inner = &self.inner;
+        let taken = inner
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|&n| n <= inner.max_bytes)
+            });
+        match taken {
+            Ok(before) => {
+                inner.peak.fetch_max(before + bytes, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                inner.refused.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.inner.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The bytes a frame being read holds, counted process-wide and against its budget until the
+/// frame is dropped.
+struct Held<'a> {
+    budget: Option<&'a Budget>,
+    bytes: usize,
+}
+
+impl<'a> Held<'a> {
+    fn new(budget: Option<&'a Budget>) -> Self {
+        Self { budget, bytes: 0 }
+    }
+
+    /// Counts the buffer at `bytes` of capacity; `false` (nothing more counted) when that is
+    /// beyond the budget.
+    fn grow_to(&mut self, bytes: usize) -> bool {
+        let more = bytes.saturating_sub(self.bytes);
+        if more == 0 {
+            return true;
+        }
+        if let Some(budget) = self.budget {
+            if !budget.try_take(more) {
+                return false;
+            }
+            if self.bytes == 0 {
+                budget.inner.frames.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        BUFFERED.fetch_add(more, Ordering::Relaxed);
+        self.bytes += more;
+        true
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(budget) = self.budget {
+            budget.give_back(self.bytes);
+            if self.bytes > 0 {
+                budget.inner.frames.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -58,11 +227,15 @@ impl<Req, Resp> Codec<Req, Resp> {
 enum ReadError {
     Io(io::Error),
     TooLarge { len: usize, max: usize },
+    OverBudget { retry_after_ms: u64 },
 }
 
+/// Reads one frame of at most `max` bytes. The buffer grows with the bytes received, a step at
+/// a time, and is counted in `held` until the caller drops it.
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     max: usize,
+    held: &mut Held<'_>,
 ) -> Result<Vec<u8>, ReadError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     io.read_exact(&mut header).await.map_err(ReadError::Io)?;
@@ -72,25 +245,32 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
             return Err(ReadError::TooLarge { len, max })
         }
     };
-    // Grow with the data actually received, not with the claimed length: a first step, then
-    // (once the peer has shown it sends) the rest in one exact allocation. Reading into an
-    // initialised buffer of the right size avoids `read_to_end`'s regrow-and-copy at the end.
-    let first = len.min(FIRST_READ_BYTES);
-    let mut payload = vec![0u8; first];
-    io.read_exact(&mut payload)
-        .await
-        .map_err(|e| eof(e, 0, len))?;
-    if len > first {
-        payload.resize(len, 0);
-        io.read_exact(&mut payload[first..])
+    let mut payload: Vec<u8> = Vec::new();
+    while payload.len() < len {
+        let start = payload.len();
+        let end = start + (len - start).min(READ_STEP_BYTES);
+        if payload.capacity() < end {
+            // Double (amortised copies for large frames the peer does send) but never past the
+            // claimed length, and never more than one step beyond what has arrived.
+            let capacity = (payload.capacity() * 2).clamp(end, len);
+            if !held.grow_to(capacity) {
+                return Err(ReadError::OverBudget {
+                    retry_after_ms: held.budget.map_or(0, |b| b.inner.retry_after_ms),
+                });
+            }
+            payload.reserve_exact(capacity - start);
+        }
+        payload.resize(end, 0);
+        io.read_exact(&mut payload[start..end])
             .await
-            .map_err(|e| eof(e, first, len))?;
+            .map_err(|e| eof(e, start, len))?;
     }
     Ok(payload)
 }
 
-/// How much of a frame is read before the rest of its claimed length is allocated.
-const FIRST_READ_BYTES: usize = 64 * 1024;
+/// How much more of a frame is read (and allocated) at a time: memory a peer can make us commit
+/// per stream before it has sent the bytes to fill it.
+pub const READ_STEP_BYTES: usize = 16 * 1024;
 
 /// An early end of stream, saying how far the frame got.
 fn eof(e: io::Error, from: usize, len: usize) -> ReadError {
@@ -127,7 +307,8 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        let payload = match read_frame(io, self.max_frame_bytes).await {
+        let mut held = Held::new(self.budget.as_ref());
+        let payload = match read_frame(io, self.max_request_bytes, &mut held).await {
             Ok(payload) => payload,
             Err(ReadError::Io(e)) => return Err(e),
             Err(ReadError::TooLarge { len, max }) => {
@@ -136,8 +317,14 @@ where
                     detail: format!("frame header claims {len} bytes, limit {max}"),
                 })
             }
+            Err(ReadError::OverBudget { retry_after_ms }) => {
+                return Ok(Message::Invalid {
+                    reason: Reject::Busy { retry_after_ms },
+                    detail: "frames being read hold the whole memory budget".into(),
+                })
+            }
         };
-        Ok(match cbor::decode(&payload, self.max_frame_bytes) {
+        Ok(match cbor::decode(&payload, self.max_request_bytes) {
             Ok(request) => Message::Valid(request),
             Err(e) => Message::Invalid {
                 reason: Reject::Malformed,
@@ -150,7 +337,8 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        let payload = match read_frame(io, self.max_frame_bytes).await {
+        let mut held = Held::new(self.budget.as_ref());
+        let payload = match read_frame(io, self.max_response_bytes, &mut held).await {
             Ok(payload) => payload,
             Err(ReadError::Io(e)) => return Err(e),
             Err(ReadError::TooLarge { len, max }) => {
@@ -159,8 +347,13 @@ where
                     format!("response frame of {len} bytes exceeds {max}"),
                 ))
             }
+            Err(ReadError::OverBudget { .. }) => {
+                return Err(io::Error::other(
+                    "frames being read hold the whole memory budget",
+                ))
+            }
         };
-        cbor::decode(&payload, self.max_frame_bytes)
+        cbor::decode(&payload, self.max_response_bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -174,7 +367,7 @@ where
         T: AsyncWrite + Unpin + Send,
     {
         match request {
-            Message::Valid(request) => write_frame(io, &request, self.max_frame_bytes).await,
+            Message::Valid(request) => write_frame(io, &request, self.max_request_bytes).await,
             Message::Raw(bytes) => {
                 io.write_all(&bytes).await?;
                 io.close().await
@@ -195,7 +388,7 @@ where
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &response, self.max_frame_bytes).await
+        write_frame(io, &response, self.max_response_bytes).await
     }
 }
 
@@ -253,6 +446,110 @@ mod tests {
                 reason: Reject::Malformed,
                 ..
             }
+        ));
+    }
+
+    /// Gives its bytes, then never anything more: a peer that claimed a frame and stalls.
+    struct Stalls(Cursor<Vec<u8>>);
+
+    impl AsyncRead for Stalls {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(0)) => std::task::Poll::Pending,
+                other => other,
+            }
+        }
+    }
+
+    #[test]
+    fn memory_grows_with_the_bytes_received_not_the_claimed_length() {
+        let budget = Budget::new(usize::MAX, 0);
+        let mut codec = crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(budget.clone());
+        let sent = 1_000;
+        let mut bytes = (dm::MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(7u8, sent));
+        let mut stalls = Stalls(Cursor::new(bytes));
+        let protocol = proto();
+        let mut read = Box::pin(codec.read_request(&protocol, &mut stalls));
+        assert!(futures::FutureExt::now_or_never(&mut read).is_none());
+        // The claim is about 322 KiB; what is held is one step.
+        assert!(budget.held_bytes() >= sent);
+        assert!(
+            budget.held_bytes() <= READ_STEP_BYTES,
+            "{}",
+            budget.held_bytes()
+        );
+        assert_eq!(budget.frames(), 1);
+        drop(read);
+        assert_eq!(budget.held_bytes(), 0);
+        assert_eq!(budget.frames(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_that_arrives_is_read_whole() {
+        let payload = vec![9u8; dm::MAX_FRAME_BYTES - 8];
+        let framed = frame::encode(&payload, dm::MAX_FRAME_BYTES).expect("frame");
+        let budget = Budget::new(usize::MAX, 0);
+        let mut held = Held::new(Some(&budget));
+        let read = read_frame(&mut Cursor::new(framed), dm::MAX_FRAME_BYTES, &mut held).await;
+        assert!(matches!(read, Ok(ref p) if *p == payload));
+        // Capacity never beyond the frame.
+        assert!(budget.peak_bytes() <= payload.len());
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_the_frame_with_busy() {
+        let budget = Budget::new(READ_STEP_BYTES + 10, 750);
+        let mut codec = crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(budget.clone());
+        let mut first = (dm::MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+        first.extend(std::iter::repeat_n(1u8, 10));
+        let mut stalls = Stalls(Cursor::new(first));
+        let mut other = codec.clone();
+        let protocol = proto();
+        let mut holding = Box::pin(codec.read_request(&protocol, &mut stalls));
+        assert!(futures::FutureExt::now_or_never(&mut holding).is_none());
+        let second = (dm::MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+        let refused = futures::executor::block_on(
+            other.read_request(&proto(), &mut Stalls(Cursor::new(second))),
+        );
+        assert!(matches!(
+            refused,
+            Ok(Message::Invalid {
+                reason: Reject::Busy {
+                    retry_after_ms: 750
+                },
+                ..
+            })
+        ));
+        assert_eq!(budget.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_and_responses_have_their_own_limits() {
+        let mut codec = crate::DmCodec::with_limits(64, 1024);
+        let response = dm::Response::Accepted { req_id: 5 };
+        let mut buf = Cursor::new(Vec::new());
+        codec
+            .write_response(&proto(), &mut buf, response.clone())
+            .await
+            .expect("write");
+        let framed = buf.into_inner();
+        let back = codec
+            .read_response(&proto(), &mut Cursor::new(framed))
+            .await
+            .expect("read");
+        assert_eq!(back, response);
+        let big = (65u32).to_be_bytes().to_vec();
+        assert!(matches!(
+            codec.read_request(&proto(), &mut Cursor::new(big)).await,
+            Ok(Message::Invalid {
+                reason: Reject::TooLarge { max: 64 },
+                ..
+            })
         ));
     }
 

@@ -128,15 +128,22 @@ async fn json_errors(request: Request, next: Next) -> Response {
     rewritten
 }
 
+/// Whether the `Authorization` header is the expected one, compared in constant time (a
+/// timing difference must not tell a local attacker how much of a guess was right).
+fn token_matches(given: Option<&[u8]>, expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.is_some_and(|given| bool::from(given.ct_eq(expected)))
+}
+
 async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let expected = format!("Bearer {}", state.token);
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+        .map(|v| v.as_bytes());
     // The web UI's guard (outside this layer) admits session cookies and the page's assets.
     let admitted = request.extensions().get::<crate::ui::Admitted>().is_some();
-    if !admitted && given != Some(expected.as_str()) {
+    if !admitted && !token_matches(given, expected.as_bytes()) {
         tracing::warn!(path = %request.uri().path(), "local API request without a valid token");
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -375,4 +382,19 @@ pub(crate) async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_matches;
+
+    #[test]
+    fn only_the_exact_header_matches() {
+        let expected = b"Bearer abc123";
+        assert!(token_matches(Some(b"Bearer abc123"), expected));
+        assert!(!token_matches(Some(b"Bearer abc124"), expected));
+        assert!(!token_matches(Some(b"Bearer abc12"), expected));
+        assert!(!token_matches(Some(b""), expected));
+        assert!(!token_matches(None, expected));
+    }
 }

@@ -88,7 +88,9 @@ impl Settings {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        std::fs::write(&path, text).map_err(|source| SettingsError::Io { path, source })
+        std::fs::write(&path, text)
+            .and_then(|()| crate::private::set_mode(&path, crate::private::FILE_MODE))
+            .map_err(|source| SettingsError::Io { path, source })
     }
 }
 

@@ -28,6 +28,8 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+mod backpressure;
+
 use crate::config::{Config, Settings};
 use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
@@ -166,6 +168,8 @@ struct Inner {
     contacts: Mutex<HashMap<PeerId, Contact>>,
     outbox: Mutex<Schedule>,
     outbox_wake: Notify,
+    /// Waits relays asked for, per relay and recipient ([`backpressure`]).
+    holds: Mutex<kith_protocol::hold::Holds>,
     /// Delivery attempts running at once, at most `max_in_flight`.
     attempt_slots: Arc<Semaphore>,
     /// The running delivery attempts: the outbox loop reaps them and stops them at shutdown.
@@ -220,22 +224,40 @@ impl Schedule {
 
     /// Makes every entry addressed to `peer` due now.
     fn hurry(&mut self, peer: &PeerId, now: u64) {
+        self.hurry_where(now, |e| e.envelope.to == Destination::Peer(*peer));
+    }
+
+    /// Moves every entry that `pred` picks and that is due later than `until` to `until`.
+    fn defer_where(&mut self, until: u64, pred: impl Fn(&OutboxEntry) -> bool) {
         let ids: Vec<_> = self
             .entries
             .values()
-            .filter(|e| {
-                e.envelope.to == Destination::Peer(*peer)
-                    && e.due_ms > now
-                    && !self.in_flight.contains(&e.envelope.id)
-            })
+            .filter(|e| e.due_ms > until && !self.in_flight.contains(&e.envelope.id) && pred(e))
             .map(|e| e.envelope.id)
             .collect();
-        for id in ids {
-            if let Some(mut entry) = self.entries.get(&id).cloned() {
+        for id in &ids {
+            if let Some(mut entry) = self.entries.get(id).cloned() {
+                entry.due_ms = until;
+                self.insert(entry);
+            }
+        }
+    }
+
+    /// Makes every entry that `pred` picks due now; returns how many were waiting.
+    fn hurry_where(&mut self, now: u64, pred: impl Fn(&OutboxEntry) -> bool) -> usize {
+        let ids: Vec<_> = self
+            .entries
+            .values()
+            .filter(|e| e.due_ms > now && !self.in_flight.contains(&e.envelope.id) && pred(e))
+            .map(|e| e.envelope.id)
+            .collect();
+        for id in &ids {
+            if let Some(mut entry) = self.entries.get(id).cloned() {
                 entry.due_ms = now;
                 self.insert(entry);
             }
         }
+        ids.len()
     }
 }
 
@@ -421,6 +443,7 @@ impl Node {
                 contacts: Mutex::new(contacts),
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
+                holds: Mutex::new(kith_protocol::hold::Holds::new()),
                 attempt_slots: Arc::new(Semaphore::new(max_in_flight)),
                 attempts: Mutex::new(JoinSet::new()),
                 inbound: Mutex::new(Some(JoinSet::new())),
@@ -735,7 +758,7 @@ impl Node {
             Some(l) => *l,
             None => self.inner.store.lamport(peer)?,
         };
-        let next = current + 1;
+        let next = kith_protocol::lamport::next(current);
         lamports.insert(*peer, next);
         Ok(next)
     }
@@ -750,7 +773,7 @@ impl Node {
             Some(l) => *l,
             None => self.inner.store.lamport(peer)?,
         };
-        let next = current.max(seen);
+        let next = kith_protocol::lamport::observe(current, seen);
         lamports.insert(*peer, next);
         Ok(next)
     }
@@ -1109,14 +1132,7 @@ impl Node {
                     request,
                     channel,
                 } => self.handle_presence(peer, request, channel).await,
-                net::Event::Connected { peer } => {
-                    self.inner
-                        .outbox
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .hurry(&peer, now_ms());
-                    self.inner.outbox_wake.notify_one();
-                }
+                net::Event::Connected { peer } => self.reconnected(peer),
                 net::Event::Gossip {
                     source,
                     message_id,
@@ -1173,6 +1189,10 @@ impl Node {
             return; // Shutting down.
         };
         while inbound.try_join_next().is_some() {}
+        if inbound.len() >= crate::dm_streams::MAX_INBOUND_STREAMS {
+            tracing::debug!(%peer, "too many inbound dm streams; dropping one");
+            return;
+        }
         inbound.spawn(async move { node.serve_dm(peer, stream).await });
     }
 
@@ -1596,6 +1616,9 @@ impl Node {
                 (ready, next_due)
             };
             for entry in ready {
+                if self.hold_back(&entry, now) {
+                    continue;
+                }
                 match entry.envelope.to {
                     Destination::Peer(peer) => {
                         queued.entry(peer).or_default().push_back(entry);
@@ -1826,6 +1849,10 @@ impl Node {
             let Some(relay_peer) = peer_of(relay) else {
                 continue;
             };
+            if let Some(until) = self.held_at(relay_peer, envelope) {
+                reasons.push(format!("{relay} asked to wait until {until} (unix ms)"));
+                continue;
+            }
             let request = mailbox::Request::Deposit {
                 req_id: self.req_id(),
                 envelope: envelope.clone(),
@@ -1837,10 +1864,21 @@ impl Node {
                 .mailbox(relay_peer, vec![relay.clone()], request)
                 .await
             {
-                Ok(mailbox::Response::Stored { .. }) => stored = true,
-                Ok(mailbox::Response::Rejected { reason, .. }) => {
-                    tracing::info!(%relay, %reason, "relay refused a deposit");
+                Ok(mailbox::Response::Stored { .. }) => {
+                    stored = true;
+                    self.deposit_stored(relay_peer, envelope);
+                }
+                Ok(mailbox::Response::Rejected {
+                    reason,
+                    retry_after_ms,
+                    ..
+                }) => {
+                    tracing::debug!(%relay, %reason, ?retry_after_ms, "relay refused a deposit");
+                    if let Some(after) = retry_after_ms.filter(|_| reason.is_retryable()) {
+                        self.deposit_refused(relay_peer, envelope, after);
+                    }
                     if !reason.is_retryable() {
+                        self.deposits_done(envelope);
                         return Outcome::Failed(format!("relay refused it: {reason}"));
                     }
                     reasons.push(reason.to_string());
@@ -1849,6 +1887,7 @@ impl Node {
                 Err(e) => reasons.push(e.to_string()),
             }
         }
+        self.deposits_done(envelope);
         if stored {
             Outcome::Sent
         } else {

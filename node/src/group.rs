@@ -116,7 +116,7 @@ impl Groups {
         groups
     }
 
-    fn get(&self, group: &GroupId) -> Option<State> {
+    pub(crate) fn get(&self, group: &GroupId) -> Option<State> {
         lock(&self.states).get(group).cloned()
     }
 
@@ -542,7 +542,7 @@ impl Node {
                 Some(l) => *l,
                 None => self.store().group_lamport(&group_id).unwrap_or(0),
             };
-            let next = current.max(envelope.lamport);
+            let next = kith_protocol::lamport::observe(current, envelope.lamport);
             lamports.insert(group_id, next);
             next
         };
@@ -675,8 +675,9 @@ impl Node {
                 Some(l) => *l,
                 None => self.store().group_lamport(&group_id)?,
             };
-            lamports.insert(group_id, current + 1);
-            current + 1
+            let next = kith_protocol::lamport::next(current);
+            lamports.insert(group_id, next);
+            next
         };
         let header = Header {
             id,
@@ -768,7 +769,10 @@ impl Node {
         )
         .await
         {
-            Ok(Ok(group::Response::Stored { .. })) => Outcome::Sent,
+            Ok(Ok(group::Response::Stored { missed, .. })) if missed.is_empty() => Outcome::Sent,
+            Ok(Ok(group::Response::Stored { missed, .. })) => {
+                self.stored_but_missed(envelope, &state, &missed)
+            }
             Ok(Ok(group::Response::Refused { reason, .. })) => {
                 Outcome::Failed(format!("the group's relay refused it: {reason}"))
             }
@@ -792,6 +796,35 @@ impl Node {
             }
         }
         outcome
+    }
+
+    /// The group's relay stored `envelope` for every member but `missed` (their mailboxes are
+    /// full): the others are `sent`, the missed ones stay `pending`, and the message is posted
+    /// again later (the relay stores it only for those who lack it).
+    fn stored_but_missed(
+        &self,
+        envelope: &Envelope,
+        state: &State,
+        missed: &BTreeSet<PeerId>,
+    ) -> Outcome {
+        let me = self.peer_id();
+        for member in state
+            .members
+            .iter()
+            .filter(|m| **m != me && !missed.contains(m))
+        {
+            if let Err(e) =
+                self.advance_group_members(&envelope.id, Some(member), MessageState::Sent)
+            {
+                tracing::error!(id = %envelope.id, error = %e, "cannot record a member's tick");
+            }
+        }
+        let names: Vec<String> = missed.iter().map(|p| p.to_string()).collect();
+        Outcome::Retry(format!(
+            "not stored for {} member(s) whose mailbox is full ({}); will retry for them",
+            missed.len(),
+            names.join(", ")
+        ))
     }
 
     /// Moves the per-member states of an outgoing group message (one member, or all) forward

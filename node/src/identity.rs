@@ -38,7 +38,7 @@ pub fn create(home: &Path) -> Result<Keypair, IdentityError> {
         path: path.clone(),
         source,
     };
-    fs::create_dir_all(home).map_err(io)?;
+    crate::private::create_home(home).map_err(io)?;
     let key = Keypair::generate_ed25519();
     let bytes = key
         .to_protobuf_encoding()

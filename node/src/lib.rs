@@ -20,6 +20,7 @@ pub mod media;
 mod names;
 pub mod net;
 pub mod presence;
+pub mod private;
 pub mod shutdown;
 pub mod store;
 pub mod text;
@@ -161,6 +162,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
     })?;
     let store_closed = store.closed();
+    // Only the owner may read the home: its key, token, settings and store.
+    if let Err(e) = private::tighten(&config.home, &db_path) {
+        tracing::warn!(home = %config.home.display(), error = %e, "cannot tighten the home's file modes");
+    }
     let (trigger, signal) = shutdown::channel();
     let (net, net_events, net_task) = net::start(
         key.clone(),
@@ -206,6 +211,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let json = serde_json::to_vec_pretty(&info).map_err(std::io::Error::other)?;
     std::fs::write(config.home.join(API_FILE), json)?;
+    private::set_mode(&config.home.join(API_FILE), private::FILE_MODE)?;
     tracing::info!(peer = %node.peer_id(), api = %api_addr, "node running");
     Ok(Running {
         node,

@@ -570,7 +570,7 @@ pub(crate) async fn start(
                     kith_net::request_response_config(),
                 ),
                 mailbox: request_response::Behaviour::with_codec(
-                    MailboxCodec::new(mailbox::MAX_FRAME_BYTES),
+                    MailboxCodec::with_limits(mailbox::MAX_REQUEST_BYTES, mailbox::MAX_FRAME_BYTES),
                     [(
                         StreamProtocol::new(mailbox::PROTOCOL),
                         ProtocolSupport::Outbound,
@@ -580,7 +580,10 @@ pub(crate) async fn start(
                 mdns: Toggle::from(mdns),
                 gossipsub,
                 group: request_response::Behaviour::with_codec(
-                    GroupCodec::new(group_wire::MAX_FRAME_BYTES),
+                    GroupCodec::with_limits(
+                        group_wire::MAX_REQUEST_BYTES,
+                        group_wire::MAX_FRAME_BYTES,
+                    ),
                     [(
                         StreamProtocol::new(group_wire::PROTOCOL),
                         ProtocolSupport::Outbound,

@@ -39,6 +39,9 @@ pub const PROTOCOL: &str = "/kith/group/1";
 /// Largest frame on this protocol (a page of operations).
 pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
 
+/// Largest request frame: each request carries at most one envelope.
+pub const MAX_REQUEST_BYTES: usize = crate::limits::MAX_ENVELOPE_BYTES + 1024;
+
 /// Default most members of a group (a relay and node setting).
 pub const DEFAULT_MAX_MEMBERS: usize = 200;
 
@@ -555,12 +558,16 @@ pub enum Response {
         /// Whether more follow.
         more: bool,
     },
-    /// The message is durably stored for every other member.
+    /// The message is durably stored for every other member but those in `missed`.
     Stored {
         /// The request's id.
         req_id: u64,
         /// How many members' mailboxes got a copy.
         recipients: u32,
+        /// Members whose mailbox refused the copy (full): they did not get it, and the sender
+        /// must not show them `sent`. Absent (empty) from older relays, which did not say.
+        #[serde(default, skip_serializing_if = "BTreeSet::is_empty", with = "peer_set")]
+        missed: BTreeSet<PeerId>,
     },
     /// The operation or message is invalid for the group's state.
     Refused {

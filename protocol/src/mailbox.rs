@@ -9,14 +9,18 @@
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
-use crate::limits::MAX_MAILBOX_FRAME_BYTES;
+use crate::limits::{MAX_ENVELOPE_BYTES, MAX_IDS_PER_BATCH, MAX_MAILBOX_FRAME_BYTES};
 use crate::reject::Reject;
 
 /// The libp2p protocol name.
 pub const PROTOCOL: &str = "/kith/mailbox/1";
 
-/// Largest frame on this protocol.
+/// Largest frame on this protocol (a fetch answer).
 pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
+
+/// Largest request frame: a deposit carries one envelope; an ack's [`MAX_IDS_PER_BATCH`]
+/// sequence numbers take at most 9 KiB.
+pub const MAX_REQUEST_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
 
 /// A request to a relay's mailbox service.
 // A request is built once and moved into the codec; boxing the envelope would buy nothing.
@@ -48,9 +52,34 @@ pub enum Request {
     Ack {
         /// Echoed in the response.
         req_id: u64,
-        /// Sequence numbers from earlier fetches.
+        /// Sequence numbers from earlier fetches, at most [`MAX_IDS_PER_BATCH`] (decoding stops
+        /// at the first one beyond).
+        #[serde(deserialize_with = "at_most_ids_per_batch")]
         seqs: Vec<u64>,
     },
+}
+
+/// Decodes a list of sequence numbers, refusing it as soon as it holds more than
+/// [`MAX_IDS_PER_BATCH`], before decoding the rest.
+fn at_most_ids_per_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    struct Seqs;
+    impl<'de> serde::de::Visitor<'de> for Seqs {
+        type Value = Vec<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_IDS_PER_BATCH} sequence numbers")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u64>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_IDS_PER_BATCH));
+            while let Some(n) = seq.next_element()? {
+                if out.len() == MAX_IDS_PER_BATCH {
+                    return Err(serde::de::Error::invalid_length(out.len() + 1, &self));
+                }
+                out.push(n);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Seqs)
 }
 
 /// What a deposited envelope carries, as its sender declares it.
@@ -117,7 +146,27 @@ pub enum Response {
         req_id: u64,
         /// Why.
         reason: Reject,
+        /// For a refusal that may succeed later (a full mailbox, a rate limit): how long the
+        /// sender should wait before asking this relay again for this recipient. Absent from
+        /// older relays' answers (and ignored by older nodes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
+}
+
+impl Response {
+    /// A refusal with no advice on when to come back.
+    pub fn rejected(req_id: u64, reason: Reject) -> Self {
+        let retry_after_ms = match reason {
+            Reject::Busy { retry_after_ms } => Some(retry_after_ms),
+            _ => None,
+        };
+        Response::Rejected {
+            req_id,
+            reason,
+            retry_after_ms,
+        }
+    }
 }
 
 impl Response {
@@ -136,6 +185,51 @@ impl Response {
 mod tests {
     use super::*;
     use crate::cbor;
+
+    #[test]
+    fn an_ack_with_too_many_seqs_is_refused_while_decoding() {
+        let ok = Request::Ack {
+            req_id: 1,
+            seqs: (0..MAX_IDS_PER_BATCH as u64).collect(),
+        };
+        let bytes = cbor::encode(&ok, MAX_REQUEST_BYTES).expect("encodes");
+        assert_eq!(
+            cbor::decode::<Request>(&bytes, MAX_REQUEST_BYTES).ok(),
+            Some(ok)
+        );
+        let over = Request::Ack {
+            req_id: 1,
+            seqs: vec![0; MAX_IDS_PER_BATCH + 1],
+        };
+        let bytes = cbor::encode(&over, MAX_REQUEST_BYTES).expect("encodes");
+        let err = cbor::decode::<Request>(&bytes, MAX_REQUEST_BYTES).expect_err("too many");
+        assert!(err.to_string().contains("1025"), "{err}");
+    }
+
+    #[test]
+    fn retry_after_is_optional_both_ways() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        enum OldResponse {
+            Rejected { req_id: u64, reason: Reject },
+        }
+        let new = Response::Rejected {
+            req_id: 4,
+            reason: Reject::QuotaExceeded,
+            retry_after_ms: Some(1_500),
+        };
+        let bytes = cbor::encode(&new, MAX_FRAME_BYTES).expect("encodes");
+        let old: OldResponse = cbor::decode(&bytes, MAX_FRAME_BYTES).expect("an old node reads it");
+        assert_eq!(
+            old,
+            OldResponse::Rejected {
+                req_id: 4,
+                reason: Reject::QuotaExceeded
+            }
+        );
+        let bytes = cbor::encode(&old, MAX_FRAME_BYTES).expect("encodes");
+        let back: Response = cbor::decode(&bytes, MAX_FRAME_BYTES).expect("a new node reads it");
+        assert_eq!(back, Response::rejected(4, Reject::QuotaExceeded));
+    }
 
     /// A deposit from a node that predates the class hint decodes as a message.
     #[test]

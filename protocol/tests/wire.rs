@@ -152,8 +152,13 @@ fn arb_mailbox_response() -> impl Strategy<Value = mailbox::Response> {
             }),
         (any::<u64>(), any::<u32>())
             .prop_map(|(req_id, removed)| mailbox::Response::Acked { req_id, removed }),
-        (any::<u64>(), arb_reject())
-            .prop_map(|(req_id, reason)| mailbox::Response::Rejected { req_id, reason }),
+        (any::<u64>(), arb_reject(), any::<Option<u64>>()).prop_map(
+            |(req_id, reason, retry_after_ms)| mailbox::Response::Rejected {
+                req_id,
+                reason,
+                retry_after_ms
+            }
+        ),
     ]
 }
 

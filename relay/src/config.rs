@@ -26,6 +26,20 @@ pub struct Config {
     /// connection, so this is long.
     pub idle_connection_timeout_secs: u64,
 
+    /// Connections: most established connections at once, all peers together.
+    pub max_connections: u32,
+    /// Connections: most established connections of one peer at once.
+    pub max_connections_per_peer: u32,
+    /// Connections: most incoming connections still in their handshake at once.
+    pub max_pending_incoming_connections: u32,
+    /// Requests: most request streams open at once on one connection (all of kith's protocols
+    /// together); libp2p drops a stream beyond it.
+    pub max_streams_per_connection: usize,
+    /// Requests: most bytes that request frames being read may hold together, all connections
+    /// included. A frame's buffer grows as its bytes arrive; one that would pass this is
+    /// answered `Busy` (after `busy_retry_after_ms`).
+    pub read_buffer_budget_bytes: usize,
+
     /// Circuit relay: most reservations held at once.
     pub max_reservations: usize,
     /// Circuit relay: most reservations per peer.
@@ -62,6 +76,13 @@ pub struct Config {
     pub deposits_per_sec_per_peer: u32,
     /// Mailbox: deposits a peer may make in a burst above the sustained rate.
     pub deposit_burst_per_peer: u32,
+    /// Mailbox: how long a deposit refused for a full mailbox asks its sender to wait before
+    /// trying that recipient here again (`retry_after_ms` in the answer).
+    pub mailbox_full_retry_after_ms: u64,
+    /// Logs: at most one WARN line per peer about its refused requests in this many seconds
+    /// (the first refusal, then a summary with the count); every refusal is counted in
+    /// `kith_relay_rejects_total` anyway.
+    pub refusal_log_interval_secs: u64,
     /// Mailbox: requests queued for the store before new ones are answered `Busy`.
     pub max_pending_mailbox_requests: usize,
     /// Mailbox: how long a `Busy` answer asks the requester to wait.
@@ -116,6 +137,11 @@ impl Default for Config {
             listen: default_listen(),
             metrics_addr: None,
             idle_connection_timeout_secs: 3600,
+            max_connections: 20_000,
+            max_connections_per_peer: 8,
+            max_pending_incoming_connections: 256,
+            max_streams_per_connection: 256,
+            read_buffer_budget_bytes: 64 * 1024 * 1024,
             max_reservations: 10_000,
             max_reservations_per_peer: 4,
             reservation_duration_secs: 3600,
@@ -133,6 +159,8 @@ impl Default for Config {
             mailbox_max_bytes: 64 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
             deposit_burst_per_peer: 1_000,
+            mailbox_full_retry_after_ms: 10_000,
+            refusal_log_interval_secs: 60,
             max_pending_mailbox_requests: 4_096,
             busy_retry_after_ms: 1_000,
             push_to_connected: true,
@@ -227,6 +255,18 @@ impl Config {
         let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
         if self.listen.is_empty() {
             return invalid("listen", "at least one address is needed");
+        }
+        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
+            return invalid("max_connections", "connection limits must be above 0");
+        }
+        if self.max_streams_per_connection == 0 {
+            return invalid("max_streams_per_connection", "must be above 0");
+        }
+        if self.read_buffer_budget_bytes < kith_protocol::mailbox::MAX_REQUEST_BYTES {
+            return invalid(
+                "read_buffer_budget_bytes",
+                "must hold at least one mailbox request (67584 bytes)",
+            );
         }
         if self.mailbox_ttl_secs == 0 {
             return invalid("mailbox_ttl_secs", "must be above 0");

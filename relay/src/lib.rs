@@ -45,6 +45,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod occupancy;
 pub mod presence;
+pub mod quiet;
 pub mod requests;
 pub mod shed;
 pub mod state_file;
@@ -175,9 +176,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // The store's lock proves no other relay runs on this data directory, so a relay.json
     // still here is stale (a crash); nobody should read its addresses until ours are up.
     state_file::remove(&data_dir)?;
-    let metrics = Metrics::new();
+    let read_budget =
+        kith_net::codec::Budget::new(config.read_buffer_budget_bytes, config.busy_retry_after_ms);
+    let metrics = Metrics::new().with_read_budget(read_budget.clone());
 
-    let mut swarm = swarm::build(keypair, &config)?;
+    let mut swarm = swarm::build(keypair, &config, read_budget)?;
     let bound = swarm::listen(&mut swarm, &config.listen).await?;
     let listen_addrs: Vec<Multiaddr> = bound.iter().map(|a| swarm::with_peer(a, peer_id)).collect();
     state_file::write(&data_dir, &state_file::Info::new(&peer_id, &listen_addrs))?;
@@ -250,6 +253,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             deposits_per_sec_per_peer: config.deposits_per_sec_per_peer,
             deposit_burst_per_peer: config.deposit_burst_per_peer,
             purge_interval: Duration::from_secs(config.purge_interval_secs),
+            mailbox_full_retry_after_ms: config.mailbox_full_retry_after_ms,
+            refusal_log_interval_ms: config.refusal_log_interval_secs.saturating_mul(1_000),
             clock: config.clock.clone(),
         },
         requests,
@@ -266,6 +271,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             data_dir: data_dir.clone(),
             push_to_connected: config.push_to_connected,
             max_pending_pushes: config.max_pending_pushes,
+            refusal_log_interval_ms: config.refusal_log_interval_secs.saturating_mul(1_000),
             busy_retry_after_ms: config.busy_retry_after_ms,
             shed: shed::Policy {
                 enabled: config.shed_enabled,

@@ -34,6 +34,14 @@ pub struct ShedLabels {
     pub class: String,
 }
 
+/// The label of the limit-hits family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit: `connections`, `connections_per_peer`, `pending_connections`,
+    /// `read_buffer_budget`, `deposit_rate`, `mailbox_quota`...
+    pub limit: String,
+}
+
 /// Every metric the relay exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -72,6 +80,12 @@ pub struct Metrics {
     pub presence_queries: Counter,
     /// The duration of the latest flush, read by load shedding (not exported).
     pub last_flush: crate::shed::FlushGauge,
+    /// Limits hit, by limit.
+    pub limit_hits: Family<LimitLabels, Counter>,
+    /// Bytes held by request frames being read (refreshed when encoded).
+    pub read_buffer_bytes: Gauge,
+    /// The budget those frames count against, if the relay set one.
+    read_budget: Option<kith_net::codec::Budget>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +120,14 @@ impl Metrics {
         let presence_heartbeats = Counter::default();
         let presence_policies = Counter::default();
         let presence_queries = Counter::default();
+        let limit_hits = Family::<LimitLabels, Counter>::default();
+        let read_buffer_bytes = Gauge::default();
+        registry.register("limit_hits", "Limits hit, by limit", limit_hits.clone());
+        registry.register(
+            "read_buffer_bytes",
+            "Bytes held by request frames being read",
+            read_buffer_bytes.clone(),
+        );
         registry.register(
             "presence_heartbeats",
             "Presence heartbeats taken",
@@ -181,7 +203,60 @@ impl Metrics {
             presence_policies,
             presence_queries,
             last_flush: crate::shed::FlushGauge::default(),
+            limit_hits,
+            read_buffer_bytes,
+            read_budget: None,
         }
+    }
+
+    /// The same metrics, also reporting `budget` (bytes held by frames being read, and frames
+    /// refused for it as `limit_hits{limit="read_buffer_budget"}`).
+    pub fn with_read_budget(mut self, budget: kith_net::codec::Budget) -> Self {
+        self.read_budget = Some(budget);
+        self
+    }
+
+    /// Counts one hit of `limit`.
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits
+            .get_or_create(&LimitLabels {
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many times `limit` was hit so far.
+    pub fn limit_hits(&self, limit: &str) -> u64 {
+        self.refresh_read_budget();
+        self.limit_hits
+            .get_or_create(&LimitLabels {
+                limit: limit.to_owned(),
+            })
+            .get()
+    }
+
+    /// Bytes held right now by request frames being read (0 without a budget).
+    pub fn read_buffer_held(&self) -> usize {
+        self.refresh_read_budget();
+        self.read_budget.as_ref().map_or(0, |b| b.held_bytes())
+    }
+
+    /// Request frames being read right now that hold bytes (0 without a budget).
+    pub fn frames_being_read(&self) -> usize {
+        self.read_budget.as_ref().map_or(0, |b| b.frames())
+    }
+
+    /// Copies the read budget's figures into the exported metrics.
+    fn refresh_read_budget(&self) {
+        let Some(budget) = &self.read_budget else {
+            return;
+        };
+        self.read_buffer_bytes
+            .set(i64::try_from(budget.held_bytes()).unwrap_or(i64::MAX));
+        let counter = self.limit_hits.get_or_create(&LimitLabels {
+            limit: "read_buffer_budget".to_owned(),
+        });
+        counter.inc_by(budget.refused().saturating_sub(counter.get()));
     }
 
     /// Counts one request shed in `class` (also counted as a `busy` reject).
@@ -213,6 +288,7 @@ impl Metrics {
 
     /// The registry in the Prometheus text format.
     pub fn encode(&self) -> String {
+        self.refresh_read_budget();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -18,7 +18,7 @@ use std::io;
 use std::marker::PhantomData;
 
 use futures::{AsyncRead, AsyncWrite};
-use kith_net::codec::Message;
+use kith_net::codec::{Budget, Message};
 use kith_net::{BlobCodec, DmCodec, GroupCodec, MailboxCodec, PresenceCodec};
 use kith_protocol::{blob, dm, group, mailbox, presence};
 use libp2p::request_response::{
@@ -29,13 +29,10 @@ use libp2p::{PeerId, StreamProtocol};
 /// The shared behaviour.
 pub type Behaviour = request_response::Behaviour<Codec>;
 
-/// The behaviour with every protocol in its direction, kith's timeout and stream limit.
-///
-/// The stream limit covers the protocols together on a connection, not each alone. That is no
-/// tighter than one behaviour per protocol was: yamux accepts at most 512 streams on a connection
-/// ([`kith_net::MAX_CONCURRENT_STREAMS`] is the same figure) and QUIC fewer, so the protocols
-/// together never had more streams open than one limit allows.
-pub fn behaviour() -> Behaviour {
+/// The behaviour with every protocol in its direction, kith's timeout, at most
+/// `max_streams_per_connection` requests open on a connection (the protocols together; libp2p
+/// drops a stream beyond it), and every frame read counted against `budget`.
+pub fn behaviour(budget: Budget, max_streams_per_connection: usize) -> Behaviour {
     let inbound = [
         mailbox::PROTOCOL,
         presence::PROTOCOL,
@@ -45,9 +42,9 @@ pub fn behaviour() -> Behaviour {
     .map(|name| (StreamProtocol::new(name), ProtocolSupport::Inbound));
     let outbound = (StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound);
     request_response::Behaviour::with_codec(
-        Codec,
+        Codec { budget },
         inbound.into_iter().chain([outbound]),
-        kith_net::request_response_config(),
+        kith_net::request_response_config().with_max_concurrent_streams(max_streams_per_connection),
     )
 }
 
@@ -282,28 +279,36 @@ impl Event {
     }
 }
 
-/// Reads and writes each stream with the codec of the protocol negotiated on it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Codec;
-
-fn mailbox_codec() -> MailboxCodec {
-    MailboxCodec::new(mailbox::MAX_FRAME_BYTES)
+/// Reads and writes each stream with the codec of the protocol negotiated on it. Each
+/// protocol's requests have a limit sized to what they carry (a mailbox or group request holds
+/// one envelope), and every frame read counts against the relay's one [`Budget`].
+#[derive(Debug, Clone)]
+pub struct Codec {
+    budget: Budget,
 }
 
-fn presence_codec() -> PresenceCodec {
-    PresenceCodec::new(presence::MAX_FRAME_BYTES)
-}
+impl Codec {
+    fn mailbox(&self) -> MailboxCodec {
+        MailboxCodec::with_limits(mailbox::MAX_REQUEST_BYTES, mailbox::MAX_FRAME_BYTES)
+            .with_budget(self.budget.clone())
+    }
 
-fn group_codec() -> GroupCodec {
-    GroupCodec::new(group::MAX_FRAME_BYTES)
-}
+    fn presence(&self) -> PresenceCodec {
+        PresenceCodec::new(presence::MAX_FRAME_BYTES).with_budget(self.budget.clone())
+    }
 
-fn blob_codec() -> BlobCodec {
-    BlobCodec::new(blob::MAX_FRAME_BYTES)
-}
+    fn group(&self) -> GroupCodec {
+        GroupCodec::with_limits(group::MAX_REQUEST_BYTES, group::MAX_FRAME_BYTES)
+            .with_budget(self.budget.clone())
+    }
 
-fn dm_codec() -> DmCodec {
-    DmCodec::new(dm::MAX_FRAME_BYTES)
+    fn blob(&self) -> BlobCodec {
+        BlobCodec::new(blob::MAX_FRAME_BYTES).with_budget(self.budget.clone())
+    }
+
+    fn dm(&self) -> DmCodec {
+        DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(self.budget.clone())
+    }
 }
 
 /// A message on a stream of another protocol, or a stream of a protocol the relay does not
@@ -331,13 +336,13 @@ impl request_response::Codec for Codec {
     {
         match protocol.as_ref() {
             mailbox::PROTOCOL => {
-                (mailbox_codec().read_request(protocol, io).await).map(Request::Mailbox)
+                (self.mailbox().read_request(protocol, io).await).map(Request::Mailbox)
             }
             presence::PROTOCOL => {
-                (presence_codec().read_request(protocol, io).await).map(Request::Presence)
+                (self.presence().read_request(protocol, io).await).map(Request::Presence)
             }
-            group::PROTOCOL => (group_codec().read_request(protocol, io).await).map(Request::Group),
-            blob::PROTOCOL => (blob_codec().read_request(protocol, io).await).map(Request::Blob),
+            group::PROTOCOL => (self.group().read_request(protocol, io).await).map(Request::Group),
+            blob::PROTOCOL => (self.blob().read_request(protocol, io).await).map(Request::Blob),
             _ => Err(wrong_protocol(protocol, "a request to the relay")),
         }
     }
@@ -351,7 +356,7 @@ impl request_response::Codec for Codec {
         T: AsyncRead + Unpin + Send,
     {
         match protocol.as_ref() {
-            dm::PROTOCOL => (dm_codec().read_response(protocol, io).await).map(Response::Dm),
+            dm::PROTOCOL => (self.dm().read_response(protocol, io).await).map(Response::Dm),
             _ => Err(wrong_protocol(protocol, "a response to the relay")),
         }
     }
@@ -367,7 +372,7 @@ impl request_response::Codec for Codec {
     {
         match request {
             Request::Dm(request) if protocol.as_ref() == dm::PROTOCOL => {
-                dm_codec().write_request(protocol, io, request).await
+                self.dm().write_request(protocol, io, request).await
             }
             other => Err(wrong_protocol(
                 protocol,
@@ -387,16 +392,16 @@ impl request_response::Codec for Codec {
     {
         match (protocol.as_ref(), response) {
             (mailbox::PROTOCOL, Response::Mailbox(r)) => {
-                mailbox_codec().write_response(protocol, io, r).await
+                self.mailbox().write_response(protocol, io, r).await
             }
             (presence::PROTOCOL, Response::Presence(r)) => {
-                presence_codec().write_response(protocol, io, r).await
+                self.presence().write_response(protocol, io, r).await
             }
             (group::PROTOCOL, Response::Group(r)) => {
-                group_codec().write_response(protocol, io, r).await
+                self.group().write_response(protocol, io, r).await
             }
             (blob::PROTOCOL, Response::Blob(r)) => {
-                blob_codec().write_response(protocol, io, r).await
+                self.blob().write_response(protocol, io, r).await
             }
             (_, other) => Err(wrong_protocol(
                 protocol,

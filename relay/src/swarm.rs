@@ -21,6 +21,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use kith_net::codec::Budget;
 use kith_net::codec::Message;
 use kith_protocol::{dm, mailbox, presence as presence_wire, Reject};
 use libp2p::core::transport::ListenerId;
@@ -28,7 +29,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{OutboundFailure, OutboundRequestId};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    autonat, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, Swarm,
+    autonat, connection_limits, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr,
+    PeerId, Swarm,
 };
 use tokio::sync::oneshot;
 
@@ -56,6 +58,9 @@ pub type BehaviourEvent = ProtocolsEvent;
 /// Every protocol the relay speaks.
 #[derive(NetworkBehaviour)]
 pub struct Protocols {
+    /// Connection limits (in all, per peer, pending); first, so a connection beyond them is
+    /// refused before any other behaviour spends anything on it.
+    pub limits: connection_limits::Behaviour,
     /// Circuit relay v2 server.
     pub relay: relay::Behaviour,
     /// Address exchange.
@@ -102,13 +107,19 @@ fn relay_config(config: &Config) -> relay::Config {
 }
 
 impl Protocols {
-    /// The relay's protocols for `key`, with the limits in `config`.
-    pub fn new(key: &identity::Keypair, config: &Config) -> Result<Self, BuildError> {
+    /// The relay's protocols for `key`, with the limits in `config`; every request frame read
+    /// counts against `budget`.
+    pub fn new(
+        key: &identity::Keypair,
+        config: &Config,
+        budget: Budget,
+    ) -> Result<Self, BuildError> {
         let peer_id = key.public().to_peer_id();
         let gossipsub = crate::group::gossipsub(key, config).map_err(BuildError::Gossipsub)?;
         Ok(Self {
+            limits: connection_limits::Behaviour::new(connection_limits(config)),
             gossipsub,
-            requests: requests::behaviour(),
+            requests: requests::behaviour(budget, config.max_streams_per_connection),
             relay: relay::Behaviour::new(peer_id, relay_config(config)),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -143,8 +154,35 @@ pub enum BuildError {
     Gossipsub(String),
 }
 
-/// Builds the swarm: TCP (noise, yamux), QUIC and DNS, with a long idle timeout.
-pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behaviour>, BuildError> {
+/// The connection limits in `config`.
+fn connection_limits(config: &Config) -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(config.max_pending_incoming_connections))
+}
+
+/// The metric label of a connection refused by [`connection_limits`], or `None` for a
+/// refusal of another kind.
+fn connection_limit_label(cause: &libp2p::swarm::ConnectionDenied) -> Option<&'static str> {
+    let exceeded = cause.downcast_ref::<connection_limits::Exceeded>()?;
+    let text = exceeded.to_string();
+    Some(if text.contains("per peer") {
+        "connections_per_peer"
+    } else if text.contains("pending") {
+        "pending_connections"
+    } else {
+        "connections"
+    })
+}
+
+/// Builds the swarm: TCP (noise, yamux), QUIC and DNS, with a long idle timeout; every request
+/// frame read counts against `budget`.
+pub fn build(
+    keypair: identity::Keypair,
+    config: &Config,
+    budget: Budget,
+) -> Result<Swarm<Behaviour>, BuildError> {
     let idle = Duration::from_secs(config.idle_connection_timeout_secs);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -156,7 +194,7 @@ pub fn build(keypair: identity::Keypair, config: &Config) -> Result<Swarm<Behavi
         .with_quic()
         .with_dns()?
         .with_behaviour(|key| {
-            Protocols::new(key, config)
+            Protocols::new(key, config, budget)
                 .map(Boxed)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
@@ -302,6 +340,8 @@ pub struct TaskSettings {
     pub shed: shed::Policy,
     /// The presence service's settings.
     pub presence: presence::Settings,
+    /// At most one WARN line per peer about its refused requests in this many milliseconds.
+    pub refusal_log_interval_ms: u64,
 }
 
 /// The task that owns the swarm.
@@ -318,6 +358,8 @@ pub struct Task {
     presence: presence::Service,
     groups: Option<GroupGateway>,
     blobs: Option<crate::blob::Server>,
+    /// Which refusals make a WARN line.
+    warnings: crate::quiet::Warnings,
 }
 
 impl Task {
@@ -329,6 +371,7 @@ impl Task {
         metrics: Metrics,
         settings: TaskSettings,
     ) -> Self {
+        let warnings = crate::quiet::Warnings::new(settings.refusal_log_interval_ms);
         Self {
             presence: presence::Service::new(settings.presence.clone(), metrics.clone()),
             swarm,
@@ -341,6 +384,7 @@ impl Task {
             listen_addrs,
             groups: None,
             blobs: None,
+            warnings,
         }
     }
 
@@ -444,10 +488,7 @@ impl Task {
         let Outcome { response, push } = outcome.unwrap_or_else(|| {
             tracing::error!(%peer, req_id, "the mailbox service dropped a request");
             self.metrics.reject(&Reject::StoreFailed);
-            Outcome::reply(mailbox::Response::Rejected {
-                req_id,
-                reason: Reject::StoreFailed,
-            })
+            Outcome::reply(mailbox::Response::rejected(req_id, Reject::StoreFailed))
         });
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
@@ -484,7 +525,7 @@ impl Task {
         reason: Reject,
     ) {
         self.metrics.reject(&reason);
-        let response = mailbox::Response::Rejected { req_id, reason };
+        let response = mailbox::Response::rejected(req_id, reason);
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
         }
@@ -556,7 +597,8 @@ impl Task {
                         (peer, req_id, channel, rx.await.ok())
                     })),
                     Err(service::Busy) => {
-                        tracing::warn!(%peer, req_id, "mailbox busy");
+                        let now = self.settings.presence.clock.now_ms();
+                        crate::warn_refused!(self.warnings, now, peer, req_id, "mailbox busy");
                         let reason = Reject::Busy {
                             retry_after_ms: self.settings.busy_retry_after_ms,
                         };
@@ -565,7 +607,8 @@ impl Task {
                 }
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %reason, detail, "invalid mailbox request");
+                let now = self.settings.presence.clock.now_ms();
+                crate::warn_refused!(self.warnings, now, peer, %reason, detail, "invalid mailbox request");
                 self.respond_now(peer, channel, 0, reason);
             }
             Message::Raw(_) => {
@@ -741,6 +784,16 @@ impl Task {
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!(%error, "listener error");
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                if let Some(limit) = connection_limit_label(&cause) {
+                    tracing::debug!(%send_back_addr, %cause, "connection refused");
+                    self.metrics.limit_hit(limit);
+                }
             }
             _ => {}
         }

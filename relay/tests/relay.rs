@@ -5,7 +5,7 @@ mod harness;
 use anyhow::{bail, Context};
 use harness::{config, eventually, Client, ManualClock};
 use kith_net::codec::Message;
-use kith_protocol::mailbox::{Response, MAX_FRAME_BYTES};
+use kith_protocol::mailbox::{Response, MAX_FRAME_BYTES, MAX_REQUEST_BYTES};
 use kith_protocol::{frame, Destination, GroupId, Reject};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -174,12 +174,12 @@ async fn hostile_frames_get_typed_rejects_and_others_keep_service() -> Result {
     let mut mallory = Client::connect(&relay).await?;
     let mut alice = Client::connect(&relay).await?;
 
-    // A header claiming more than the limit, and nothing after it.
-    let oversize = ((MAX_FRAME_BYTES as u32) + 1).to_be_bytes().to_vec();
+    // A header claiming more than a request may hold (one envelope), and nothing after it.
+    let oversize = ((MAX_REQUEST_BYTES as u32) + 1).to_be_bytes().to_vec();
     assert_rejected(
         &mallory.request(Message::Raw(oversize)).await?,
         Reject::TooLarge {
-            max: MAX_FRAME_BYTES as u64,
+            max: MAX_REQUEST_BYTES as u64,
         },
     );
 

@@ -46,8 +46,9 @@ pub enum Done {
         group: GroupId,
         /// The envelope.
         envelope: Envelope,
-        /// How many copies and which pushes, or `None` if the store failed.
-        result: Option<(u32, Vec<Push>)>,
+        /// How many copies, which pushes and which members missed theirs, or `None` if the
+        /// store failed.
+        result: Option<(u32, Vec<Push>, Vec<PeerId>)>,
     },
 }
 
@@ -256,7 +257,7 @@ impl Gateway {
             let result = match rx.await {
                 Ok(fan) => match fan.flushed.await {
                     Ok(outcome) if matches!(outcome.response, mailbox::Response::Stored { .. }) => {
-                        Some((fan.stored, fan.pushes))
+                        Some((fan.stored, fan.pushes, fan.missed))
                     }
                     _ => None,
                 },
@@ -312,7 +313,7 @@ impl Gateway {
                 envelope,
                 result,
             } => {
-                let Some((stored, pushes)) = result else {
+                let Some((stored, pushes, missed)) = result else {
                     tracing::error!(%group, id = %envelope.id, "group fan-out failed to store");
                     if let Some(reply) = reply {
                         let req_id = reply.2;
@@ -335,6 +336,7 @@ impl Gateway {
                         Response::Stored {
                             req_id,
                             recipients: stored,
+                            missed: missed.into_iter().collect(),
                         },
                     );
                 }

@@ -122,13 +122,26 @@ pub async fn run(
                 limit,
             } => {
                 let limit = limit.clamp(1, group::MAX_OPS_PER_PAGE) as usize;
-                let response = match store.ops(&group, after_version, limit) {
-                    Ok((ops, more)) => Response::Ops { req_id, ops, more },
-                    Err(e) => {
-                        tracing::error!(%group, error = %e, "reading a group chain");
-                        Response::Rejected {
-                            req_id,
-                            reason: Reject::StoreFailed,
+                // Only members read a group's chain (who is in it, and who changed what).
+                let member = directory.get(&group).is_some_and(|s| s.is_member(&peer));
+                let response = if !member {
+                    tracing::debug!(%peer, %group, "chain read by a non-member refused");
+                    metrics.limit_hit("group_read_non_member");
+                    Response::Refused {
+                        req_id,
+                        reason: group::OpError::NotMember {
+                            peer: peer.to_string(),
+                        },
+                    }
+                } else {
+                    match store.ops(&group, after_version, limit) {
+                        Ok((ops, more)) => Response::Ops { req_id, ops, more },
+                        Err(e) => {
+                            tracing::error!(%group, error = %e, "reading a group chain");
+                            Response::Rejected {
+                                req_id,
+                                reason: Reject::StoreFailed,
+                            }
                         }
                     }
                 };

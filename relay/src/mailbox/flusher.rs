@@ -55,10 +55,10 @@ pub async fn run(db: sled::Db, mut jobs: mpsc::Receiver<Jobs>, metrics: Metrics)
                 }
                 Err(_) => {
                     metrics.reject(&Reject::StoreFailed);
-                    Outcome::reply(Response::Rejected {
-                        req_id: job.outcome.response.req_id(),
-                        reason: Reject::StoreFailed,
-                    })
+                    Outcome::reply(Response::rejected(
+                        job.outcome.response.req_id(),
+                        Reject::StoreFailed,
+                    ))
                 }
             };
             // The requester may have gone away; its answer is then moot.

@@ -87,6 +87,11 @@ impl RateLimiter {
             .try_take(burst, per_sec, now_ms)
     }
 
+    /// How long until a peer with an empty bucket has a token again, in milliseconds.
+    pub fn refill_ms(&self) -> u64 {
+        1_000u64.div_ceil(u64::from(self.per_sec.max(1)))
+    }
+
     /// Drops buckets that have refilled completely.
     pub fn prune(&mut self, now_ms: u64) {
         let (burst, per_sec) = (self.burst, self.per_sec);

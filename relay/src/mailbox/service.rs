@@ -34,6 +34,7 @@ use super::rate::RateLimiter;
 use super::store::{AckError, DepositError, Staged, Store, Usage};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::quiet::Warnings;
 use kith_protocol::keys::Keys;
 
 /// An envelope to push to its connected recipient.
@@ -85,6 +86,10 @@ pub struct Settings {
     pub deposit_burst_per_peer: u32,
     /// How often to purge expired entries.
     pub purge_interval: Duration,
+    /// The wait a deposit refused for a full mailbox asks for.
+    pub mailbox_full_retry_after_ms: u64,
+    /// At most one WARN line per peer about its refusals in this many milliseconds.
+    pub refusal_log_interval_ms: u64,
     /// The clock.
     pub clock: Clock,
 }
@@ -122,6 +127,8 @@ pub struct FanOut {
     pub pushes: Vec<Push>,
     /// How many recipients hold a copy.
     pub stored: u32,
+    /// Recipients whose mailbox refused the copy.
+    pub missed: Vec<PeerId>,
 }
 
 /// The service's queue is full; answer `Busy`.
@@ -239,6 +246,8 @@ struct Service {
     parallelism: usize,
     /// Depositors' decoded keys.
     keys: Keys,
+    /// Which refusals make a WARN line.
+    warnings: Warnings,
 }
 
 /// A request of the current round; a deposit's envelope waits in the round's list of envelopes
@@ -272,11 +281,12 @@ pub async fn run(
             settings.deposit_burst_per_peer,
         ),
         store,
-        settings,
+        settings: settings.clone(),
         flusher,
         metrics,
         parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
         keys: Keys::new(KEY_CACHE_CAPACITY),
+        warnings: Warnings::new(settings.refusal_log_interval_ms),
     };
     service.update_gauges();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
@@ -357,6 +367,11 @@ impl Service {
                     Request::Deposit {
                         req_id, envelope, ..
                     } => {
+                        // A deposit that would be refused anyway costs no signature check.
+                        if let Some((reason, detail, after)) = self.precheck(&peer, &envelope) {
+                            let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
+                            continue;
+                        }
                         let sender = self.keys.get(&envelope.from);
                         envelopes.push((envelope, sender));
                         prepared.push(Prepared::Deposit {
@@ -394,11 +409,15 @@ impl Service {
                         let _ = reply.send(self.reject(&peer, req_id, reason, detail));
                         continue;
                     };
-                    match self.deposit(&peer, req_id, envelope, verified, &mut staged.0) {
+                    match self.deposit(req_id, envelope, verified, &mut staged.0) {
                         // The answer is released by the flusher once the write is durable.
                         Ok(outcome) => staged.1.push(Job { reply, outcome }),
                         Err((reason, detail)) => {
-                            let _ = reply.send(self.reject(&peer, req_id, reason, &detail));
+                            // Only a full mailbox (counting this round's deposits) is refused
+                            // for a while here; the rate was checked before.
+                            let after = (reason == Reject::QuotaExceeded)
+                                .then_some(self.settings.mailbox_full_retry_after_ms);
+                            let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
                         }
                     }
                 }
@@ -416,10 +435,10 @@ impl Service {
                 for job in jobs {
                     let req_id = job.outcome.response.req_id();
                     self.metrics.reject(&Reject::StoreFailed);
-                    let _ = job.reply.send(Outcome::reply(Response::Rejected {
+                    let _ = job.reply.send(Outcome::reply(Response::rejected(
                         req_id,
-                        reason: Reject::StoreFailed,
-                    }));
+                        Reject::StoreFailed,
+                    )));
                 }
             }
         }
@@ -441,10 +460,10 @@ impl Service {
                 for job in answers.drain(..) {
                     let req_id = job.outcome.response.req_id();
                     self.metrics.reject(&Reject::StoreFailed);
-                    let _ = job.reply.send(Outcome::reply(Response::Rejected {
+                    let _ = job.reply.send(Outcome::reply(Response::rejected(
                         req_id,
-                        reason: Reject::StoreFailed,
-                    }));
+                        Reject::StoreFailed,
+                    )));
                 }
             }
         }
@@ -513,10 +532,59 @@ impl Service {
             .set(i64::try_from(totals.bytes).unwrap_or(i64::MAX));
     }
 
-    fn reject(&self, peer: &PeerId, req_id: u64, reason: Reject, detail: &str) -> Outcome {
-        tracing::warn!(%peer, req_id, %reason, detail, "mailbox request rejected");
+    fn reject(&mut self, peer: &PeerId, req_id: u64, reason: Reject, detail: &str) -> Outcome {
+        self.refuse(peer, req_id, reason, detail, None)
+    }
+
+    /// Refuses a request; `retry_after_ms` tells the sender when to come back. The WARN line
+    /// is rate-limited per peer; the metric counts every refusal.
+    fn refuse(
+        &mut self,
+        peer: &PeerId,
+        req_id: u64,
+        reason: Reject,
+        detail: &str,
+        retry_after_ms: Option<u64>,
+    ) -> Outcome {
+        let now = self.settings.clock.now_ms();
+        crate::warn_refused!(self.warnings, now, *peer, req_id, %reason, detail, "mailbox request rejected");
         self.metrics.reject(&reason);
-        Outcome::reply(Response::Rejected { req_id, reason })
+        let mut response = Response::rejected(req_id, reason);
+        if let (
+            Response::Rejected {
+                retry_after_ms: r, ..
+            },
+            Some(after),
+        ) = (&mut response, retry_after_ms)
+        {
+            *r = Some(after);
+        }
+        Outcome::reply(response)
+    }
+
+    /// The refusal a deposit of `envelope` by `peer` gets before its signature is checked,
+    /// if any: the depositor's rate (it takes a token) and a full recipient mailbox, each with
+    /// the wait it asks for.
+    fn precheck(
+        &mut self,
+        peer: &PeerId,
+        envelope: &Envelope,
+    ) -> Option<(Reject, String, Option<u64>)> {
+        let now = self.settings.clock.now_ms();
+        if !self.rate.check(peer, now) {
+            self.metrics.limit_hit("deposit_rate");
+            let detail = "deposit rate exceeded".to_owned();
+            return Some((Reject::QuotaExceeded, detail, Some(self.rate.refill_ms())));
+        }
+        if let Destination::Peer(recipient) = envelope.to {
+            if self.store.surely_full(&recipient, envelope) {
+                self.metrics.limit_hit("mailbox_quota");
+                let detail = format!("the mailbox of {recipient} is full");
+                let after = self.settings.mailbox_full_retry_after_ms;
+                return Some((Reject::QuotaExceeded, detail, Some(after)));
+            }
+        }
+        None
     }
 
     /// Answers a fetch or an ack (deposits go through [`Service::round`]).
@@ -579,12 +647,15 @@ impl Service {
     ) {
         let now = self.settings.clock.now_ms();
         let mut copies = Vec::new();
+        let mut missed = Vec::new();
         let mut staged = Staged::default();
         for recipient in recipients {
             match self.store.stage(&mut staged, &recipient, &envelope, now) {
                 Ok(done) => copies.push((recipient, done)),
                 Err(e) => {
-                    tracing::warn!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                    tracing::debug!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
+                    self.metrics.limit_hit("mailbox_quota");
+                    missed.push(recipient);
                 }
             }
         }
@@ -608,10 +679,7 @@ impl Service {
             Err(e) => {
                 tracing::error!(id = %envelope.id, error = %e, "group copies not stored");
                 self.metrics.reject(&Reject::StoreFailed);
-                Response::Rejected {
-                    req_id: 0,
-                    reason: Reject::StoreFailed,
-                }
+                Response::rejected(0, Reject::StoreFailed)
             }
         };
         jobs.push(Job {
@@ -622,6 +690,7 @@ impl Service {
             flushed,
             pushes,
             stored,
+            missed,
         });
     }
 
@@ -629,7 +698,6 @@ impl Service {
     /// has to wait for the flush.
     fn deposit(
         &mut self,
-        peer: &PeerId,
         req_id: u64,
         envelope: Envelope,
         verified: Result<(), VerifyError>,
@@ -660,9 +728,6 @@ impl Service {
         let now = self.settings.clock.now_ms();
         if envelope.is_expired(now) {
             return Err((Reject::Expired, format!("envelope {} expired", envelope.id)));
-        }
-        if !self.rate.check(peer, now) {
-            return Err((Reject::QuotaExceeded, "deposit rate exceeded".into()));
         }
         match self.store.stage(staged, &recipient, &envelope, now) {
             Ok(stored) => {

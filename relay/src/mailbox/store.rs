@@ -333,6 +333,20 @@ impl Store {
         Ok(deposited)
     }
 
+    /// Whether a deposit of `envelope` for `recipient` would surely be refused for the quota: the
+    /// mailbox is full and holds no copy of it. Cheap (two lookups), so a relay can refuse
+    /// before it spends a signature check.
+    pub fn surely_full(&self, recipient: &PeerId, envelope: &Envelope) -> bool {
+        let used = self.usage(recipient);
+        if used.messages < self.limits.max_messages && used.bytes < self.limits.max_bytes {
+            return false;
+        }
+        let known = peer_key(recipient)
+            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|dedup| self.tree.get(dedup).ok().flatten());
+        known.is_none()
+    }
+
     /// Prepares the deposit of `envelope` into the mailbox of `recipient` as part of `staged`,
     /// which [`Store::commit`] writes together with the other deposits staged with it (one
     /// flush then covers them all). Deduplicates against

@@ -1,0 +1,194 @@
+//! The outbox's side of back-pressure ([`kith_protocol::hold`]): waits that relays ask for, kept
+//! per relay and recipient, and hurrying what waits on a peer or relay once it is back.
+//!
+//! - A deposit refused with `retry_after_ms` puts that (relay, recipient) pair on hold; later
+//!   deposits for the recipient skip that relay until then.
+//! - An outbox entry whose recipient is on hold at every one of its relays does not go out: it
+//!   waits, without any attempt (no dial, no deposit), for the earliest hold to end; then one
+//!   entry probes, and the others follow as soon as a relay stores (or the recipient connects).
+//! - A connection to a peer or relay makes the entries waiting on it due now (a relay restart
+//!   no longer costs the rest of a backoff), and drops the holds it made moot.
+
+use kith_protocol::hold::Admit;
+use kith_protocol::{Destination, Envelope};
+use libp2p::PeerId;
+
+use super::{now_ms, Node};
+use crate::net::peer_of;
+use crate::store::OutboxEntry;
+
+impl Node {
+    /// Failed attempts so far of outbox entry `id`, or `None` when it is not in the outbox (it
+    /// left, or never was there).
+    pub fn outbox_attempts(&self, id: &str) -> Option<u32> {
+        let id: kith_protocol::MessageId = id.parse().ok()?;
+        let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        schedule.entries.get(&id).map(|e| e.attempts)
+    }
+
+    /// The relays (by peer id) that deposits for `to` go to.
+    fn deposit_relays(&self, to: PeerId) -> Vec<PeerId> {
+        self.route(to).relays.iter().filter_map(peer_of).collect()
+    }
+
+    /// Whether `entry`, due now, must wait for a hold instead of going out; if so it is put
+    /// back in the schedule for the hold's end (nothing is written: after a restart it simply
+    /// probes once).
+    pub(super) fn hold_back(&self, entry: &OutboxEntry, now: u64) -> bool {
+        let Destination::Peer(to) = entry.envelope.to else {
+            return false;
+        };
+        let relays = self.deposit_relays(to);
+        let admit = self.holds().admit(to, &relays, now);
+        let Admit::WaitUntil(until) = admit else {
+            if admit == Admit::Probe {
+                tracing::debug!(%to, id = %entry.envelope.id, "probing a relay that asked us to wait");
+            }
+            return false;
+        };
+        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        schedule.in_flight.remove(&entry.envelope.id);
+        if schedule.entries.contains_key(&entry.envelope.id) {
+            let mut waiting = entry.clone();
+            waiting.due_ms = until;
+            schedule.insert(waiting);
+        }
+        true
+    }
+
+    /// Until when deposits of `envelope` at `relay` must wait, if they must.
+    pub(super) fn held_at(&self, relay: PeerId, envelope: &Envelope) -> Option<u64> {
+        let Destination::Peer(to) = envelope.to else {
+            return None;
+        };
+        self.holds().held_until(&relay, &to, now_ms())
+    }
+
+    /// `relay` stored `envelope`: its recipient is no longer held there.
+    pub(super) fn deposit_stored(&self, relay: PeerId, envelope: &Envelope) {
+        if let Destination::Peer(to) = envelope.to {
+            if self.holds().stored(relay, to) {
+                self.hurry_where(|e| e.envelope.to == Destination::Peer(to));
+            }
+        }
+    }
+
+    /// `relay` refused `envelope` and asked us to wait `retry_after_ms`.
+    pub(super) fn deposit_refused(&self, relay: PeerId, envelope: &Envelope, retry_after_ms: u64) {
+        if let Destination::Peer(to) = envelope.to {
+            tracing::debug!(%relay, %to, retry_after_ms, "relay asked us to wait");
+            self.holds().hold(relay, to, retry_after_ms, now_ms());
+        }
+    }
+
+    /// The deposits of `envelope` are over: if it was the probe and a relay of its recipient is
+    /// free now, the recipient's waiting entries go.
+    pub(super) fn deposits_done(&self, envelope: &Envelope) {
+        let Destination::Peer(to) = envelope.to else {
+            return;
+        };
+        let relays = self.deposit_relays(to);
+        let now = now_ms();
+        let (free, until) = {
+            let mut holds = self.holds();
+            holds.prune(now);
+            let free = holds.probe_done(&to, &relays, now);
+            (free, holds.all_held_until(&to, &relays, now))
+        };
+        if free {
+            self.hurry_where(|e| e.envelope.to == Destination::Peer(to));
+        } else if let Some(until) = until {
+            // Refused again: the entries that waited for this probe wait for the new hold's
+            // end, where one of them probes next.
+            self.inner
+                .outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .defer_where(until, |e| e.envelope.to == Destination::Peer(to));
+        }
+    }
+
+    /// A connection to `peer` is up: what waits on it is due now. As a recipient, its holds
+    /// are moot (it can be reached directly); as a relay, it may have restarted, and entries
+    /// whose deposits (or group posts) go to it stop waiting out their backoff.
+    pub(super) fn reconnected(&self, peer: PeerId) {
+        let released = {
+            let mut holds = self.holds();
+            holds.release_recipient(&peer);
+            holds.release_relay(&peer)
+        };
+        let recipients = self.recipients_via(peer);
+        let groups = self.groups_via(peer);
+        self.hurry_where(|e| match e.envelope.to {
+            Destination::Peer(to) => {
+                to == peer || released.contains(&to) || recipients.contains(&to)
+            }
+            Destination::Group(group) => groups.contains(&group),
+        });
+    }
+
+    /// The recipients in the outbox whose deposits go to `relay`.
+    fn recipients_via(&self, relay: PeerId) -> Vec<PeerId> {
+        let mut recipients: Vec<PeerId> = {
+            let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            schedule
+                .entries
+                .values()
+                .filter_map(|e| match e.envelope.to {
+                    Destination::Peer(to) => Some(to),
+                    Destination::Group(_) => None,
+                })
+                .collect()
+        };
+        recipients.sort();
+        recipients.dedup();
+        recipients.retain(|to| self.deposit_relays(*to).contains(&relay));
+        recipients
+    }
+
+    /// The groups in the outbox hosted at `relay`.
+    fn groups_via(&self, relay: PeerId) -> Vec<kith_protocol::GroupId> {
+        let mut groups: Vec<_> = {
+            let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            schedule
+                .entries
+                .values()
+                .filter_map(|e| match e.envelope.to {
+                    Destination::Group(group) => Some(group),
+                    Destination::Peer(_) => None,
+                })
+                .collect()
+        };
+        groups.sort();
+        groups.dedup();
+        groups.retain(|group| {
+            self.groups().get(group).is_some_and(|state| {
+                state
+                    .relay
+                    .parse::<libp2p::Multiaddr>()
+                    .ok()
+                    .and_then(|addr| peer_of(&addr))
+                    == Some(relay)
+            })
+        });
+        groups
+    }
+
+    /// Makes every outbox entry that `pred` picks due now, and wakes the outbox.
+    fn hurry_where(&self, pred: impl Fn(&OutboxEntry) -> bool) {
+        let hurried = self
+            .inner
+            .outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hurry_where(now_ms(), pred);
+        if hurried > 0 {
+            tracing::debug!(hurried, "outbox entries due now");
+            self.inner.outbox_wake.notify_one();
+        }
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, kith_protocol::hold::Holds> {
+        self.inner.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,543 @@
+//! Hostile peers against a relay: memory that strangers cannot make it commit, connections
+//! they cannot pile up, and refusals that are counted instead of costing the relay.
+
+use std::time::Duration;
+
+use futures::{AsyncWriteExt, StreamExt};
+use kith_net::codec::READ_STEP_BYTES;
+use kith_protocol::mailbox;
+use kith_tests::{init_logs, wait_for};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::task::JoinSet;
+
+/// A peer with `dm_streams`' behaviour on `/kith/mailbox/1`: each connection keeps two raw
+/// streams ready, on which it writes what it wants.
+struct Attacker {
+    streams: kith_node::dm_streams::Streams,
+    _swarm: tokio::task::JoinHandle<()>,
+}
+
+impl Attacker {
+    fn connect(addr: &Multiaddr) -> anyhow::Result<Self> {
+        let (events, _inbound) = tokio::sync::mpsc::channel(8);
+        let (behaviour, streams) =
+            kith_node::dm_streams::Behaviour::new(StreamProtocol::new(mailbox::PROTOCOL), events);
+        let mut swarm: Swarm<_> = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )?
+            .with_behaviour(|_| behaviour)?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.dial(addr.clone())?;
+        // The connection task opens the ready streams on its own: keep the swarm going.
+        let swarm = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        Ok(Self {
+            streams,
+            _swarm: swarm,
+        })
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        self._swarm.abort();
+    }
+}
+
+/// A frame header claiming `len` bytes, then `sent` bytes of it.
+fn trickle(len: usize, sent: usize) -> Vec<u8> {
+    let mut bytes = (len as u32).to_be_bytes().to_vec();
+    bytes.extend(std::iter::repeat_n(0xa5u8, sent));
+    bytes
+}
+
+/// Opens every attacker's ready streams to `relay` and writes `bytes` on each, keeping them
+/// open; returns the held streams.
+async fn hold_streams(
+    attackers: &[Attacker],
+    relay: PeerId,
+    bytes: &[u8],
+) -> anyhow::Result<Vec<kith_node::dm_streams::InUse>> {
+    let mut held = Vec::new();
+    for attacker in attackers {
+        for _ in 0..kith_node::dm_streams::SPARE_STREAMS {
+            let mut taken =
+                wait_for("a ready stream", || async { attacker.streams.take(relay) }).await?;
+            taken.stream.write_all(bytes).await?;
+            taken.stream.flush().await?;
+            held.push(taken);
+        }
+    }
+    Ok(held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_claiming_large_frames_and_trickling_keep_relay_memory_bounded(
+) -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let attackers = (0..20)
+        .map(|_| Attacker::connect(&addr))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let streams = attackers.len() * kith_node::dm_streams::SPARE_STREAMS;
+
+    // Claims of 4 MiB (the old mailbox limit) are refused from the header alone.
+    let refused_before = relay.metrics().rejects.get_or_create(&too_large()).get();
+    let _claims = hold_streams(&attackers, relay.peer_id, &trickle(4 << 20, 1024)).await?;
+    wait_for("4 MiB claims refused", || async {
+        let refused = relay.metrics().rejects.get_or_create(&too_large()).get();
+        (refused - refused_before >= streams as u64).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        relay.metrics().read_buffer_held(),
+        0,
+        "nothing held for refused claims"
+    );
+    drop(_claims);
+
+    // Claims of the largest request allowed, with 1 KiB sent on each and no more.
+    let sent = 1024;
+    let held = hold_streams(
+        &attackers,
+        relay.peer_id,
+        &trickle(mailbox::MAX_REQUEST_BYTES, sent),
+    )
+    .await?;
+    wait_for("the relay to read every stream", || async {
+        (relay.metrics().frames_being_read() == streams).then_some(())
+    })
+    .await?;
+    let buffered = relay.metrics().read_buffer_held();
+    println!(
+        "{streams} streams claiming {} bytes with {sent} sent: relay holds {buffered} bytes",
+        mailbox::MAX_REQUEST_BYTES
+    );
+    assert!(
+        buffered <= streams * READ_STEP_BYTES,
+        "{buffered} bytes held for {} bytes sent",
+        streams * sent
+    );
+    assert!(relay
+        .metrics()
+        .encode()
+        .contains(&format!("kith_relay_read_buffer_bytes {buffered}")));
+    drop(held);
+    drop(attackers);
+    wait_for("buffers released", || async {
+        (relay.metrics().read_buffer_held() == 0).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+fn too_large() -> kith_relay::metrics::RejectLabels {
+    kith_relay::metrics::RejectLabels {
+        reason: "too_large".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_read_budget_answers_busy_and_counts_it() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    // Room for 8 streams' first steps.
+    config.read_buffer_budget_bytes = 8 * READ_STEP_BYTES;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let attackers = (0..10)
+        .map(|_| Attacker::connect(&addr))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _held = hold_streams(
+        &attackers,
+        relay.peer_id,
+        &trickle(mailbox::MAX_REQUEST_BYTES, 100),
+    )
+    .await?;
+    let hits = wait_for("frames refused for the budget", || async {
+        let hits = relay.metrics().limit_hits("read_buffer_budget");
+        (hits >= 12).then_some(hits)
+    })
+    .await?;
+    assert!(relay.metrics().encode().contains(&format!(
+        "kith_relay_limit_hits_total{{limit=\"read_buffer_budget\"}} {hits}"
+    )));
+    assert!(relay.metrics().read_buffer_held() <= 8 * READ_STEP_BYTES);
+    drop(_held);
+    drop(attackers);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.max_connections_per_peer = 2;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut peers = JoinSet::new();
+    for _ in 0..4 {
+        let mut raw = kith_tests::RawPeer::with_key(key.clone())?;
+        raw.swarm.dial(addr.clone())?;
+        peers.spawn(async move {
+            loop {
+                raw.swarm.select_next_some().await;
+            }
+        });
+    }
+    wait_for("two connections refused", || async {
+        (relay.metrics().limit_hits("connections_per_peer") >= 2).then_some(())
+    })
+    .await?;
+    assert_eq!(relay.metrics().connections.get(), 2);
+    peers.shutdown().await;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+fn quota_refusals(relay: &kith_relay::Running) -> u64 {
+    relay
+        .metrics()
+        .rejects
+        .get_or_create(&kith_relay::metrics::RejectLabels {
+            reason: "quota_exceeded".into(),
+        })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_holds_its_sender_back_and_every_message_arrives_once() -> anyhow::Result<()>
+{
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.mailbox_max_messages = 4;
+    config.mailbox_full_retry_after_ms = 400;
+    let relay = kith_relay::start(config).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+
+    // Bob is away and his mailbox takes 4: the rest of alice's messages are refused.
+    let total = 200;
+    for i in 0..total {
+        alice.node().send("bob", &format!("m{i}"), None).await?;
+    }
+    wait_for("the mailbox to fill and refuse", || async {
+        (quota_refusals(&relay) > 0).then_some(())
+    })
+    .await?;
+    // Let the first wave (deposits already on their way) settle, then count refusals over a
+    // window: the sender waits as asked, one probe per hold.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = Duration::from_secs(3);
+    let before = quota_refusals(&relay);
+    tokio::time::sleep(window).await;
+    let refused = quota_refusals(&relay) - before;
+    println!(
+        "{total} messages queued for a full mailbox: {refused} refused deposits in {window:?} \
+         (first wave: {before})"
+    );
+    assert!(
+        refused <= 3_000 / 400 + 6,
+        "{refused} refused deposits in {window:?}"
+    );
+
+    // Bob comes back: every message arrives, once.
+    bob.restart_on(bob_addr).await?;
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
+    let inbox = wait_for("bob has every message", || async {
+        let inbox = bob.node().messages(Some("alice")).ok()?;
+        (inbox.len() >= total).then_some(inbox)
+    })
+    .await?;
+    let mut texts: Vec<_> = inbox.iter().map(|m| m.text.clone()).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), total);
+    assert_eq!(inbox.len(), total, "no message twice");
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_refuses_before_checking_signatures_and_says_when_to_come_back(
+) -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, MessageId, Reject};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.mailbox_max_messages = 1;
+    config.mailbox_full_retry_after_ms = 7_000;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let mut raw = kith_tests::RawPeer::new()?;
+    let victim = PeerId::random();
+    let envelope = |text: &str| {
+        Envelope::seal(
+            &raw.key,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(victim),
+                sent_at_ms: 1,
+                lamport: 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat { text: text.into() },
+        )
+    };
+    let first = envelope("fills it")?;
+    let mut forged = envelope("forged")?;
+    forged.sig = vec![0; 64];
+    let deposit = |envelope| {
+        kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: 1,
+            envelope,
+            class: mailbox::DepositClass::Message,
+        })
+    };
+    let answer = raw.mailbox(relay.peer_id, &addr, deposit(first)).await?;
+    assert!(matches!(answer, mailbox::Response::Stored { .. }));
+    // The mailbox is full: a forged deposit is refused for that, before its signature is
+    // checked, and told when to come back.
+    let answer = raw.mailbox(relay.peer_id, &addr, deposit(forged)).await?;
+    assert_eq!(
+        answer,
+        mailbox::Response::Rejected {
+            req_id: 1,
+            reason: Reject::QuotaExceeded,
+            retry_after_ms: Some(7_000)
+        }
+    );
+    assert_eq!(relay.metrics().limit_hits("mailbox_quota"), 1);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_relay_restart_waiting_messages_leave_at_once() -> anyhow::Result<()> {
+    use kith_protocol::MessageState;
+    use kith_tests::TestNode;
+    init_logs();
+    let relay_dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(relay_dir.path())).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+
+    // Alice's retries wait long (the first one 30 to 60 s): only hurrying can beat that.
+    let home = tempfile::tempdir()?;
+    TestNode::init_home(home.path(), "alice")?;
+    let mut config = kith_node::Config::loopback(home.path());
+    config.relays = vec![relay_addr.clone()];
+    config.backoff = kith_protocol::retry::Backoff {
+        base_ms: 60_000,
+        max_ms: 60_000,
+    };
+    let alice = TestNode::start_in(config).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+
+    // The relay goes down; alice's messages fail once and wait for their retry.
+    relay.shutdown().await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(alice.node().send("bob", &format!("r{i}"), None).await?.id);
+    }
+    wait_for("every first attempt to fail", || async {
+        ids.iter()
+            .all(|id| alice.node().outbox_attempts(id).is_some_and(|n| n >= 1))
+            .then_some(())
+    })
+    .await?;
+
+    // It comes back on the same address: alice re-dials it (every 3 s) and sends at once.
+    let mut config = kith_relay::Config::ephemeral(relay_dir.path());
+    config.listen = vec![relay_addr
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()];
+    let back = std::time::Instant::now();
+    let relay = kith_relay::start(config).await?;
+    wait_for("every message sent", || async {
+        ids.iter()
+            .all(|id| alice.state(id) == Some(MessageState::Sent))
+            .then_some(())
+    })
+    .await?;
+    println!(
+        "5 messages sent {:?} after the relay came back",
+        back.elapsed()
+    );
+    assert!(back.elapsed() < Duration::from_secs(15));
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, MessageId, MessageState};
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.gossip_heartbeat_interval_ms = 200;
+    config.mailbox_max_messages = 3;
+    let relay = kith_relay::start(config).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let mut carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    let created = alice.node().create_group("friends", &members).await?;
+    for node in [&bob, &carol] {
+        wait_for("member knows the group", || async {
+            node.node()
+                .group_list()
+                .iter()
+                .any(|g| g.group_id == created.group_id)
+                .then_some(())
+        })
+        .await?;
+    }
+    let carol_addr = carol.addr().await;
+    let carol_id = carol.peer_id();
+    carol.stop().await;
+
+    // A stranger fills carol's mailbox while she is away.
+    let mut raw = kith_tests::RawPeer::new()?;
+    for i in 0..3 {
+        let envelope = Envelope::seal(
+            &raw.key,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(carol_id),
+                sent_at_ms: 1,
+                lamport: i + 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat {
+                text: format!("junk {i}"),
+            },
+        )?;
+        let request = kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: i,
+            envelope,
+            class: mailbox::DepositClass::Message,
+        });
+        let answer = raw.mailbox(relay.peer_id, &relay_addr, request).await?;
+        assert!(
+            matches!(answer, mailbox::Response::Stored { .. }),
+            "{answer:?}"
+        );
+    }
+
+    let sent = alice.node().send("friends", "hello", None).await?;
+    let member = |who: PeerId| {
+        alice
+            .node()
+            .status(&sent.id)
+            .ok()
+            .and_then(|s| s.members.get(&who.to_string()).copied())
+    };
+    wait_for("bob's copy stored", || async {
+        (member(bob.peer_id()) >= Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    assert!(relay.metrics().limit_hits("mailbox_quota") >= 1);
+    assert_eq!(
+        member(carol_id),
+        Some(MessageState::Pending),
+        "carol has no copy"
+    );
+    assert_eq!(alice.state(&sent.id), Some(MessageState::Pending));
+
+    // Carol comes back and empties her mailbox: alice's retry stores her copy.
+    carol.restart_on(carol_addr).await?;
+    wait_for("carol gets the message", || async {
+        carol
+            .node()
+            .messages(Some(&created.group_id))
+            .ok()?
+            .iter()
+            .any(|m| m.text == "hello")
+            .then_some(())
+    })
+    .await?;
+    wait_for("carol's tick", || async {
+        (member(carol_id) >= Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_read_a_groups_chain() -> anyhow::Result<()> {
+    use kith_protocol::group::{OpError, Request, Response};
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let created = alice
+        .node()
+        .create_group("friends", &[bob.peer_id().to_string()])
+        .await?;
+    let group: kith_protocol::GroupId = created.group_id.parse()?;
+    let get = Request::Get {
+        req_id: 1,
+        group,
+        after_version: 0,
+        limit: 16,
+    };
+    let mut stranger = kith_tests::RawPeer::new()?;
+    let answer = stranger
+        .group(relay.peer_id, &relay_addr, get.clone())
+        .await?;
+    assert!(
+        matches!(
+            answer,
+            Response::Refused {
+                reason: OpError::NotMember { .. },
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let mut member = kith_tests::RawPeer::with_key(kith_node::identity::load(&bob.home)?)?;
+    let answer = member.group(relay.peer_id, &relay_addr, get).await?;
+    assert!(
+        matches!(answer, Response::Ops { ref ops, .. } if ops.len() == 1),
+        "{answer:?}"
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
