@@ -8,6 +8,8 @@
 //! | GET | `/v1/id` | | `{peer_id, name, invite, listen_addrs, read_receipts, presence}` |
 //! | GET | `/v1/contacts` | | `[{name, peer_id, addrs, relays}]` |
 //! | POST | `/v1/contacts` | `{name, peer, addrs?}` | the contact |
+//! | GET | `/v1/contacts/{name}/verify` | | `{peer_id, safety_number, verified, identity_changed}` |
+//! | POST | `/v1/contacts/{name}/verify` | | the same, once marked verified |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
 //! | GET | `/v1/messages` | `?with=NAME_OR_PEER` | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
 //! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
@@ -55,7 +57,7 @@ struct AppState {
     shutdown: Signal,
 }
 
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -245,6 +247,7 @@ pub(crate) async fn serve(
         .route("/v1/typing", post(typing))
         .route("/v1/open", post(open))
         .route("/v1/events", get(events))
+        .merge(crate::crypto::verify::api_routes().with_state(state.node.clone()))
         .merge(crate::group::api_routes().with_state(state.node.clone()))
         .merge(crate::media::api_routes().with_state(state.node.clone()))
         .layer(middleware::from_fn_with_state(state.clone(), auth))

@@ -4,7 +4,7 @@
 //! and a connection handler with its own queues, channel and stream set, whether or not the peer
 //! ever speaks its protocol. With one behaviour per protocol, an idle connection paid for that
 //! five times over. Here one behaviour serves `/kith/mailbox/1`, `/kith/presence/1`,
-//! `/kith/group/1` and `/kith/blob/1` inbound and `/kith/dm/1` outbound (the relay's pushes), and
+//! `/kith/group/1`, `/kith/blob/1` and `/kith/keys/1` inbound and `/kith/dm/1` outbound (the relay's pushes), and
 //! [`Codec`] picks each stream's frames by the protocol negotiated on it. The wire protocols,
 //! their names and frame limits are those of the per-protocol codecs in [`kith_net`].
 //!
@@ -19,8 +19,8 @@ use std::marker::PhantomData;
 
 use futures::{AsyncRead, AsyncWrite};
 use kith_net::codec::Message;
-use kith_net::{BlobCodec, DmCodec, GroupCodec, MailboxCodec, PresenceCodec};
-use kith_protocol::{blob, dm, group, mailbox, presence};
+use kith_net::{BlobCodec, DmCodec, GroupCodec, KeysCodec, MailboxCodec, PresenceCodec};
+use kith_protocol::{blob, dm, group, mailbox, prekeys, presence};
 use libp2p::request_response::{
     self, InboundFailure, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
 };
@@ -41,6 +41,7 @@ pub fn behaviour() -> Behaviour {
         presence::PROTOCOL,
         group::PROTOCOL,
         blob::PROTOCOL,
+        prekeys::PROTOCOL,
     ]
     .map(|name| (StreamProtocol::new(name), ProtocolSupport::Inbound));
     let outbound = (StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound);
@@ -62,6 +63,8 @@ pub enum Request {
     Group(Message<group::Request>),
     /// `/kith/blob/1`, inbound.
     Blob(Message<blob::Request>),
+    /// `/kith/keys/1`, inbound.
+    Keys(Message<prekeys::Request>),
     /// `/kith/dm/1`, outbound: a push.
     Dm(Message<dm::Request>),
 }
@@ -77,6 +80,8 @@ pub enum Response {
     Group(group::Response),
     /// `/kith/blob/1`.
     Blob(blob::Response),
+    /// `/kith/keys/1`.
+    Keys(prekeys::Response),
     /// `/kith/dm/1`.
     Dm(dm::Response),
 }
@@ -89,6 +94,7 @@ impl Request {
             Request::Presence(_) => presence::PROTOCOL,
             Request::Group(_) => group::PROTOCOL,
             Request::Blob(_) => blob::PROTOCOL,
+            Request::Keys(_) => prekeys::PROTOCOL,
             Request::Dm(_) => dm::PROTOCOL,
         }
     }
@@ -102,6 +108,7 @@ impl Response {
             Response::Presence(_) => presence::PROTOCOL,
             Response::Group(_) => group::PROTOCOL,
             Response::Blob(_) => blob::PROTOCOL,
+            Response::Keys(_) => prekeys::PROTOCOL,
             Response::Dm(_) => dm::PROTOCOL,
         }
     }
@@ -121,7 +128,8 @@ response_from!(
     Mailbox: mailbox::Response,
     Presence: presence::Response,
     Group: group::Response,
-    Blob: blob::Response
+    Blob: blob::Response,
+    Keys: prekeys::Response
 );
 
 /// Where the answer to one inbound request goes; only a `R` fits.
@@ -191,6 +199,15 @@ pub enum Event {
         /// Where the answer goes.
         channel: Channel<blob::Response>,
     },
+    /// A `/kith/keys/1` request.
+    Keys {
+        /// Who asked.
+        peer: PeerId,
+        /// What it asked.
+        request: Message<prekeys::Request>,
+        /// Where the answer goes.
+        channel: Channel<prekeys::Response>,
+    },
     /// The answer to a push.
     Pushed {
         /// The recipient.
@@ -251,6 +268,11 @@ impl Event {
                     request,
                     channel: Channel::new(channel),
                 },
+                Request::Keys(request) => Event::Keys {
+                    peer,
+                    request,
+                    channel: Channel::new(channel),
+                },
                 Request::Dm(_) => return None,
             },
             E::Message {
@@ -302,6 +324,10 @@ fn blob_codec() -> BlobCodec {
     BlobCodec::new(blob::MAX_FRAME_BYTES)
 }
 
+fn keys_codec() -> KeysCodec {
+    KeysCodec::new(prekeys::MAX_FRAME_BYTES)
+}
+
 fn dm_codec() -> DmCodec {
     DmCodec::new(dm::MAX_FRAME_BYTES)
 }
@@ -338,6 +364,7 @@ impl request_response::Codec for Codec {
             }
             group::PROTOCOL => (group_codec().read_request(protocol, io).await).map(Request::Group),
             blob::PROTOCOL => (blob_codec().read_request(protocol, io).await).map(Request::Blob),
+            prekeys::PROTOCOL => (keys_codec().read_request(protocol, io).await).map(Request::Keys),
             _ => Err(wrong_protocol(protocol, "a request to the relay")),
         }
     }
@@ -397,6 +424,9 @@ impl request_response::Codec for Codec {
             }
             (blob::PROTOCOL, Response::Blob(r)) => {
                 blob_codec().write_response(protocol, io, r).await
+            }
+            (prekeys::PROTOCOL, Response::Keys(r)) => {
+                keys_codec().write_response(protocol, io, r).await
             }
             (_, other) => Err(wrong_protocol(
                 protocol,
