@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Settings};
-use crate::crypto::{upgrade_entry, Olm, OpenError, Opened};
+use crate::crypto::{upgrade_entry, Olm, OpenError};
 use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
 use crate::store::{
@@ -1225,8 +1225,8 @@ impl Node {
                 Ok(Checked::Plain(body)) => self
                     .stage_plain(via, envelope, body)
                     .map(|fresh| unflushed.push((index, fresh))),
-                Ok(Checked::Resend(ids)) => self
-                    .stage_resend(envelope.from, ids)
+                Ok(Checked::Resend(ids, new_session)) => self
+                    .stage_resend(envelope.from, ids, new_session)
                     .map(|()| unflushed.push((index, None))),
             };
             outcomes.push(outcome);
@@ -1299,7 +1299,7 @@ impl Node {
         })?;
         match body {
             Body::Olm(sealed) => Ok(Checked::Sealed(sealed)),
-            Body::Resend { ids } => Ok(Checked::Resend(ids)),
+            Body::Resend { ids, new_session } => Ok(Checked::Resend(ids, new_session)),
             // Sent in the clear by an earlier release (signed by its sender, so no relay
             // could have made it; this node never sends content so).
             body @ (Body::Chat { .. } | Body::File(_) | Body::Receipt { .. }) => {
@@ -1398,6 +1398,14 @@ impl Node {
         if existing.is_some() && !undecryptable() {
             return Ok(duplicate(envelope));
         }
+        if self
+            .inner
+            .olm
+            .was_opened(&from, &envelope.id)
+            .map_err(|e| store_failed(&e))?
+        {
+            return Ok(duplicate(envelope));
+        }
         let opened = self
             .inner
             .olm
@@ -1416,8 +1424,7 @@ impl Node {
                 }
             });
         match opened {
-            Ok(Opened::Fresh(fresh)) => Ok(fresh),
-            Ok(Opened::Duplicate) => Ok(duplicate(envelope)),
+            Ok(fresh) => Ok(fresh),
             Err(Inbound::Refused(reason)) => Err(reason),
             Err(Inbound::Open(OpenError::Store(e))) => Err(store_failed(&e)),
             Err(Inbound::Open(
@@ -1426,9 +1433,13 @@ impl Node {
                 tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing a sealed envelope");
                 Err(Reject::Malformed)
             }
-            Err(Inbound::Open(OpenError::Undecryptable(why))) => {
-                self.stage_undecryptable(envelope, &why).map(|()| None)
-            }
+            // Neither stored nor opened before: its key went (it came too far out of order).
+            Err(Inbound::Open(OpenError::KeyGone)) => self
+                .stage_undecryptable(envelope, "its message key is gone", false)
+                .map(|()| None),
+            Err(Inbound::Open(OpenError::Undecryptable(why))) => self
+                .stage_undecryptable(envelope, &why, true)
+                .map(|()| None),
         }
     }
 
@@ -2023,8 +2034,8 @@ enum Checked {
     Sealed(kith_protocol::envelope::Sealed),
     /// A one-to-one body in the clear (from an earlier release).
     Plain(Body),
-    /// The sender asks for these messages of ours again.
-    Resend(Vec<MessageId>),
+    /// The sender asks for these messages of ours again (on a new session if `true`).
+    Resend(Vec<MessageId>, bool),
 }
 
 /// Why an inbound sealed envelope was not taken.

@@ -67,6 +67,11 @@ pub enum Body {
     Resend {
         /// The messages, at most [`MAX_IDS_PER_BATCH`].
         ids: Vec<MessageId>,
+        /// The recipient has no usable session (its state was lost): start a new one. Otherwise
+        /// the messages' keys alone were gone (they came too far out of order), and the current
+        /// session serves.
+        #[serde(default)]
+        new_session: bool,
     },
 }
 
@@ -115,7 +120,7 @@ impl Body {
                 identity: Some(_),
                 ..
             }) => Err(BodyError::BadSealed("an identity on a normal message")),
-            Body::Resend { ids } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
+            Body::Resend { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
                 Err(BodyError::BadReceipt { count: ids.len() })
             }
             _ => Ok(()),

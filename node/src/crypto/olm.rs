@@ -9,6 +9,7 @@
 //! | `x/s/` peer, session id | [`SessionRecord`]: a session pickle and when it was last used |
 //! | `x/p/` peer | [`PeerRecord`]: the peer's signed identity key and whether the user verified it |
 //! | `x/u/` sender, message id | empty: the message did not decrypt and was asked for again |
+//! | `x/o/` sender, message id | empty: an opened receipt (chat messages are known by their record) |
 //!
 //! Every change of a session is written while the lock is held, so that the stored state never
 //! goes back: a ratchet step written after a later one would, after a restart, reuse message
@@ -36,7 +37,7 @@ use crate::store::{Batch, Store, StoreError};
 const MAX_RECORD_BYTES: usize = 1024 * 1024;
 
 /// Most sessions kept per peer (the least recently used goes first).
-const MAX_SESSIONS_PER_PEER: usize = 4;
+const MAX_SESSIONS_PER_PEER: usize = 8;
 
 /// Largest plaintext (the CBOR of the inner body) this module opens.
 const MAX_PLAINTEXT_BYTES: usize = kith_protocol::limits::MAX_BODY_BYTES;
@@ -77,17 +78,13 @@ pub enum OpenError {
     /// The identity key attached to it is not the sender's.
     #[error(transparent)]
     Identity(#[from] KeyError),
+    /// The session that sealed it no longer has its message key: a copy of a message opened
+    /// before, or one that arrived after more than the ratchet keeps of skipped keys (40).
+    #[error("its message key is used up or gone")]
+    KeyGone,
     /// The store failed (nothing was written).
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// What [`Olm::open`] did.
-pub enum Opened<T> {
-    /// Decrypted and written (with what `stage` returned).
-    Fresh(T),
-    /// Its message key is already used: a copy of a message opened before.
-    Duplicate,
 }
 
 /// The account as stored.
@@ -139,7 +136,18 @@ pub struct Olm {
     on_identity_changed: Box<dyn Fn(PeerId) + Send + Sync>,
     /// Whether the keys were ever published to a relay.
     published: tokio::sync::watch::Sender<bool>,
+    /// Held while keys are being published, so that two connections to a relay do not both
+    /// top it up.
+    publishing: tokio::sync::Mutex<()>,
+    /// Claims for this node's own keys, per claimer.
+    claims: Mutex<kith_relay::mailbox::rate::RateLimiter>,
 }
+
+/// Claims of this node's own keys one peer may make a second, sustained.
+const OWN_CLAIMS_PER_SEC: u32 = 2;
+
+/// Claims of this node's own keys one peer may make at once.
+const OWN_CLAIM_BURST: u32 = 20;
 
 const ACCOUNT_KEY: &[u8] = b"x/a";
 
@@ -173,6 +181,13 @@ fn peer_key(peer: &PeerId) -> Vec<u8> {
 
 fn undecryptable_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
     let mut key = b"x/u/".to_vec();
+    key.extend(peer_part(from));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn opened_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = b"x/o/".to_vec();
     key.extend(peer_part(from));
     key.extend_from_slice(id.as_bytes());
     key
@@ -224,6 +239,11 @@ impl Olm {
         let (published, _) = tokio::sync::watch::channel(store.get_raw(PUBLISHED_KEY)?.is_some());
         Ok(Self {
             published,
+            publishing: tokio::sync::Mutex::new(()),
+            claims: Mutex::new(kith_relay::mailbox::rate::RateLimiter::new(
+                OWN_CLAIMS_PER_SEC,
+                OWN_CLAIM_BURST,
+            )),
             me: key.public().to_peer_id(),
             key,
             identity,
@@ -370,7 +390,7 @@ impl Olm {
         id: &MessageId,
         sealed: &Sealed,
         stage: impl FnOnce(Body, &mut Batch) -> Result<T, E>,
-    ) -> Result<Opened<T>, E> {
+    ) -> Result<T, E> {
         let message = OlmMessage::from_parts(usize::from(sealed.message_type), &sealed.ciphertext)
             .map_err(|e| OpenError::Malformed(e.to_string()))?;
         if let Some(identity) = &sealed.identity {
@@ -413,7 +433,7 @@ impl Olm {
         // so the peer's sessions are reloaded from the store (the state before this message).
         let (plaintext, kept, account_changed) = match (opened, &message) {
             (Some((i, plaintext)), _) => (plaintext, sessions.remove(i), false),
-            (None, _) if duplicate => return Ok(Opened::Duplicate),
+            (None, _) if duplicate => return Err(OpenError::KeyGone.into()),
             (None, OlmMessage::PreKey(pre_key)) => {
                 let known = self
                     .peer(from)
@@ -462,6 +482,10 @@ impl Olm {
             self.undo(&mut state, from, account_changed);
             return Err(OpenError::BadInner("not a one-to-one content body".into()).into());
         }
+        if matches!(inner, Body::Receipt { .. }) {
+            // Receipts are not stored as messages: this marks the copy that may come again.
+            batch.put_raw(opened_key(from, id), Vec::new());
+        }
         let staged = match stage(inner, &mut batch) {
             Ok(staged) => staged,
             Err(e) => {
@@ -504,7 +528,7 @@ impl Olm {
         if let Err(e) = self.trim(from, sessions) {
             tracing::warn!(peer = %from, error = %e, "cannot drop an old session");
         }
-        Ok(Opened::Fresh(staged))
+        Ok(staged)
     }
 
     /// Forgets what an open that wrote nothing changed in memory: the store holds the state
@@ -535,6 +559,11 @@ impl Olm {
     /// Notes in `batch` that message `id` of `from` did not decrypt.
     pub fn mark_undecryptable(&self, batch: &mut Batch, from: &PeerId, id: &MessageId) {
         batch.put_raw(undecryptable_key(from, id), Vec::new());
+    }
+
+    /// Whether envelope `id` of `from` was opened as a receipt.
+    pub fn was_opened(&self, from: &PeerId, id: &MessageId) -> Result<bool, CryptoError> {
+        Ok(self.store.get_raw(&opened_key(from, id))?.is_some())
     }
 
     /// Whether message `id` of `from` is stored as one that did not decrypt.
@@ -644,6 +673,19 @@ impl Olm {
     /// This node's peer id.
     pub fn me(&self) -> PeerId {
         self.me
+    }
+
+    /// Whether `claimer` may claim one of this node's own keys now (and counts it).
+    pub fn may_claim(&self, claimer: &PeerId, now_ms: u64) -> bool {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(claimer, now_ms)
+    }
+
+    /// Waits for the turn to publish keys.
+    pub async fn publishing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.publishing.lock().await
     }
 
     /// Notes that a relay holds this node's keys.

@@ -214,6 +214,16 @@ impl Node {
             Message::Valid(Request::Claim {
                 req_id,
                 peer: whose,
+            }) if whose == self.peer_id() && !self.olm().may_claim(&peer, now_ms()) => {
+                tracing::warn!(%peer, "refusing a claim of our keys: too many");
+                Response::Rejected {
+                    req_id,
+                    reason: Reject::QuotaExceeded,
+                }
+            }
+            Message::Valid(Request::Claim {
+                req_id,
+                peer: whose,
             }) if whose == self.peer_id() => {
                 let claimed = self.olm().claim_own();
                 let flushed = match claimed {
@@ -267,6 +277,7 @@ impl Node {
         let Some(addr) = self.home_relays().get(&relay).cloned() else {
             return;
         };
+        let _turn = self.olm().publishing().await;
         let mut count = 0u32;
         // The first round tells how many the relay holds; a second tops them up.
         for _ in 0..2 {
@@ -327,7 +338,12 @@ impl Node {
 
     /// Writes a history entry for a message that did not decrypt and asks its sender to send
     /// it again (not flushed).
-    pub(crate) fn stage_undecryptable(&self, envelope: Envelope, why: &str) -> Result<(), Reject> {
+    pub(crate) fn stage_undecryptable(
+        &self,
+        envelope: Envelope,
+        why: &str,
+        new_session: bool,
+    ) -> Result<(), Reject> {
         let from = envelope.from;
         tracing::warn!(%from, id = %envelope.id, reason = why, "could not decrypt a message; asking the sender to send it again");
         let fail = |e: &dyn std::fmt::Display| {
@@ -356,6 +372,7 @@ impl Node {
         };
         let body = Body::Resend {
             ids: vec![envelope.id],
+            new_session,
         };
         // A control message: signed, in the clear (it carries only ids of the sender's own).
         let request = Envelope::seal(self.key(), header, &body).map_err(|e| fail(&e))?;
@@ -370,9 +387,14 @@ impl Node {
         Ok(())
     }
 
-    /// A peer could not decrypt messages we sent it: start a new session and send them again
-    /// from our history, with their ids and clocks (not flushed).
-    pub(crate) fn stage_resend(&self, from: PeerId, ids: Vec<MessageId>) -> Result<(), Reject> {
+    /// A peer could not decrypt messages we sent it: send them again from our history, with
+    /// their ids and clocks, on a new session if it lost its state (not flushed).
+    pub(crate) fn stage_resend(
+        &self,
+        from: PeerId,
+        ids: Vec<MessageId>,
+        new_session: bool,
+    ) -> Result<(), Reject> {
         let fail = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot queue a re-send");
             Reject::StoreFailed
@@ -413,8 +435,10 @@ impl Node {
         if entries.is_empty() {
             return Ok(());
         }
-        tracing::info!(peer = %from, count = entries.len(), "the peer could not decrypt our messages; sending them again on a new session");
-        self.olm().forget_sessions(&from).map_err(|e| fail(&e))?;
+        tracing::info!(peer = %from, count = entries.len(), new_session, "the peer could not decrypt our messages; sending them again");
+        if new_session {
+            self.olm().forget_sessions(&from).map_err(|e| fail(&e))?;
+        }
         let mut batch = Batch::new();
         for entry in &entries {
             batch.put_outbox(entry);
