@@ -280,3 +280,154 @@ async fn two_people_writing_first_at_the_same_time_both_get_through() -> anyhow:
         .any(|t| t == kith_node::crypto::UNDECRYPTABLE_TEXT));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_key_lets_a_new_contact_write_once_one_time_keys_ran_out() -> anyhow::Result<()>
+{
+    use kith_protocol::prekeys::{Request, Response};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_peer = bob.peer_id();
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+
+    // Someone claims every one-time key bob left at the relay: each comes once, signed by bob.
+    let mut raw = kith_tests::RawPeer::new()?;
+    let mut seen = std::collections::HashSet::new();
+    let fallback = loop {
+        let claim = Request::Claim {
+            req_id: seen.len() as u64,
+            peer: bob_peer,
+        };
+        match raw.keys(relay.peer_id, &relay_addr, claim).await? {
+            Response::Claimed {
+                identity,
+                key,
+                fallback,
+                ..
+            } => {
+                identity.verify(&bob_peer)?;
+                key.verify(&bob_peer, fallback)?;
+                if fallback {
+                    break key;
+                }
+                assert!(seen.insert(key.key), "a one-time key handed out twice");
+            }
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    };
+    assert_eq!(seen.len(), kith_protocol::prekeys::MAX_ONE_TIME_KEYS);
+    assert!(!seen.contains(&fallback.key));
+
+    // A new contact still writes to bob, offline, through the fallback key.
+    let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    carol.node().add_contact("bob", &bob_invite, &[]).await?;
+    let sent = carol
+        .node()
+        .send("bob", "hello from a newcomer", None)
+        .await?;
+    wait_for("held by the relay", || async {
+        (carol.state(&sent.id) == Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    assert!(relay.metrics().keys_fallback_claims.get() >= 2);
+    bob.restart_on(bob_addr).await?;
+    let carol_peer = carol.peer_id().to_string();
+    wait_for("bob reads it", || async {
+        let texts: Vec<String> = bob
+            .node()
+            .messages(Some(&carol_peer))
+            .ok()?
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        (texts == ["hello from a newcomer"]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_replayed_or_tampered_with_on_the_way_gets_nowhere() -> anyhow::Result<()> {
+    use kith_net::codec::Message;
+    use kith_protocol::{dm, mailbox, Body, Reject};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+    let sent = alice.node().send("bob", "pay carol 10", None).await?;
+    wait_for("held by the relay", || async {
+        (alice.state(&sent.id) == Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+
+    // What the relay holds (read here with bob's key, as the relay itself could): a sealed body.
+    let mut as_bob = kith_tests::RawPeer::with_key(kith_node::identity::load(&bob.home)?)?;
+    let fetch = mailbox::Request::Fetch {
+        req_id: 1,
+        after: None,
+        limit: 10,
+    };
+    let mailbox::Response::Batch { items, .. } = as_bob
+        .mailbox(relay.peer_id, &relay_addr, Message::Valid(fetch))
+        .await?
+    else {
+        anyhow::bail!("no batch");
+    };
+    drop(as_bob);
+    let captured = items
+        .into_iter()
+        .map(|item| item.envelope)
+        .find(|e| e.id.to_string() == sent.id)
+        .ok_or_else(|| anyhow::anyhow!("the message is not in the mailbox"))?;
+    assert!(matches!(captured.body()?, Body::Olm(_)));
+
+    bob.restart_on(bob_addr.clone()).await?;
+    let alice_peer = alice.peer_id().to_string();
+    let texts = |bob: &TestNode| -> Vec<String> {
+        bob.node()
+            .messages(Some(&alice_peer))
+            .map(|m| m.into_iter().map(|m| m.text).collect())
+            .unwrap_or_default()
+    };
+    wait_for("bob reads it", || async {
+        (texts(&bob) == ["pay carol 10"]).then_some(())
+    })
+    .await?;
+
+    // Played again on the way (here straight to bob, on a connection as alice): accepted as
+    // the duplicate it is, and shown once.
+    let mut as_alice = kith_tests::RawPeer::with_key(kith_node::identity::load(&alice.home)?)?;
+    let replay = Message::Valid(dm::Request::new(1, captured.clone()));
+    assert_eq!(
+        as_alice.dm(bob.peer_id(), &bob_addr, replay).await?,
+        dm::Response::Accepted { req_id: 1 }
+    );
+    // One byte of the sealed body flipped: refused.
+    let mut tampered = captured.clone();
+    let last = tampered.body.len() - 1;
+    tampered.body[last] ^= 1;
+    assert_eq!(
+        as_alice
+            .dm(
+                bob.peer_id(),
+                &bob_addr,
+                Message::Valid(dm::Request::new(2, tampered))
+            )
+            .await?,
+        dm::Response::Rejected {
+            req_id: 2,
+            reason: Reject::BadSignature
+        }
+    );
+    assert_eq!(texts(&bob), ["pay carol 10"]);
+    Ok(())
+}
