@@ -431,3 +431,66 @@ async fn an_envelope_replayed_or_tampered_with_on_the_way_gets_nowhere() -> anyh
     assert_eq!(texts(&bob), ["pay carol 10"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_numbers_match_and_a_changed_identity_key_unverifies_the_contact(
+) -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    // Added by peer id and address only: no identity key is known before a first message.
+    assert!(alice.node().verify_contact("bob", false).is_err());
+    let hello = alice.node().send("bob", "hello", None).await?;
+    wait_for("delivered", || async {
+        (alice.state(&hello.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+
+    // Both sides compute the same 60 digits.
+    let at_alice = alice.node().verify_contact("bob", false)?;
+    let at_bob = bob.node().verify_contact("alice", false)?;
+    assert_eq!(at_alice.safety_number, at_bob.safety_number);
+    assert_eq!(
+        at_alice
+            .safety_number
+            .chars()
+            .filter(char::is_ascii_digit)
+            .count(),
+        60
+    );
+    assert!(!at_alice.verified);
+    assert!(alice.node().verify_contact("bob", true)?.verified);
+    let listed = alice.node().contacts()?;
+    assert!(listed.iter().any(|c| c.name == "bob" && c.verified));
+
+    // Bob reinstalls (same peer id, new end-to-end identity) and writes again.
+    bob.stop().await;
+    std::fs::remove_dir_all(bob.home.join("db"))?;
+    bob.restart_on(bob_addr).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let mut events = alice.node().subscribe();
+    bob.node().send("alice", "new install", None).await?;
+    let changed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::IdentityChanged { peer }) => return Ok(peer),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await??;
+    assert_eq!(changed, bob.peer_id().to_string());
+    let now = alice.node().verify_contact("bob", false)?;
+    assert!(!now.verified);
+    assert!(now.identity_changed);
+    assert_ne!(now.safety_number, at_alice.safety_number);
+    let listed = alice.node().contacts()?;
+    assert!(listed
+        .iter()
+        .any(|c| c.name == "bob" && !c.verified && c.identity_changed));
+    Ok(())
+}
