@@ -36,7 +36,6 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::engine::{now_ms, Node, NodeError};
-use crate::Settings;
 pub use gate::Gate;
 
 /// The policy of every response: scripts, styles, images and connections from this origin only,
@@ -66,14 +65,10 @@ impl IntoResponse for UiError {
 }
 
 impl From<NodeError> for UiError {
+    /// The API's one mapping of node errors to statuses.
     fn from(e: NodeError) -> Self {
-        let status = match &e {
-            NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            NodeError::UnknownMessage(_) => StatusCode::NOT_FOUND,
-            NodeError::UnknownRecipient(_) | NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        UiError(status, e.to_string())
+        let crate::api::ApiError(status, message) = e.into();
+        UiError(status, message)
     }
 }
 
