@@ -1343,27 +1343,35 @@ impl Node {
     ) -> Result<Option<Fresh>, Reject> {
         let from = envelope.from;
         let relayed = via != from;
-        let Some(claim) = self.inner.claims.claim(from, envelope.id) else {
-            if claims.iter().any(|c| c.is(from, envelope.id)) {
-                // Twice in this batch: stored with it, like any duplicate.
-                return Ok(relayed.then_some(Fresh {
-                    envelope,
-                    text: None,
-                    file_size: None,
-                }));
-            }
-            tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
-            return Err(Reject::Busy {
-                retry_after_ms: CLAIMED_RETRY_AFTER_MS,
-            });
+        let duplicate = |envelope| {
+            Ok(relayed.then_some(Fresh {
+                envelope,
+                text: None,
+                file_size: None,
+            }))
         };
-        claims.push(claim);
+        let mut claim = match self.inner.claims.claim(from, envelope.id) {
+            crate::claims::Claimed::Mine(claim) => claim,
+            crate::claims::Claimed::Stored => return duplicate(envelope),
+            // Twice in this batch: stored with it, like any duplicate.
+            crate::claims::Claimed::Busy if claims.iter().any(|c| c.is(from, envelope.id)) => {
+                return duplicate(envelope)
+            }
+            crate::claims::Claimed::Busy => {
+                tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
+                return Err(Reject::Busy {
+                    retry_after_ms: CLAIMED_RETRY_AFTER_MS,
+                });
+            }
+        };
         let existing = self
             .inner
             .store
             .message(&from, &envelope.id)
             .map_err(|e| store_failed(&e))?;
         if existing.is_some() {
+            claim.stored();
+            claims.push(claim);
             tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
             // Already stored, but a relay redelivering it wants the sender told again.
             return Ok(relayed.then_some(Fresh {
@@ -1387,6 +1395,8 @@ impl Node {
             .store
             .apply_in_order(batch)
             .map_err(|e| store_failed(&e))?;
+        claim.stored();
+        claims.push(claim);
         Ok(Some(Fresh {
             envelope,
             text: Some(text),
