@@ -1342,9 +1342,15 @@ impl Node {
                         unflushed.push((index, batch_duplicate(via, envelope)));
                         Ok(())
                     }
-                    Ok(true) => self
-                        .stage_sealed(via, envelope, sealed)
-                        .map(|fresh| unflushed.push((index, fresh))),
+                    Ok(true) => self.stage_sealed(via, envelope, sealed).map(|fresh| {
+                        if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
+                            // A new message: copies arriving after its flush are duplicates.
+                            if let Some(claim) = claims.last_mut() {
+                                claim.stored();
+                            }
+                        }
+                        unflushed.push((index, fresh))
+                    }),
                 },
                 Ok(Checked::Plain(body)) => match self.claim_inbound(&envelope, &mut claims) {
                     Err(reason) => Err(reason),
@@ -1352,9 +1358,15 @@ impl Node {
                         unflushed.push((index, batch_duplicate(via, envelope)));
                         Ok(())
                     }
-                    Ok(true) => self
-                        .stage_plain(via, envelope, body)
-                        .map(|fresh| unflushed.push((index, fresh))),
+                    Ok(true) => self.stage_plain(via, envelope, body).map(|fresh| {
+                        if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
+                            // A new message: copies arriving after its flush are duplicates.
+                            if let Some(claim) = claims.last_mut() {
+                                claim.stored();
+                            }
+                        }
+                        unflushed.push((index, fresh))
+                    }),
                 },
                 Ok(Checked::Resend(ids, new_session)) => self
                     .stage_resend(envelope.from, ids, new_session)
@@ -1454,17 +1466,23 @@ impl Node {
         claims: &mut Vec<crate::claims::Claim<'a>>,
     ) -> Result<bool, Reject> {
         let from = envelope.from;
-        let Some(claim) = self.inner.claims.claim(from, envelope.id) else {
-            if claims.iter().any(|c| c.is(from, envelope.id)) {
-                return Ok(false);
+        match self.inner.claims.claim(from, envelope.id) {
+            crate::claims::Claimed::Mine(claim) => {
+                claims.push(claim);
+                Ok(true)
             }
-            tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
-            return Err(Reject::Busy {
-                retry_after_ms: CLAIMED_RETRY_AFTER_MS,
-            });
-        };
-        claims.push(claim);
-        Ok(true)
+            // Stored a moment ago by another copy, or held by a copy in this batch.
+            crate::claims::Claimed::Stored => Ok(false),
+            crate::claims::Claimed::Busy if claims.iter().any(|c| c.is(from, envelope.id)) => {
+                Ok(false)
+            }
+            crate::claims::Claimed::Busy => {
+                tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
+                Err(Reject::Busy {
+                    retry_after_ms: CLAIMED_RETRY_AFTER_MS,
+                })
+            }
+        }
     }
 
     /// Writes a one-to-one body that came in the clear (not flushed); `Some` when it is a

@@ -523,8 +523,8 @@ impl Node {
         };
         // Held until it is stored and announced: a copy arriving meanwhile (gossip and the
         // relay's fan-out) is a duplicate.
-        let Some(_claim) = self.claims().claim(from, envelope.id) else {
-            tracing::debug!(%from, id = %envelope.id, "another copy of a group message is being stored");
+        let crate::claims::Claimed::Mine(mut claim) = self.claims().claim(from, envelope.id) else {
+            tracing::debug!(%from, id = %envelope.id, "another copy of a group message is (being) stored");
             return Ok(());
         };
         if self
@@ -557,6 +557,7 @@ impl Node {
             .commit(batch)
             .await
             .map_err(|e| store_failed(&e))?;
+        claim.stored();
         self.emit(self.message_event(&envelope, Some(group_id), text));
         self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
         if let Some(file) = &file {

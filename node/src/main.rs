@@ -277,6 +277,9 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 Err(_) => offline_id(peer_id, &settings),
             };
+            if !json {
+                warn_failing_relays(&home).await;
+            }
             if json {
                 print_json(&info)?;
             } else if invite {
@@ -696,6 +699,26 @@ async fn follow_events(home: &std::path::Path, json: bool) -> Result<()> {
             }
         };
         eprintln!("kith: reconnected to the daemon (events in between were not shown)");
+    }
+}
+
+/// Says on stderr which home relays in the invite a running daemon cannot reach: friends
+/// would be handed a road that does not work.
+async fn warn_failing_relays(home: &std::path::Path) {
+    let Ok(client) = Client::for_home(home) else {
+        return;
+    };
+    let Ok(health) = client.get::<Value>("/v1/health").await else {
+        return;
+    };
+    for relay in health["relays"].as_array().into_iter().flatten() {
+        if let Some(error) = relay["error"].as_str() {
+            eprintln!(
+                "warning: the daemon cannot reach the relay {} in this invite ({}); see `kith status`",
+                relay["addr"].as_str().unwrap_or_default(),
+                for_terminal(error)
+            );
+        }
     }
 }
 

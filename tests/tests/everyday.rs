@@ -278,6 +278,13 @@ async fn bad_relays_and_second_daemons_are_refused_in_one_line() -> anyhow::Resu
     })
     .await?;
     assert!(!log.contains('\u{1b}'), "no colours in a log file: {log}");
+    let handed_out = kith(&home, &["id", "--invite"])?;
+    assert!(stdout(&handed_out).starts_with("kith:"));
+    assert!(
+        stderr(&handed_out).contains("cannot reach the relay"),
+        "{}",
+        stderr(&handed_out)
+    );
 
     // A second daemon on the same home says so once.
     let second = kith_fails(
