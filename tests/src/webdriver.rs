@@ -20,9 +20,9 @@ const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// The Enter key, for [`Browser::type_into`].
 pub const ENTER: char = '\u{E007}';
 
-/// A running chromedriver (stopped on drop).
+/// A running chromedriver (stopped on drop, with the browsers it started).
 pub struct Driver {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     base: String,
     http: reqwest::Client,
 }
@@ -43,10 +43,13 @@ impl Driver {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            // Its own process group, which its browsers join: a test that fails half way
+            // leaves no browser behind (see `Drop`).
+            .process_group(0)
             .spawn()
             .context("starting chromedriver")?;
         let driver = Self {
-            _child: child,
+            child,
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
         };
@@ -73,6 +76,7 @@ impl Driver {
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                     "--window-size=1100,760", "--no-first-run", "--lang=en-GB",
+                    "--disable-crash-reporter", "--disable-breakpad",
                     format!("--user-data-dir={}", profile.display()),
                 ],
             },
@@ -93,6 +97,17 @@ impl Driver {
             http: self.http.clone(),
             session: format!("{}/session/{id}", self.base),
         })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
