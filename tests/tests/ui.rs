@@ -2,7 +2,8 @@
 //! (Debian's `chromium` and `chromium-driver`, driven over W3C WebDriver) with a relay and real
 //! nodes: a message shown live, the read tick, files by picker and by drag and drop with their
 //! thumbnail, a group's per-member ticks, paging through 10,000 messages, and a reconnect after
-//! a daemon restart. Screenshots of each step go to `target/ui-screenshots/`.
+//! a daemon restart; and a contact's safety number, marked verified, then warned about when the
+//! contact's identity key changes. Screenshots of each step go to `target/ui-screenshots/`.
 
 use std::path::Path;
 
