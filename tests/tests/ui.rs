@@ -845,16 +845,17 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&dave_page, "dave-invite").await?;
-    // dave turns read receipts off in the settings: saved, to apply at the next start.
+    // dave turns read receipts off in the settings: in effect at once, and saved.
     dave_page.click("#btn-settings").await?;
     dave_page.click("#panel input[name=receipts]").await?;
     dave_page.click("#panel button[type=submit]").await?;
     dave_page
         .wait(
             "the saved note",
-            "document.querySelector('#panel .note')?.textContent.includes('restart')",
+            "document.querySelector('#panel .note')?.textContent === 'Saved.'",
         )
         .await?;
+    assert!(!dave.node().settings_view().read_receipts);
     assert!(!kith_node::Settings::load(dave_dir.path())?.read_receipts);
     dave_page.quit().await?;
 

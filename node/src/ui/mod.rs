@@ -5,7 +5,8 @@
 //! elsewhere. It talks to the same `/v1` API as the command line, authenticated by a session
 //! cookie instead of the bearer token ([`gate`]), and follows `/v1/events` with `EventSource`.
 //!
-//! Routes added here (the API's middleware stack applies [`guard`] to every route):
+//! Routes added here (the API's middleware stack applies [`guard`] to every route; the settings
+//! panel uses the API's own `/v1/settings`, in effect at once):
 //!
 //! | method | path | answer |
 //! |---|---|---|
@@ -18,7 +19,6 @@
 //! | GET | `/v1/files/{id}/thumbnail` | its PNG thumbnail |
 //! | GET | `/v1/invite.svg` | this node's invite as a QR code |
 //! | GET | `/v1/contacts/{name}/verify.svg` | the safety number with a contact as a QR code |
-//! | GET, POST | `/v1/settings` | `{name, presence, read_receipts, restart_needed}` |
 
 pub mod files;
 pub mod gate;

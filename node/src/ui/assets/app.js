@@ -780,13 +780,13 @@ async function settingsPanel() {
       h('select', { name: 'presence' }, ['everyone', 'contacts', 'nobody'].map((v) => h('option', { value: v, selected: s.presence === v }, v)))),
     h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'receipts', checked: s.read_receipts }), 'Send read receipts'),
     h('button', { type: 'submit' }, 'Save'),
-    h('div', { class: 'note', 'aria-live': 'polite' }, s.restart_needed ? 'Saved; restart the daemon to apply.' : ''),
+    h('div', { class: 'note', 'aria-live': 'polite' }),
   );
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     try {
-      const saved = await post('/v1/settings', { presence: form.presence.value, read_receipts: form.receipts.checked });
-      form.querySelector('.note').textContent = saved.restart_needed ? 'Saved; restart the daemon to apply.' : 'Saved.';
+      await post('/v1/settings', { presence: form.presence.value, read_receipts: form.receipts.checked });
+      form.querySelector('.note').textContent = 'Saved.';
     } catch (err) {
       formError(form, err);
     }
