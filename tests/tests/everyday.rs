@@ -60,9 +60,11 @@ fn http(
 ) -> anyhow::Result<(u16, Value)> {
     let api: Value = serde_json::from_slice(&std::fs::read(home.join("api.json"))?)?;
     let token = std::fs::read_to_string(home.join("api.token"))?;
-    let mut stream = std::net::TcpStream::connect(api["api"].as_str().expect("api address"))?;
+    let addr = api["api"].as_str().expect("api address");
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    // The daemon answers only requests that name it in `Host` (DNS rebinding).
     let mut head = format!(
-        "{request_line} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{request_line} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: {}\r\n",
         token.trim(),
         body.len()
     );
