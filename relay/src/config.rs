@@ -113,6 +113,11 @@ pub struct Config {
     /// Groups: most gossipsub topics one peer may subscribe to (libp2p's default filter allows
     /// 100, fewer than a member of many groups needs).
     pub max_gossip_topics_per_peer: usize,
+    /// Groups: sustained membership operations (creations included) per second per peer.
+    /// Group messages and announced changes also cost their poster one deposit per member.
+    pub group_ops_per_sec_per_peer: u32,
+    /// Groups: membership operations a peer may submit in a burst.
+    pub group_op_burst_per_peer: u32,
     /// Groups: requests queued for the group service before new ones are answered `Busy`.
     pub max_pending_group_requests: usize,
 
@@ -173,6 +178,8 @@ impl Default for Config {
             max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,
             gossip_heartbeat_interval_ms: 1_000,
             max_gossip_topics_per_peer: 10_000,
+            group_ops_per_sec_per_peer: 2,
+            group_op_burst_per_peer: 60,
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
@@ -297,6 +304,12 @@ impl Config {
         }
         if self.max_group_members == 0 {
             return invalid("max_group_members", "must be above 0");
+        }
+        if self.group_ops_per_sec_per_peer == 0 || self.group_op_burst_per_peer == 0 {
+            return invalid(
+                "group_ops_per_sec_per_peer",
+                "rate and burst must be above 0",
+            );
         }
         if self.max_pending_group_requests == 0 {
             return invalid("max_pending_group_requests", "must be above 0");

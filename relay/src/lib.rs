@@ -243,6 +243,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
         group::gateway::Settings {
             busy_retry_after_ms: config.busy_retry_after_ms,
+            ops_per_sec_per_peer: config.group_ops_per_sec_per_peer,
+            op_burst_per_peer: config.group_op_burst_per_peer,
             clock: config.clock.clone(),
         },
     );
