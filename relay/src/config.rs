@@ -72,6 +72,9 @@ pub struct Config {
     pub mailbox_max_messages: u64,
     /// Mailbox: most stored bytes waiting for one recipient.
     pub mailbox_max_bytes: u64,
+    /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
+    /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
+    pub mailbox_budget_bytes: u64,
     /// Mailbox: sustained deposits per second per depositing peer.
     pub deposits_per_sec_per_peer: u32,
     /// Mailbox: deposits a peer may make in a burst above the sustained rate.
@@ -125,6 +128,9 @@ pub struct Config {
     pub blob_max_file_bytes: u64,
     /// Files: most bytes of encrypted chunks one uploader may have stored here at once.
     pub blob_quota_bytes_per_peer: u64,
+    /// Files: most bytes of encrypted chunks all uploaders together may have stored here (the
+    /// blob store's disk budget); beyond it uploads are refused `QuotaExceeded`.
+    pub blob_budget_bytes: u64,
     /// Files: how long a stored chunk is kept, in seconds.
     pub blob_ttl_secs: u64,
     /// Files: `/kith/blob/1` requests in progress before new ones are answered `Busy`.
@@ -162,6 +168,7 @@ impl Default for Config {
             purge_interval_secs: 60,
             mailbox_max_messages: 10_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
+            mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
             deposit_burst_per_peer: 1_000,
             mailbox_full_retry_after_ms: 10_000,
@@ -183,6 +190,7 @@ impl Default for Config {
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
+            blob_budget_bytes: 64 * 1024 * 1024 * 1024,
             blob_ttl_secs: 7 * 24 * 3600,
             max_pending_blob_requests: 256,
             clock: Clock::system(),

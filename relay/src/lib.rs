@@ -169,6 +169,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store::Limits {
             max_messages: config.mailbox_max_messages,
             max_bytes: config.mailbox_max_bytes,
+            budget_bytes: config.mailbox_budget_bytes,
             ttl_ms: config.mailbox_ttl_secs.saturating_mul(1_000),
         },
     )?;
@@ -207,6 +208,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             store.db(),
             blob::store::Limits {
                 quota_bytes_per_peer: config.blob_quota_bytes_per_peer,
+                budget_bytes: config.blob_budget_bytes,
                 ttl_ms: config.blob_ttl_secs.saturating_mul(1_000),
             },
         )?,

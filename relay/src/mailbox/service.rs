@@ -762,7 +762,7 @@ impl Service {
                     push,
                 })
             }
-            Err(e @ DepositError::QuotaExceeded { .. }) => {
+            Err(e @ (DepositError::QuotaExceeded { .. } | DepositError::BudgetFull { .. })) => {
                 Err((Reject::QuotaExceeded, e.to_string()))
             }
             Err(e @ DepositError::Unstorable(_)) => Err((Reject::Malformed, e.to_string())),
