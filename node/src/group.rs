@@ -525,6 +525,10 @@ impl Node {
             .is_some()
         {
             tracing::debug!(%from, id = %envelope.id, "duplicate group message");
+            // The first copy may still be on its way to disk (its write is visible before its
+            // flush): this one is acknowledged only once that flush is done, so a crash cannot
+            // lose a message whose every copy was acknowledged.
+            self.store().flush().await.map_err(|e| store_failed(&e))?;
             return Ok(());
         }
         let lamport = {
