@@ -1702,7 +1702,10 @@ impl Node {
                     Err(why) => {
                         let why = why.map_or_else(|e| e, |reason| reason.to_string());
                         tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
-                        self.deposit(&entry.envelope, relays).await
+                        match self.no_deposit_reason(to, &entry.envelope) {
+                            Some(reason) => Outcome::Retry(reason),
+                            None => self.deposit(&entry.envelope, relays).await,
+                        }
                     }
                 };
                 (entry, outcome)

@@ -100,7 +100,7 @@ pub(crate) struct Groups {
     receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
     receipts_wake: Notify,
     /// Why a group message is still pending (its last attempt's failure).
-    reasons: Mutex<HashMap<MessageId, String>>,
+    pub(crate) reasons: Mutex<HashMap<MessageId, String>>,
     /// Serialises chain syncs, so two never apply the same operations.
     sync: tokio::sync::Mutex<()>,
 }
