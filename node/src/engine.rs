@@ -2051,7 +2051,10 @@ impl Node {
                     Err(why) => {
                         let why = why.map_or_else(|e| e, |reason| reason.to_string());
                         tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
-                        self.deposit(entry, relays).await
+                        match self.no_deposit_reason(to, &entry.envelope) {
+                            Some(reason) => Outcome::Retry(reason),
+                            None => self.deposit(entry, relays).await,
+                        }
                     }
                 };
                 (entry, outcome)

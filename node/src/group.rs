@@ -99,7 +99,7 @@ pub(crate) struct Groups {
     receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
     receipts_wake: Notify,
     /// Why a group message is still pending (its last attempt's failure).
-    reasons: Mutex<HashMap<MessageId, String>>,
+    pub(crate) reasons: Mutex<HashMap<MessageId, String>>,
     /// Serialises chain syncs, so two never apply the same operations.
     sync: tokio::sync::Mutex<()>,
 }
@@ -534,6 +534,10 @@ impl Node {
             .is_some()
         {
             tracing::debug!(%from, id = %envelope.id, "duplicate group message");
+            // The first copy may still be on its way to disk (its write is visible before its
+            // flush): this one is acknowledged only once that flush is done, so a crash cannot
+            // lose a message whose every copy was acknowledged.
+            self.store().flush().await.map_err(|e| store_failed(&e))?;
             return Ok(());
         }
         let lamport = {

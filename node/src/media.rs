@@ -606,20 +606,102 @@ fn read_manifest(dir: &Path, file: &FileRef) -> Result<Vec<Hash>, TransferError>
     Ok(chunks)
 }
 
-/// A path in `dir` for `name` that does not exist yet (`name`, `name (1)`, ...).
-fn free_path(dir: &Path, name: &str) -> PathBuf {
-    let first = dir.join(name);
-    if !first.exists() {
-        return first;
+/// Whether `c` is an invisible formatting character: bidirectional controls (which can make
+/// `evil\u{202E}gpj.exe` show as `evilexe.jpg`), zero-width characters and other format
+/// controls.
+fn is_format_char(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
+}
+
+/// The name a received file gets on disk: a sender's name with control and invisible format
+/// characters replaced by `_` (the message keeps the name as sent).
+fn local_name(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_control() || is_format_char(c) || c == '/' || c == '\\' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if name.is_empty() || name == "." || name == ".." {
+        "file".into()
+    } else {
+        name
+    }
+}
+
+/// The `i`-th name tried for `name`: `name` itself, then `stem (i).ext`, the stem cut (on a
+/// character boundary) so that the whole stays within [`blob::MAX_NAME_BYTES`].
+fn numbered_name(name: &str, i: u32) -> String {
+    if i == 0 {
+        return name.to_owned();
     }
     let (stem, ext) = match name.rsplit_once('.') {
-        Some((s, e)) if !s.is_empty() => (s.to_owned(), format!(".{e}")),
-        _ => (name.to_owned(), String::new()),
+        Some((s, e)) if !s.is_empty() && e.len() < 32 => (s, format!(".{e}")),
+        _ => (name, String::new()),
     };
-    (1..)
-        .map(|i| dir.join(format!("{stem} ({i}){ext}")))
-        .find(|p| !p.exists())
-        .unwrap_or(first)
+    let suffix = format!(" ({i}){ext}");
+    let mut room = blob::MAX_NAME_BYTES.saturating_sub(suffix.len());
+    while room > 0 && !stem.is_char_boundary(room.min(stem.len())) {
+        room -= 1;
+    }
+    let stem = stem.get(..room.min(stem.len())).unwrap_or_default();
+    format!("{stem}{suffix}")
+}
+
+/// Most names tried in one directory before giving up.
+const MAX_NAME_TRIES: u32 = 10_000;
+
+/// Puts `from` into `dir` as `name`, or `name (1)`, ...: moved (`keep` false) or copied. It
+/// never replaces a file: each name is claimed atomically (a hard link, or a file created
+/// exclusively for a copy), so a file that appears there after any check stays as it is.
+/// Blocking.
+fn place_file(from: &Path, dir: &Path, name: &str, keep: bool) -> std::io::Result<PathBuf> {
+    use std::io::ErrorKind;
+    for i in 0..MAX_NAME_TRIES {
+        let to = dir.join(numbered_name(name, i));
+        if !keep {
+            match std::fs::hard_link(from, &to) {
+                Ok(()) => {
+                    std::fs::remove_file(from)?;
+                    return Ok(to);
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                // Another file system, or one without hard links: copy instead.
+                Err(_) => {}
+            }
+        }
+        let mut out = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&to)
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        let copied = std::fs::File::open(from)
+            .and_then(|mut input| std::io::copy(&mut input, &mut out))
+            .and_then(|_| out.sync_all());
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&to);
+            return Err(e);
+        }
+        if !keep {
+            std::fs::remove_file(from)?;
+        }
+        return Ok(to);
+    }
+    Err(std::io::Error::new(
+        ErrorKind::AlreadyExists,
+        format!("{MAX_NAME_TRIES} files named like {name:?} already exist"),
+    ))
 }
 
 /// Which chunks of a partly downloaded file are already in `part`: each is sealed again and
@@ -687,17 +769,6 @@ impl PartHashes {
     }
 }
 
-/// Moves `from` to `to`, copying (and syncing the copy) when they are on different file
-/// systems. Blocking.
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    if std::fs::rename(from, to).is_ok() {
-        return Ok(());
-    }
-    std::fs::copy(from, to)?;
-    std::fs::File::open(to)?.sync_all()?;
-    std::fs::remove_file(from)
-}
-
 /// Finishes a download whose every chunk is in `part_path`: syncs it, checks the whole-file
 /// hash (`hashed` while it arrived, or read back now), and only then moves it to
 /// `dest_dir/<name>`. A file that does not match is deleted. Blocking.
@@ -735,9 +806,7 @@ fn finish_part(
         )));
     }
     std::fs::create_dir_all(dest_dir).map_err(local)?;
-    let dest = free_path(dest_dir, &file.name);
-    move_file(part_path, &dest).map_err(local)?;
-    Ok(dest)
+    place_file(part_path, dest_dir, &local_name(&file.name), false).map_err(local)
 }
 
 /// Where blobs of a file can be had.
@@ -1494,9 +1563,7 @@ impl Node {
                         (path.clone(), dir.to_owned(), record.file.name.clone());
                     tokio::task::spawn_blocking(move || {
                         std::fs::create_dir_all(&dir)?;
-                        let dest = free_path(&dir, &name);
-                        std::fs::copy(&path, &dest)?;
-                        Ok::<_, std::io::Error>(dest)
+                        place_file(&path, &dir, &local_name(&name), true)
                     })
                     .await
                     .map_err(local)?
@@ -1947,6 +2014,44 @@ pub mod cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_names_lose_invisible_format_characters() {
+        assert_eq!(local_name("evil\u{202E}gpj.exe"), "evil_gpj.exe");
+        assert_eq!(local_name("a\u{200B}b\u{2066}c\u{FEFF}"), "a_b_c_");
+        assert_eq!(local_name("photo.jpg"), "photo.jpg");
+        assert_eq!(local_name(".."), "file");
+    }
+
+    #[test]
+    fn a_numbered_name_stays_within_the_limit() {
+        let long = format!("{}.txt", "é".repeat(200));
+        assert!(long.len() > blob::MAX_NAME_BYTES - 5);
+        for i in [1, 99, 12_345] {
+            let name = numbered_name(&long, i);
+            assert!(name.len() <= blob::MAX_NAME_BYTES, "{}", name.len());
+            assert!(name.ends_with(&format!(" ({i}).txt")), "{name}");
+        }
+        assert_eq!(numbered_name("a.b", 2), "a (2).b");
+        assert_eq!(numbered_name("noext", 1), "noext (1)");
+    }
+
+    #[test]
+    fn placing_a_file_never_replaces_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let existing = dir.path().join("f.txt");
+        std::fs::write(&existing, "mine").expect("write");
+        let part = dir.path().join("part");
+        std::fs::write(&part, "theirs").expect("write");
+        let placed = place_file(&part, dir.path(), "f.txt", false).expect("placed");
+        assert_eq!(placed, dir.path().join("f (1).txt"));
+        assert_eq!(std::fs::read_to_string(&existing).expect("read"), "mine");
+        assert_eq!(std::fs::read_to_string(&placed).expect("read"), "theirs");
+        assert!(!part.exists());
+        let copy = place_file(&placed, dir.path(), "f.txt", true).expect("copied");
+        assert_eq!(copy, dir.path().join("f (2).txt"));
+        assert!(placed.exists());
+    }
 
     #[test]
     fn mime_by_magic_then_extension() {

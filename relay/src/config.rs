@@ -72,6 +72,9 @@ pub struct Config {
     pub mailbox_max_messages: u64,
     /// Mailbox: most stored bytes waiting for one recipient.
     pub mailbox_max_bytes: u64,
+    /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
+    /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
+    pub mailbox_budget_bytes: u64,
     /// Mailbox: sustained deposits per second per depositing peer.
     pub deposits_per_sec_per_peer: u32,
     /// Mailbox: deposits a peer may make in a burst above the sustained rate.
@@ -113,6 +116,11 @@ pub struct Config {
     /// Groups: most gossipsub topics one peer may subscribe to (libp2p's default filter allows
     /// 100, fewer than a member of many groups needs).
     pub max_gossip_topics_per_peer: usize,
+    /// Groups: sustained membership operations (creations included) per second per peer.
+    /// Group messages and announced changes also cost their poster one deposit per member.
+    pub group_ops_per_sec_per_peer: u32,
+    /// Groups: membership operations a peer may submit in a burst.
+    pub group_op_burst_per_peer: u32,
     /// Groups: requests queued for the group service before new ones are answered `Busy`.
     pub max_pending_group_requests: usize,
 
@@ -120,6 +128,9 @@ pub struct Config {
     pub blob_max_file_bytes: u64,
     /// Files: most bytes of encrypted chunks one uploader may have stored here at once.
     pub blob_quota_bytes_per_peer: u64,
+    /// Files: most bytes of encrypted chunks all uploaders together may have stored here (the
+    /// blob store's disk budget); beyond it uploads are refused `QuotaExceeded`.
+    pub blob_budget_bytes: u64,
     /// Files: how long a stored chunk is kept, in seconds.
     pub blob_ttl_secs: u64,
     /// Files: `/kith/blob/1` requests in progress before new ones are answered `Busy`.
@@ -157,6 +168,7 @@ impl Default for Config {
             purge_interval_secs: 60,
             mailbox_max_messages: 10_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
+            mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
             deposit_burst_per_peer: 1_000,
             mailbox_full_retry_after_ms: 10_000,
@@ -173,9 +185,12 @@ impl Default for Config {
             max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,
             gossip_heartbeat_interval_ms: 1_000,
             max_gossip_topics_per_peer: 10_000,
+            group_ops_per_sec_per_peer: 2,
+            group_op_burst_per_peer: 60,
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
+            blob_budget_bytes: 64 * 1024 * 1024 * 1024,
             blob_ttl_secs: 7 * 24 * 3600,
             max_pending_blob_requests: 256,
             clock: Clock::system(),
@@ -297,6 +312,12 @@ impl Config {
         }
         if self.max_group_members == 0 {
             return invalid("max_group_members", "must be above 0");
+        }
+        if self.group_ops_per_sec_per_peer == 0 || self.group_op_burst_per_peer == 0 {
+            return invalid(
+                "group_ops_per_sec_per_peer",
+                "rate and burst must be above 0",
+            );
         }
         if self.max_pending_group_requests == 0 {
             return invalid("max_pending_group_requests", "must be above 0");

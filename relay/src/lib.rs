@@ -180,6 +180,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store::Limits {
             max_messages: config.mailbox_max_messages,
             max_bytes: config.mailbox_max_bytes,
+            budget_bytes: config.mailbox_budget_bytes,
             ttl_ms: config.mailbox_ttl_secs.saturating_mul(1_000),
         },
     )?;
@@ -218,6 +219,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             store.db(),
             blob::store::Limits {
                 quota_bytes_per_peer: config.blob_quota_bytes_per_peer,
+                budget_bytes: config.blob_budget_bytes,
                 ttl_ms: config.blob_ttl_secs.saturating_mul(1_000),
             },
         )?,
@@ -267,6 +269,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
         group::gateway::Settings {
             busy_retry_after_ms: config.busy_retry_after_ms,
+            ops_per_sec_per_peer: config.group_ops_per_sec_per_peer,
+            op_burst_per_peer: config.group_op_burst_per_peer,
             clock: config.clock.clone(),
         },
     );

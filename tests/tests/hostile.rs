@@ -541,3 +541,90 @@ async fn only_members_read_a_groups_chain() -> anyhow::Result<()> {
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_fan_out_counts_against_the_posters_rate() -> anyhow::Result<()> {
+    use kith_protocol::MessageState;
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.gossip_heartbeat_interval_ms = 200;
+    // Four deposits at once, then one a second: the group's creation (announced to two
+    // members) and one message (two copies) take it all.
+    config.deposits_per_sec_per_peer = 1;
+    config.deposit_burst_per_peer = 4;
+    let relay = kith_relay::start(config).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    let created = alice.node().create_group("friends", &members).await?;
+    let first = alice.node().send(&created.group_id, "one", None).await?;
+    let second = alice.node().send(&created.group_id, "two", None).await?;
+    wait_for("the second post refused for the rate", || async {
+        (relay.metrics().limit_hits("group_fan_out_rate") > 0).then_some(())
+    })
+    .await?;
+    // Both get through as the bucket refills, each once.
+    for id in [&first.id, &second.id] {
+        wait_for("sent", || async {
+            (alice.state(id) >= Some(MessageState::Sent)).then_some(())
+        })
+        .await?;
+    }
+    wait_for("bob has both", || async {
+        let texts: Vec<_> = bob
+            .node()
+            .messages(Some(&created.group_id))
+            .ok()?
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        (texts == ["one", "two"]).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_whose_relays_are_unknown_stays_pending_with_a_reason() -> anyhow::Result<()> {
+    use kith_protocol::MessageState;
+    use kith_tests::TestNode;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let relay_addr = relay.listen_addrs[0].clone();
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_id = bob.peer_id().to_string();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+    // Alice knows bob's peer id and a direct address, not his relays.
+    alice
+        .node()
+        .add_contact("bob", &bob_id, &[bob_addr.to_string()])
+        .await?;
+    let sent = alice.node().send("bob", "hello?", None).await?;
+    let reason = wait_for("a reason", || async {
+        alice.node().status(&sent.id).ok()?.reason
+    })
+    .await?;
+    assert!(reason.contains("home relays are unknown"), "{reason}");
+    assert_eq!(alice.state(&sent.id), Some(MessageState::Pending));
+    assert_eq!(
+        relay.metrics().deposits.get(),
+        0,
+        "nothing deposited at alice's relay"
+    );
+    // Bob comes back on his address: the message goes directly.
+    bob.restart_on(bob_addr).await?;
+    wait_for("delivered", || async {
+        (alice.state(&sent.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}

@@ -188,6 +188,39 @@ impl Node {
         }
     }
 
+    /// Why a message to `to` must not be deposited, if it must not: a deposit counts as
+    /// `sent` only at relays the recipient fetches from, and for a contact whose relays are
+    /// unknown we only know ours (which it may never poll). Receipts and other control
+    /// messages carry no tick and still go to our relays, a community's shared ones. The
+    /// reason shows in `kith status` while the message waits.
+    pub(super) fn no_deposit_reason(&self, to: PeerId, envelope: &Envelope) -> Option<String> {
+        let is_chat = matches!(
+            envelope.body(),
+            Ok(kith_protocol::Body::Chat { .. } | kith_protocol::Body::File(_))
+        );
+        let relays_known = self.contact_of(&to).is_some_and(|c| !c.relays.is_empty());
+        let reason = (is_chat && !relays_known).then(|| {
+            format!(
+                "{to} is not reachable directly and its home relays are unknown \
+                 (add it from its invite); will retry"
+            )
+        });
+        let mut reasons = self
+            .groups()
+            .reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &reason {
+            Some(why) => {
+                reasons.insert(envelope.id, why.clone());
+            }
+            None => {
+                reasons.remove(&envelope.id);
+            }
+        }
+        reason
+    }
+
     fn holds(&self) -> std::sync::MutexGuard<'_, kith_protocol::hold::Holds> {
         self.inner.holds.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -151,7 +151,9 @@ impl Server {
                     }
                     match store.put(peer, &hash, &bytes, now) {
                         Ok(()) => Response::Stored { req_id },
-                        Err(store::PutError::Quota { .. }) => reject(req_id, Reject::QuotaExceeded),
+                        Err(store::PutError::Quota { .. } | store::PutError::Budget { .. }) => {
+                            reject(req_id, Reject::QuotaExceeded)
+                        }
                         Err(store::PutError::Store(e)) => {
                             tracing::error!(error = %e, "cannot store a blob");
                             reject(req_id, Reject::StoreFailed)

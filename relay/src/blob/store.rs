@@ -88,6 +88,12 @@ pub enum PutError {
         /// The quota.
         quota: u64,
     },
+    /// Every uploader's blobs together hold the relay's whole blob budget.
+    #[error("the blob store holds its whole budget of {budget} bytes")]
+    Budget {
+        /// The budget.
+        budget: u64,
+    },
     /// The disk failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -98,6 +104,8 @@ pub enum PutError {
 pub struct Limits {
     /// Most bytes one uploader may have stored.
     pub quota_bytes_per_peer: u64,
+    /// Most bytes all uploaders together may have stored (the blob store's disk budget).
+    pub budget_bytes: u64,
     /// How long a blob is kept, in milliseconds.
     pub ttl_ms: u64,
 }
@@ -445,7 +453,9 @@ impl Store {
 
     /// Whether `owner` may start uploading a file of `size` bytes.
     pub fn has_room(&self, owner: &PeerId, size: u64) -> bool {
+        let all: u64 = self.lock().usage.values().sum();
         self.used_by(owner).saturating_add(size) <= self.limits.quota_bytes_per_peer
+            && all.saturating_add(size) <= self.limits.budget_bytes
     }
 
     /// Stores a blob (already checked against `hash`) for `owner`, and returns once it is on
@@ -476,6 +486,14 @@ impl Store {
             }
             _ => false,
         };
+        if !renewal {
+            let all: u64 = inner.usage.values().sum();
+            if all.saturating_add(len) > self.limits.budget_bytes {
+                return Err(PutError::Budget {
+                    budget: self.limits.budget_bytes,
+                });
+            }
+        }
         {
             let used = inner.usage.entry(owner).or_default();
             // A renewal replaces the owner's own copy: it adds nothing once done.
@@ -742,6 +760,7 @@ mod tests {
             db,
             Limits {
                 quota_bytes_per_peer: quota,
+                budget_bytes: u64::MAX,
                 ttl_ms: TTL,
             },
         )
@@ -765,6 +784,34 @@ mod tests {
             .expect("list")
             .into_values()
             .collect()
+    }
+
+    #[test]
+    fn the_budget_of_all_uploaders_together_holds() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(
+            dir.path(),
+            &db(),
+            Limits {
+                quota_bytes_per_peer: 100,
+                budget_bytes: 10,
+                ttl_ms: TTL,
+            },
+        )
+        .expect("open");
+        let (alice, bob) = (PeerId::random(), PeerId::random());
+        store
+            .put(alice, &Hash::of(b"sealed"), b"sealed", 0)
+            .expect("fits");
+        // Bob is far below his own quota, but the store's budget is spent.
+        assert!(!store.has_room(&bob, 6));
+        assert!(matches!(
+            store.put(bob, &Hash::of(b"second"), b"second", 0),
+            Err(PutError::Budget { budget: 10 })
+        ));
+        store
+            .put(bob, &Hash::of(b"four"), b"four", 0)
+            .expect("what is left fits");
     }
 
     #[test]

@@ -18,6 +18,8 @@ use kith_protocol::{cbor, mailbox, Destination, Envelope, GroupId, PeerId, Rejec
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::Swarm;
 
+use crate::mailbox::rate::RateLimiter;
+
 use super::service::{self, Announce};
 use super::Directory;
 use crate::clock::Clock;
@@ -46,9 +48,9 @@ pub enum Done {
         group: GroupId,
         /// The envelope.
         envelope: Envelope,
-        /// How many copies, which pushes and which members missed theirs, or `None` if the
-        /// store failed.
-        result: Option<(u32, Vec<Push>, Vec<PeerId>)>,
+        /// How many copies, which pushes and which members missed theirs, or why nothing was
+        /// stored (`None`: the store failed).
+        result: Result<(u32, Vec<Push>, Vec<PeerId>), Option<mailbox::Response>>,
     },
 }
 
@@ -57,6 +59,10 @@ pub enum Done {
 pub struct Settings {
     /// The delay a `Busy` answer asks for.
     pub busy_retry_after_ms: u64,
+    /// Sustained membership operations (creations included) per second per peer.
+    pub ops_per_sec_per_peer: u32,
+    /// Membership operations a peer may submit in a burst.
+    pub op_burst_per_peer: u32,
     /// The clock (for expiry).
     pub clock: Clock,
 }
@@ -69,6 +75,8 @@ pub struct Gateway {
     metrics: Metrics,
     settings: Settings,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Membership operations per peer.
+    ops: RateLimiter,
 }
 
 impl Gateway {
@@ -85,6 +93,7 @@ impl Gateway {
             directory,
             mailbox,
             metrics,
+            ops: RateLimiter::new(settings.ops_per_sec_per_peer, settings.op_burst_per_peer),
             settings,
             pending: FuturesUnordered::new(),
         }
@@ -160,6 +169,14 @@ impl Gateway {
                 }
                 Err(response) => self.respond(swarm, reply, response(req_id)),
             },
+            Request::Submit { .. } if !self.ops.check(&peer, self.settings.clock.now_ms()) => {
+                self.metrics.limit_hit("group_op_rate");
+                tracing::debug!(%peer, "group operation over the peer's rate");
+                let reason = Reject::Busy {
+                    retry_after_ms: self.ops.refill_ms(),
+                };
+                self.respond(swarm, reply, Response::Rejected { req_id, reason });
+            }
             request => match self.service.try_request(peer, request) {
                 Ok(rx) => self.pending.push(Box::pin(async move {
                     Done::Answer {
@@ -257,11 +274,12 @@ impl Gateway {
             let result = match rx.await {
                 Ok(fan) => match fan.flushed.await {
                     Ok(outcome) if matches!(outcome.response, mailbox::Response::Stored { .. }) => {
-                        Some((fan.stored, fan.pushes, fan.missed))
+                        Ok((fan.stored, fan.pushes, fan.missed))
                     }
-                    _ => None,
+                    Ok(outcome) => Err(Some(outcome.response)),
+                    Err(_) => Err(None),
                 },
-                Err(_) => None,
+                Err(_) => Err(None),
             };
             Done::FannedOut {
                 reply,
@@ -313,20 +331,25 @@ impl Gateway {
                 envelope,
                 result,
             } => {
-                let Some((stored, pushes, missed)) = result else {
-                    tracing::error!(%group, id = %envelope.id, "group fan-out failed to store");
-                    if let Some(reply) = reply {
-                        let req_id = reply.2;
-                        self.respond(
-                            swarm,
-                            reply,
-                            Response::Rejected {
-                                req_id,
-                                reason: Reject::StoreFailed,
-                            },
-                        );
+                let (stored, pushes, missed) = match result {
+                    Ok(done) => done,
+                    Err(refused) => {
+                        let reason = match refused {
+                            Some(mailbox::Response::Rejected { reason, .. }) => {
+                                tracing::debug!(%group, id = %envelope.id, from = %envelope.from, %reason, "group fan-out refused");
+                                reason
+                            }
+                            _ => {
+                                tracing::error!(%group, id = %envelope.id, "group fan-out failed to store");
+                                Reject::StoreFailed
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            let req_id = reply.2;
+                            self.respond(swarm, reply, Response::Rejected { req_id, reason });
+                        }
+                        return Vec::new();
                     }
-                    return Vec::new();
                 };
                 if let Some(reply) = reply {
                     let req_id = reply.2;

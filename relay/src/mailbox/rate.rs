@@ -40,9 +40,17 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, burst: u32, per_sec: u32, now_ms: u64) -> bool {
+        self.try_take_n(1, burst, per_sec, now_ms)
+    }
+
+    /// Takes `n` tokens if there are as many (a request that costs `n`: a group message
+    /// fanned out into `n` mailboxes). A cost above the burst is capped at the burst, so a
+    /// full bucket always admits one request.
+    pub fn try_take_n(&mut self, n: u64, burst: u32, per_sec: u32, now_ms: u64) -> bool {
         self.refill(burst, per_sec, now_ms);
-        if self.milli_tokens >= 1_000 {
-            self.milli_tokens -= 1_000;
+        let cost = n.min(u64::from(burst)).saturating_mul(1_000);
+        if self.milli_tokens >= cost {
+            self.milli_tokens -= cost;
             true
         } else {
             false
@@ -77,6 +85,11 @@ impl RateLimiter {
 
     /// Whether `peer` may act now (and takes a token if so).
     pub fn check(&mut self, peer: &PeerId, now_ms: u64) -> bool {
+        self.check_n(peer, 1, now_ms)
+    }
+
+    /// Whether `peer` may do something that costs `n` tokens now (and takes them if so).
+    pub fn check_n(&mut self, peer: &PeerId, n: u64, now_ms: u64) -> bool {
         if self.buckets.len() >= PRUNE_ABOVE && !self.buckets.contains_key(peer) {
             self.prune(now_ms);
         }
@@ -84,7 +97,7 @@ impl RateLimiter {
         self.buckets
             .entry(*peer)
             .or_insert_with(|| TokenBucket::full(burst, now_ms))
-            .try_take(burst, per_sec, now_ms)
+            .try_take_n(n, burst, per_sec, now_ms)
     }
 
     /// How long until a peer with an empty bucket has a token again, in milliseconds.
@@ -131,6 +144,17 @@ mod tests {
         assert!(!bucket.try_take(1, 1, 0));
         assert!(!bucket.try_take(1, 1, 1_500));
         assert!(bucket.try_take(1, 1, 2_000));
+    }
+
+    #[test]
+    fn a_costly_request_takes_as_many_tokens() {
+        let mut bucket = TokenBucket::full(10, 0);
+        assert!(bucket.try_take_n(6, 10, 1, 0));
+        assert!(!bucket.try_take_n(6, 10, 1, 0));
+        assert!(bucket.try_take_n(4, 10, 1, 0));
+        // A cost above the burst is capped at it: a full bucket admits it.
+        assert!(bucket.try_take_n(50, 10, 1, 10_000));
+        assert!(!bucket.try_take(10, 1, 10_000));
     }
 
     #[test]

@@ -646,6 +646,26 @@ impl Service {
         jobs: &mut Vec<Job>,
     ) {
         let now = self.settings.clock.now_ms();
+        // A fan-out costs its poster one deposit per copy (a group message, or a membership
+        // change announced to every member): a stranger cannot flood mailboxes through a group.
+        let cost = recipients.len() as u64;
+        if !self.rate.check_n(&envelope.from, cost, now) {
+            self.metrics.limit_hit("group_fan_out_rate");
+            self.metrics.reject(&Reject::QuotaExceeded);
+            let (tx, flushed) = oneshot::channel();
+            let mut response = Response::rejected(0, Reject::QuotaExceeded);
+            if let Response::Rejected { retry_after_ms, .. } = &mut response {
+                *retry_after_ms = Some(self.rate.refill_ms().saturating_mul(cost.max(1)));
+            }
+            let _ = tx.send(Outcome::reply(response));
+            let _ = reply.send(FanOut {
+                flushed,
+                pushes: Vec::new(),
+                stored: 0,
+                missed: recipients,
+            });
+            return;
+        }
         let mut copies = Vec::new();
         let mut missed = Vec::new();
         let mut staged = Staged::default();
@@ -742,7 +762,7 @@ impl Service {
                     push,
                 })
             }
-            Err(e @ DepositError::QuotaExceeded { .. }) => {
+            Err(e @ (DepositError::QuotaExceeded { .. } | DepositError::BudgetFull { .. })) => {
                 Err((Reject::QuotaExceeded, e.to_string()))
             }
             Err(e @ DepositError::Unstorable(_)) => Err((Reject::Malformed, e.to_string())),

@@ -51,6 +51,8 @@ pub struct Limits {
     pub max_messages: u64,
     /// Most stored bytes per mailbox.
     pub max_bytes: u64,
+    /// Most stored bytes in all mailboxes together (the disk budget).
+    pub budget_bytes: u64,
     /// How long an entry is kept, in milliseconds.
     pub ttl_ms: u64,
 }
@@ -121,6 +123,14 @@ pub enum DepositError {
         messages: u64,
         /// Bytes already waiting.
         bytes: u64,
+    },
+    /// Every mailbox together holds the relay's whole disk budget.
+    #[error("the mailboxes hold their whole budget ({bytes} of {budget} bytes)")]
+    BudgetFull {
+        /// Bytes stored in all mailboxes.
+        bytes: u64,
+        /// The budget.
+        budget: u64,
     },
     /// The envelope cannot be stored (too large once wrapped, or a peer id too long for a key).
     #[error("envelope cannot be stored: {0}")]
@@ -338,7 +348,10 @@ impl Store {
     /// before it spends a signature check.
     pub fn surely_full(&self, recipient: &PeerId, envelope: &Envelope) -> bool {
         let used = self.usage(recipient);
-        if used.messages < self.limits.max_messages && used.bytes < self.limits.max_bytes {
+        if used.messages < self.limits.max_messages
+            && used.bytes < self.limits.max_bytes
+            && self.totals.bytes < self.limits.budget_bytes
+        {
             return false;
         }
         let known = peer_key(recipient)
@@ -395,6 +408,13 @@ impl Store {
                 recipient: *recipient,
                 messages: used.messages,
                 bytes: used.bytes,
+            });
+        }
+        let all: u64 = self.totals.bytes + staged.usage.values().map(|u| u.bytes).sum::<u64>();
+        if all.saturating_add(size) > self.limits.budget_bytes {
+            return Err(DepositError::BudgetFull {
+                bytes: all,
+                budget: self.limits.budget_bytes,
             });
         }
         // generate_id starts at 0; seqs start at 1 so that "after 0" means "from the start".
@@ -594,6 +614,7 @@ mod tests {
         Limits {
             max_messages: 100,
             max_bytes: 1 << 20,
+            budget_bytes: u64::MAX,
             ttl_ms: 1_000,
         }
     }
@@ -786,6 +807,27 @@ mod tests {
             Err(AckError::NotYours { seq }) if seq == d.seq
         ));
         assert_eq!(s.fetch(&bob, None, 10, MAX).expect("fetch").items.len(), 1);
+    }
+
+    #[test]
+    fn the_budget_of_all_mailboxes_together_holds() {
+        let mut s = store(Limits {
+            budget_bytes: 800,
+            ..limits()
+        });
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let (_, carol) = peer();
+        s.deposit(&bob, &envelope(&alice, bob, &"b".repeat(200), None), 0)
+            .expect("fits");
+        // Carol's own mailbox is empty, but the relay's budget is spent.
+        let big = envelope(&alice, carol, &"c".repeat(400), None);
+        assert!(matches!(
+            s.deposit(&carol, &big, 0),
+            Err(DepositError::BudgetFull { budget: 800, .. })
+        ));
+        s.deposit(&carol, &envelope(&alice, carol, "small", None), 0)
+            .expect("a small one still fits");
     }
 
     #[test]
