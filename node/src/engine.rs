@@ -231,24 +231,41 @@ struct Route {
 #[derive(Default)]
 struct Schedule {
     entries: HashMap<MessageId, OutboxEntry>,
-    due: BTreeSet<(u64, MessageId)>,
+    /// By due time, then by the order entries first came in: entries due together leave in
+    /// the order they were sealed, which is the order their recipient's ratchet expects (it
+    /// keeps only 40 skipped keys).
+    due: BTreeSet<(u64, u64, MessageId)>,
+    /// Each entry's place in that order, kept across its retries.
+    order: HashMap<MessageId, u64>,
+    next_order: u64,
     in_flight: HashSet<MessageId>,
     /// Requests in flight per peer (at most `max_in_flight_per_peer`).
     busy: HashMap<PeerId, usize>,
 }
 
 impl Schedule {
+    fn order_of(&mut self, id: MessageId) -> u64 {
+        let next = &mut self.next_order;
+        *self.order.entry(id).or_insert_with(|| {
+            *next += 1;
+            *next
+        })
+    }
+
     fn insert(&mut self, entry: OutboxEntry) {
-        if let Some(old) = self.entries.get(&entry.envelope.id) {
-            self.due.remove(&(old.due_ms, old.envelope.id));
+        let id = entry.envelope.id;
+        let order = self.order_of(id);
+        if let Some(old) = self.entries.get(&id) {
+            self.due.remove(&(old.due_ms, order, id));
         }
-        self.due.insert((entry.due_ms, entry.envelope.id));
-        self.entries.insert(entry.envelope.id, entry);
+        self.due.insert((entry.due_ms, order, id));
+        self.entries.insert(id, entry);
     }
 
     fn remove(&mut self, id: &MessageId) {
-        if let Some(old) = self.entries.remove(id) {
-            self.due.remove(&(old.due_ms, *id));
+        let order = self.order.remove(id);
+        if let (Some(old), Some(order)) = (self.entries.remove(id), order) {
+            self.due.remove(&(old.due_ms, order, *id));
         }
         self.in_flight.remove(id);
     }
@@ -466,7 +483,10 @@ impl Node {
         )
         .map_err(|e| NodeError::Invalid(format!("cannot load the Olm account: {e}")))?;
         let mut schedule = Schedule::default();
-        for entry in store.outbox()? {
+        let mut stored = store.outbox()?;
+        // In the order they were written, as near as the store tells: see `Schedule::due`.
+        stored.sort_by_key(|e| e.envelope.sent_at_ms);
+        for entry in stored {
             schedule.insert(upgrade_entry(entry));
         }
         let store_groups = store.groups()?;
@@ -1005,13 +1025,17 @@ impl Node {
         let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let idle = schedule.in_flight.is_empty()
-            && schedule.due.first().is_none_or(|&(due_ms, _)| due_ms > now);
+            && schedule
+                .due
+                .first()
+                .is_none_or(|&(due_ms, _, _)| due_ms > now);
         if !idle {
             return None;
         }
         let permit = self.inner.attempt_slots.clone().try_acquire_owned().ok()?;
         schedule.busy.insert(peer, 1);
         schedule.in_flight.insert(entry.envelope.id);
+        schedule.order_of(entry.envelope.id);
         schedule.entries.insert(entry.envelope.id, entry.clone());
         Some(permit)
     }
@@ -1578,6 +1602,7 @@ impl Node {
         {
             return Ok(duplicate(envelope));
         }
+        let sealed_receipt = sealed.receipt;
         let opened = self
             .inner
             .olm
@@ -1604,6 +1629,14 @@ impl Node {
             )) => {
                 tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing a sealed envelope");
                 Err(Reject::Malformed)
+            }
+            // A receipt that does not open is dropped: receipts are not kept to be sent again,
+            // and a lost one only leaves a tick behind.
+            Err(Inbound::Open(e @ (OpenError::KeyGone | OpenError::Undecryptable(_))))
+                if sealed_receipt =>
+            {
+                tracing::warn!(%via, %from, id = %envelope.id, error = %e, "dropping a receipt that does not decrypt");
+                Ok(None)
             }
             // Neither stored nor opened before: its key went (it came too far out of order).
             Err(Inbound::Open(OpenError::KeyGone)) => self
@@ -1828,7 +1861,7 @@ impl Node {
                 let room = most_queued.saturating_sub(queued_len).max(1);
                 let mut ready = Vec::new();
                 let mut next_due = None;
-                while let Some(&(due_ms, id)) = schedule.due.first() {
+                while let Some(&(due_ms, _, id)) = schedule.due.first() {
                     if due_ms > now || ready.len() >= room {
                         next_due = Some(due_ms.max(now));
                         break;
@@ -2277,11 +2310,19 @@ struct Fresh {
     file_size: Option<u64>,
 }
 
+/// Most sealed envelopes in one request to a peer: with `max_in_flight_per_peer` (4) requests
+/// in flight, their envelopes stay within the 40 skipped message keys an Olm session keeps,
+/// however the recipient's handling of concurrent requests reorders them.
+const MAX_SEALED_BATCH: usize = 8;
+
 /// Takes from the front of `queue` as many entries as one `/kith/dm/1` request may carry.
 fn take_batch(queue: &mut VecDeque<OutboxEntry>) -> Vec<OutboxEntry> {
     let mut batch = Vec::new();
     let mut more_bytes = 0;
     while let Some(next) = queue.front() {
+        if batch.len() >= MAX_SEALED_BATCH {
+            break;
+        }
         let size = next.envelope.size_bound();
         if !dm::Request::fits(batch.len(), more_bytes, size) {
             break;

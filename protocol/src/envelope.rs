@@ -87,6 +87,11 @@ pub struct Sealed {
     /// know it yet learns it here, checked against the envelope's sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<crate::prekeys::SignedIdentity>,
+    /// The inner body is a receipt (relays learn as much from a deposit's class already): one
+    /// whose key is gone is dropped, not asked for again, since receipts are not kept to be
+    /// sent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub receipt: bool,
 }
 
 /// [`Sealed::message_type`] of a pre-key message.

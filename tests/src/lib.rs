@@ -114,14 +114,18 @@ impl TestNode {
         self.node().peer_id()
     }
 
-    /// Its first listen address.
+    /// Its first direct listen address (not a relay circuit: a node that waited for its home
+    /// relay at start may list its circuit first).
     pub async fn addr(&self) -> Multiaddr {
         self.node()
             .listen_addrs()
             .await
             .into_iter()
-            .next()
-            .expect("a listen address")
+            .find(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+            })
+            .expect("a direct listen address")
     }
 
     /// Stops the node, keeping its home.

@@ -494,3 +494,78 @@ async fn safety_numbers_match_and_a_changed_identity_key_unverifies_the_contact(
         .any(|c| c.name == "bob" && !c.verified && c.identity_changed));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_each_way_through_a_relay_with_the_recipient_restarting(
+) -> anyhow::Result<()> {
+    const EACH: usize = 1000;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_addr = bob.addr().await;
+    // From invites only: the relay is the way between them (its circuits, its mailboxes).
+    alice
+        .node()
+        .add_contact("bob", &bob.node().invite().encode(), &[])
+        .await?;
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
+
+    let from_alice = {
+        let node = alice.node().clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(EACH);
+            for i in 0..EACH {
+                ids.push(node.send("bob", &format!("a{i:04}"), None).await?.id);
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    for i in 0..EACH / 2 {
+        bob.node().send("alice", &format!("b{i:04}"), None).await?;
+    }
+    // Bob restarts in the middle of it all.
+    bob.restart_on(bob_addr).await?;
+    for i in EACH / 2..EACH {
+        bob.node().send("alice", &format!("b{i:04}"), None).await?;
+    }
+    from_alice.await??;
+
+    let all = |node: &TestNode, with: &str, prefix: char| -> Option<Vec<String>> {
+        let texts: Vec<String> = node
+            .node()
+            .messages(Some(with))
+            .ok()?
+            .into_iter()
+            .filter(|m| m.text.starts_with(prefix))
+            .map(|m| m.text)
+            .collect();
+        (texts.len() >= EACH).then_some(texts)
+    };
+    let mut at_bob = None;
+    let mut at_alice = None;
+    // Up to a minute in all: three deadlines of the harness.
+    for _ in 0..3 {
+        at_bob = wait_for("bob has alice's thousand", || async {
+            all(&bob, "alice", 'a')
+        })
+        .await
+        .ok();
+        at_alice = wait_for("alice has bob's thousand", || async {
+            all(&alice, "bob", 'b')
+        })
+        .await
+        .ok();
+        if at_bob.is_some() && at_alice.is_some() {
+            break;
+        }
+    }
+    let expected =
+        |prefix: char| -> Vec<String> { (0..EACH).map(|i| format!("{prefix}{i:04}")).collect() };
+    assert_eq!(at_bob, Some(expected('a')), "each once, in send order");
+    assert_eq!(at_alice, Some(expected('b')), "each once, in send order");
+    Ok(())
+}

@@ -323,6 +323,7 @@ impl Olm {
             message_type: if pre_key { OLM_PRE_KEY } else { OLM_NORMAL },
             ciphertext,
             identity: pre_key.then(|| self.identity.clone()),
+            receipt: matches!(body, Body::Receipt { .. }),
         })))
     }
 
