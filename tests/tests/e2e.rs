@@ -129,15 +129,24 @@ async fn a_relay_holds_nothing_readable_for_an_offline_recipient() -> anyhow::Re
     // Bob comes back and gets both, intact.
     bob.restart_on(bob_addr).await?;
     bob.node().add_contact("alice", &alice_invite, &[]).await?;
-    let received = wait_for("bob has the text and the file", || async {
+    let both = || async {
         let messages = bob.node().messages(Some("alice")).ok()?;
         let got_text = messages.iter().any(|m| m.text == text);
         let file = messages
             .into_iter()
             .find_map(|m| m.attachment.and_then(|a| a.path))?;
         got_text.then_some(file)
-    })
-    .await?;
+    };
+    // Up to three deadlines of the harness: this file shares the machine with a 2,000-message
+    // test.
+    let mut received = None;
+    for _ in 0..3 {
+        received = wait_for("bob has the text and the file", both).await.ok();
+        if received.is_some() {
+            break;
+        }
+    }
+    let received = received.ok_or_else(|| anyhow::anyhow!("bob never got both"))?;
     assert_eq!(std::fs::read(received)?, data);
     Ok(())
 }
