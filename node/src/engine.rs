@@ -1932,6 +1932,17 @@ impl Node {
                 .try_join_next()
                 .is_some()
             {}
+            // Entries held back above went back into the schedule for their hold's end: the
+            // earliest due entry is read again, so that the loop wakes for it.
+            let next_due = self
+                .inner
+                .outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .due
+                .first()
+                .map(|&(due_ms, _, _)| due_ms)
+                .map_or(next_due, |due| Some(next_due.map_or(due, |n| n.min(due))));
             let sleep = match next_due {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
@@ -2084,7 +2095,7 @@ impl Node {
                     Err(why) => {
                         let why = why.map_or_else(|e| e, |reason| reason.to_string());
                         tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
-                        match self.no_deposit_reason(to, &entry.envelope) {
+                        match self.no_deposit_reason(to, &entry.envelope, entry.kind) {
                             Some(reason) => Outcome::Retry(reason),
                             None => self.deposit(entry, relays).await,
                         }
@@ -2206,6 +2217,15 @@ impl Node {
                     due_ms: now_ms() + delay,
                     ..entry.clone()
                 };
+                if is_chat && matches!(entry.envelope.to, Destination::Peer(_)) {
+                    // Shown by `kith status` while the message is pending.
+                    self.inner
+                        .groups
+                        .reasons
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, reason.clone());
+                }
                 if is_chat {
                     self.emit(NodeEvent::Retry {
                         id: id.to_string(),

@@ -192,7 +192,19 @@ impl Node {
                 Err(e) => reasons.push(format!("{peer}: {e}")),
             }
         }
-        Err(if reasons.is_empty() {
+        let relays_known = self.contact_of(&to).is_some_and(|c| !c.relays.is_empty());
+        Err(if !relays_known {
+            // The same words as an undeposited message's reason (the engine's backpressure).
+            format!(
+                "{to} is not reachable directly and its home relays are unknown \
+                 (add it from its invite); will retry{}",
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", reasons.join("; "))
+                }
+            )
+        } else if reasons.is_empty() {
             "no keys of the recipient to claim: it is not connected and has no relay".into()
         } else {
             format!(
