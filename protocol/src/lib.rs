@@ -11,8 +11,7 @@
 //! 2. The envelope travels inside a [`dm::Request`] (node to node, relay to node) or a
 //!    [`mailbox::Request`] (node to relay), each CBOR-encoded inside a length-prefixed [`frame`].
 //! 3. The receiver decodes the frame, checks [`Envelope::verify`], and only then stores it. A relay
-//!    never needs to decode the body, which for one-to-one messages is end-to-end encrypted
-//!    ([`Body::Olm`], keys from [`prekeys`]).
+//!    never needs to decode the body, which will later be end-to-end encrypted.
 #![deny(missing_docs)]
 
 pub mod blob;
@@ -28,7 +27,6 @@ pub mod keys;
 pub mod lamport;
 pub mod limits;
 pub mod mailbox;
-pub mod prekeys;
 pub mod presence;
 pub mod reject;
 pub mod retry;
