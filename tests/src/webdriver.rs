@@ -21,6 +21,11 @@ const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 pub const ENTER: char = '\u{E007}';
 
 /// A running chromedriver (stopped on drop, with the browsers it started).
+/// How long a page may take to show what a test waits for: longer than the harness's
+/// [`DEADLINE`], because a message shown on a page has gone through a sender's page, two
+/// daemons and a browser's event stream, next to a browser that shares the machine's two cores.
+pub const PAGE_DEADLINE: Duration = Duration::from_secs(45);
+
 pub struct Driver {
     child: tokio::process::Child,
     base: String,
@@ -169,10 +174,11 @@ impl Browser {
         .await
     }
 
-    /// Polls `expression` (a JavaScript expression) until it is truthy; returns its value.
+    /// Polls `expression` (a JavaScript expression) until it is truthy, for at most
+    /// [`PAGE_DEADLINE`]; returns its value.
     pub async fn wait(&self, what: &str, expression: &str) -> Result<Value> {
         let script = format!("try {{ return ({expression}); }} catch (e) {{ return null; }}");
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let deadline = tokio::time::Instant::now() + PAGE_DEADLINE;
         loop {
             let value = self.js(&script, json!([])).await?;
             let truthy = match &value {

@@ -17,6 +17,11 @@ use serde_json::{json, Value};
 /// The page and what it loads at start may weigh this much at most.
 const MAX_INITIAL_PAGE_BYTES: usize = 300 * 1024;
 
+/// The tests of this file run one at a time: a browser and three nodes, or ten thousand stored
+/// messages, take the two cores of a test machine, and a test's deadlines are meant to measure
+/// its own nodes and page, not the load of the test beside it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn token(node: &TestNode) -> Result<String> {
     Ok(
         std::fs::read_to_string(node.home.join(kith_node::TOKEN_FILE))?
@@ -41,6 +46,7 @@ async fn ui_link(node: &TestNode) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     init_logs();
     let alice = TestNode::start("alice", vec![]).await?;
     let addr = api(&alice);
@@ -161,6 +167,7 @@ async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_list_pages_uploads_and_files_over_http() -> Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     init_logs();
     let dir = tempfile::tempdir()?;
     let home = dir.path().join("alice");
@@ -366,6 +373,7 @@ fn conv(id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_in_a_real_browser() -> Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     init_logs();
     let Some(driver) = Driver::start().await? else {
         println!(
