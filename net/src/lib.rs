@@ -45,3 +45,7 @@ pub fn request_response_config() -> libp2p::request_response::Config {
         .with_request_timeout(REQUEST_TIMEOUT)
         .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS)
 }
+
+/// The `/kith/keys/1` codec.
+pub type KeysCodec =
+    codec::Codec<kith_protocol::prekeys::Request, kith_protocol::prekeys::Response>;

@@ -10,6 +10,8 @@
 //! | POST | `/v1/contacts` | `{name, peer, addrs?}` | the contact |
 //! | DELETE | `/v1/contacts/{name}` | | the removed contact |
 //! | POST | `/v1/contacts/{name}/rename` | `{name}` (the new name) | the renamed contact |
+//! | GET | `/v1/contacts/{name}/verify` | | `{peer_id, safety_number, verified, identity_changed}` |
+//! | POST | `/v1/contacts/{name}/verify` | | the same, once marked verified |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
 //! | GET | `/v1/messages` | `?with=NAME_OR_PEER` (`&limit=N&before=ID`: one page, oldest first) | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
 //! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
@@ -365,6 +367,7 @@ pub(crate) async fn serve(
         .route("/v1/events", get(events))
         .route("/v1/health", get(health))
         .route("/v1/settings", get(settings).post(change_settings))
+        .merge(crate::crypto::verify::api_routes().with_state(state.node.clone()))
         .merge(crate::group::api_routes().with_state(state.node.clone()))
         .merge(crate::media::api_routes().with_state(state.node.clone()))
         .merge(crate::ui::routes(state.node.clone(), gate.clone(), bound))

@@ -31,9 +31,12 @@ use tokio::task::JoinSet;
 mod backpressure;
 
 use crate::config::{Config, Settings};
+use crate::crypto::{upgrade_entry, Olm, OpenError};
 use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
-use crate::store::{Batch, Contact, Direction, OutboxEntry, Store, StoreError, StoredMessage};
+use crate::store::{
+    Batch, Contact, Direction, EntryKind, OutboxEntry, Store, StoreError, StoredMessage,
+};
 
 /// How long a sender or relay is asked to wait when another copy of its message is being
 /// stored (see `claims`).
@@ -123,6 +126,19 @@ pub enum NodeEvent {
         /// Bytes in all (for uploads: the file's size times the relays it goes to).
         total: u64,
     },
+    /// A peer's end-to-end identity key changed: the contact is no longer verified.
+    #[serde(rename = "identity_changed")]
+    IdentityChanged {
+        /// The peer.
+        peer: String,
+    },
+    /// A message from a peer could not be decrypted; the sender is asked to send it again.
+    Undecryptable {
+        /// The message id.
+        id: String,
+        /// The sender.
+        from: String,
+    },
 }
 
 /// Why an operation of the node failed.
@@ -187,6 +203,21 @@ struct Inner {
     claims: crate::claims::Claims,
     /// When a mailbox fetch last completed (unix ms, 0: never), for `kith status`.
     last_fetch_ms: std::sync::atomic::AtomicU64,
+    /// The Olm account and sessions: the only sealer and opener of one-to-one bodies.
+    olm: Olm,
+    /// Held while a session with a peer is being set up, so that one claim serves everyone
+    /// waiting for it.
+    claiming: tokio::sync::Mutex<()>,
+}
+
+/// A second copy of an envelope within one batch: stored with the first, like any duplicate
+/// (a relay redelivering it still wants the sender told).
+fn batch_duplicate(via: PeerId, envelope: Envelope) -> Option<Fresh> {
+    (via != envelope.from).then_some(Fresh {
+        envelope,
+        text: None,
+        file_size: None,
+    })
 }
 
 /// Where a peer may be reached (see [`Node::route`]).
@@ -200,24 +231,41 @@ struct Route {
 #[derive(Default)]
 struct Schedule {
     entries: HashMap<MessageId, OutboxEntry>,
-    due: BTreeSet<(u64, MessageId)>,
+    /// By due time, then by the order entries first came in: entries due together leave in
+    /// the order they were sealed, which is the order their recipient's ratchet expects (it
+    /// keeps only 40 skipped keys).
+    due: BTreeSet<(u64, u64, MessageId)>,
+    /// Each entry's place in that order, kept across its retries.
+    order: HashMap<MessageId, u64>,
+    next_order: u64,
     in_flight: HashSet<MessageId>,
     /// Requests in flight per peer (at most `max_in_flight_per_peer`).
     busy: HashMap<PeerId, usize>,
 }
 
 impl Schedule {
+    fn order_of(&mut self, id: MessageId) -> u64 {
+        let next = &mut self.next_order;
+        *self.order.entry(id).or_insert_with(|| {
+            *next += 1;
+            *next
+        })
+    }
+
     fn insert(&mut self, entry: OutboxEntry) {
-        if let Some(old) = self.entries.get(&entry.envelope.id) {
-            self.due.remove(&(old.due_ms, old.envelope.id));
+        let id = entry.envelope.id;
+        let order = self.order_of(id);
+        if let Some(old) = self.entries.get(&id) {
+            self.due.remove(&(old.due_ms, order, id));
         }
-        self.due.insert((entry.due_ms, entry.envelope.id));
-        self.entries.insert(entry.envelope.id, entry);
+        self.due.insert((entry.due_ms, order, id));
+        self.entries.insert(id, entry);
     }
 
     fn remove(&mut self, id: &MessageId) {
-        if let Some(old) = self.entries.remove(id) {
-            self.due.remove(&(old.due_ms, *id));
+        let order = self.order.remove(id);
+        if let (Some(old), Some(order)) = (self.entries.remove(id), order) {
+            self.due.remove(&(old.due_ms, order, *id));
         }
         self.in_flight.remove(id);
     }
@@ -373,6 +421,10 @@ pub struct ContactView {
     pub addrs: Vec<String>,
     /// Home relays.
     pub relays: Vec<String>,
+    /// The user compared safety numbers with it (`kith contact verify --mark`).
+    pub verified: bool,
+    /// Its identity key changed since it was first seen and is not verified again.
+    pub identity_changed: bool,
 }
 
 impl From<Contact> for ContactView {
@@ -382,6 +434,8 @@ impl From<Contact> for ContactView {
             peer_id: c.peer_id.to_string(),
             addrs: c.addrs,
             relays: c.relays,
+            verified: false,
+            identity_changed: false,
         }
     }
 }
@@ -417,9 +471,23 @@ impl Node {
             .filter_map(|a| Some((peer_of(a)?, a.clone())))
             .collect();
         let (events, _) = broadcast::channel(4096);
+        let changed = events.clone();
+        let olm = Olm::load(
+            store.clone(),
+            key.clone(),
+            Box::new(move |peer| {
+                let _ = changed.send(NodeEvent::IdentityChanged {
+                    peer: peer.to_string(),
+                });
+            }),
+        )
+        .map_err(|e| NodeError::Invalid(format!("cannot load the Olm account: {e}")))?;
         let mut schedule = Schedule::default();
-        for entry in store.outbox()? {
-            schedule.insert(entry);
+        let mut stored = store.outbox()?;
+        // In the order they were written, as near as the store tells: see `Schedule::due`.
+        stored.sort_by_key(|e| e.envelope.sent_at_ms);
+        for entry in stored {
+            schedule.insert(upgrade_entry(entry));
         }
         let store_groups = store.groups()?;
         let contacts = store
@@ -454,6 +522,8 @@ impl Node {
                 media: crate::media::State::default(),
                 claims: crate::claims::Claims::default(),
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
+                olm,
+                claiming: tokio::sync::Mutex::new(()),
             }),
         };
         // A weak reference: the network handle, which the node holds, holds this.
@@ -529,6 +599,14 @@ impl Node {
 
     pub(crate) fn groups(&self) -> &crate::group::Groups {
         &self.inner.groups
+    }
+
+    pub(crate) fn olm(&self) -> &Olm {
+        &self.inner.olm
+    }
+
+    pub(crate) fn claiming(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.claiming
     }
 
     /// Puts an entry (already durable) on the outbox schedule.
@@ -617,6 +695,7 @@ impl Node {
                 .iter()
                 .map(|a| a.to_string())
                 .collect(),
+            identity: Some(self.inner.olm.identity().clone()),
         }
     }
 
@@ -665,6 +744,16 @@ impl Node {
                     "{shown:?}… is neither a peer id nor an invite (`kith id --invite` prints one; copy the whole line)"
                 ))
             })?;
+            if let Some(identity) = &invite.identity {
+                self.inner
+                    .olm
+                    .learn_identity(&invite.peer_id, identity)
+                    .map_err(|e| {
+                        NodeError::Invalid(format!(
+                            "the invite's identity key does not check out: {e}"
+                        ))
+                    })?;
+            }
             (invite.peer_id, invite.relays)
         };
         for addr in addrs.iter().chain(&relays) {
@@ -709,7 +798,14 @@ impl Node {
             .store
             .contacts()?
             .into_iter()
-            .map(Into::into)
+            .map(|c| {
+                let (verified, identity_changed) = self.verification(&c.peer_id);
+                ContactView {
+                    verified,
+                    identity_changed,
+                    ..c.into()
+                }
+            })
             .collect())
     }
 
@@ -814,8 +910,8 @@ impl Node {
             lamport,
             expires_at_ms: None,
         };
-        let envelope = Envelope::seal(&self.inner.key, header, &body)
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let entry = self.compose(peer, header, &body, EntryKind::Message)?;
+        let envelope = &entry.envelope;
         let id = envelope.id;
         let stored = StoredMessage {
             id,
@@ -830,23 +926,15 @@ impl Node {
         };
         let mut events = wait.map(|_| self.subscribe());
         let mut batch = Batch::new();
-        let entry = OutboxEntry {
-            envelope,
-            attempts: 0,
-            due_ms: now_ms(),
-        };
         // The outbox entry first: if a crash keeps only part of this, the message still goes
         // out. The conversation index records the clock (see `Store::lamport`).
         batch.put_outbox(&entry);
         batch.put_message(&stored);
-        // The first attempt may start before the outbox write is applied or flushed: delivering
-        // is not acknowledging anything, and a message that got out before a crash is only
-        // delivered, never lost. The caller hears back once the write is on disk.
-        self.write_and_dispatch(entry, batch)?;
-        // The request is with the swarm task, which this thread runs next: let it send before
-        // the flush (which may run on this thread) holds the thread.
-        tokio::task::yield_now().await;
+        // A sealed message leaves only once its session's new state is on disk: sent before
+        // and lost in a crash, that state would be used again for another message.
+        self.inner.store.apply_in_order(batch)?;
         self.inner.store.flush().await?;
+        self.write_and_dispatch(entry, Batch::new())?;
         let mut state = MessageState::Pending;
         if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
             let id_text = id.to_string();
@@ -885,13 +973,11 @@ impl Node {
     /// goes to the outbox loop, which batches what queues behind busy requests.
     fn write_and_dispatch(&self, entry: OutboxEntry, batch: Batch) -> Result<(), NodeError> {
         let lone = match entry.envelope.to {
-            // Receipts may take another road (see `attempt_peer`).
-            Destination::Peer(peer)
-                if !matches!(entry.envelope.body(), Ok(Body::Receipt { .. })) =>
-            {
-                self.claim_idle_slot(peer, &entry)
-                    .map(|permit| (peer, permit))
-            }
+            // Receipts may take another road (see `attempt_peer`); an unsealed message waits
+            // for a session (see `seal_pending`).
+            Destination::Peer(peer) if entry.kind != EntryKind::Receipt && !entry.unsealed => self
+                .claim_idle_slot(peer, &entry)
+                .map(|permit| (peer, permit)),
             _ => None,
         };
         let Some((peer, permit)) = lone else {
@@ -939,13 +1025,17 @@ impl Node {
         let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let idle = schedule.in_flight.is_empty()
-            && schedule.due.first().is_none_or(|&(due_ms, _)| due_ms > now);
+            && schedule
+                .due
+                .first()
+                .is_none_or(|&(due_ms, _, _)| due_ms > now);
         if !idle {
             return None;
         }
         let permit = self.inner.attempt_slots.clone().try_acquire_owned().ok()?;
         schedule.busy.insert(peer, 1);
         schedule.in_flight.insert(entry.envelope.id);
+        schedule.order_of(entry.envelope.id);
         schedule.entries.insert(entry.envelope.id, entry.clone());
         Some(permit)
     }
@@ -1051,13 +1141,7 @@ impl Node {
                 state,
                 ids: chunk.to_vec(),
             };
-            let envelope = Envelope::seal(&self.inner.key, header, &body)
-                .map_err(|e| NodeError::Invalid(e.to_string()))?;
-            let entry = OutboxEntry {
-                envelope,
-                attempts: 0,
-                due_ms: now_ms(),
-            };
+            let entry = self.compose(to, header, &body, EntryKind::Receipt)?;
             batch.put_outbox(&entry);
             entries.push(entry);
         }
@@ -1165,7 +1249,24 @@ impl Node {
                 net::Event::RelayConnected { relay } => {
                     self.presence_state().wake();
                     let node = self.clone();
-                    work.spawn(async move { node.fetch_mailbox(relay).await });
+                    work.spawn(async move {
+                        node.fetch_mailbox(relay).await;
+                        node.publish_keys(relay).await;
+                    });
+                }
+                net::Event::InboundKeys {
+                    peer,
+                    request,
+                    channel,
+                } => {
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let node = self.clone();
+                    work.spawn(async move {
+                        node.serve_keys(peer, request, channel).await;
+                        drop(permit);
+                    });
                 }
             }
         }
@@ -1259,11 +1360,40 @@ impl Node {
             let outcome = match self.check(via, &envelope) {
                 Err(reason) => Err(reason),
                 Ok(Checked::Group(group)) => self.accept_group(via, group, envelope).await,
-                Ok(Checked::Chat { text, file }) => self
-                    .stage_chat(via, envelope, text, file, &mut claims)
-                    .map(|fresh| unflushed.push((index, fresh))),
-                Ok(Checked::Receipt { state, ids }) => self
-                    .stage_receipt(envelope.from, state, ids)
+                Ok(Checked::Sealed(sealed)) => match self.claim_inbound(&envelope, &mut claims) {
+                    Err(reason) => Err(reason),
+                    Ok(false) => {
+                        unflushed.push((index, batch_duplicate(via, envelope)));
+                        Ok(())
+                    }
+                    Ok(true) => self.stage_sealed(via, envelope, sealed).map(|fresh| {
+                        if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
+                            // A new message: copies arriving after its flush are duplicates.
+                            if let Some(claim) = claims.last_mut() {
+                                claim.stored();
+                            }
+                        }
+                        unflushed.push((index, fresh))
+                    }),
+                },
+                Ok(Checked::Plain(body)) => match self.claim_inbound(&envelope, &mut claims) {
+                    Err(reason) => Err(reason),
+                    Ok(false) => {
+                        unflushed.push((index, batch_duplicate(via, envelope)));
+                        Ok(())
+                    }
+                    Ok(true) => self.stage_plain(via, envelope, body).map(|fresh| {
+                        if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
+                            // A new message: copies arriving after its flush are duplicates.
+                            if let Some(claim) = claims.last_mut() {
+                                claim.stored();
+                            }
+                        }
+                        unflushed.push((index, fresh))
+                    }),
+                },
+                Ok(Checked::Resend(ids, new_session)) => self
+                    .stage_resend(envelope.from, ids, new_session)
                     .map(|()| unflushed.push((index, None))),
             };
             outcomes.push(outcome);
@@ -1335,13 +1465,14 @@ impl Node {
             Reject::Malformed
         })?;
         match body {
-            Body::Chat { text } => Ok(Checked::Chat { text, file: None }),
-            // A file is stored like a chat message (empty text) plus its attachment record.
-            Body::File(file) => Ok(Checked::Chat {
-                text: String::new(),
-                file: Some(file),
-            }),
-            Body::Receipt { state, ids } => Ok(Checked::Receipt { state, ids }),
+            Body::Olm(sealed) => Ok(Checked::Sealed(sealed)),
+            Body::Resend { ids, new_session } => Ok(Checked::Resend(ids, new_session)),
+            // Sent in the clear by an earlier release (signed by its sender, so no relay
+            // could have made it; this node never sends content so).
+            body @ (Body::Chat { .. } | Body::File(_) | Body::Receipt { .. }) => {
+                tracing::debug!(%via, %from, id = %envelope.id, "a one-to-one body in the clear");
+                Ok(Checked::Plain(body))
+            }
             Body::GroupOp(_) => {
                 tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
                 Err(Reject::Malformed)
@@ -1349,79 +1480,197 @@ impl Node {
         }
     }
 
-    /// Writes a checked chat envelope (not flushed); `Some` when it is new to us. Its claim goes
-    /// to `claims`, to be held until it is flushed and announced; a copy already claimed is
-    /// refused as busy (it is stored or about to be: the sender or relay asks again later, and
-    /// then hears it is there).
-    fn stage_chat<'a>(
+    /// Claims an inbound one-to-one envelope until it is flushed and announced (see `claims`):
+    /// `Ok(true)` to go on and store it, `Ok(false)` when this batch already holds a copy, and
+    /// `Busy` while another copy (a relay's push racing the node's own fetch) is being stored:
+    /// the sender or relay asks again later and then hears that it is there.
+    fn claim_inbound<'a>(
         &'a self,
-        via: PeerId,
-        envelope: Envelope,
-        text: String,
-        file: Option<FileRef>,
+        envelope: &Envelope,
         claims: &mut Vec<crate::claims::Claim<'a>>,
-    ) -> Result<Option<Fresh>, Reject> {
+    ) -> Result<bool, Reject> {
         let from = envelope.from;
-        let relayed = via != from;
-        let duplicate = |envelope| {
-            Ok(relayed.then_some(Fresh {
-                envelope,
-                text: None,
-                file_size: None,
-            }))
-        };
-        let mut claim = match self.inner.claims.claim(from, envelope.id) {
-            crate::claims::Claimed::Mine(claim) => claim,
-            crate::claims::Claimed::Stored => return duplicate(envelope),
-            // Twice in this batch: stored with it, like any duplicate.
+        match self.inner.claims.claim(from, envelope.id) {
+            crate::claims::Claimed::Mine(claim) => {
+                claims.push(claim);
+                Ok(true)
+            }
+            // Stored a moment ago by another copy, or held by a copy in this batch.
+            crate::claims::Claimed::Stored => Ok(false),
             crate::claims::Claimed::Busy if claims.iter().any(|c| c.is(from, envelope.id)) => {
-                return duplicate(envelope)
+                Ok(false)
             }
             crate::claims::Claimed::Busy => {
                 tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
-                return Err(Reject::Busy {
+                Err(Reject::Busy {
                     retry_after_ms: CLAIMED_RETRY_AFTER_MS,
-                });
+                })
             }
-        };
+        }
+    }
+
+    /// Writes a one-to-one body that came in the clear (not flushed); `Some` when it is a
+    /// chat message new to us.
+    fn stage_plain(
+        &self,
+        via: PeerId,
+        envelope: Envelope,
+        body: Body,
+    ) -> Result<Option<Fresh>, Reject> {
+        let from = envelope.from;
+        if let Body::Receipt { state, ids } = body {
+            return match self.stage_receipt(from, state, ids) {
+                Ok(()) => Ok(None),
+                Err(Inbound::Refused(reason)) => Err(reason),
+                Err(Inbound::Open(_)) => Err(Reject::Malformed),
+            };
+        }
         let existing = self
             .inner
             .store
             .message(&from, &envelope.id)
             .map_err(|e| store_failed(&e))?;
         if existing.is_some() {
-            claim.stored();
-            claims.push(claim);
             tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
             // Already stored, but a relay redelivering it wants the sender told again.
-            return Ok(relayed.then_some(Fresh {
+            return Ok((via != from).then_some(Fresh {
                 envelope,
                 text: None,
                 file_size: None,
             }));
         }
-        self.observe_lamport(&from, envelope.lamport)
-            .map_err(|e| store_failed(&e))?;
-        let msg = StoredMessage::received(&envelope, text.clone());
+        let (text, file) = match body {
+            Body::Chat { text } => (text, None),
+            // A file is stored like a chat message (empty text) plus its attachment record.
+            Body::File(file) => (String::new(), Some(file)),
+            _ => return Err(Reject::Malformed),
+        };
         let mut batch = Batch::new();
-        let file_size = file.as_ref().map(|f| f.size);
-        if let Some(file) = file {
-            self.put_incoming_file(&mut batch, &envelope, file, None);
-        }
+        let fresh = match self.stage_chat(&envelope, text, file, &mut batch) {
+            Ok(fresh) => fresh,
+            Err(Inbound::Refused(reason)) => return Err(reason),
+            Err(Inbound::Open(_)) => return Err(Reject::Malformed),
+        };
         // The message itself lands last, so a crash part way is redelivered in full; the
         // answer waits for the flush anyway.
-        batch.put_message(&msg);
         self.inner
             .store
             .apply_in_order(batch)
             .map_err(|e| store_failed(&e))?;
-        claim.stored();
-        claims.push(claim);
-        Ok(Some(Fresh {
-            envelope,
+        Ok(Some(fresh))
+    }
+
+    /// Opens a sealed envelope and writes what it carries with the session's new state in one
+    /// atomic write (not flushed); `Some` when it is a chat message new to us.
+    fn stage_sealed(
+        &self,
+        via: PeerId,
+        envelope: Envelope,
+        sealed: kith_protocol::envelope::Sealed,
+    ) -> Result<Option<Fresh>, Reject> {
+        let from = envelope.from;
+        let relayed = via != from;
+        let duplicate = |envelope: Envelope| {
+            tracing::debug!(%from, id = %envelope.id, "duplicate delivery");
+            // Already stored, but a relay redelivering it wants the sender told again.
+            relayed.then_some(Fresh {
+                envelope,
+                text: None,
+                file_size: None,
+            })
+        };
+        // A copy of a message already stored is not opened again (its key is used up).
+        let existing = self
+            .inner
+            .store
+            .message(&from, &envelope.id)
+            .map_err(|e| store_failed(&e))?;
+        let undecryptable = || {
+            self.inner
+                .olm
+                .is_undecryptable(&from, &envelope.id)
+                .unwrap_or(false)
+        };
+        if existing.is_some() && !undecryptable() {
+            return Ok(duplicate(envelope));
+        }
+        if self
+            .inner
+            .olm
+            .was_opened(&from, &envelope.id)
+            .map_err(|e| store_failed(&e))?
+        {
+            return Ok(duplicate(envelope));
+        }
+        let sealed_receipt = sealed.receipt;
+        let opened = self
+            .inner
+            .olm
+            .open(&from, &envelope.id, &sealed, |body, batch| {
+                match body {
+                    Body::Chat { text } => self.stage_chat(&envelope, text, None, batch).map(Some),
+                    // A file is stored like a chat message (empty text) plus its attachment record.
+                    Body::File(file) => self
+                        .stage_chat(&envelope, String::new(), Some(file), batch)
+                        .map(Some),
+                    Body::Receipt { state, ids } => {
+                        self.stage_receipt(from, state, ids)?;
+                        Ok(None)
+                    }
+                    _ => Err(Inbound::Refused(Reject::Malformed)),
+                }
+            });
+        match opened {
+            Ok(fresh) => Ok(fresh),
+            Err(Inbound::Refused(reason)) => Err(reason),
+            Err(Inbound::Open(OpenError::Store(e))) => Err(store_failed(&e)),
+            Err(Inbound::Open(
+                e @ (OpenError::Malformed(_) | OpenError::BadInner(_) | OpenError::Identity(_)),
+            )) => {
+                tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing a sealed envelope");
+                Err(Reject::Malformed)
+            }
+            // A receipt that does not open is dropped: receipts are not kept to be sent again,
+            // and a lost one only leaves a tick behind.
+            Err(Inbound::Open(e @ (OpenError::KeyGone | OpenError::Undecryptable(_))))
+                if sealed_receipt =>
+            {
+                tracing::warn!(%via, %from, id = %envelope.id, error = %e, "dropping a receipt that does not decrypt");
+                Ok(None)
+            }
+            // Neither stored nor opened before: its key went (it came too far out of order).
+            Err(Inbound::Open(OpenError::KeyGone)) => self
+                .stage_undecryptable(envelope, "its message key is gone", false)
+                .map(|()| None),
+            Err(Inbound::Open(OpenError::Undecryptable(why))) => self
+                .stage_undecryptable(envelope, &why, true)
+                .map(|()| None),
+        }
+    }
+
+    /// Adds an opened chat envelope to `batch`, which the crypto module writes atomically with
+    /// the session that opened it.
+    fn stage_chat(
+        &self,
+        envelope: &Envelope,
+        text: String,
+        file: Option<FileRef>,
+        batch: &mut Batch,
+    ) -> Result<Fresh, Inbound> {
+        let from = envelope.from;
+        self.observe_lamport(&from, envelope.lamport)
+            .map_err(|e| Inbound::Refused(store_failed(&e)))?;
+        let msg = StoredMessage::received(envelope, text.clone());
+        let file_size = file.as_ref().map(|f| f.size);
+        if let Some(file) = file {
+            self.put_incoming_file(batch, envelope, file, None);
+        }
+        batch.put_message(&msg);
+        Ok(Fresh {
+            envelope: envelope.clone(),
             text: Some(text),
             file_size,
-        }))
+        })
     }
 
     /// Tells the watchers about a flushed chat envelope, starts its download, and sends the
@@ -1453,7 +1702,7 @@ impl Node {
         from: PeerId,
         state: ReceiptState,
         ids: Vec<MessageId>,
-    ) -> Result<(), Reject> {
+    ) -> Result<(), Inbound> {
         for id in ids {
             let Ok(Some(msg)) = self.inner.store.outgoing(&id) else {
                 continue;
@@ -1461,7 +1710,7 @@ impl Node {
             if let Ok(Some(_)) = self.inner.store.message_group(&id) {
                 // Group message: the receipt moves this member's state only.
                 self.advance_group_members(&id, Some(&from), state.into())
-                    .map_err(|e| store_failed(&e))?;
+                    .map_err(|e| Inbound::Refused(store_failed(&e)))?;
                 continue;
             }
             if msg.peer != from {
@@ -1469,7 +1718,7 @@ impl Node {
                 continue;
             }
             self.advance(&msg.from, &id, state.into())
-                .map_err(|e| store_failed(&e))?;
+                .map_err(|e| Inbound::Refused(store_failed(&e)))?;
         }
         Ok(())
     }
@@ -1587,6 +1836,7 @@ impl Node {
                     for relay in self.inner.home_relays.keys() {
                         if self.inner.net.is_connected(*relay).await {
                             self.fetch_mailbox(*relay).await;
+                            self.publish_keys(*relay).await;
                         }
                     }
                 }
@@ -1611,7 +1861,7 @@ impl Node {
                 let room = most_queued.saturating_sub(queued_len).max(1);
                 let mut ready = Vec::new();
                 let mut next_due = None;
-                while let Some(&(due_ms, id)) = schedule.due.first() {
+                while let Some(&(due_ms, _, id)) = schedule.due.first() {
                     if due_ms > now || ready.len() >= room {
                         next_due = Some(due_ms.max(now));
                         break;
@@ -1691,7 +1941,7 @@ impl Node {
                 .unwrap_or_else(|p| p.into_inner())
                 .due
                 .first()
-                .map(|&(due_ms, _)| due_ms)
+                .map(|&(due_ms, _, _)| due_ms)
                 .map_or(next_due, |due| Some(next_due.map_or(due, |n| n.min(due))));
             let sleep = match next_due {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms())),
@@ -1747,8 +1997,8 @@ impl Node {
         // A receipt for a peer we know no direct route to (a group member who is not a contact)
         // goes straight to the relays, which push it to a connected recipient: a group's
         // receipts must not cost one relayed circuit each.
-        let is_receipt = |e: &OutboxEntry| matches!(e.envelope.body(), Ok(Body::Receipt { .. }));
-        let mut entries = entries;
+        let is_receipt = |e: &OutboxEntry| e.kind == EntryKind::Receipt;
+        let mut entries = self.seal_pending(to, entries, &addrs, &relays).await;
         if entries.iter().any(is_receipt)
             && contact.as_ref().is_none_or(|c| c.addrs.is_empty())
             && !self.inner.net.is_connected(to).await
@@ -1756,7 +2006,7 @@ impl Node {
             let (receipts, rest): (Vec<_>, Vec<_>) = entries.into_iter().partition(is_receipt);
             entries = rest;
             for entry in receipts {
-                let outcome = self.deposit(&entry.envelope, &relays).await;
+                let outcome = self.deposit(&entry, &relays).await;
                 if matches!(outcome, Outcome::Retry(_)) {
                     entries.push(entry);
                 } else {
@@ -1845,9 +2095,9 @@ impl Node {
                     Err(why) => {
                         let why = why.map_or_else(|e| e, |reason| reason.to_string());
                         tracing::debug!(%to, id = %entry.envelope.id, %why, "direct delivery failed");
-                        match self.no_deposit_reason(to, &entry.envelope) {
+                        match self.no_deposit_reason(to, &entry.envelope, entry.kind) {
                             Some(reason) => Outcome::Retry(reason),
-                            None => self.deposit(&entry.envelope, relays).await,
+                            None => self.deposit(entry, relays).await,
                         }
                     }
                 };
@@ -1860,12 +2110,14 @@ impl Node {
         }
     }
 
-    /// Deposits an envelope at the recipient's home relays; `Sent` if at least one stored it.
-    async fn deposit(&self, envelope: &Envelope, relays: &[Multiaddr]) -> Outcome {
+    /// Deposits an entry's envelope at the recipient's home relays; `Sent` if at least one
+    /// stored it.
+    async fn deposit(&self, entry: &OutboxEntry, relays: &[Multiaddr]) -> Outcome {
+        let envelope = &entry.envelope;
         // Relays cannot read bodies: tell them which deposits are receipts, shed first under load.
-        let class = match envelope.body() {
-            Ok(Body::Receipt { .. }) => mailbox::DepositClass::Receipt,
-            _ => mailbox::DepositClass::Message,
+        let class = match entry.kind {
+            EntryKind::Receipt => mailbox::DepositClass::Receipt,
+            EntryKind::Message | EntryKind::Control => mailbox::DepositClass::Message,
         };
         let mut stored = false;
         let mut reasons = Vec::new();
@@ -1923,9 +2175,12 @@ impl Node {
         }
     }
 
-    fn finish(&self, entry: &OutboxEntry, outcome: Outcome) {
+    pub(crate) fn finish(&self, entry: &OutboxEntry, outcome: Outcome) {
         let id = entry.envelope.id;
-        let is_chat = matches!(entry.envelope.body(), Ok(Body::Chat { .. } | Body::File(_)));
+        let is_chat = entry.kind == EntryKind::Message;
+        if self.replaced(entry, &outcome) {
+            return;
+        }
         let state = match &outcome {
             Outcome::Delivered => Some(MessageState::Delivered),
             Outcome::Sent => Some(MessageState::Sent),
@@ -1958,10 +2213,19 @@ impl Node {
                 let delay = self.inner.config.backoff.delay_ms(entry.attempts, jitter);
                 tracing::debug!(%id, attempts = entry.attempts + 1, delay_ms = delay, %reason, "will retry");
                 let next = OutboxEntry {
-                    envelope: entry.envelope.clone(),
                     attempts: entry.attempts + 1,
                     due_ms: now_ms() + delay,
+                    ..entry.clone()
                 };
+                if is_chat && matches!(entry.envelope.to, Destination::Peer(_)) {
+                    // Shown by `kith status` while the message is pending.
+                    self.inner
+                        .groups
+                        .reasons
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, reason.clone());
+                }
                 if is_chat {
                     self.emit(NodeEvent::Retry {
                         id: id.to_string(),
@@ -1999,17 +2263,63 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Whether a re-send (see `crypto::session`) took the place of `entry` in the outbox while
+    /// this attempt ran: the new entry stays, due; only the old copy's tick is recorded.
+    fn replaced(&self, entry: &OutboxEntry, outcome: &Outcome) -> bool {
+        let id = entry.envelope.id;
+        {
+            let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            let replaced = schedule
+                .entries
+                .get(&id)
+                .is_some_and(|current| current.envelope != entry.envelope);
+            if !replaced {
+                return false;
+            }
+            schedule.in_flight.remove(&id);
+        }
+        let state = match outcome {
+            Outcome::Delivered => Some(MessageState::Delivered),
+            Outcome::Sent => Some(MessageState::Sent),
+            _ => None,
+        };
+        if let (Some(state), EntryKind::Message, Destination::Peer(_)) =
+            (state, entry.kind, entry.envelope.to)
+        {
+            if let Err(e) = self.advance(&self.inner.me, &id, state) {
+                tracing::error!(%id, error = %e, "cannot record a delivery");
+            }
+        }
+        self.inner.outbox_wake.notify_one();
+        true
+    }
+}
+
 /// What [`Node::check`] found in an inbound envelope.
 enum Checked {
     /// For a group: handled by the group code.
     Group(GroupId),
-    /// A chat message, maybe with a file.
-    Chat { text: String, file: Option<FileRef> },
-    /// A receipt for our messages.
-    Receipt {
-        state: ReceiptState,
-        ids: Vec<MessageId>,
-    },
+    /// An end-to-end encrypted one-to-one body.
+    Sealed(kith_protocol::envelope::Sealed),
+    /// A one-to-one body in the clear (from an earlier release).
+    Plain(Body),
+    /// The sender asks for these messages of ours again (on a new session if `true`).
+    Resend(Vec<MessageId>, bool),
+}
+
+/// Why an inbound sealed envelope was not taken.
+pub(crate) enum Inbound {
+    /// It did not open.
+    Open(OpenError),
+    /// What it carries is refused.
+    Refused(Reject),
+}
+
+impl From<OpenError> for Inbound {
+    fn from(e: OpenError) -> Self {
+        Inbound::Open(e)
+    }
 }
 
 /// An inbound chat envelope written but not yet flushed.
@@ -2020,11 +2330,19 @@ struct Fresh {
     file_size: Option<u64>,
 }
 
+/// Most sealed envelopes in one request to a peer: with `max_in_flight_per_peer` (4) requests
+/// in flight, their envelopes stay within the 40 skipped message keys an Olm session keeps,
+/// however the recipient's handling of concurrent requests reorders them.
+const MAX_SEALED_BATCH: usize = 8;
+
 /// Takes from the front of `queue` as many entries as one `/kith/dm/1` request may carry.
 fn take_batch(queue: &mut VecDeque<OutboxEntry>) -> Vec<OutboxEntry> {
     let mut batch = Vec::new();
     let mut more_bytes = 0;
     while let Some(next) = queue.front() {
+        if batch.len() >= MAX_SEALED_BATCH {
+            break;
+        }
         let size = next.envelope.size_bound();
         if !dm::Request::fits(batch.len(), more_bytes, size) {
             break;

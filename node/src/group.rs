@@ -49,7 +49,7 @@ use tokio::sync::Notify;
 use crate::engine::{now_ms, MessageView, Node, NodeError, NodeEvent, Outcome, Sent};
 use crate::net::peer_of;
 use crate::shutdown::Signal;
-use crate::store::{Batch, Direction, OutboxEntry, StoredMessage};
+use crate::store::{Batch, Direction, EntryKind, OutboxEntry, StoredMessage};
 
 /// The node's gossipsub behaviour: its subscription filter lets a relay hold many topics.
 pub type Gossipsub = gossipsub::Behaviour<
@@ -714,11 +714,7 @@ impl Node {
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);
         batch.put_member_states(&id, &members);
-        let entry = OutboxEntry {
-            envelope,
-            attempts: 0,
-            due_ms: now_ms(),
-        };
+        let entry = OutboxEntry::new(envelope, EntryKind::Message, false, now_ms());
         batch.put_outbox(&entry);
         self.store().commit(batch).await?;
         self.enqueue(entry);

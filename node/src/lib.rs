@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod contacts;
+pub mod crypto;
 pub mod demo;
 pub mod dm_streams;
 pub mod engine;
@@ -96,6 +97,9 @@ pub struct Running {
     tasks: JoinSet<()>,
     store_closed: store::Closed,
 }
+
+/// How long a new node's first start waits for a home relay to take its keys.
+const FIRST_PUBLICATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a stopping node waits for its store to close before giving up on it.
 const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -194,6 +198,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
         &mut tasks,
     )?;
+    // A new node's keys reach its relays before it reports ready, so that contacts can write
+    // to it even if it goes offline right away.
+    node.first_publication(FIRST_PUBLICATION_TIMEOUT).await;
     let token = api_token(&config.home)?;
     let (api_addr, api_task) = api::serve(config.api, node.clone(), token, signal).await?;
     tasks.spawn(async move {

@@ -211,6 +211,27 @@ enum ContactCommand {
         /// The new name.
         new: String,
     },
+    /// Show the safety number to compare with a contact (and a QR code on a terminal).
+    Verify {
+        /// The contact's name or peer id.
+        name: String,
+        /// Record that you compared it and it matched.
+        #[arg(long)]
+        mark: bool,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The safety number as a QR code drawn with Unicode half blocks, for the other side to scan.
+fn safety_qr(number: &str) -> Result<String> {
+    let digits: String = number.chars().filter(char::is_ascii_digit).collect();
+    let code = qrcode::QrCode::new(format!("kith-safety:{digits}"))?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .quiet_zone(true)
+        .build())
 }
 
 fn default_home() -> PathBuf {
@@ -369,11 +390,41 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&contacts)?;
             } else {
                 for c in contacts.as_array().into_iter().flatten() {
+                    let trust = if c["identity_changed"].as_bool() == Some(true) {
+                        "\tidentity key changed: verify again"
+                    } else if c["verified"].as_bool() == Some(true) {
+                        "\tverified"
+                    } else {
+                        ""
+                    };
                     println!(
-                        "{}\t{}",
+                        "{}\t{}{trust}",
                         for_terminal(c["name"].as_str().unwrap_or_default()),
                         c["peer_id"].as_str().unwrap_or_default()
                     );
+                }
+            }
+        }
+        Command::Contact(ContactCommand::Verify { name, mark, json }) => {
+            let client = daemon_client(&home).await?;
+            let path = format!("/v1/contacts/{name}/verify");
+            let view: Value = if mark {
+                client.post(&path, &json!({})).await?
+            } else {
+                client.get(&path).await?
+            };
+            if json {
+                print_json(&view)?;
+            } else {
+                let number = view["safety_number"].as_str().unwrap_or_default();
+                println!("Safety number with {name}:\n\n  {number}\n");
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    println!("{}", safety_qr(number)?);
+                }
+                if view["verified"].as_bool() == Some(true) {
+                    println!("Verified.");
+                } else {
+                    println!("Not verified: compare it with {name} (in person, or on a call), then run `kith contact verify {name} --mark`.");
                 }
             }
         }
@@ -692,6 +743,8 @@ fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
         peer_id,
         name: settings.name.clone(),
         relays: settings.relays.clone(),
+        // The identity key is in the daemon's store; `kith id` with the daemon running has it.
+        identity: None,
     };
     json!({
         "peer_id": peer_id.to_string(),

@@ -50,7 +50,7 @@ use tokio::task::JoinSet;
 use crate::engine::{now_ms, Node, NodeError, NodeEvent, Sent};
 use crate::net::{circuit_addr, peer_of};
 use crate::shutdown::Signal;
-use crate::store::{Batch, Direction, OutboxEntry, StoredMessage};
+use crate::store::{Batch, Direction, EntryKind, StoredMessage};
 
 /// Directory of sealed blobs inside the home.
 pub const BLOBS_DIR: &str = "blobs";
@@ -1107,7 +1107,8 @@ impl Node {
             lamport,
             expires_at_ms: None,
         };
-        let envelope = Envelope::seal(self.key(), header, &body).map_err(invalid)?;
+        let entry = self.compose(peer, header, &body, EntryKind::Message)?;
+        let envelope = &entry.envelope;
         let stored = StoredMessage {
             id,
             direction: Direction::Out,
@@ -1121,11 +1122,6 @@ impl Node {
         };
         batch.put_message(&stored);
         batch.set_lamport(&peer, lamport);
-        let entry = OutboxEntry {
-            envelope,
-            attempts: 0,
-            due_ms: now_ms(),
-        };
         batch.put_outbox(&entry);
         self.store().commit(batch).await?;
         self.enqueue(entry);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kith_net::codec::Message;
 use kith_net::{DmCodec, MailboxCodec, PresenceCodec};
-use kith_protocol::{dm, mailbox, presence};
+use kith_protocol::{dm, mailbox, prekeys, presence};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
@@ -64,6 +64,8 @@ pub(crate) struct Behaviour {
     group: request_response::Behaviour<GroupCodec>,
     presence: request_response::Behaviour<PresenceCodec>,
     blob: request_response::Behaviour<kith_net::BlobCodec>,
+    /// `/kith/keys/1`: publishing to relays, claiming from relays and nodes, answering claims.
+    keys: request_response::Behaviour<kith_net::KeysCodec>,
 }
 
 /// What the rest of the node hears from the network.
@@ -109,6 +111,16 @@ pub enum Event {
         /// Where the answer goes.
         channel: ResponseChannel<kith_protocol::blob::Response>,
     },
+    /// A `/kith/keys/1` request arrived (a claim for one of this node's keys); answer it with
+    /// [`Handle::respond_keys`].
+    InboundKeys {
+        /// The connection's (authenticated) peer.
+        peer: PeerId,
+        /// The request, or why the codec refused it.
+        request: Message<prekeys::Request>,
+        /// Where the answer goes.
+        channel: ResponseChannel<prekeys::Response>,
+    },
     /// A `/kith/presence/1` request arrived (a query or a typing notice from another node);
     /// answer it with [`Handle::respond_presence`].
     InboundPresence {
@@ -122,6 +134,16 @@ pub enum Event {
 }
 
 enum Command {
+    Keys {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: prekeys::Request,
+        reply: oneshot::Sender<Result<prekeys::Response, NetError>>,
+    },
+    RespondKeys {
+        channel: ResponseChannel<prekeys::Response>,
+        response: prekeys::Response,
+    },
     Blob {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -402,6 +424,35 @@ impl Handle {
         .await?
     }
 
+    /// Sends a `/kith/keys/1` request to `peer` (a relay or a node), dialing `addrs` if not
+    /// connected.
+    pub async fn keys(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: prekeys::Request,
+    ) -> Result<prekeys::Response, NetError> {
+        self.ask(|reply| Command::Keys {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound `/kith/keys/1` request.
+    pub async fn respond_keys(
+        &self,
+        channel: ResponseChannel<prekeys::Response>,
+        response: prekeys::Response,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::RespondKeys { channel, response })
+            .await;
+    }
+
     /// Answers an inbound `/kith/presence/1` request.
     pub async fn respond_presence(
         &self,
@@ -598,6 +649,14 @@ pub(crate) async fn start(
                     )],
                     kith_net::request_response_config(),
                 ),
+                keys: request_response::Behaviour::with_codec(
+                    kith_net::KeysCodec::new(prekeys::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(prekeys::PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    kith_net::request_response_config(),
+                ),
                 presence: request_response::Behaviour::with_codec(
                     PresenceCodec::new(presence::MAX_FRAME_BYTES),
                     [(
@@ -665,6 +724,7 @@ pub(crate) async fn start(
         events: events_tx,
         pending_group: HashMap::new(),
         pending_blob: HashMap::new(),
+        pending_keys: HashMap::new(),
     };
     let task = tokio::spawn(actor.run(commands_rx, shutdown));
     Ok((
@@ -700,6 +760,7 @@ struct Actor {
         OutboundRequestId,
         oneshot::Sender<Result<kith_protocol::blob::Response, NetError>>,
     >,
+    pending_keys: HashMap<OutboundRequestId, oneshot::Sender<Result<prekeys::Response, NetError>>>,
 }
 
 impl Actor {
@@ -812,6 +873,25 @@ impl Actor {
 
     fn handle_command(&mut self, command: Command) {
         match command {
+            Command::Keys {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                self.add_addresses(peer, addrs);
+                let behaviour = &mut self.swarm.behaviour_mut().keys;
+                send_to(
+                    behaviour,
+                    &mut self.pending_keys,
+                    &peer,
+                    Message::Valid(request),
+                    reply,
+                );
+            }
+            Command::RespondKeys { channel, response } => {
+                respond_on(&mut self.swarm.behaviour_mut().keys, channel, response);
+            }
             Command::Blob {
                 peer,
                 addrs,
@@ -935,6 +1015,18 @@ impl Actor {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Dm(event)) => self.handle_dm(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => self.handle_blob(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Keys(event)) => {
+                if let Some((peer, request, channel)) =
+                    route(&mut self.pending_keys, event, prekeys::PROTOCOL)
+                {
+                    let event = Event::InboundKeys {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    emit(&self.events, event).await;
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.handle_mailbox(event),
             SwarmEvent::Behaviour(BehaviourEvent::Group(event)) => self.handle_group(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => {

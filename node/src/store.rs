@@ -19,6 +19,7 @@
 //! | `gs/` | message id | per-member states of an outgoing group message |
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
 //! | `a/` | message id | the message's attachment record ([`crate::media`]) |
+//! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
 //! interleave.
@@ -124,12 +125,45 @@ impl StoredMessage {
 /// An envelope waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    /// The envelope, signed, ready to go.
+    /// The envelope, signed, ready to go (once sealed, see `unsealed`).
     pub envelope: Envelope,
     /// Failed attempts so far.
     pub attempts: u32,
     /// When the next attempt is due (unix ms).
     pub due_ms: u64,
+    /// What it carries: one-to-one bodies are encrypted, so the outbox cannot look.
+    #[serde(default)]
+    pub kind: EntryKind,
+    /// The envelope's body is still the plaintext: it is encrypted for its recipient
+    /// ([`crate::crypto`]) on an attempt once a session can be had, and never leaves before.
+    #[serde(default)]
+    pub unsealed: bool,
+}
+
+impl OutboxEntry {
+    /// A new entry, due now.
+    pub fn new(envelope: Envelope, kind: EntryKind, unsealed: bool, now_ms: u64) -> Self {
+        Self {
+            envelope,
+            attempts: 0,
+            due_ms: now_ms,
+            kind,
+            unsealed,
+        }
+    }
+}
+
+/// What an outbox entry carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A chat message or a file: its state moves with the answers.
+    #[default]
+    Message,
+    /// A delivered or read receipt.
+    Receipt,
+    /// A control message (a re-send request).
+    Control,
 }
 
 /// A contact.
@@ -200,6 +234,9 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T,
     })
 }
 
+/// A key and its value, as [`Store::scan_raw`] lists them.
+pub(crate) type RawEntry = (Vec<u8>, Vec<u8>);
+
 /// A batch of writes applied atomically by [`Store::commit`].
 #[derive(Default)]
 pub struct Batch {
@@ -254,6 +291,16 @@ impl Batch {
     /// Stores (or replaces) the attachment record of message `id` (see [`crate::media`]).
     pub fn put_attachment<T: Serialize>(&mut self, id: &MessageId, record: &T) {
         self.insert(attachment_key(id), encode(record));
+    }
+
+    /// Sets a key of a module with its own layout under its own prefix ([`crate::crypto`]).
+    pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.insert(key, value);
+    }
+
+    /// Removes a key of a module with its own layout ([`crate::crypto`]).
+    pub(crate) fn remove_raw(&mut self, key: Vec<u8>) {
+        self.remove(key);
     }
 
     /// Stores a contact (replacing the contact of the same peer).
@@ -411,6 +458,30 @@ impl Store {
     #[cfg(test)]
     fn flushes_under_way(&self) -> usize {
         self.flushing.load(Ordering::Acquire)
+    }
+
+    /// The value of a key of a module with its own layout ([`crate::crypto`]).
+    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Every key and value under `prefix` (a module with its own layout: [`crate::crypto`]).
+    pub(crate) fn scan_raw(&self, prefix: &[u8]) -> Result<Vec<RawEntry>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(prefix) {
+            let (key, value) = entry?;
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Sets (`Some`) or removes (`None`) one key of a module with its own layout, not flushed.
+    pub(crate) fn set_raw(&self, key: &[u8], value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        match value {
+            Some(value) => drop(self.tree.insert(key, value)?),
+            None => drop(self.tree.remove(key)?),
+        }
+        Ok(())
     }
 
     /// A message by sender and id.

@@ -59,7 +59,45 @@ pub enum Body {
     /// A shared file: where its encrypted chunks are and the key to open them
     /// (see [`crate::blob`]).
     File(crate::blob::FileRef),
+    /// An end-to-end encrypted one-to-one body (see [`Sealed`]): every one-to-one body that
+    /// carries content travels as one.
+    Olm(Sealed),
+    /// A signed plaintext control message: the sender of these messages should start a new
+    /// session and send them again (the recipient could not decrypt them).
+    Resend {
+        /// The messages, at most [`MAX_IDS_PER_BATCH`].
+        ids: Vec<MessageId>,
+        /// The recipient has no usable session (its state was lost): start a new one. Otherwise
+        /// the messages' keys alone were gone (they came too far out of order), and the current
+        /// session serves.
+        #[serde(default)]
+        new_session: bool,
+    },
 }
+
+/// vodozemac's Olm message parts; the plaintext is the CBOR of the inner [`Body`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// 0 for a pre-key message (the first messages of a session), 1 for a normal one.
+    pub message_type: u8,
+    /// The Olm message bytes.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The sender's signed Olm identity key, on pre-key messages: a recipient that does not
+    /// know it yet learns it here, checked against the envelope's sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::prekeys::SignedIdentity>,
+    /// The inner body is a receipt (relays learn as much from a deposit's class already): one
+    /// whose key is gone is dropped, not asked for again, since receipts are not kept to be
+    /// sent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub receipt: bool,
+}
+
+/// [`Sealed::message_type`] of a pre-key message.
+pub const OLM_PRE_KEY: u8 = 0;
+/// [`Sealed::message_type`] of a normal message.
+pub const OLM_NORMAL: u8 = 1;
 
 impl Body {
     /// Checks the body's own limits.
@@ -76,6 +114,20 @@ impl Body {
             Body::File(file) => file
                 .validate()
                 .map_err(|e| BodyError::BadFile(e.to_string())),
+            Body::Olm(sealed) if sealed.message_type > OLM_NORMAL => {
+                Err(BodyError::BadSealed("unknown message type"))
+            }
+            Body::Olm(sealed) if sealed.ciphertext.is_empty() => {
+                Err(BodyError::BadSealed("empty ciphertext"))
+            }
+            Body::Olm(Sealed {
+                message_type: OLM_NORMAL,
+                identity: Some(_),
+                ..
+            }) => Err(BodyError::BadSealed("an identity on a normal message")),
+            Body::Resend { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
+                Err(BodyError::BadReceipt { count: ids.len() })
+            }
             _ => Ok(()),
         }
     }
@@ -104,6 +156,9 @@ pub enum BodyError {
     /// A file reference breaks its own limits.
     #[error("bad file reference: {0}")]
     BadFile(String),
+    /// An Olm body is malformed.
+    #[error("bad sealed body: {0}")]
+    BadSealed(&'static str),
     /// The body bytes do not decode.
     #[error("body does not decode: {0}")]
     Decode(#[from] DecodeError),

@@ -28,6 +28,10 @@ pub struct Invite {
     pub name: String,
     /// Its home relays, as multiaddr strings ending in `/p2p/<relay peer id>`.
     pub relays: Vec<String>,
+    /// Its end-to-end identity key, signed by its peer id's key. Absent in invites of earlier
+    /// releases (the key is then learned from its key bundle or first message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::prekeys::SignedIdentity>,
 }
 
 /// Why an invite string could not be read.
@@ -82,9 +86,42 @@ mod tests {
             peer_id: Keypair::generate_ed25519().public().to_peer_id(),
             name: "alice".into(),
             relays: vec!["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW".into()],
+            identity: None,
         };
         let text = invite.encode();
         assert!(text.starts_with(PREFIX));
+        assert_eq!(Invite::decode(&text), Ok(invite));
+    }
+
+    #[test]
+    fn invites_carry_the_signed_identity_key_and_older_ones_still_parse() {
+        let key = Keypair::generate_ed25519();
+        let mut invite = Invite {
+            peer_id: key.public().to_peer_id(),
+            name: "alice".into(),
+            relays: vec![],
+            identity: Some(crate::prekeys::SignedIdentity::sign(&key, [7; 32]).expect("sign")),
+        };
+        let text = invite.encode();
+        assert_eq!(Invite::decode(&text), Ok(invite.clone()));
+        // An invite of an earlier release: the three fields alone.
+        #[derive(Serialize)]
+        struct Old {
+            #[serde(with = "peer_bytes")]
+            peer_id: PeerId,
+            name: String,
+            relays: Vec<String>,
+        }
+        let old = Old {
+            peer_id: invite.peer_id,
+            name: invite.name.clone(),
+            relays: vec![],
+        };
+        let text = format!(
+            "{PREFIX}{}",
+            bs58::encode(cbor::encode(&old, 4096).expect("encode")).into_string()
+        );
+        invite.identity = None;
         assert_eq!(Invite::decode(&text), Ok(invite));
     }
 

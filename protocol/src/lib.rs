@@ -11,7 +11,8 @@
 //! 2. The envelope travels inside a [`dm::Request`] (node to node, relay to node) or a
 //!    [`mailbox::Request`] (node to relay), each CBOR-encoded inside a length-prefixed [`frame`].
 //! 3. The receiver decodes the frame, checks [`Envelope::verify`], and only then stores it. A relay
-//!    never needs to decode the body, which will later be end-to-end encrypted.
+//!    never needs to decode the body, which for one-to-one messages is end-to-end encrypted
+//!    ([`Body::Olm`], keys from [`prekeys`]).
 #![deny(missing_docs)]
 
 pub mod blob;
@@ -27,6 +28,7 @@ pub mod keys;
 pub mod lamport;
 pub mod limits;
 pub mod mailbox;
+pub mod prekeys;
 pub mod presence;
 pub mod reject;
 pub mod retry;

@@ -41,6 +41,7 @@ pub mod clock;
 pub mod config;
 pub mod group;
 pub mod identity;
+pub mod keys;
 pub mod mailbox;
 pub mod metrics;
 pub mod occupancy;
@@ -89,6 +90,9 @@ pub enum StartError {
     /// The blob store could not be opened.
     #[error(transparent)]
     Blobs(#[from] blob::store::StoreError),
+    /// The keys store could not open.
+    #[error("keys store: {0}")]
+    Keys(#[from] keys::store::StoreError),
     /// The group store could not be opened.
     #[error(transparent)]
     Groups(#[from] group::store::StoreError),
@@ -155,6 +159,12 @@ pub struct Running {
     metrics_task: Option<(oneshot::Sender<()>, Owned<std::io::Result<()>>)>,
 }
 
+/// Key claims one claimer may make a second at a relay, sustained (`/kith/keys/1`).
+const KEY_CLAIMS_PER_SEC: u32 = 20;
+
+/// Key claims one claimer may make at once.
+const KEY_CLAIM_BURST: u32 = 200;
+
 /// Starts a relay and returns once its listeners are up, so `listen_addrs` are real.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
@@ -218,6 +228,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_pending: config.max_pending_blob_requests,
             busy_retry_after_ms: config.busy_retry_after_ms,
             purge_interval: Duration::from_secs(config.purge_interval_secs),
+            clock: config.clock.clone(),
+        },
+        metrics.clone(),
+    );
+    let keys = keys::Server::new(
+        keys::store::Store::open(store.db())?,
+        keys::Settings {
+            claims_per_sec: KEY_CLAIMS_PER_SEC,
+            claim_burst: KEY_CLAIM_BURST,
+            publishes_per_sec: 1,
+            publish_burst: 10,
+            max_pending: config.max_pending_blob_requests,
+            busy_retry_after_ms: config.busy_retry_after_ms,
             clock: config.clock.clone(),
         },
         metrics.clone(),
@@ -292,6 +315,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let swarm_task = Owned::spawn(
         task.with_groups(gateway)
             .with_blobs(blobs)
+            .with_keys(keys)
             .run(swarm_stopped),
     );
     let (metrics_addr, metrics_task) = match metrics_server {

@@ -78,6 +78,12 @@ pub struct Metrics {
     pub presence_policies: Counter,
     /// Presence queries answered.
     pub presence_queries: Counter,
+    /// One-time keys published by their owners (`/kith/keys/1`).
+    pub keys_published: Counter,
+    /// One-time keys handed out.
+    pub keys_claimed: Counter,
+    /// Claims answered with a fallback key (no one-time key left).
+    pub keys_fallback_claims: Counter,
     /// The duration of the latest flush, read by load shedding (not exported).
     pub last_flush: crate::shed::FlushGauge,
     /// Limits hit, by limit.
@@ -127,6 +133,24 @@ impl Metrics {
             "read_buffer_bytes",
             "Bytes held by request frames being read",
             read_buffer_bytes.clone(),
+        );
+        let keys_published = Counter::default();
+        let keys_claimed = Counter::default();
+        let keys_fallback_claims = Counter::default();
+        registry.register(
+            "keys_published",
+            "One-time keys published by their owners",
+            keys_published.clone(),
+        );
+        registry.register(
+            "keys_claimed",
+            "One-time keys handed out",
+            keys_claimed.clone(),
+        );
+        registry.register(
+            "keys_fallback_claims",
+            "Key claims answered with a fallback key",
+            keys_fallback_claims.clone(),
         );
         registry.register(
             "presence_heartbeats",
@@ -202,6 +226,9 @@ impl Metrics {
             presence_heartbeats,
             presence_policies,
             presence_queries,
+            keys_published,
+            keys_claimed,
+            keys_fallback_claims,
             last_flush: crate::shed::FlushGauge::default(),
             limit_hits,
             read_buffer_bytes,

@@ -4,7 +4,7 @@
 //! and a connection handler with its own queues, channel and stream set, whether or not the peer
 //! ever speaks its protocol. With one behaviour per protocol, an idle connection paid for that
 //! five times over. Here one behaviour serves `/kith/mailbox/1`, `/kith/presence/1`,
-//! `/kith/group/1` and `/kith/blob/1` inbound and `/kith/dm/1` outbound (the relay's pushes), and
+//! `/kith/group/1`, `/kith/blob/1` and `/kith/keys/1` inbound and `/kith/dm/1` outbound (the relay's pushes), and
 //! [`Codec`] picks each stream's frames by the protocol negotiated on it. The wire protocols,
 //! their names and frame limits are those of the per-protocol codecs in [`kith_net`].
 //!
@@ -19,8 +19,8 @@ use std::marker::PhantomData;
 
 use futures::{AsyncRead, AsyncWrite};
 use kith_net::codec::{Budget, Message};
-use kith_net::{BlobCodec, DmCodec, GroupCodec, MailboxCodec, PresenceCodec};
-use kith_protocol::{blob, dm, group, mailbox, presence};
+use kith_net::{BlobCodec, DmCodec, GroupCodec, KeysCodec, MailboxCodec, PresenceCodec};
+use kith_protocol::{blob, dm, group, mailbox, prekeys, presence};
 use libp2p::request_response::{
     self, InboundFailure, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
 };
@@ -38,6 +38,7 @@ pub fn behaviour(budget: Budget, max_streams_per_connection: usize) -> Behaviour
         presence::PROTOCOL,
         group::PROTOCOL,
         blob::PROTOCOL,
+        prekeys::PROTOCOL,
     ]
     .map(|name| (StreamProtocol::new(name), ProtocolSupport::Inbound));
     let outbound = (StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound);
@@ -59,6 +60,8 @@ pub enum Request {
     Group(Message<group::Request>),
     /// `/kith/blob/1`, inbound.
     Blob(Message<blob::Request>),
+    /// `/kith/keys/1`, inbound.
+    Keys(Message<prekeys::Request>),
     /// `/kith/dm/1`, outbound: a push.
     Dm(Message<dm::Request>),
 }
@@ -74,6 +77,8 @@ pub enum Response {
     Group(group::Response),
     /// `/kith/blob/1`.
     Blob(blob::Response),
+    /// `/kith/keys/1`.
+    Keys(prekeys::Response),
     /// `/kith/dm/1`.
     Dm(dm::Response),
 }
@@ -86,6 +91,7 @@ impl Request {
             Request::Presence(_) => presence::PROTOCOL,
             Request::Group(_) => group::PROTOCOL,
             Request::Blob(_) => blob::PROTOCOL,
+            Request::Keys(_) => prekeys::PROTOCOL,
             Request::Dm(_) => dm::PROTOCOL,
         }
     }
@@ -99,6 +105,7 @@ impl Response {
             Response::Presence(_) => presence::PROTOCOL,
             Response::Group(_) => group::PROTOCOL,
             Response::Blob(_) => blob::PROTOCOL,
+            Response::Keys(_) => prekeys::PROTOCOL,
             Response::Dm(_) => dm::PROTOCOL,
         }
     }
@@ -118,7 +125,8 @@ response_from!(
     Mailbox: mailbox::Response,
     Presence: presence::Response,
     Group: group::Response,
-    Blob: blob::Response
+    Blob: blob::Response,
+    Keys: prekeys::Response
 );
 
 /// Where the answer to one inbound request goes; only a `R` fits.
@@ -188,6 +196,15 @@ pub enum Event {
         /// Where the answer goes.
         channel: Channel<blob::Response>,
     },
+    /// A `/kith/keys/1` request.
+    Keys {
+        /// Who asked.
+        peer: PeerId,
+        /// What it asked.
+        request: Message<prekeys::Request>,
+        /// Where the answer goes.
+        channel: Channel<prekeys::Response>,
+    },
     /// The answer to a push.
     Pushed {
         /// The recipient.
@@ -244,6 +261,11 @@ impl Event {
                     channel: Channel::new(channel),
                 },
                 Request::Blob(request) => Event::Blob {
+                    peer,
+                    request,
+                    channel: Channel::new(channel),
+                },
+                Request::Keys(request) => Event::Keys {
                     peer,
                     request,
                     channel: Channel::new(channel),
@@ -309,6 +331,10 @@ impl Codec {
     fn dm(&self) -> DmCodec {
         DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(self.budget.clone())
     }
+
+    fn keys(&self) -> KeysCodec {
+        KeysCodec::new(prekeys::MAX_FRAME_BYTES).with_budget(self.budget.clone())
+    }
 }
 
 /// A message on a stream of another protocol, or a stream of a protocol the relay does not
@@ -343,6 +369,7 @@ impl request_response::Codec for Codec {
             }
             group::PROTOCOL => (self.group().read_request(protocol, io).await).map(Request::Group),
             blob::PROTOCOL => (self.blob().read_request(protocol, io).await).map(Request::Blob),
+            prekeys::PROTOCOL => (self.keys().read_request(protocol, io).await).map(Request::Keys),
             _ => Err(wrong_protocol(protocol, "a request to the relay")),
         }
     }
@@ -402,6 +429,9 @@ impl request_response::Codec for Codec {
             }
             (blob::PROTOCOL, Response::Blob(r)) => {
                 self.blob().write_response(protocol, io, r).await
+            }
+            (prekeys::PROTOCOL, Response::Keys(r)) => {
+                self.keys().write_response(protocol, io, r).await
             }
             (_, other) => Err(wrong_protocol(
                 protocol,

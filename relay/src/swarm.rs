@@ -360,6 +360,7 @@ pub struct Task {
     blobs: Option<crate::blob::Server>,
     /// Which refusals make a WARN line.
     warnings: crate::quiet::Warnings,
+    keys: Option<crate::keys::Server>,
 }
 
 impl Task {
@@ -385,6 +386,7 @@ impl Task {
             groups: None,
             blobs: None,
             warnings,
+            keys: None,
         }
     }
 
@@ -398,6 +400,12 @@ impl Task {
     /// Serves `/kith/blob/1` through `server`.
     pub fn with_blobs(mut self, server: crate::blob::Server) -> Self {
         self.blobs = Some(server);
+        self
+    }
+
+    /// Serves `/kith/keys/1` through `server`.
+    pub fn with_keys(mut self, server: crate::keys::Server) -> Self {
+        self.keys = Some(server);
         self
     }
 
@@ -415,6 +423,11 @@ impl Task {
                 Some(done) = next_blob(&mut self.blobs) => {
                     if let Some(blobs) = self.blobs.as_mut() {
                         blobs.finish(&mut self.swarm, done);
+                    }
+                }
+                Some(done) = next_keys(&mut self.keys) => {
+                    if let Some(keys) = self.keys.as_mut() {
+                        keys.finish(&mut self.swarm, done);
                     }
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -555,6 +568,14 @@ impl Task {
             } => match self.blobs.as_mut() {
                 Some(blobs) => blobs.on_request(&mut self.swarm, peer, request, channel),
                 None => tracing::debug!("blob request while blobs are not served"),
+            },
+            requests::Event::Keys {
+                peer,
+                request,
+                channel,
+            } => match self.keys.as_mut() {
+                Some(keys) => keys.on_request(&mut self.swarm, peer, request, channel),
+                None => tracing::debug!("keys request while keys are not served"),
             },
             requests::Event::Pushed {
                 peer,
@@ -812,6 +833,13 @@ async fn next_group(groups: &mut Option<GroupGateway>) -> GroupDone {
 async fn next_blob(blobs: &mut Option<crate::blob::Server>) -> Option<crate::blob::Done> {
     match blobs {
         Some(blobs) => blobs.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
+async fn next_keys(keys: &mut Option<crate::keys::Server>) -> Option<crate::keys::Done> {
+    match keys {
+        Some(keys) => keys.next().await,
         None => futures::future::pending().await,
     }
 }

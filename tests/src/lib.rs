@@ -114,14 +114,18 @@ impl TestNode {
         self.node().peer_id()
     }
 
-    /// Its first listen address.
+    /// Its first direct listen address (not a relay circuit: a node that waited for its home
+    /// relay at start may list its circuit first).
     pub async fn addr(&self) -> Multiaddr {
         self.node()
             .listen_addrs()
             .await
             .into_iter()
-            .next()
-            .expect("a listen address")
+            .find(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+            })
+            .expect("a direct listen address")
     }
 
     /// Stops the node, keeping its home.
@@ -171,6 +175,8 @@ pub struct RawBehaviour {
     pub mailbox: request_response::Behaviour<MailboxCodec>,
     /// `/kith/group/1`.
     pub group: request_response::Behaviour<kith_net::GroupCodec>,
+    /// `/kith/keys/1`.
+    pub keys: request_response::Behaviour<kith_net::KeysCodec>,
 }
 
 /// A raw peer.
@@ -216,6 +222,14 @@ impl RawPeer {
                     kith_net::GroupCodec::new(kith_protocol::group::MAX_FRAME_BYTES),
                     [(
                         StreamProtocol::new(kith_protocol::group::PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
+                    kith_net::request_response_config(),
+                ),
+                keys: request_response::Behaviour::with_codec(
+                    kith_net::KeysCodec::new(kith_protocol::prekeys::MAX_FRAME_BYTES),
+                    [(
+                        StreamProtocol::new(kith_protocol::prekeys::PROTOCOL),
                         ProtocolSupport::Outbound,
                     )],
                     kith_net::request_response_config(),
@@ -344,6 +358,44 @@ impl RawPeer {
                         request_response::Event::OutboundFailure {
                             request_id, error, ..
                         } if request_id == id => bail!("mailbox request failed: {error}"),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, fut).await?
+    }
+
+    /// Sends one `/kith/keys/1` request to `peer` at `addr` and waits for the answer.
+    pub async fn keys(
+        &mut self,
+        peer: PeerId,
+        addr: &Multiaddr,
+        request: kith_protocol::prekeys::Request,
+    ) -> Result<kith_protocol::prekeys::Response> {
+        self.swarm.add_peer_address(peer, addr.clone());
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .keys
+            .send_request(&peer, Message::Valid(request));
+        let fut = async {
+            loop {
+                if let SwarmEvent::Behaviour(RawBehaviourEvent::Keys(event)) =
+                    self.swarm.select_next_some().await
+                {
+                    match event {
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        } if request_id == id => return Ok(response),
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        } if request_id == id => bail!("keys request failed: {error}"),
                         _ => {}
                     }
                 }

@@ -130,6 +130,18 @@ async fn two_users_chat_through_the_cli() -> anyhow::Result<()> {
     })
     .await?;
 
+    // Both sides print the same safety number; --mark records that it was compared.
+    let at_a = kith_json(&a, &["contact", "verify", "bob", "--json"])?;
+    let at_b = kith_json(&b, &["contact", "verify", "alice", "--json"])?;
+    assert_eq!(at_a["safety_number"], at_b["safety_number"]);
+    assert_eq!(at_a["peer_id"], bob_peer.as_str());
+    assert_eq!(at_a["verified"], false);
+    let digits = at_a["safety_number"].as_str().expect("safety number");
+    assert_eq!(digits.chars().filter(char::is_ascii_digit).count(), 60);
+    let marked = kith_json(&a, &["contact", "verify", "bob", "--mark", "--json"])?;
+    assert_eq!(marked["verified"], true);
+    assert_eq!(marked["safety_number"], at_a["safety_number"]);
+
     // A second message makes sure the event stream has something to show even if it subscribed
     // after the first one.
     kith_json(&a, &["send", "bob", "second", "--json"])?;

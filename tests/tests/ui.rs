@@ -2,7 +2,8 @@
 //! (Debian's `chromium` and `chromium-driver`, driven over W3C WebDriver) with a relay and real
 //! nodes: a message shown live, the read tick, files by picker and by drag and drop with their
 //! thumbnail, a group's per-member ticks, paging through 10,000 messages, and a reconnect after
-//! a daemon restart. Screenshots of each step go to `target/ui-screenshots/`.
+//! a daemon restart; and a contact's safety number, marked verified, then warned about when the
+//! contact's identity key changes. Screenshots of each step go to `target/ui-screenshots/`.
 
 use std::path::Path;
 
@@ -415,8 +416,19 @@ async fn chat_in_a_real_browser() -> Result<()> {
         dir: screenshot_dir(),
         n: 0,
     };
-    // Screenshots of an earlier run would mix with this one's.
-    let _ = std::fs::remove_dir_all(&shots.dir);
+    // Screenshots of an earlier run would mix with this one's (the numbered ones are this
+    // test's; the others belong to tests running beside it).
+    if let Ok(old) = std::fs::read_dir(&shots.dir) {
+        for entry in old.flatten() {
+            let name = entry.file_name();
+            if name
+                .to_string_lossy()
+                .starts_with(|c: char| c.is_ascii_digit())
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     let alice_page = driver.browser(&dir.path().join("alice-profile")).await?;
     let bob_page = driver.browser(&dir.path().join("bob-profile")).await?;
     let alice_list_ms = sign_in(&alice_page, &alice).await?;
@@ -900,5 +912,121 @@ async fn chat_in_a_real_browser() -> Result<()> {
     if shots.n < 13 {
         bail!("expected a screenshot per step");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_safety_number_is_shown_marked_verified_and_its_change_warned() -> Result<()> {
+    init_logs();
+    let Some(driver) = Driver::start().await? else {
+        println!(
+            "SKIPPED the_safety_number_is_shown_marked_verified_and_its_change_warned: {} or {} \
+             is missing (`apt-get install chromium chromium-driver`).",
+            kith_tests::webdriver::CHROMEDRIVER,
+            kith_tests::webdriver::CHROMIUM
+        );
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    add_from_invite(&alice, "bob", &bob).await?;
+    add_from_invite(&bob, "alice", &alice).await?;
+    let b_id = bob.peer_id().to_string();
+    let hello = alice.node().send("bob", "hello", None).await?;
+    wait_for("the first message delivered", || async {
+        (alice.state(&hello.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let at_bob = bob.node().verify_contact("alice", false)?.safety_number;
+
+    let page = driver.browser(&dir.path().join("alice-profile")).await?;
+    sign_in(&page, &alice).await?;
+    page.click(&conv(&b_id)).await?;
+    page.wait("alice's chat with bob", "window.kith.timings.opened >= 1")
+        .await?;
+    page.click("#btn-info").await?;
+    let shown = page
+        .wait(
+            "the safety number in bob's details",
+            "document.querySelector('#panel img.qr')?.naturalWidth > 0 && [...document.querySelectorAll('#panel .safety span')].map(s => s.textContent).join(' ')",
+        )
+        .await?;
+    // The 60 digits alice's page shows are the ones bob's node computes for alice.
+    assert_eq!(shown.as_str(), Some(at_bob.as_str()));
+    let styled = page
+        .js(
+            "const s = document.querySelector('#panel .safety');
+             return [s.getAttribute('aria-label'), getComputedStyle(s).fontFamily, s.children.length]",
+            json!([]),
+        )
+        .await?;
+    assert!(
+        styled[0].as_str().is_some_and(|l| l.ends_with(&at_bob)),
+        "{styled}"
+    );
+    assert!(
+        styled[1].as_str().is_some_and(|f| f.contains("monospace")),
+        "{styled}"
+    );
+    assert_eq!(styled[2], json!(12));
+    assert_eq!(
+        page.js(
+            "return document.querySelector('#chat-title .verified')",
+            json!([])
+        )
+        .await?,
+        Value::Null,
+        "not verified yet"
+    );
+
+    // alice marks it verified: the ✓ shows in the header and the list, and the node keeps it.
+    page.click("#panel button.mark-verified").await?;
+    page.wait(
+        "the verified mark",
+        &format!(
+            "document.querySelector('#chat-title .verified') && document.querySelector('{} .verified') && document.querySelector('#panel .trust .verified') && !document.querySelector('#panel button.mark-verified')",
+            conv(&b_id).replace('\'', "\\'")
+        ),
+    )
+    .await?;
+    assert!(alice.node().verify_contact("bob", false)?.verified);
+    let dir_shots = screenshot_dir();
+    std::fs::create_dir_all(&dir_shots)?;
+    let verified_shot = dir_shots.join("verify-safety-number.png");
+    page.screenshot(&verified_shot).await?;
+    println!("screenshot: {}", verified_shot.display());
+
+    // bob reinstalls (same peer id, a new identity key) and writes: alice's page warns live.
+    bob.stop().await;
+    std::fs::remove_dir_all(bob.home.join("db"))?;
+    bob.restart_on(bob_addr).await?;
+    kith_tests::befriend(&bob, "alice", &alice).await?;
+    bob.node().send("alice", "new install", None).await?;
+    page.wait(
+        "the changed-key warning",
+        &format!(
+            "!document.getElementById('identity-warning').hidden && document.querySelector('#chat-title .warn') && !document.querySelector('#chat-title .verified') && document.querySelector('{} .warn') && document.querySelector('#panel .warning') && document.querySelector('#panel button.mark-verified')",
+            conv(&b_id).replace('\'', "\\'")
+        ),
+    )
+    .await?;
+    let changed_shot = dir_shots.join("verify-identity-changed.png");
+    page.screenshot(&changed_shot).await?;
+    println!("screenshot: {}", changed_shot.display());
+    let now = alice.node().verify_contact("bob", false)?;
+    assert!(now.identity_changed && !now.verified);
+    let shown = page
+        .js(
+            "return [...document.querySelectorAll('#panel .safety span')].map(s => s.textContent).join(' ')",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(shown.as_str(), Some(now.safety_number.as_str()));
+    assert_ne!(now.safety_number, at_bob);
+    let blocked = page.js("return window.kith.violations", json!([])).await?;
+    assert_eq!(blocked, json!([]), "the page keeps to its own policy");
+    page.quit().await?;
     Ok(())
 }

@@ -193,11 +193,14 @@ impl Node {
     /// unknown we only know ours (which it may never poll). Receipts and other control
     /// messages carry no tick and still go to our relays, a community's shared ones. The
     /// reason shows in `kith status` while the message waits.
-    pub(super) fn no_deposit_reason(&self, to: PeerId, envelope: &Envelope) -> Option<String> {
-        let is_chat = matches!(
-            envelope.body(),
-            Ok(kith_protocol::Body::Chat { .. } | kith_protocol::Body::File(_))
-        );
+    pub(super) fn no_deposit_reason(
+        &self,
+        to: PeerId,
+        envelope: &Envelope,
+        kind: crate::store::EntryKind,
+    ) -> Option<String> {
+        // The entry's kind, not its body: a sealed body does not say what it carries.
+        let is_chat = kind == crate::store::EntryKind::Message;
         let relays_known = self.contact_of(&to).is_some_and(|c| !c.relays.is_empty());
         let reason = (is_chat && !relays_known).then(|| {
             format!(

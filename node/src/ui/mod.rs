@@ -5,7 +5,8 @@
 //! elsewhere. It talks to the same `/v1` API as the command line, authenticated by a session
 //! cookie instead of the bearer token ([`gate`]), and follows `/v1/events` with `EventSource`.
 //!
-//! Routes added here (the API's middleware stack applies [`guard`] to every route):
+//! Routes added here (the API's middleware stack applies [`guard`] to every route; the settings
+//! panel uses the API's own `/v1/settings`, in effect at once):
 //!
 //! | method | path | answer |
 //! |---|---|---|
@@ -17,6 +18,7 @@
 //! | GET | `/v1/files/{id}` | the attached file (`?download=true` to save it) |
 //! | GET | `/v1/files/{id}/thumbnail` | its PNG thumbnail |
 //! | GET | `/v1/invite.svg` | this node's invite as a QR code |
+//! | GET | `/v1/contacts/{name}/verify.svg` | the safety number with a contact as a QR code |
 
 pub mod files;
 pub mod gate;
@@ -195,12 +197,38 @@ async fn invite_svg(State(s): State<UiState>) -> Result<Response, UiError> {
             format!("the invite does not fit a QR code: {e}"),
         )
     })?;
+    Ok(svg_answer(&code))
+}
+
+/// What the safety number's QR code holds: `kith-safety:` and its 60 digits, as
+/// `kith contact verify` prints it in the terminal.
+pub fn safety_payload(number: &str) -> String {
+    let digits: String = number.chars().filter(char::is_ascii_digit).collect();
+    format!("kith-safety:{digits}")
+}
+
+async fn safety_svg(
+    State(s): State<UiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, UiError> {
+    let view = s.node.verify_contact(&name, false)?;
+    let code = qrcode::QrCode::new(safety_payload(&view.safety_number)).map_err(|e| {
+        UiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the safety number does not fit a QR code: {e}"),
+        )
+    })?;
+    Ok(svg_answer(&code))
+}
+
+/// `code` drawn as an SVG image of at least 240×240.
+fn svg_answer(code: &qrcode::QrCode) -> Response {
     let svg = code
         .render::<qrcode::render::svg::Color<'_>>()
         .min_dimensions(240, 240)
         .quiet_zone(true)
         .build();
-    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+    ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
 }
 
 /// The UI's routes, for the API server on `addr` guarded by `gate`.
@@ -224,6 +252,7 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
         .route("/v1/files/{id}", get(files::file))
         .route("/v1/files/{id}/thumbnail", get(files::thumbnail))
         .route("/v1/invite.svg", get(invite_svg))
+        .route("/v1/contacts/{name}/verify.svg", get(safety_svg))
         .with_state(state)
 }
 
@@ -251,4 +280,23 @@ pub async fn open(client: &crate::client::Client, launch: bool) -> anyhow::Resul
         eprintln!("open this address in your browser; it works once, within 2 minutes");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_safety_qr_holds_the_digits_the_terminal_shows() {
+        let number = (0..12)
+            .map(|i| format!("{:05}", i * 8191))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let payload = safety_payload(&number);
+        assert_eq!(payload.len(), "kith-safety:".len() + 60);
+        assert_eq!(payload, format!("kith-safety:{}", number.replace(' ', "")));
+        let code = qrcode::QrCode::new(&payload).expect("fits");
+        let svg = svg_answer(&code);
+        assert_eq!(svg.headers()[header::CONTENT_TYPE], "image/svg+xml");
+    }
 }

@@ -66,6 +66,7 @@ const post = (path, body) => call('POST', path, body || {});
 const state = {
   me: null,
   contacts: new Map(), // peer id -> name
+  trust: new Map(), // peer id -> {verified, identity_changed}
   convs: [], // from /v1/conversations
   open: null, // the open conversation (an entry of convs)
   messages: [], // the open conversation's loaded messages, oldest first
@@ -168,12 +169,22 @@ async function refreshList() {
 
 function applyList([convs, contacts]) {
   state.contacts = new Map(contacts.map((c) => [c.peer_id, c.name]));
+  state.trust = new Map(contacts.map((c) => [c.peer_id, { verified: !!c.verified, identity_changed: !!c.identity_changed }]));
   state.convs = convs;
   if (state.open) {
     const fresh = convById(state.open.id);
     if (fresh) state.open = fresh;
   }
   renderList();
+  renderHead();
+}
+
+// The ✓ of a verified contact, or the warning of one whose identity key changed.
+function trustMark(peer) {
+  const t = state.trust.get(peer);
+  if (t && t.identity_changed) return h('span', { class: 'warn', title: 'safety number changed', 'aria-label': 'safety number changed' }, '⚠');
+  if (t && t.verified) return h('span', { class: 'verified', title: 'verified', 'aria-label': 'verified' }, '✓');
+  return null;
 }
 
 function preview(conv) {
@@ -215,7 +226,7 @@ function renderList() {
       h(
         'div',
         { class: 'grow' },
-        h('div', { class: 'row' }, h('strong', { class: 'name' }, conv.name), h('time', { class: 'muted' }, shortTime(conv.activity_ms))),
+        h('div', { class: 'row' }, h('strong', { class: 'name' }, conv.name, conv.kind === 'contact' ? trustMark(conv.id) : null), h('time', { class: 'muted' }, shortTime(conv.activity_ms))),
         h('div', { class: 'row' }, h('span', { class: 'preview' }, preview(conv)), conv.unread ? h('span', { class: 'badge', 'aria-hidden': 'true' }, conv.unread > 999 ? '999+' : conv.unread) : null),
       ),
     );
@@ -264,7 +275,6 @@ async function openConversation(id) {
   $('chat-head').hidden = false;
   $('messages').hidden = false;
   $('composer').hidden = false;
-  $('chat-title').textContent = conv.name;
   renderHead();
   renderList();
   let page;
@@ -298,6 +308,17 @@ function renderHead() {
   if (!conv) return;
   const sub = $('chat-sub');
   const dot = $('chat-dot');
+  const contact = conv.kind === 'contact';
+  $('chat-title').replaceChildren(conv.name, contact ? trustMark(conv.id) : '');
+  const t = contact && state.trust.get(conv.id);
+  const warning = $('identity-warning');
+  warning.hidden = !(t && t.identity_changed);
+  if (!warning.hidden) {
+    warning.replaceChildren(
+      `${conv.name}'s safety number changed: their identity key is new (a reinstall, or someone in between). Compare the number again before you trust it. `,
+      h('button', { type: 'button', class: 'link', onclick: () => contactPanel(conv) }, 'Show safety number'),
+    );
+  }
   if (conv.kind === 'group') {
     dot.className = 'dot group';
     const g = state.groupInfo && state.groupInfo.group_id === conv.id ? state.groupInfo : null;
@@ -596,6 +617,12 @@ function handle(ev) {
     renderHead();
     renderList();
     setTimeout(() => { renderHead(); renderList(); }, TYPING_SHOWN_MS + 50);
+  } else if (ev.type === 'identity_changed') {
+    refreshList()
+      .then(() => {
+        if (!$('panel').hidden && $('panel').dataset.contact === ev.peer && state.open && state.open.id === ev.peer) contactPanel(state.open);
+      })
+      .catch(() => {});
   } else if (ev.type === 'progress') {
     state.progress.set(ev.id, { direction: ev.direction, done: ev.done, total: ev.total });
     const shown = state.messages.find((x) => x.id === ev.id);
@@ -656,6 +683,7 @@ function presenceLoop() {
 function openPanel(title, ...body) {
   $('panel-title').textContent = title;
   $('panel-body').replaceChildren(...body.filter((b) => b !== null && b !== undefined));
+  delete $('panel').dataset.contact;
   $('panel').hidden = false;
   const first = $('panel-body').querySelector('input, select, textarea, button');
   (first || $('panel-close')).focus();
@@ -663,6 +691,7 @@ function openPanel(title, ...body) {
 
 function closePanel() {
   $('panel').hidden = true;
+  delete $('panel').dataset.contact;
 }
 
 function formError(form, e) {
@@ -751,12 +780,12 @@ async function settingsPanel() {
       h('select', { name: 'presence' }, ['everyone', 'contacts', 'nobody'].map((v) => h('option', { value: v, selected: s.presence === v }, v)))),
     h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'receipts', checked: s.read_receipts }), 'Send read receipts'),
     h('button', { type: 'submit' }, 'Save'),
-    h('div', { class: 'note', 'aria-live': 'polite' }, ''),
+    h('div', { class: 'note', 'aria-live': 'polite' }),
   );
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     try {
-      const saved = await post('/v1/settings', { presence: form.presence.value, read_receipts: form.receipts.checked });
+      await post('/v1/settings', { presence: form.presence.value, read_receipts: form.receipts.checked });
       form.querySelector('.note').textContent = 'Saved.';
     } catch (err) {
       formError(form, err);
@@ -820,7 +849,49 @@ async function groupPanel(conv) {
 
 async function contactPanel(conv) {
   await refreshPresence(conv.id);
-  openPanel(conv.name, h('p', {}, lastSeen(state.presence.get(conv.id)) || 'presence unknown'), h('p', { class: 'muted small' }, `Peer id: ${conv.id}`));
+  let v = null;
+  let why = null;
+  try {
+    v = await get(`/v1/contacts/${enc(conv.id)}/verify`);
+  } catch (e) {
+    why = e.message;
+  }
+  openPanel(conv.name, h('p', {}, lastSeen(state.presence.get(conv.id)) || 'presence unknown'), h('p', { class: 'muted small' }, `Peer id: ${conv.id}`), safetyView(conv, v, why));
+  $('panel').dataset.contact = conv.id;
+}
+
+// The safety number with a contact: its 60 digits, their QR code, whether it is verified.
+function safetyView(conv, v, why) {
+  const box = h('section', { class: 'stack', 'aria-label': 'safety number' }, h('h3', {}, 'Safety number'));
+  if (!v) {
+    box.append(h('p', { class: 'muted' }, why || 'not known yet'));
+    return box;
+  }
+  if (v.identity_changed) {
+    box.append(h('p', { class: 'warning', role: 'alert' }, `⚠ ${conv.name}'s identity key changed since you last compared: this is a new number.`));
+  }
+  const groups = v.safety_number.split(/\s+/).filter(Boolean);
+  box.append(
+    h('div', { class: 'safety', role: 'group', 'aria-label': `Safety number with ${conv.name}: ${groups.join(' ')}` }, groups.map((g) => h('span', {}, g))),
+    h('img', { class: 'qr', src: `/v1/contacts/${enc(conv.id)}/verify.svg`, alt: `QR code of the safety number with ${conv.name}` }),
+  );
+  if (v.verified) {
+    box.append(h('p', { class: 'trust' }, h('span', { class: 'verified', 'aria-hidden': 'true' }, '✓'), ' Verified: you compared this number with ', conv.name, '.'));
+  } else {
+    box.append(
+      h('p', { class: 'muted' }, `Not verified. Compare these digits with ${conv.name}'s (in person, or on a call), or scan each other's code; if they match, mark them as verified.`),
+      h('button', { type: 'button', class: 'mark-verified', onclick: async () => {
+        try {
+          await post(`/v1/contacts/${enc(conv.id)}/verify`);
+          await refreshList();
+          contactPanel(conv);
+        } catch (err) {
+          formError(box, err);
+        }
+      } }, 'Mark as verified'),
+    );
+  }
+  return box;
 }
 
 async function messageInfo(m) {

@@ -1,0 +1,387 @@
+//! End-to-end encryption of one-to-one bodies: the only place where they are sealed and opened.
+//!
+//! Every one-to-one body that carries content (text, file references with their key, receipts)
+//! travels as a [`Body::Olm`](kith_protocol::Body::Olm): vodozemac's Olm (the double ratchet)
+//! over the CBOR of the inner body, inside the signed envelope. The engine calls
+//! [`Olm::seal`] on its way out (after [`Olm::start_session`] with a key claimed over
+//! `/kith/keys/1` when there is no session yet) and [`Olm::open`] on its way in. Group
+//! envelopes and group operations are not touched here.
+//!
+//! [`safety_number`] derives the number two people compare to verify each other.
+
+pub mod olm;
+pub mod session;
+pub mod verify;
+
+pub use olm::{CryptoError, Olm, OpenError, PeerRecord};
+pub(crate) use session::upgrade_entry;
+pub use session::UNDECRYPTABLE_TEXT;
+
+use kith_protocol::prekeys::SignedIdentity;
+
+/// The context string of the safety number's key derivation (BLAKE3 `derive_key`).
+const SAFETY_CONTEXT: &str = "kith 2026 safety number v1";
+
+/// The 30 digits one side contributes: six groups of five, each a 40-bit slice of the BLAKE3
+/// derivation over the side's peer id (which embeds its ed25519 key) and Olm identity key,
+/// modulo 100,000 (as Signal does with its 60-digit numbers).
+fn half(identity: &SignedIdentity) -> [u32; 6] {
+    let peer = identity.peer.to_bytes();
+    let mut hasher = blake3::Hasher::new_derive_key(SAFETY_CONTEXT);
+    hasher.update(&[peer.len() as u8]);
+    hasher.update(&peer);
+    hasher.update(&identity.key);
+    let digest = hasher.finalize();
+    let bytes = digest.as_bytes();
+    let mut groups = [0u32; 6];
+    for (group, chunk) in groups.iter_mut().zip(bytes.chunks_exact(5)) {
+        let value = chunk
+            .iter()
+            .fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
+        *group = (value % 100_000) as u32;
+    }
+    groups
+}
+
+/// The safety number of two identities: 60 digits in twelve groups of five, the same whichever
+/// side computes it (the halves are ordered by peer id bytes).
+pub fn safety_number(a: &SignedIdentity, b: &SignedIdentity) -> String {
+    let (first, second) = if a.peer.to_bytes() <= b.peer.to_bytes() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    half(first)
+        .iter()
+        .chain(half(second).iter())
+        .map(|g| format!("{g:05}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Batch, Store};
+    use kith_protocol::{Body, MessageId, PeerId};
+    use libp2p::identity::Keypair;
+
+    struct Side {
+        olm: Olm,
+        store: Store,
+        peer: PeerId,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn side() -> Side {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let olm = Olm::load(store.clone(), key, Box::new(|_| {})).expect("account");
+        Side {
+            olm,
+            store,
+            peer,
+            _dir: dir,
+        }
+    }
+
+    fn chat(text: &str) -> Body {
+        Body::Chat { text: text.into() }
+    }
+
+    /// Alice claims one of Bob's keys (as from a relay) and starts a session.
+    fn connect(alice: &Side, bob: &Side) {
+        let bundle = bob.olm.bundle(1).expect("bundle");
+        alice
+            .olm
+            .start_session(&bob.peer, &bundle.identity, &bundle.one_time_keys[0], false)
+            .expect("session");
+    }
+
+    fn sealed(body: Body) -> kith_protocol::envelope::Sealed {
+        match body {
+            Body::Olm(sealed) => sealed,
+            other => panic!("not sealed: {other:?}"),
+        }
+    }
+
+    fn open(
+        to: &Side,
+        from: &Side,
+        s: &kith_protocol::envelope::Sealed,
+    ) -> Result<Body, OpenError> {
+        to.olm.open(
+            from.peer_id(),
+            &MessageId::random(),
+            s,
+            |body, _: &mut Batch| Ok::<_, OpenError>(body),
+        )
+    }
+
+    impl Side {
+        fn peer_id(&self) -> &PeerId {
+            &self.peer
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_round_trip_and_the_plaintext_is_not_in_the_ciphertext() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let first = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("attack at dawn"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        assert_eq!(first.message_type, kith_protocol::envelope::OLM_PRE_KEY);
+        assert!(first.identity.is_some());
+        assert!(!first
+            .ciphertext
+            .windows(b"attack".len())
+            .any(|w| w == b"attack"));
+        assert_eq!(
+            open(&bob, &alice, &first).expect("opens"),
+            chat("attack at dawn")
+        );
+        // Bob answers on the session the pre-key message made; Alice's next ones are normal.
+        let reply = sealed(
+            bob.olm
+                .seal(&alice.peer, &chat("ok"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        assert_eq!(reply.message_type, kith_protocol::envelope::OLM_NORMAL);
+        assert_eq!(open(&alice, &bob, &reply).expect("opens"), chat("ok"));
+        let next = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("again"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        assert_eq!(next.message_type, kith_protocol::envelope::OLM_NORMAL);
+        assert_eq!(open(&bob, &alice, &next).expect("opens"), chat("again"));
+        // A copy of an opened message does not open again (the engine knows it by its id).
+        assert!(matches!(open(&bob, &alice, &next), Err(OpenError::KeyGone)));
+        drop((alice.store, bob.store));
+    }
+
+    #[tokio::test]
+    async fn a_captured_ciphertext_does_not_open_once_the_ratchet_moved_on() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let hello = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("hello"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        open(&bob, &alice, &hello).expect("opens");
+        let reply = sealed(
+            bob.olm
+                .seal(&alice.peer, &chat("hi"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        open(&alice, &bob, &reply).expect("opens");
+        // The ciphertext an eavesdropper captures.
+        let captured = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("the secret"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        assert_eq!(
+            open(&bob, &alice, &captured).expect("opens"),
+            chat("the secret")
+        );
+        // The conversation goes on: both ratchets step forward.
+        for i in 0..3 {
+            let a = sealed(
+                bob.olm
+                    .seal(&alice.peer, &chat(&format!("b{i}")))
+                    .expect("seals")
+                    .expect("a session"),
+            );
+            open(&alice, &bob, &a).expect("opens");
+            let b = sealed(
+                alice
+                    .olm
+                    .seal(&bob.peer, &chat(&format!("a{i}")))
+                    .expect("seals")
+                    .expect("a session"),
+            );
+            open(&bob, &alice, &b).expect("opens");
+        }
+        // Bob's whole state as it is now (in memory and as stored, reloaded from the store)
+        // no longer opens the captured message.
+        let stolen = Olm::load(
+            bob.store.clone(),
+            Keypair::generate_ed25519(),
+            Box::new(|_| {}),
+        )
+        .expect("reload");
+        for olm in [&bob.olm, &stolen] {
+            let result = olm.open(&alice.peer, &MessageId::random(), &captured, |b, _| {
+                Ok::<_, OpenError>(b)
+            });
+            assert!(result.is_err(), "the captured message opened again");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_sides_starting_at_once_still_talk() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        connect(&bob, &alice);
+        let from_alice = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("a"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        let from_bob = sealed(
+            bob.olm
+                .seal(&alice.peer, &chat("b"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        assert_eq!(open(&bob, &alice, &from_alice).expect("opens"), chat("a"));
+        assert_eq!(open(&alice, &bob, &from_bob).expect("opens"), chat("b"));
+        // Whatever session each side now picks, the other opens it.
+        for i in 0..4 {
+            let a = sealed(
+                alice
+                    .olm
+                    .seal(&bob.peer, &chat(&format!("a{i}")))
+                    .expect("seals")
+                    .expect("a session"),
+            );
+            let b = sealed(
+                bob.olm
+                    .seal(&alice.peer, &chat(&format!("b{i}")))
+                    .expect("seals")
+                    .expect("a session"),
+            );
+            assert_eq!(
+                open(&bob, &alice, &a).expect("opens"),
+                chat(&format!("a{i}"))
+            );
+            assert_eq!(
+                open(&alice, &bob, &b).expect("opens"),
+                chat(&format!("b{i}"))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_order_messages_open() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let sent: Vec<_> = (0..5)
+            .map(|i| {
+                sealed(
+                    alice
+                        .olm
+                        .seal(&bob.peer, &chat(&format!("m{i}")))
+                        .expect("seals")
+                        .expect("a session"),
+                )
+            })
+            .collect();
+        for i in [3, 0, 4, 1, 2] {
+            assert_eq!(
+                open(&bob, &alice, &sent[i]).expect("opens"),
+                chat(&format!("m{i}"))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tampered_ciphertext_or_forged_identity_is_refused() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let mut first = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("x"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        let last = first.ciphertext.len() - 1;
+        first.ciphertext[last] ^= 1;
+        assert!(open(&bob, &alice, &first).is_err());
+        // An identity signed by someone else than the sender.
+        let mallory = side().await;
+        let mut forged = sealed(
+            alice
+                .olm
+                .seal(&bob.peer, &chat("y"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        forged.identity = Some(mallory.olm.identity().clone());
+        assert!(matches!(
+            open(&bob, &alice, &forged),
+            Err(OpenError::Identity(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_fallback_key_lets_new_contacts_write_once_one_time_keys_ran_out() {
+        let bob = side().await;
+        // No one-time key left: only the (signed) fallback key is handed out, to everyone.
+        let bundle = bob.olm.bundle(0).expect("bundle");
+        assert!(bundle.one_time_keys.is_empty());
+        let fallback = bundle.fallback.clone().expect("a fallback key");
+        // Presented as a one-time key, its signature does not check out.
+        let mallory = side().await;
+        assert!(mallory
+            .olm
+            .start_session(&bob.peer, &bundle.identity, &fallback, false)
+            .is_err());
+        for name in ["alice", "carol"] {
+            let writer = side().await;
+            writer
+                .olm
+                .start_session(&bob.peer, &bundle.identity, &fallback, true)
+                .expect("session on the fallback key");
+            let hello = sealed(
+                writer
+                    .olm
+                    .seal(&bob.peer, &chat(name))
+                    .expect("seals")
+                    .expect("a session"),
+            );
+            assert_eq!(open(&bob, &writer, &hello).expect("opens"), chat(name));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_safety_number_is_the_same_on_both_sides_and_60_digits() {
+        let alice = side().await;
+        let bob = side().await;
+        let ab = safety_number(alice.olm.identity(), bob.olm.identity());
+        let ba = safety_number(bob.olm.identity(), alice.olm.identity());
+        assert_eq!(ab, ba);
+        assert_eq!(ab.split(' ').count(), 12);
+        assert_eq!(ab.chars().filter(char::is_ascii_digit).count(), 60);
+        let carol = side().await;
+        assert_ne!(
+            ab,
+            safety_number(alice.olm.identity(), carol.olm.identity())
+        );
+    }
+}

@@ -1,0 +1,708 @@
+//! The node's Olm account and sessions (vodozemac), kept in the node's sled store as pickles.
+//!
+//! Store layout (under the store's `x/` prefix):
+//!
+//! | key | value |
+//! |---|---|
+//! | `x/a` | [`AccountRecord`]: the account pickle and the published fallback key |
+//! | `x/k` | empty: the keys were published to a relay at least once |
+//! | `x/s/` peer, session id | [`SessionRecord`]: a session pickle and when it was last used |
+//! | `x/p/` peer | [`PeerRecord`]: the peer's signed identity key and whether the user verified it |
+//! | `x/u/` sender, message id | empty: the message did not decrypt and was asked for again |
+//! | `x/o/` sender, message id | empty: an opened receipt (chat messages are known by their record) |
+//!
+//! Every change of a session is written while the lock is held, so that the stored state never
+//! goes back: a ratchet step written after a later one would, after a restart, reuse message
+//! keys. Sealed messages leave only after that write is flushed (the callers flush before they
+//! send), and an opened message is written in the same atomic batch as the session that opened
+//! it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use kith_protocol::envelope::{Sealed, OLM_NORMAL, OLM_PRE_KEY};
+use kith_protocol::prekeys::{Bundle, Curve25519, KeyError, SignedIdentity, SignedKey};
+use kith_protocol::{cbor, Body, MessageId, PeerId};
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+use vodozemac::olm::{
+    Account, AccountPickle, DecryptionError, OlmMessage, Session, SessionConfig,
+    SessionCreationError, SessionPickle,
+};
+use vodozemac::Curve25519PublicKey;
+
+use crate::store::{Batch, Store, StoreError};
+
+/// Largest stored record this module reads back.
+const MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// Most sessions kept per peer (the least recently used goes first).
+const MAX_SESSIONS_PER_PEER: usize = 8;
+
+/// Largest plaintext (the CBOR of the inner body) this module opens.
+const MAX_PLAINTEXT_BYTES: usize = kith_protocol::limits::MAX_BODY_BYTES;
+
+/// Why a crypto operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not decode.
+    #[error("crypto store: damaged record {0}")]
+    Damaged(String),
+    /// A peer's keys do not check out.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The body could not be encoded.
+    #[error("cannot encode the body: {0}")]
+    Encode(String),
+    /// vodozemac refused to make a session.
+    #[error("cannot create a session: {0}")]
+    Session(#[from] SessionCreationError),
+}
+
+/// Why an inbound Olm body could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The Olm message does not parse.
+    #[error("malformed Olm message: {0}")]
+    Malformed(String),
+    /// No session of ours decrypts it and it cannot start one: our or the sender's state was
+    /// lost, or it was tampered with.
+    #[error("cannot decrypt: {0}")]
+    Undecryptable(String),
+    /// Its plaintext is not a body we accept inside an Olm message.
+    #[error("bad inner body: {0}")]
+    BadInner(String),
+    /// The identity key attached to it is not the sender's.
+    #[error(transparent)]
+    Identity(#[from] KeyError),
+    /// The session that sealed it no longer has its message key: a copy of a message opened
+    /// before, or one that arrived after more than the ratchet keeps of skipped keys (40).
+    #[error("its message key is used up or gone")]
+    KeyGone,
+    /// The store failed (nothing was written).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The account as stored.
+#[derive(Serialize, Deserialize)]
+struct AccountRecord {
+    pickle: AccountPickle,
+    /// The fallback key as published (vodozemac only lists unpublished ones).
+    fallback: Option<Curve25519>,
+}
+
+/// A session as stored.
+#[derive(Serialize, Deserialize)]
+struct SessionRecord {
+    pickle: SessionPickle,
+    last_used: u64,
+}
+
+/// What this node knows of a peer's identity key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// Its signed Olm identity key.
+    pub identity: SignedIdentity,
+    /// The user compared safety numbers for this key.
+    pub verified: bool,
+    /// The key replaced another one (until the user verifies the new one).
+    pub changed: bool,
+}
+
+struct Kept {
+    session: Session,
+    last_used: u64,
+}
+
+struct State {
+    account: Account,
+    fallback: Option<Curve25519>,
+    /// Sessions by peer, loaded from the store on first use.
+    sessions: HashMap<PeerId, Vec<Kept>>,
+    clock: u64,
+}
+
+/// The account, the sessions and the peers' identity keys.
+pub struct Olm {
+    key: Keypair,
+    me: PeerId,
+    identity: SignedIdentity,
+    store: Store,
+    state: Mutex<State>,
+    on_identity_changed: Box<dyn Fn(PeerId) + Send + Sync>,
+    /// Whether the keys were ever published to a relay.
+    published: tokio::sync::watch::Sender<bool>,
+    /// Held while keys are being published, so that two connections to a relay do not both
+    /// top it up.
+    publishing: tokio::sync::Mutex<()>,
+    /// Claims for this node's own keys, per claimer.
+    claims: Mutex<kith_relay::mailbox::rate::RateLimiter>,
+}
+
+/// Claims of this node's own keys one peer may make a second, sustained.
+const OWN_CLAIMS_PER_SEC: u32 = 2;
+
+/// Claims of this node's own keys one peer may make at once.
+const OWN_CLAIM_BURST: u32 = 20;
+
+const ACCOUNT_KEY: &[u8] = b"x/a";
+
+const PUBLISHED_KEY: &[u8] = b"x/k";
+
+fn peer_part(peer: &PeerId) -> Vec<u8> {
+    let bytes = peer.to_bytes();
+    let mut out = Vec::with_capacity(bytes.len() + 1);
+    out.push(bytes.len() as u8);
+    out.extend_from_slice(&bytes);
+    out
+}
+
+fn sessions_prefix(peer: &PeerId) -> Vec<u8> {
+    let mut key = b"x/s/".to_vec();
+    key.extend(peer_part(peer));
+    key
+}
+
+fn session_key(peer: &PeerId, session_id: &str) -> Vec<u8> {
+    let mut key = sessions_prefix(peer);
+    key.extend_from_slice(session_id.as_bytes());
+    key
+}
+
+fn peer_key(peer: &PeerId) -> Vec<u8> {
+    let mut key = b"x/p/".to_vec();
+    key.extend(peer_part(peer));
+    key
+}
+
+fn undecryptable_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = b"x/u/".to_vec();
+    key.extend(peer_part(from));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn opened_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = b"x/o/".to_vec();
+    key.extend(peer_part(from));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CryptoError> {
+    cbor::encode(value, MAX_RECORD_BYTES).map_err(|e| CryptoError::Encode(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, CryptoError> {
+    cbor::decode(bytes, MAX_RECORD_BYTES).map_err(|e| CryptoError::Damaged(format!("{what}: {e}")))
+}
+
+fn session_record(kept: &Kept) -> Result<Vec<u8>, CryptoError> {
+    encode(&SessionRecord {
+        pickle: kept.session.pickle(),
+        last_used: kept.last_used,
+    })
+}
+
+impl Olm {
+    /// Loads the account from `store`, or creates (and stores, not flushed) a new one.
+    pub fn load(
+        store: Store,
+        key: Keypair,
+        on_identity_changed: Box<dyn Fn(PeerId) + Send + Sync>,
+    ) -> Result<Self, CryptoError> {
+        let (account, fallback) = match store.get_raw(ACCOUNT_KEY)? {
+            Some(bytes) => {
+                let record: AccountRecord = decode("account", &bytes)?;
+                (Account::from_pickle(record.pickle), record.fallback)
+            }
+            None => {
+                let mut account = Account::new();
+                account.generate_fallback_key();
+                let fallback = account.fallback_key().values().next().map(|k| k.to_bytes());
+                account.mark_keys_as_published();
+                let record = AccountRecord {
+                    pickle: account.pickle(),
+                    fallback,
+                };
+                // Flushed with the first write that depends on it: nothing is published before
+                // a flush, so an account lost in a crash was never used.
+                store.set_raw(ACCOUNT_KEY, Some(encode(&record)?))?;
+                (account, fallback)
+            }
+        };
+        let identity = SignedIdentity::sign(&key, account.curve25519_key().to_bytes())?;
+        let (published, _) = tokio::sync::watch::channel(store.get_raw(PUBLISHED_KEY)?.is_some());
+        Ok(Self {
+            published,
+            publishing: tokio::sync::Mutex::new(()),
+            claims: Mutex::new(kith_relay::mailbox::rate::RateLimiter::new(
+                OWN_CLAIMS_PER_SEC,
+                OWN_CLAIM_BURST,
+            )),
+            me: key.public().to_peer_id(),
+            key,
+            identity,
+            store,
+            state: Mutex::new(State {
+                account,
+                fallback,
+                sessions: HashMap::new(),
+                clock: 0,
+            }),
+            on_identity_changed,
+        })
+    }
+
+    /// This node's signed identity key.
+    pub fn identity(&self) -> &SignedIdentity {
+        &self.identity
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sessions of `peer`, loaded from the store if need be.
+    fn sessions<'a>(
+        &self,
+        state: &'a mut State,
+        peer: &PeerId,
+    ) -> Result<&'a mut Vec<Kept>, CryptoError> {
+        if !state.sessions.contains_key(peer) {
+            let mut loaded = Vec::new();
+            for (_, bytes) in self.store.scan_raw(&sessions_prefix(peer))? {
+                let record: SessionRecord = decode("session", &bytes)?;
+                state.clock = state.clock.max(record.last_used);
+                loaded.push(Kept {
+                    session: Session::from_pickle(record.pickle),
+                    last_used: record.last_used,
+                });
+            }
+            // Most recently used first.
+            loaded.sort_by_key(|k| std::cmp::Reverse(k.last_used));
+            state.sessions.insert(*peer, loaded);
+        }
+        Ok(state.sessions.entry(*peer).or_default())
+    }
+
+    /// Whether a session with `peer` exists.
+    pub fn has_session(&self, peer: &PeerId) -> Result<bool, CryptoError> {
+        let mut state = self.lock();
+        Ok(!self.sessions(&mut state, peer)?.is_empty())
+    }
+
+    /// Encrypts `body` for `to` with the most recently used session, or `None` when there is
+    /// none yet (claim a key and [`Olm::start_session`] first). The session's new state is
+    /// written (not flushed) before this returns: flush before the result leaves the node.
+    pub fn seal(&self, to: &PeerId, body: &Body) -> Result<Option<Body>, CryptoError> {
+        let plaintext = cbor::encode(body, MAX_PLAINTEXT_BYTES)
+            .map_err(|e| CryptoError::Encode(e.to_string()))?;
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        let sessions = self.sessions(&mut state, to)?;
+        let Some(kept) = sessions.first_mut() else {
+            return Ok(None);
+        };
+        let message = match kept.session.encrypt(&plaintext) {
+            Ok(message) => message,
+            Err(e) => return Err(CryptoError::Encode(e.to_string())),
+        };
+        kept.last_used = now;
+        let record = session_record(kept)?;
+        let id = kept.session.session_id();
+        self.store.set_raw(&session_key(to, &id), Some(record))?;
+        let (message_type, ciphertext) = message.to_parts();
+        let pre_key = message_type == usize::from(OLM_PRE_KEY);
+        Ok(Some(Body::Olm(Sealed {
+            message_type: if pre_key { OLM_PRE_KEY } else { OLM_NORMAL },
+            ciphertext,
+            identity: pre_key.then(|| self.identity.clone()),
+            receipt: matches!(body, Body::Receipt { .. }),
+        })))
+    }
+
+    /// Starts an outbound session with `peer` from a key claimed from it or its relays, after
+    /// checking both signatures. Written (not flushed).
+    pub fn start_session(
+        &self,
+        peer: &PeerId,
+        identity: &SignedIdentity,
+        key: &SignedKey,
+        fallback: bool,
+    ) -> Result<(), CryptoError> {
+        identity.verify(peer)?;
+        key.verify(peer, fallback)?;
+        self.learn_identity(peer, identity)?;
+        let mut state = self.lock();
+        let session = state.account.create_outbound_session(
+            SessionConfig::version_1(),
+            Curve25519PublicKey::from_bytes(identity.key),
+            Curve25519PublicKey::from_bytes(key.key),
+        )?;
+        state.clock += 1;
+        let kept = Kept {
+            session,
+            last_used: state.clock,
+        };
+        self.store.set_raw(
+            &session_key(peer, &kept.session.session_id()),
+            Some(session_record(&kept)?),
+        )?;
+        let sessions = self.sessions(&mut state, peer)?;
+        sessions.insert(0, kept);
+        self.trim(peer, sessions)?;
+        Ok(())
+    }
+
+    /// Drops the least recently used sessions beyond [`MAX_SESSIONS_PER_PEER`].
+    fn trim(&self, peer: &PeerId, sessions: &mut Vec<Kept>) -> Result<(), CryptoError> {
+        while sessions.len() > MAX_SESSIONS_PER_PEER {
+            if let Some(old) = sessions.pop() {
+                self.store
+                    .set_raw(&session_key(peer, &old.session.session_id()), None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every session with `peer` (its next message claims a key again).
+    pub fn forget_sessions(&self, peer: &PeerId) -> Result<(), CryptoError> {
+        let mut state = self.lock();
+        let sessions = self.sessions(&mut state, peer)?;
+        for old in sessions.drain(..) {
+            self.store
+                .set_raw(&session_key(peer, &old.session.session_id()), None)?;
+        }
+        Ok(())
+    }
+
+    /// Decrypts an Olm body from `from`, lets `stage` add what it means to a batch, and writes
+    /// that batch with the session's new state (and the account's, when a pre-key message used
+    /// one of its one-time keys) atomically. Nothing is written when `stage` fails.
+    pub fn open<T, E: From<OpenError>>(
+        &self,
+        from: &PeerId,
+        id: &MessageId,
+        sealed: &Sealed,
+        stage: impl FnOnce(Body, &mut Batch) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let message = OlmMessage::from_parts(usize::from(sealed.message_type), &sealed.ciphertext)
+            .map_err(|e| OpenError::Malformed(e.to_string()))?;
+        if let Some(identity) = &sealed.identity {
+            identity.verify(from).map_err(OpenError::from)?;
+            self.learn_identity(from, identity)
+                .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+        }
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        // Try the sessions we have: by session id for a pre-key message, else each in turn.
+        let sessions = self
+            .sessions(&mut state, from)
+            .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+        let mut opened: Option<(usize, Vec<u8>)> = None;
+        let mut duplicate = false;
+        let mut last_error = String::from("no session with the sender");
+        let wanted = match &message {
+            OlmMessage::PreKey(m) => Some(m.session_id()),
+            OlmMessage::Normal(_) => None,
+        };
+        for (i, kept) in sessions.iter_mut().enumerate() {
+            if wanted
+                .as_ref()
+                .is_some_and(|w| *w != kept.session.session_id())
+            {
+                continue;
+            }
+            match kept.session.decrypt(&message) {
+                Ok(plaintext) => {
+                    opened = Some((i, plaintext));
+                    break;
+                }
+                Err(DecryptionError::MissingMessageKey(_)) => duplicate = true,
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        let mut batch = Batch::new();
+        // A refused plaintext, a failed stage or write: the session moved on in memory only,
+        // so the peer's sessions are reloaded from the store (the state before this message).
+        let (plaintext, kept, account_changed) = match (opened, &message) {
+            (Some((i, plaintext)), _) => (plaintext, sessions.remove(i), false),
+            (None, _) if duplicate => return Err(OpenError::KeyGone.into()),
+            (None, OlmMessage::PreKey(pre_key)) => {
+                let known = self
+                    .peer(from)
+                    .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+                let Some(known) = known else {
+                    return Err(OpenError::Undecryptable(
+                        "a pre-key message from a peer whose identity key is unknown".into(),
+                    )
+                    .into());
+                };
+                let result = state
+                    .account
+                    .create_inbound_session(
+                        SessionConfig::version_1(),
+                        Curve25519PublicKey::from_bytes(known.identity.key),
+                        pre_key,
+                    )
+                    .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+                let kept = Kept {
+                    session: result.session,
+                    last_used: now,
+                };
+                (result.plaintext, kept, true)
+            }
+            (None, OlmMessage::Normal(_)) => {
+                return Err(OpenError::Undecryptable(last_error).into());
+            }
+        };
+        let mut kept = kept;
+        kept.last_used = now;
+        let inner: Body = match cbor::decode::<Body>(&plaintext, MAX_PLAINTEXT_BYTES) {
+            Ok(body) => body,
+            Err(e) => {
+                drop(kept);
+                self.undo(&mut state, from, account_changed);
+                return Err(OpenError::BadInner(e.to_string()).into());
+            }
+        };
+        if let Err(e) = inner.validate() {
+            drop(kept);
+            self.undo(&mut state, from, account_changed);
+            return Err(OpenError::BadInner(e.to_string()).into());
+        }
+        if matches!(inner, Body::Olm(_) | Body::GroupOp(_) | Body::Resend { .. }) {
+            drop(kept);
+            self.undo(&mut state, from, account_changed);
+            return Err(OpenError::BadInner("not a one-to-one content body".into()).into());
+        }
+        if matches!(inner, Body::Receipt { .. }) {
+            // Receipts are not stored as messages: this marks the copy that may come again.
+            batch.put_raw(opened_key(from, id), Vec::new());
+        }
+        let staged = match stage(inner, &mut batch) {
+            Ok(staged) => staged,
+            Err(e) => {
+                self.undo(&mut state, from, account_changed);
+                return Err(e);
+            }
+        };
+        let written = (|| -> Result<(), CryptoError> {
+            // A message that once did not decrypt is now replaced.
+            batch.remove_raw(undecryptable_key(from, id));
+            batch.put_raw(
+                session_key(from, &kept.session.session_id()),
+                session_record(&kept)?,
+            );
+            if account_changed {
+                batch.put_raw(
+                    ACCOUNT_KEY.to_vec(),
+                    encode(&AccountRecord {
+                        pickle: state.account.pickle(),
+                        fallback: state.fallback,
+                    })?,
+                );
+            }
+            self.store.apply(batch)?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            self.undo(&mut state, from, account_changed);
+            return Err(OpenError::Store(match e {
+                CryptoError::Store(e) => e,
+                other => StoreError::Damaged {
+                    key: "x/".into(),
+                    detail: other.to_string(),
+                },
+            })
+            .into());
+        }
+        let sessions = state.sessions.entry(*from).or_default();
+        sessions.insert(0, kept);
+        if let Err(e) = self.trim(from, sessions) {
+            tracing::warn!(peer = %from, error = %e, "cannot drop an old session");
+        }
+        Ok(staged)
+    }
+
+    /// Forgets what an open that wrote nothing changed in memory: the store holds the state
+    /// before it, which opens the message again when it comes back.
+    fn undo(&self, state: &mut State, peer: &PeerId, account_changed: bool) {
+        self.reload(state, peer);
+        if account_changed {
+            self.reload_account(state);
+        }
+    }
+
+    /// Drops the in-memory sessions of `peer`: the next use loads them from the store.
+    fn reload(&self, state: &mut State, peer: &PeerId) {
+        state.sessions.remove(peer);
+    }
+
+    fn reload_account(&self, state: &mut State) {
+        match self.store.get_raw(ACCOUNT_KEY) {
+            Ok(Some(bytes)) => match decode::<AccountRecord>("account", &bytes) {
+                Ok(record) => state.account = Account::from_pickle(record.pickle),
+                Err(e) => tracing::error!(error = %e, "cannot reload the Olm account"),
+            },
+            Ok(None) => tracing::error!("the Olm account is gone from the store"),
+            Err(e) => tracing::error!(error = %e, "cannot reload the Olm account"),
+        }
+    }
+
+    /// Notes in `batch` that message `id` of `from` did not decrypt.
+    pub fn mark_undecryptable(&self, batch: &mut Batch, from: &PeerId, id: &MessageId) {
+        batch.put_raw(undecryptable_key(from, id), Vec::new());
+    }
+
+    /// Whether envelope `id` of `from` was opened as a receipt.
+    pub fn was_opened(&self, from: &PeerId, id: &MessageId) -> Result<bool, CryptoError> {
+        Ok(self.store.get_raw(&opened_key(from, id))?.is_some())
+    }
+
+    /// Whether message `id` of `from` is stored as one that did not decrypt.
+    pub fn is_undecryptable(&self, from: &PeerId, id: &MessageId) -> Result<bool, CryptoError> {
+        Ok(self.store.get_raw(&undecryptable_key(from, id))?.is_some())
+    }
+
+    /// What this node knows of `peer`'s identity key.
+    pub fn peer(&self, peer: &PeerId) -> Result<Option<PeerRecord>, CryptoError> {
+        self.store
+            .get_raw(&peer_key(peer))?
+            .map(|bytes| decode("peer identity", &bytes))
+            .transpose()
+    }
+
+    /// Records `peer`'s (checked) identity key; a key that replaces another one is reported,
+    /// unverifies the peer, and its old sessions are dropped.
+    pub fn learn_identity(
+        &self,
+        peer: &PeerId,
+        identity: &SignedIdentity,
+    ) -> Result<(), CryptoError> {
+        identity.verify(peer)?;
+        let known = self.peer(peer)?;
+        let changed = match &known {
+            Some(known) if known.identity.key == identity.key => return Ok(()),
+            Some(_) => true,
+            None => false,
+        };
+        let record = PeerRecord {
+            identity: identity.clone(),
+            verified: false,
+            changed,
+        };
+        self.store
+            .set_raw(&peer_key(peer), Some(encode(&record)?))?;
+        if changed {
+            tracing::warn!(%peer, "the peer's identity key changed");
+            self.forget_sessions(peer)?;
+            (self.on_identity_changed)(*peer);
+        }
+        Ok(())
+    }
+
+    /// Records that the user verified `peer`'s current identity key. `false` when none is known.
+    pub fn mark_verified(&self, peer: &PeerId) -> Result<bool, CryptoError> {
+        let Some(mut record) = self.peer(peer)? else {
+            return Ok(false);
+        };
+        record.verified = true;
+        record.changed = false;
+        self.store
+            .set_raw(&peer_key(peer), Some(encode(&record)?))?;
+        Ok(true)
+    }
+
+    /// A fresh one-time key, signed, for a claim made to this node itself. Written (not
+    /// flushed): flush before answering.
+    pub fn claim_own(&self) -> Result<(SignedIdentity, SignedKey), CryptoError> {
+        let mut state = self.lock();
+        let created = state.account.generate_one_time_keys(1).created;
+        let Some(key) = created.first() else {
+            return Err(CryptoError::Encode("no one-time key generated".into()));
+        };
+        let signed = SignedKey::sign(&self.key, key.to_bytes(), false)?;
+        state.account.mark_keys_as_published();
+        self.write_account(&state)?;
+        Ok((self.identity.clone(), signed))
+    }
+
+    /// A bundle with `count` new one-time keys (at most the protocol's maximum) and the fallback
+    /// key. Written (not flushed): flush before publishing.
+    pub fn bundle(&self, count: usize) -> Result<Bundle, CryptoError> {
+        let count = count.min(kith_protocol::prekeys::MAX_ONE_TIME_KEYS);
+        let mut state = self.lock();
+        let created = if count > 0 {
+            state.account.generate_one_time_keys(count).created
+        } else {
+            Vec::new()
+        };
+        let one_time_keys = created
+            .iter()
+            .map(|k| SignedKey::sign(&self.key, k.to_bytes(), false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fallback = state
+            .fallback
+            .map(|k| SignedKey::sign(&self.key, k, true))
+            .transpose()?;
+        state.account.mark_keys_as_published();
+        self.write_account(&state)?;
+        Ok(Bundle {
+            identity: self.identity.clone(),
+            one_time_keys,
+            fallback,
+        })
+    }
+
+    fn write_account(&self, state: &State) -> Result<(), CryptoError> {
+        let record = AccountRecord {
+            pickle: state.account.pickle(),
+            fallback: state.fallback,
+        };
+        self.store.set_raw(ACCOUNT_KEY, Some(encode(&record)?))?;
+        Ok(())
+    }
+
+    /// This node's peer id.
+    pub fn me(&self) -> PeerId {
+        self.me
+    }
+
+    /// Whether `claimer` may claim one of this node's own keys now (and counts it).
+    pub fn may_claim(&self, claimer: &PeerId, now_ms: u64) -> bool {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(claimer, now_ms)
+    }
+
+    /// Waits for the turn to publish keys.
+    pub async fn publishing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.publishing.lock().await
+    }
+
+    /// Notes that a relay holds this node's keys.
+    pub fn note_published(&self) {
+        if !*self.published.borrow() {
+            if let Err(e) = self.store.set_raw(PUBLISHED_KEY, Some(Vec::new())) {
+                tracing::warn!(error = %e, "cannot note the first key publication");
+            }
+            self.published.send_replace(true);
+        }
+    }
+
+    /// Waits until this node's keys were published to a relay at least once (now or by an
+    /// earlier run).
+    pub async fn published(&self) {
+        let mut published = self.published.subscribe();
+        let _ = published.wait_for(|p| *p).await;
+    }
+}

@@ -1,0 +1,580 @@
+//! In-process tests of end-to-end encryption for one-to-one chats: what a relay stores for an
+//! offline recipient is unreadable, a lost session recovers through the re-send flow, and two
+//! people writing to each other first at the same time both get through.
+
+use std::path::{Path, PathBuf};
+
+use kith_node::NodeEvent;
+use kith_protocol::MessageState;
+use kith_tests::{befriend, init_logs, wait_for, TestNode};
+use libp2p::Multiaddr;
+
+const MIB: usize = 1024 * 1024;
+
+async fn start_relay(dir: &Path) -> anyhow::Result<(kith_relay::Running, Multiaddr)> {
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir)).await?;
+    let addr = relay.listen_addrs[0].clone();
+    Ok((relay, addr))
+}
+
+/// `len` bytes of a cheap pseudo-random pattern.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// The files under `dir` whose raw bytes contain `needle`.
+fn holders(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The file key of the one attachment in the store under `home` (the node must be stopped).
+fn file_key(home: &Path) -> anyhow::Result<Vec<u8>> {
+    use ciborium::Value;
+    let store = kith_node::store::Store::open(&home.join("db"))?;
+    let records = store.attachments::<Value>()?;
+    drop(store);
+    let field = |value: &Value, name: &str| -> Option<Value> {
+        value
+            .as_map()?
+            .iter()
+            .find_map(|(k, v)| (k.as_text() == Some(name)).then(|| v.clone()))
+    };
+    let (_, record) = records
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no attachment"))?;
+    let key = field(record, "file")
+        .and_then(|file| field(&file, "key"))
+        .and_then(|key| key.as_bytes().cloned())
+        .ok_or_else(|| anyhow::anyhow!("no file key in the attachment record"))?;
+    Ok(key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_holds_nothing_readable_for_an_offline_recipient() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay_dir = dir.path().join("relay");
+    let (_relay, relay_addr) = start_relay(&relay_dir).await?;
+    let mut alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    // Bob's first start published his keys to the relay; then he goes offline.
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+
+    let text = "meet me under the old oak at 23:17, bring the ledger";
+    let sent = alice.node().send("bob", text, None).await?;
+    let data = pattern(2 * MIB, 7);
+    let path = dir.path().join("ledger.bin");
+    std::fs::write(&path, &data)?;
+    let file = alice.node().send_file("bob", &path).await?;
+    wait_for("both are held by the relay", || async {
+        (alice.state(&sent.id) == Some(MessageState::Sent)
+            && alice.state(&file.id) == Some(MessageState::Sent))
+        .then_some(())
+    })
+    .await?;
+    let alice_invite = alice.node().invite().encode();
+    alice.stop().await;
+    let key = file_key(&alice.home)?;
+    assert_eq!(key.len(), 32);
+
+    // Nothing under the relay's data directory holds the text, the file's bytes or its key.
+    let sample = &data[MIB..MIB + 64];
+    assert!(!files_under(&relay_dir).is_empty());
+    assert_eq!(holders(&relay_dir, text.as_bytes()), Vec::<PathBuf>::new());
+    assert_eq!(holders(&relay_dir, sample), Vec::<PathBuf>::new());
+    assert_eq!(holders(&relay_dir, &key), Vec::<PathBuf>::new());
+    // The scan does find what is there in the clear: alice's own history and file key.
+    assert!(!holders(&alice.home, text.as_bytes()).is_empty());
+    assert!(!holders(&alice.home, &key).is_empty());
+
+    // Bob comes back and gets both, intact.
+    bob.restart_on(bob_addr).await?;
+    bob.node().add_contact("alice", &alice_invite, &[]).await?;
+    let both = || async {
+        let messages = bob.node().messages(Some("alice")).ok()?;
+        let got_text = messages.iter().any(|m| m.text == text);
+        let file = messages
+            .into_iter()
+            .find_map(|m| m.attachment.and_then(|a| a.path))?;
+        got_text.then_some(file)
+    };
+    // Up to three deadlines of the harness: this file shares the machine with a 2,000-message
+    // test.
+    let mut received = None;
+    for _ in 0..3 {
+        received = wait_for("bob has the text and the file", both).await.ok();
+        if received.is_some() {
+            break;
+        }
+    }
+    let received = received.ok_or_else(|| anyhow::anyhow!("bob never got both"))?;
+    assert_eq!(std::fs::read(received)?, data);
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn texts(node: &TestNode, with: &str) -> Vec<String> {
+    node.node()
+        .messages(Some(with))
+        .expect("messages")
+        .into_iter()
+        .map(|m| m.text)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_a_backup_gets_messages_again_through_a_re_send() -> anyhow::Result<()>
+{
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+
+    // A backup of bob's store before he ever talked to alice.
+    bob.stop().await;
+    let backup = dir.path().join("backup");
+    copy_dir(&bob.home.join("db"), &backup)?;
+    bob.restart_on(bob_addr.clone()).await?;
+
+    let first = alice.node().send("bob", "one", None).await?;
+    wait_for("first delivered", || async {
+        (alice.state(&first.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    bob.node().send("alice", "two", None).await?;
+    wait_for("alice has bob's answer", || async {
+        (texts(&alice, "bob") == ["one", "two"]).then_some(())
+    })
+    .await?;
+
+    // Bob's disk dies; he restores the backup: his sessions with alice are gone.
+    bob.stop().await;
+    std::fs::remove_dir_all(bob.home.join("db"))?;
+    copy_dir(&backup, &bob.home.join("db"))?;
+    bob.restart_on(bob_addr).await?;
+    let mut events = bob.node().subscribe();
+
+    // Alice's next message is on the session bob lost: he cannot read it, says so, and asks
+    // for it again; alice sends it again on a new session and it replaces the entry.
+    let third = alice.node().send("bob", "three", None).await?;
+    let undecryptable = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::Undecryptable { id, .. }) => return Ok(id),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await??;
+    assert_eq!(undecryptable, third.id);
+    wait_for("bob reads the message sent again", || async {
+        (texts(&bob, "alice") == ["three"]).then_some(())
+    })
+    .await?;
+    // The conversation goes on both ways on the new session.
+    bob.node().send("alice", "four", None).await?;
+    wait_for("alice has it", || async {
+        (texts(&alice, "bob") == ["one", "two", "three", "four"]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_writing_first_at_the_same_time_both_get_through() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    // Neither has a session: both claim a key of the other and send pre-key messages at once.
+    let (a, b) = tokio::join!(
+        alice.node().send("bob", "hi bob", None),
+        bob.node().send("alice", "hi alice", None)
+    );
+    let (a, b) = (a?, b?);
+    wait_for("both delivered", || async {
+        (alice.state(&a.id) == Some(MessageState::Delivered)
+            && bob.state(&b.id) == Some(MessageState::Delivered))
+        .then_some(())
+    })
+    .await?;
+    // Then a quick exchange in both directions, each side on whichever session it picked.
+    for i in 0..5 {
+        let (to_bob, to_alice) = (format!("a{i}"), format!("b{i}"));
+        let (a, b) = tokio::join!(
+            alice.node().send("bob", &to_bob, None),
+            bob.node().send("alice", &to_alice, None)
+        );
+        let (a, b) = (a?, b?);
+        wait_for("both delivered", || async {
+            (alice.state(&a.id) == Some(MessageState::Delivered)
+                && bob.state(&b.id) == Some(MessageState::Delivered))
+            .then_some(())
+        })
+        .await?;
+    }
+    let mut at_bob: Vec<String> = texts(&bob, "alice")
+        .into_iter()
+        .filter(|t| t.starts_with('a') || t == "hi bob")
+        .collect();
+    at_bob.sort();
+    assert_eq!(at_bob, ["a0", "a1", "a2", "a3", "a4", "hi bob"]);
+    let mut at_alice: Vec<String> = texts(&alice, "bob")
+        .into_iter()
+        .filter(|t| t.starts_with('b') || t == "hi alice")
+        .collect();
+    at_alice.sort();
+    assert_eq!(at_alice, ["b0", "b1", "b2", "b3", "b4", "hi alice"]);
+    // Nothing showed up as undecryptable.
+    assert!(!texts(&bob, "alice")
+        .iter()
+        .chain(texts(&alice, "bob").iter())
+        .any(|t| t == kith_node::crypto::UNDECRYPTABLE_TEXT));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_key_lets_a_new_contact_write_once_one_time_keys_ran_out() -> anyhow::Result<()>
+{
+    use kith_protocol::prekeys::{Request, Response};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_peer = bob.peer_id();
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+
+    // Someone claims every one-time key bob left at the relay: each comes once, signed by bob.
+    let mut raw = kith_tests::RawPeer::new()?;
+    let mut seen = std::collections::HashSet::new();
+    let fallback = loop {
+        let claim = Request::Claim {
+            req_id: seen.len() as u64,
+            peer: bob_peer,
+        };
+        match raw.keys(relay.peer_id, &relay_addr, claim).await? {
+            Response::Claimed {
+                identity,
+                key,
+                fallback,
+                ..
+            } => {
+                identity.verify(&bob_peer)?;
+                key.verify(&bob_peer, fallback)?;
+                if fallback {
+                    break key;
+                }
+                assert!(seen.insert(key.key), "a one-time key handed out twice");
+            }
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    };
+    assert_eq!(seen.len(), kith_protocol::prekeys::MAX_ONE_TIME_KEYS);
+    assert!(!seen.contains(&fallback.key));
+
+    // A new contact still writes to bob, offline, through the fallback key.
+    let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    carol.node().add_contact("bob", &bob_invite, &[]).await?;
+    let sent = carol
+        .node()
+        .send("bob", "hello from a newcomer", None)
+        .await?;
+    wait_for("held by the relay", || async {
+        (carol.state(&sent.id) == Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    assert!(relay.metrics().keys_fallback_claims.get() >= 2);
+    bob.restart_on(bob_addr).await?;
+    let carol_peer = carol.peer_id().to_string();
+    wait_for("bob reads it", || async {
+        let texts: Vec<String> = bob
+            .node()
+            .messages(Some(&carol_peer))
+            .ok()?
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        (texts == ["hello from a newcomer"]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_replayed_or_tampered_with_on_the_way_gets_nowhere() -> anyhow::Result<()> {
+    use kith_net::codec::Message;
+    use kith_protocol::{dm, mailbox, Body, Reject};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_invite = bob.node().invite().encode();
+    let bob_addr = bob.addr().await;
+    bob.stop().await;
+    alice.node().add_contact("bob", &bob_invite, &[]).await?;
+    let sent = alice.node().send("bob", "pay carol 10", None).await?;
+    wait_for("held by the relay", || async {
+        (alice.state(&sent.id) == Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+
+    // What the relay holds (read here with bob's key, as the relay itself could): a sealed body.
+    let mut as_bob = kith_tests::RawPeer::with_key(kith_node::identity::load(&bob.home)?)?;
+    let fetch = mailbox::Request::Fetch {
+        req_id: 1,
+        after: None,
+        limit: 10,
+    };
+    let mailbox::Response::Batch { items, .. } = as_bob
+        .mailbox(relay.peer_id, &relay_addr, Message::Valid(fetch))
+        .await?
+    else {
+        anyhow::bail!("no batch");
+    };
+    drop(as_bob);
+    let captured = items
+        .into_iter()
+        .map(|item| item.envelope)
+        .find(|e| e.id.to_string() == sent.id)
+        .ok_or_else(|| anyhow::anyhow!("the message is not in the mailbox"))?;
+    assert!(matches!(captured.body()?, Body::Olm(_)));
+
+    bob.restart_on(bob_addr.clone()).await?;
+    let alice_peer = alice.peer_id().to_string();
+    let texts = |bob: &TestNode| -> Vec<String> {
+        bob.node()
+            .messages(Some(&alice_peer))
+            .map(|m| m.into_iter().map(|m| m.text).collect())
+            .unwrap_or_default()
+    };
+    wait_for("bob reads it", || async {
+        (texts(&bob) == ["pay carol 10"]).then_some(())
+    })
+    .await?;
+
+    // Played again on the way (here straight to bob, on a connection as alice): accepted as
+    // the duplicate it is, and shown once.
+    let mut as_alice = kith_tests::RawPeer::with_key(kith_node::identity::load(&alice.home)?)?;
+    let replay = Message::Valid(dm::Request::new(1, captured.clone()));
+    assert_eq!(
+        as_alice.dm(bob.peer_id(), &bob_addr, replay).await?,
+        dm::Response::Accepted { req_id: 1 }
+    );
+    // One byte of the sealed body flipped: refused.
+    let mut tampered = captured.clone();
+    let last = tampered.body.len() - 1;
+    tampered.body[last] ^= 1;
+    assert_eq!(
+        as_alice
+            .dm(
+                bob.peer_id(),
+                &bob_addr,
+                Message::Valid(dm::Request::new(2, tampered))
+            )
+            .await?,
+        dm::Response::Rejected {
+            req_id: 2,
+            reason: Reject::BadSignature
+        }
+    );
+    assert_eq!(texts(&bob), ["pay carol 10"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_numbers_match_and_a_changed_identity_key_unverifies_the_contact(
+) -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    // Added by peer id and address only: no identity key is known before a first message.
+    assert!(alice.node().verify_contact("bob", false).is_err());
+    let hello = alice.node().send("bob", "hello", None).await?;
+    wait_for("delivered", || async {
+        (alice.state(&hello.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+
+    // Both sides compute the same 60 digits.
+    let at_alice = alice.node().verify_contact("bob", false)?;
+    let at_bob = bob.node().verify_contact("alice", false)?;
+    assert_eq!(at_alice.safety_number, at_bob.safety_number);
+    assert_eq!(
+        at_alice
+            .safety_number
+            .chars()
+            .filter(char::is_ascii_digit)
+            .count(),
+        60
+    );
+    assert!(!at_alice.verified);
+    assert!(alice.node().verify_contact("bob", true)?.verified);
+    let listed = alice.node().contacts()?;
+    assert!(listed.iter().any(|c| c.name == "bob" && c.verified));
+
+    // Bob reinstalls (same peer id, new end-to-end identity) and writes again.
+    bob.stop().await;
+    std::fs::remove_dir_all(bob.home.join("db"))?;
+    bob.restart_on(bob_addr).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let mut events = alice.node().subscribe();
+    bob.node().send("alice", "new install", None).await?;
+    let changed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::IdentityChanged { peer }) => return Ok(peer),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await??;
+    assert_eq!(changed, bob.peer_id().to_string());
+    let now = alice.node().verify_contact("bob", false)?;
+    assert!(!now.verified);
+    assert!(now.identity_changed);
+    assert_ne!(now.safety_number, at_alice.safety_number);
+    let listed = alice.node().contacts()?;
+    assert!(listed
+        .iter()
+        .any(|c| c.name == "bob" && !c.verified && c.identity_changed));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_each_way_through_a_relay_with_the_recipient_restarting(
+) -> anyhow::Result<()> {
+    const EACH: usize = 1000;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let bob_addr = bob.addr().await;
+    // From invites only: the relay is the way between them (its circuits, its mailboxes).
+    alice
+        .node()
+        .add_contact("bob", &bob.node().invite().encode(), &[])
+        .await?;
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
+
+    let from_alice = {
+        let node = alice.node().clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(EACH);
+            for i in 0..EACH {
+                ids.push(node.send("bob", &format!("a{i:04}"), None).await?.id);
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    for i in 0..EACH / 2 {
+        bob.node().send("alice", &format!("b{i:04}"), None).await?;
+    }
+    // Bob restarts in the middle of it all.
+    bob.restart_on(bob_addr).await?;
+    for i in EACH / 2..EACH {
+        bob.node().send("alice", &format!("b{i:04}"), None).await?;
+    }
+    from_alice.await??;
+
+    let all = |node: &TestNode, with: &str, prefix: char| -> Option<Vec<String>> {
+        let texts: Vec<String> = node
+            .node()
+            .messages(Some(with))
+            .ok()?
+            .into_iter()
+            .filter(|m| m.text.starts_with(prefix))
+            .map(|m| m.text)
+            .collect();
+        (texts.len() >= EACH).then_some(texts)
+    };
+    let mut at_bob = None;
+    let mut at_alice = None;
+    // Up to a minute in all: three deadlines of the harness.
+    for _ in 0..3 {
+        at_bob = wait_for("bob has alice's thousand", || async {
+            all(&bob, "alice", 'a')
+        })
+        .await
+        .ok();
+        at_alice = wait_for("alice has bob's thousand", || async {
+            all(&alice, "bob", 'b')
+        })
+        .await
+        .ok();
+        if at_bob.is_some() && at_alice.is_some() {
+            break;
+        }
+    }
+    let expected =
+        |prefix: char| -> Vec<String> { (0..EACH).map(|i| format!("{prefix}{i:04}")).collect() };
+    assert_eq!(at_bob, Some(expected('a')), "each once, in send order");
+    assert_eq!(at_alice, Some(expected('b')), "each once, in send order");
+    Ok(())
+}
