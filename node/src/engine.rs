@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 mod backpressure;
+mod held;
 
 use crate::config::{Config, Settings};
 use crate::crypto::{upgrade_entry, Olm, OpenError};
@@ -538,6 +539,7 @@ impl Node {
         tasks.spawn(node.clone().heartbeat_loop(shutdown.clone()));
         tasks.spawn(node.clone().group_loop(shutdown.clone()));
         tasks.spawn(node.clone().media_loop(shutdown.clone()));
+        tasks.spawn(node.clone().held_loop(shutdown.clone()));
         tasks.spawn(node.clone().poll_loop(shutdown));
         Ok(node)
     }
@@ -1355,8 +1357,13 @@ impl Node {
         let mut unflushed: Vec<(usize, Option<Fresh>)> = Vec::new();
         // Held until the end: another copy arriving meanwhile is turned away.
         let mut claims = Vec::new();
+        // Senders of sealed envelopes: messages of theirs held back may open now.
+        let mut sealed_from: Vec<PeerId> = Vec::new();
         for envelope in envelopes {
             let index = outcomes.len();
+            if !sealed_from.contains(&envelope.from) {
+                sealed_from.push(envelope.from);
+            }
             let outcome = match self.check(via, &envelope) {
                 Err(reason) => Err(reason),
                 Ok(Checked::Group(group)) => self.accept_group(via, group, envelope).await,
@@ -1366,7 +1373,7 @@ impl Node {
                         unflushed.push((index, batch_duplicate(via, envelope)));
                         Ok(())
                     }
-                    Ok(true) => self.stage_sealed(via, envelope, sealed).map(|fresh| {
+                    Ok(true) => self.stage_sealed(via, envelope, sealed, true).map(|fresh| {
                         if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
                             // A new message: copies arriving after its flush are duplicates.
                             if let Some(claim) = claims.last_mut() {
@@ -1414,6 +1421,10 @@ impl Node {
                     outcomes[index] = Err(reason);
                 }
             }
+        }
+        drop(claims);
+        for from in sealed_from {
+            self.open_held(from).await;
         }
         outcomes
     }
@@ -1567,6 +1578,7 @@ impl Node {
         via: PeerId,
         envelope: Envelope,
         sealed: kith_protocol::envelope::Sealed,
+        may_hold: bool,
     ) -> Result<Option<Fresh>, Reject> {
         let from = envelope.from;
         let relayed = via != from;
@@ -1601,6 +1613,16 @@ impl Node {
             .map_err(|e| store_failed(&e))?
         {
             return Ok(duplicate(envelope));
+        }
+        if may_hold {
+            let verdict = self
+                .inner
+                .olm
+                .verdict(&from, &sealed)
+                .map_err(|e| store_failed(&e))?;
+            if verdict == crate::crypto::order::Verdict::Hold {
+                return self.hold_sealed(envelope, &sealed, relayed);
+            }
         }
         let sealed_receipt = sealed.receipt;
         let opened = self
@@ -2264,6 +2286,25 @@ impl Node {
 }
 
 impl Node {
+    /// The outbox's copies of `unsealed` entries become their `sealed` versions (same ids, due
+    /// times and attempts), unless a re-send took their place meanwhile: an attempt's outcome
+    /// then settles the entry it carried, not a copy that no longer leaves.
+    pub(crate) fn sealed_in_place(&self, sealed: &[(OutboxEntry, OutboxEntry)]) {
+        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        for (unsealed, entry) in sealed {
+            let id = entry.envelope.id;
+            let current = schedule.entries.get(&id);
+            if current.is_some_and(|c| c.envelope == unsealed.envelope) {
+                let mut entry = entry.clone();
+                if let Some(c) = current {
+                    entry.due_ms = c.due_ms;
+                    entry.attempts = c.attempts;
+                }
+                schedule.insert(entry);
+            }
+        }
+    }
+
     /// Whether a re-send (see `crypto::session`) took the place of `entry` in the outbox while
     /// this attempt ran: the new entry stays, due; only the old copy's tick is recorded.
     fn replaced(&self, entry: &OutboxEntry, outcome: &Outcome) -> bool {

@@ -10,6 +10,7 @@
 //! [`safety_number`] derives the number two people compare to verify each other.
 
 pub mod olm;
+pub mod order;
 pub mod session;
 pub mod verify;
 

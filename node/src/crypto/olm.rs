@@ -10,6 +10,8 @@
 //! | `x/p/` peer | [`PeerRecord`]: the peer's signed identity key and whether the user verified it |
 //! | `x/u/` sender, message id | empty: the message did not decrypt and was asked for again |
 //! | `x/o/` sender, message id | empty: an opened receipt (chat messages are known by their record) |
+//! | `x/c/` peer | [`order::Chains`]: how far each of the peer's sending chains was opened |
+//! | `x/h/` peer, ratchet key, index, message id | [`order::Held`]: a message kept sealed until the ones before it are opened |
 //!
 //! Every change of a session is written while the lock is held, so that the stored state never
 //! goes back: a ratchet step written after a later one would, after a restart, reuse message
@@ -31,6 +33,7 @@ use vodozemac::olm::{
 };
 use vodozemac::Curve25519PublicKey;
 
+use super::order::{self, Chains, Held, Position, Verdict};
 use crate::store::{Batch, Store, StoreError};
 
 /// Largest stored record this module reads back.
@@ -161,6 +164,14 @@ fn peer_part(peer: &PeerId) -> Vec<u8> {
     out
 }
 
+/// The peer at the start of a key's rest (as [`peer_part`] wrote it) and what follows it.
+fn split_peer(rest: &[u8]) -> Option<(PeerId, &[u8])> {
+    let len = usize::from(*rest.first()?);
+    let bytes = rest.get(1..1 + len)?;
+    let peer = PeerId::from_bytes(bytes).ok()?;
+    Some((peer, rest.get(1 + len..)?))
+}
+
 fn sessions_prefix(peer: &PeerId) -> Vec<u8> {
     let mut key = b"x/s/".to_vec();
     key.extend(peer_part(peer));
@@ -190,6 +201,12 @@ fn opened_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
     let mut key = b"x/o/".to_vec();
     key.extend(peer_part(from));
     key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn chains_key(peer: &PeerId) -> Vec<u8> {
+    let mut key = b"x/c/".to_vec();
+    key.extend(peer_part(peer));
     key
 }
 
@@ -497,6 +514,12 @@ impl Olm {
         let written = (|| -> Result<(), CryptoError> {
             // A message that once did not decrypt is now replaced.
             batch.remove_raw(undecryptable_key(from, id));
+            // The chain's window moves on, and a held copy of this message goes.
+            let at = Position::of_message(&message);
+            let mut chains = self.chains(from)?;
+            chains.opened(&at);
+            batch.put_raw(chains_key(from), encode(&chains)?);
+            batch.remove_raw(order::held_key(&peer_part(from), &at, id.as_bytes()));
             batch.put_raw(
                 session_key(from, &kept.session.session_id()),
                 session_record(&kept)?,
@@ -555,6 +578,139 @@ impl Olm {
             Ok(None) => tracing::error!("the Olm account is gone from the store"),
             Err(e) => tracing::error!(error = %e, "cannot reload the Olm account"),
         }
+    }
+
+    /// How far `peer`'s chains were opened.
+    fn chains(&self, peer: &PeerId) -> Result<Chains, CryptoError> {
+        match self.store.get_raw(&chains_key(peer))? {
+            Some(bytes) => decode("chains", &bytes),
+            None => Ok(Chains::default()),
+        }
+    }
+
+    /// Whether a sealed message of `from` may be opened now, or must wait for the messages
+    /// before it in its chain (see [`order`]). One that does not parse is opened (and refused
+    /// there, with the reason).
+    pub fn verdict(&self, from: &PeerId, sealed: &Sealed) -> Result<Verdict, CryptoError> {
+        let Some(at) = Position::of(sealed) else {
+            return Ok(Verdict::Open);
+        };
+        let _state = self.lock();
+        Ok(self.chains(from)?.verdict(&at))
+    }
+
+    /// Keeps a sealed message of `from` until the ones before it are opened (written, not
+    /// flushed): `false` when `from` already has [`order::MAX_HELD_PER_PEER`] held.
+    pub fn hold(
+        &self,
+        from: &PeerId,
+        id: &MessageId,
+        sealed: &Sealed,
+        envelope: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<bool, CryptoError> {
+        let Some(at) = Position::of(sealed) else {
+            return Err(CryptoError::Damaged(
+                "an Olm message that does not parse".into(),
+            ));
+        };
+        let prefix = order::held_prefix(&peer_part(from));
+        if self.store.scan_raw(&prefix)?.len() >= order::MAX_HELD_PER_PEER {
+            return Ok(false);
+        }
+        let held = encode(&Held {
+            envelope,
+            held_at_ms: now_ms,
+        })?;
+        self.store.set_raw(
+            &order::held_key(&peer_part(from), &at, id.as_bytes()),
+            Some(held),
+        )?;
+        Ok(true)
+    }
+
+    /// The held messages of `from` that may be opened now, in chain order: their keys (to
+    /// remove once dealt with) and envelopes.
+    pub fn ready(&self, from: &PeerId) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CryptoError> {
+        let prefix = order::held_prefix(&peer_part(from));
+        let held = self.store.scan_raw(&prefix)?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let chains = {
+            let _state = self.lock();
+            self.chains(from)?
+        };
+        let mut out = Vec::new();
+        for (key, value) in held {
+            let open = key
+                .get(prefix.len()..)
+                .and_then(order::held_position)
+                .is_none_or(|at| chains.verdict(&at) == Verdict::Open);
+            if !open {
+                continue;
+            }
+            match decode::<Held>("held message", &value) {
+                Ok(held) => out.push((key, held.envelope)),
+                // Nothing to open: it goes when the caller removes it.
+                Err(e) => {
+                    tracing::warn!(peer = %from, error = %e, "dropping a damaged held message");
+                    out.push((key, Vec::new()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a held message (not flushed).
+    pub fn forget_held(&self, key: &[u8]) -> Result<(), CryptoError> {
+        Ok(self.store.set_raw(key, None)?)
+    }
+
+    /// The peers with a chain whose oldest held message waited `patience`: each such chain
+    /// skips to that message (the ones before it are given up on and asked for again if they
+    /// come), so that its held messages open.
+    pub fn give_up_waiting(
+        &self,
+        now_ms: u64,
+        patience: std::time::Duration,
+    ) -> Result<Vec<PeerId>, CryptoError> {
+        let patience = u64::try_from(patience.as_millis()).unwrap_or(u64::MAX);
+        let mut overdue: HashMap<PeerId, Vec<Position>> = HashMap::new();
+        let mut peers = Vec::new();
+        for (key, value) in self.store.scan_raw(b"x/h/")? {
+            let Some((peer, rest)) = key.get(4..).and_then(split_peer) else {
+                continue;
+            };
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
+            let (Some(at), Ok(held)) = (
+                order::held_position(rest),
+                decode::<Held>("held message", &value),
+            ) else {
+                continue;
+            };
+            if now_ms.saturating_sub(held.held_at_ms) < patience {
+                continue;
+            }
+            let chains = overdue.entry(peer).or_default();
+            // Keys list a chain in index order: its first overdue one is its lowest held.
+            if !chains.iter().any(|c| c.ratchet == at.ratchet) {
+                chains.push(at);
+            }
+        }
+        let _state = self.lock();
+        for (peer, positions) in &overdue {
+            let mut chains = self.chains(peer)?;
+            for at in positions {
+                tracing::warn!(%peer, index = at.index, "gave up waiting for earlier messages of a chain; opening what came");
+                chains.skip_to(at);
+            }
+            self.store
+                .set_raw(&chains_key(peer), Some(encode(&chains)?))?;
+        }
+        Ok(peers)
     }
 
     /// Notes in `batch` that message `id` of `from` did not decrypt.

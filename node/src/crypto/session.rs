@@ -72,6 +72,7 @@ impl Node {
         }
         let session = self.ensure_session(to, addrs, relays).await;
         let mut ready = Vec::with_capacity(entries.len());
+        let mut sealed_now = Vec::new();
         let mut batch = Batch::new();
         for entry in entries {
             if !entry.unsealed {
@@ -85,6 +86,7 @@ impl Node {
             match self.seal_entry(&entry) {
                 Ok(sealed) => {
                     batch.put_outbox(&sealed);
+                    sealed_now.push((entry, sealed.clone()));
                     ready.push(sealed);
                 }
                 Err(e) => {
@@ -99,10 +101,17 @@ impl Node {
         };
         if let Err(e) = written {
             tracing::error!(%to, error = %e, "cannot store sealed messages");
+            // Each entry as the outbox knows it (the sealed copies were not stored).
             for entry in ready.drain(..) {
-                self.finish(&entry, Outcome::Retry(e.to_string()));
+                let original = sealed_now
+                    .iter()
+                    .find(|(_, sealed)| sealed.envelope.id == entry.envelope.id)
+                    .map_or(&entry, |(original, _)| original);
+                self.finish(original, Outcome::Retry(e.to_string()));
             }
+            return ready;
         }
+        self.sealed_in_place(&sealed_now);
         ready
     }
 
