@@ -578,3 +578,114 @@ async fn a_thousand_messages_each_way_through_a_relay_with_the_recipient_restart
     assert_eq!(at_alice, Some(expected('b')), "each once, in send order");
     Ok(())
 }
+
+/// `kith daemon` for `home` with `relay` as its home relay, once its API is up.
+async fn start_daemon(
+    home: &Path,
+    relay: &Multiaddr,
+) -> anyhow::Result<kith_tests::process::Daemon> {
+    let _ = std::fs::remove_file(home.join("api.json"));
+    let relay = relay.to_string();
+    let home_arg = home.display().to_string();
+    let daemon = kith_tests::process::Daemon::spawn(
+        &kith_tests::process::binary("kith")?,
+        &[
+            "--home",
+            &home_arg,
+            "daemon",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--relay",
+            &relay,
+        ],
+        &home.join("daemon.log"),
+    )?;
+    wait_for("the daemon's api.json", || async {
+        home.join("api.json").exists().then_some(())
+    })
+    .await?;
+    Ok(daemon)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_killed_again_and_again_while_messages_open_gets_each_once(
+) -> anyhow::Result<()> {
+    use kith_tests::process::{kith, kith_json};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = start_relay(&dir.path().join("relay")).await?;
+    let bob_home = dir.path().join("bob");
+    assert!(kith(&bob_home, &["init", "--name", "bob"])?
+        .status
+        .success());
+    let mut bob = start_daemon(&bob_home, &relay_addr).await?;
+    let invite = String::from_utf8(kith(&bob_home, &["id", "--invite"])?.stdout)?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    alice.node().add_contact("bob", invite.trim(), &[]).await?;
+
+    // Alice writes while bob's daemon is SIGKILLed three times (at a quarter, a half and three
+    // quarters of the messages delivered), each time wherever it is: opening, storing, holding.
+    const TOTAL: usize = 120;
+    let sender = alice.node().clone();
+    let sending = tokio::spawn(async move {
+        let mut ids = Vec::with_capacity(TOTAL);
+        for i in 0..TOTAL {
+            ids.push(sender.send("bob", &format!("k{i:03}"), None).await?.id);
+        }
+        anyhow::Ok(ids)
+    });
+    let delivered = |alice: &TestNode| {
+        alice
+            .node()
+            .messages(Some("bob"))
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m.state >= MessageState::Delivered)
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    for round in 1..=3 {
+        wait_for("a share of the messages delivered", || async {
+            (delivered(&alice) >= round * TOTAL / 4).then_some(())
+        })
+        .await?;
+        bob.kill()?;
+        bob = start_daemon(&bob_home, &relay_addr).await?;
+    }
+    let ids = sending.await??;
+    wait_for("every message delivered", || async {
+        (delivered(&alice) == TOTAL).then_some(())
+    })
+    .await?;
+
+    // Bob has each message once, readable: no "could not decrypt" entry is left.
+    let alice_id = alice.peer_id().to_string();
+    let inbox = wait_for("bob's history complete and readable", || async {
+        let inbox = kith_json(&bob_home, &["messages", &alice_id, "--json"]).ok()?;
+        let list = inbox.as_array()?.clone();
+        let readable = list
+            .iter()
+            .all(|m| m["text"].as_str().is_some_and(|t| t.starts_with('k')));
+        (list.len() >= TOTAL && readable).then_some(list)
+    })
+    .await?;
+    assert_eq!(inbox.len(), TOTAL, "each message once");
+    let mut got: Vec<String> = inbox
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    got.sort();
+    let mut want = ids;
+    want.sort();
+    assert_eq!(got, want);
+    let mut texts: Vec<String> = inbox
+        .iter()
+        .filter_map(|m| m["text"].as_str().map(str::to_owned))
+        .collect();
+    texts.sort();
+    let expected: Vec<String> = (0..TOTAL).map(|i| format!("k{i:03}")).collect();
+    assert_eq!(texts, expected);
+    bob.terminate()?;
+    Ok(())
+}

@@ -309,6 +309,120 @@ mod tests {
         }
     }
 
+    /// The held messages of a peer, as [`Olm::ready`] lists them, opened.
+    fn open_ready(to: &Side, from: &Side) -> Vec<Body> {
+        let ready = to.olm.ready(from.peer_id()).expect("ready");
+        let mut opened = Vec::new();
+        for (key, bytes) in ready {
+            let envelope: kith_protocol::Envelope =
+                kith_protocol::cbor::decode(&bytes, 1 << 20).expect("envelope");
+            let Ok(Body::Olm(s)) = envelope.body() else {
+                panic!("not sealed");
+            };
+            opened.push(open(to, from, &s).expect("opens"));
+            to.olm.forget_held(&key).expect("forget");
+        }
+        opened
+    }
+
+    #[tokio::test]
+    async fn messages_far_ahead_of_their_chain_wait_and_open_in_order_or_after_patience() {
+        use order::{Verdict, PATIENCE, WINDOW};
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let count = 3 * WINDOW;
+        let sent: Vec<_> = (0..count)
+            .map(|i| {
+                sealed(
+                    alice
+                        .olm
+                        .seal(&bob.peer, &chat(&format!("m{i}")))
+                        .expect("seals")
+                        .expect("a session"),
+                )
+            })
+            .collect();
+        let hold = |s: &kith_protocol::envelope::Sealed| {
+            let envelope = kith_protocol::Envelope::seal(
+                &Keypair::generate_ed25519(),
+                kith_protocol::envelope::Header {
+                    id: MessageId::random(),
+                    to: kith_protocol::Destination::Peer(bob.peer),
+                    sent_at_ms: 1,
+                    lamport: 1,
+                    expires_at_ms: None,
+                },
+                &Body::Olm(s.clone()),
+            )
+            .expect("envelope");
+            let bytes = kith_protocol::cbor::encode(&envelope, 1 << 20).expect("encode");
+            assert!(bob
+                .olm
+                .hold(&alice.peer, &envelope.id, s, bytes, 1_000)
+                .expect("holds"));
+        };
+        // The last ones come first: too far ahead, they wait.
+        let far = (count - 1) as usize;
+        assert_eq!(
+            bob.olm.verdict(&alice.peer, &sent[far]).expect("verdict"),
+            Verdict::Hold
+        );
+        for s in &sent[(2 * WINDOW as usize)..] {
+            hold(s);
+        }
+        assert!(open_ready(&bob, &alice).is_empty());
+        // The first two windows come, in order: the held ones come into the window and open.
+        for i in 0..(2 * WINDOW as usize) {
+            assert_eq!(
+                bob.olm.verdict(&alice.peer, &sent[i]).expect("verdict"),
+                Verdict::Open
+            );
+            assert_eq!(
+                open(&bob, &alice, &sent[i]).expect("opens"),
+                chat(&format!("m{i}"))
+            );
+        }
+        let opened = open_ready(&bob, &alice);
+        let expected: Vec<_> = ((2 * WINDOW)..count)
+            .map(|i| chat(&format!("m{i}")))
+            .collect();
+        assert_eq!(opened, expected, "every held message opens, in order");
+
+        // A message that never comes: the ones after it wait for the patience, then open.
+        let more: Vec<_> = (0..(2 * WINDOW))
+            .map(|i| {
+                sealed(
+                    alice
+                        .olm
+                        .seal(&bob.peer, &chat(&format!("n{i}")))
+                        .expect("seals")
+                        .expect("a session"),
+                )
+            })
+            .collect();
+        // n0 to n{WINDOW-1} never come; the rest are held.
+        for s in &more[(WINDOW as usize)..] {
+            hold(s);
+        }
+        assert!(open_ready(&bob, &alice).is_empty());
+        let patience = PATIENCE.as_millis() as u64;
+        assert!(bob
+            .olm
+            .give_up_waiting(1_000 + patience - 1, PATIENCE)
+            .expect("sweep")
+            .contains(&alice.peer));
+        assert!(open_ready(&bob, &alice).is_empty(), "not yet overdue");
+        bob.olm
+            .give_up_waiting(1_000 + patience, PATIENCE)
+            .expect("sweep");
+        let opened = open_ready(&bob, &alice);
+        let expected: Vec<_> = (WINDOW..(2 * WINDOW))
+            .map(|i| chat(&format!("n{i}")))
+            .collect();
+        assert_eq!(opened, expected);
+    }
+
     #[tokio::test]
     async fn a_tampered_ciphertext_or_forged_identity_is_refused() {
         let alice = side().await;
