@@ -75,6 +75,10 @@ pub struct Config {
     /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
     /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
     pub mailbox_budget_bytes: u64,
+    /// Mailbox: most delivered message ids remembered per recipient (each until its entry's
+    /// `mailbox_ttl_secs` ends), so that a replay of a delivered envelope is answered as
+    /// already stored instead of being stored again; 0 remembers none.
+    pub mailbox_max_delivered_ids: u64,
     /// Mailbox: sustained deposits per second per depositing peer.
     pub deposits_per_sec_per_peer: u32,
     /// Mailbox: deposits a peer may make in a burst above the sustained rate.
@@ -167,6 +171,7 @@ impl Default for Config {
             mailbox_ttl_secs: 30 * 24 * 3600,
             purge_interval_secs: 60,
             mailbox_max_messages: 10_000,
+            mailbox_max_delivered_ids: 10_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
             mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,

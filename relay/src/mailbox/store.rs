@@ -10,7 +10,13 @@
 //! | `i` owner-len owner seq | the [`Record`] (CBOR) |
 //! | `o` seq | owner (which mailbox a sequence number belongs to) |
 //! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
-//! | `d` from-len from message-id | seq (dedupe while the entry is stored) |
+//! | `d` from-len from message-id | seq (dedupe while the entry is stored, and after it is delivered) |
+//! | `a` owner-len owner seq | deadline, then the dedup key (an id delivered from this mailbox) |
+//!
+//! A delivered entry (acked by its owner, or accepted on a push) leaves its dedup and retention
+//! keys behind, with an `a` key: a replay of the same envelope is then answered as already
+//! stored without being stored again, until the entry's retention deadline, when purge forgets
+//! it. At most [`Limits::max_delivered_ids`] are remembered per mailbox (the oldest go first).
 //!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
@@ -36,6 +42,7 @@ const ITEM: u8 = b'i';
 const OWNER: u8 = b'o';
 const DEADLINE: u8 = b't';
 const DEDUP: u8 = b'd';
+const DELIVERED: u8 = b'a';
 
 /// Largest stored record; an envelope is far smaller, so this only guards against corruption.
 const MAX_RECORD_BYTES: usize = kith_protocol::limits::MAX_ENVELOPE_BYTES + 256;
@@ -55,6 +62,9 @@ pub struct Limits {
     pub budget_bytes: u64,
     /// How long an entry is kept, in milliseconds.
     pub ttl_ms: u64,
+    /// Most delivered ids remembered per mailbox, so that replays of them are not stored
+    /// again (each is forgotten at its entry's retention deadline, or to make room).
+    pub max_delivered_ids: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -219,6 +229,8 @@ pub struct Store {
     limits: Limits,
     usage: HashMap<PeerId, Usage>,
     totals: Usage,
+    /// Delivered ids remembered, per mailbox.
+    delivered: HashMap<PeerId, u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -240,8 +252,16 @@ fn peer_key(peer: &PeerId) -> Option<Vec<u8>> {
 }
 
 fn item_key(owner: &[u8], seq: u64) -> Vec<u8> {
+    owner_seq_key(ITEM, owner, seq)
+}
+
+fn delivered_key(owner: &[u8], seq: u64) -> Vec<u8> {
+    owner_seq_key(DELIVERED, owner, seq)
+}
+
+fn owner_seq_key(prefix: u8, owner: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(owner.len() + 9);
-    key.push(ITEM);
+    key.push(prefix);
     key.extend_from_slice(owner);
     key.extend_from_slice(&seq.to_be_bytes());
     key
@@ -276,7 +296,7 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(slice.try_into().ok()?))
 }
 
-/// Splits an item key into (owner, seq).
+/// Splits an item (or delivered) key into (owner, seq).
 fn parse_item_key(key: &[u8]) -> Option<(PeerId, u64)> {
     let len = usize::from(*key.get(1)?);
     let owner = PeerId::from_bytes(key.get(2..2 + len)?).ok()?;
@@ -305,12 +325,20 @@ impl Store {
             totals.messages += 1;
             totals.bytes += value.len() as u64;
         }
+        let mut delivered: HashMap<PeerId, u64> = HashMap::new();
+        for key in tree.scan_prefix([DELIVERED]).keys() {
+            let key = key?;
+            let (owner, _) = parse_item_key(&key)
+                .ok_or_else(|| OpenError::Corrupt(format!("bad delivered key {key:?}")))?;
+            *delivered.entry(owner).or_default() += 1;
+        }
         Ok(Self {
             db,
             tree,
             limits,
             usage,
             totals,
+            delivered,
         })
     }
 
@@ -327,6 +355,11 @@ impl Store {
     /// Entries and bytes waiting in all mailboxes.
     pub fn totals(&self) -> Usage {
         self.totals
+    }
+
+    /// How many delivered ids of `owner`'s mailbox are remembered.
+    pub fn delivered_ids(&self, owner: &PeerId) -> u64 {
+        self.delivered.get(owner).copied().unwrap_or_default()
     }
 
     /// Stores `envelope` in the mailbox of `recipient`, unless the same `(from, id)` is already
@@ -520,7 +553,7 @@ impl Store {
         }
         let mut removed = 0u32;
         for &seq in seqs {
-            if self.remove_entry(owner, &owner_bytes, seq)? {
+            if self.remove_entry(owner, &owner_bytes, seq, Gone::Delivered)? {
                 removed += 1;
             }
         }
@@ -533,10 +566,11 @@ impl Store {
         let Some(owner_bytes) = peer_key(owner) else {
             return Ok(false);
         };
-        Ok(self.remove_entry(owner, &owner_bytes, seq)?)
+        Ok(self.remove_entry(owner, &owner_bytes, seq, Gone::Delivered)?)
     }
 
-    /// Deletes every entry whose deadline is at or before `now_ms`; returns how many.
+    /// Deletes every entry whose deadline is at or before `now_ms`, and forgets delivered ids
+    /// whose deadline has passed; returns how many entries were deleted.
     pub fn purge(&mut self, now_ms: u64) -> Result<u64, RemoveError> {
         let end = deadline_key(now_ms, u64::MAX);
         let due: Vec<(Vec<u8>, Vec<u8>, u64)> = self
@@ -555,7 +589,11 @@ impl Store {
                 .get(1..)
                 .and_then(|b| PeerId::from_bytes(b).ok());
             let removed = match owner {
-                Some(owner) => self.remove_entry(&owner, &owner_bytes, seq)?,
+                Some(owner) => {
+                    let removed = self.remove_entry(&owner, &owner_bytes, seq, Gone::Expired)?;
+                    self.forget_delivered(&owner, &owner_bytes, seq)?;
+                    removed
+                }
                 None => false,
             };
             if removed {
@@ -573,11 +611,25 @@ impl Store {
         owner: &PeerId,
         owner_bytes: &[u8],
         seq: u64,
+        gone: Gone,
     ) -> Result<bool, sled::Error> {
+        let item = item_key(owner_bytes, seq);
+        if gone == Gone::Delivered {
+            // Remembered first: a crash after this leaves the entry stored (fetched and acked
+            // again) with its id remembered, which purge forgets with the entry.
+            let Some(value) = self.tree.get(&item)? else {
+                return Ok(false);
+            };
+            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                    self.remember_delivered(owner, owner_bytes, seq, record.deadline_ms, dedup)?;
+                }
+            }
+        }
         // The record goes first: once it is gone the entry is gone, and what a crash leaves of
         // the rest is harmless (a dedup key of a delivered message; a retention key that purge
         // drops).
-        let Some(value) = self.tree.remove(item_key(owner_bytes, seq))? else {
+        let Some(value) = self.tree.remove(item)? else {
             return Ok(false);
         };
         let size = value.len() as u64;
@@ -592,15 +644,96 @@ impl Store {
         self.totals.bytes = self.totals.bytes.saturating_sub(size);
         self.tree.remove(owner_key(seq))?;
         // A record that does not decode still goes; its index entries are then left for purge
-        // to skip (they point at nothing).
-        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
-            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
-                self.tree.remove(dedup)?;
+        // to skip (they point at nothing). A delivered one keeps its dedup and retention keys
+        // until purge forgets it.
+        if gone == Gone::Expired {
+            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                    self.tree.remove(dedup)?;
+                }
+                self.tree.remove(deadline_key(record.deadline_ms, seq))?;
             }
-            self.tree.remove(deadline_key(record.deadline_ms, seq))?;
         }
         Ok(true)
     }
+
+    /// Remembers that entry `seq` of `owner`'s mailbox, with dedup key `dedup`, was delivered,
+    /// forgetting the mailbox's oldest delivered id first when it holds its limit.
+    fn remember_delivered(
+        &mut self,
+        owner: &PeerId,
+        owner_bytes: &[u8],
+        seq: u64,
+        deadline_ms: u64,
+        dedup: Vec<u8>,
+    ) -> Result<(), sled::Error> {
+        let key = delivered_key(owner_bytes, seq);
+        let mut value = deadline_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(&dedup);
+        let count = self.delivered_ids(owner);
+        if count >= self.limits.max_delivered_ids {
+            let start = delivered_key(owner_bytes, 0);
+            let end = delivered_key(owner_bytes, u64::MAX);
+            let oldest = self.tree.range(start..=end).next().transpose()?;
+            if let Some((oldest, _)) = oldest {
+                if let Some((_, oldest_seq)) = parse_item_key(&oldest) {
+                    self.forget_delivered(owner, owner_bytes, oldest_seq)?;
+                }
+            }
+        }
+        if self.limits.max_delivered_ids == 0 {
+            // Nothing is remembered: the entry goes as it did before delivered ids were kept.
+            self.tree.remove(dedup)?;
+            self.tree.remove(deadline_key(deadline_ms, seq))?;
+            return Ok(());
+        }
+        if self.tree.insert(key, value)?.is_none() {
+            *self.delivered.entry(*owner).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Forgets delivered entry `seq` of `owner`'s mailbox, if it is remembered: its dedup,
+    /// retention and delivered keys go. Returns whether it was remembered.
+    fn forget_delivered(
+        &mut self,
+        owner: &PeerId,
+        owner_bytes: &[u8],
+        seq: u64,
+    ) -> Result<bool, sled::Error> {
+        let Some(value) = self.tree.get(delivered_key(owner_bytes, seq))? else {
+            return Ok(false);
+        };
+        let (Some(deadline_ms), Some(dedup)) = (u64_at(&value, 0), value.get(8..)) else {
+            self.tree.remove(delivered_key(owner_bytes, seq))?;
+            return Ok(false);
+        };
+        // The dedup key only when it still names this entry (not a later copy stored after a
+        // crash cut an ack short).
+        if let Some(found) = self.tree.get(dedup)? {
+            if u64_at(&found, 0) == Some(seq) {
+                self.tree.remove(dedup)?;
+            }
+        }
+        self.tree.remove(deadline_key(deadline_ms, seq))?;
+        self.tree.remove(delivered_key(owner_bytes, seq))?;
+        if let Some(count) = self.delivered.get_mut(owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.delivered.remove(owner);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Why an entry leaves its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Its owner has it (acked, or accepted on a push): its id is remembered.
+    Delivered,
+    /// Its deadline passed.
+    Expired,
 }
 
 #[cfg(test)]
@@ -616,6 +749,7 @@ mod tests {
             max_bytes: 1 << 20,
             budget_bytes: u64::MAX,
             ttl_ms: 1_000,
+            max_delivered_ids: 100,
         }
     }
 
@@ -686,6 +820,9 @@ mod tests {
         s.deposit(&bob, &e2, 0).expect("deposit");
         assert_eq!(s.ack(&bob, &[d1.seq]).expect("ack"), 1);
         assert_eq!(s.purge(10).expect("purge"), 1);
+        // The acked one's id is remembered until its retention deadline.
+        assert_eq!(s.delivered_ids(&bob), 1);
+        assert_eq!(s.purge(1_000).expect("purge"), 0);
         assert_eq!(s.tree.len(), 0, "every key of both entries is gone");
         assert_eq!(s.totals(), Usage::default());
     }
@@ -767,6 +904,73 @@ mod tests {
         let later = s.deposit(&bob, &e2, 0).expect("deposit");
         assert!(later.duplicate);
         assert_eq!(later.seq, d2.seq);
+    }
+
+    #[test]
+    fn a_replay_after_delivery_is_not_stored_again() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let acked = envelope(&alice, bob, "acked", None);
+        let pushed = envelope(&alice, bob, "pushed", None);
+        let first = s.deposit(&bob, &acked, 0).expect("deposit");
+        let second = s.deposit(&bob, &pushed, 0).expect("deposit");
+        assert_eq!(s.ack(&bob, &[first.seq]).expect("ack"), 1);
+        assert!(s.remove(&bob, second.seq).expect("remove"));
+        assert_eq!(s.delivered_ids(&bob), 2);
+        for (e, d) in [(&acked, first), (&pushed, second)] {
+            let again = s.deposit(&bob, e, 10).expect("replay");
+            assert_eq!(
+                again,
+                Deposited {
+                    seq: d.seq,
+                    duplicate: true
+                }
+            );
+        }
+        assert!(s
+            .fetch(&bob, None, 10, MAX)
+            .expect("fetch")
+            .items
+            .is_empty());
+        assert_eq!(s.totals(), Usage::default());
+        // Forgotten with the mailbox's TTL: then it is a new deposit again, and nothing is left.
+        assert_eq!(s.purge(999).expect("purge"), 0);
+        assert_eq!(s.delivered_ids(&bob), 2);
+        assert_eq!(s.purge(1_000).expect("purge"), 0);
+        assert_eq!(s.delivered_ids(&bob), 0);
+        assert_eq!(s.tree.len(), 0, "every key is gone");
+        assert!(!s.deposit(&bob, &acked, 1_000).expect("deposit").duplicate);
+    }
+
+    #[test]
+    fn delivered_ids_are_bounded_per_mailbox_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits {
+            max_delivered_ids: 3,
+            ..limits()
+        };
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let envelopes: Vec<Envelope> = (0..5)
+            .map(|i| envelope(&alice, bob, &format!("m{i}"), None))
+            .collect();
+        {
+            let mut s = Store::open(dir.path(), limits).expect("open");
+            for e in &envelopes {
+                let d = s.deposit(&bob, e, 0).expect("deposit");
+                assert_eq!(s.ack(&bob, &[d.seq]).expect("ack"), 1);
+            }
+            assert_eq!(s.delivered_ids(&bob), 3);
+            s.db().flush().expect("flush");
+        }
+        let mut s = Store::open(dir.path(), limits).expect("reopen");
+        assert_eq!(s.delivered_ids(&bob), 3);
+        // The newest three are remembered; the two oldest were forgotten to make room.
+        for (i, e) in envelopes.iter().enumerate() {
+            let again = s.deposit(&bob, e, 0).expect("deposit");
+            assert_eq!(again.duplicate, i >= 2, "envelope {i}");
+        }
     }
 
     #[test]
