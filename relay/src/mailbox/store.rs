@@ -11,12 +11,13 @@
 //! | `o` seq | owner (which mailbox a sequence number belongs to) |
 //! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
 //! | `d` from-len from message-id | seq (dedupe while the entry is stored, and after it is delivered) |
-//! | `a` owner-len owner seq | deadline, then the dedup key (an id delivered from this mailbox) |
+//! | `a` owner-len owner seq | deadline, BLAKE3 of the delivered copy's signature, then the dedup key (an id delivered from this mailbox) |
 //!
 //! A delivered entry (acked by its owner, or accepted on a push) leaves its dedup and retention
-//! keys behind, with an `a` key: a replay of the same envelope is then answered as already
-//! stored without being stored again, until the entry's retention deadline, when purge forgets
-//! it. At most [`Limits::max_delivered_ids`] are remembered per mailbox (the oldest go first).
+//! keys behind, with an `a` key: a replay of the same envelope (the same signature) is then
+//! answered as already stored without being stored again, until the entry's retention
+//! deadline, when purge forgets it. Another envelope with the same id (a sender sealing a
+//! message again for a recipient that could not decrypt it) is stored. At most [`Limits::max_delivered_ids`] are remembered per mailbox (the oldest go first).
 //!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
@@ -65,6 +66,11 @@ pub struct Limits {
     /// Most delivered ids remembered per mailbox, so that replays of them are not stored
     /// again (each is forgotten at its entry's retention deadline, or to make room).
     pub max_delivered_ids: u64,
+    /// Most entries one sender may have waiting in one recipient's mailbox (its share of the
+    /// mailbox, so that one sender cannot fill it for everyone else).
+    pub max_messages_per_sender: u64,
+    /// Most stored bytes one sender may have waiting in one recipient's mailbox.
+    pub max_bytes_per_sender: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -134,6 +140,16 @@ pub enum DepositError {
         /// Bytes already waiting.
         bytes: u64,
     },
+    /// The sender already has its whole share of the recipient's mailbox waiting there.
+    #[error("{sender} has its share of the mailbox waiting ({messages} messages, {bytes} bytes)")]
+    SenderShareExceeded {
+        /// The sender.
+        sender: PeerId,
+        /// The sender's entries already waiting there.
+        messages: u64,
+        /// The sender's bytes already waiting there.
+        bytes: u64,
+    },
     /// Every mailbox together holds the relay's whole disk budget.
     #[error("the mailboxes hold their whole budget ({bytes} of {budget} bytes)")]
     BudgetFull {
@@ -197,12 +213,15 @@ pub struct Staged {
     dedup: HashMap<Vec<u8>, u64>,
     /// Entries and bytes the staged deposits add, per recipient.
     usage: HashMap<PeerId, Usage>,
+    /// Entries and bytes the staged deposits add, per (sender, recipient).
+    senders: HashMap<(PeerId, PeerId), Usage>,
 }
 
 /// One deposit's keys and values, in the order they are written: retention, record, owner,
 /// dedup (see the module documentation for why).
 struct StagedDeposit {
     recipient: PeerId,
+    sender: PeerId,
     size: u64,
     writes: [(Vec<u8>, Vec<u8>); 4],
 }
@@ -231,6 +250,8 @@ pub struct Store {
     totals: Usage,
     /// Delivered ids remembered, per mailbox.
     delivered: HashMap<PeerId, u64>,
+    /// Entries and bytes waiting, per (sender, recipient).
+    senders: HashMap<(PeerId, PeerId), Usage>,
 }
 
 impl std::fmt::Debug for Store {
@@ -291,6 +312,14 @@ fn dedup_key(envelope: &Envelope, owner: &[u8]) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// Bytes of [`signature_digest`].
+const DIGEST_BYTES: usize = 32;
+
+/// What tells a replay of a delivered envelope from another envelope with the same id.
+fn signature_digest(envelope: &Envelope) -> [u8; DIGEST_BYTES] {
+    *blake3::hash(&envelope.sig).as_bytes()
+}
+
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     let slice = bytes.get(at..at.checked_add(8)?)?;
     Some(u64::from_be_bytes(slice.try_into().ok()?))
@@ -314,11 +343,18 @@ impl Store {
     pub fn with_db(db: sled::Db, limits: Limits) -> Result<Self, OpenError> {
         let tree = db.open_tree("mailbox")?;
         let mut usage: HashMap<PeerId, Usage> = HashMap::new();
+        let mut senders: HashMap<(PeerId, PeerId), Usage> = HashMap::new();
         let mut totals = Usage::default();
         for entry in tree.scan_prefix([ITEM]) {
             let (key, value) = entry?;
             let (owner, _) = parse_item_key(&key)
                 .ok_or_else(|| OpenError::Corrupt(format!("bad item key {key:?}")))?;
+            // A record that does not decode counts for its mailbox, not for a sender.
+            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+                let s = senders.entry((record.envelope.from, owner)).or_default();
+                s.messages += 1;
+                s.bytes += value.len() as u64;
+            }
             let u = usage.entry(owner).or_default();
             u.messages += 1;
             u.bytes += value.len() as u64;
@@ -339,6 +375,7 @@ impl Store {
             usage,
             totals,
             delivered,
+            senders,
         })
     }
 
@@ -355,6 +392,30 @@ impl Store {
     /// Entries and bytes waiting in all mailboxes.
     pub fn totals(&self) -> Usage {
         self.totals
+    }
+
+    /// Entries and bytes `sender` has waiting in `recipient`'s mailbox.
+    pub fn sender_usage(&self, sender: &PeerId, recipient: &PeerId) -> Usage {
+        self.senders
+            .get(&(*sender, *recipient))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether a deposit of `envelope` for `recipient` would surely be refused for its sender's
+    /// share of the mailbox: the share is used up and holds no copy of it. Cheap, like
+    /// [`Store::surely_full`].
+    pub fn surely_over_share(&self, recipient: &PeerId, envelope: &Envelope) -> bool {
+        let used = self.sender_usage(&envelope.from, recipient);
+        if used.messages < self.limits.max_messages_per_sender
+            && used.bytes < self.limits.max_bytes_per_sender
+        {
+            return false;
+        }
+        let known = peer_key(recipient)
+            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|dedup| self.tree.get(dedup).ok().flatten());
+        known.is_none()
     }
 
     /// How many delivered ids of `owner`'s mailbox are remembered.
@@ -413,10 +474,14 @@ impl Store {
             None => self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)),
         };
         if let Some(seq) = known {
-            return Ok(Deposited {
-                seq,
-                duplicate: true,
-            });
+            let resealed = !staged.dedup.contains_key(&dedup)
+                && self.delivered_copy_differs(&owner, seq, envelope)?;
+            if !resealed {
+                return Ok(Deposited {
+                    seq,
+                    duplicate: true,
+                });
+            }
         }
         let retention = now_ms.saturating_add(self.limits.ttl_ms);
         let deadline_ms = envelope
@@ -443,6 +508,21 @@ impl Store {
                 bytes: used.bytes,
             });
         }
+        let pair = (envelope.from, *recipient);
+        let mut share = self.sender_usage(&envelope.from, recipient);
+        if let Some(more) = staged.senders.get(&pair) {
+            share.messages += more.messages;
+            share.bytes += more.bytes;
+        }
+        if share.messages >= self.limits.max_messages_per_sender
+            || share.bytes.saturating_add(size) > self.limits.max_bytes_per_sender
+        {
+            return Err(DepositError::SenderShareExceeded {
+                sender: envelope.from,
+                messages: share.messages,
+                bytes: share.bytes,
+            });
+        }
         let all: u64 = self.totals.bytes + staged.usage.values().map(|u| u.bytes).sum::<u64>();
         if all.saturating_add(size) > self.limits.budget_bytes {
             return Err(DepositError::BudgetFull {
@@ -454,6 +534,7 @@ impl Store {
         let seq = self.db.generate_id()?.saturating_add(1);
         staged.deposits.push(StagedDeposit {
             recipient: *recipient,
+            sender: envelope.from,
             size,
             writes: [
                 (deadline_key(deadline_ms, seq), owner.clone()),
@@ -466,6 +547,9 @@ impl Store {
         let u = staged.usage.entry(*recipient).or_default();
         u.messages += 1;
         u.bytes += size;
+        let s = staged.senders.entry(pair).or_default();
+        s.messages += 1;
+        s.bytes += size;
         Ok(Deposited {
             seq,
             duplicate: false,
@@ -480,6 +564,7 @@ impl Store {
         for deposit in staged.deposits {
             let StagedDeposit {
                 recipient,
+                sender,
                 size,
                 writes: [deadline, item, owner, dedup],
             } = deposit;
@@ -490,6 +575,9 @@ impl Store {
             u.bytes += size;
             self.totals.messages += 1;
             self.totals.bytes += size;
+            let s = self.senders.entry((sender, recipient)).or_default();
+            s.messages += 1;
+            s.bytes += size;
             self.tree.insert(owner.0, owner.1)?;
             self.tree.insert(dedup.0, dedup.1)?;
         }
@@ -622,7 +710,15 @@ impl Store {
             };
             if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
                 if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
-                    self.remember_delivered(owner, owner_bytes, seq, record.deadline_ms, dedup)?;
+                    let digest = signature_digest(&record.envelope);
+                    self.remember_delivered(
+                        owner,
+                        owner_bytes,
+                        seq,
+                        record.deadline_ms,
+                        digest,
+                        dedup,
+                    )?;
                 }
             }
         }
@@ -646,8 +742,16 @@ impl Store {
         // A record that does not decode still goes; its index entries are then left for purge
         // to skip (they point at nothing). A delivered one keeps its dedup and retention keys
         // until purge forgets it.
-        if gone == Gone::Expired {
-            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+            let pair = (record.envelope.from, *owner);
+            if let Some(s) = self.senders.get_mut(&pair) {
+                s.messages = s.messages.saturating_sub(1);
+                s.bytes = s.bytes.saturating_sub(size);
+                if s.messages == 0 {
+                    self.senders.remove(&pair);
+                }
+            }
+            if gone == Gone::Expired {
                 if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
                     self.tree.remove(dedup)?;
                 }
@@ -655,6 +759,20 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// Whether entry `seq` of `owner`'s mailbox was delivered as another envelope than
+    /// `envelope` (same sender and id, another signature): then `envelope` is not a replay.
+    fn delivered_copy_differs(
+        &self,
+        owner_bytes: &[u8],
+        seq: u64,
+        envelope: &Envelope,
+    ) -> Result<bool, sled::Error> {
+        let Some(value) = self.tree.get(delivered_key(owner_bytes, seq))? else {
+            return Ok(false);
+        };
+        Ok(value.get(8..8 + DIGEST_BYTES) != Some(&signature_digest(envelope)[..]))
     }
 
     /// Remembers that entry `seq` of `owner`'s mailbox, with dedup key `dedup`, was delivered,
@@ -665,10 +783,12 @@ impl Store {
         owner_bytes: &[u8],
         seq: u64,
         deadline_ms: u64,
+        digest: [u8; DIGEST_BYTES],
         dedup: Vec<u8>,
     ) -> Result<(), sled::Error> {
         let key = delivered_key(owner_bytes, seq);
         let mut value = deadline_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(&digest);
         value.extend_from_slice(&dedup);
         let count = self.delivered_ids(owner);
         if count >= self.limits.max_delivered_ids {
@@ -704,7 +824,8 @@ impl Store {
         let Some(value) = self.tree.get(delivered_key(owner_bytes, seq))? else {
             return Ok(false);
         };
-        let (Some(deadline_ms), Some(dedup)) = (u64_at(&value, 0), value.get(8..)) else {
+        let (Some(deadline_ms), Some(dedup)) = (u64_at(&value, 0), value.get(8 + DIGEST_BYTES..))
+        else {
             self.tree.remove(delivered_key(owner_bytes, seq))?;
             return Ok(false);
         };
@@ -750,6 +871,8 @@ mod tests {
             budget_bytes: u64::MAX,
             ttl_ms: 1_000,
             max_delivered_ids: 100,
+            max_messages_per_sender: u64::MAX,
+            max_bytes_per_sender: u64::MAX,
         }
     }
 
@@ -934,9 +1057,17 @@ mod tests {
             .items
             .is_empty());
         assert_eq!(s.totals(), Usage::default());
+        // The same id sealed again (another signature) is not a replay: it is stored.
+        let mut resealed = acked.clone();
+        resealed.sig = alice.sign(b"another body").expect("sign");
+        let stored = s.deposit(&bob, &resealed, 0).expect("deposit");
+        assert!(!stored.duplicate);
+        assert_eq!(s.ack(&bob, &[stored.seq]).expect("ack"), 1);
+        assert!(s.deposit(&bob, &resealed, 10).expect("replay").duplicate);
+        assert_eq!(s.delivered_ids(&bob), 3);
         // Forgotten with the mailbox's TTL: then it is a new deposit again, and nothing is left.
         assert_eq!(s.purge(999).expect("purge"), 0);
-        assert_eq!(s.delivered_ids(&bob), 2);
+        assert_eq!(s.delivered_ids(&bob), 3);
         assert_eq!(s.purge(1_000).expect("purge"), 0);
         assert_eq!(s.delivered_ids(&bob), 0);
         assert_eq!(s.tree.len(), 0, "every key is gone");
@@ -1032,6 +1163,70 @@ mod tests {
         ));
         s.deposit(&carol, &envelope(&alice, carol, "small", None), 0)
             .expect("a small one still fits");
+    }
+
+    #[test]
+    fn one_sender_fills_only_its_share_of_a_mailbox() {
+        let mut s = store(Limits {
+            max_messages: 10,
+            max_messages_per_sender: 2,
+            max_bytes_per_sender: 900,
+            ..limits()
+        });
+        let (alice, alice_id) = peer();
+        let (carol, _) = peer();
+        let (_, bob) = peer();
+        let first = s
+            .deposit(&bob, &envelope(&alice, bob, "one", None), 0)
+            .expect("fits");
+        s.deposit(&bob, &envelope(&alice, bob, "two", None), 0)
+            .expect("fits");
+        let third = envelope(&alice, bob, "three", None);
+        assert!(s.surely_over_share(&bob, &third));
+        assert!(matches!(
+            s.deposit(&bob, &third, 0),
+            Err(DepositError::SenderShareExceeded { messages: 2, sender, .. }) if sender == alice_id
+        ));
+        // Someone else still gets through to bob, and alice to someone else.
+        s.deposit(&bob, &envelope(&carol, bob, "from carol", None), 0)
+            .expect("another sender's share");
+        let (_, dave) = peer();
+        s.deposit(&dave, &envelope(&alice, dave, "to dave", None), 0)
+            .expect("another recipient");
+        // Delivery frees the share; a reopen counts it again from the records.
+        assert_eq!(s.ack(&bob, &[first.seq]).expect("ack"), 1);
+        assert!(!s.surely_over_share(&bob, &third));
+        s.deposit(&bob, &third, 0).expect("room again");
+        assert_eq!(s.sender_usage(&alice_id, &bob).messages, 2);
+        // By bytes as well.
+        let big = envelope(&alice, dave, &"x".repeat(600), None);
+        assert!(matches!(
+            s.deposit(&dave, &big, 0),
+            Err(DepositError::SenderShareExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn sender_shares_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits {
+            max_messages_per_sender: 1,
+            ..limits()
+        };
+        let (alice, alice_id) = peer();
+        let (_, bob) = peer();
+        {
+            let mut s = Store::open(dir.path(), limits).expect("open");
+            s.deposit(&bob, &envelope(&alice, bob, "one", None), 0)
+                .expect("fits");
+            s.db().flush().expect("flush");
+        }
+        let mut s = Store::open(dir.path(), limits).expect("reopen");
+        assert_eq!(s.sender_usage(&alice_id, &bob).messages, 1);
+        assert!(matches!(
+            s.deposit(&bob, &envelope(&alice, bob, "two", None), 0),
+            Err(DepositError::SenderShareExceeded { .. })
+        ));
     }
 
     #[test]
