@@ -373,13 +373,13 @@ mod tests {
         }
         assert!(open_ready(&bob, &alice).is_empty());
         // The first two windows come, in order: the held ones come into the window and open.
-        for i in 0..(2 * WINDOW as usize) {
+        for (i, s) in sent.iter().enumerate().take(2 * WINDOW as usize) {
             assert_eq!(
-                bob.olm.verdict(&alice.peer, &sent[i]).expect("verdict"),
+                bob.olm.verdict(&alice.peer, s).expect("verdict"),
                 Verdict::Open
             );
             assert_eq!(
-                open(&bob, &alice, &sent[i]).expect("opens"),
+                open(&bob, &alice, s).expect("opens"),
                 chat(&format!("m{i}"))
             );
         }

@@ -204,6 +204,10 @@ fn opened_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
     key
 }
 
+/// A held message as [`Olm::ready`] lists it: its store key (to remove once dealt with) and
+/// its envelope's bytes.
+pub type HeldEntry = (Vec<u8>, Vec<u8>);
+
 fn chains_key(peer: &PeerId) -> Vec<u8> {
     let mut key = b"x/c/".to_vec();
     key.extend(peer_part(peer));
@@ -631,7 +635,7 @@ impl Olm {
 
     /// The held messages of `from` that may be opened now, in chain order: their keys (to
     /// remove once dealt with) and envelopes.
-    pub fn ready(&self, from: &PeerId) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CryptoError> {
+    pub fn ready(&self, from: &PeerId) -> Result<Vec<HeldEntry>, CryptoError> {
         let prefix = order::held_prefix(&peer_part(from));
         let held = self.store.scan_raw(&prefix)?;
         if held.is_empty() {

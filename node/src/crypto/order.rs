@@ -30,7 +30,7 @@ use vodozemac::olm::OlmMessage;
 pub const WINDOW: u64 = 32;
 
 /// How long the oldest held message of a chain waits for the ones before it.
-pub const PATIENCE: Duration = Duration::from_secs(60);
+pub const PATIENCE: Duration = Duration::from_secs(15);
 
 /// Most messages held for one peer; more are refused with `Busy` until some open.
 pub const MAX_HELD_PER_PEER: usize = 2_000;

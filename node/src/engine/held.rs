@@ -21,7 +21,7 @@ use crate::shutdown::Signal;
 const HELD_FULL_RETRY_AFTER_MS: u64 = 2_000;
 
 /// How often the node looks for chains that waited too long.
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Rounds of [`Node::open_held`] per call: each opens what the previous let into the window,
 /// at most [`order::WINDOW`] per chain.
