@@ -8,7 +8,6 @@
 #![deny(missing_docs)]
 
 pub mod codec;
-pub mod fuzz;
 
 use std::time::Duration;
 

@@ -513,11 +513,7 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 if let Some(reason) = status["reason"].as_str() {
-                    let why = match status["state"].as_str() {
-                        Some("failed") => "failed because",
-                        _ => "pending because",
-                    };
-                    println!("{why}: {reason}");
+                    println!("pending because: {reason}");
                 }
             }
         }
