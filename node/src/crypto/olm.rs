@@ -16,8 +16,8 @@
 //! Every change of a session is written while the lock is held, so that the stored state never
 //! goes back: a ratchet step written after a later one would, after a restart, reuse message
 //! keys. Sealed messages leave only after that write is flushed (the callers flush before they
-//! send), and an opened message is written in the same atomic batch as the session that opened
-//! it.
+//! send), and an opened message is written in one write with the session that opened it,
+//! the message before the session's new state (see [`Olm::open`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -405,7 +405,8 @@ impl Olm {
 
     /// Decrypts an Olm body from `from`, lets `stage` add what it means to a batch, and writes
     /// that batch with the session's new state (and the account's, when a pre-key message used
-    /// one of its one-time keys) atomically. Nothing is written when `stage` fails.
+    /// one of its one-time keys), the message first, so that any part a crash leaves is
+    /// harmless. Nothing is written when `stage` fails.
     pub fn open<T, E: From<OpenError>>(
         &self,
         from: &PeerId,
@@ -504,10 +505,7 @@ impl Olm {
             self.undo(&mut state, from, account_changed);
             return Err(OpenError::BadInner("not a one-to-one content body".into()).into());
         }
-        if matches!(inner, Body::Receipt { .. }) {
-            // Receipts are not stored as messages: this marks the copy that may come again.
-            batch.put_raw(opened_key(from, id), Vec::new());
-        }
+        let is_receipt = matches!(inner, Body::Receipt { .. });
         let staged = match stage(inner, &mut batch) {
             Ok(staged) => staged,
             Err(e) => {
@@ -515,6 +513,11 @@ impl Olm {
                 return Err(e);
             }
         };
+        if is_receipt {
+            // Receipts are not stored as messages: this marks the copy that may come again
+            // (after what the receipt changed).
+            batch.put_raw(opened_key(from, id), Vec::new());
+        }
         let written = (|| -> Result<(), CryptoError> {
             // A message that once did not decrypt is now replaced.
             batch.remove_raw(undecryptable_key(from, id));
@@ -537,7 +540,14 @@ impl Olm {
                     })?,
                 );
             }
-            self.store.apply(batch)?;
+            // In order, not as one sled batch: sled's `apply_batch` takes a process-wide lock
+            // that can deadlock with a read splitting a node while the log waits for a
+            // segment (seen as a hang under load). The order makes any first part that a
+            // crash leaves harmless: what the message says, then the message, then the
+            // session's new state. Without the state, a copy that comes again is known by its
+            // record (or receipt mark) and not opened again; the old state only still holds a
+            // key already used.
+            self.store.apply_in_order(batch)?;
             Ok(())
         })();
         if let Err(e) = written {

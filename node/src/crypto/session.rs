@@ -95,7 +95,9 @@ impl Node {
                 }
             }
         }
-        let written = match self.store().apply(batch) {
+        // In order (see `Olm::open`): a crash part way leaves some entries unsealed, which are
+        // sealed again at their next attempt.
+        let written = match self.store().apply_in_order(batch) {
             Ok(()) => self.store().flush().await,
             Err(e) => Err(e),
         };
