@@ -101,6 +101,16 @@ mod tests {
             .expect("session");
     }
 
+    /// `from` seals a chat message `text` for `to` on its session.
+    fn say(from: &Side, to: &Side, text: &str) -> kith_protocol::envelope::Sealed {
+        sealed(
+            from.olm
+                .seal(&to.peer, &chat(text))
+                .expect("seals")
+                .expect("a session"),
+        )
+    }
+
     fn sealed(body: Body) -> kith_protocol::envelope::Sealed {
         match body {
             Body::Olm(sealed) => sealed,
@@ -132,13 +142,7 @@ mod tests {
         let alice = side().await;
         let bob = side().await;
         connect(&alice, &bob);
-        let first = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("attack at dawn"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let first = say(&alice, &bob, "attack at dawn");
         assert_eq!(first.message_type, kith_protocol::envelope::OLM_PRE_KEY);
         assert!(first.identity.is_some());
         assert!(!first
@@ -150,21 +154,10 @@ mod tests {
             chat("attack at dawn")
         );
         // Bob answers on the session the pre-key message made; Alice's next ones are normal.
-        let reply = sealed(
-            bob.olm
-                .seal(&alice.peer, &chat("ok"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let reply = say(&bob, &alice, "ok");
         assert_eq!(reply.message_type, kith_protocol::envelope::OLM_NORMAL);
         assert_eq!(open(&alice, &bob, &reply).expect("opens"), chat("ok"));
-        let next = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("again"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let next = say(&alice, &bob, "again");
         assert_eq!(next.message_type, kith_protocol::envelope::OLM_NORMAL);
         assert_eq!(open(&bob, &alice, &next).expect("opens"), chat("again"));
         // A copy of an opened message does not open again (the engine knows it by its id).
@@ -177,49 +170,21 @@ mod tests {
         let alice = side().await;
         let bob = side().await;
         connect(&alice, &bob);
-        let hello = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("hello"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let hello = say(&alice, &bob, "hello");
         open(&bob, &alice, &hello).expect("opens");
-        let reply = sealed(
-            bob.olm
-                .seal(&alice.peer, &chat("hi"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let reply = say(&bob, &alice, "hi");
         open(&alice, &bob, &reply).expect("opens");
         // The ciphertext an eavesdropper captures.
-        let captured = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("the secret"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let captured = say(&alice, &bob, "the secret");
         assert_eq!(
             open(&bob, &alice, &captured).expect("opens"),
             chat("the secret")
         );
         // The conversation goes on: both ratchets step forward.
         for i in 0..3 {
-            let a = sealed(
-                bob.olm
-                    .seal(&alice.peer, &chat(&format!("b{i}")))
-                    .expect("seals")
-                    .expect("a session"),
-            );
+            let a = say(&bob, &alice, &format!("b{i}"));
             open(&alice, &bob, &a).expect("opens");
-            let b = sealed(
-                alice
-                    .olm
-                    .seal(&bob.peer, &chat(&format!("a{i}")))
-                    .expect("seals")
-                    .expect("a session"),
-            );
+            let b = say(&alice, &bob, &format!("a{i}"));
             open(&bob, &alice, &b).expect("opens");
         }
         // Bob's whole state as it is now (in memory and as stored, reloaded from the store)
@@ -244,36 +209,14 @@ mod tests {
         let bob = side().await;
         connect(&alice, &bob);
         connect(&bob, &alice);
-        let from_alice = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("a"))
-                .expect("seals")
-                .expect("a session"),
-        );
-        let from_bob = sealed(
-            bob.olm
-                .seal(&alice.peer, &chat("b"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let from_alice = say(&alice, &bob, "a");
+        let from_bob = say(&bob, &alice, "b");
         assert_eq!(open(&bob, &alice, &from_alice).expect("opens"), chat("a"));
         assert_eq!(open(&alice, &bob, &from_bob).expect("opens"), chat("b"));
         // Whatever session each side now picks, the other opens it.
         for i in 0..4 {
-            let a = sealed(
-                alice
-                    .olm
-                    .seal(&bob.peer, &chat(&format!("a{i}")))
-                    .expect("seals")
-                    .expect("a session"),
-            );
-            let b = sealed(
-                bob.olm
-                    .seal(&alice.peer, &chat(&format!("b{i}")))
-                    .expect("seals")
-                    .expect("a session"),
-            );
+            let a = say(&alice, &bob, &format!("a{i}"));
+            let b = say(&bob, &alice, &format!("b{i}"));
             assert_eq!(
                 open(&bob, &alice, &a).expect("opens"),
                 chat(&format!("a{i}"))
@@ -291,15 +234,7 @@ mod tests {
         let bob = side().await;
         connect(&alice, &bob);
         let sent: Vec<_> = (0..5)
-            .map(|i| {
-                sealed(
-                    alice
-                        .olm
-                        .seal(&bob.peer, &chat(&format!("m{i}")))
-                        .expect("seals")
-                        .expect("a session"),
-                )
-            })
+            .map(|i| say(&alice, &bob, &format!("m{i}")))
             .collect();
         for i in [3, 0, 4, 1, 2] {
             assert_eq!(
@@ -333,15 +268,7 @@ mod tests {
         connect(&alice, &bob);
         let count = 3 * WINDOW;
         let sent: Vec<_> = (0..count)
-            .map(|i| {
-                sealed(
-                    alice
-                        .olm
-                        .seal(&bob.peer, &chat(&format!("m{i}")))
-                        .expect("seals")
-                        .expect("a session"),
-                )
-            })
+            .map(|i| say(&alice, &bob, &format!("m{i}")))
             .collect();
         let hold = |s: &kith_protocol::envelope::Sealed| {
             let envelope = kith_protocol::Envelope::seal(
@@ -391,15 +318,7 @@ mod tests {
 
         // A message that never comes: the ones after it wait for the patience, then open.
         let more: Vec<_> = (0..(2 * WINDOW))
-            .map(|i| {
-                sealed(
-                    alice
-                        .olm
-                        .seal(&bob.peer, &chat(&format!("n{i}")))
-                        .expect("seals")
-                        .expect("a session"),
-                )
-            })
+            .map(|i| say(&alice, &bob, &format!("n{i}")))
             .collect();
         // n0 to n{WINDOW-1} never come; the rest are held.
         for s in &more[(WINDOW as usize)..] {
@@ -428,25 +347,13 @@ mod tests {
         let alice = side().await;
         let bob = side().await;
         connect(&alice, &bob);
-        let mut first = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("x"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let mut first = say(&alice, &bob, "x");
         let last = first.ciphertext.len() - 1;
         first.ciphertext[last] ^= 1;
         assert!(open(&bob, &alice, &first).is_err());
         // An identity signed by someone else than the sender.
         let mallory = side().await;
-        let mut forged = sealed(
-            alice
-                .olm
-                .seal(&bob.peer, &chat("y"))
-                .expect("seals")
-                .expect("a session"),
-        );
+        let mut forged = say(&alice, &bob, "y");
         forged.identity = Some(mallory.olm.identity().clone());
         assert!(matches!(
             open(&bob, &alice, &forged),
@@ -473,13 +380,7 @@ mod tests {
                 .olm
                 .start_session(&bob.peer, &bundle.identity, &fallback, true)
                 .expect("session on the fallback key");
-            let hello = sealed(
-                writer
-                    .olm
-                    .seal(&bob.peer, &chat(name))
-                    .expect("seals")
-                    .expect("a session"),
-            );
+            let hello = say(&writer, &bob, name);
             assert_eq!(open(&bob, &writer, &hello).expect("opens"), chat(name));
         }
     }
