@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod fuzz;
 
 use std::time::Duration;
 

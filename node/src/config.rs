@@ -221,6 +221,11 @@ pub struct Config {
     /// How long after its last heartbeat the node's relays should show it offline (they may
     /// cap it). Keep it a few heartbeat intervals.
     pub presence_offline_after: Duration,
+    /// How long relays keep what they hold for a recipient (their `mailbox_ttl_secs`): a
+    /// message that has not left the outbox this long after it was sent becomes `failed`, and
+    /// a download that has not finished this long after its message was sent (or first
+    /// tried) gives up. Tests shorten it.
+    pub mailbox_ttl: Duration,
 }
 
 impl Config {
@@ -248,6 +253,7 @@ impl Config {
             receipt_batch_window: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(10),
             presence_offline_after: Duration::from_secs(30),
+            mailbox_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 

@@ -42,6 +42,7 @@ impl Transcript {
 fn tick(state: MessageState) -> &'static str {
     match state {
         MessageState::Pending => "… pending",
+        MessageState::Failed => "✗ failed",
         MessageState::Sent => "✓ sent",
         MessageState::Delivered => "✓✓ delivered",
         MessageState::Read => "✓✓ read",

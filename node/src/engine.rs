@@ -29,7 +29,9 @@ use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 mod backpressure;
+mod give_up;
 mod held;
+pub(crate) use give_up::deadline_ms;
 
 use crate::config::{Config, Settings};
 use crate::crypto::{upgrade_entry, Olm, OpenError};
@@ -1160,9 +1162,11 @@ impl Node {
             .parse()
             .map_err(|e: kith_protocol::ids::ParseIdError| NodeError::Invalid(e.to_string()))?;
         if let Some(m) = self.inner.store.outgoing(&parsed)? {
-            let reason = (m.state == MessageState::Pending)
-                .then(|| self.inner.groups.reason(&m.id))
-                .flatten();
+            let reason = match m.state {
+                MessageState::Pending => self.inner.groups.reason(&m.id),
+                MessageState::Failed => self.inner.store.outgoing_failure(&m.id)?,
+                _ => None,
+            };
             let members = self.member_view(&m.id);
             let member_names = members
                 .keys()
@@ -1898,6 +1902,10 @@ impl Node {
                 (ready, next_due)
             };
             for entry in ready {
+                if let Some(why) = self.outbox_given_up(&entry, now) {
+                    self.finish(&entry, Outcome::Failed(why));
+                    continue;
+                }
                 if self.hold_back(&entry, now) {
                     continue;
                 }
@@ -2198,6 +2206,7 @@ impl Node {
     }
 
     pub(crate) fn finish(&self, entry: &OutboxEntry, outcome: Outcome) {
+        let outcome = self.retry_or_give_up(entry, outcome);
         let id = entry.envelope.id;
         let is_chat = entry.kind == EntryKind::Message;
         if self.replaced(entry, &outcome) {
@@ -2225,6 +2234,16 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
+                if is_chat {
+                    // Shown by `kith status`, with the reason.
+                    match self.inner.store.fail(&self.inner.me, &id, &reason) {
+                        Ok(Some(msg)) => {
+                            self.emit(self.receipt_event(&id, msg.peer, None, msg.state))
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(%id, error = %e, "cannot record a failure"),
+                    }
+                }
                 self.emit(NodeEvent::Failed {
                     id: id.to_string(),
                     reason,
@@ -2236,7 +2255,8 @@ impl Node {
                 tracing::debug!(%id, attempts = entry.attempts + 1, delay_ms = delay, %reason, "will retry");
                 let next = OutboxEntry {
                     attempts: entry.attempts + 1,
-                    due_ms: now_ms() + delay,
+                    // Tried once more at its deadline at the latest, then given up.
+                    due_ms: (now_ms() + delay).min(self.outbox_deadline_ms(entry)),
                     ..entry.clone()
                 };
                 if is_chat && matches!(entry.envelope.to, Destination::Peer(_)) {

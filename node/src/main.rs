@@ -513,7 +513,11 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 if let Some(reason) = status["reason"].as_str() {
-                    println!("pending because: {reason}");
+                    let why = match status["state"].as_str() {
+                        Some("failed") => "failed because",
+                        _ => "pending because",
+                    };
+                    println!("{why}: {reason}");
                 }
             }
         }

@@ -1196,6 +1196,8 @@ impl Node {
         // may pass (its sources are offline, say) waits here, not in one of the running slots:
         // files that cannot be had right now never hold up the others.
         let mut later: Vec<(tokio::time::Instant, u32, Job)> = Vec::new();
+        // When each download was first tried here (its deadline counts from this too).
+        let mut first_tried: HashMap<MessageId, u64> = HashMap::new();
         loop {
             let now = tokio::time::Instant::now();
             while let Some(at) = later.iter().position(|(due, ..)| *due <= now) {
@@ -1206,9 +1208,13 @@ impl Node {
                 let Some((attempts, job)) = waiting.pop_front() else {
                     break;
                 };
+                let first_ms = match job {
+                    Job::Download(id) => *first_tried.entry(id).or_insert_with(now_ms),
+                    Job::Upload(_) => now_ms(),
+                };
                 let node = self.clone();
                 work.spawn(async move {
-                    let again = node.attempt(&job).await;
+                    let again = node.attempt(&job, first_ms).await;
                     (attempts, job, again)
                 });
             }
@@ -1220,6 +1226,9 @@ impl Node {
                     Ok((attempts, job, true)) => {
                         let delay = retry_delay(attempts);
                         later.push((tokio::time::Instant::now() + delay, attempts + 1, job));
+                    }
+                    Ok((_, Job::Download(id), false)) => {
+                        first_tried.remove(&id);
                     }
                     Ok((_, _, false)) => {}
                     Err(e) => tracing::error!(error = %e, "transfer task failed"),
@@ -1234,8 +1243,19 @@ impl Node {
         work.shutdown().await;
     }
 
-    /// One attempt at a background job; returns whether it should be tried again later.
-    async fn attempt(&self, job: &Job) -> bool {
+    /// One attempt at a background job; returns whether it should be tried again later. A
+    /// download first tried at `first_ms` gives up (`failed` event) once its deadline passed.
+    async fn attempt(&self, job: &Job, first_ms: u64) -> bool {
+        if let Job::Download(id) = *job {
+            if let Some(reason) = self.download_given_up(id, first_ms) {
+                tracing::warn!(%id, %reason, "download given up");
+                self.emit(NodeEvent::Failed {
+                    id: id.to_string(),
+                    reason,
+                });
+                return false;
+            }
+        }
         let (id, outcome, what) = match *job {
             Job::Upload(id) => (id, self.upload(id).await, "upload"),
             Job::Download(id) => (
@@ -1259,6 +1279,26 @@ impl Node {
                 true
             }
         }
+    }
+
+    /// Why the download of message `id`, first tried at `first_ms`, is given up, if its
+    /// deadline (the mailbox TTL after the message was sent, or first tried) has passed.
+    fn download_given_up(&self, id: MessageId, first_ms: u64) -> Option<String> {
+        let record = self.store().attachment::<Record>(&id).ok().flatten()?;
+        let sent_at_ms = self
+            .store()
+            .message(&record.from, &id)
+            .ok()
+            .flatten()
+            .map_or(first_ms, |m| m.sent_at_ms);
+        let ttl = self.config().mailbox_ttl;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        (now_ms() >= crate::engine::deadline_ms(sent_at_ms, first_ms, ttl_ms)).then(|| {
+            format!(
+                "download did not finish within the mailbox TTL ({} s) after the message was sent",
+                ttl.as_secs()
+            )
+        })
     }
 
     fn progress(&self, id: MessageId, direction: &str, done: u64, total: u64) {

@@ -19,6 +19,7 @@
 //! | `gs/` | message id | per-member states of an outgoing group message |
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
 //! | `a/` | message id | the message's attachment record ([`crate::media`]) |
+//! | `f/` | message id | why an outgoing message is `failed` (UTF-8) |
 //! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
@@ -212,6 +213,12 @@ fn outbox_key(id: &MessageId) -> Vec<u8> {
 
 fn id_key(id: &MessageId) -> Vec<u8> {
     let mut key = b"i/".to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn failure_key(id: &MessageId) -> Vec<u8> {
+    let mut key = b"f/".to_vec();
     key.extend_from_slice(id.as_bytes());
     key
 }
@@ -516,6 +523,27 @@ impl Store {
             out.push((id, decode(&key, &value)?));
         }
         Ok(out)
+    }
+
+    /// Why outgoing message `id` is `failed`, if it is.
+    pub fn outgoing_failure(&self, id: &MessageId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(failure_key(id))?
+            .map(|reason| String::from_utf8_lossy(&reason).into_owned()))
+    }
+
+    /// Marks message `id` of `from` `failed` for `reason` (kept for `kith status`), unless it
+    /// already went further. Returns the message when its state changed.
+    pub fn fail(
+        &self,
+        from: &PeerId,
+        id: &MessageId,
+        reason: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        // The reason first: a failed state is never shown without it.
+        self.tree.insert(failure_key(id), reason.as_bytes())?;
+        self.advance_state(from, id, MessageState::Failed)
     }
 
     /// One of this node's outgoing messages by id.

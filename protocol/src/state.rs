@@ -16,6 +16,9 @@ pub enum MessageState {
     /// In the sender's own outbox only.
     #[default]
     Pending,
+    /// It could not leave the sender's outbox within the mailbox TTL, or was refused for
+    /// good; it is not tried again. A later receipt still moves it on (it did arrive).
+    Failed,
     /// Durably stored by a relay holding the recipient's mailbox.
     Sent,
     /// Stored by the recipient's node.
@@ -35,6 +38,7 @@ impl MessageState {
     pub fn as_str(self) -> &'static str {
         match self {
             MessageState::Pending => "pending",
+            MessageState::Failed => "failed",
             MessageState::Sent => "sent",
             MessageState::Delivered => "delivered",
             MessageState::Read => "read",
@@ -59,7 +63,7 @@ impl fmt::Display for MessageState {
 
 /// An unknown state name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown message state {0:?} (expected pending, sent, delivered or read)")]
+#[error("unknown message state {0:?} (expected pending, failed, sent, delivered or read)")]
 pub struct ParseStateError(pub String);
 
 impl FromStr for MessageState {
@@ -68,6 +72,7 @@ impl FromStr for MessageState {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "pending" => Ok(MessageState::Pending),
+            "failed" => Ok(MessageState::Failed),
             "sent" => Ok(MessageState::Sent),
             "delivered" => Ok(MessageState::Delivered),
             "read" => Ok(MessageState::Read),
@@ -87,11 +92,15 @@ mod tests {
         assert_eq!(Delivered.advance(Sent), Delivered);
         assert_eq!(Read.advance(Delivered), Read);
         assert_eq!(Sent.advance(Read), Read);
+        assert_eq!(Pending.advance(Failed), Failed);
+        assert_eq!(Failed.advance(Pending), Failed);
+        assert_eq!(Failed.advance(Delivered), Delivered);
+        assert_eq!(Sent.advance(Failed), Sent);
     }
 
     #[test]
     fn names_round_trip() {
-        for s in ["pending", "sent", "delivered", "read"] {
+        for s in ["pending", "failed", "sent", "delivered", "read"] {
             assert_eq!(s.parse::<MessageState>().expect("parse").as_str(), s);
         }
         assert!("seen".parse::<MessageState>().is_err());

@@ -75,6 +75,16 @@ pub struct Config {
     /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
     /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
     pub mailbox_budget_bytes: u64,
+    /// Mailbox: most delivered message ids remembered per recipient (each until its entry's
+    /// `mailbox_ttl_secs` ends), so that a replay of a delivered envelope is answered as
+    /// already stored instead of being stored again; 0 remembers none.
+    pub mailbox_max_delivered_ids: u64,
+    /// Mailbox: most envelopes one sender may have waiting for one recipient (its share of
+    /// that mailbox); beyond it a deposit is refused `QuotaExceeded` with
+    /// `mailbox_full_retry_after_ms`, and counted as `limit_hits{limit="mailbox_sender_share"}`.
+    pub mailbox_max_messages_per_sender: u64,
+    /// Mailbox: most stored bytes one sender may have waiting for one recipient.
+    pub mailbox_max_bytes_per_sender: u64,
     /// Mailbox: sustained deposits per second per depositing peer.
     pub deposits_per_sec_per_peer: u32,
     /// Mailbox: deposits a peer may make in a burst above the sustained rate.
@@ -167,6 +177,9 @@ impl Default for Config {
             mailbox_ttl_secs: 30 * 24 * 3600,
             purge_interval_secs: 60,
             mailbox_max_messages: 10_000,
+            mailbox_max_delivered_ids: 10_000,
+            mailbox_max_messages_per_sender: 5_000,
+            mailbox_max_bytes_per_sender: 32 * 1024 * 1024,
             mailbox_max_bytes: 64 * 1024 * 1024,
             mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
@@ -273,6 +286,12 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return invalid("max_connections", "connection limits must be above 0");
+        }
+        if self.mailbox_max_messages_per_sender == 0 || self.mailbox_max_bytes_per_sender == 0 {
+            return invalid(
+                "mailbox_max_messages_per_sender",
+                "a sender's share of a mailbox must be above 0",
+            );
         }
         if self.max_streams_per_connection == 0 {
             return invalid("max_streams_per_connection", "must be above 0");

@@ -182,6 +182,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_bytes: config.mailbox_max_bytes,
             budget_bytes: config.mailbox_budget_bytes,
             ttl_ms: config.mailbox_ttl_secs.saturating_mul(1_000),
+            max_delivered_ids: config.mailbox_max_delivered_ids,
+            max_messages_per_sender: config.mailbox_max_messages_per_sender,
+            max_bytes_per_sender: config.mailbox_max_bytes_per_sender,
         },
     )?;
     // The store's lock proves no other relay runs on this data directory, so a relay.json

@@ -327,6 +327,8 @@ pub async fn overload(shedding: bool, duration: Duration) -> Result<Overload> {
     config.deposit_burst_per_peer = 1_000_000;
     config.mailbox_max_messages = 10_000_000;
     config.mailbox_max_bytes = 1 << 40;
+    config.mailbox_max_messages_per_sender = config.mailbox_max_messages;
+    config.mailbox_max_bytes_per_sender = config.mailbox_max_bytes;
     let relay = kith_relay::start(config).await?;
     let (peer, addr) = (relay.peer_id, relay.listen_addrs[0].clone());
     let somebody = Keypair::generate_ed25519().public().to_peer_id();

@@ -108,6 +108,8 @@ pub fn bench_relay_config(data: &Path) -> kith_relay::Config {
     config.deposit_burst_per_peer = 1_000_000;
     config.mailbox_max_messages = 1_000_000;
     config.mailbox_max_bytes = 1 << 30;
+    config.mailbox_max_messages_per_sender = config.mailbox_max_messages;
+    config.mailbox_max_bytes_per_sender = config.mailbox_max_bytes;
     config.max_pending_mailbox_requests = 65_536;
     config
 }

@@ -628,3 +628,71 @@ async fn a_contact_whose_relays_are_unknown_stays_pending_with_a_reason() -> any
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sender_fills_only_its_share_of_a_mailbox_and_is_told_when_to_come_back(
+) -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, Keypair, MessageId, Reject};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.mailbox_max_messages = 10;
+    config.mailbox_max_messages_per_sender = 2;
+    config.mailbox_full_retry_after_ms = 4_000;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let victim = PeerId::random();
+    let envelope = |key: &Keypair, text: &str| {
+        Envelope::seal(
+            key,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(victim),
+                sent_at_ms: 1,
+                lamport: 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat { text: text.into() },
+        )
+    };
+    let deposit = |envelope| {
+        kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: 1,
+            envelope,
+            class: mailbox::DepositClass::Message,
+        })
+    };
+    let mut flooder = kith_tests::RawPeer::new()?;
+    for text in ["one", "two"] {
+        let e = envelope(&flooder.key, text)?;
+        let answer = flooder.mailbox(relay.peer_id, &addr, deposit(e)).await?;
+        assert!(
+            matches!(answer, mailbox::Response::Stored { .. }),
+            "{answer:?}"
+        );
+    }
+    let third = envelope(&flooder.key, "three")?;
+    let answer = flooder
+        .mailbox(relay.peer_id, &addr, deposit(third))
+        .await?;
+    assert_eq!(
+        answer,
+        mailbox::Response::Rejected {
+            req_id: 1,
+            reason: Reject::QuotaExceeded,
+            retry_after_ms: Some(4_000)
+        }
+    );
+    assert_eq!(relay.metrics().limit_hits("mailbox_sender_share"), 1);
+    // The victim's mailbox still has room for everyone else.
+    let mut friend = kith_tests::RawPeer::new()?;
+    let e = envelope(&friend.key, "hello")?;
+    let answer = friend.mailbox(relay.peer_id, &addr, deposit(e)).await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+    relay.shutdown().await?;
+    Ok(())
+}

@@ -371,6 +371,8 @@ async fn overload_sheds_presence_and_receipts_never_messages() -> Result<()> {
         c.deposit_burst_per_peer = 1_000_000;
         c.mailbox_max_messages = 1_000_000;
         c.mailbox_max_bytes = 1 << 30;
+        c.mailbox_max_messages_per_sender = c.mailbox_max_messages;
+        c.mailbox_max_bytes_per_sender = c.mailbox_max_bytes;
         c.busy_retry_after_ms = 200;
     })
     .await?;

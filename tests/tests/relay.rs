@@ -112,6 +112,18 @@ fn the_example_relay_config_parses_and_matches_the_defaults() -> anyhow::Result<
     assert_eq!(example.mailbox_max_messages, defaults.mailbox_max_messages);
     assert_eq!(example.mailbox_max_bytes, defaults.mailbox_max_bytes);
     assert_eq!(
+        example.mailbox_max_messages_per_sender,
+        defaults.mailbox_max_messages_per_sender
+    );
+    assert_eq!(
+        example.mailbox_max_bytes_per_sender,
+        defaults.mailbox_max_bytes_per_sender
+    );
+    assert_eq!(
+        example.mailbox_max_delivered_ids,
+        defaults.mailbox_max_delivered_ids
+    );
+    assert_eq!(
         example.deposits_per_sec_per_peer,
         defaults.deposits_per_sec_per_peer
     );

@@ -583,6 +583,15 @@ impl Service {
                 let after = self.settings.mailbox_full_retry_after_ms;
                 return Some((Reject::QuotaExceeded, detail, Some(after)));
             }
+            if self.store.surely_over_share(&recipient, envelope) {
+                self.metrics.limit_hit("mailbox_sender_share");
+                let detail = format!(
+                    "{} has its share of the mailbox of {recipient} waiting",
+                    envelope.from
+                );
+                let after = self.settings.mailbox_full_retry_after_ms;
+                return Some((Reject::QuotaExceeded, detail, Some(after)));
+            }
         }
         None
     }
@@ -674,7 +683,10 @@ impl Service {
                 Ok(done) => copies.push((recipient, done)),
                 Err(e) => {
                     tracing::debug!(%recipient, id = %envelope.id, error = %e, "group copy not stored");
-                    self.metrics.limit_hit("mailbox_quota");
+                    self.metrics.limit_hit(match e {
+                        DepositError::SenderShareExceeded { .. } => "mailbox_sender_share",
+                        _ => "mailbox_quota",
+                    });
                     missed.push(recipient);
                 }
             }
@@ -763,6 +775,10 @@ impl Service {
                 })
             }
             Err(e @ (DepositError::QuotaExceeded { .. } | DepositError::BudgetFull { .. })) => {
+                Err((Reject::QuotaExceeded, e.to_string()))
+            }
+            Err(e @ DepositError::SenderShareExceeded { .. }) => {
+                self.metrics.limit_hit("mailbox_sender_share");
                 Err((Reject::QuotaExceeded, e.to_string()))
             }
             Err(e @ DepositError::Unstorable(_)) => Err((Reject::Malformed, e.to_string())),

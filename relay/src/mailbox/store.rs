@@ -10,7 +10,14 @@
 //! | `i` owner-len owner seq | the [`Record`] (CBOR) |
 //! | `o` seq | owner (which mailbox a sequence number belongs to) |
 //! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
-//! | `d` from-len from message-id | seq (dedupe while the entry is stored) |
+//! | `d` from-len from message-id | seq (dedupe while the entry is stored, and after it is delivered) |
+//! | `a` owner-len owner seq | deadline, BLAKE3 of the delivered copy's signature, then the dedup key (an id delivered from this mailbox) |
+//!
+//! A delivered entry (acked by its owner, or accepted on a push) leaves its dedup and retention
+//! keys behind, with an `a` key: a replay of the same envelope (the same signature) is then
+//! answered as already stored without being stored again, until the entry's retention
+//! deadline, when purge forgets it. Another envelope with the same id (a sender sealing a
+//! message again for a recipient that could not decrypt it) is stored. At most [`Limits::max_delivered_ids`] are remembered per mailbox (the oldest go first).
 //!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
@@ -36,6 +43,7 @@ const ITEM: u8 = b'i';
 const OWNER: u8 = b'o';
 const DEADLINE: u8 = b't';
 const DEDUP: u8 = b'd';
+const DELIVERED: u8 = b'a';
 
 /// Largest stored record; an envelope is far smaller, so this only guards against corruption.
 const MAX_RECORD_BYTES: usize = kith_protocol::limits::MAX_ENVELOPE_BYTES + 256;
@@ -55,6 +63,14 @@ pub struct Limits {
     pub budget_bytes: u64,
     /// How long an entry is kept, in milliseconds.
     pub ttl_ms: u64,
+    /// Most delivered ids remembered per mailbox, so that replays of them are not stored
+    /// again (each is forgotten at its entry's retention deadline, or to make room).
+    pub max_delivered_ids: u64,
+    /// Most entries one sender may have waiting in one recipient's mailbox (its share of the
+    /// mailbox, so that one sender cannot fill it for everyone else).
+    pub max_messages_per_sender: u64,
+    /// Most stored bytes one sender may have waiting in one recipient's mailbox.
+    pub max_bytes_per_sender: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -124,6 +140,16 @@ pub enum DepositError {
         /// Bytes already waiting.
         bytes: u64,
     },
+    /// The sender already has its whole share of the recipient's mailbox waiting there.
+    #[error("{sender} has its share of the mailbox waiting ({messages} messages, {bytes} bytes)")]
+    SenderShareExceeded {
+        /// The sender.
+        sender: PeerId,
+        /// The sender's entries already waiting there.
+        messages: u64,
+        /// The sender's bytes already waiting there.
+        bytes: u64,
+    },
     /// Every mailbox together holds the relay's whole disk budget.
     #[error("the mailboxes hold their whole budget ({bytes} of {budget} bytes)")]
     BudgetFull {
@@ -187,12 +213,15 @@ pub struct Staged {
     dedup: HashMap<Vec<u8>, u64>,
     /// Entries and bytes the staged deposits add, per recipient.
     usage: HashMap<PeerId, Usage>,
+    /// Entries and bytes the staged deposits add, per (sender, recipient).
+    senders: HashMap<(PeerId, PeerId), Usage>,
 }
 
 /// One deposit's keys and values, in the order they are written: retention, record, owner,
 /// dedup (see the module documentation for why).
 struct StagedDeposit {
     recipient: PeerId,
+    sender: PeerId,
     size: u64,
     writes: [(Vec<u8>, Vec<u8>); 4],
 }
@@ -219,6 +248,10 @@ pub struct Store {
     limits: Limits,
     usage: HashMap<PeerId, Usage>,
     totals: Usage,
+    /// Delivered ids remembered, per mailbox.
+    delivered: HashMap<PeerId, u64>,
+    /// Entries and bytes waiting, per (sender, recipient).
+    senders: HashMap<(PeerId, PeerId), Usage>,
 }
 
 impl std::fmt::Debug for Store {
@@ -240,8 +273,16 @@ fn peer_key(peer: &PeerId) -> Option<Vec<u8>> {
 }
 
 fn item_key(owner: &[u8], seq: u64) -> Vec<u8> {
+    owner_seq_key(ITEM, owner, seq)
+}
+
+fn delivered_key(owner: &[u8], seq: u64) -> Vec<u8> {
+    owner_seq_key(DELIVERED, owner, seq)
+}
+
+fn owner_seq_key(prefix: u8, owner: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(owner.len() + 9);
-    key.push(ITEM);
+    key.push(prefix);
     key.extend_from_slice(owner);
     key.extend_from_slice(&seq.to_be_bytes());
     key
@@ -271,12 +312,20 @@ fn dedup_key(envelope: &Envelope, owner: &[u8]) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// Bytes of [`signature_digest`].
+const DIGEST_BYTES: usize = 32;
+
+/// What tells a replay of a delivered envelope from another envelope with the same id.
+fn signature_digest(envelope: &Envelope) -> [u8; DIGEST_BYTES] {
+    *blake3::hash(&envelope.sig).as_bytes()
+}
+
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     let slice = bytes.get(at..at.checked_add(8)?)?;
     Some(u64::from_be_bytes(slice.try_into().ok()?))
 }
 
-/// Splits an item key into (owner, seq).
+/// Splits an item (or delivered) key into (owner, seq).
 fn parse_item_key(key: &[u8]) -> Option<(PeerId, u64)> {
     let len = usize::from(*key.get(1)?);
     let owner = PeerId::from_bytes(key.get(2..2 + len)?).ok()?;
@@ -294,16 +343,30 @@ impl Store {
     pub fn with_db(db: sled::Db, limits: Limits) -> Result<Self, OpenError> {
         let tree = db.open_tree("mailbox")?;
         let mut usage: HashMap<PeerId, Usage> = HashMap::new();
+        let mut senders: HashMap<(PeerId, PeerId), Usage> = HashMap::new();
         let mut totals = Usage::default();
         for entry in tree.scan_prefix([ITEM]) {
             let (key, value) = entry?;
             let (owner, _) = parse_item_key(&key)
                 .ok_or_else(|| OpenError::Corrupt(format!("bad item key {key:?}")))?;
+            // A record that does not decode counts for its mailbox, not for a sender.
+            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+                let s = senders.entry((record.envelope.from, owner)).or_default();
+                s.messages += 1;
+                s.bytes += value.len() as u64;
+            }
             let u = usage.entry(owner).or_default();
             u.messages += 1;
             u.bytes += value.len() as u64;
             totals.messages += 1;
             totals.bytes += value.len() as u64;
+        }
+        let mut delivered: HashMap<PeerId, u64> = HashMap::new();
+        for key in tree.scan_prefix([DELIVERED]).keys() {
+            let key = key?;
+            let (owner, _) = parse_item_key(&key)
+                .ok_or_else(|| OpenError::Corrupt(format!("bad delivered key {key:?}")))?;
+            *delivered.entry(owner).or_default() += 1;
         }
         Ok(Self {
             db,
@@ -311,6 +374,8 @@ impl Store {
             limits,
             usage,
             totals,
+            delivered,
+            senders,
         })
     }
 
@@ -327,6 +392,35 @@ impl Store {
     /// Entries and bytes waiting in all mailboxes.
     pub fn totals(&self) -> Usage {
         self.totals
+    }
+
+    /// Entries and bytes `sender` has waiting in `recipient`'s mailbox.
+    pub fn sender_usage(&self, sender: &PeerId, recipient: &PeerId) -> Usage {
+        self.senders
+            .get(&(*sender, *recipient))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether a deposit of `envelope` for `recipient` would surely be refused for its sender's
+    /// share of the mailbox: the share is used up and holds no copy of it. Cheap, like
+    /// [`Store::surely_full`].
+    pub fn surely_over_share(&self, recipient: &PeerId, envelope: &Envelope) -> bool {
+        let used = self.sender_usage(&envelope.from, recipient);
+        if used.messages < self.limits.max_messages_per_sender
+            && used.bytes < self.limits.max_bytes_per_sender
+        {
+            return false;
+        }
+        let known = peer_key(recipient)
+            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|dedup| self.tree.get(dedup).ok().flatten());
+        known.is_none()
+    }
+
+    /// How many delivered ids of `owner`'s mailbox are remembered.
+    pub fn delivered_ids(&self, owner: &PeerId) -> u64 {
+        self.delivered.get(owner).copied().unwrap_or_default()
     }
 
     /// Stores `envelope` in the mailbox of `recipient`, unless the same `(from, id)` is already
@@ -380,10 +474,14 @@ impl Store {
             None => self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)),
         };
         if let Some(seq) = known {
-            return Ok(Deposited {
-                seq,
-                duplicate: true,
-            });
+            let resealed = !staged.dedup.contains_key(&dedup)
+                && self.delivered_copy_differs(&owner, seq, envelope)?;
+            if !resealed {
+                return Ok(Deposited {
+                    seq,
+                    duplicate: true,
+                });
+            }
         }
         let retention = now_ms.saturating_add(self.limits.ttl_ms);
         let deadline_ms = envelope
@@ -410,6 +508,21 @@ impl Store {
                 bytes: used.bytes,
             });
         }
+        let pair = (envelope.from, *recipient);
+        let mut share = self.sender_usage(&envelope.from, recipient);
+        if let Some(more) = staged.senders.get(&pair) {
+            share.messages += more.messages;
+            share.bytes += more.bytes;
+        }
+        if share.messages >= self.limits.max_messages_per_sender
+            || share.bytes.saturating_add(size) > self.limits.max_bytes_per_sender
+        {
+            return Err(DepositError::SenderShareExceeded {
+                sender: envelope.from,
+                messages: share.messages,
+                bytes: share.bytes,
+            });
+        }
         let all: u64 = self.totals.bytes + staged.usage.values().map(|u| u.bytes).sum::<u64>();
         if all.saturating_add(size) > self.limits.budget_bytes {
             return Err(DepositError::BudgetFull {
@@ -421,6 +534,7 @@ impl Store {
         let seq = self.db.generate_id()?.saturating_add(1);
         staged.deposits.push(StagedDeposit {
             recipient: *recipient,
+            sender: envelope.from,
             size,
             writes: [
                 (deadline_key(deadline_ms, seq), owner.clone()),
@@ -433,6 +547,9 @@ impl Store {
         let u = staged.usage.entry(*recipient).or_default();
         u.messages += 1;
         u.bytes += size;
+        let s = staged.senders.entry(pair).or_default();
+        s.messages += 1;
+        s.bytes += size;
         Ok(Deposited {
             seq,
             duplicate: false,
@@ -447,6 +564,7 @@ impl Store {
         for deposit in staged.deposits {
             let StagedDeposit {
                 recipient,
+                sender,
                 size,
                 writes: [deadline, item, owner, dedup],
             } = deposit;
@@ -457,6 +575,9 @@ impl Store {
             u.bytes += size;
             self.totals.messages += 1;
             self.totals.bytes += size;
+            let s = self.senders.entry((sender, recipient)).or_default();
+            s.messages += 1;
+            s.bytes += size;
             self.tree.insert(owner.0, owner.1)?;
             self.tree.insert(dedup.0, dedup.1)?;
         }
@@ -520,7 +641,7 @@ impl Store {
         }
         let mut removed = 0u32;
         for &seq in seqs {
-            if self.remove_entry(owner, &owner_bytes, seq)? {
+            if self.remove_entry(owner, &owner_bytes, seq, Gone::Delivered)? {
                 removed += 1;
             }
         }
@@ -533,10 +654,11 @@ impl Store {
         let Some(owner_bytes) = peer_key(owner) else {
             return Ok(false);
         };
-        Ok(self.remove_entry(owner, &owner_bytes, seq)?)
+        Ok(self.remove_entry(owner, &owner_bytes, seq, Gone::Delivered)?)
     }
 
-    /// Deletes every entry whose deadline is at or before `now_ms`; returns how many.
+    /// Deletes every entry whose deadline is at or before `now_ms`, and forgets delivered ids
+    /// whose deadline has passed; returns how many entries were deleted.
     pub fn purge(&mut self, now_ms: u64) -> Result<u64, RemoveError> {
         let end = deadline_key(now_ms, u64::MAX);
         let due: Vec<(Vec<u8>, Vec<u8>, u64)> = self
@@ -555,7 +677,11 @@ impl Store {
                 .get(1..)
                 .and_then(|b| PeerId::from_bytes(b).ok());
             let removed = match owner {
-                Some(owner) => self.remove_entry(&owner, &owner_bytes, seq)?,
+                Some(owner) => {
+                    let removed = self.remove_entry(&owner, &owner_bytes, seq, Gone::Expired)?;
+                    self.forget_delivered(&owner, &owner_bytes, seq)?;
+                    removed
+                }
                 None => false,
             };
             if removed {
@@ -573,11 +699,33 @@ impl Store {
         owner: &PeerId,
         owner_bytes: &[u8],
         seq: u64,
+        gone: Gone,
     ) -> Result<bool, sled::Error> {
+        let item = item_key(owner_bytes, seq);
+        if gone == Gone::Delivered {
+            // Remembered first: a crash after this leaves the entry stored (fetched and acked
+            // again) with its id remembered, which purge forgets with the entry.
+            let Some(value) = self.tree.get(&item)? else {
+                return Ok(false);
+            };
+            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                    let digest = signature_digest(&record.envelope);
+                    self.remember_delivered(
+                        owner,
+                        owner_bytes,
+                        seq,
+                        record.deadline_ms,
+                        digest,
+                        dedup,
+                    )?;
+                }
+            }
+        }
         // The record goes first: once it is gone the entry is gone, and what a crash leaves of
         // the rest is harmless (a dedup key of a delivered message; a retention key that purge
         // drops).
-        let Some(value) = self.tree.remove(item_key(owner_bytes, seq))? else {
+        let Some(value) = self.tree.remove(item)? else {
             return Ok(false);
         };
         let size = value.len() as u64;
@@ -592,15 +740,121 @@ impl Store {
         self.totals.bytes = self.totals.bytes.saturating_sub(size);
         self.tree.remove(owner_key(seq))?;
         // A record that does not decode still goes; its index entries are then left for purge
-        // to skip (they point at nothing).
+        // to skip (they point at nothing). A delivered one keeps its dedup and retention keys
+        // until purge forgets it.
         if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
-            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
-                self.tree.remove(dedup)?;
+            let pair = (record.envelope.from, *owner);
+            if let Some(s) = self.senders.get_mut(&pair) {
+                s.messages = s.messages.saturating_sub(1);
+                s.bytes = s.bytes.saturating_sub(size);
+                if s.messages == 0 {
+                    self.senders.remove(&pair);
+                }
             }
-            self.tree.remove(deadline_key(record.deadline_ms, seq))?;
+            if gone == Gone::Expired {
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                    self.tree.remove(dedup)?;
+                }
+                self.tree.remove(deadline_key(record.deadline_ms, seq))?;
+            }
         }
         Ok(true)
     }
+
+    /// Whether entry `seq` of `owner`'s mailbox was delivered as another envelope than
+    /// `envelope` (same sender and id, another signature): then `envelope` is not a replay.
+    fn delivered_copy_differs(
+        &self,
+        owner_bytes: &[u8],
+        seq: u64,
+        envelope: &Envelope,
+    ) -> Result<bool, sled::Error> {
+        let Some(value) = self.tree.get(delivered_key(owner_bytes, seq))? else {
+            return Ok(false);
+        };
+        Ok(value.get(8..8 + DIGEST_BYTES) != Some(&signature_digest(envelope)[..]))
+    }
+
+    /// Remembers that entry `seq` of `owner`'s mailbox, with dedup key `dedup`, was delivered,
+    /// forgetting the mailbox's oldest delivered id first when it holds its limit.
+    fn remember_delivered(
+        &mut self,
+        owner: &PeerId,
+        owner_bytes: &[u8],
+        seq: u64,
+        deadline_ms: u64,
+        digest: [u8; DIGEST_BYTES],
+        dedup: Vec<u8>,
+    ) -> Result<(), sled::Error> {
+        let key = delivered_key(owner_bytes, seq);
+        let mut value = deadline_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(&digest);
+        value.extend_from_slice(&dedup);
+        let count = self.delivered_ids(owner);
+        if count >= self.limits.max_delivered_ids {
+            let start = delivered_key(owner_bytes, 0);
+            let end = delivered_key(owner_bytes, u64::MAX);
+            let oldest = self.tree.range(start..=end).next().transpose()?;
+            if let Some((oldest, _)) = oldest {
+                if let Some((_, oldest_seq)) = parse_item_key(&oldest) {
+                    self.forget_delivered(owner, owner_bytes, oldest_seq)?;
+                }
+            }
+        }
+        if self.limits.max_delivered_ids == 0 {
+            // Nothing is remembered: the entry goes as it did before delivered ids were kept.
+            self.tree.remove(dedup)?;
+            self.tree.remove(deadline_key(deadline_ms, seq))?;
+            return Ok(());
+        }
+        if self.tree.insert(key, value)?.is_none() {
+            *self.delivered.entry(*owner).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Forgets delivered entry `seq` of `owner`'s mailbox, if it is remembered: its dedup,
+    /// retention and delivered keys go. Returns whether it was remembered.
+    fn forget_delivered(
+        &mut self,
+        owner: &PeerId,
+        owner_bytes: &[u8],
+        seq: u64,
+    ) -> Result<bool, sled::Error> {
+        let Some(value) = self.tree.get(delivered_key(owner_bytes, seq))? else {
+            return Ok(false);
+        };
+        let (Some(deadline_ms), Some(dedup)) = (u64_at(&value, 0), value.get(8 + DIGEST_BYTES..))
+        else {
+            self.tree.remove(delivered_key(owner_bytes, seq))?;
+            return Ok(false);
+        };
+        // The dedup key only when it still names this entry (not a later copy stored after a
+        // crash cut an ack short).
+        if let Some(found) = self.tree.get(dedup)? {
+            if u64_at(&found, 0) == Some(seq) {
+                self.tree.remove(dedup)?;
+            }
+        }
+        self.tree.remove(deadline_key(deadline_ms, seq))?;
+        self.tree.remove(delivered_key(owner_bytes, seq))?;
+        if let Some(count) = self.delivered.get_mut(owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.delivered.remove(owner);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Why an entry leaves its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Its owner has it (acked, or accepted on a push): its id is remembered.
+    Delivered,
+    /// Its deadline passed.
+    Expired,
 }
 
 #[cfg(test)]
@@ -616,6 +870,9 @@ mod tests {
             max_bytes: 1 << 20,
             budget_bytes: u64::MAX,
             ttl_ms: 1_000,
+            max_delivered_ids: 100,
+            max_messages_per_sender: u64::MAX,
+            max_bytes_per_sender: u64::MAX,
         }
     }
 
@@ -686,6 +943,9 @@ mod tests {
         s.deposit(&bob, &e2, 0).expect("deposit");
         assert_eq!(s.ack(&bob, &[d1.seq]).expect("ack"), 1);
         assert_eq!(s.purge(10).expect("purge"), 1);
+        // The acked one's id is remembered until its retention deadline.
+        assert_eq!(s.delivered_ids(&bob), 1);
+        assert_eq!(s.purge(1_000).expect("purge"), 0);
         assert_eq!(s.tree.len(), 0, "every key of both entries is gone");
         assert_eq!(s.totals(), Usage::default());
     }
@@ -770,6 +1030,81 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_after_delivery_is_not_stored_again() {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let acked = envelope(&alice, bob, "acked", None);
+        let pushed = envelope(&alice, bob, "pushed", None);
+        let first = s.deposit(&bob, &acked, 0).expect("deposit");
+        let second = s.deposit(&bob, &pushed, 0).expect("deposit");
+        assert_eq!(s.ack(&bob, &[first.seq]).expect("ack"), 1);
+        assert!(s.remove(&bob, second.seq).expect("remove"));
+        assert_eq!(s.delivered_ids(&bob), 2);
+        for (e, d) in [(&acked, first), (&pushed, second)] {
+            let again = s.deposit(&bob, e, 10).expect("replay");
+            assert_eq!(
+                again,
+                Deposited {
+                    seq: d.seq,
+                    duplicate: true
+                }
+            );
+        }
+        assert!(s
+            .fetch(&bob, None, 10, MAX)
+            .expect("fetch")
+            .items
+            .is_empty());
+        assert_eq!(s.totals(), Usage::default());
+        // The same id sealed again (another signature) is not a replay: it is stored.
+        let mut resealed = acked.clone();
+        resealed.sig = alice.sign(b"another body").expect("sign");
+        let stored = s.deposit(&bob, &resealed, 0).expect("deposit");
+        assert!(!stored.duplicate);
+        assert_eq!(s.ack(&bob, &[stored.seq]).expect("ack"), 1);
+        assert!(s.deposit(&bob, &resealed, 10).expect("replay").duplicate);
+        assert_eq!(s.delivered_ids(&bob), 3);
+        // Forgotten with the mailbox's TTL: then it is a new deposit again, and nothing is left.
+        assert_eq!(s.purge(999).expect("purge"), 0);
+        assert_eq!(s.delivered_ids(&bob), 3);
+        assert_eq!(s.purge(1_000).expect("purge"), 0);
+        assert_eq!(s.delivered_ids(&bob), 0);
+        assert_eq!(s.tree.len(), 0, "every key is gone");
+        assert!(!s.deposit(&bob, &acked, 1_000).expect("deposit").duplicate);
+    }
+
+    #[test]
+    fn delivered_ids_are_bounded_per_mailbox_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits {
+            max_delivered_ids: 3,
+            ..limits()
+        };
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        let envelopes: Vec<Envelope> = (0..5)
+            .map(|i| envelope(&alice, bob, &format!("m{i}"), None))
+            .collect();
+        {
+            let mut s = Store::open(dir.path(), limits).expect("open");
+            for e in &envelopes {
+                let d = s.deposit(&bob, e, 0).expect("deposit");
+                assert_eq!(s.ack(&bob, &[d.seq]).expect("ack"), 1);
+            }
+            assert_eq!(s.delivered_ids(&bob), 3);
+            s.db().flush().expect("flush");
+        }
+        let mut s = Store::open(dir.path(), limits).expect("reopen");
+        assert_eq!(s.delivered_ids(&bob), 3);
+        // The newest three are remembered; the two oldest were forgotten to make room.
+        for (i, e) in envelopes.iter().enumerate() {
+            let again = s.deposit(&bob, e, 0).expect("deposit");
+            assert_eq!(again.duplicate, i >= 2, "envelope {i}");
+        }
+    }
+
+    #[test]
     fn duplicates_are_stored_once() {
         let mut s = store(limits());
         let (alice, _) = peer();
@@ -828,6 +1163,70 @@ mod tests {
         ));
         s.deposit(&carol, &envelope(&alice, carol, "small", None), 0)
             .expect("a small one still fits");
+    }
+
+    #[test]
+    fn one_sender_fills_only_its_share_of_a_mailbox() {
+        let mut s = store(Limits {
+            max_messages: 10,
+            max_messages_per_sender: 2,
+            max_bytes_per_sender: 900,
+            ..limits()
+        });
+        let (alice, alice_id) = peer();
+        let (carol, _) = peer();
+        let (_, bob) = peer();
+        let first = s
+            .deposit(&bob, &envelope(&alice, bob, "one", None), 0)
+            .expect("fits");
+        s.deposit(&bob, &envelope(&alice, bob, "two", None), 0)
+            .expect("fits");
+        let third = envelope(&alice, bob, "three", None);
+        assert!(s.surely_over_share(&bob, &third));
+        assert!(matches!(
+            s.deposit(&bob, &third, 0),
+            Err(DepositError::SenderShareExceeded { messages: 2, sender, .. }) if sender == alice_id
+        ));
+        // Someone else still gets through to bob, and alice to someone else.
+        s.deposit(&bob, &envelope(&carol, bob, "from carol", None), 0)
+            .expect("another sender's share");
+        let (_, dave) = peer();
+        s.deposit(&dave, &envelope(&alice, dave, "to dave", None), 0)
+            .expect("another recipient");
+        // Delivery frees the share; a reopen counts it again from the records.
+        assert_eq!(s.ack(&bob, &[first.seq]).expect("ack"), 1);
+        assert!(!s.surely_over_share(&bob, &third));
+        s.deposit(&bob, &third, 0).expect("room again");
+        assert_eq!(s.sender_usage(&alice_id, &bob).messages, 2);
+        // By bytes as well.
+        let big = envelope(&alice, dave, &"x".repeat(600), None);
+        assert!(matches!(
+            s.deposit(&dave, &big, 0),
+            Err(DepositError::SenderShareExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn sender_shares_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits {
+            max_messages_per_sender: 1,
+            ..limits()
+        };
+        let (alice, alice_id) = peer();
+        let (_, bob) = peer();
+        {
+            let mut s = Store::open(dir.path(), limits).expect("open");
+            s.deposit(&bob, &envelope(&alice, bob, "one", None), 0)
+                .expect("fits");
+            s.db().flush().expect("flush");
+        }
+        let mut s = Store::open(dir.path(), limits).expect("reopen");
+        assert_eq!(s.sender_usage(&alice_id, &bob).messages, 1);
+        assert!(matches!(
+            s.deposit(&bob, &envelope(&alice, bob, "two", None), 0),
+            Err(DepositError::SenderShareExceeded { .. })
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ const PAGE = 50;
 const TYPING_SHOWN_MS = 6000;
 const TYPING_SENT_EVERY_MS = 3000;
 const PRESENCE_EVERY_MS = 20000;
-const STATES = ['pending', 'sent', 'delivered', 'read'];
+const STATES = ['pending', 'failed', 'sent', 'delivered', 'read'];
 
 const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
@@ -332,7 +332,7 @@ function renderHead() {
 }
 
 function tick(s, id) {
-  if (id && state.failed.has(id)) return h('span', { class: 'tick failed', 'aria-label': 'not sent' }, '!');
+  if ((id && state.failed.has(id)) || s === 'failed') return h('span', { class: 'tick failed', 'aria-label': 'not sent' }, '!');
   const shown = { pending: '◷', sent: '✓', delivered: '✓✓', read: '✓✓' }[s] || '';
   return h('span', { class: `tick ${s}`, title: s, 'aria-label': s, 'data-state': s }, shown);
 }

@@ -1,0 +1,6 @@
+//! Fuzz target `dm`: runs `kith_net::fuzz::dm` on each input (see FUZZING.md).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kith_net::fuzz::dm(data);
+});

@@ -1,0 +1,6 @@
+//! Fuzz target `invite`: runs `kith_net::fuzz::invite` on each input (see FUZZING.md).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kith_net::fuzz::invite(data);
+});
