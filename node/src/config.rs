@@ -221,6 +221,11 @@ pub struct Config {
     /// How long after its last heartbeat the node's relays should show it offline (they may
     /// cap it). Keep it a few heartbeat intervals.
     pub presence_offline_after: Duration,
+    /// Shortest disappearing-message timer the user may set, in seconds (messages from
+    /// others may carry any timer from [`kith_protocol::timer::MIN_SECS`]).
+    pub min_timer_secs: u64,
+    /// Clock skew tolerated on the expiry of received messages ([`kith_protocol::timer`]).
+    pub expiry_skew_ms: u64,
 }
 
 impl Config {
@@ -248,6 +253,8 @@ impl Config {
             receipt_batch_window: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(10),
             presence_offline_after: Duration::from_secs(30),
+            min_timer_secs: 30,
+            expiry_skew_ms: kith_protocol::timer::DEFAULT_SKEW_MS,
         }
     }
 
@@ -261,6 +268,9 @@ impl Config {
                 base_ms: 200,
                 max_ms: 2_000,
             },
+            // Tests and the demo use timers of seconds, on one clock.
+            min_timer_secs: 1,
+            expiry_skew_ms: 1_000,
             ..Self::new(home)
         }
     }

@@ -20,6 +20,11 @@
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
 //! | `a/` | message id | the message's attachment record ([`crate::media`]) |
 //! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
+//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::timers`]) |
+//! | `et/` | message id | [`Expired`]: what is left of a deleted message (its final state) |
+//! | `T/` | peer | [`TimerRecord`]: a one-to-one conversation's timer |
+//! | `Tg/` | group id | [`TimerRecord`]: a group conversation's timer |
+//! | `tl/` | message id | the timer a history line announces (`Option<u64>` seconds) |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
 //! interleave.
@@ -263,6 +268,9 @@ impl Batch {
     /// part way leaves at most index entries that point at nothing (skipped when read), and a
     /// redelivery, not seeing the message, writes it all again.
     pub fn put_message(&mut self, msg: &StoredMessage) {
+        if let Some(at) = msg.expires_at_ms {
+            self.insert(expiry_key(at, &msg.from, &msg.id), Vec::new());
+        }
         self.insert(
             conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id),
             Vec::new(),
@@ -747,6 +755,9 @@ impl Batch {
 
     /// Stores a message of a group conversation (instead of [`Batch::put_message`]).
     pub fn put_group_message(&mut self, msg: &StoredMessage, group: &GroupId) {
+        if let Some(at) = msg.expires_at_ms {
+            self.insert(expiry_key(at, &msg.from, &msg.id), Vec::new());
+        }
         self.insert(message_key(&msg.from, &msg.id), encode(msg));
         self.insert(
             group_conversation_key(group, msg.lamport, &msg.from, &msg.id),
@@ -1003,6 +1014,160 @@ fn flush_loop(
     }
     drop(tree);
     let _ = closed.send(true);
+}
+
+fn expiry_key(deadline_ms: u64, from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = b"ex/".to_vec();
+    key.extend_from_slice(&deadline_ms.to_be_bytes());
+    let from = from.to_bytes();
+    key.push(from.len() as u8);
+    key.extend_from_slice(&from);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// A conversation's disappearing-message timer and the change that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerRecord {
+    /// The timer in seconds; `None` when the conversation is permanent.
+    pub secs: Option<u64>,
+    /// The conversation's Lamport time of the change: a later change wins.
+    pub lamport: u64,
+    /// Who made the change (ties of Lamport time go to the larger peer id bytes).
+    #[serde(with = "serde_bytes")]
+    pub from: Vec<u8>,
+    /// In a group: only admins may change the timer.
+    #[serde(default)]
+    pub admins_only: bool,
+}
+
+/// What is left of a deleted message of a temporary chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expired {
+    /// The conversation: a peer id or a group id, printed.
+    pub conversation: String,
+    /// Which way it went.
+    pub direction: Direction,
+    /// Its final state: `expired` for an outgoing message that was never delivered.
+    pub state: MessageState,
+    /// When it was deleted (unix ms).
+    pub deleted_at_ms: u64,
+}
+
+/// A message due for deletion: its sender and id.
+pub type Due = (PeerId, MessageId);
+
+/// Temporary chats ([`crate::timers`]): timers, the expiry index, deletion and what is left.
+impl Batch {
+    /// Deletes a message and every index and side record of it (attachment, outbox entry,
+    /// group states), then its expiry index entry. The record goes first, so a crash part way
+    /// leaves index entries that point at nothing (skipped when read) and an expiry entry that
+    /// the next sweep finishes.
+    pub fn remove_message(&mut self, msg: &StoredMessage, group: Option<&GroupId>) {
+        self.remove(message_key(&msg.from, &msg.id));
+        match group {
+            Some(group) => {
+                self.remove(group_conversation_key(group, msg.lamport, &msg.from, &msg.id));
+                self.remove(id_prefixed(b"gm/", &msg.id));
+                self.remove(id_prefixed(b"gs/", &msg.id));
+            }
+            None => self.remove(conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id)),
+        }
+        self.remove(id_key(&msg.id));
+        self.remove(outbox_key(&msg.id));
+        self.remove(attachment_key(&msg.id));
+        self.remove(id_prefixed(b"tl/", &msg.id));
+        if let Some(at) = msg.expires_at_ms {
+            self.remove(expiry_key(at, &msg.from, &msg.id));
+        }
+    }
+
+    /// Removes an expiry index entry that points at no message.
+    pub fn remove_expiry(&mut self, deadline_ms: u64, from: &PeerId, id: &MessageId) {
+        self.remove(expiry_key(deadline_ms, from, id));
+    }
+
+    /// Records what is left of a deleted message.
+    pub fn put_expired(&mut self, id: &MessageId, expired: &Expired) {
+        self.insert(id_prefixed(b"et/", id), encode(expired));
+    }
+
+    /// Sets a conversation's timer (a peer's, or a group's).
+    pub fn put_timer(&mut self, thread: Thread<'_>, record: &TimerRecord) {
+        self.insert(timer_key(thread), encode(record));
+    }
+
+    /// Marks message `id` as the history line of a timer change.
+    pub fn put_timer_line(&mut self, id: &MessageId, secs: Option<u64>) {
+        self.insert(id_prefixed(b"tl/", id), encode(&secs));
+    }
+}
+
+fn timer_key(thread: Thread<'_>) -> Vec<u8> {
+    match thread {
+        Thread::Peer(peer) => peer_key(b"T/", peer),
+        Thread::Group(group) => group_key(b"Tg/", group),
+    }
+}
+
+impl Store {
+    /// Messages whose deletion time is at or before `now_ms`, with that time, oldest first
+    /// (at most `limit`).
+    pub fn expiries_due(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Due)>, StoreError> {
+        let mut out = Vec::new();
+        let end = {
+            let mut key = b"ex/".to_vec();
+            key.extend_from_slice(&now_ms.to_be_bytes());
+            key.push(0xff);
+            key
+        };
+        for entry in self.tree.range(b"ex/".to_vec()..end).take(limit) {
+            let (key, _) = entry?;
+            let parsed = key.get(3..11).and_then(|at| {
+                let at = u64::from_be_bytes(<[u8; 8]>::try_from(at).ok()?);
+                let len = *key.get(11)? as usize;
+                let from = PeerId::from_bytes(key.get(12..12 + len)?).ok()?;
+                let id = MessageId::from_slice(key.get(12 + len..)?)?;
+                Some((at, (from, id)))
+            });
+            match parsed {
+                Some(due) => out.push(due),
+                None => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), "dropping a damaged expiry entry");
+                    self.tree.remove(&key)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest deletion time of a message of a temporary chat.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        let first = self.tree.scan_prefix(b"ex/").next().transpose()?;
+        Ok(first.and_then(|(key, _)| {
+            key.get(3..11)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+        }))
+    }
+
+    /// What is left of a deleted message, if it was one.
+    pub fn expired(&self, id: &MessageId) -> Result<Option<Expired>, StoreError> {
+        let key = id_prefixed(b"et/", id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// A conversation's timer, if it was ever set.
+    pub fn timer(&self, thread: Thread<'_>) -> Result<Option<TimerRecord>, StoreError> {
+        let key = timer_key(thread);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// The timer a history line announces, if message `id` is such a line.
+    pub fn timer_line(&self, id: &MessageId) -> Result<Option<Option<u64>>, StoreError> {
+        let key = id_prefixed(b"tl/", id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
 }
 
 #[cfg(test)]

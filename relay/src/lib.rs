@@ -182,6 +182,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_bytes: config.mailbox_max_bytes,
             budget_bytes: config.mailbox_budget_bytes,
             ttl_ms: config.mailbox_ttl_secs.saturating_mul(1_000),
+            expiry_skew_ms: config.expiry_skew_ms,
         },
     )?;
     // The store's lock proves no other relay runs on this data directory, so a relay.json

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use kith_protocol::mailbox::Item;
-use kith_protocol::{cbor, Envelope, PeerId};
+use kith_protocol::{cbor, timer, Envelope, PeerId};
 use serde::{Deserialize, Serialize};
 
 const ITEM: u8 = b'i';
@@ -55,6 +55,9 @@ pub struct Limits {
     pub budget_bytes: u64,
     /// How long an entry is kept, in milliseconds.
     pub ttl_ms: u64,
+    /// Clock skew tolerated on an envelope's `expires_at_ms` ([`kith_protocol::timer`]): an
+    /// entry of a temporary chat is dropped this long after its expiry.
+    pub expiry_skew_ms: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -386,9 +389,9 @@ impl Store {
             });
         }
         let retention = now_ms.saturating_add(self.limits.ttl_ms);
-        let deadline_ms = envelope
-            .expires_at_ms
-            .map_or(retention, |at| at.min(retention));
+        let deadline_ms = envelope.expires_at_ms.map_or(retention, |at| {
+            timer::relay_deadline(at, self.limits.expiry_skew_ms).min(retention)
+        });
         let record = RecordRef {
             deadline_ms,
             envelope,
@@ -536,6 +539,22 @@ impl Store {
         Ok(self.remove_entry(owner, &owner_bytes, seq)?)
     }
 
+    /// The clock skew tolerated on envelopes' expiry ([`Limits::expiry_skew_ms`]).
+    pub fn expiry_skew_ms(&self) -> u64 {
+        self.limits.expiry_skew_ms
+    }
+
+    /// The earliest deadline of a stored entry (a temporary chat's expiry, or the retention
+    /// time), so the service can purge it when it comes.
+    pub fn next_deadline(&self) -> Result<Option<u64>, sled::Error> {
+        let first = self
+            .tree
+            .range(vec![DEADLINE]..vec![DEADLINE + 1])
+            .next()
+            .transpose()?;
+        Ok(first.and_then(|(key, _)| u64_at(&key, 1)))
+    }
+
     /// Deletes every entry whose deadline is at or before `now_ms`; returns how many.
     pub fn purge(&mut self, now_ms: u64) -> Result<u64, RemoveError> {
         let end = deadline_key(now_ms, u64::MAX);
@@ -616,6 +635,7 @@ mod tests {
             max_bytes: 1 << 20,
             budget_bytes: u64::MAX,
             ttl_ms: 1_000,
+            expiry_skew_ms: 50,
         }
     }
 
@@ -868,9 +888,12 @@ mod tests {
             .expect("deposit");
         s.deposit(&bob, &envelope(&alice, bob, "soon", Some(100)), 0)
             .expect("deposit");
-        assert_eq!(s.purge(99).expect("purge"), 0);
-        assert_eq!(s.purge(100).expect("purge"), 1);
+        // Kept for the tolerated clock skew (50 ms here) after its expiry, then dropped.
+        assert_eq!(s.next_deadline().expect("deadline"), Some(150));
+        assert_eq!(s.purge(149).expect("purge"), 0);
+        assert_eq!(s.purge(150).expect("purge"), 1);
         assert_eq!(s.usage(&bob).messages, 1);
+        assert_eq!(s.next_deadline().expect("deadline"), Some(1_000));
         assert_eq!(s.purge(1_000).expect("purge"), 1);
         assert_eq!(s.totals(), Usage::default());
     }
