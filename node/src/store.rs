@@ -1067,7 +1067,12 @@ impl Batch {
         self.remove(message_key(&msg.from, &msg.id));
         match group {
             Some(group) => {
-                self.remove(group_conversation_key(group, msg.lamport, &msg.from, &msg.id));
+                self.remove(group_conversation_key(
+                    group,
+                    msg.lamport,
+                    &msg.from,
+                    &msg.id,
+                ));
                 self.remove(id_prefixed(b"gm/", &msg.id));
                 self.remove(id_prefixed(b"gs/", &msg.id));
             }

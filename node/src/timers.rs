@@ -29,9 +29,7 @@ use serde::Serialize;
 
 use crate::engine::{now_ms, Inbound, MessageView, Node, NodeError, NodeEvent};
 use crate::shutdown::Signal;
-use crate::store::{
-    Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord,
-};
+use crate::store::{Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord};
 
 /// How often the sweep looks at the expiry index when nothing is due sooner.
 const SWEEP_IDLE: Duration = Duration::from_secs(1);
@@ -208,7 +206,11 @@ impl Node {
                     return Err(NodeError::Invalid(format!(
                         "only the admins of {} may change {}",
                         state.name,
-                        if locked { "its timer" } else { "who sets its timer" }
+                        if locked {
+                            "its timer"
+                        } else {
+                            "who sets its timer"
+                        }
                     )));
                 }
                 // The group send takes the next Lamport time; the record takes the one after

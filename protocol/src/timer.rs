@@ -65,10 +65,9 @@ pub fn parse(text: &str, min_secs: u64) -> Result<Option<u64>, ParseError> {
         _ => return Err(syntax()),
     };
     let min = min_secs.max(MIN_SECS);
-    let secs = n.checked_mul(unit_secs).ok_or(ParseError::OutOfRange {
-        min,
-        max: MAX_SECS,
-    })?;
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or(ParseError::OutOfRange { min, max: MAX_SECS })?;
     check(secs, min)?;
     Ok(Some(secs))
 }
@@ -79,17 +78,19 @@ pub fn check(secs: u64, min_secs: u64) -> Result<(), ParseError> {
     if (min..=MAX_SECS).contains(&secs) {
         Ok(())
     } else {
-        Err(ParseError::OutOfRange {
-            min,
-            max: MAX_SECS,
-        })
+        Err(ParseError::OutOfRange { min, max: MAX_SECS })
     }
 }
 
 /// A timer for people: the largest unit that divides it (`90s`, `5m`, `1h`, `7d`).
 pub fn format_secs(secs: u64) -> String {
-    for (unit, len) in [("w", 7 * 24 * 3600), ("d", 24 * 3600), ("h", 3600), ("m", 60)] {
-        if secs >= len && secs % len == 0 {
+    for (unit, len) in [
+        ("w", 7 * 24 * 3600),
+        ("d", 24 * 3600),
+        ("h", 3600),
+        ("m", 60),
+    ] {
+        if secs >= len && secs.is_multiple_of(len) {
             return format!("{}{unit}", secs / len);
         }
     }
@@ -115,7 +116,9 @@ pub enum ExpiryError {
         skew_ms: u64,
     },
     /// It is not after the send time, or further than [`MAX_SECS`] after it.
-    #[error("a lifetime from {sent_at_ms} to {expires_at_ms} is not between {MIN_SECS} s and 90 days")]
+    #[error(
+        "a lifetime from {sent_at_ms} to {expires_at_ms} is not between {MIN_SECS} s and 90 days"
+    )]
     BadLifetime {
         /// The envelope's send time.
         sent_at_ms: u64,
@@ -166,7 +169,11 @@ pub fn receiver_deadline(
             skew_ms,
         });
     }
-    if expires_at_ms > now_ms.saturating_add(MAX_SECS * 1000).saturating_add(skew_ms) {
+    if expires_at_ms
+        > now_ms
+            .saturating_add(MAX_SECS * 1000)
+            .saturating_add(skew_ms)
+    {
         return Err(ExpiryError::TooFarAhead {
             expires_at_ms,
             now_ms,
@@ -205,8 +212,14 @@ mod tests {
         assert_eq!(parse("90", 30), Ok(Some(90)));
         assert_eq!(parse("off", 30), Ok(None));
         assert_eq!(parse("OFF", 30), Ok(None));
-        assert!(matches!(parse("3s", 30), Err(ParseError::OutOfRange { min: 30, .. })));
-        assert!(matches!(parse("91d", 1), Err(ParseError::OutOfRange { .. })));
+        assert!(matches!(
+            parse("3s", 30),
+            Err(ParseError::OutOfRange { min: 30, .. })
+        ));
+        assert!(matches!(
+            parse("91d", 1),
+            Err(ParseError::OutOfRange { .. })
+        ));
         assert!(matches!(
             parse("99999999999999999999w", 1),
             Err(ParseError::Syntax(_))

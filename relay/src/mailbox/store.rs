@@ -12,6 +12,11 @@
 //! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
 //! | `d` from-len from message-id | seq (dedupe while the entry is stored) |
 //!
+//! An entry whose envelope expires (a temporary chat) is stored sealed under its expiry
+//! bucket's key and its dedup key names the message by a keyed hash instead of its id
+//! ([`super::shred`]): the key is destroyed when the bucket ends, so what sled's log still
+//! holds of the entry after its purge can no longer be read or recognised.
+//!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
 //! answers `Stored` only after the group-commit flusher has flushed.
@@ -30,6 +35,8 @@ use std::path::Path;
 
 use kith_protocol::mailbox::Item;
 use kith_protocol::{cbor, timer, Envelope, PeerId};
+
+use super::shred::{self, Keys};
 use serde::{Deserialize, Serialize};
 
 const ITEM: u8 = b'i';
@@ -112,6 +119,9 @@ pub enum OpenError {
     /// A key in the store does not follow the layout.
     #[error("corrupt mailbox store: {0}")]
     Corrupt(String),
+    /// The expiry key file could not be read.
+    #[error(transparent)]
+    Keys(#[from] shred::KeysError),
 }
 
 /// Why a deposit was refused.
@@ -179,6 +189,9 @@ pub enum RemoveError {
     /// sled failed.
     #[error("mailbox store failed: {0}")]
     Storage(#[from] sled::Error),
+    /// The expiry key file could not be replaced.
+    #[error(transparent)]
+    Keys(#[from] shred::KeysError),
 }
 
 /// Deposits prepared by [`Store::stage`] and not yet written: [`Store::commit`] writes them.
@@ -222,6 +235,8 @@ pub struct Store {
     limits: Limits,
     usage: HashMap<PeerId, Usage>,
     totals: Usage,
+    /// The expiry buckets' keys of timed entries ([`shred`]).
+    shred: Keys,
 }
 
 impl std::fmt::Debug for Store {
@@ -263,15 +278,26 @@ fn deadline_key(deadline_ms: u64, seq: u64) -> Vec<u8> {
     key
 }
 
-fn dedup_key(envelope: &Envelope, owner: &[u8]) -> Option<Vec<u8>> {
+/// The dedup key of `envelope` in `owner`'s mailbox; a timed envelope's id is named by its
+/// keyed hash under its bucket's key (`None` when that key is gone).
+fn dedup_key(envelope: &Envelope, owner: &[u8], keys: &Keys, skew_ms: u64) -> Option<Vec<u8>> {
     let mut key = vec![DEDUP];
     key.extend_from_slice(&peer_key(&envelope.from)?);
-    key.extend_from_slice(envelope.id.as_bytes());
+    match expiry_bucket(envelope, skew_ms) {
+        Some(end) => key.extend_from_slice(&keys.blind(end, envelope.id.as_bytes())?),
+        None => key.extend_from_slice(envelope.id.as_bytes()),
+    }
     // A group envelope is fanned out into many mailboxes: one copy (and dedup entry) each.
     if matches!(envelope.to, kith_protocol::Destination::Group(_)) {
         key.extend_from_slice(owner);
     }
     Some(key)
+}
+
+/// The bucket end of a timed envelope's key (see [`shred`]); `None` for a permanent one.
+fn expiry_bucket(envelope: &Envelope, skew_ms: u64) -> Option<u64> {
+    let at = envelope.expires_at_ms?;
+    Some(shred::bucket_end(timer::relay_deadline(at, skew_ms)))
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
@@ -290,11 +316,17 @@ fn parse_item_key(key: &[u8]) -> Option<(PeerId, u64)> {
 impl Store {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path, limits: Limits) -> Result<Self, OpenError> {
-        Self::with_db(sled::open(path)?, limits)
+        let shred = Keys::open(&path.with_extension("expiry-keys"))?;
+        Self::with_db_and_keys(sled::open(path)?, limits, shred)
     }
 
-    /// Uses an already open database (tests use a temporary one).
+    /// Uses an already open database (tests use a temporary one), with the expiry keys in
+    /// memory only.
     pub fn with_db(db: sled::Db, limits: Limits) -> Result<Self, OpenError> {
+        Self::with_db_and_keys(db, limits, Keys::in_memory())
+    }
+
+    fn with_db_and_keys(db: sled::Db, limits: Limits, shred: Keys) -> Result<Self, OpenError> {
         let tree = db.open_tree("mailbox")?;
         let mut usage: HashMap<PeerId, Usage> = HashMap::new();
         let mut totals = Usage::default();
@@ -314,6 +346,7 @@ impl Store {
             limits,
             usage,
             totals,
+            shred,
         })
     }
 
@@ -358,7 +391,7 @@ impl Store {
             return false;
         }
         let known = peer_key(recipient)
-            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|owner| dedup_key(envelope, &owner, &self.shred, self.limits.expiry_skew_ms))
             .and_then(|dedup| self.tree.get(dedup).ok().flatten());
         known.is_none()
     }
@@ -377,7 +410,15 @@ impl Store {
     ) -> Result<Deposited, DepositError> {
         let unstorable = |what: &str| DepositError::Unstorable(what.to_owned());
         let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
-        let dedup = dedup_key(envelope, &owner).ok_or_else(|| unstorable("sender id too long"))?;
+        let skew_ms = self.limits.expiry_skew_ms;
+        let bucket = expiry_bucket(envelope, skew_ms);
+        if let Some(end) = bucket {
+            self.shred
+                .get_or_make(end)
+                .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        }
+        let dedup = dedup_key(envelope, &owner, &self.shred, skew_ms)
+            .ok_or_else(|| unstorable("sender id too long"))?;
         let known = match staged.dedup.get(&dedup) {
             Some(&seq) => Some(seq),
             None => self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)),
@@ -396,8 +437,14 @@ impl Store {
             deadline_ms,
             envelope,
         };
-        let value = cbor::encode(&record, MAX_RECORD_BYTES)
+        let mut value = cbor::encode(&record, MAX_RECORD_BYTES)
             .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        if let Some(end) = bucket {
+            value = self
+                .shred
+                .seal(end, &value)
+                .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        }
         let size = value.len() as u64;
         let mut used = self.usage(recipient);
         if let Some(more) = staged.usage.get(recipient) {
@@ -494,11 +541,14 @@ impl Store {
                 more = true;
                 break;
             }
-            let record: Record =
-                cbor::decode(&value, MAX_RECORD_BYTES).map_err(|e| FetchError::Corrupt {
-                    seq,
-                    reason: e.to_string(),
-                })?;
+            let Some(record) = self.record(&value) else {
+                // A timed entry whose key is gone: purged at the latest with its bucket.
+                continue;
+            };
+            let record = record.map_err(|e| FetchError::Corrupt {
+                seq,
+                reason: e.to_string(),
+            })?;
             budget = budget.saturating_sub(cost);
             items.push(Item {
                 seq,
@@ -544,15 +594,29 @@ impl Store {
         self.limits.expiry_skew_ms
     }
 
+    /// A stored value as a record: opened first if it is sealed ([`shred`]); `None` when its
+    /// key is gone.
+    fn record(&self, value: &[u8]) -> Option<Result<Record, cbor::DecodeError>> {
+        if value.first() == Some(&shred::SEALED_MARK) {
+            let plain = self.shred.open_sealed(value)?;
+            return Some(cbor::decode(&plain, MAX_RECORD_BYTES));
+        }
+        Some(cbor::decode(value, MAX_RECORD_BYTES))
+    }
+
     /// The earliest deadline of a stored entry (a temporary chat's expiry, or the retention
-    /// time), so the service can purge it when it comes.
+    /// time) or of an expiry key, so the service can purge when it comes.
     pub fn next_deadline(&self) -> Result<Option<u64>, sled::Error> {
         let first = self
             .tree
             .range(vec![DEADLINE]..vec![DEADLINE + 1])
             .next()
             .transpose()?;
-        Ok(first.and_then(|(key, _)| u64_at(&key, 1)))
+        let entry = first.and_then(|(key, _)| u64_at(&key, 1));
+        Ok(match (entry, self.shred.next_end()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     /// Deletes every entry whose deadline is at or before `now_ms`; returns how many.
@@ -584,6 +648,8 @@ impl Store {
                 self.tree.remove(key)?;
             }
         }
+        // Entries go before their keys: a bucket ends after every deadline in it.
+        self.shred.destroy_ended(now_ms)?;
         Ok(purged)
     }
 
@@ -612,8 +678,9 @@ impl Store {
         self.tree.remove(owner_key(seq))?;
         // A record that does not decode still goes; its index entries are then left for purge
         // to skip (they point at nothing).
-        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
-            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+        if let Some(Ok(record)) = self.record(&value) {
+            let skew_ms = self.limits.expiry_skew_ms;
+            if let Some(dedup) = dedup_key(&record.envelope, owner_bytes, &self.shred, skew_ms) {
                 self.tree.remove(dedup)?;
             }
             self.tree.remove(deadline_key(record.deadline_ms, seq))?;
@@ -705,7 +772,8 @@ mod tests {
         let d1 = s.deposit(&bob, &e1, 0).expect("deposit");
         s.deposit(&bob, &e2, 0).expect("deposit");
         assert_eq!(s.ack(&bob, &[d1.seq]).expect("ack"), 1);
-        assert_eq!(s.purge(10).expect("purge"), 1);
+        // Its deadline is its expiry plus the tolerated skew (50 ms here).
+        assert_eq!(s.purge(60).expect("purge"), 1);
         assert_eq!(s.tree.len(), 0, "every key of both entries is gone");
         assert_eq!(s.totals(), Usage::default());
     }
