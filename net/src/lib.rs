@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod shred;
 
 use std::time::Duration;
 

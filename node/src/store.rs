@@ -28,6 +28,11 @@
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
 //! interleave.
+//!
+//! The record (`m/`) and outbox entry (`o/`) of a message of a temporary chat are stored sealed
+//! under the key of its expiry bucket (`kith_net::shred`), kept beside the database in
+//! `db.expiry-keys`; the sweep destroys a bucket's key once its messages are deleted, so what
+//! sled's log still holds of them can no longer be read.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,6 +79,9 @@ pub enum StoreError {
     /// The flusher task has stopped (the node is shutting down).
     #[error("store is shutting down")]
     Closed,
+    /// The expiry key file could not be read or replaced.
+    #[error("store: {0}")]
+    Keys(#[from] kith_net::shred::KeysError),
 }
 
 /// Which way a message went.
@@ -247,15 +255,28 @@ pub(crate) type RawEntry = (Vec<u8>, Vec<u8>);
 pub struct Batch {
     /// Keys to set (`Some`) or remove (`None`), in order.
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Values to seal under an expiry bucket's key before they are written: index into `ops`
+    /// and the bucket's end.
+    sealed: Vec<(usize, u64)>,
 }
 impl Batch {
     /// A new, empty batch.
     pub fn new() -> Self {
-        Self { ops: Vec::new() }
+        Self::default()
     }
 
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push((key, Some(value)));
+    }
+
+    /// Sets a value that is sealed under the key of the expiry bucket of `deadline_ms`
+    /// (when there is one) as it is written.
+    fn insert_expiring(&mut self, key: Vec<u8>, value: Vec<u8>, deadline_ms: Option<u64>) {
+        if let Some(at) = deadline_ms {
+            self.sealed
+                .push((self.ops.len(), kith_net::shred::bucket_end(at)));
+        }
+        self.insert(key, value);
     }
 
     fn remove(&mut self, key: Vec<u8>) {
@@ -278,7 +299,11 @@ impl Batch {
         if msg.direction == Direction::Out {
             self.insert(id_key(&msg.id), msg.from.to_bytes());
         }
-        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        self.insert_expiring(
+            message_key(&msg.from, &msg.id),
+            encode(msg),
+            msg.expires_at_ms,
+        );
     }
 
     /// Raises a conversation's Lamport clock.
@@ -288,7 +313,11 @@ impl Batch {
 
     /// Puts an envelope in the outbox.
     pub fn put_outbox(&mut self, entry: &OutboxEntry) {
-        self.insert(outbox_key(&entry.envelope.id), encode(entry));
+        self.insert_expiring(
+            outbox_key(&entry.envelope.id),
+            encode(entry),
+            entry.envelope.expires_at_ms,
+        );
     }
 
     /// Removes an outbox entry.
@@ -326,6 +355,8 @@ impl Batch {
 #[derive(Clone)]
 pub struct Store {
     tree: sled::Db,
+    /// The expiry buckets' keys of temporary chats' values (`kith_net::shred`).
+    shred: Arc<std::sync::Mutex<kith_net::shred::Keys>>,
     flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
     /// [`Store::flush`] calls under way, on either road.
     flushing: Arc<AtomicUsize>,
@@ -346,6 +377,7 @@ impl Closed {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its flusher task.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let shred = kith_net::shred::Keys::open(&dir.with_extension("expiry-keys"))?;
         let tree = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
@@ -381,6 +413,7 @@ impl Store {
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Self {
             tree,
+            shred: Arc::new(std::sync::Mutex::new(shred)),
             flusher: tx,
             flushing: Default::default(),
             closed,
@@ -401,6 +434,7 @@ impl Store {
     /// Applies `batch` atomically without waiting for the disk (for changes that are safe to
     /// lose in a crash, such as an outbox entry that would only be sent again).
     pub fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
+        self.seal_expiring(&mut batch)?;
         match batch.ops.len() {
             0 => {}
             // sled's `apply_batch` takes a process-wide write lock that waits for every flush
@@ -432,7 +466,8 @@ impl Store {
     /// the disk. Only for batches built so that any first part of them that survives a crash
     /// is harmless (see [`Batch::put_message`]): it spares sled's `apply_batch`, whose
     /// process-wide lock waits for every flush in progress.
-    pub fn apply_in_order(&self, batch: Batch) -> Result<(), StoreError> {
+    pub fn apply_in_order(&self, mut batch: Batch) -> Result<(), StoreError> {
+        self.seal_expiring(&mut batch)?;
         for (key, value) in batch.ops {
             match value {
                 Some(value) => drop(self.tree.insert(key, value)?),
@@ -499,7 +534,52 @@ impl Store {
         id: &MessageId,
     ) -> Result<Option<StoredMessage>, StoreError> {
         let key = message_key(from, id);
-        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+        match self.tree.get(&key)? {
+            Some(v) => self.decode_expiring(&key, &v),
+            None => Ok(None),
+        }
+    }
+
+    /// Seals the values of `batch` that belong to messages with an expiry.
+    fn seal_expiring(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        if batch.sealed.is_empty() {
+            return Ok(());
+        }
+        let mut keys = self.shred.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, end) in std::mem::take(&mut batch.sealed) {
+            if let Some((_, Some(value))) = batch.ops.get_mut(index) {
+                *value = keys.seal(end, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a value that may be sealed under an expiry bucket's key; `None` when its key is
+    /// destroyed (its message is gone: only a crash between the two deletions leaves one).
+    fn decode_expiring<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        if bytes.first() != Some(&kith_net::shred::SEALED_MARK) {
+            return decode(key, bytes).map(Some);
+        }
+        let opened = self
+            .shred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open_sealed(bytes);
+        opened.map(|plain| decode(key, &plain)).transpose()
+    }
+
+    /// Destroys the expiry keys of buckets that ended at or before `now_ms` (every message
+    /// sealed under them was deleted first); returns how many.
+    pub fn destroy_expiry_keys(&self, now_ms: u64) -> Result<usize, StoreError> {
+        Ok(self
+            .shred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .destroy_ended(now_ms)?)
     }
 
     /// The attachment record of message `id`, if it has one.
@@ -632,7 +712,7 @@ impl Store {
         let mut changed = None;
         self.tree.fetch_and_update(&key, |old| {
             let old = old?;
-            let Ok(mut msg) = decode::<StoredMessage>(&key, old) else {
+            let Ok(Some(mut msg)) = self.decode_expiring::<StoredMessage>(&key, old) else {
                 return Some(old.to_vec());
             };
             let next = msg.state.advance(to);
@@ -640,7 +720,16 @@ impl Store {
                 return Some(old.to_vec());
             }
             msg.state = next;
-            let bytes = encode(&msg);
+            let mut bytes = encode(&msg);
+            if let Some(at) = msg.expires_at_ms {
+                let end = kith_net::shred::bucket_end(at);
+                let mut keys = self.shred.lock().unwrap_or_else(|p| p.into_inner());
+                match keys.seal(end, &bytes) {
+                    Ok(sealed) => bytes = sealed,
+                    // Keeps the old state rather than write the record in the clear.
+                    Err(_) => return Some(old.to_vec()),
+                }
+            }
             changed = Some(msg);
             Some(bytes)
         })?;
@@ -649,13 +738,16 @@ impl Store {
 
     /// Every outbox entry.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.tree
-            .scan_prefix(b"o/")
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(&key, &value)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(b"o/") {
+            let (key, value) = entry?;
+            match self.decode_expiring(&key, &value)? {
+                Some(entry) => out.push(entry),
+                // An expired message's entry whose key is already destroyed.
+                None => drop(self.tree.remove(&key)?),
+            }
+        }
+        Ok(out)
     }
 
     /// Every contact, sorted by name.
@@ -758,7 +850,11 @@ impl Batch {
         if let Some(at) = msg.expires_at_ms {
             self.insert(expiry_key(at, &msg.from, &msg.id), Vec::new());
         }
-        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        self.insert_expiring(
+            message_key(&msg.from, &msg.id),
+            encode(msg),
+            msg.expires_at_ms,
+        );
         self.insert(
             group_conversation_key(group, msg.lamport, &msg.from, &msg.id),
             Vec::new(),

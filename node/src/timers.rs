@@ -412,6 +412,9 @@ impl Node {
         loop {
             let due = self.store().expiries_due(now_ms, SWEEP_BATCH)?;
             if due.is_empty() {
+                // Every message of the buckets that ended is deleted (and flushed): their
+                // keys go, and with them what sled's log still holds of those messages.
+                self.store().destroy_expiry_keys(now_ms)?;
                 return Ok(deleted);
             }
             let mut batch = Batch::new();
@@ -465,9 +468,6 @@ impl Node {
                     state,
                 });
                 deleted += 1;
-            }
-            if due.len() < SWEEP_BATCH {
-                return Ok(deleted);
             }
         }
     }

@@ -148,6 +148,19 @@ async fn a_timed_message_is_seen_then_gone_on_both_sides_and_after_a_restart() -
         kith_node::engine::now_ms() >= expires,
         "deleted before its expiry"
     );
+    // Neither store's files hold the text in the clear, and once the expiry bucket's key is
+    // destroyed nothing under either home can open what sled's log still holds of it.
+    assert_eq!(holders(&alice.home, text.as_bytes()), Vec::<PathBuf>::new());
+    assert_eq!(holders(&bob.home, text.as_bytes()), Vec::<PathBuf>::new());
+    // (The scan does find a permanent message's text.)
+    assert!(!holders(&bob.home, b"this one stays").is_empty());
+    for home in [&alice.home, &bob.home] {
+        wait_for("the expiry key is destroyed", || async {
+            let keys = std::fs::read(home.join("db.expiry-keys")).unwrap_or_default();
+            keys.is_empty().then_some(())
+        })
+        .await?;
+    }
     assert_eq!(
         saw_expiry(&mut alice_events, &sent.id),
         Some(MessageState::Delivered)

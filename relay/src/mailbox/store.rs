@@ -14,7 +14,7 @@
 //!
 //! An entry whose envelope expires (a temporary chat) is stored sealed under its expiry
 //! bucket's key and its dedup key names the message by a keyed hash instead of its id
-//! ([`super::shred`]): the key is destroyed when the bucket ends, so what sled's log still
+//! ([`kith_net::shred`]): the key is destroyed when the bucket ends, so what sled's log still
 //! holds of the entry after its purge can no longer be read or recognised.
 //!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
@@ -36,7 +36,7 @@ use std::path::Path;
 use kith_protocol::mailbox::Item;
 use kith_protocol::{cbor, timer, Envelope, PeerId};
 
-use super::shred::{self, Keys};
+use kith_net::shred::{self, Keys};
 use serde::{Deserialize, Serialize};
 
 const ITEM: u8 = b'i';
@@ -235,7 +235,7 @@ pub struct Store {
     limits: Limits,
     usage: HashMap<PeerId, Usage>,
     totals: Usage,
-    /// The expiry buckets' keys of timed entries ([`shred`]).
+    /// The expiry buckets' keys of timed entries ([`kith_net::shred`]).
     shred: Keys,
 }
 
@@ -294,7 +294,7 @@ fn dedup_key(envelope: &Envelope, owner: &[u8], keys: &Keys, skew_ms: u64) -> Op
     Some(key)
 }
 
-/// The bucket end of a timed envelope's key (see [`shred`]); `None` for a permanent one.
+/// The bucket end of a timed envelope's key (see [`kith_net::shred`]); `None` for a permanent one.
 fn expiry_bucket(envelope: &Envelope, skew_ms: u64) -> Option<u64> {
     let at = envelope.expires_at_ms?;
     Some(shred::bucket_end(timer::relay_deadline(at, skew_ms)))
@@ -594,7 +594,7 @@ impl Store {
         self.limits.expiry_skew_ms
     }
 
-    /// A stored value as a record: opened first if it is sealed ([`shred`]); `None` when its
+    /// A stored value as a record: opened first if it is sealed ([`kith_net::shred`]); `None` when its
     /// key is gone.
     fn record(&self, value: &[u8]) -> Option<Result<Record, cbor::DecodeError>> {
         if value.first() == Some(&shred::SEALED_MARK) {

@@ -1,17 +1,18 @@
-//! Crypto-shredding of temporary chats' mailbox entries: the bytes of an expired envelope must
-//! leave the relay's disk, and sled, a log-structured store, keeps a removed value in its log
-//! segments until it rewrites or reuses them, which it does in its own time.
+//! Crypto-shredding of temporary chats' stored bytes, for the relay's mailbox and the node's
+//! store: the bytes of an expired message must leave the disk, and sled, a log-structured
+//! store, keeps a removed value in its log segments until it rewrites or reuses them, which it
+//! does in its own time.
 //!
-//! So an entry whose envelope carries `expires_at_ms` is stored sealed (AES-256-GCM, a random
+//! So a value that belongs to a message with an expiry is stored sealed (AES-256-GCM, a random
 //! nonce) under the key of its **expiry bucket**: the [`BUCKET_MS`]-long slice of time in which
-//! its relay deadline (expiry plus the tolerated skew) falls. Its dedup key names the message
-//! by a keyed BLAKE3 hash under the same key, not by its id. The bucket keys live outside sled,
-//! in one small file (`<data>/db.expiry-keys`: records of bucket end `u64` BE and 32 key bytes)
-//! that is replaced as a whole (written to a temporary file, synced, renamed over, directory
-//! synced) whenever a bucket starts or ends. Once a bucket's end passes, its key is gone from
-//! the file and from memory: whatever sled still holds of its entries is noise, and neither the
-//! envelope nor its id can be read or recognised again. Entries of permanent chats are stored
-//! as before.
+//! its deletion deadline falls. (The relay also names such a message in its dedup index by a
+//! keyed BLAKE3 hash under the same key, [`Keys::blind`], not by its id.) The bucket keys live
+//! outside sled, in one small file beside the database (`db.expiry-keys`: records of bucket
+//! end `u64` BE and 32 key bytes) that is replaced as a whole (written to a temporary file,
+//! synced, renamed over, directory synced) whenever a bucket starts or ends. Once a bucket's
+//! end passes, its key is gone from the file and from memory: whatever sled still holds of its
+//! values is noise, and they can no longer be read or recognised. Values of permanent chats
+//! are stored as before.
 
 use std::collections::BTreeMap;
 use std::io::Write;
