@@ -1311,6 +1311,13 @@ impl Node {
         let size = record.file.size;
         let total = size.saturating_mul(record.relays.len() as u64);
         let done = AtomicU64::new(0);
+        // A temporary chat's file: the relays keep its chunks no longer than the message.
+        let expires_at_ms = self
+            .store()
+            .outgoing(&id)
+            .ok()
+            .flatten()
+            .and_then(|m| m.expires_at_ms);
         let mut failures = Vec::new();
         for relay in &record.relays {
             let Some((peer, addr)) = parse_relay(relay) else {
@@ -1357,6 +1364,7 @@ impl Node {
                             req_id: self.req_id(),
                             hash,
                             bytes,
+                            expires_at_ms,
                         };
                         match self.net().blob(peer, vec![addr.clone()], request).await {
                             Ok(blob::Response::Stored { .. }) => {

@@ -230,6 +230,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             busy_retry_after_ms: config.busy_retry_after_ms,
             purge_interval: Duration::from_secs(config.purge_interval_secs),
             clock: config.clock.clone(),
+            expiry_skew_ms: config.expiry_skew_ms,
         },
         metrics.clone(),
     );

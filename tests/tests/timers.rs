@@ -446,3 +446,51 @@ async fn a_permanent_chat_exports_and_a_temporary_one_does_not() -> anyhow::Resu
     assert!(alice.node().export("bob").is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_file_goes_from_both_sides_but_the_original_stays() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    alice.node().set_timer("bob", Some(4), None).await?;
+    let original = dir.path().join("plans.txt");
+    let content = b"the plans, in full, for four seconds only".repeat(100);
+    std::fs::write(&original, &content)?;
+    let sent = alice.node().send_file("bob", &original).await?;
+    let received = wait_for("bob has the file", || async {
+        let path = bob
+            .node()
+            .messages(Some("alice"))
+            .ok()?
+            .into_iter()
+            .find(|m| m.id == sent.id)?
+            .attachment?
+            .path?;
+        Some(PathBuf::from(path))
+    })
+    .await?;
+    assert_eq!(std::fs::read(&received)?, content);
+    let pack = alice.home.join("blobs").join(format!("{}.pack", sent.id));
+    wait_for(
+        "the message and its files are gone on both sides",
+        || async {
+            let gone = |node: &TestNode, with: &str| {
+                node.node()
+                    .messages(Some(with))
+                    .map(|ms| ms.iter().all(|m| m.id != sent.id))
+                    .unwrap_or(false)
+            };
+            (gone(&alice, "bob") && gone(&bob, "alice") && !received.exists() && !pack.exists())
+                .then_some(())
+        },
+    )
+    .await?;
+    assert!(bob.node().attachment(&sent.id.parse()?).is_none());
+    // Nothing of the file's bytes is left under bob's home; the sender's original stays.
+    assert_eq!(holders(&bob.home, &content[..64]), Vec::<PathBuf>::new());
+    assert_eq!(std::fs::read(&original)?, content);
+    Ok(())
+}
