@@ -233,6 +233,21 @@ impl Node {
                 batch.put_timer_line(&id, secs);
                 self.send_group_with(state.clone(), id, body, &text, batch, None)
                     .await?;
+                // The send took the group's next Lamport time, which may be ahead of the
+                // stored clock this record was given: record the change at its real time.
+                if let Some(line) = self.store().message(&me, &id)? {
+                    if line.lamport != record.lamport {
+                        let mut fix = Batch::new();
+                        fix.put_timer(
+                            target.thread(),
+                            &TimerRecord {
+                                lamport: line.lamport,
+                                ..record.clone()
+                            },
+                        );
+                        self.store().commit(fix).await?;
+                    }
+                }
             }
             Target::Peer(peer) => {
                 let header = Header {
