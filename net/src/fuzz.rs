@@ -711,6 +711,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         req_id: 4,
         hash: blob::Hash::of(b"chunk"),
         bytes: b"chunk".to_vec(),
+        expires_at_ms: Some(1_764_000_000_000),
     };
     let heartbeat = presence::Request::Heartbeat {
         req_id: 5,

@@ -226,6 +226,11 @@ pub struct Config {
     /// a download that has not finished this long after its message was sent (or first
     /// tried) gives up. Tests shorten it.
     pub mailbox_ttl: Duration,
+    /// Shortest disappearing-message timer the user may set, in seconds (messages from
+    /// others may carry any timer from [`kith_protocol::timer::MIN_SECS`]).
+    pub min_timer_secs: u64,
+    /// Clock skew tolerated on the expiry of received messages ([`kith_protocol::timer`]).
+    pub expiry_skew_ms: u64,
 }
 
 impl Config {
@@ -254,6 +259,8 @@ impl Config {
             heartbeat_interval: Duration::from_secs(10),
             presence_offline_after: Duration::from_secs(30),
             mailbox_ttl: Duration::from_secs(30 * 24 * 3600),
+            min_timer_secs: 30,
+            expiry_skew_ms: kith_protocol::timer::DEFAULT_SKEW_MS,
         }
     }
 
@@ -267,6 +274,9 @@ impl Config {
                 base_ms: 200,
                 max_ms: 2_000,
             },
+            // Tests and the demo use timers of seconds, on one clock.
+            min_timer_secs: 1,
+            expiry_skew_ms: 1_000,
             ..Self::new(home)
         }
     }

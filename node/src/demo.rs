@@ -46,6 +46,7 @@ fn tick(state: MessageState) -> &'static str {
         MessageState::Sent => "✓ sent",
         MessageState::Delivered => "✓✓ delivered",
         MessageState::Read => "✓✓ read",
+        MessageState::Expired => "✗ expired",
     }
 }
 

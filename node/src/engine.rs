@@ -38,7 +38,7 @@ use crate::crypto::{upgrade_entry, Olm, OpenError};
 use crate::net::{self, circuit_addr, peer_of, NetError};
 use crate::shutdown::Signal;
 use crate::store::{
-    Batch, Contact, Direction, EntryKind, OutboxEntry, Store, StoreError, StoredMessage,
+    Batch, Contact, Direction, EntryKind, OutboxEntry, Store, StoreError, StoredMessage, Thread,
 };
 
 /// How long a sender or relay is asked to wait when another copy of its message is being
@@ -141,6 +141,17 @@ pub enum NodeEvent {
         id: String,
         /// The sender.
         from: String,
+    },
+    /// A message of a temporary chat reached its expiry and was deleted ([`crate::timers`]).
+    Expired {
+        /// The message id.
+        id: String,
+        /// The conversation: the other party's peer id, or the group id.
+        conversation: String,
+        /// The group id for a group message, `None` (null) for a one-to-one message.
+        group: Option<String>,
+        /// Its final state: `expired` for an outgoing message that was never delivered.
+        state: MessageState,
     },
 }
 
@@ -375,6 +386,12 @@ pub struct MessageView {
     /// The attached file, if any ([`crate::media`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<crate::media::AttachmentView>,
+    /// When it disappears (unix ms, this node's clock), for a message of a temporary chat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// For the history line of a timer change: the timer it set ([`crate::timers`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer: Option<crate::timers::TimerLine>,
 }
 
 impl From<StoredMessage> for MessageView {
@@ -392,6 +409,8 @@ impl From<StoredMessage> for MessageView {
             conversation_name: None,
             from_name: None,
             attachment: None,
+            expires_at_ms: m.expires_at_ms,
+            timer: None,
         }
     }
 }
@@ -542,6 +561,7 @@ impl Node {
         tasks.spawn(node.clone().group_loop(shutdown.clone()));
         tasks.spawn(node.clone().media_loop(shutdown.clone()));
         tasks.spawn(node.clone().held_loop(shutdown.clone()));
+        tasks.spawn(node.clone().expiry_loop(shutdown.clone()));
         tasks.spawn(node.clone().poll_loop(shutdown));
         Ok(node)
     }
@@ -907,12 +927,14 @@ impl Node {
         body.validate()
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let lamport = self.next_lamport(&peer)?;
+        let sent_at_ms = now_ms();
+        let expires_at_ms = self.expiry_for(Thread::Peer(&peer), sent_at_ms)?;
         let header = Header {
             id: MessageId::random(),
             to: Destination::Peer(peer),
-            sent_at_ms: now_ms(),
+            sent_at_ms,
             lamport,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         let entry = self.compose(peer, header, &body, EntryKind::Message)?;
         let envelope = &entry.envelope;
@@ -926,7 +948,7 @@ impl Node {
             sent_at_ms: envelope.sent_at_ms,
             lamport,
             state: MessageState::Pending,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         let mut events = wait.map(|_| self.subscribe());
         let mut batch = Batch::new();
@@ -1019,6 +1041,20 @@ impl Node {
         Ok(())
     }
 
+    /// Starts the first attempt of a new outgoing entry already written and flushed.
+    pub(crate) fn dispatch(&self, entry: OutboxEntry) -> Result<(), NodeError> {
+        self.write_and_dispatch(entry, Batch::new())
+    }
+
+    /// Forgets an outbox entry that was deleted from the store (an expired message).
+    pub(crate) fn forget_outbox(&self, id: &MessageId) {
+        self.inner
+            .outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     /// A request slot for a first attempt to `peer` when the outbox is idle (under load,
     /// messages queue and leave in batches); the entry is then in flight.
     fn claim_idle_slot(
@@ -1070,6 +1106,7 @@ impl Node {
     pub fn messages(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
         let mut views = self.with_attachments(self.messages_without_files(with)?);
         self.name_messages(&mut views);
+        self.with_timer_lines(&mut views);
         Ok(views)
     }
 
@@ -1191,6 +1228,15 @@ impl Node {
                     reason: None,
                 });
             }
+        }
+        if let Some(expired) = self.inner.store.expired(&parsed)? {
+            return Ok(StatusView {
+                id: id.to_owned(),
+                state: expired.state,
+                members: HashMap::new(),
+                member_names: HashMap::new(),
+                reason: Some("deleted: its disappearing-message timer ran out".into()),
+            });
         }
         Err(NodeError::UnknownMessage(id.to_owned()))
     }
@@ -1472,9 +1518,7 @@ impl Node {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope: sender is not the connection's peer");
             return Err(Reject::WrongSender);
         }
-        if envelope.is_expired(now_ms()) {
-            return Err(Reject::Expired);
-        }
+        self.check_expiry(envelope)?;
         let body = envelope.body().map_err(|e| {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope with a bad body");
             Reject::Malformed
@@ -1490,6 +1534,11 @@ impl Node {
             }
             Body::GroupOp(_) => {
                 tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
+                Err(Reject::Malformed)
+            }
+            // Content: this node only takes it sealed.
+            Body::Timer { .. } => {
+                tracing::warn!(%via, %from, "refusing a timer change in the clear");
                 Err(Reject::Malformed)
             }
         }
@@ -1643,6 +1692,11 @@ impl Node {
                         self.stage_receipt(from, state, ids)?;
                         Ok(None)
                     }
+                    Body::Timer { secs, .. } => {
+                        self.stage_timer(&envelope, secs, batch)?;
+                        let line = crate::timers::line_text(secs);
+                        self.stage_chat(&envelope, line, None, batch).map(Some)
+                    }
                     _ => Err(Inbound::Refused(Reject::Malformed)),
                 }
             });
@@ -1686,7 +1740,7 @@ impl Node {
         let from = envelope.from;
         self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| Inbound::Refused(store_failed(&e)))?;
-        let msg = StoredMessage::received(envelope, text.clone());
+        let msg = self.received(envelope, text.clone());
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
             self.put_incoming_file(batch, envelope, file, None);

@@ -477,15 +477,14 @@ impl Node {
         group_id: GroupId,
         envelope: Envelope,
     ) -> Result<(), Reject> {
-        if envelope.is_expired(now_ms()) {
-            return Err(Reject::Expired);
-        }
+        self.check_expiry(&envelope)?;
         let from = envelope.from;
         let body = envelope.body().map_err(|e| {
             tracing::warn!(%via, %from, error = %e, "refusing a group envelope with a bad body");
             Reject::Malformed
         })?;
         let mut file = None;
+        let mut timer = None;
         let text = match body {
             Body::GroupOp(op) if op.group == group_id => {
                 return self.on_group_op(via, envelope, op).await
@@ -494,6 +493,10 @@ impl Node {
             Body::File(f) => {
                 file = Some(f);
                 String::new()
+            }
+            Body::Timer { secs, admins_only } => {
+                timer = Some((secs, admins_only));
+                crate::timers::line_text(secs)
             }
             _ => {
                 tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind");
@@ -550,8 +553,14 @@ impl Node {
             lamports.insert(group_id, next);
             next
         };
-        let msg = StoredMessage::received(&envelope, text.clone());
         let mut batch = Batch::new();
+        let mut text = text;
+        if let (Some((secs, admins_only)), Some(state)) = (timer, state.as_ref()) {
+            if !self.stage_group_timer(&envelope, state, secs, admins_only, &mut batch)? {
+                text = crate::timers::IGNORED_TEXT.to_owned();
+            }
+        }
+        let msg = self.received(&envelope, text.clone());
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);
         if let Some(file) = file.clone() {
@@ -684,12 +693,18 @@ impl Node {
             lamports.insert(group_id, next);
             next
         };
+        let sent_at_ms = now_ms();
+        // A timer change itself stays; everything else carries the timer in force.
+        let expires_at_ms = match body {
+            Body::Timer { .. } => None,
+            _ => self.expiry_for(crate::store::Thread::Group(&group_id), sent_at_ms)?,
+        };
         let header = Header {
             id,
             to: Destination::Group(group_id),
-            sent_at_ms: now_ms(),
+            sent_at_ms,
             lamport,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         let envelope = Envelope::seal(self.key(), header, &body).map_err(invalid)?;
         let id = envelope.id;
@@ -702,7 +717,7 @@ impl Node {
             sent_at_ms: envelope.sent_at_ms,
             lamport,
             state: MessageState::Pending,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         let members = state
             .members

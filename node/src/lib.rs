@@ -25,6 +25,7 @@ pub mod private;
 pub mod shutdown;
 pub mod store;
 pub mod text;
+pub mod timers;
 pub mod ui;
 
 use std::future::Future;

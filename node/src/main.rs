@@ -165,6 +165,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Temporary chats: a conversation's disappearing-message timer.
+    #[command(subcommand)]
+    Chat(ChatCommand),
+    /// Write a permanent chat's history (JSON lines: a header, then one line per message;
+    /// one JSON document with --json).
+    Export {
+        /// Contact name, peer id, or group name or id.
+        with: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Open the chat window: prints the web UI's address with a one-time code.
     Ui {
         /// Also open it in the browser (xdg-open).
@@ -176,6 +188,27 @@ enum Command {
     /// one JSON event per line.
     Events {
         /// Print JSON lines, the exact events of `GET /v1/events`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kith chat …`
+#[derive(Debug, Subcommand)]
+enum ChatCommand {
+    /// Show or set the disappearing-message timer of a conversation (3s, 5m, 1h, 7d, 2w, off).
+    Timer {
+        /// Contact name, peer id, or group name or id.
+        with: String,
+        /// The new timer, or `off`; without it, the current one is shown.
+        duration: Option<String>,
+        /// In a group (admins only): from now on only admins may change the timer.
+        #[arg(long, conflicts_with = "everyone")]
+        admins_only: bool,
+        /// In a group (admins only): every member may change the timer again.
+        #[arg(long)]
+        everyone: bool,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -580,6 +613,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Group(command) => {
             let client = daemon_client(&home).await?;
             kith_node::group::cli::run(&client, command).await?;
+        }
+        Command::Chat(ChatCommand::Timer {
+            with,
+            duration,
+            admins_only,
+            everyone,
+            json,
+        }) => {
+            let client = daemon_client(&home).await?;
+            let rule = (admins_only || everyone).then_some(admins_only);
+            kith_node::timers::cli::timer(&client, &with, duration.as_deref(), rule, json).await?;
+        }
+        Command::Export { with, json } => {
+            let client = daemon_client(&home).await?;
+            kith_node::timers::cli::export(&client, &with, json).await?;
         }
         Command::Ui { open } => {
             let client = daemon_client(&home).await?;

@@ -831,6 +831,23 @@ impl Node {
             .ok_or_else(|| NodeError::UnknownMessage(format!("{id} (no file attached)")))
     }
 
+    /// The files of message `id` that go when it expires ([`crate::timers`]): the manifest
+    /// blobs, the sent pack, the partial download, and a received file; never a file the user
+    /// sent from. Its chunks leave the index of packed chunks at once.
+    pub(crate) fn expired_files(&self, id: &MessageId) -> Vec<PathBuf> {
+        let Ok(Some(record)) = self.store().attachment::<Record>(id) else {
+            return Vec::new();
+        };
+        lock(&self.media().packed).retain(|_, p| p.id != *id);
+        let blobs = self.blobs_dir();
+        let mut paths = vec![blobs.join(pack_name(id)), blobs.join(part_name(id))];
+        paths.extend(record.file.manifest.iter().map(|h| blobs.join(h.to_hex())));
+        if record.direction == Direction::In {
+            paths.extend(record.path.map(PathBuf::from));
+        }
+        paths
+    }
+
     /// The attachment of message `id`, if it has one.
     pub fn attachment(&self, id: &MessageId) -> Option<AttachmentView> {
         self.store()
@@ -1100,12 +1117,14 @@ impl Node {
         mut batch: Batch,
     ) -> Result<Sent, NodeError> {
         let lamport = self.next_lamport(&peer)?;
+        let sent_at_ms = now_ms();
+        let expires_at_ms = self.expiry_for(crate::store::Thread::Peer(&peer), sent_at_ms)?;
         let header = Header {
             id,
             to: Destination::Peer(peer),
-            sent_at_ms: now_ms(),
+            sent_at_ms,
             lamport,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         let entry = self.compose(peer, header, &body, EntryKind::Message)?;
         let envelope = &entry.envelope;
@@ -1118,7 +1137,7 @@ impl Node {
             sent_at_ms: envelope.sent_at_ms,
             lamport,
             state: MessageState::Pending,
-            expires_at_ms: None,
+            expires_at_ms,
         };
         batch.put_message(&stored);
         batch.set_lamport(&peer, lamport);
@@ -1332,6 +1351,13 @@ impl Node {
         let size = record.file.size;
         let total = size.saturating_mul(record.relays.len() as u64);
         let done = AtomicU64::new(0);
+        // A temporary chat's file: the relays keep its chunks no longer than the message.
+        let expires_at_ms = self
+            .store()
+            .outgoing(&id)
+            .ok()
+            .flatten()
+            .and_then(|m| m.expires_at_ms);
         let mut failures = Vec::new();
         for relay in &record.relays {
             let Some((peer, addr)) = parse_relay(relay) else {
@@ -1378,6 +1404,7 @@ impl Node {
                             req_id: self.req_id(),
                             hash,
                             bytes,
+                            expires_at_ms,
                         };
                         match self.net().blob(peer, vec![addr.clone()], request).await {
                             Ok(blob::Response::Stored { .. }) => {

@@ -21,9 +21,19 @@
 //! | `a/` | message id | the message's attachment record ([`crate::media`]) |
 //! | `f/` | message id | why an outgoing message is `failed` (UTF-8) |
 //! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
+//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::timers`]) |
+//! | `et/` | message id | [`Expired`]: what is left of a deleted message (its final state) |
+//! | `T/` | peer | [`TimerRecord`]: a one-to-one conversation's timer |
+//! | `Tg/` | group id | [`TimerRecord`]: a group conversation's timer |
+//! | `tl/` | message id | the timer a history line announces (`Option<u64>` seconds) |
 //!
 //! A peer id is stored as its bytes behind a one-byte length, so keys of different peers never
 //! interleave.
+//!
+//! The record (`m/`) and outbox entry (`o/`) of a message of a temporary chat are stored sealed
+//! under the key of its expiry bucket (`kith_net::shred`), kept beside the database in
+//! `db.expiry-keys`; the sweep destroys a bucket's key once its messages are deleted, so what
+//! sled's log still holds of them can no longer be read.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +80,9 @@ pub enum StoreError {
     /// The flusher task has stopped (the node is shutting down).
     #[error("store is shutting down")]
     Closed,
+    /// The expiry key file could not be read or replaced.
+    #[error("store: {0}")]
+    Keys(#[from] kith_net::shred::KeysError),
 }
 
 /// Which way a message went.
@@ -249,15 +262,28 @@ pub(crate) type RawEntry = (Vec<u8>, Vec<u8>);
 pub struct Batch {
     /// Keys to set (`Some`) or remove (`None`), in order.
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Values to seal under an expiry bucket's key before they are written: index into `ops`
+    /// and the bucket's end.
+    sealed: Vec<(usize, u64)>,
 }
 impl Batch {
     /// A new, empty batch.
     pub fn new() -> Self {
-        Self { ops: Vec::new() }
+        Self::default()
     }
 
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push((key, Some(value)));
+    }
+
+    /// Sets a value that is sealed under the key of the expiry bucket of `deadline_ms`
+    /// (when there is one) as it is written.
+    fn insert_expiring(&mut self, key: Vec<u8>, value: Vec<u8>, deadline_ms: Option<u64>) {
+        if let Some(at) = deadline_ms {
+            self.sealed
+                .push((self.ops.len(), kith_net::shred::bucket_end(at)));
+        }
+        self.insert(key, value);
     }
 
     fn remove(&mut self, key: Vec<u8>) {
@@ -270,6 +296,9 @@ impl Batch {
     /// part way leaves at most index entries that point at nothing (skipped when read), and a
     /// redelivery, not seeing the message, writes it all again.
     pub fn put_message(&mut self, msg: &StoredMessage) {
+        if let Some(at) = msg.expires_at_ms {
+            self.insert(expiry_key(at, &msg.from, &msg.id), Vec::new());
+        }
         self.insert(
             conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id),
             Vec::new(),
@@ -277,7 +306,11 @@ impl Batch {
         if msg.direction == Direction::Out {
             self.insert(id_key(&msg.id), msg.from.to_bytes());
         }
-        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        self.insert_expiring(
+            message_key(&msg.from, &msg.id),
+            encode(msg),
+            msg.expires_at_ms,
+        );
     }
 
     /// Raises a conversation's Lamport clock.
@@ -287,7 +320,11 @@ impl Batch {
 
     /// Puts an envelope in the outbox.
     pub fn put_outbox(&mut self, entry: &OutboxEntry) {
-        self.insert(outbox_key(&entry.envelope.id), encode(entry));
+        self.insert_expiring(
+            outbox_key(&entry.envelope.id),
+            encode(entry),
+            entry.envelope.expires_at_ms,
+        );
     }
 
     /// Removes an outbox entry.
@@ -325,6 +362,8 @@ impl Batch {
 #[derive(Clone)]
 pub struct Store {
     tree: sled::Db,
+    /// The expiry buckets' keys of temporary chats' values (`kith_net::shred`).
+    shred: Arc<std::sync::Mutex<kith_net::shred::Keys>>,
     flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
     /// [`Store::flush`] calls under way, on either road.
     flushing: Arc<AtomicUsize>,
@@ -345,6 +384,7 @@ impl Closed {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its flusher task.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let shred = kith_net::shred::Keys::open(&dir.with_extension("expiry-keys"))?;
         let tree = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
@@ -380,6 +420,7 @@ impl Store {
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Self {
             tree,
+            shred: Arc::new(std::sync::Mutex::new(shred)),
             flusher: tx,
             flushing: Default::default(),
             closed,
@@ -400,6 +441,7 @@ impl Store {
     /// Applies `batch` atomically without waiting for the disk (for changes that are safe to
     /// lose in a crash, such as an outbox entry that would only be sent again).
     pub fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
+        self.seal_expiring(&mut batch)?;
         match batch.ops.len() {
             0 => {}
             // sled's `apply_batch` takes a process-wide write lock that waits for every flush
@@ -431,7 +473,8 @@ impl Store {
     /// the disk. Only for batches built so that any first part of them that survives a crash
     /// is harmless (see [`Batch::put_message`]): it spares sled's `apply_batch`, whose
     /// process-wide lock waits for every flush in progress.
-    pub fn apply_in_order(&self, batch: Batch) -> Result<(), StoreError> {
+    pub fn apply_in_order(&self, mut batch: Batch) -> Result<(), StoreError> {
+        self.seal_expiring(&mut batch)?;
         for (key, value) in batch.ops {
             match value {
                 Some(value) => drop(self.tree.insert(key, value)?),
@@ -498,7 +541,52 @@ impl Store {
         id: &MessageId,
     ) -> Result<Option<StoredMessage>, StoreError> {
         let key = message_key(from, id);
-        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+        match self.tree.get(&key)? {
+            Some(v) => self.decode_expiring(&key, &v),
+            None => Ok(None),
+        }
+    }
+
+    /// Seals the values of `batch` that belong to messages with an expiry.
+    fn seal_expiring(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        if batch.sealed.is_empty() {
+            return Ok(());
+        }
+        let mut keys = self.shred.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, end) in std::mem::take(&mut batch.sealed) {
+            if let Some((_, Some(value))) = batch.ops.get_mut(index) {
+                *value = keys.seal(end, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a value that may be sealed under an expiry bucket's key; `None` when its key is
+    /// destroyed (its message is gone: only a crash between the two deletions leaves one).
+    fn decode_expiring<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        if bytes.first() != Some(&kith_net::shred::SEALED_MARK) {
+            return decode(key, bytes).map(Some);
+        }
+        let opened = self
+            .shred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open_sealed(bytes);
+        opened.map(|plain| decode(key, &plain)).transpose()
+    }
+
+    /// Destroys the expiry keys of buckets that ended at or before `now_ms` (every message
+    /// sealed under them was deleted first); returns how many.
+    pub fn destroy_expiry_keys(&self, now_ms: u64) -> Result<usize, StoreError> {
+        Ok(self
+            .shred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .destroy_ended(now_ms)?)
     }
 
     /// The attachment record of message `id`, if it has one.
@@ -652,7 +740,7 @@ impl Store {
         let mut changed = None;
         self.tree.fetch_and_update(&key, |old| {
             let old = old?;
-            let Ok(mut msg) = decode::<StoredMessage>(&key, old) else {
+            let Ok(Some(mut msg)) = self.decode_expiring::<StoredMessage>(&key, old) else {
                 return Some(old.to_vec());
             };
             let next = msg.state.advance(to);
@@ -660,7 +748,16 @@ impl Store {
                 return Some(old.to_vec());
             }
             msg.state = next;
-            let bytes = encode(&msg);
+            let mut bytes = encode(&msg);
+            if let Some(at) = msg.expires_at_ms {
+                let end = kith_net::shred::bucket_end(at);
+                let mut keys = self.shred.lock().unwrap_or_else(|p| p.into_inner());
+                match keys.seal(end, &bytes) {
+                    Ok(sealed) => bytes = sealed,
+                    // Keeps the old state rather than write the record in the clear.
+                    Err(_) => return Some(old.to_vec()),
+                }
+            }
             changed = Some(msg);
             Some(bytes)
         })?;
@@ -669,13 +766,16 @@ impl Store {
 
     /// Every outbox entry.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.tree
-            .scan_prefix(b"o/")
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(&key, &value)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(b"o/") {
+            let (key, value) = entry?;
+            match self.decode_expiring(&key, &value)? {
+                Some(entry) => out.push(entry),
+                // An expired message's entry whose key is already destroyed.
+                None => drop(self.tree.remove(&key)?),
+            }
+        }
+        Ok(out)
     }
 
     /// Every contact, sorted by name.
@@ -775,7 +875,14 @@ impl Batch {
 
     /// Stores a message of a group conversation (instead of [`Batch::put_message`]).
     pub fn put_group_message(&mut self, msg: &StoredMessage, group: &GroupId) {
-        self.insert(message_key(&msg.from, &msg.id), encode(msg));
+        if let Some(at) = msg.expires_at_ms {
+            self.insert(expiry_key(at, &msg.from, &msg.id), Vec::new());
+        }
+        self.insert_expiring(
+            message_key(&msg.from, &msg.id),
+            encode(msg),
+            msg.expires_at_ms,
+        );
         self.insert(
             group_conversation_key(group, msg.lamport, &msg.from, &msg.id),
             Vec::new(),
@@ -1031,6 +1138,165 @@ fn flush_loop(
     }
     drop(tree);
     let _ = closed.send(true);
+}
+
+fn expiry_key(deadline_ms: u64, from: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut key = b"ex/".to_vec();
+    key.extend_from_slice(&deadline_ms.to_be_bytes());
+    let from = from.to_bytes();
+    key.push(from.len() as u8);
+    key.extend_from_slice(&from);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// A conversation's disappearing-message timer and the change that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerRecord {
+    /// The timer in seconds; `None` when the conversation is permanent.
+    pub secs: Option<u64>,
+    /// The conversation's Lamport time of the change: a later change wins.
+    pub lamport: u64,
+    /// Who made the change (ties of Lamport time go to the larger peer id bytes).
+    #[serde(with = "serde_bytes")]
+    pub from: Vec<u8>,
+    /// In a group: only admins may change the timer.
+    #[serde(default)]
+    pub admins_only: bool,
+}
+
+/// What is left of a deleted message of a temporary chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expired {
+    /// The conversation: a peer id or a group id, printed.
+    pub conversation: String,
+    /// Which way it went.
+    pub direction: Direction,
+    /// Its final state: `expired` for an outgoing message that was never delivered.
+    pub state: MessageState,
+    /// When it was deleted (unix ms).
+    pub deleted_at_ms: u64,
+}
+
+/// A message due for deletion: its sender and id.
+pub type Due = (PeerId, MessageId);
+
+/// Temporary chats ([`crate::timers`]): timers, the expiry index, deletion and what is left.
+impl Batch {
+    /// Deletes a message and every index and side record of it (attachment, outbox entry,
+    /// group states), then its expiry index entry. The record goes first, so a crash part way
+    /// leaves index entries that point at nothing (skipped when read) and an expiry entry that
+    /// the next sweep finishes.
+    pub fn remove_message(&mut self, msg: &StoredMessage, group: Option<&GroupId>) {
+        self.remove(message_key(&msg.from, &msg.id));
+        match group {
+            Some(group) => {
+                self.remove(group_conversation_key(
+                    group,
+                    msg.lamport,
+                    &msg.from,
+                    &msg.id,
+                ));
+                self.remove(id_prefixed(b"gm/", &msg.id));
+                self.remove(id_prefixed(b"gs/", &msg.id));
+            }
+            None => self.remove(conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id)),
+        }
+        self.remove(id_key(&msg.id));
+        self.remove(outbox_key(&msg.id));
+        self.remove(attachment_key(&msg.id));
+        self.remove(id_prefixed(b"tl/", &msg.id));
+        if let Some(at) = msg.expires_at_ms {
+            self.remove(expiry_key(at, &msg.from, &msg.id));
+        }
+    }
+
+    /// Removes an expiry index entry that points at no message.
+    pub fn remove_expiry(&mut self, deadline_ms: u64, from: &PeerId, id: &MessageId) {
+        self.remove(expiry_key(deadline_ms, from, id));
+    }
+
+    /// Records what is left of a deleted message.
+    pub fn put_expired(&mut self, id: &MessageId, expired: &Expired) {
+        self.insert(id_prefixed(b"et/", id), encode(expired));
+    }
+
+    /// Sets a conversation's timer (a peer's, or a group's).
+    pub fn put_timer(&mut self, thread: Thread<'_>, record: &TimerRecord) {
+        self.insert(timer_key(thread), encode(record));
+    }
+
+    /// Marks message `id` as the history line of a timer change.
+    pub fn put_timer_line(&mut self, id: &MessageId, secs: Option<u64>) {
+        self.insert(id_prefixed(b"tl/", id), encode(&secs));
+    }
+}
+
+fn timer_key(thread: Thread<'_>) -> Vec<u8> {
+    match thread {
+        Thread::Peer(peer) => peer_key(b"T/", peer),
+        Thread::Group(group) => group_key(b"Tg/", group),
+    }
+}
+
+impl Store {
+    /// Messages whose deletion time is at or before `now_ms`, with that time, oldest first
+    /// (at most `limit`).
+    pub fn expiries_due(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Due)>, StoreError> {
+        let mut out = Vec::new();
+        let end = {
+            let mut key = b"ex/".to_vec();
+            key.extend_from_slice(&now_ms.to_be_bytes());
+            key.push(0xff);
+            key
+        };
+        for entry in self.tree.range(b"ex/".to_vec()..end).take(limit) {
+            let (key, _) = entry?;
+            let parsed = key.get(3..11).and_then(|at| {
+                let at = u64::from_be_bytes(<[u8; 8]>::try_from(at).ok()?);
+                let len = *key.get(11)? as usize;
+                let from = PeerId::from_bytes(key.get(12..12 + len)?).ok()?;
+                let id = MessageId::from_slice(key.get(12 + len..)?)?;
+                Some((at, (from, id)))
+            });
+            match parsed {
+                Some(due) => out.push(due),
+                None => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), "dropping a damaged expiry entry");
+                    self.tree.remove(&key)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest deletion time of a message of a temporary chat.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        let first = self.tree.scan_prefix(b"ex/").next().transpose()?;
+        Ok(first.and_then(|(key, _)| {
+            key.get(3..11)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+        }))
+    }
+
+    /// What is left of a deleted message, if it was one.
+    pub fn expired(&self, id: &MessageId) -> Result<Option<Expired>, StoreError> {
+        let key = id_prefixed(b"et/", id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// A conversation's timer, if it was ever set.
+    pub fn timer(&self, thread: Thread<'_>) -> Result<Option<TimerRecord>, StoreError> {
+        let key = timer_key(thread);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// The timer a history line announces, if message `id` is such a line.
+    pub fn timer_line(&self, id: &MessageId) -> Result<Option<Option<u64>>, StoreError> {
+        let key = id_prefixed(b"tl/", id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
 }
 
 #[cfg(test)]

@@ -442,6 +442,10 @@ pub enum Request {
         /// The blob, at most [`MAX_BLOB_BYTES`].
         #[serde(with = "crate::cbor::bytes")]
         bytes: Vec<u8>,
+        /// The expiry of the message of a temporary chat the blob belongs to: the relay keeps
+        /// it no longer (see [`crate::timer`]) and refuses it once that has passed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_ms: Option<u64>,
     },
     /// Send this blob if you hold it.
     Get {
@@ -730,6 +734,7 @@ mod tests {
             req_id: u64::MAX,
             hash: Hash::of(b""),
             bytes: vec![0xff; MAX_BLOB_BYTES],
+            expires_at_ms: Some(u64::MAX),
         };
         let bytes = cbor::encode(&request, MAX_FRAME_BYTES).expect("fits");
         let back: Request = cbor::decode(&bytes, MAX_FRAME_BYTES).expect("decodes");

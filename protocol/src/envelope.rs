@@ -73,6 +73,17 @@ pub enum Body {
         #[serde(default)]
         new_session: bool,
     },
+    /// The conversation's disappearing-message timer changes (see [`crate::timer`]); `None`
+    /// makes it permanent again. One-to-one it travels sealed like any content body.
+    Timer {
+        /// The new timer in seconds, within [`crate::timer::MIN_SECS`] ..=
+        /// [`crate::timer::MAX_SECS`].
+        secs: Option<u64>,
+        /// In a group: from now on only admins may change the timer (members check it
+        /// against the group's admins). Only an admin's change may set or clear it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        admins_only: bool,
+    },
 }
 
 /// vodozemac's Olm message parts; the plaintext is the CBOR of the inner [`Body`].
@@ -128,6 +139,10 @@ impl Body {
             Body::Resend { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
                 Err(BodyError::BadReceipt { count: ids.len() })
             }
+            Body::Timer {
+                secs: Some(secs), ..
+            } => crate::timer::check(*secs, crate::timer::MIN_SECS)
+                .map_err(|e| BodyError::BadTimer(e.to_string())),
             _ => Ok(()),
         }
     }
@@ -156,6 +171,9 @@ pub enum BodyError {
     /// A file reference breaks its own limits.
     #[error("bad file reference: {0}")]
     BadFile(String),
+    /// A timer change names a duration outside the limits.
+    #[error("bad timer: {0}")]
+    BadTimer(String),
     /// An Olm body is malformed.
     #[error("bad sealed body: {0}")]
     BadSealed(&'static str),

@@ -33,6 +33,7 @@ pub mod presence;
 pub mod reject;
 pub mod retry;
 pub mod state;
+pub mod timer;
 
 pub use envelope::{Body, Destination, Envelope, ReceiptState, VerifyError};
 pub use ids::{GroupId, MessageId};

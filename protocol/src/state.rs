@@ -25,6 +25,9 @@ pub enum MessageState {
     Delivered,
     /// Shown to the recipient user.
     Read,
+    /// A message of a temporary chat whose expiry passed before it was delivered: it is gone
+    /// everywhere and will never be. Final (every later state is refused by `advance`).
+    Expired,
 }
 
 impl MessageState {
@@ -42,6 +45,7 @@ impl MessageState {
             MessageState::Sent => "sent",
             MessageState::Delivered => "delivered",
             MessageState::Read => "read",
+            MessageState::Expired => "expired",
         }
     }
 }
@@ -63,7 +67,7 @@ impl fmt::Display for MessageState {
 
 /// An unknown state name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown message state {0:?} (expected pending, failed, sent, delivered or read)")]
+#[error("unknown message state {0:?} (expected pending, failed, sent, delivered, read or expired)")]
 pub struct ParseStateError(pub String);
 
 impl FromStr for MessageState {
@@ -76,6 +80,7 @@ impl FromStr for MessageState {
             "sent" => Ok(MessageState::Sent),
             "delivered" => Ok(MessageState::Delivered),
             "read" => Ok(MessageState::Read),
+            "expired" => Ok(MessageState::Expired),
             other => Err(ParseStateError(other.to_owned())),
         }
     }
@@ -96,11 +101,13 @@ mod tests {
         assert_eq!(Failed.advance(Pending), Failed);
         assert_eq!(Failed.advance(Delivered), Delivered);
         assert_eq!(Sent.advance(Failed), Sent);
+        assert_eq!(Sent.advance(Expired), Expired);
+        assert_eq!(Expired.advance(Read), Expired);
     }
 
     #[test]
     fn names_round_trip() {
-        for s in ["pending", "failed", "sent", "delivered", "read"] {
+        for s in ["pending", "failed", "sent", "delivered", "read", "expired"] {
             assert_eq!(s.parse::<MessageState>().expect("parse").as_str(), s);
         }
         assert!("seen".parse::<MessageState>().is_err());

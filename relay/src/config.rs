@@ -66,8 +66,11 @@ pub struct Config {
 
     /// Mailbox: how long an undelivered envelope is kept.
     pub mailbox_ttl_secs: u64,
-    /// Mailbox: how often expired envelopes are purged.
+    /// Mailbox: how often expired envelopes are purged (besides at each entry's own deadline).
     pub purge_interval_secs: u64,
+    /// Temporary chats: the clock skew tolerated on an envelope's `expires_at_ms`, in ms. A
+    /// deposit is refused, and a held envelope dropped, once its expiry plus this has passed.
+    pub expiry_skew_ms: u64,
     /// Mailbox: most envelopes waiting for one recipient.
     pub mailbox_max_messages: u64,
     /// Mailbox: most stored bytes waiting for one recipient.
@@ -176,6 +179,7 @@ impl Default for Config {
             circuits_per_ip_per_minute: 60_000,
             mailbox_ttl_secs: 30 * 24 * 3600,
             purge_interval_secs: 60,
+            expiry_skew_ms: kith_protocol::timer::DEFAULT_SKEW_MS,
             mailbox_max_messages: 10_000,
             mailbox_max_delivered_ids: 10_000,
             mailbox_max_messages_per_sender: 5_000,

@@ -185,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_delivered_ids: config.mailbox_max_delivered_ids,
             max_messages_per_sender: config.mailbox_max_messages_per_sender,
             max_bytes_per_sender: config.mailbox_max_bytes_per_sender,
+            expiry_skew_ms: config.expiry_skew_ms,
         },
     )?;
     // The store's lock proves no other relay runs on this data directory, so a relay.json
@@ -232,6 +233,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             busy_retry_after_ms: config.busy_retry_after_ms,
             purge_interval: Duration::from_secs(config.purge_interval_secs),
             clock: config.clock.clone(),
+            expiry_skew_ms: config.expiry_skew_ms,
         },
         metrics.clone(),
     );

@@ -159,7 +159,9 @@ async fn invalid_envelopes_are_rejected() -> Result {
     let group = alice.seal_with(Destination::Group(GroupId([3; 16])), "to a group", None);
     assert_rejected(&alice.deposit(group).await?, Reject::Malformed);
 
-    let expired = alice.seal_with(Destination::Peer(bob), "gone", Some(clock.now_ms() - 1));
+    // Expired beyond the clock skew the relay tolerates.
+    let skew = kith_protocol::timer::DEFAULT_SKEW_MS;
+    let expired = alice.seal_with(Destination::Peer(bob), "gone", Some(clock.now_ms() - skew));
     assert_rejected(&alice.deposit(expired).await?, Reject::Expired);
 
     assert_eq!(relay.mailbox_usage(None).await?.messages, 0);
@@ -329,8 +331,8 @@ async fn expired_entries_are_purged() -> Result {
     assert_stored(&alice.deposit(temporary).await?);
     assert_eq!(relay.mailbox_usage(Some(bob_id)).await?.messages, 2);
 
-    // The temporary message expires first; the periodic purge notices.
-    clock.advance_ms(5_000);
+    // The temporary message expires first (after the tolerated clock skew); the purge notices.
+    clock.advance_ms(5_000 + kith_protocol::timer::DEFAULT_SKEW_MS);
     eventually("the temporary message to be purged", || async {
         let usage = relay.mailbox_usage(Some(bob_id)).await.ok()?;
         (usage.messages == 1).then_some(())

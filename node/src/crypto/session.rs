@@ -435,9 +435,14 @@ impl Node {
                 .store()
                 .attachment::<crate::media::Record>(&id)
                 .map_err(|e| fail(&e))?;
-            let body = match file {
-                Some(record) => Body::File(record.file),
-                None => Body::Chat { text: msg.text },
+            let timer_line = self.store().timer_line(&id).map_err(|e| fail(&e))?;
+            let body = match (file, timer_line) {
+                (Some(record), _) => Body::File(record.file),
+                (None, Some(secs)) => Body::Timer {
+                    secs,
+                    admins_only: false,
+                },
+                (None, None) => Body::Chat { text: msg.text },
             };
             let header = Header {
                 id,
@@ -479,7 +484,7 @@ impl Node {
 pub(crate) fn upgrade_entry(mut entry: OutboxEntry) -> OutboxEntry {
     if let (Destination::Peer(_), Ok(body)) = (entry.envelope.to, entry.envelope.body()) {
         match body {
-            Body::Chat { .. } | Body::File(_) => entry.unsealed = true,
+            Body::Chat { .. } | Body::File(_) | Body::Timer { .. } => entry.unsealed = true,
             Body::Receipt { .. } => {
                 entry.unsealed = true;
                 entry.kind = EntryKind::Receipt;

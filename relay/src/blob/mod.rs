@@ -42,6 +42,8 @@ pub struct Settings {
     pub purge_interval: Duration,
     /// The clock expiry reads.
     pub clock: Clock,
+    /// Clock skew tolerated on a temporary chat's blob expiry ([`kith_protocol::timer`]).
+    pub expiry_skew_ms: u64,
 }
 
 /// An answer ready to go back to a peer.
@@ -132,7 +134,18 @@ impl Server {
                 };
                 Some((channel, response))
             }
-            Request::Put { hash, bytes, .. } => {
+            Request::Put {
+                hash,
+                bytes,
+                expires_at_ms,
+                ..
+            } => {
+                let skew = self.settings.expiry_skew_ms;
+                if expires_at_ms.is_some_and(|at| kith_protocol::timer::refuses(at, now, skew)) {
+                    tracing::debug!(%peer, %hash, "refusing an expired blob");
+                    return Some((channel, reject(req_id, Reject::Expired)));
+                }
+                let cap = expires_at_ms.map(|at| kith_protocol::timer::relay_deadline(at, skew));
                 if bytes.len() > MAX_BLOB_BYTES {
                     return Some((
                         channel,
@@ -149,7 +162,7 @@ impl Server {
                         tracing::warn!(%peer, error = %e, "refusing a blob that does not match its hash");
                         return reject(req_id, Reject::Malformed);
                     }
-                    match store.put(peer, &hash, &bytes, now) {
+                    match store.put_expiring(peer, &hash, &bytes, now, cap) {
                         Ok(()) => Response::Stored { req_id },
                         Err(store::PutError::Quota { .. } | store::PutError::Budget { .. }) => {
                             reject(req_id, Reject::QuotaExceeded)

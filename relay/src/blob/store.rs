@@ -467,10 +467,25 @@ impl Store {
         bytes: &[u8],
         now_ms: u64,
     ) -> Result<(), PutError> {
+        self.put_expiring(owner, hash, bytes, now_ms, None)
+    }
+
+    /// [`Store::put`] for a blob of a temporary chat's message: kept until `cap_ms` at the
+    /// latest (its expiry plus the tolerated skew) instead of the whole TTL.
+    pub fn put_expiring(
+        &self,
+        owner: PeerId,
+        hash: &Hash,
+        bytes: &[u8],
+        now_ms: u64,
+        cap_ms: Option<u64>,
+    ) -> Result<(), PutError> {
         if bytes.len() > MAX_BLOB_BYTES {
             return Err(StoreError::Io(std::io::Error::other("blob too large")).into());
         }
-        let expires_at_ms = now_ms.saturating_add(self.limits.ttl_ms);
+        let expires_at_ms = now_ms
+            .saturating_add(self.limits.ttl_ms)
+            .min(cap_ms.unwrap_or(u64::MAX));
         let slack = self.limits.ttl_ms / RENEW_SLACK_DIVISOR;
         let len = bytes.len() as u64;
         let mut inner = self.lock();
@@ -841,6 +856,23 @@ mod tests {
             segments(dir.path()).is_empty(),
             "the empty segment is deleted"
         );
+    }
+
+    #[test]
+    fn a_temporary_chats_blob_goes_at_its_message_expiry() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = open(dir.path(), 1_000);
+        let owner = PeerId::random();
+        let blob = b"timed chunk";
+        let hash = Hash::of(blob);
+        store
+            .put_expiring(owner, &hash, blob, 0, Some(300))
+            .expect("stored");
+        assert_eq!(store.get(&hash, 299).expect("get"), Some(blob.to_vec()));
+        assert_eq!(store.get(&hash, 300).expect("get"), None, "expired");
+        assert_eq!(store.purge(300).expect("purge"), 1);
+        assert!(store.is_empty());
+        assert!(segments(dir.path()).is_empty(), "its segment is deleted");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`rate`]: per-peer deposit token buckets (pure, explicit `now`).
 //! - [`service`]: the task that owns the store and answers requests.
 //! - [`flusher`]: group commit, so `Stored` is only said once the write is on disk.
+//! - `kith_net::shred`: temporary chats' entries sealed under keys destroyed at their expiry.
 
 pub mod flusher;
 pub mod rate;

@@ -248,6 +248,8 @@ struct Service {
     keys: Keys,
     /// Which refusals make a WARN line.
     warnings: Warnings,
+    /// The earliest deadline of a stored entry, when the purge must run next.
+    next_deadline: Option<u64>,
 }
 
 /// A request of the current round; a deposit's envelope waits in the round's list of envelopes
@@ -287,12 +289,26 @@ pub async fn run(
         parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
         keys: Keys::new(KEY_CACHE_CAPACITY),
         warnings: Warnings::new(settings.refusal_log_interval_ms),
+        next_deadline: None,
     };
     service.update_gauges();
+    service.refresh_next_deadline();
     let mut purge = tokio::time::interval(service.settings.purge_interval);
     purge.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut round = Vec::with_capacity(64);
     loop {
+        // Entries of temporary chats go at their own deadline, not at the next periodic purge:
+        // an expired message must leave the relay's disk even if it was never delivered.
+        let next_deadline = service.next_deadline;
+        let until_deadline = async {
+            match next_deadline {
+                Some(at) => {
+                    let wait = at.saturating_sub(service.settings.clock.now_ms());
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             n = rx.recv_many(&mut round, MAX_ROUND) => {
@@ -302,6 +318,9 @@ pub async fn run(
                 service.round(&mut round).await;
             }
             _ = purge.tick() => {
+                service.purge();
+            }
+            _ = until_deadline => {
                 service.purge();
             }
         }
@@ -506,7 +525,7 @@ impl Service {
     fn purge(&mut self) -> u64 {
         let now = self.settings.clock.now_ms();
         self.rate.prune(now);
-        match self.store.purge(now) {
+        let purged = match self.store.purge(now) {
             Ok(purged) => {
                 if purged > 0 {
                     tracing::info!(purged, "purged expired mailbox entries");
@@ -518,6 +537,29 @@ impl Service {
             Err(e) => {
                 tracing::error!(error = %e, "mailbox purge failed");
                 0
+            }
+        };
+        self.refresh_next_deadline();
+        purged
+    }
+
+    /// Reads the earliest entry deadline again (after a purge, or at start).
+    fn refresh_next_deadline(&mut self) {
+        self.next_deadline = match self.store.next_deadline() {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the mailbox's next deadline");
+                None
+            }
+        };
+    }
+
+    /// Notes the deadline of an entry just stored, if it comes before the others'.
+    fn note_deadline(&mut self, envelope: &Envelope, now_ms: u64) {
+        if let Some(at) = envelope.expires_at_ms {
+            let at = kith_protocol::timer::relay_deadline(at, self.store.expiry_skew_ms());
+            if at > now_ms && self.next_deadline.is_none_or(|next| at < next) {
+                self.next_deadline = Some(at);
             }
         }
     }
@@ -675,6 +717,23 @@ impl Service {
             });
             return;
         }
+        let expired = envelope
+            .expires_at_ms
+            .is_some_and(|at| kith_protocol::timer::refuses(at, now, self.store.expiry_skew_ms()));
+        if expired {
+            tracing::debug!(id = %envelope.id, "refusing to fan out an expired group message");
+            self.metrics.reject(&Reject::Expired);
+            let (tx, flushed) = oneshot::channel();
+            let _ = tx.send(Outcome::reply(Response::rejected(0, Reject::Expired)));
+            let _ = reply.send(FanOut {
+                flushed,
+                pushes: Vec::new(),
+                stored: 0,
+                missed: recipients,
+            });
+            return;
+        }
+        self.note_deadline(&envelope, now);
         let mut copies = Vec::new();
         let mut missed = Vec::new();
         let mut staged = Staged::default();
@@ -758,12 +817,18 @@ impl Service {
             }
         };
         let now = self.settings.clock.now_ms();
-        if envelope.is_expired(now) {
-            return Err((Reject::Expired, format!("envelope {} expired", envelope.id)));
+        if let Some(at) = envelope.expires_at_ms {
+            if kith_protocol::timer::refuses(at, now, self.store.expiry_skew_ms()) {
+                return Err((
+                    Reject::Expired,
+                    format!("envelope {} expired at {at} (now {now})", envelope.id),
+                ));
+            }
         }
         match self.store.stage(staged, &recipient, &envelope, now) {
             Ok(stored) => {
                 tracing::debug!(%recipient, seq = stored.seq, duplicate = stored.duplicate, "deposit");
+                self.note_deadline(&envelope, now);
                 let push = (!stored.duplicate).then_some(Push {
                     recipient,
                     seq: stored.seq,

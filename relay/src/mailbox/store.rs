@@ -19,6 +19,11 @@
 //! deadline, when purge forgets it. Another envelope with the same id (a sender sealing a
 //! message again for a recipient that could not decrypt it) is stored. At most [`Limits::max_delivered_ids`] are remembered per mailbox (the oldest go first).
 //!
+//! An entry whose envelope expires (a temporary chat) is stored sealed under its expiry
+//! bucket's key and its dedup key names the message by a keyed hash instead of its id
+//! ([`kith_net::shred`]): the key is destroyed when the bucket ends, so what sled's log still
+//! holds of the entry after its purge can no longer be read or recognised.
+//!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
 //! answers `Stored` only after the group-commit flusher has flushed.
@@ -36,7 +41,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use kith_protocol::mailbox::Item;
-use kith_protocol::{cbor, Envelope, PeerId};
+use kith_protocol::{cbor, timer, Envelope, PeerId};
+
+use kith_net::shred::{self, Keys};
 use serde::{Deserialize, Serialize};
 
 const ITEM: u8 = b'i';
@@ -71,6 +78,9 @@ pub struct Limits {
     pub max_messages_per_sender: u64,
     /// Most stored bytes one sender may have waiting in one recipient's mailbox.
     pub max_bytes_per_sender: u64,
+    /// Clock skew tolerated on an envelope's `expires_at_ms` ([`kith_protocol::timer`]): an
+    /// entry of a temporary chat is dropped this long after its expiry.
+    pub expiry_skew_ms: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -125,6 +135,9 @@ pub enum OpenError {
     /// A key in the store does not follow the layout.
     #[error("corrupt mailbox store: {0}")]
     Corrupt(String),
+    /// The expiry key file could not be read.
+    #[error(transparent)]
+    Keys(#[from] shred::KeysError),
 }
 
 /// Why a deposit was refused.
@@ -202,6 +215,9 @@ pub enum RemoveError {
     /// sled failed.
     #[error("mailbox store failed: {0}")]
     Storage(#[from] sled::Error),
+    /// The expiry key file could not be replaced.
+    #[error(transparent)]
+    Keys(#[from] shred::KeysError),
 }
 
 /// Deposits prepared by [`Store::stage`] and not yet written: [`Store::commit`] writes them.
@@ -252,6 +268,8 @@ pub struct Store {
     delivered: HashMap<PeerId, u64>,
     /// Entries and bytes waiting, per (sender, recipient).
     senders: HashMap<(PeerId, PeerId), Usage>,
+    /// The expiry buckets' keys of timed entries ([`kith_net::shred`]).
+    shred: Keys,
 }
 
 impl std::fmt::Debug for Store {
@@ -301,10 +319,15 @@ fn deadline_key(deadline_ms: u64, seq: u64) -> Vec<u8> {
     key
 }
 
-fn dedup_key(envelope: &Envelope, owner: &[u8]) -> Option<Vec<u8>> {
+/// The dedup key of `envelope` in `owner`'s mailbox; a timed envelope's id is named by its
+/// keyed hash under its bucket's key (`None` when that key is gone).
+fn dedup_key(envelope: &Envelope, owner: &[u8], keys: &Keys, skew_ms: u64) -> Option<Vec<u8>> {
     let mut key = vec![DEDUP];
     key.extend_from_slice(&peer_key(&envelope.from)?);
-    key.extend_from_slice(envelope.id.as_bytes());
+    match expiry_bucket(envelope, skew_ms) {
+        Some(end) => key.extend_from_slice(&keys.blind(end, envelope.id.as_bytes())?),
+        None => key.extend_from_slice(envelope.id.as_bytes()),
+    }
     // A group envelope is fanned out into many mailboxes: one copy (and dedup entry) each.
     if matches!(envelope.to, kith_protocol::Destination::Group(_)) {
         key.extend_from_slice(owner);
@@ -318,6 +341,22 @@ const DIGEST_BYTES: usize = 32;
 /// What tells a replay of a delivered envelope from another envelope with the same id.
 fn signature_digest(envelope: &Envelope) -> [u8; DIGEST_BYTES] {
     *blake3::hash(&envelope.sig).as_bytes()
+}
+
+/// The bucket end of a timed envelope's key (see [`kith_net::shred`]); `None` for a permanent one.
+fn expiry_bucket(envelope: &Envelope, skew_ms: u64) -> Option<u64> {
+    let at = envelope.expires_at_ms?;
+    Some(shred::bucket_end(timer::relay_deadline(at, skew_ms)))
+}
+
+/// A stored value as a record: opened first with `keys` if it is sealed
+/// ([`kith_net::shred`]); `None` when its key is gone.
+fn open_record(keys: &Keys, value: &[u8]) -> Option<Result<Record, cbor::DecodeError>> {
+    if value.first() == Some(&shred::SEALED_MARK) {
+        let plain = keys.open_sealed(value)?;
+        return Some(cbor::decode(&plain, MAX_RECORD_BYTES));
+    }
+    Some(cbor::decode(value, MAX_RECORD_BYTES))
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
@@ -336,11 +375,17 @@ fn parse_item_key(key: &[u8]) -> Option<(PeerId, u64)> {
 impl Store {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path, limits: Limits) -> Result<Self, OpenError> {
-        Self::with_db(sled::open(path)?, limits)
+        let shred = Keys::open(&path.with_extension("expiry-keys"))?;
+        Self::with_db_and_keys(sled::open(path)?, limits, shred)
     }
 
-    /// Uses an already open database (tests use a temporary one).
+    /// Uses an already open database (tests use a temporary one), with the expiry keys in
+    /// memory only.
     pub fn with_db(db: sled::Db, limits: Limits) -> Result<Self, OpenError> {
+        Self::with_db_and_keys(db, limits, Keys::in_memory())
+    }
+
+    fn with_db_and_keys(db: sled::Db, limits: Limits, shred: Keys) -> Result<Self, OpenError> {
         let tree = db.open_tree("mailbox")?;
         let mut usage: HashMap<PeerId, Usage> = HashMap::new();
         let mut senders: HashMap<(PeerId, PeerId), Usage> = HashMap::new();
@@ -350,7 +395,7 @@ impl Store {
             let (owner, _) = parse_item_key(&key)
                 .ok_or_else(|| OpenError::Corrupt(format!("bad item key {key:?}")))?;
             // A record that does not decode counts for its mailbox, not for a sender.
-            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+            if let Some(Ok(record)) = open_record(&shred, &value) {
                 let s = senders.entry((record.envelope.from, owner)).or_default();
                 s.messages += 1;
                 s.bytes += value.len() as u64;
@@ -376,6 +421,7 @@ impl Store {
             totals,
             delivered,
             senders,
+            shred,
         })
     }
 
@@ -413,7 +459,7 @@ impl Store {
             return false;
         }
         let known = peer_key(recipient)
-            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|owner| dedup_key(envelope, &owner, &self.shred, self.limits.expiry_skew_ms))
             .and_then(|dedup| self.tree.get(dedup).ok().flatten());
         known.is_none()
     }
@@ -449,7 +495,7 @@ impl Store {
             return false;
         }
         let known = peer_key(recipient)
-            .and_then(|owner| dedup_key(envelope, &owner))
+            .and_then(|owner| dedup_key(envelope, &owner, &self.shred, self.limits.expiry_skew_ms))
             .and_then(|dedup| self.tree.get(dedup).ok().flatten());
         known.is_none()
     }
@@ -468,7 +514,15 @@ impl Store {
     ) -> Result<Deposited, DepositError> {
         let unstorable = |what: &str| DepositError::Unstorable(what.to_owned());
         let owner = peer_key(recipient).ok_or_else(|| unstorable("recipient id too long"))?;
-        let dedup = dedup_key(envelope, &owner).ok_or_else(|| unstorable("sender id too long"))?;
+        let skew_ms = self.limits.expiry_skew_ms;
+        let bucket = expiry_bucket(envelope, skew_ms);
+        if let Some(end) = bucket {
+            self.shred
+                .get_or_make(end)
+                .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        }
+        let dedup = dedup_key(envelope, &owner, &self.shred, skew_ms)
+            .ok_or_else(|| unstorable("sender id too long"))?;
         let known = match staged.dedup.get(&dedup) {
             Some(&seq) => Some(seq),
             None => self.tree.get(&dedup)?.and_then(|v| u64_at(&v, 0)),
@@ -484,15 +538,21 @@ impl Store {
             }
         }
         let retention = now_ms.saturating_add(self.limits.ttl_ms);
-        let deadline_ms = envelope
-            .expires_at_ms
-            .map_or(retention, |at| at.min(retention));
+        let deadline_ms = envelope.expires_at_ms.map_or(retention, |at| {
+            timer::relay_deadline(at, self.limits.expiry_skew_ms).min(retention)
+        });
         let record = RecordRef {
             deadline_ms,
             envelope,
         };
-        let value = cbor::encode(&record, MAX_RECORD_BYTES)
+        let mut value = cbor::encode(&record, MAX_RECORD_BYTES)
             .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        if let Some(end) = bucket {
+            value = self
+                .shred
+                .seal(end, &value)
+                .map_err(|e| DepositError::Unstorable(e.to_string()))?;
+        }
         let size = value.len() as u64;
         let mut used = self.usage(recipient);
         if let Some(more) = staged.usage.get(recipient) {
@@ -612,11 +672,14 @@ impl Store {
                 more = true;
                 break;
             }
-            let record: Record =
-                cbor::decode(&value, MAX_RECORD_BYTES).map_err(|e| FetchError::Corrupt {
-                    seq,
-                    reason: e.to_string(),
-                })?;
+            let Some(record) = self.record(&value) else {
+                // A timed entry whose key is gone: purged at the latest with its bucket.
+                continue;
+            };
+            let record = record.map_err(|e| FetchError::Corrupt {
+                seq,
+                reason: e.to_string(),
+            })?;
             budget = budget.saturating_sub(cost);
             items.push(Item {
                 seq,
@@ -657,6 +720,32 @@ impl Store {
         Ok(self.remove_entry(owner, &owner_bytes, seq, Gone::Delivered)?)
     }
 
+    /// The clock skew tolerated on envelopes' expiry ([`Limits::expiry_skew_ms`]).
+    pub fn expiry_skew_ms(&self) -> u64 {
+        self.limits.expiry_skew_ms
+    }
+
+    /// A stored value as a record: opened first if it is sealed ([`kith_net::shred`]); `None` when its
+    /// key is gone.
+    fn record(&self, value: &[u8]) -> Option<Result<Record, cbor::DecodeError>> {
+        open_record(&self.shred, value)
+    }
+
+    /// The earliest deadline of a stored entry (a temporary chat's expiry, or the retention
+    /// time) or of an expiry key, so the service can purge when it comes.
+    pub fn next_deadline(&self) -> Result<Option<u64>, sled::Error> {
+        let first = self
+            .tree
+            .range(vec![DEADLINE]..vec![DEADLINE + 1])
+            .next()
+            .transpose()?;
+        let entry = first.and_then(|(key, _)| u64_at(&key, 1));
+        Ok(match (entry, self.shred.next_end()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
     /// Deletes every entry whose deadline is at or before `now_ms`, and forgets delivered ids
     /// whose deadline has passed; returns how many entries were deleted.
     pub fn purge(&mut self, now_ms: u64) -> Result<u64, RemoveError> {
@@ -686,11 +775,13 @@ impl Store {
             };
             if removed {
                 purged += 1;
-            } else {
-                // A retention entry that points at nothing is garbage: drop it alone.
-                self.tree.remove(key)?;
             }
+            // Gone with its entry, or garbage pointing at nothing (or at a record whose key
+            // is gone): either way it is done.
+            self.tree.remove(key)?;
         }
+        // Entries go before their keys: a bucket ends after every deadline in it.
+        self.shred.destroy_ended(now_ms)?;
         Ok(purged)
     }
 
@@ -708,8 +799,10 @@ impl Store {
             let Some(value) = self.tree.get(&item)? else {
                 return Ok(false);
             };
-            if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
-                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+            if let Some(Ok(record)) = self.record(&value) {
+                let skew_ms = self.limits.expiry_skew_ms;
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes, &self.shred, skew_ms)
+                {
                     let digest = signature_digest(&record.envelope);
                     self.remember_delivered(
                         owner,
@@ -742,7 +835,8 @@ impl Store {
         // A record that does not decode still goes; its index entries are then left for purge
         // to skip (they point at nothing). A delivered one keeps its dedup and retention keys
         // until purge forgets it.
-        if let Ok(record) = cbor::decode::<Record>(&value, MAX_RECORD_BYTES) {
+        if let Some(Ok(record)) = self.record(&value) {
+            let skew_ms = self.limits.expiry_skew_ms;
             let pair = (record.envelope.from, *owner);
             if let Some(s) = self.senders.get_mut(&pair) {
                 s.messages = s.messages.saturating_sub(1);
@@ -752,7 +846,8 @@ impl Store {
                 }
             }
             if gone == Gone::Expired {
-                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes) {
+                if let Some(dedup) = dedup_key(&record.envelope, owner_bytes, &self.shred, skew_ms)
+                {
                     self.tree.remove(dedup)?;
                 }
                 self.tree.remove(deadline_key(record.deadline_ms, seq))?;
@@ -873,6 +968,7 @@ mod tests {
             max_delivered_ids: 100,
             max_messages_per_sender: u64::MAX,
             max_bytes_per_sender: u64::MAX,
+            expiry_skew_ms: 50,
         }
     }
 
@@ -942,7 +1038,9 @@ mod tests {
         let d1 = s.deposit(&bob, &e1, 0).expect("deposit");
         s.deposit(&bob, &e2, 0).expect("deposit");
         assert_eq!(s.ack(&bob, &[d1.seq]).expect("ack"), 1);
-        assert_eq!(s.purge(10).expect("purge"), 1);
+        // Its deadline is its expiry plus the tolerated skew (50 ms here).
+        assert_eq!(s.purge(59).expect("purge"), 0);
+        assert_eq!(s.purge(60).expect("purge"), 1);
         // The acked one's id is remembered until its retention deadline.
         assert_eq!(s.delivered_ids(&bob), 1);
         assert_eq!(s.purge(1_000).expect("purge"), 0);
@@ -1267,9 +1365,12 @@ mod tests {
             .expect("deposit");
         s.deposit(&bob, &envelope(&alice, bob, "soon", Some(100)), 0)
             .expect("deposit");
-        assert_eq!(s.purge(99).expect("purge"), 0);
-        assert_eq!(s.purge(100).expect("purge"), 1);
+        // Kept for the tolerated clock skew (50 ms here) after its expiry, then dropped.
+        assert_eq!(s.next_deadline().expect("deadline"), Some(150));
+        assert_eq!(s.purge(149).expect("purge"), 0);
+        assert_eq!(s.purge(150).expect("purge"), 1);
         assert_eq!(s.usage(&bob).messages, 1);
+        assert_eq!(s.next_deadline().expect("deadline"), Some(1_000));
         assert_eq!(s.purge(1_000).expect("purge"), 1);
         assert_eq!(s.totals(), Usage::default());
     }
