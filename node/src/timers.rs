@@ -66,6 +66,8 @@ pub struct TimerView {
     pub timer_secs: Option<u64>,
     /// In a group: only admins may change it.
     pub admins_only: bool,
+    /// The shortest timer this node lets its user set, in seconds.
+    pub min_secs: u64,
     /// The history line's message id, when this call changed the timer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -170,6 +172,7 @@ impl Node {
             conversation: target.id(),
             timer_secs: record.as_ref().and_then(|r| r.secs),
             admins_only: record.is_some_and(|r| r.admins_only),
+            min_secs: self.min_timer_secs(),
             id: None,
         })
     }
@@ -284,8 +287,15 @@ impl Node {
             conversation: target.id(),
             timer_secs: secs,
             admins_only,
+            min_secs: self.min_timer_secs(),
             id: Some(id.to_string()),
         })
+    }
+
+    /// The shortest timer the user may set ([`crate::Config::min_timer_secs`], never below
+    /// the protocol's minimum).
+    fn min_timer_secs(&self) -> u64 {
+        self.config().min_timer_secs.max(timer::MIN_SECS)
     }
 
     /// The expiry a message sent now at `sent_at_ms` in `thread` carries: the timer in force.
@@ -690,7 +700,7 @@ mod api {
     ///
     /// | method | path | body | answer |
     /// |---|---|---|---|
-    /// | GET | `/v1/chats/{with}/timer` | | `{with, conversation, timer_secs, admins_only}` |
+    /// | GET | `/v1/chats/{with}/timer` | | `{with, conversation, timer_secs, admins_only, min_secs}` |
     /// | POST | `/v1/chats/{with}/timer` | `{duration, admins_only?}` | the same, with `id` |
     /// | GET | `/v1/chats/{with}/export` | | `{format, conversation, name, exported_at_ms, messages}` |
     pub(crate) fn routes() -> Router<Node> {

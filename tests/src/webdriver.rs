@@ -174,6 +174,28 @@ impl Browser {
         .await
     }
 
+    /// What the page knows, for a failed wait: the messages it shows, the last events it got
+    /// from the daemon, and the newest messages the daemon has for the open conversation
+    /// (kith's page keeps them in `window.kith`).
+    async fn diagnosis(&self) -> String {
+        let script = "const done = arguments[arguments.length - 1];
+            const k = window.kith;
+            if (!k) { done('no window.kith on the page'); return; }
+            const shown = k.state.messages.slice(-8).map(m => [m.id, m.direction, m.text, m.state, !!m.local]);
+            const open = k.state.open && k.state.open.id;
+            const seen = { open, shown, events: k.log };
+            if (!open) { done(JSON.stringify(seen)); return; }
+            fetch(`/v1/messages?with=${encodeURIComponent(open)}&limit=8`, { credentials: 'same-origin' })
+              .then(r => r.json())
+              .then(ms => { seen.daemon = ms.map(m => [m.id, m.direction, m.text, m.state]); done(JSON.stringify(seen)); })
+              .catch(e => { seen.daemon = String(e); done(JSON.stringify(seen)); });";
+        match self.js_async(script, json!([])).await {
+            Ok(Value::String(s)) => format!("the page: {s}"),
+            Ok(other) => format!("the page: {other}"),
+            Err(e) => format!("the page could not say what it shows: {e:#}"),
+        }
+    }
+
     /// Polls `expression` (a JavaScript expression) until it is truthy, for at most
     /// [`PAGE_DEADLINE`]; returns its value.
     pub async fn wait(&self, what: &str, expression: &str) -> Result<Value> {
@@ -192,7 +214,8 @@ impl Browser {
                 return Ok(value);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("timed out waiting in the browser for {what} ({expression})");
+                let seen = self.diagnosis().await;
+                bail!("timed out waiting in the browser for {what} ({expression}); {seen}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

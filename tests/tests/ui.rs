@@ -396,6 +396,9 @@ async fn chat_in_a_real_browser() -> Result<()> {
     settings.save(&bob_home)?;
     let mut bob_config = kith_node::Config::loopback(&bob_home);
     bob_config.relays = vec![relay_addr.clone()];
+    // The shortest timer bob may set, which his page offers first: long enough to see a
+    // message arrive on a busy machine, short enough to see it go.
+    bob_config.min_timer_secs = 5;
     let mut bob = TestNode::start_in(bob_config).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     for (node, others) in [
@@ -606,6 +609,78 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     assert_eq!(got, json!(300_000));
+
+    // 3b. bob makes the chat temporary from alice's details: both pages show the change, and
+    // alice's next message disappears from both once its 5 s are up.
+    bob_page.click("#btn-info").await?;
+    bob_page
+        .wait(
+            "the timer choice in alice's details, off",
+            "document.getElementById('timer')?.value === 'off' && document.getElementById('timer').options[1]?.value === '5s'",
+        )
+        .await?;
+    bob_page
+        .js(
+            "const pick = document.getElementById('timer');
+             pick.value = '5s';
+             pick.dispatchEvent(new Event('change'));",
+            json!([]),
+        )
+        .await?;
+    bob_page
+        .wait(
+            "the timer line and badge at bob's",
+            "document.querySelector('.saved')?.textContent === 'Saved.' && [...document.querySelectorAll('.timer-line')].some(e => e.textContent.includes('You set disappearing messages to 5 seconds')) && document.querySelector('#chat-title .timer-badge')",
+        )
+        .await?;
+    alice_page
+        .wait(
+            "bob's timer change at alice's",
+            "[...document.querySelectorAll('.timer-line')].some(e => e.textContent.includes('bob set disappearing messages to 5 seconds')) && document.querySelector('#chat-title .timer-badge')?.textContent.includes('5 seconds')",
+        )
+        .await?;
+    alice_page
+        .type_into("#text", &format!("this one disappears{ENTER}"))
+        .await?;
+    bob_page
+        .wait(
+            "the temporary message at bob's, marked",
+            "[...document.querySelectorAll('.msg.in')].some(e => e.querySelector('.text')?.textContent === 'this one disappears' && e.querySelector('.expires'))",
+        )
+        .await?;
+    shots.take(&bob_page, "bob-temporary-chat").await?;
+    for page in [&alice_page, &bob_page] {
+        page.wait(
+            "the temporary message gone",
+            "![...document.querySelectorAll('.msg .text')].some(e => e.textContent === 'this one disappears')",
+        )
+        .await?;
+    }
+    for node in [&alice, &bob] {
+        assert!(
+            !node
+                .node()
+                .messages(None)?
+                .iter()
+                .any(|m| m.text == "this one disappears"),
+            "an expired message stays in a node's history"
+        );
+    }
+    bob_page
+        .js(
+            "const pick = document.getElementById('timer');
+             pick.value = 'off';
+             pick.dispatchEvent(new Event('change'));",
+            json!([]),
+        )
+        .await?;
+    alice_page
+        .wait(
+            "the timer off at alice's",
+            "[...document.querySelectorAll('.timer-line')].some(e => e.textContent.includes('bob turned disappearing messages off')) && !document.querySelector('#chat-title .timer-badge')",
+        )
+        .await?;
+    bob_page.click("#panel-close").await?;
 
     // 4. a group of three made in alice's page; per-member ticks in the message info.
     alice_page.click("#btn-group").await?;

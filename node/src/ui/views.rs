@@ -123,7 +123,8 @@ impl Node {
             .take(limit)
             .collect::<Result<Vec<_>, _>>()?;
         page.reverse();
-        let views = page.into_iter().map(|m| self.view(m, &thread)).collect();
+        let mut views: Vec<MessageView> = page.into_iter().map(|m| self.view(m, &thread)).collect();
+        self.with_timer_lines(&mut views);
         Ok(self.with_attachments(views))
     }
 

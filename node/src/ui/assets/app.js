@@ -9,6 +9,9 @@ const TYPING_SHOWN_MS = 6000;
 const TYPING_SENT_EVERY_MS = 3000;
 const PRESENCE_EVERY_MS = 20000;
 const STATES = ['pending', 'failed', 'sent', 'delivered', 'read'];
+// The timers offered for disappearing messages, in seconds (the node's shortest comes first
+// when it allows a shorter one).
+const TIMER_PRESETS = [30, 5 * 60, 3600, 8 * 3600, 24 * 3600, 7 * 24 * 3600, 4 * 7 * 24 * 3600, 90 * 24 * 3600];
 
 const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
@@ -77,13 +80,20 @@ const state = {
   progress: new Map(), // message id -> {direction, done, total}
   receipts: new Map(), // message id -> the latest state a receipt event told (it may beat the send's answer)
   failed: new Map(), // message id -> reason
+  timers: new Map(), // conversation id -> its disappearing-message timer in seconds (null: off)
   localSeq: 0,
   lastTypingSent: 0,
   events: null,
 };
 // Read by the browser tests: when the list and each opened conversation were on screen, and
 // anything the Content-Security-Policy blocked (there should be nothing).
-window.kith = { timings: {}, state, violations: [] };
+// `log` holds the last events the stream brought (type, id, conversation, time), which a test
+// prints when the page did not show what it waited for.
+window.kith = { timings: {}, state, violations: [], log: [] };
+function logEvent(entry) {
+  window.kith.log.push(entry);
+  if (window.kith.log.length > 40) window.kith.log.shift();
+}
 document.addEventListener('securitypolicyviolation', (e) => {
   window.kith.violations.push(`${e.violatedDirective} ${e.blockedURI}`);
 });
@@ -117,6 +127,33 @@ function shortTime(ms) {
   if (!ms) return '';
   const d = new Date(ms);
   return d.toDateString() === new Date().toDateString() ? time(ms) : d.toLocaleDateString();
+}
+
+// A small clock (the disappearing-message mark): drawn, as system fonts may lack the emoji.
+function clockIcon() {
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  svg.setAttribute('class', 'icon clock');
+  const circle = document.createElementNS(ns, 'circle');
+  for (const [k, v] of [['cx', '12'], ['cy', '13'], ['r', '8']]) circle.setAttribute(k, v);
+  const hands = document.createElementNS(ns, 'path');
+  hands.setAttribute('d', 'M12 9v4l2.5 2.5M9.5 2.5h5');
+  svg.append(circle, hands);
+  return svg;
+}
+
+// A timer as a person says it: '30 seconds', '1 hour', '4 weeks'.
+function timerLabel(secs) {
+  if (!secs) return 'off';
+  for (const [len, unit] of [[7 * 24 * 3600, 'week'], [24 * 3600, 'day'], [3600, 'hour'], [60, 'minute'], [1, 'second']]) {
+    if (secs % len === 0) {
+      const n = secs / len;
+      return `${n} ${unit}${n === 1 ? '' : 's'}`;
+    }
+  }
+  return `${secs} seconds`;
 }
 
 function size(bytes) {
@@ -193,6 +230,7 @@ function preview(conv) {
   const m = conv.last;
   if (!m) return h('span', { class: 'muted' }, conv.kind === 'group' ? 'group' : 'no messages yet');
   const who = conv.kind === 'group' && m.direction === 'in' ? `${nameOf(m.from)}: ` : '';
+  if (m.text && m.text.startsWith('⏱')) return h('span', { class: 'muted' }, clockIcon(), m.text.slice(1).trim());
   const body = m.attachment ? `[file] ${m.attachment.name}${m.text ? ' ' + m.text : ''}` : m.text;
   return h('span', {}, m.direction === 'out' ? tick(m.state, m.id) : null, who + body);
 }
@@ -277,6 +315,7 @@ async function openConversation(id) {
   $('composer').hidden = false;
   renderHead();
   renderList();
+  refreshTimer(id);
   let page;
   try {
     page = await get(`/v1/messages?with=${enc(id)}&limit=${PAGE}`);
@@ -309,7 +348,12 @@ function renderHead() {
   const sub = $('chat-sub');
   const dot = $('chat-dot');
   const contact = conv.kind === 'contact';
-  $('chat-title').replaceChildren(conv.name, contact ? trustMark(conv.id) : '');
+  const timer = state.timers.get(conv.id);
+  $('chat-title').replaceChildren(
+    conv.name,
+    (contact && trustMark(conv.id)) || '',
+    timer ? h('span', { class: 'timer-badge', title: `Disappearing messages: ${timerLabel(timer)}`, 'aria-label': `disappearing messages after ${timerLabel(timer)}` }, clockIcon(), timerLabel(timer)) : '',
+  );
   const t = contact && state.trust.get(conv.id);
   const warning = $('identity-warning');
   warning.hidden = !(t && t.identity_changed);
@@ -364,7 +408,16 @@ function attachmentView(m) {
   return box;
 }
 
+// A timer change, shown as a line across the conversation rather than as a bubble.
+function timerLineView(m) {
+  const who = m.direction === 'out' ? 'You' : nameOf(m.from);
+  const secs = m.timer.timer_secs;
+  const said = secs ? `set disappearing messages to ${timerLabel(secs)}` : 'turned disappearing messages off';
+  return h('div', { class: 'timer-line', 'data-id': m.id, role: 'note' }, h('span', {}, clockIcon(), `${who} ${said} · ${shortTime(m.sent_at_ms)}`));
+}
+
 function messageView(m) {
+  if (m.timer) return timerLineView(m);
   const out = m.direction === 'out';
   const group = state.open && state.open.kind === 'group';
   const failed = state.failed.get(m.id);
@@ -377,6 +430,7 @@ function messageView(m) {
     h(
       'div',
       { class: 'meta' },
+      m.expires_at_ms ? h('span', { class: 'expires', title: `disappears at ${new Date(m.expires_at_ms).toLocaleString()}`, 'aria-label': 'disappearing message' }, clockIcon()) : null,
       h('time', { datetime: new Date(m.sent_at_ms).toISOString() }, time(m.sent_at_ms)),
       out ? tick(m.state, m.id) : null,
       out && group && !m.local ? h('button', { type: 'button', class: 'link', 'aria-label': 'who got it', onclick: () => messageInfo(m) }, 'info') : null,
@@ -453,6 +507,18 @@ async function refreshNewest() {
     state.messages = state.messages.filter((m) => !m.local).sort((a, b) => a.sent_at_ms - b.sent_at_ms).concat(locals);
   }
   renderMessages();
+}
+
+// The open conversation's timer, for its header.
+async function refreshTimer(id) {
+  try {
+    const t = await get(`/v1/chats/${enc(id)}/timer`);
+    state.timers.set(id, t.timer_secs);
+    if (state.open && state.open.id === id) renderHead();
+    return t;
+  } catch (e) {
+    return null;
+  }
 }
 
 async function markRead() {
@@ -561,11 +627,13 @@ function connectEvents() {
   const es = new EventSource('/v1/events');
   state.events = es;
   es.onopen = () => {
+    logEvent(['stream open', Date.now()]);
     banner('');
     refreshList().catch(() => {});
     refreshNewest().catch(() => {});
   };
   es.onerror = () => {
+    logEvent(['stream error', es.readyState, Date.now()]);
     banner('Connection to the daemon lost; reconnecting…');
     if (es.readyState === EventSource.CLOSED) {
       // A refused stream is not retried by the browser: check why, then try again.
@@ -577,6 +645,7 @@ function connectEvents() {
   es.onmessage = (e) => {
     let ev;
     try { ev = JSON.parse(e.data); } catch (err) { return; }
+    if (ev.type !== 'progress') logEvent([ev.type, ev.id || ev.peer || ev.from, ev.conversation, ev.state, Date.now()]);
     handle(ev);
   };
 }
@@ -590,6 +659,7 @@ function handle(ev) {
     state.typing.delete(ev.from);
     if (open && (!conv || conv === open.id || (!ev.group && ev.from === open.id))) {
       refreshNewest().then(markRead).catch(() => {});
+      if (ev.timer || (ev.text || '').startsWith('⏱')) refreshTimer(open.id);
     }
     refreshListSoon();
     if (document.hidden && 'Notification' in window && Notification.permission === 'granted') {
@@ -608,6 +678,14 @@ function handle(ev) {
         updateTick(m);
       }
     }
+    refreshListSoon();
+  } else if (ev.type === 'expired') {
+    // A message of a temporary chat reached its timer: it is gone everywhere, here too.
+    const before = state.messages.length;
+    state.messages = state.messages.filter((x) => x.id !== ev.id && x.realId !== ev.id);
+    state.failed.delete(ev.id);
+    state.progress.delete(ev.id);
+    if (state.messages.length !== before) renderMessages();
     refreshListSoon();
   } else if (ev.type === 'failed') {
     state.failed.set(ev.id, ev.reason || 'delivery failed');
@@ -843,6 +921,7 @@ async function groupPanel(conv) {
       box.append(h('div', { class: 'row' }, pick, h('button', { type: 'button', onclick: () => act('add', pick.value, box) }, 'Add')));
     }
   }
+  box.append(await timerSection(conv, admin));
   box.append(h('button', { type: 'button', class: 'danger', onclick: () => act('leave', null, box) }, 'Leave group'));
   openPanel(conv.name, box);
 }
@@ -856,8 +935,55 @@ async function contactPanel(conv) {
   } catch (e) {
     why = e.message;
   }
-  openPanel(conv.name, h('p', {}, lastSeen(state.presence.get(conv.id)) || 'presence unknown'), h('p', { class: 'muted small' }, `Peer id: ${conv.id}`), safetyView(conv, v, why));
+  const timers = await timerSection(conv, false);
+  openPanel(conv.name, h('p', {}, lastSeen(state.presence.get(conv.id)) || 'presence unknown'), h('p', { class: 'muted small' }, `Peer id: ${conv.id}`), timers, safetyView(conv, v, why));
   $('panel').dataset.contact = conv.id;
+}
+
+// The conversation's disappearing-message timer: a choice that applies at once (a line in the
+// history on both sides), and in a group the admins' rule for who may change it.
+async function timerSection(conv, admin) {
+  const box = h('section', { class: 'stack', 'aria-label': 'disappearing messages' }, h('h3', {}, 'Disappearing messages'));
+  const t = await refreshTimer(conv.id);
+  if (!t) {
+    box.append(h('p', { class: 'muted' }, 'The timer is not known right now.'));
+    return box;
+  }
+  const group = conv.kind === 'group';
+  const choices = [...new Set([t.min_secs < TIMER_PRESETS[0] ? t.min_secs : null, ...TIMER_PRESETS, t.timer_secs])]
+    .filter((secs) => secs && secs >= t.min_secs)
+    .sort((a, b) => a - b);
+  const pick = h(
+    'select',
+    { id: 'timer', 'aria-label': 'disappearing messages', disabled: group && t.admins_only && !admin },
+    h('option', { value: 'off', selected: !t.timer_secs }, 'Off'),
+    choices.map((secs) => h('option', { value: `${secs}s`, selected: secs === t.timer_secs }, timerLabel(secs))),
+  );
+  const apply = async (body) => {
+    try {
+      await post(`/v1/chats/${enc(conv.id)}/timer`, body);
+      await refreshTimer(conv.id);
+      await refreshNewest();
+      const saved = box.querySelector('.saved');
+      if (saved) saved.textContent = 'Saved.';
+    } catch (err) {
+      formError(box, err);
+    }
+  };
+  pick.addEventListener('change', () => apply({ duration: pick.value }));
+  box.append(
+    h('p', { class: 'muted small' }, 'New messages disappear for everyone in this chat this long after they are sent, from every device and relay that holds them.'),
+    h('label', { class: 'row' }, 'Messages disappear after ', pick),
+  );
+  if (group && admin) {
+    const only = h('input', { type: 'checkbox', id: 'timer-admins', checked: t.admins_only });
+    only.addEventListener('change', () => apply({ duration: pick.value, admins_only: only.checked }));
+    box.append(h('label', { class: 'row' }, only, ' Only admins may change it'));
+  } else if (group && t.admins_only) {
+    box.append(h('p', { class: 'muted small' }, 'Only admins may change it.'));
+  }
+  box.append(h('p', { class: 'saved muted small', role: 'status' }));
+  return box;
 }
 
 // The safety number with a contact: its 60 digits, their QR code, whether it is verified.
