@@ -351,7 +351,12 @@ async fn timer_changes_in_a_group_apply_per_message_with_a_member_offline() -> a
         })
         .await?;
         let views = node.node().messages(Some(&group))?;
-        assert!(views.iter().all(|m| m.expires_at_ms.is_none()));
+        let timed: Vec<_> = views
+            .iter()
+            .filter(|m| m.expires_at_ms.is_some())
+            .map(|m| (&m.text, m.sent_at_ms, m.expires_at_ms))
+            .collect();
+        assert!(timed.is_empty(), "messages with an expiry left: {timed:?}");
     }
     Ok(())
 }
