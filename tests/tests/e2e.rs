@@ -345,6 +345,8 @@ async fn the_fallback_key_lets_a_new_contact_write_once_one_time_keys_ran_out() 
     assert!(relay.metrics().keys_fallback_claims.get() >= 2);
     bob.restart_on(bob_addr).await?;
     let carol_peer = carol.peer_id().to_string();
+    // Bob takes carol as a contact: a stranger's messages would wait in his requests list.
+    bob.node().add_contact("carol", &carol_peer, &[]).await?;
     wait_for("bob reads it", || async {
         let texts: Vec<String> = bob
             .node()
