@@ -234,7 +234,7 @@ impl Node {
                 preview,
             });
         }
-        out.sort_by(|a, b| b.last_ms.cmp(&a.last_ms));
+        out.sort_by_key(|r| std::cmp::Reverse(r.last_ms));
         Ok(out)
     }
 
