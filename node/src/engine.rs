@@ -1833,6 +1833,8 @@ impl Node {
                 match outcome {
                     Ok(()) => seqs.push(seq),
                     Err(reason) if reason.is_retryable() => {}
+                    // A blocked peer or a stranger (`strangers`): dropped, logged there.
+                    Err(Reject::Refused) => seqs.push(seq),
                     Err(reason) => {
                         tracing::warn!(%relay, seq, %reason, "dropping a bad mailbox entry");
                         seqs.push(seq);
