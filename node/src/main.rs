@@ -412,6 +412,11 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&contacts)?;
             } else {
                 for c in contacts.as_array().into_iter().flatten() {
+                    let blocked = if c["blocked"].as_bool() == Some(true) {
+                        "\tblocked"
+                    } else {
+                        ""
+                    };
                     let trust = if c["identity_changed"].as_bool() == Some(true) {
                         "\tidentity key changed: verify again"
                     } else if c["verified"].as_bool() == Some(true) {
@@ -420,7 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
                         ""
                     };
                     println!(
-                        "{}\t{}{trust}",
+                        "{}\t{}{trust}{blocked}",
                         for_terminal(c["name"].as_str().unwrap_or_default()),
                         c["peer_id"].as_str().unwrap_or_default()
                     );
