@@ -371,6 +371,7 @@ pub(crate) async fn serve(
         .merge(crate::group::api_routes().with_state(state.node.clone()))
         .merge(crate::media::api_routes().with_state(state.node.clone()))
         .merge(crate::timers::api_routes().with_state(state.node.clone()))
+        .merge(crate::strangers::api_routes().with_state(state.node.clone()))
         .merge(crate::ui::routes(state.node.clone(), gate.clone(), bound))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(state.clone(), auth))

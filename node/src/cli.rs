@@ -205,6 +205,10 @@ pub fn event_line(event: &Value) -> Option<String> {
             )
         }
         "typing" => format!("{now} {} is typing…", name_or_id("from_name", "from")),
+        "request" => format!(
+            "{now} a message request from {} (`kith requests` lists it)",
+            name_or_id("name", "peer_id")
+        ),
         "failed" => format!(
             "{now} message {} failed: {}",
             str_of(event, "id"),
@@ -285,6 +289,9 @@ pub fn print_settings(settings: &Value) {
             "off"
         }
     );
+    if let Some(reach) = settings["reach"].as_str() {
+        println!("reach:         {reach}");
+    }
     for relay in settings["relays"].as_array().into_iter().flatten() {
         println!("relay:         {}", relay.as_str().unwrap_or_default());
     }

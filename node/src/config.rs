@@ -22,6 +22,9 @@ pub struct Settings {
     /// Who may see whether this node is online and when it was last seen: `everyone`,
     /// `contacts` or `nobody`. Enforced by the node and by its home relays.
     pub presence: kith_protocol::presence::Visibility,
+    /// Who may send this user messages: `everyone` (strangers' messages wait in the requests
+    /// list) or `contacts` (strangers are refused by the node and its home relays).
+    pub reach: kith_protocol::presence::Reach,
     /// Largest file `send-file` sends, in bytes; larger ones are refused before any upload.
     pub max_file_bytes: u64,
     /// Received files up to this size, in bytes, download at once; larger ones on
@@ -39,6 +42,7 @@ impl Default for Settings {
             name: "anonymous".into(),
             read_receipts: true,
             presence: kith_protocol::presence::Visibility::Everyone,
+            reach: kith_protocol::presence::Reach::Everyone,
             max_file_bytes: 2 * 1024 * 1024 * 1024,
             auto_download_max_bytes: 16 * 1024 * 1024,
             relays: Vec::new(),
@@ -108,6 +112,9 @@ pub struct SettingsChange {
     /// Whether to send read receipts.
     #[serde(default)]
     pub read_receipts: Option<bool>,
+    /// Who may send this user messages.
+    #[serde(default)]
+    pub reach: Option<kith_protocol::presence::Reach>,
 }
 
 /// The settings in effect, as the API shows them.
@@ -119,6 +126,8 @@ pub struct SettingsView {
     pub presence: kith_protocol::presence::Visibility,
     /// Whether read receipts are sent.
     pub read_receipts: bool,
+    /// Who may send this user messages.
+    pub reach: kith_protocol::presence::Reach,
     /// Largest file sent, in bytes.
     pub max_file_bytes: u64,
     /// Received files up to this size download at once.
@@ -135,6 +144,7 @@ impl crate::engine::Node {
             name: s.name,
             presence: s.presence,
             read_receipts: s.read_receipts,
+            reach: s.reach,
             max_file_bytes: s.max_file_bytes,
             auto_download_max_bytes: s.auto_download_max_bytes,
             relays: self.config().relays.iter().map(|a| a.to_string()).collect(),
@@ -159,9 +169,12 @@ impl crate::engine::Node {
             if let Some(read_receipts) = change.read_receipts {
                 s.read_receipts = read_receipts;
             }
+            if let Some(reach) = change.reach {
+                s.reach = reach;
+            }
         })
         .map_err(|e| crate::engine::NodeError::Invalid(e.to_string()))?;
-        if self.settings().presence != before.presence {
+        if self.settings().presence != before.presence || self.settings().reach != before.reach {
             self.presence_state().wake();
         }
         Ok(self.settings_view())

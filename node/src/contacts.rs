@@ -61,6 +61,8 @@ impl Node {
             contacts.insert(contact.peer_id, contact.clone());
         }
         self.store().flush().await?;
+        // A contact is no stranger: its request, if it had one, is accepted.
+        self.forget_request(&contact.peer_id).await?;
         Ok(())
     }
 

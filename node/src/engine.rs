@@ -135,6 +135,13 @@ pub enum NodeEvent {
         /// The peer.
         peer: String,
     },
+    /// A stranger's first message arrived: it waits in the requests list ([`crate::strangers`]).
+    Request {
+        /// The stranger's peer id.
+        peer_id: String,
+        /// Its display name, if known.
+        name: Option<String>,
+    },
     /// A message from a peer could not be decrypted; the sender is asked to send it again.
     Undecryptable {
         /// The message id.
@@ -222,6 +229,8 @@ struct Inner {
     /// Held while a session with a peer is being set up, so that one claim serves everyone
     /// waiting for it.
     claiming: tokio::sync::Mutex<()>,
+    /// Strangers' requests and blocked peers.
+    strangers: crate::strangers::State,
 }
 
 /// A second copy of an envelope within one batch: stored with the first, like any duplicate
@@ -447,6 +456,8 @@ pub struct ContactView {
     pub verified: bool,
     /// Its identity key changed since it was first seen and is not verified again.
     pub identity_changed: bool,
+    /// The user blocked it ([`crate::strangers`]).
+    pub blocked: bool,
 }
 
 impl From<Contact> for ContactView {
@@ -458,6 +469,7 @@ impl From<Contact> for ContactView {
             relays: c.relays,
             verified: false,
             identity_changed: false,
+            blocked: false,
         }
     }
 }
@@ -518,6 +530,7 @@ impl Node {
             .map(|c| (c.peer_id, c))
             .collect();
         let max_in_flight = config.max_in_flight;
+        let strangers = crate::strangers::State::load(&store)?;
         let node = Node {
             inner: Arc::new(Inner {
                 key,
@@ -546,6 +559,7 @@ impl Node {
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
                 olm,
                 claiming: tokio::sync::Mutex::new(()),
+                strangers,
             }),
         };
         // A weak reference: the network handle, which the node holds, holds this.
@@ -627,6 +641,10 @@ impl Node {
 
     pub(crate) fn olm(&self) -> &Olm {
         &self.inner.olm
+    }
+
+    pub(crate) fn strangers(&self) -> &crate::strangers::State {
+        &self.inner.strangers
     }
 
     pub(crate) fn claiming(&self) -> &tokio::sync::Mutex<()> {
@@ -827,6 +845,7 @@ impl Node {
                 ContactView {
                     verified,
                     identity_changed,
+                    blocked: self.inner.strangers.is_blocked(&c.peer_id),
                     ..c.into()
                 }
             })
@@ -1114,10 +1133,16 @@ impl Node {
         if let Some(group) = with.map(|w| self.group_target(w)).transpose()?.flatten() {
             return self.group_messages(&group);
         }
-        let peers = match with {
+        let mut peers = match with {
             Some(who) => vec![self.resolve(who)?],
             None => self.inner.store.conversations()?,
         };
+        // A stranger's messages wait in the requests list until it is accepted: they are left
+        // out of the overview, and shown when the user names the peer (to read a request before
+        // accepting or blocking it; reading sends it no receipt).
+        if with.is_none() {
+            peers.retain(|p| !self.inner.strangers.is_request(p));
+        }
         let mut out = Vec::new();
         for peer in peers {
             out.extend(self.inner.store.conversation(&peer)?);
@@ -1141,6 +1166,10 @@ impl Node {
         }
         let peer = self.resolve(with)?;
         self.mark_user_activity();
+        if self.inner.strangers.is_request(&peer) {
+            // Not shown yet, so not read: no receipt goes to a stranger before it is accepted.
+            return Ok(0);
+        }
         let mut ids = Vec::new();
         for msg in self.inner.store.conversation(&peer)? {
             if msg.direction == Direction::In && msg.state < MessageState::Read {
@@ -1508,6 +1537,7 @@ impl Node {
             });
         }
         if let Destination::Group(group) = envelope.to {
+            self.refuse_stranger(via, envelope)?;
             return Ok(Checked::Group(group));
         }
         if envelope.to != Destination::Peer(self.inner.me) {
@@ -1518,6 +1548,7 @@ impl Node {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope: sender is not the connection's peer");
             return Err(Reject::WrongSender);
         }
+        self.refuse_stranger(via, envelope)?;
         self.check_expiry(envelope)?;
         let body = envelope.body().map_err(|e| {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope with a bad body");
@@ -1741,6 +1772,7 @@ impl Node {
         self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| Inbound::Refused(store_failed(&e)))?;
         let msg = self.received(envelope, text.clone());
+        self.note_request(&from, batch);
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
             self.put_incoming_file(batch, envelope, file, None);
@@ -1762,9 +1794,12 @@ impl Node {
             file_size,
         } = fresh;
         if let Some(text) = text {
-            self.emit(self.message_event(&envelope, None, text));
+            match self.request_event(&envelope.from) {
+                Some(request) => request.into_iter().for_each(|e| self.emit(e)),
+                None => self.emit(self.message_event(&envelope, None, text)),
+            }
         }
-        if let Some(size) = file_size {
+        if let Some(size) = file_size.filter(|_| self.auto_download_from(&envelope.from)) {
             self.file_received(envelope.id, size).await;
         }
         if via != envelope.from {
@@ -1856,6 +1891,8 @@ impl Node {
                 match outcome {
                     Ok(()) => seqs.push(seq),
                     Err(reason) if reason.is_retryable() => {}
+                    // A blocked peer or a stranger (`strangers`): dropped, logged there.
+                    Err(Reject::Refused) => seqs.push(seq),
                     Err(reason) => {
                         tracing::warn!(%relay, seq, %reason, "dropping a bad mailbox entry");
                         seqs.push(seq);

@@ -589,6 +589,11 @@ impl Node {
     ) {
         let verdict = match cbor::decode::<Envelope>(&data, MAX_ENVELOPE_BYTES) {
             Ok(envelope) => match (self.verify(&envelope), envelope.to) {
+                // A blocked peer's group messages are not shown; others may still want them.
+                (Ok(()), Destination::Group(_)) if self.strangers().is_blocked(&envelope.from) => {
+                    tracing::debug!(%source, from = %envelope.from, "dropping a blocked peer's gossip");
+                    gossipsub::MessageAcceptance::Ignore
+                }
                 (Ok(()), Destination::Group(g)) if group::topic(&g) == topic => {
                     match self.accept_group(source, g, envelope).await {
                         Ok(()) => gossipsub::MessageAcceptance::Accept,

@@ -24,6 +24,7 @@ pub mod presence;
 pub mod private;
 pub mod shutdown;
 pub mod store;
+pub mod strangers;
 pub mod text;
 pub mod timers;
 pub mod ui;

@@ -72,6 +72,8 @@ enum Command {
     /// Group chats: create, add, remove, promote, leave, list, info.
     #[command(subcommand)]
     Group(kith_node::group::cli::GroupCommand),
+    /// Messages from strangers (peers not in your contacts): list, accept or block.
+    Requests(kith_node::strangers::cli::RequestsArgs),
     /// Send a message; prints its id (its state goes to stderr).
     Send {
         /// Contact name, peer id, or group name or id.
@@ -147,6 +149,10 @@ enum Command {
         /// Send read receipts: on or off.
         #[arg(long, value_parser = parse_on_off)]
         read_receipts: Option<bool>,
+        /// Who may send you messages: everyone (strangers land in `kith requests`) or
+        /// contacts (strangers are refused).
+        #[arg(long)]
+        reach: Option<kith_protocol::presence::Reach>,
         /// Your display name (shown in your invite).
         #[arg(long)]
         name: Option<String>,
@@ -243,6 +249,22 @@ enum ContactCommand {
         old: String,
         /// The new name.
         new: String,
+    },
+    /// Block a contact or any peer: nothing of it gets through, here or at your relays.
+    Block {
+        /// The contact's name or a peer id.
+        who: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unblock a contact or peer.
+    Unblock {
+        /// The contact's name or a peer id.
+        who: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the safety number to compare with a contact (and a QR code on a terminal).
     Verify {
@@ -423,6 +445,11 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&contacts)?;
             } else {
                 for c in contacts.as_array().into_iter().flatten() {
+                    let blocked = if c["blocked"].as_bool() == Some(true) {
+                        "\tblocked"
+                    } else {
+                        ""
+                    };
                     let trust = if c["identity_changed"].as_bool() == Some(true) {
                         "\tidentity key changed: verify again"
                     } else if c["verified"].as_bool() == Some(true) {
@@ -431,12 +458,24 @@ async fn run(cli: Cli) -> Result<()> {
                         ""
                     };
                     println!(
-                        "{}\t{}{trust}",
+                        "{}\t{}{trust}{blocked}",
                         for_terminal(c["name"].as_str().unwrap_or_default()),
                         c["peer_id"].as_str().unwrap_or_default()
                     );
                 }
             }
+        }
+        Command::Contact(ContactCommand::Block { who, json }) => {
+            let client = daemon_client(&home).await?;
+            kith_node::strangers::cli::block(&client, &who, true, json).await?;
+        }
+        Command::Contact(ContactCommand::Unblock { who, json }) => {
+            let client = daemon_client(&home).await?;
+            kith_node::strangers::cli::block(&client, &who, false, json).await?;
+        }
+        Command::Requests(args) => {
+            let client = daemon_client(&home).await?;
+            kith_node::strangers::cli::run(&client, args).await?;
         }
         Command::Contact(ContactCommand::Verify { name, mark, json }) => {
             let client = daemon_client(&home).await?;
@@ -580,12 +619,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Settings {
             presence,
             read_receipts,
+            reach,
             name,
             json,
         } => {
             let change = json!({
                 "presence": presence,
                 "read_receipts": read_receipts,
+                "reach": reach,
                 "name": name,
             });
             let settings = change_settings(&home, change).await?;
@@ -701,6 +742,9 @@ async fn change_settings(home: &std::path::Path, change: Value) -> Result<Value>
     if let Some(on) = change.get("read_receipts").and_then(Value::as_bool) {
         settings.read_receipts = on;
     }
+    if let Some(reach) = change.get("reach") {
+        settings.reach = serde_json::from_value(reach.clone())?;
+    }
     if !change.is_empty() {
         settings.save(home)?;
     }
@@ -708,6 +752,7 @@ async fn change_settings(home: &std::path::Path, change: Value) -> Result<Value>
         "name": settings.name,
         "presence": settings.presence,
         "read_receipts": settings.read_receipts,
+        "reach": settings.reach,
         "max_file_bytes": settings.max_file_bytes,
         "auto_download_max_bytes": settings.auto_download_max_bytes,
         "relays": settings.relays,

@@ -121,6 +121,9 @@ pub struct AttachmentView {
     /// Where the file is on this machine, once it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Whether the file is on this machine (`false`: not downloaded; `kith download` fetches
+    /// it).
+    pub downloaded: bool,
     /// A small PNG preview, hex-encoded, for images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thumbnail: Option<String>,
@@ -134,6 +137,7 @@ impl From<&Record> for AttachmentView {
             mime: r.file.mime.clone(),
             hash: r.file.file_hash.to_hex(),
             path: r.path.clone(),
+            downloaded: r.path.is_some(),
             thumbnail: r.file.thumbnail.as_ref().map(hex::encode),
         }
     }
@@ -1201,7 +1205,8 @@ impl Node {
                         }
                         Direction::In
                             if record.path.is_none()
-                                && record.file.size <= self.settings().auto_download_max_bytes =>
+                                && record.file.size <= self.settings().auto_download_max_bytes
+                                && self.auto_download_from(&record.from) =>
                         {
                             waiting.push_back((0, Job::Download(id)))
                         }
@@ -1844,6 +1849,7 @@ impl Node {
                 Ok(path) => {
                     let mut view = AttachmentView::from(&record);
                     view.path = Some(path.to_string_lossy().into_owned());
+                    view.downloaded = true;
                     return Ok(view);
                 }
                 Err(TransferError::Refused(reason)) => return Err(invalid(reason)),

@@ -107,10 +107,16 @@ impl Node {
         Ok(peer)
     }
 
-    /// This node's presence policy: the visibility setting and the contacts.
+    /// This node's presence policy: the visibility setting and the contacts, with who may
+    /// reach the user and whom it blocked (for its relays, [`crate::strangers`]).
     fn policy(&self) -> Policy {
         let (_, settings, _, _) = self.parts();
-        Policy::new(settings.presence, self.contact_peers())
+        Policy::with_reach(
+            settings.presence,
+            settings.reach,
+            self.contact_peers(),
+            self.strangers().blocked(),
+        )
     }
 
     /// Direct addresses of `peer` and its relay circuits, and the relays to ask about it.
@@ -263,14 +269,15 @@ impl Node {
         let me = self.peer_id();
         let response = match request {
             Message::Valid(Request::Query { req_id, peer: who }) if who == me => {
-                let status = if self.policy().allows(&me, &peer) {
-                    Status {
-                        online: true,
-                        last_seen_ms: self.last_user_activity_ms(),
-                    }
-                } else {
-                    Status::HIDDEN
-                };
+                let status =
+                    if self.policy().allows(&me, &peer) && !self.strangers().is_blocked(&peer) {
+                        Status {
+                            online: true,
+                            last_seen_ms: self.last_user_activity_ms(),
+                        }
+                    } else {
+                        Status::HIDDEN
+                    };
                 Response::Status {
                     req_id,
                     online: status.online,
@@ -278,10 +285,16 @@ impl Node {
                 }
             }
             Message::Valid(Request::Typing { req_id }) => {
-                self.emit(NodeEvent::Typing {
-                    from: peer.to_string(),
-                    from_name: self.contact_of(&peer).map(|c| c.name),
-                });
+                // Only contacts' typing shows; strangers' and blocked peers' is dropped.
+                match self.contact_of(&peer) {
+                    Some(contact) if !self.strangers().is_blocked(&peer) => {
+                        self.emit(NodeEvent::Typing {
+                            from: peer.to_string(),
+                            from_name: Some(contact.name),
+                        })
+                    }
+                    _ => tracing::debug!(%peer, "ignoring typing from a stranger or blocked peer"),
+                }
                 Response::Ack {
                     req_id,
                     policy_known: true,

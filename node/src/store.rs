@@ -20,6 +20,8 @@
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
 //! | `a/` | message id | the message's attachment record ([`crate::media`]) |
 //! | `f/` | message id | why an outgoing message is `failed` (UTF-8) |
+//! | `R/` | peer | a stranger whose messages wait in the requests list ([`crate::strangers`]) |
+//! | `B/` | peer | a blocked peer ([`crate::strangers`]) |
 //! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
 //! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::timers`]) |
 //! | `et/` | message id | [`Expired`]: what is left of a deleted message (its final state) |
@@ -355,6 +357,18 @@ impl Batch {
     /// Removes the contact of `peer`.
     pub fn remove_contact(&mut self, peer: &PeerId) {
         self.remove(peer_key(b"K/", peer));
+    }
+
+    /// Removes a one-to-one message with its index entries and attachment record (a blocked
+    /// request's messages, [`crate::strangers`]). The message record goes first, so a crash part
+    /// way leaves index entries that point at nothing (skipped when read).
+    pub fn remove_conversation_message(&mut self, msg: &StoredMessage) {
+        self.remove(message_key(&msg.from, &msg.id));
+        self.remove(conversation_key(&msg.peer, msg.lamport, &msg.from, &msg.id));
+        self.remove(attachment_key(&msg.id));
+        if msg.direction == Direction::Out {
+            self.remove(id_key(&msg.id));
+        }
     }
 }
 

@@ -17,6 +17,11 @@
 //! is answered exactly like a user the answerer knows nothing about: `online: false,
 //! last_seen_ms: None`. The asker cannot tell "hidden" from "unknown", so the answer leaks nothing.
 //! Typed rejects are kept for requests that are wrong or cannot be served now (`Busy`).
+//!
+//! The same policy carries who may reach the user ([`Reach`]) and whom the user blocked, so that
+//! the user's relays refuse mailbox deposits from strangers (for `reach = contacts`) and from
+//! blocked peers ([`Policy::accepts_from`]). Both fields are absent on the wire when they hold
+//! their defaults, so older relays and nodes read the policy as before.
 
 use std::collections::HashMap;
 
@@ -31,6 +36,9 @@ pub const PROTOCOL: &str = "/kith/presence/1";
 
 /// Most contacts a [`Policy`] lists; a node with more sends the first this many.
 pub const MAX_POLICY_CONTACTS: usize = 2_048;
+
+/// Most blocked peers a [`Policy`] lists; a node with more sends the first this many.
+pub const MAX_POLICY_BLOCKED: usize = 512;
 
 /// Largest frame on this protocol (a heartbeat with a full policy fits).
 pub const MAX_FRAME_BYTES: usize = 128 * 1024;
@@ -92,32 +100,124 @@ impl std::str::FromStr for Visibility {
     }
 }
 
-/// A user's visibility choice and, for [`Visibility::Contacts`], who the contacts are.
+/// Who may send a user messages: anyone (strangers' messages wait in the user's requests
+/// list), or only the user's contacts (strangers are refused, by the user's relays and node).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Anyone.
+    #[default]
+    Everyone,
+    /// Only the user's contacts.
+    Contacts,
+}
+
+impl Reach {
+    /// The setting's name in settings files, the CLI and JSON.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reach::Everyone => "everyone",
+            Reach::Contacts => "contacts",
+        }
+    }
+
+    /// Whether this is the default, [`Reach::Everyone`] (left out on the wire).
+    pub fn is_everyone(&self) -> bool {
+        *self == Reach::Everyone
+    }
+}
+
+impl std::fmt::Display for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reach name that is neither `everyone` nor `contacts`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown reach {0:?} (use everyone or contacts)")]
+pub struct ParseReachError(pub String);
+
+impl std::str::FromStr for Reach {
+    type Err = ParseReachError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "everyone" => Ok(Reach::Everyone),
+            "contacts" => Ok(Reach::Contacts),
+            _ => Err(ParseReachError(s.to_owned())),
+        }
+    }
+}
+
+/// A user's visibility choice and, for [`Visibility::Contacts`] or [`Reach::Contacts`], who the
+/// contacts are; who may reach the user and whom the user blocked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// Who may see.
     pub visibility: Visibility,
-    /// The user's contacts (only meaningful for [`Visibility::Contacts`]), at most
-    /// [`MAX_POLICY_CONTACTS`].
+    /// The user's contacts (only meaningful for [`Visibility::Contacts`] and
+    /// [`Reach::Contacts`]), at most [`MAX_POLICY_CONTACTS`].
     #[serde(with = "peer_list")]
     pub contacts: Vec<PeerId>,
+    /// Who may send the user messages (absent on the wire when `everyone`).
+    #[serde(default, skip_serializing_if = "Reach::is_everyone")]
+    pub reach: Reach,
+    /// Peers the user blocked, at most [`MAX_POLICY_BLOCKED`] (absent on the wire when empty).
+    #[serde(default, with = "peer_list", skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<PeerId>,
 }
 
 impl Policy {
     /// A policy; the contact list is sorted, deduplicated, truncated to [`MAX_POLICY_CONTACTS`],
     /// and dropped altogether unless `visibility` is `Contacts` (nobody else needs it).
     pub fn new(visibility: Visibility, contacts: impl IntoIterator<Item = PeerId>) -> Self {
-        let mut contacts: Vec<PeerId> = if visibility == Visibility::Contacts {
-            contacts.into_iter().collect()
-        } else {
-            Vec::new()
-        };
+        Self::with_reach(visibility, Reach::Everyone, contacts, [])
+    }
+
+    /// A policy with who may reach the user and whom it blocked. The contact list is kept when
+    /// `visibility` or `reach` is `Contacts`; lists are sorted, deduplicated and truncated to
+    /// [`MAX_POLICY_CONTACTS`] and [`MAX_POLICY_BLOCKED`].
+    pub fn with_reach(
+        visibility: Visibility,
+        reach: Reach,
+        contacts: impl IntoIterator<Item = PeerId>,
+        blocked: impl IntoIterator<Item = PeerId>,
+    ) -> Self {
+        let mut contacts: Vec<PeerId> =
+            if visibility == Visibility::Contacts || reach == Reach::Contacts {
+                contacts.into_iter().collect()
+            } else {
+                Vec::new()
+            };
         contacts.sort();
         contacts.dedup();
         contacts.truncate(MAX_POLICY_CONTACTS);
+        let mut blocked: Vec<PeerId> = blocked.into_iter().collect();
+        blocked.sort();
+        blocked.dedup();
+        blocked.truncate(MAX_POLICY_BLOCKED);
         Self {
             visibility,
             contacts,
+            reach,
+            blocked,
+        }
+    }
+
+    /// Whether the user this policy belongs to (`owner`) takes messages from `sender`: never
+    /// from a blocked peer, and only from contacts under [`Reach::Contacts`]. A user always
+    /// takes its own.
+    pub fn accepts_from(&self, owner: &PeerId, sender: &PeerId) -> bool {
+        if owner == sender {
+            return true;
+        }
+        if self.blocked.binary_search(sender).is_ok() {
+            return false;
+        }
+        match self.reach {
+            Reach::Everyone => true,
+            Reach::Contacts => self.contacts.binary_search(sender).is_ok(),
         }
     }
 
@@ -152,6 +252,17 @@ impl Policy {
             eat(&(bytes.len() as u32).to_be_bytes());
             eat(&bytes);
         }
+        // Only when not the defaults, so a policy without them keeps the digest it had before
+        // they existed.
+        if !self.reach.is_everyone() || !self.blocked.is_empty() {
+            eat(b"reach");
+            eat(self.reach.as_str().as_bytes());
+            for peer in &self.blocked {
+                let bytes = peer.to_bytes();
+                eat(&(bytes.len() as u32).to_be_bytes());
+                eat(&bytes);
+            }
+        }
         hash
     }
 
@@ -162,13 +273,21 @@ impl Policy {
                 max: MAX_POLICY_CONTACTS as u64,
             });
         }
+        if self.blocked.len() > MAX_POLICY_BLOCKED {
+            return Err(Reject::TooLarge {
+                max: MAX_POLICY_BLOCKED as u64,
+            });
+        }
         Ok(())
     }
 
-    /// The same policy with its contact list sorted (so [`Policy::allows`] can search it).
+    /// The same policy with its lists sorted (so [`Policy::allows`] and
+    /// [`Policy::accepts_from`] can search them).
     pub fn normalized(mut self) -> Self {
         self.contacts.sort();
         self.contacts.dedup();
+        self.blocked.sort();
+        self.blocked.dedup();
         self
     }
 }
@@ -391,6 +510,19 @@ impl Tracker {
             self.status(peer, now_ms)
         } else {
             Status::HIDDEN
+        }
+    }
+
+    /// Whether `owner`'s policy lets `sender` deposit into `owner`'s mailbox. Without a known
+    /// policy (the owner never sent one, or was forgotten) everything is taken, as before
+    /// policies existed.
+    pub fn accepts_deposit(&self, owner: &PeerId, sender: &PeerId) -> bool {
+        match self.peers.get(owner) {
+            Some(Record {
+                policy: Some((_, policy)),
+                ..
+            }) => policy.accepts_from(owner, sender),
+            _ => true,
         }
     }
 
@@ -629,6 +761,7 @@ mod tests {
         let huge = Policy {
             visibility: Visibility::Contacts,
             contacts: (0..MAX_POLICY_CONTACTS + 1).map(|_| peer()).collect(),
+            ..Policy::default()
         };
         assert!(huge.validate().is_err());
         let bytes = cbor::encode(&huge, 1 << 20).expect("encodes");
@@ -654,5 +787,54 @@ mod tests {
             assert_eq!(v.to_string().parse::<Visibility>(), Ok(v));
         }
         assert!("friends".parse::<Visibility>().is_err());
+    }
+
+    #[test]
+    fn reach_and_blocked_decide_who_may_deposit() {
+        let (owner, friend, stranger, pest) = (peer(), peer(), peer(), peer());
+        let everyone = Policy::with_reach(Visibility::Everyone, Reach::Everyone, [friend], [pest]);
+        assert!(everyone.accepts_from(&owner, &stranger));
+        assert!(everyone.accepts_from(&owner, &friend));
+        assert!(!everyone.accepts_from(&owner, &pest));
+        let contacts = Policy::with_reach(
+            Visibility::Everyone,
+            Reach::Contacts,
+            [friend, pest],
+            [pest],
+        );
+        assert!(contacts.accepts_from(&owner, &friend));
+        assert!(!contacts.accepts_from(&owner, &stranger));
+        // Blocked wins over being a contact; the owner always reaches itself.
+        assert!(!contacts.accepts_from(&owner, &pest));
+        assert!(contacts.accepts_from(&owner, &owner));
+
+        let mut t = Tracker::new(THRESHOLD, 10);
+        // No policy known: everything is taken.
+        assert!(t.accepts_deposit(&owner, &stranger));
+        beat(&mut t, owner, Activity::App, &contacts, 0);
+        assert!(!t.accepts_deposit(&owner, &stranger));
+        assert!(t.accepts_deposit(&owner, &friend));
+        assert!(!t.accepts_deposit(&owner, &pest));
+    }
+
+    #[test]
+    fn a_policy_without_reach_or_blocks_keeps_its_digest_and_encoding() {
+        let friend = peer();
+        let old = Policy::new(Visibility::Contacts, [friend]);
+        let same = Policy::with_reach(Visibility::Contacts, Reach::Everyone, [friend], []);
+        assert_eq!(old.digest(), same.digest());
+        assert_eq!(
+            cbor::encode(&old, 1 << 16).expect("encodes"),
+            cbor::encode(&same, 1 << 16).expect("encodes")
+        );
+        let reach = Policy::with_reach(Visibility::Contacts, Reach::Contacts, [friend], []);
+        let blocked = Policy::with_reach(Visibility::Contacts, Reach::Everyone, [friend], [peer()]);
+        assert_ne!(old.digest(), reach.digest());
+        assert_ne!(old.digest(), blocked.digest());
+        let bytes = cbor::encode(&blocked, 1 << 16).expect("encodes");
+        assert_eq!(
+            cbor::decode::<Policy>(&bytes, 1 << 16).expect("decodes"),
+            blocked
+        );
     }
 }

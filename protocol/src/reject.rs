@@ -44,6 +44,10 @@ pub enum Reject {
     /// The receiver failed to store the envelope (its disk, not your input); retry later.
     #[error("receiver could not store the message")]
     StoreFailed,
+    /// The recipient does not take messages from this sender: it blocked the sender, or it
+    /// takes messages from its contacts only. Not worth retrying.
+    #[error("the recipient does not accept messages from this sender")]
+    Refused,
 }
 
 impl Reject {

@@ -73,6 +73,7 @@ fn arb_reject() -> impl Strategy<Value = Reject> {
         Just(Reject::UnsupportedVersion),
         Just(Reject::Expired),
         Just(Reject::StoreFailed),
+        Just(Reject::Refused),
     ]
 }
 

@@ -337,6 +337,7 @@ pub fn reason_label(reason: &Reject) -> &'static str {
         Reject::UnsupportedVersion => "unsupported_version",
         Reject::Expired => "expired",
         Reject::StoreFailed => "store_failed",
+        Reject::Refused => "refused",
     }
 }
 

@@ -130,6 +130,13 @@ impl Service {
         self.tracker.gone(peer);
     }
 
+    /// Whether `owner`'s policy lets `sender` deposit into `owner`'s mailbox (see
+    /// [`Tracker::accepts_deposit`]): the owner sets it, over its own authenticated connection,
+    /// with its heartbeats.
+    pub fn accepts_deposit(&self, owner: &PeerId, sender: &PeerId) -> bool {
+        self.tracker.accepts_deposit(owner, sender)
+    }
+
     /// How many peers are remembered.
     pub fn tracked(&self) -> usize {
         self.tracker.len()

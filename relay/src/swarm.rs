@@ -613,6 +613,10 @@ impl Task {
                     self.respond_now(peer, channel, req_id, reason);
                     return;
                 }
+                if let Some(reason) = self.refused_by_recipient(&request) {
+                    self.respond_now(peer, channel, req_id, reason);
+                    return;
+                }
                 match self.mailbox.try_request(peer, request) {
                     Ok(rx) => self.pending.push(Box::pin(async move {
                         (peer, req_id, channel, rx.await.ok())
@@ -637,6 +641,24 @@ impl Task {
                 self.respond_now(peer, channel, 0, Reject::Malformed);
             }
         }
+    }
+
+    /// `Some(Refused)` for a deposit its recipient's policy turns away: the recipient blocked
+    /// the sender, or takes messages from its contacts only ([`presence::Service`] holds the
+    /// policies). Counted in `rejects{reason="refused"}`; logged at debug only, since a sender
+    /// the recipient refuses is not a fault of the relay's.
+    fn refused_by_recipient(&self, request: &mailbox::Request) -> Option<Reject> {
+        let mailbox::Request::Deposit { envelope, .. } = request else {
+            return None;
+        };
+        let kith_protocol::Destination::Peer(owner) = envelope.to else {
+            return None;
+        };
+        if self.presence.accepts_deposit(&owner, &envelope.from) {
+            return None;
+        }
+        tracing::debug!(%owner, from = %envelope.from, id = %envelope.id, "deposit refused by the recipient's policy");
+        Some(Reject::Refused)
     }
 
     /// `Some(Busy)` when work of `class` is to be shed now (and counts it), else `None`.

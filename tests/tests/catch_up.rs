@@ -99,6 +99,9 @@ async fn copies_racing_each_other_are_announced_once() -> anyhow::Result<()> {
     let addr = bob.addr().await;
     let mut raw = RawPeer::new()?;
     raw.swarm.add_peer_address(bob.peer_id(), addr);
+    // A contact: a stranger's messages would be announced as a request, not one by one.
+    let raw_id = raw.key.public().to_peer_id().to_string();
+    bob.node().add_contact("raw", &raw_id, &[]).await?;
     let mut events = bob.node().subscribe();
     let mut lamport = 0;
     for round in 0..20 {

@@ -197,6 +197,9 @@ async fn a_retried_delivery_is_stored_once_and_retries_keep_send_order() -> anyh
     let bob = TestNode::start("bob", vec![]).await?;
     let addr = bob.addr().await;
     let mut raw = RawPeer::new()?;
+    // A contact: a stranger's messages would wait in bob's requests list.
+    let raw_id = raw.key.public().to_peer_id().to_string();
+    bob.node().add_contact("raw", &raw_id, &[]).await?;
     let sender = raw.key.public().to_peer_id();
 
     let first = chat(&raw.key, bob.peer_id(), 1, "first");
@@ -223,6 +226,9 @@ async fn forged_and_malformed_input_is_rejected() -> anyhow::Result<()> {
     let bob = TestNode::start("bob", vec![]).await?;
     let addr = bob.addr().await;
     let mut raw = RawPeer::new()?;
+    // A contact: a stranger's messages would wait in bob's requests list.
+    let raw_id = raw.key.public().to_peer_id().to_string();
+    bob.node().add_contact("raw", &raw_id, &[]).await?;
     let mallory = libp2p::identity::Keypair::generate_ed25519();
 
     let ask = |envelope: Envelope| Message::Valid(dm::Request::new(1, envelope));
@@ -329,6 +335,9 @@ async fn a_batch_is_judged_envelope_by_envelope() -> anyhow::Result<()> {
     let bob = TestNode::start("bob", vec![]).await?;
     let addr = bob.addr().await;
     let mut raw = RawPeer::new()?;
+    // A contact: a stranger's messages would wait in bob's requests list.
+    let raw_id = raw.key.public().to_peer_id().to_string();
+    bob.node().add_contact("raw", &raw_id, &[]).await?;
     let sender = raw.key.public().to_peer_id();
     let mallory = libp2p::identity::Keypair::generate_ed25519();
 

@@ -345,6 +345,8 @@ async fn the_fallback_key_lets_a_new_contact_write_once_one_time_keys_ran_out() 
     assert!(relay.metrics().keys_fallback_claims.get() >= 2);
     bob.restart_on(bob_addr).await?;
     let carol_peer = carol.peer_id().to_string();
+    // Bob takes carol as a contact: a stranger's messages would wait in his requests list.
+    bob.node().add_contact("carol", &carol_peer, &[]).await?;
     wait_for("bob reads it", || async {
         let texts: Vec<String> = bob
             .node()
@@ -401,6 +403,8 @@ async fn an_envelope_replayed_or_tampered_with_on_the_way_gets_nowhere() -> anyh
 
     bob.restart_on(bob_addr.clone()).await?;
     let alice_peer = alice.peer_id().to_string();
+    // Bob takes alice as a contact: a stranger's messages would wait in his requests list.
+    bob.node().add_contact("alice", &alice_peer, &[]).await?;
     let texts = |bob: &TestNode| -> Vec<String> {
         bob.node()
             .messages(Some(&alice_peer))
@@ -671,6 +675,10 @@ async fn a_recipient_killed_again_and_again_while_messages_open_gets_each_once(
 
     // Bob has each message once, readable: no "could not decrypt" entry is left.
     let alice_id = alice.peer_id().to_string();
+    // Bob takes alice as a contact: a stranger's messages wait in his requests list.
+    assert!(kith(&bob_home, &["contact", "add", "alice", &alice_id])?
+        .status
+        .success());
     let inbox = wait_for("bob's history complete and readable", || async {
         let inbox = kith_json(&bob_home, &["messages", &alice_id, "--json"]).ok()?;
         let list = inbox.as_array()?.clone();

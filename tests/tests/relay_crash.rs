@@ -103,6 +103,8 @@ async fn relay_killed_mid_burst_loses_nothing_acknowledged() -> anyhow::Result<(
 
     bob.restart_on(bob_addr).await?;
     let sender = alice.peer_id().to_string();
+    // Bob takes alice as a contact: a stranger's messages would wait in his requests list.
+    bob.node().add_contact("alice", &sender, &[]).await?;
     let inbox = wait_for("bob has the whole burst", || async {
         let inbox = bob.node().messages(Some(&sender)).ok()?;
         (inbox.len() >= BURST).then_some(inbox)

@@ -175,7 +175,8 @@ impl Node {
             out.push(self.summary(contact.peer_id, "contact", contact.name, Owned::Peer(peer))?);
         }
         for peer in self.store().conversations()? {
-            if seen.insert(peer) {
+            // A stranger's messages wait in the requests list.
+            if seen.insert(peer) && !self.strangers().is_request(&peer) {
                 let id = peer.to_string();
                 out.push(self.summary(id.clone(), "contact", id, Owned::Peer(peer))?);
             }

@@ -1,0 +1,555 @@
+//! Strangers and blocked peers: who may reach this node and what happens to what they send.
+//!
+//! A **stranger** is a peer that is not one of the user's contacts. Under `reach = everyone` (the
+//! default) a stranger's one-to-one messages are stored like any other (the sender sees
+//! `delivered`), but their conversation is a **request**: it is marked `R/<peer>` in the store,
+//! left out of `kith messages` and the conversation list, no `Read` receipt goes back, and a
+//! file it sends never downloads by itself. `kith requests` lists requests; accepting one makes
+//! the peer a contact (and the messages appear in its conversation), blocking one drops the
+//! messages and blocks the peer. Adding the peer as a contact any other way accepts it too.
+//!
+//! Under `reach = contacts` the node refuses strangers' envelopes (`Reject::Refused`, nothing
+//! stored, no tick), and its relays refuse strangers' deposits (the policy rides with the
+//! presence heartbeats, [`kith_protocol::presence::Policy`]).
+//!
+//! A **blocked** peer (`B/<peer>`) gets nothing through: its envelopes (messages, receipts,
+//! group messages) are refused with `Reject::Refused`, its typing notices and presence queries
+//! are ignored, and the relays refuse its deposits into this user's mailbox. `Refused` is not
+//! retried: the sender's message ends `failed` with the reason.
+//!
+//! The lists live in memory (checked on every inbound envelope) and on disk.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use axum::extract::{self, Path};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kith_protocol::presence::Reach;
+use kith_protocol::{Destination, Envelope, Reject};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{ContactView, Node, NodeError, NodeEvent};
+use crate::store::{Batch, Direction, Store, StoreError};
+
+/// Longest preview of a request's last message, in characters.
+const PREVIEW_CHARS: usize = 80;
+
+/// The store key of a request (`R/`) or a block (`B/`) of `peer`.
+fn key(prefix: &[u8], peer: &PeerId) -> Vec<u8> {
+    let bytes = peer.to_bytes();
+    let mut key = Vec::with_capacity(prefix.len() + 1 + bytes.len());
+    key.extend_from_slice(prefix);
+    key.push(bytes.len() as u8);
+    key.extend_from_slice(&bytes);
+    key
+}
+
+const REQUEST: &[u8] = b"R/";
+const BLOCKED: &[u8] = b"B/";
+
+/// The peers under `prefix` in the store; keys that do not parse are skipped with a warning.
+fn load_peers(store: &Store, prefix: &[u8]) -> Result<Vec<PeerId>, StoreError> {
+    let mut out = Vec::new();
+    for (k, _) in store.scan_raw(prefix)? {
+        let peer = k
+            .get(prefix.len() + 1..)
+            .and_then(|bytes| PeerId::from_bytes(bytes).ok());
+        match peer {
+            Some(peer) => out.push(peer),
+            None => tracing::warn!(key = ?k, "skipping a damaged strangers entry"),
+        }
+    }
+    Ok(out)
+}
+
+/// The requests and blocks, in memory.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    lists: Mutex<Lists>,
+}
+
+#[derive(Debug, Default)]
+struct Lists {
+    /// Strangers whose messages wait in the requests list, and whether the `request` event
+    /// for them went out.
+    requests: HashMap<PeerId, bool>,
+    blocked: HashSet<PeerId>,
+}
+
+impl State {
+    /// The lists as the store holds them.
+    pub(crate) fn load(store: &Store) -> Result<Self, StoreError> {
+        let lists = Lists {
+            // Announced before the restart (or never to be: nobody was listening then).
+            requests: load_peers(store, REQUEST)?
+                .into_iter()
+                .map(|p| (p, true))
+                .collect(),
+            blocked: load_peers(store, BLOCKED)?.into_iter().collect(),
+        };
+        Ok(Self {
+            lists: Mutex::new(lists),
+        })
+    }
+
+    fn lists(&self) -> std::sync::MutexGuard<'_, Lists> {
+        self.lists.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `peer` is blocked.
+    pub(crate) fn is_blocked(&self, peer: &PeerId) -> bool {
+        self.lists().blocked.contains(peer)
+    }
+
+    /// Whether `peer`'s messages wait in the requests list.
+    pub(crate) fn is_request(&self, peer: &PeerId) -> bool {
+        self.lists().requests.contains_key(peer)
+    }
+
+    /// The blocked peers.
+    pub(crate) fn blocked(&self) -> Vec<PeerId> {
+        self.lists().blocked.iter().copied().collect()
+    }
+
+    /// The peers with a request.
+    fn requests(&self) -> Vec<PeerId> {
+        self.lists().requests.keys().copied().collect()
+    }
+}
+
+/// One entry of `kith requests`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestView {
+    /// The stranger's peer id.
+    pub peer_id: String,
+    /// Its display name, if known (a stranger's is not, today).
+    pub name: Option<String>,
+    /// How many messages it sent.
+    pub messages: usize,
+    /// The sender's clock of its first message (unix ms).
+    pub first_ms: u64,
+    /// The sender's clock of its last message (unix ms).
+    pub last_ms: u64,
+    /// The start of its last message (`[file]` for a file).
+    pub preview: String,
+}
+
+/// What `kith contact block` / `unblock` and `kith requests block` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockView {
+    /// The peer.
+    pub peer_id: String,
+    /// Whether it is blocked now.
+    pub blocked: bool,
+    /// Messages of its request that were dropped.
+    pub dropped: usize,
+}
+
+impl Node {
+    /// Refuses an inbound envelope its sender may not deliver: anything from a blocked peer,
+    /// and a one-to-one envelope from a stranger under `reach = contacts`. Logged at debug
+    /// only: a refused peer can send a lot, and its refusals are not faults.
+    pub(crate) fn refuse_stranger(&self, via: PeerId, envelope: &Envelope) -> Result<(), Reject> {
+        let from = envelope.from;
+        if from == self.peer_id() {
+            return Ok(());
+        }
+        if self.strangers().is_blocked(&from) {
+            tracing::debug!(%via, %from, id = %envelope.id, "refusing an envelope from a blocked peer");
+            return Err(Reject::Refused);
+        }
+        if matches!(envelope.to, Destination::Peer(_))
+            && self.settings().reach == Reach::Contacts
+            && self.contact_of(&from).is_none()
+        {
+            tracing::debug!(%via, %from, id = %envelope.id, "refusing a stranger's envelope (reach: contacts)");
+            return Err(Reject::Refused);
+        }
+        Ok(())
+    }
+
+    /// A chat message of `from` is being stored in `batch`: a stranger's opens (or adds to) a
+    /// request.
+    pub(crate) fn note_request(&self, from: &PeerId, batch: &mut Batch) {
+        if *from == self.peer_id() || self.contact_of(from).is_some() {
+            return;
+        }
+        let mut lists = self.strangers().lists();
+        if !lists.requests.contains_key(from) {
+            lists.requests.insert(*from, false);
+            batch.put_raw(
+                key(REQUEST, from),
+                crate::engine::now_ms().to_be_bytes().to_vec(),
+            );
+        }
+    }
+
+    /// The event for a flushed chat message of `from`: `message` as always, or for a request
+    /// `request` the first time and nothing afterwards (its messages are not shown until the
+    /// request is accepted).
+    pub(crate) fn request_event(&self, from: &PeerId) -> Option<Option<NodeEvent>> {
+        let mut lists = self.strangers().lists();
+        let announced = lists.requests.get_mut(from)?;
+        if *announced {
+            return Some(None);
+        }
+        *announced = true;
+        Some(Some(NodeEvent::Request {
+            peer_id: from.to_string(),
+            name: None,
+        }))
+    }
+
+    /// Whether a file of `from` may download without being asked: not a stranger's.
+    pub(crate) fn auto_download_from(&self, from: &PeerId) -> bool {
+        *from == self.peer_id() || self.contact_of(from).is_some()
+    }
+
+    /// Every request, newest last message first.
+    pub fn requests(&self) -> Result<Vec<RequestView>, NodeError> {
+        let mut out = Vec::new();
+        for peer in self.strangers().requests() {
+            let incoming: Vec<_> = self
+                .store()
+                .conversation(&peer)?
+                .into_iter()
+                .filter(|m| m.direction == Direction::In)
+                .collect();
+            let Some(last) = incoming.iter().max_by_key(|m| (m.sent_at_ms, m.lamport)) else {
+                continue;
+            };
+            let preview = if last.text.is_empty() {
+                "[file]".to_owned()
+            } else {
+                last.text.chars().take(PREVIEW_CHARS).collect()
+            };
+            out.push(RequestView {
+                peer_id: peer.to_string(),
+                name: None,
+                messages: incoming.len(),
+                first_ms: incoming.iter().map(|m| m.sent_at_ms).min().unwrap_or(0),
+                last_ms: last.sent_at_ms,
+                preview,
+            });
+        }
+        out.sort_by_key(|r| std::cmp::Reverse(r.last_ms));
+        Ok(out)
+    }
+
+    /// The peer of a request: its peer id, or the unique request whose peer id ends with `who`.
+    fn request_peer(&self, who: &str) -> Result<PeerId, NodeError> {
+        let who = who.trim();
+        if let Ok(peer) = who.parse::<PeerId>() {
+            if self.strangers().is_request(&peer) {
+                return Ok(peer);
+            }
+        }
+        let matches: Vec<PeerId> = self
+            .strangers()
+            .requests()
+            .into_iter()
+            .filter(|p| !who.is_empty() && p.to_string().ends_with(who))
+            .collect();
+        match matches.as_slice() {
+            [peer] => Ok(*peer),
+            [] => Err(NodeError::UnknownRecipient(format!(
+                "{who} (no request from it; `kith requests` lists them)"
+            ))),
+            _ => Err(NodeError::Invalid(format!(
+                "{who:?} matches several requests; give the whole peer id"
+            ))),
+        }
+    }
+
+    /// Accepts a request: the peer becomes contact `name` (by default the last 8 characters of
+    /// its peer id) and its messages show in its conversation.
+    pub async fn accept_request(
+        &self,
+        who: &str,
+        name: Option<&str>,
+    ) -> Result<ContactView, NodeError> {
+        let peer = self.request_peer(who)?;
+        let id = peer.to_string();
+        let default_name = id
+            .get(id.len().saturating_sub(8)..)
+            .unwrap_or(&id)
+            .to_owned();
+        let name = name.unwrap_or(&default_name);
+        // Adding the contact clears the request (see `forget_request`).
+        self.add_contact(name, &id, &[]).await
+    }
+
+    /// The peer became a contact: its request, if any, is over.
+    pub(crate) async fn forget_request(&self, peer: &PeerId) -> Result<(), NodeError> {
+        if self.strangers().lists().requests.remove(peer).is_none() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        batch.remove_raw(key(REQUEST, peer));
+        self.store().apply(batch)?;
+        self.store().flush().await?;
+        Ok(())
+    }
+
+    /// Blocks the sender of a request and drops its messages.
+    pub async fn block_request(&self, who: &str) -> Result<BlockView, NodeError> {
+        let peer = self.request_peer(who)?;
+        self.block_peer(peer, true).await
+    }
+
+    /// Blocks a contact (by name) or any peer (by peer id). Its conversation stays.
+    pub async fn block(&self, who: &str) -> Result<BlockView, NodeError> {
+        let peer = self.resolve(who)?;
+        // A request's messages go with it, whichever way it is blocked.
+        let drop_request = self.strangers().is_request(&peer);
+        self.block_peer(peer, drop_request).await
+    }
+
+    /// Unblocks a contact (by name) or any peer (by peer id).
+    pub async fn unblock(&self, who: &str) -> Result<BlockView, NodeError> {
+        let peer = self.resolve(who)?;
+        let was = self.strangers().lists().blocked.remove(&peer);
+        if was {
+            let mut batch = Batch::new();
+            batch.remove_raw(key(BLOCKED, &peer));
+            self.store().apply(batch)?;
+            self.store().flush().await?;
+            self.presence_state().wake();
+        }
+        Ok(BlockView {
+            peer_id: peer.to_string(),
+            blocked: false,
+            dropped: 0,
+        })
+    }
+
+    async fn block_peer(&self, peer: PeerId, drop_request: bool) -> Result<BlockView, NodeError> {
+        if peer == self.peer_id() {
+            return Err(NodeError::Invalid("you cannot block yourself".into()));
+        }
+        let mut batch = Batch::new();
+        let mut dropped = 0;
+        if drop_request {
+            for msg in self.store().conversation(&peer)? {
+                batch.remove_conversation_message(&msg);
+                dropped += 1;
+            }
+            batch.remove_raw(key(REQUEST, &peer));
+        }
+        batch.put_raw(
+            key(BLOCKED, &peer),
+            crate::engine::now_ms().to_be_bytes().to_vec(),
+        );
+        {
+            let mut lists = self.strangers().lists();
+            lists.blocked.insert(peer);
+            if drop_request {
+                lists.requests.remove(&peer);
+            }
+        }
+        self.store().apply(batch)?;
+        self.store().flush().await?;
+        // The relays learn the new policy with the next heartbeat, sent now.
+        self.presence_state().wake();
+        tracing::info!(%peer, dropped, "blocked");
+        Ok(BlockView {
+            peer_id: peer.to_string(),
+            blocked: true,
+            dropped,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct AcceptBody {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn list(
+    extract::State(node): extract::State<Node>,
+) -> Result<Json<Vec<RequestView>>, crate::api::ApiError> {
+    Ok(Json(node.requests()?))
+}
+
+async fn accept(
+    extract::State(node): extract::State<Node>,
+    Path(peer): Path<String>,
+    body: Option<Json<AcceptBody>>,
+) -> Result<Json<ContactView>, crate::api::ApiError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    Ok(Json(
+        node.accept_request(&peer, body.name.as_deref()).await?,
+    ))
+}
+
+async fn block_request(
+    extract::State(node): extract::State<Node>,
+    Path(peer): Path<String>,
+) -> Result<Json<BlockView>, crate::api::ApiError> {
+    Ok(Json(node.block_request(&peer).await?))
+}
+
+async fn block(
+    extract::State(node): extract::State<Node>,
+    Path(who): Path<String>,
+) -> Result<Json<BlockView>, crate::api::ApiError> {
+    Ok(Json(node.block(&who).await?))
+}
+
+async fn unblock(
+    extract::State(node): extract::State<Node>,
+    Path(who): Path<String>,
+) -> Result<Json<BlockView>, crate::api::ApiError> {
+    Ok(Json(node.unblock(&who).await?))
+}
+
+/// `GET /v1/requests`, `POST /v1/requests/{peer}/accept` (`{"name": ...}`, optional),
+/// `POST /v1/requests/{peer}/block`, `POST /v1/contacts/{who}/block` and `.../unblock`.
+pub(crate) fn api_routes() -> Router<Node> {
+    Router::new()
+        .route("/v1/requests", get(list))
+        .route("/v1/requests/{peer}/accept", post(accept))
+        .route("/v1/requests/{peer}/block", post(block_request))
+        .route("/v1/contacts/{who}/block", post(block))
+        .route("/v1/contacts/{who}/unblock", post(unblock))
+}
+
+/// `kith requests …` and the block commands, as the command line runs them through the API.
+pub mod cli {
+    use anyhow::Result;
+    use clap::{Args, Subcommand};
+    use serde_json::{json, Value};
+
+    use crate::client::Client;
+    use crate::text::for_terminal;
+
+    /// `kith requests [--json]`, `kith requests accept|block WHO`.
+    #[derive(Debug, Args)]
+    #[command(args_conflicts_with_subcommands = true)]
+    pub struct RequestsArgs {
+        /// Accept or block one; without, list them.
+        #[command(subcommand)]
+        pub command: Option<RequestsCommand>,
+        /// Print one JSON document.
+        #[arg(long)]
+        pub json: bool,
+    }
+
+    /// What to do with a request.
+    #[derive(Debug, Subcommand)]
+    pub enum RequestsCommand {
+        /// Make the stranger a contact: its messages show in its conversation.
+        Accept {
+            /// Its peer id (or the end of it, when only one request matches).
+            who: String,
+            /// The contact name to give it (default: the last 8 characters of its peer id).
+            #[arg(long)]
+            name: Option<String>,
+            /// Print one JSON document.
+            #[arg(long)]
+            json: bool,
+        },
+        /// Drop its messages and block it, on this node and at your relays.
+        Block {
+            /// Its peer id (or the end of it, when only one request matches).
+            who: String,
+            /// Print one JSON document.
+            #[arg(long)]
+            json: bool,
+        },
+    }
+
+    fn path_part(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    /// Runs `kith requests …` against the daemon.
+    pub async fn run(client: &Client, args: RequestsArgs) -> Result<()> {
+        match args.command {
+            None => {
+                let list: Value = client.get("/v1/requests").await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                    return Ok(());
+                }
+                let requests = list.as_array().cloned().unwrap_or_default();
+                if requests.is_empty() {
+                    println!("no requests");
+                }
+                for r in requests {
+                    println!(
+                        "{}\t{} message(s)\t{}",
+                        r["peer_id"].as_str().unwrap_or_default(),
+                        r["messages"],
+                        for_terminal(r["preview"].as_str().unwrap_or_default())
+                    );
+                }
+            }
+            Some(RequestsCommand::Accept { who, name, json }) => {
+                let contact: Value = client
+                    .post(
+                        &format!("/v1/requests/{}/accept", path_part(&who)),
+                        &json!({ "name": name }),
+                    )
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&contact)?);
+                } else {
+                    println!(
+                        "accepted {} as {}; `kith messages {}` shows its messages",
+                        contact["peer_id"].as_str().unwrap_or_default(),
+                        for_terminal(contact["name"].as_str().unwrap_or_default()),
+                        for_terminal(contact["name"].as_str().unwrap_or_default())
+                    );
+                }
+            }
+            Some(RequestsCommand::Block { who, json }) => {
+                let view: Value = client
+                    .post(
+                        &format!("/v1/requests/{}/block", path_part(&who)),
+                        &json!({}),
+                    )
+                    .await?;
+                print_block(&view, json)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `kith contact block|unblock WHO`.
+    pub async fn block(client: &Client, who: &str, blocked: bool, json: bool) -> Result<()> {
+        let action = if blocked { "block" } else { "unblock" };
+        let view: Value = client
+            .post(
+                &format!("/v1/contacts/{}/{action}", path_part(who)),
+                &json!({}),
+            )
+            .await?;
+        print_block(&view, json)
+    }
+
+    fn print_block(view: &Value, json: bool) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(view)?);
+            return Ok(());
+        }
+        let peer = view["peer_id"].as_str().unwrap_or_default();
+        if view["blocked"] == true {
+            let dropped = view["dropped"].as_u64().unwrap_or(0);
+            println!("blocked {peer}; {dropped} message(s) of its request dropped");
+        } else {
+            println!("unblocked {peer}");
+        }
+        Ok(())
+    }
+}

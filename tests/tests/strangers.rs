@@ -1,0 +1,313 @@
+//! Strangers and blocked peers, in process: a stranger's messages wait in the requests list
+//! until accepted, blocking drops them and refuses what follows, a relay refuses strangers'
+//! deposits for a user who takes messages from contacts only and blocked peers' always, and a
+//! stranger's file does not download by itself.
+
+use kith_net::codec::Message;
+use kith_node::config::SettingsChange;
+use kith_node::engine::NodeEvent;
+use kith_protocol::envelope::Header;
+use kith_protocol::presence::Reach;
+use kith_protocol::{mailbox, Body, Destination, Envelope, MessageId, MessageState, Reject};
+use kith_tests::{befriend, init_logs, wait_for, RawPeer, TestNode};
+use libp2p::{Multiaddr, PeerId};
+
+async fn start_relay(dir: &std::path::Path) -> anyhow::Result<(kith_relay::Running, Multiaddr)> {
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir)).await?;
+    let addr = relay.listen_addrs[0].clone();
+    Ok((relay, addr))
+}
+
+fn chat(key: &libp2p::identity::Keypair, to: PeerId, text: &str) -> anyhow::Result<Envelope> {
+    Ok(Envelope::seal(
+        key,
+        Header {
+            id: MessageId::random(),
+            to: Destination::Peer(to),
+            sent_at_ms: kith_node::engine::now_ms(),
+            lamport: 1,
+            expires_at_ms: None,
+        },
+        &Body::Chat { text: text.into() },
+    )?)
+}
+
+/// Deposits a fresh chat from `raw` for `to` at the relay; the relay's answer.
+async fn deposit(
+    raw: &mut RawPeer,
+    relay: PeerId,
+    addr: &Multiaddr,
+    to: PeerId,
+) -> anyhow::Result<mailbox::Response> {
+    let request = mailbox::Request::Deposit {
+        req_id: 7,
+        envelope: chat(&raw.key, to, "hi")?,
+        class: mailbox::DepositClass::Message,
+    };
+    raw.mailbox(relay, addr, Message::Valid(request)).await
+}
+
+/// Deposits from `raw` until the relay refuses one (it learns the recipient's new policy with
+/// the recipient's next heartbeat), within the harness's deadline.
+async fn until_refused(
+    raw: &mut RawPeer,
+    relay: PeerId,
+    addr: &Multiaddr,
+    to: PeerId,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + kith_tests::DEADLINE;
+    loop {
+        let answer = deposit(raw, relay, addr, to).await?;
+        if refused(&answer) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the relay still answers {answer:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn refused(response: &mailbox::Response) -> bool {
+    matches!(
+        response,
+        mailbox::Response::Rejected {
+            reason: Reject::Refused,
+            ..
+        }
+    )
+}
+
+fn reach(node: &TestNode, reach: Reach) -> anyhow::Result<()> {
+    node.node().update_settings(SettingsChange {
+        reach: Some(reach),
+        ..SettingsChange::default()
+    })?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_message_waits_in_requests_until_accepted() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    // Alice knows bob; bob does not know alice.
+    befriend(&alice, "bob", &bob).await?;
+    let mut events = bob.node().subscribe();
+
+    let sent = alice.node().send("bob", "hello, it's alice", None).await?;
+    // Stored by bob's node: delivered, as for anyone.
+    wait_for("delivered", || async {
+        (alice.state(&sent.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let second = alice.node().send("bob", "are you there?", None).await?;
+    wait_for("delivered", || async {
+        (alice.state(&second.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+
+    let alice_id = alice.peer_id().to_string();
+    // Left out of the overview; readable when bob names the peer, to decide on the request.
+    assert!(bob.node().messages(None)?.is_empty());
+    let named: Vec<String> = bob
+        .node()
+        .messages(Some(&alice_id))?
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(named, ["hello, it's alice", "are you there?"]);
+    let requests = bob.node().requests()?;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].peer_id, alice_id);
+    assert_eq!(requests[0].messages, 2);
+    assert_eq!(requests[0].preview, "are you there?");
+    assert!(requests[0].first_ms <= requests[0].last_ms);
+    // One `request` event, no `message` event.
+    let mut request_events = 0;
+    while let Ok(event) = events.try_recv() {
+        match event {
+            NodeEvent::Request { peer_id, .. } => {
+                assert_eq!(peer_id, alice_id);
+                request_events += 1;
+            }
+            NodeEvent::Message { .. } => anyhow::bail!("a stranger's message was announced"),
+            _ => {}
+        }
+    }
+    assert_eq!(request_events, 1);
+    // Not shown, so not read: no read receipt goes out.
+    assert_eq!(bob.node().read(&alice_id).await?, 0);
+
+    let contact = bob.node().accept_request(&alice_id, Some("alice")).await?;
+    assert_eq!(contact.name, "alice");
+    assert!(bob.node().requests()?.is_empty());
+    let texts: Vec<String> = bob
+        .node()
+        .messages(Some("alice"))?
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["hello, it's alice", "are you there?"]);
+    assert_eq!(bob.node().read("alice").await?, 2);
+    wait_for("read", || async {
+        (alice.state(&second.id) == Some(MessageState::Read)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_drops_a_request_and_refuses_what_follows() -> anyhow::Result<()> {
+    init_logs();
+    let mallory = TestNode::start("mallory", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&mallory, "bob", &bob).await?;
+    let first = mallory.node().send("bob", "buy now", None).await?;
+    wait_for("delivered", || async {
+        (mallory.state(&first.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let mallory_id = mallory.peer_id().to_string();
+    assert_eq!(bob.node().requests()?.len(), 1);
+
+    let blocked = bob.node().block_request(&mallory_id).await?;
+    assert!(blocked.blocked);
+    assert_eq!(blocked.dropped, 1);
+    assert!(bob.node().requests()?.is_empty());
+    assert!(bob.node().messages(Some(&mallory_id))?.is_empty());
+
+    // The next one is refused, typed, and the sender gives up on it instead of retrying.
+    let next = mallory.node().send("bob", "buy now!!", None).await?;
+    wait_for("failed", || async {
+        (mallory.state(&next.id) == Some(MessageState::Failed)).then_some(())
+    })
+    .await?;
+    let status = mallory.node().status(&next.id)?;
+    assert_eq!(status.state, MessageState::Failed);
+    assert!(bob.node().requests()?.is_empty());
+    assert!(bob.node().messages(None)?.is_empty());
+
+    // A blocked contact shows as blocked, and unblocking lets it through again.
+    bob.node().add_contact("mallory", &mallory_id, &[]).await?;
+    let listed = bob.node().contacts()?;
+    assert!(listed.iter().any(|c| c.name == "mallory" && c.blocked));
+    bob.node().unblock("mallory").await?;
+    assert!(bob.node().contacts()?.iter().all(|c| !c.blocked));
+    let after = mallory.node().send("bob", "sorry", None).await?;
+    wait_for("delivered after unblocking", || async {
+        (mallory.state(&after.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    assert_eq!(bob.node().messages(Some("mallory"))?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reach_contacts_refuses_strangers_at_the_node() -> anyhow::Result<()> {
+    init_logs();
+    let stranger = TestNode::start("stranger", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&stranger, "bob", &bob).await?;
+    reach(&bob, Reach::Contacts)?;
+    assert_eq!(bob.node().settings_view().reach, Reach::Contacts);
+    let sent = stranger.node().send("bob", "hello?", None).await?;
+    wait_for("failed", || async {
+        (stranger.state(&sent.id) == Some(MessageState::Failed)).then_some(())
+    })
+    .await?;
+    assert!(bob.node().requests()?.is_empty());
+    assert!(bob.node().messages(None)?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_refuse_deposits_from_strangers_and_blocked_peers() -> anyhow::Result<()> {
+    init_logs();
+    let relay_dir = tempfile::tempdir()?;
+    let (relay, relay_addr) = start_relay(relay_dir.path()).await?;
+    let relay_peer = relay.peer_id;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let mut friend = RawPeer::new()?;
+    let mut stranger = RawPeer::new()?;
+    let mut pest = RawPeer::new()?;
+    let friend_id = friend.key.public().to_peer_id().to_string();
+    bob.node().add_contact("friend", &friend_id, &[]).await?;
+
+    // reach = everyone: a stranger may deposit.
+    let answer = deposit(&mut stranger, relay_peer, &relay_addr, bob.peer_id()).await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+
+    // A blocked peer is refused at the relay, once the relay heard bob's new policy.
+    let pest_id = pest.key.public().to_peer_id().to_string();
+    bob.node().block(&pest_id).await?;
+    until_refused(&mut pest, relay_peer, &relay_addr, bob.peer_id()).await?;
+    let answer = deposit(&mut stranger, relay_peer, &relay_addr, bob.peer_id()).await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+
+    // reach = contacts: strangers are refused, contacts are not.
+    reach(&bob, Reach::Contacts)?;
+    until_refused(&mut stranger, relay_peer, &relay_addr, bob.peer_id()).await?;
+    let answer = deposit(&mut friend, relay_peer, &relay_addr, bob.peer_id()).await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+    let answer = deposit(&mut pest, relay_peer, &relay_addr, bob.peer_id()).await?;
+    assert!(refused(&answer), "{answer:?}");
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_file_waits_to_be_asked_for() -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    let dir = tempfile::tempdir()?;
+    let first_path = dir.path().join("first.txt");
+    std::fs::write(&first_path, b"from a stranger")?;
+    let first = alice.node().send_file("bob", &first_path).await?;
+    wait_for("delivered", || async {
+        (alice.state(&first.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    assert_eq!(bob.node().requests()?[0].preview, "[file]");
+    bob.node()
+        .accept_request(&alice.peer_id().to_string(), Some("alice"))
+        .await?;
+
+    // Now a contact: alice's next file downloads by itself, the stranger's one did not.
+    let second_path = dir.path().join("second.txt");
+    std::fs::write(&second_path, b"from a contact")?;
+    let second = alice.node().send_file("bob", &second_path).await?;
+    let attachment = |id: &str| {
+        bob.node()
+            .messages(Some("alice"))
+            .ok()?
+            .into_iter()
+            .find(|m| m.id == id)?
+            .attachment
+    };
+    wait_for("the contact's file downloads", || async {
+        attachment(&second.id)?.downloaded.then_some(())
+    })
+    .await?;
+    let waiting = attachment(&first.id).ok_or_else(|| anyhow::anyhow!("no attachment"))?;
+    assert!(!waiting.downloaded);
+    assert!(waiting.path.is_none());
+    let fetched = bob.node().download(&first.id, None).await?;
+    assert!(fetched.downloaded);
+    let path = fetched.path.ok_or_else(|| anyhow::anyhow!("no path"))?;
+    assert_eq!(std::fs::read(path)?, b"from a stranger");
+    assert!(attachment(&first.id).is_some_and(|a| a.downloaded));
+    Ok(())
+}
