@@ -550,6 +550,22 @@ async fn chat_in_a_real_browser() -> Result<()> {
         "{full}"
     );
     shots.take(&bob_page, "bob-gets-picture").await?;
+    // A list refresh replaces the conversation objects (it follows every message event); a
+    // page of messages that comes back after one is still for the open conversation and is
+    // shown, not dropped (a message once stayed off the page this way).
+    let kept: Value = bob_page
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             const k = window.kith.state;
+             const newest = k.messages[k.messages.length - 1].id;
+             k.messages.pop();
+             const fetching = refreshNewest();
+             k.open = Object.assign({}, k.open);
+             fetching.then(() => done(k.messages.some(m => m.id === newest)), e => done(String(e)));",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(kept, json!(true), "the page dropped a page of messages");
     bob_page
         .type_into("#text", &format!(", lovely picture!{ENTER}"))
         .await?;

@@ -104,6 +104,12 @@ function nameOf(peer) {
   return state.contacts.get(peer) || `${peer.slice(0, 10)}…`;
 }
 
+// Whether `conv` is the open conversation. By id: a refreshed list replaces the objects, and an
+// answer that comes back after that is still for the open conversation.
+function isOpen(conv) {
+  return !!state.open && !!conv && state.open.id === conv.id;
+}
+
 function convById(id) {
   return state.convs.find((c) => c.id === id);
 }
@@ -469,7 +475,7 @@ async function loadOlder() {
   state.loadingOlder = true;
   try {
     const page = await get(`/v1/messages?with=${enc(conv.id)}&limit=${PAGE}&before=${enc(first.id)}`);
-    if (state.open !== conv) return;
+    if (!isOpen(conv)) return;
     state.hasMore = page.length === PAGE;
     state.messages = page.concat(state.messages);
     renderMessages({ keepOffset: true });
@@ -485,7 +491,7 @@ async function refreshNewest() {
   const conv = state.open;
   if (!conv) return;
   const page = await get(`/v1/messages?with=${enc(conv.id)}&limit=${PAGE}`);
-  if (state.open !== conv) return;
+  if (!isOpen(conv)) return;
   const byId = new Map(state.messages.map((m, i) => [m.id, i]));
   let added = false;
   for (const m of page) {
@@ -546,7 +552,7 @@ async function sendText(text, conv) {
     const sent = await post('/v1/send', { to: conv.id, text });
     local.realId = sent.id;
     sent.state = later(sent.state, state.receipts.get(sent.id) || 'pending');
-    if (state.open === conv) {
+    if (isOpen(conv)) {
       const known = state.messages.find((m) => m.id === sent.id);
       if (known) state.messages = state.messages.filter((m) => m !== local);
       else Object.assign(local, { id: sent.id, local: false, state: later(local.state, sent.state) });
@@ -556,7 +562,7 @@ async function sendText(text, conv) {
   } catch (e) {
     state.failed.set(local.id, e.message);
     local.retry = () => sendText(text, conv);
-    if (state.open === conv) renderMessages();
+    if (isOpen(conv)) renderMessages();
   }
 }
 
@@ -593,7 +599,7 @@ function uploadFile(file, conv) {
   xhr.onload = () => {
     if (xhr.status >= 200 && xhr.status < 300) {
       row.remove();
-      if (state.open === conv) refreshNewest().catch(() => {});
+      if (isOpen(conv)) refreshNewest().catch(() => {});
       refreshListSoon();
     } else {
       let why = `the daemon answered ${xhr.status}`;
