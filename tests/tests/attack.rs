@@ -27,3 +27,65 @@ async fn a_short_attack_round_delivers_every_honest_message() -> anyhow::Result<
     assert!(report.markdown().contains("| garbage |"));
     Ok(())
 }
+
+/// A peer sending nothing but garbage on the group and keys protocols is answered and counted
+/// each time, and logged at most a few times: its refusals must not fill the relay's disk
+/// through the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_one_peer_is_counted_not_logged_each_time() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use kith_net::codec::Message;
+    use kith_tests::attack::relay::Relay;
+    use kith_tests::RawBehaviourEvent;
+    use libp2p::request_response::Event;
+    use libp2p::swarm::SwarmEvent;
+
+    init_logs();
+    let relay = Relay::spawn(&binary("kith-relay")?, &attack::Limits::default()).await?;
+    let mut peer = kith_tests::RawPeer::new()?;
+    peer.swarm.add_peer_address(relay.peer, relay.addr.clone());
+    // CBOR of the wrong shape, framed.
+    let garbage = vec![0, 0, 0, 3, 0x83, 0x01, 0x02];
+    // Rounds of 20 on each protocol: fewer streams at once than the relay's limit per
+    // connection (whose refusals libp2p logs itself).
+    const ROUNDS: usize = 3;
+    const EACH: usize = 20;
+    for _ in 0..ROUNDS {
+        for _ in 0..EACH {
+            let b = peer.swarm.behaviour_mut();
+            b.group
+                .send_request(&relay.peer, Message::Raw(garbage.clone()));
+            b.keys
+                .send_request(&relay.peer, Message::Raw(garbage.clone()));
+        }
+        let mut answered = 0;
+        tokio::time::timeout(kith_tests::DEADLINE, async {
+            while answered < 2 * EACH {
+                match peer.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(RawBehaviourEvent::Group(
+                        Event::Message { .. } | Event::OutboundFailure { .. },
+                    ))
+                    | SwarmEvent::Behaviour(RawBehaviourEvent::Keys(
+                        Event::Message { .. } | Event::OutboundFailure { .. },
+                    )) => answered += 1,
+                    _ => {}
+                }
+            }
+        })
+        .await?;
+    }
+    let total = (2 * EACH * ROUNDS) as u64;
+    let refused = kith_tests::wait_for("every frame counted", || async {
+        let n = relay.refused().await.ok()?;
+        (n >= total).then_some(n)
+    })
+    .await?;
+    let log = std::fs::read_to_string(&relay.log)?;
+    let lines = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        lines <= 4,
+        "{refused} refusals of one peer wrote {lines} WARN lines:\n{log}"
+    );
+    relay.stop()?;
+    Ok(())
+}

@@ -94,7 +94,7 @@ impl Attack {
                 "{} tasks: a fresh identity creates a group naming the victim, then removes and adds it until refused, then a new identity",
                 4 * scale
             ),
-            Attack::RetryStorm => "5 strangers fill a mailbox to its per-recipient limit, then one sender deposits into it with 64 in flight, ignoring retry_after_ms".into(),
+            Attack::RetryStorm => "4 strangers fill a mailbox to its per-recipient limit (250 deposits each), then one sender deposits into it with 64 in flight, each answer followed by another deposit at once, ignoring retry_after_ms".into(),
             Attack::Garbage => format!(
                 "{} identities send malformed frames on all 5 protocols, 32 in flight each: random bytes, wrong CBOR, empty, oversize claims, truncated",
                 2 * scale
@@ -567,37 +567,37 @@ async fn retry_storm(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
     let per_stranger = t.mailbox_max_messages_per_sender.min(250);
     let strangers = t.mailbox_max_messages.div_ceil(per_stranger.max(1));
     for _ in 0..strangers {
-        let mut peer = RawPeer::new()?;
-        for i in 0..per_stranger {
-            c.add(1);
-            let request = Message::Valid(mailbox::Request::Deposit {
-                req_id: i,
-                envelope: payload_envelope(&peer.key, victim, 100),
-                class: mailbox::DepositClass::Message,
-            });
-            peer.mailbox(t.peer, &t.addr, request).await?;
-        }
+        deposits(&mut RawPeer::new()?, &t, victim, Some(per_stranger), &c).await;
     }
-    // The storm: 64 deposits in flight, each refusal answered by another deposit at once.
-    let mut peer = RawPeer::new()?;
+    // The storm: each refusal answered by another deposit at once.
+    deposits(&mut RawPeer::new()?, &t, victim, None, &c).await;
+    Ok(())
+}
+
+/// Deposits small messages for `to`, 64 in flight, each answer (whatever it says) followed by
+/// the next deposit at once: `count` of them, or until the task is stopped.
+async fn deposits(peer: &mut RawPeer, t: &Target, to: PeerId, count: Option<u64>, c: &Counters) {
     peer.swarm.add_peer_address(t.peer, t.addr.clone());
-    let mut req_id = 0u64;
-    let mut send = |peer: &mut RawPeer| {
-        req_id += 1;
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let send = |peer: &mut RawPeer, sent: &mut u64| {
+        if count.is_some_and(|n| *sent >= n) {
+            return;
+        }
+        *sent += 1;
         c.add(1);
         peer.swarm.behaviour_mut().mailbox.send_request(
             &t.peer,
             Message::Valid(mailbox::Request::Deposit {
-                req_id,
-                envelope: payload_envelope(&peer.key, victim, 100),
+                req_id: *sent,
+                envelope: payload_envelope(&peer.key, to, 100),
                 class: mailbox::DepositClass::Message,
             }),
         );
     };
     for _ in 0..64 {
-        send(&mut peer);
+        send(peer, &mut sent);
     }
-    loop {
+    while count.is_none_or(|n| answered < n) {
         if let SwarmEvent::Behaviour(crate::RawBehaviourEvent::Mailbox(
             request_response::Event::Message {
                 message: request_response::Message::Response { .. },
@@ -606,7 +606,8 @@ async fn retry_storm(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
             | request_response::Event::OutboundFailure { .. },
         )) = peer.swarm.select_next_some().await
         {
-            send(&mut peer);
+            answered += 1;
+            send(peer, &mut sent);
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Settings {
     pub recover_within: Duration,
     /// Multiplies the number of attackers.
     pub scale: usize,
+    /// Where to copy each phase's relay log (`<attack>.log`), if anywhere.
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -59,6 +61,7 @@ impl Settings {
             attack: Duration::from_secs(8),
             recover_within: Duration::from_secs(8),
             scale: 5,
+            log_dir: None,
         }
     }
 
@@ -72,6 +75,7 @@ impl Settings {
             attack: Duration::from_secs(2),
             recover_within: Duration::from_secs(2),
             scale: 1,
+            log_dir: None,
         }
     }
 }
@@ -435,6 +439,7 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
         (s.missing(), s.waiting.len(), s.refusals)
     };
     honest.finish()?;
+    let log = relay.log.clone();
     let row = Row {
         attack: attack.map_or("baseline".into(), |a| a.name().into()),
         description: attack.map_or("honest traffic only".into(), |a| a.describe(settings.scale)),
@@ -452,6 +457,10 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
         attempted: counters.sent.load(Ordering::Relaxed),
         recover_ms,
     };
-    relay.stop()?;
+    let _dir = relay.stop()?;
+    if let Some(dir) = &settings.log_dir {
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(&log, dir.join(format!("{}.log", row.attack)))?;
+    }
     Ok(row)
 }

@@ -143,7 +143,7 @@ pub struct Relay {
     metrics: std::net::SocketAddr,
     http: reqwest::Client,
     /// Holds the config file and the data directory.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Relay {
@@ -194,7 +194,7 @@ impl Relay {
             peer,
             metrics,
             http: reqwest::Client::new(),
-            _dir: dir,
+            dir,
         })
     }
 
@@ -255,10 +255,11 @@ impl Relay {
         Ok(refusals_in(&text))
     }
 
-    /// Stops the relay with SIGTERM (a clean exit, store flushed).
-    pub fn stop(mut self) -> Result<()> {
+    /// Stops the relay with SIGTERM (a clean exit, store flushed); its directory stays until
+    /// the returned guard is dropped.
+    pub fn stop(mut self) -> Result<tempfile::TempDir> {
         self.daemon.terminate()?;
-        Ok(())
+        Ok(self.dir)
     }
 }
 

@@ -59,6 +59,9 @@ struct Args {
     /// With `--attack`: the `kith-relay` binary (default: the one next to this binary).
     #[arg(long, requires = "attack")]
     relay_binary: Option<PathBuf>,
+    /// With `--attack`: copy each relay's log into this directory (`<attack>.log`).
+    #[arg(long, requires = "attack")]
+    attack_logs: Option<PathBuf>,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -579,7 +582,10 @@ async fn attack(args: &Args) -> Result<()> {
             .map(|n| Attack::from_name(n).with_context(|| format!("no attack named {n}")))
             .collect::<Result<_>>()?,
     };
-    let settings = Settings::full(relay_binary);
+    let settings = Settings {
+        log_dir: args.attack_logs.clone(),
+        ..Settings::full(relay_binary)
+    };
     let started = Instant::now();
     let report = attack::run(&settings, &attacks).await?;
     eprintln!("[attack] done in {:.0} s", started.elapsed().as_secs_f64());
