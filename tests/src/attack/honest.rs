@@ -27,6 +27,11 @@ const PAYLOAD_BYTES: usize = 200;
 /// How often the recipient fetches its mailbox.
 const FETCH_EVERY: Duration = Duration::from_millis(100);
 
+/// Most deposits the sender has in flight at once, as a node's outbox bounds its requests to
+/// one relay (the relay drops streams beyond `max_streams_per_connection`); more wait their
+/// turn, their latency counted from their first turn's start.
+const MAX_IN_FLIGHT: usize = 32;
+
 /// How long the sender waits before retrying a deposit that failed without an answer.
 const FAILURE_RETRY: Duration = Duration::from_millis(200);
 
@@ -183,6 +188,7 @@ async fn send(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut in_flight: HashMap<OutboundRequestId, Pending> = HashMap::new();
     let mut retries: Vec<(Instant, Pending)> = Vec::new();
+    let mut queue: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
     let deposit = |peer: &mut RawPeer, pending: Pending, req_id: &mut u64| {
         *req_id += 1;
         let id = peer.swarm.behaviour_mut().mailbox.send_request(
@@ -206,17 +212,15 @@ async fn send(
                     lamport += 1;
                     let envelope = honest_envelope(&peer.key, to, lamport)?;
                     lock(&stats).waiting.insert(envelope.id, now);
-                    let (id, p) = deposit(&mut peer, Pending { envelope, first: now }, &mut req_id);
-                    in_flight.insert(id, p);
+                    queue.push_back(Pending { envelope, first: now });
                 }
-                let due: Vec<Pending> = {
-                    let (due, later) = std::mem::take(&mut retries)
-                        .into_iter()
-                        .partition::<Vec<_>, _>(|(at, _)| *at <= now);
-                    retries = later;
-                    due.into_iter().map(|(_, p)| p).collect()
-                };
-                for p in due {
+                let (due, later) = std::mem::take(&mut retries)
+                    .into_iter()
+                    .partition::<Vec<_>, _>(|(at, _)| *at <= now);
+                retries = later;
+                queue.extend(due.into_iter().map(|(_, p)| p));
+                while in_flight.len() < MAX_IN_FLIGHT {
+                    let Some(p) = queue.pop_front() else { break };
                     let (id, p) = deposit(&mut peer, p, &mut req_id);
                     in_flight.insert(id, p);
                 }
