@@ -112,7 +112,7 @@ impl Service {
                 }
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %reason, detail, "invalid presence request");
+                tracing::debug!(%peer, %reason, detail, "invalid presence request");
                 Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => {

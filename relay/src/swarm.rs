@@ -555,28 +555,40 @@ impl Task {
                 peer,
                 request,
                 channel,
-            } => self.on_presence(peer, request, channel),
+            } => {
+                self.warn_invalid(peer, presence_wire::PROTOCOL, &request);
+                self.on_presence(peer, request, channel)
+            }
             requests::Event::Group {
                 peer,
                 request,
                 channel,
-            } => self.on_group(peer, request, channel),
+            } => {
+                self.warn_invalid(peer, group_wire::PROTOCOL, &request);
+                self.on_group(peer, request, channel)
+            }
             requests::Event::Blob {
                 peer,
                 request,
                 channel,
-            } => match self.blobs.as_mut() {
-                Some(blobs) => blobs.on_request(&mut self.swarm, peer, request, channel),
-                None => tracing::debug!("blob request while blobs are not served"),
-            },
+            } => {
+                self.warn_invalid(peer, kith_protocol::blob::PROTOCOL, &request);
+                match self.blobs.as_mut() {
+                    Some(blobs) => blobs.on_request(&mut self.swarm, peer, request, channel),
+                    None => tracing::debug!("blob request while blobs are not served"),
+                }
+            }
             requests::Event::Keys {
                 peer,
                 request,
                 channel,
-            } => match self.keys.as_mut() {
-                Some(keys) => keys.on_request(&mut self.swarm, peer, request, channel),
-                None => tracing::debug!("keys request while keys are not served"),
-            },
+            } => {
+                self.warn_invalid(peer, kith_protocol::prekeys::PROTOCOL, &request);
+                match self.keys.as_mut() {
+                    Some(keys) => keys.on_request(&mut self.swarm, peer, request, channel),
+                    None => tracing::debug!("keys request while keys are not served"),
+                }
+            }
             requests::Event::Pushed {
                 peer,
                 request_id,
@@ -590,6 +602,15 @@ impl Task {
             requests::Event::InboundFailure { peer, error } => {
                 tracing::debug!(%peer, %error, "inbound request failure");
             }
+        }
+    }
+
+    /// Logs an undecodable request as the per-peer refusal limiter allows: garbage must not
+    /// fill the disk through the log. The protocol's handler answers and counts it.
+    fn warn_invalid<T>(&mut self, peer: PeerId, protocol: &str, request: &Message<T>) {
+        if let Message::Invalid { reason, detail } = request {
+            let now = self.settings.presence.clock.now_ms();
+            crate::warn_refused!(self.warnings, now, peer, protocol, %reason, detail, "invalid request");
         }
     }
 

@@ -2,6 +2,7 @@
 //! homes, drive them through their handles, and wait on conditions with deadlines (never sleep as
 //! synchronisation). Also a bare libp2p peer ([`RawPeer`]) for sending hostile input.
 
+pub mod attack;
 pub mod bench;
 pub mod group_bench;
 pub mod media_bench;

@@ -100,7 +100,7 @@ impl Server {
         let request = match request {
             Message::Valid(request) => request,
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %detail, "refusing an undecodable blob request");
+                tracing::debug!(%peer, %detail, "refusing an undecodable blob request");
                 self.metrics.reject(&reason);
                 return Some((channel, reject(0, reason)));
             }

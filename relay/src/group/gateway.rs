@@ -140,7 +140,7 @@ impl Gateway {
         let request = match request {
             Message::Valid(request) => request,
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %reason, detail, "invalid group request");
+                tracing::debug!(%peer, %reason, detail, "invalid group request");
                 return self.respond(
                     swarm,
                     (peer, channel, 0),

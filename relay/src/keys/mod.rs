@@ -104,7 +104,7 @@ impl Server {
         let request = match request {
             Message::Valid(request) => request,
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %detail, "refusing an undecodable keys request");
+                tracing::debug!(%peer, %detail, "refusing an undecodable keys request");
                 return Some((channel, reject(0, reason)));
             }
             Message::Raw(_) => return Some((channel, reject(0, Reject::Malformed))),

@@ -45,6 +45,23 @@ struct Args {
     /// replace them in an existing table.
     #[arg(long)]
     relay_only: bool,
+    /// Run only the attack benchmark: each attack against a real `kith-relay` process with
+    /// honest traffic alongside; prints the table and rewrites the "Attacks" section of the
+    /// output file.
+    #[arg(long)]
+    attack: bool,
+    /// With `--attack`: print JSON instead of the table.
+    #[arg(long, requires = "attack")]
+    json: bool,
+    /// With `--attack`: only these attacks (comma-separated names, e.g. `garbage,retry-storm`).
+    #[arg(long, requires = "attack", value_delimiter = ',')]
+    attack_only: Vec<String>,
+    /// With `--attack`: the `kith-relay` binary (default: the one next to this binary).
+    #[arg(long, requires = "attack")]
+    relay_binary: Option<PathBuf>,
+    /// With `--attack`: copy each relay's log into this directory (`<attack>.log`).
+    #[arg(long, requires = "attack")]
+    attack_logs: Option<PathBuf>,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -542,6 +559,114 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// `--attack`: runs the attack benchmark, prints it, and rewrites the "Attacks" section of
+/// `args.out`.
+async fn attack(args: &Args) -> Result<()> {
+    use kith_tests::attack::{self, Attack, Settings};
+    let relay_binary = match &args.relay_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory")?
+            .join("kith-relay"),
+    };
+    anyhow::ensure!(
+        relay_binary.exists(),
+        "{} not found: build it first (`cargo build --release -p kith-relay`) or pass --relay-binary",
+        relay_binary.display()
+    );
+    let attacks = match args.attack_only.as_slice() {
+        [] => Attack::ALL.to_vec(),
+        names => names
+            .iter()
+            .map(|n| Attack::from_name(n).with_context(|| format!("no attack named {n}")))
+            .collect::<Result<_>>()?,
+    };
+    let settings = Settings {
+        log_dir: args.attack_logs.clone(),
+        ..Settings::full(relay_binary)
+    };
+    let started = Instant::now();
+    let report = attack::run(&settings, &attacks).await?;
+    eprintln!("[attack] done in {:.0} s", started.elapsed().as_secs_f64());
+    let mut section = String::new();
+    writeln!(section, "## Attacks\n")?;
+    writeln!(
+        section,
+        "Produced by `cargo build --release -p kith-relay -p kith-tests && target/release/kith-bench --attack` on {}, in {:.0} s. Each attack runs for {:.0} s against its own fresh `kith-relay` process (release build, its own data directory, log written into it), from loopback, while an honest sender deposits {} messages a second of 200 bytes for an honest recipient that fetches and acks every 100 ms (and takes the relay's pushes); the sender obeys `retry_after_ms`. The baseline is the same honest traffic on an unattacked relay in the same run. ✅/❌: the target met or not.\n",
+        machine(),
+        started.elapsed().as_secs_f64(),
+        report.attack_secs,
+        report.honest_rate,
+    )?;
+    writeln!(section, "{}", report.markdown())?;
+    writeln!(section, "Figures: relay RSS growth is the peak of `VmRSS` (sampled every 100 ms) during the attack minus its value before; honest p99 is the deposit latency (first try → `Stored`, retries included) of the honest messages first tried during the attack, those still waiting at its end counted with their age; lost are honest messages the relay stored that never reached the recipient, not stored are those the relay had still not stored when the phase ended (after the recovery wait of up to {} s, and up to 10 s more with no new messages); disk is the data directory's allocated blocks, log included, after the attack; CPU is the relay's utime + stime during the attack, divided by the requests and connections it refused (`kith_relay_rejects_total` plus connection-limit hits); recover is the time from the attack's end to the first 0.5 s window of honest deposits whose p99 is within 1.2× the baseline's.\n", settings.recover_within.as_secs())?;
+    writeln!(section, "The attacks:\n")?;
+    for a in &attacks {
+        writeln!(
+            section,
+            "- **{}**: {}.",
+            a.name(),
+            a.describe(settings.scale)
+        )?;
+    }
+    writeln!(
+        section,
+        "\nThe relay's config (every other field at its default):\n\n```toml\n{}\n```",
+        report.relay_config
+    )?;
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    std::fs::write(&args.out, replace_section(&old, "## Attacks", &section))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{section}");
+    }
+    Ok(())
+}
+
+/// The section of `text` starting at the line `heading`, up to the next `## ` heading.
+fn section_of(text: &str, heading: &str) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.trim_end() == heading)?;
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .map_or(lines.len(), |i| start + 1 + i);
+    Some(lines[start..end].join("\n") + "\n")
+}
+
+/// `text` with its section starting at the line `heading` (up to the next `## ` heading)
+/// replaced by `section`, or `section` appended.
+fn replace_section(text: &str, heading: &str, section: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| l.trim_end() == heading) else {
+        let sep = if text.is_empty() || text.ends_with("\n\n") {
+            ""
+        } else if text.ends_with('\n') {
+            "\n"
+        } else {
+            "\n\n"
+        };
+        return format!("{text}{sep}{section}");
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .map_or(lines.len(), |i| start + 1 + i);
+    let mut out = lines[..start].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(section);
+    if end < lines.len() {
+        out.push('\n');
+        out.push_str(&lines[end..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     kith_tests::init_logs();
@@ -557,6 +682,9 @@ async fn main() -> Result<()> {
             return kith_tests::relay_bench::serve_bare().await;
         }
         None => {}
+    }
+    if args.attack {
+        return attack(&args).await;
     }
     if args.files_only || args.relay_only {
         let mut rows = Vec::new();
@@ -786,7 +914,13 @@ async fn main() -> Result<()> {
             r.figure, r.value, r.baseline, r.ratio, r.target
         )?;
     }
-    std::fs::write(&args.out, &md)?;
+    // The attack rows come from `--attack`: keep them.
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    let written = match section_of(&old, "## Attacks") {
+        Some(attacks) => replace_section(&md, "## Attacks", &attacks),
+        None => md.clone(),
+    };
+    std::fs::write(&args.out, written)?;
     print!("{md}");
     Ok(())
 }
