@@ -75,6 +75,9 @@ pub struct Config {
     pub mailbox_max_messages: u64,
     /// Mailbox: most stored bytes waiting for one recipient.
     pub mailbox_max_bytes: u64,
+    /// The store's page cache (sled's `cache_capacity`), in bytes: what the relay keeps of its
+    /// database in memory, so memory does not grow with what is stored.
+    pub store_cache_bytes: u64,
     /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
     /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
     pub mailbox_budget_bytes: u64,
@@ -186,6 +189,7 @@ impl Default for Config {
             mailbox_max_bytes_per_sender: 32 * 1024 * 1024,
             mailbox_max_bytes: 64 * 1024 * 1024,
             mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
+            store_cache_bytes: 64 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
             deposit_burst_per_peer: 1_000,
             mailbox_full_retry_after_ms: 10_000,

@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_messages_per_sender: config.mailbox_max_messages_per_sender,
             max_bytes_per_sender: config.mailbox_max_bytes_per_sender,
             expiry_skew_ms: config.expiry_skew_ms,
+            cache_bytes: config.store_cache_bytes,
         },
     )?;
     // The store's lock proves no other relay runs on this data directory, so a relay.json

@@ -360,32 +360,3 @@ pub async fn kith_inbound_only(payload: usize, count: usize, window: usize) -> R
     })
     .await
 }
-
-/// Only the sender side of kith: a kith node sends `count` messages to a bare peer that answers
-/// `Accepted` at once (no verification, no store). Returns delivered messages per second.
-pub async fn kith_outbound_only(payload: usize, count: usize) -> Result<f64> {
-    let (server_peer, addr, serve) = bare_dm_server().await?;
-    let alice = crate::TestNode::start("alice", vec![]).await?;
-    alice
-        .node()
-        .add_contact("sink", &server_peer.to_string(), &[addr.to_string()])
-        .await?;
-    let text = "x".repeat(payload);
-    let mut events = alice.node().subscribe();
-    let started = Instant::now();
-    let sender = tokio::spawn(send_many(alice.node().clone(), "sink", text, count));
-    let mut delivered = 0;
-    while delivered < count {
-        if let kith_node::NodeEvent::Receipt {
-            state: kith_protocol::MessageState::Delivered,
-            ..
-        } = events.recv().await?
-        {
-            delivered += 1;
-        }
-    }
-    let rate = count as f64 / started.elapsed().as_secs_f64();
-    sender.await??;
-    serve.abort();
-    Ok(rate)
-}

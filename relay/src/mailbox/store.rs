@@ -81,6 +81,8 @@ pub struct Limits {
     /// Clock skew tolerated on an envelope's `expires_at_ms` ([`kith_protocol::timer`]): an
     /// entry of a temporary chat is dropped this long after its expiry.
     pub expiry_skew_ms: u64,
+    /// The database's page cache in bytes (sled's `cache_capacity`; used by [`Store::open`]).
+    pub cache_bytes: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -376,7 +378,11 @@ impl Store {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path, limits: Limits) -> Result<Self, OpenError> {
         let shred = Keys::open(&path.with_extension("expiry-keys"))?;
-        Self::with_db_and_keys(sled::open(path)?, limits, shred)
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(limits.cache_bytes)
+            .open()?;
+        Self::with_db_and_keys(db, limits, shred)
     }
 
     /// Uses an already open database (tests use a temporary one), with the expiry keys in
@@ -969,6 +975,7 @@ mod tests {
             max_messages_per_sender: u64::MAX,
             max_bytes_per_sender: u64::MAX,
             expiry_skew_ms: 50,
+            cache_bytes: 8 * 1024 * 1024,
         }
     }
 

@@ -482,6 +482,7 @@ async fn blob_fill(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
                 req_id,
                 hash: blob::Hash::of(&bytes),
                 bytes,
+                expires_at_ms: None,
             };
             if !matches!(
                 blob_request(&mut swarm, t.peer, put).await,
