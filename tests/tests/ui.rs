@@ -910,16 +910,53 @@ async fn chat_in_a_real_browser() -> Result<()> {
             &format!("window.kith.state.open?.id === '{a_id}'"),
         )
         .await?;
-    // The keyboard: from alice (second in the list), ArrowUp then Enter opens erin's chat.
+    // alice never added dave: his message waits in her page's requests, until she accepts
+    // it under a name of her choosing; then it is a conversation like any other.
+    let d_id = dave.peer_id().to_string();
+    dave_page
+        .type_into("#text", &format!("hello alice, this is dave{ENTER}"))
+        .await?;
+    alice_page
+        .wait(
+            "dave's message request at alice's",
+            &format!(
+                "document.querySelector('#requests .request[data-peer=\"{d_id}\"] .preview')?.textContent.includes('hello alice, this is dave') && !document.querySelector('{}')",
+                conv(&d_id).replace('\'', "\\'")
+            ),
+        )
+        .await?;
+    shots.take(&alice_page, "alice-message-request").await?;
+    alice_page
+        .type_into(
+            &format!("#requests .request[data-peer=\"{d_id}\"] .request-name"),
+            "dave",
+        )
+        .await?;
+    alice_page
+        .click(&format!("#requests .request[data-peer=\"{d_id}\"] .accept"))
+        .await?;
+    alice_page
+        .wait(
+            "dave's chat open at alice's, with his message",
+            &format!("window.kith.state.open?.id === '{d_id}' && window.kith.state.open.name === 'dave' && document.getElementById('requests').hidden && [...document.querySelectorAll('.msg.in .text')].some(e => e.textContent === 'hello alice, this is dave')"),
+        )
+        .await?;
+    assert!(alice
+        .node()
+        .contacts()?
+        .iter()
+        .any(|c| c.name == "dave" && c.peer_id == d_id));
+    // The keyboard: from alice (first in the list: dave just wrote to her), ArrowDown then
+    // Enter opens erin's chat.
     let order = dave_page
         .js(
             "return [...document.querySelectorAll('#conversations li')].map(li => li.dataset.conv)",
             json!([]),
         )
         .await?;
-    assert_eq!(order, json!([erin, a_id]));
+    assert_eq!(order, json!([a_id, erin]));
     dave_page
-        .type_into("#conversations li:nth-child(2)", "\u{E013}")
+        .type_into("#conversations li:nth-child(1)", "\u{E015}")
         .await?;
     dave_page
         .wait(
@@ -928,7 +965,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     dave_page
-        .type_into("#conversations li:nth-child(1)", &ENTER.to_string())
+        .type_into("#conversations li:nth-child(2)", &ENTER.to_string())
         .await?;
     dave_page
         .wait(

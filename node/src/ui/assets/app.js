@@ -81,6 +81,7 @@ const state = {
   receipts: new Map(), // message id -> the latest state a receipt event told (it may beat the send's answer)
   failed: new Map(), // message id -> reason
   timers: new Map(), // conversation id -> its disappearing-message timer in seconds (null: off)
+  requests: [], // from /v1/requests: strangers who wrote, waiting to be accepted or blocked
   localSeq: 0,
   lastTypingSent: 0,
   events: null,
@@ -207,7 +208,49 @@ function refreshListSoon() {
 }
 
 async function refreshList() {
-  applyList(await Promise.all([get('/v1/conversations'), get('/v1/contacts')]));
+  const [convs, contacts, requests] = await Promise.all([get('/v1/conversations'), get('/v1/contacts'), get('/v1/requests').catch(() => [])]);
+  state.requests = requests || [];
+  renderRequests();
+  applyList([convs, contacts]);
+}
+
+// Strangers who wrote: above the conversations, each with its last message, to accept (it
+// becomes a contact, under the name given) or block. Until then they get no read receipt.
+function renderRequests() {
+  const box = $('requests');
+  box.hidden = !state.requests.length;
+  if (box.hidden) {
+    box.replaceChildren();
+    return;
+  }
+  box.replaceChildren(
+    h('h2', { class: 'requests-title' }, `Message requests (${state.requests.length})`),
+    ...state.requests.map((r) => {
+      const name = h('input', { type: 'text', class: 'request-name', placeholder: 'name', 'aria-label': `a name for ${r.peer_id}`, maxlength: '64' });
+      const row = h(
+        'div',
+        { class: 'request', 'data-peer': r.peer_id, role: 'group', 'aria-label': `message request from ${r.name || r.peer_id}` },
+        h('div', { class: 'grow' },
+          h('strong', { title: r.peer_id }, r.name || `${r.peer_id.slice(0, 12)}…`),
+          h('div', { class: 'muted small preview' }, `${r.messages} message${r.messages === 1 ? '' : 's'}: ${r.preview}`)),
+        h('div', { class: 'row' },
+          name,
+          h('button', { type: 'button', class: 'accept', onclick: () => answerRequest(r, 'accept', row, name.value.trim()) }, 'Accept'),
+          h('button', { type: 'button', class: 'link block', onclick: () => answerRequest(r, 'block', row) }, 'Block')),
+      );
+      return row;
+    }),
+  );
+}
+
+async function answerRequest(r, how, row, name) {
+  try {
+    await post(`/v1/requests/${enc(r.peer_id)}/${how}`, how === 'accept' && name ? { name } : {});
+    await refreshList();
+    if (how === 'accept') openConversation(r.peer_id);
+  } catch (e) {
+    formError(row, e);
+  }
 }
 
 function applyList([convs, contacts]) {
@@ -685,6 +728,11 @@ function handle(ev) {
       }
     }
     refreshListSoon();
+  } else if (ev.type === 'request') {
+    refreshListSoon();
+    if (document.hidden && 'Notification' in window && Notification.permission === 'granted') {
+      new Notification('Message request', { body: `${ev.name || ev.peer_id} wrote to you`, tag: `request-${ev.peer_id}` });
+    }
   } else if (ev.type === 'expired') {
     // A message of a temporary chat reached its timer: it is gone everywhere, here too.
     const before = state.messages.length;
