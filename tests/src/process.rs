@@ -76,6 +76,24 @@ pub fn kith_json(home: &Path, args: &[&str]) -> Result<Value> {
     })
 }
 
+/// Starts `kith daemon` on `home` (listening on a free loopback port unless `extra` names a
+/// `--listen`) with `extra` arguments, and waits until it has written its `api.json`.
+pub async fn start_daemon(home: &Path, extra: &[&str]) -> Result<Daemon> {
+    let _ = std::fs::remove_file(home.join("api.json"));
+    let home_arg = home.to_str().context("home path is not UTF-8")?;
+    let mut args = vec!["--home", home_arg, "daemon"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+    }
+    args.extend(extra);
+    let daemon = Daemon::spawn(&binary("kith")?, &args, &home.join("daemon.log"))?;
+    crate::wait_for("daemon api.json", || async {
+        home.join("api.json").exists().then_some(())
+    })
+    .await?;
+    Ok(daemon)
+}
+
 /// A child process that is killed when dropped.
 pub struct Daemon(pub Child);
 

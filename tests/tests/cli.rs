@@ -3,28 +3,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use kith_tests::process::{binary, kith, kith_json, Daemon};
+use kith_tests::process::{binary, kith, kith_json, start_daemon, Daemon};
 use kith_tests::wait_for;
 use serde_json::Value;
-
-async fn start_daemon(home: &std::path::Path) -> anyhow::Result<Daemon> {
-    let daemon = Daemon::spawn(
-        &binary("kith")?,
-        &[
-            "--home",
-            home.to_str().expect("utf-8 path"),
-            "daemon",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ],
-        &home.join("daemon.log"),
-    )?;
-    wait_for("daemon api.json", || async {
-        home.join("api.json").exists().then_some(())
-    })
-    .await?;
-    Ok(daemon)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_chat_through_the_cli() -> anyhow::Result<()> {
@@ -47,8 +28,8 @@ async fn two_users_chat_through_the_cli() -> anyhow::Result<()> {
     let bad_flag = kith(&a, &["send", "--bogus"])?;
     assert!(!bad_flag.status.success());
 
-    let _alice = start_daemon(&a).await?;
-    let mut bob = start_daemon(&b).await?;
+    let _alice = start_daemon(&a, &[]).await?;
+    let mut bob = start_daemon(&b, &[]).await?;
 
     let alice_id = kith_json(&a, &["id", "--json"])?;
     let bob_id = kith_json(&b, &["id", "--json"])?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kith_tests::process::{binary, kith, kith_json, Daemon};
+use kith_tests::process::{binary, kith, kith_json, start_daemon};
 use kith_tests::wait_for;
 use serde_json::Value;
 
@@ -30,21 +30,6 @@ fn kith_fails(home: &Path, args: &[&str]) -> anyhow::Result<String> {
     let err = stderr(&out);
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     Ok(err)
-}
-
-async fn start_daemon(home: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
-    let _ = std::fs::remove_file(home.join("api.json"));
-    let mut args = vec!["--home", path(home), "daemon"];
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen", "/ip4/127.0.0.1/tcp/0"]);
-    }
-    args.extend(extra);
-    let daemon = Daemon::spawn(&binary("kith")?, &args, &home.join("daemon.log"))?;
-    wait_for("daemon api.json", || async {
-        home.join("api.json").exists().then_some(())
-    })
-    .await?;
-    Ok(daemon)
 }
 
 fn invite(home: &Path) -> anyhow::Result<String> {

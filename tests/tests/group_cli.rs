@@ -1,32 +1,9 @@
 //! Process-level test of the group commands: the real `kith` binary (two daemons) against an
 //! in-process relay, checking the JSON shapes of the command-line contract.
 
-use std::path::Path;
-
-use kith_tests::process::{binary, kith, kith_json, Daemon};
+use kith_tests::process::{kith, kith_json, start_daemon};
 use kith_tests::wait_for;
 use serde_json::Value;
-
-async fn start_daemon(home: &Path, relay: &str) -> anyhow::Result<Daemon> {
-    let daemon = Daemon::spawn(
-        &binary("kith")?,
-        &[
-            "--home",
-            home.to_str().expect("utf-8 path"),
-            "daemon",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--relay",
-            relay,
-        ],
-        &home.join("daemon.log"),
-    )?;
-    wait_for("daemon api.json", || async {
-        home.join("api.json").exists().then_some(())
-    })
-    .await?;
-    Ok(daemon)
-}
 
 fn keys(value: &Value) -> Vec<String> {
     let mut keys: Vec<String> = value
@@ -50,8 +27,8 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
     let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
     assert!(kith(&a, &["init", "--name", "alice"])?.status.success());
     assert!(kith(&b, &["init", "--name", "bob"])?.status.success());
-    let _alice = start_daemon(&a, &relay_addr).await?;
-    let _bob = start_daemon(&b, &relay_addr).await?;
+    let _alice = start_daemon(&a, &["--relay", &relay_addr]).await?;
+    let _bob = start_daemon(&b, &["--relay", &relay_addr]).await?;
     let bob_peer = kith_json(&b, &["id", "--json"])?["peer_id"]
         .as_str()
         .unwrap_or_default()

@@ -2,28 +2,9 @@
 //! (list, accept, block), `kith contact block|unblock` and `kith settings --reach`, with the JSON
 //! shapes the command-line contract names.
 
-use kith_tests::process::{binary, kith, kith_json, Daemon};
+use kith_tests::process::{kith, kith_json, start_daemon};
 use kith_tests::wait_for;
 use serde_json::Value;
-
-async fn start_daemon(home: &std::path::Path) -> anyhow::Result<Daemon> {
-    let daemon = Daemon::spawn(
-        &binary("kith")?,
-        &[
-            "--home",
-            home.to_str().expect("utf-8 path"),
-            "daemon",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ],
-        &home.join("daemon.log"),
-    )?;
-    wait_for("daemon api.json", || async {
-        home.join("api.json").exists().then_some(())
-    })
-    .await?;
-    Ok(daemon)
-}
 
 fn ok(output: std::process::Output) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -56,9 +37,9 @@ async fn requests_are_listed_accepted_and_blocked_through_the_cli() -> anyhow::R
     for (home, name) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
         ok(kith(home, &["init", "--name", name])?)?;
     }
-    let _alice = start_daemon(&a).await?;
-    let _bob = start_daemon(&b).await?;
-    let _carol = start_daemon(&c).await?;
+    let _alice = start_daemon(&a, &[]).await?;
+    let _bob = start_daemon(&b, &[]).await?;
+    let _carol = start_daemon(&c, &[]).await?;
     let bob_id = kith_json(&b, &["id", "--json"])?;
     let bob_peer = bob_id["peer_id"].as_str().unwrap_or_default().to_owned();
     let bob_addr = bob_id["listen_addrs"][0]

@@ -1,28 +1,9 @@
 //! Process-level test of temporary chats: `kith chat timer` and `kith export` through the real
 //! `kith` binary, with the daemon's default limits (timers of 30 s and more).
 
-use kith_tests::process::{binary, kith, kith_json, Daemon};
+use kith_tests::process::{kith, kith_json, start_daemon};
 use kith_tests::wait_for;
 use serde_json::Value;
-
-async fn start_daemon(home: &std::path::Path) -> anyhow::Result<Daemon> {
-    let daemon = Daemon::spawn(
-        &binary("kith")?,
-        &[
-            "--home",
-            home.to_str().expect("utf-8 path"),
-            "daemon",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ],
-        &home.join("daemon.log"),
-    )?;
-    wait_for("daemon api.json", || async {
-        home.join("api.json").exists().then_some(())
-    })
-    .await?;
-    Ok(daemon)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_timer_and_export_through_the_cli() -> anyhow::Result<()> {
@@ -30,8 +11,8 @@ async fn chat_timer_and_export_through_the_cli() -> anyhow::Result<()> {
     let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
     assert!(kith(&a, &["init", "--name", "alice"])?.status.success());
     assert!(kith(&b, &["init", "--name", "bob"])?.status.success());
-    let _alice = start_daemon(&a).await?;
-    let _bob = start_daemon(&b).await?;
+    let _alice = start_daemon(&a, &[]).await?;
+    let _bob = start_daemon(&b, &[]).await?;
     let alice_id = kith_json(&a, &["id", "--json"])?;
     let bob_id = kith_json(&b, &["id", "--json"])?;
     let addr = |id: &Value| id["listen_addrs"][0].as_str().expect("addr").to_owned();
