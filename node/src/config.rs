@@ -136,7 +136,7 @@ pub struct SettingsView {
     pub relays: Vec<String>,
 }
 
-impl crate::engine::Node {
+impl crate::core::Node {
     /// The settings in effect.
     pub fn settings_view(&self) -> SettingsView {
         let s = self.settings();
@@ -156,7 +156,7 @@ impl crate::engine::Node {
     pub fn update_settings(
         &self,
         change: SettingsChange,
-    ) -> Result<SettingsView, crate::engine::NodeError> {
+    ) -> Result<SettingsView, crate::core::NodeError> {
         let name = change.name.as_deref().map(valid_display_name).transpose()?;
         let before = self.settings();
         self.change_settings(|s| {
@@ -173,7 +173,7 @@ impl crate::engine::Node {
                 s.reach = reach;
             }
         })
-        .map_err(|e| crate::engine::NodeError::Invalid(e.to_string()))?;
+        .map_err(|e| crate::core::NodeError::Invalid(e.to_string()))?;
         if self.settings().presence != before.presence || self.settings().reach != before.reach {
             self.presence_state().wake();
         }
@@ -186,13 +186,13 @@ pub const MAX_DISPLAY_NAME_BYTES: usize = 64;
 
 /// A display name, trimmed, if acceptable: 1 to [`MAX_DISPLAY_NAME_BYTES`] bytes of printable
 /// text (it travels in invites and shows on other people's terminals).
-pub fn valid_display_name(name: &str) -> Result<&str, crate::engine::NodeError> {
+pub fn valid_display_name(name: &str) -> Result<&str, crate::core::NodeError> {
     let name = name.trim();
     if name.is_empty()
         || name.len() > MAX_DISPLAY_NAME_BYTES
         || name.chars().any(crate::text::is_unsafe_char)
     {
-        return Err(crate::engine::NodeError::Invalid(format!(
+        return Err(crate::core::NodeError::Invalid(format!(
             "a name is 1 to {MAX_DISPLAY_NAME_BYTES} bytes of printable text"
         )));
     }

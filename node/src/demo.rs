@@ -419,7 +419,7 @@ pub async fn run(json_output: bool) -> Result<()> {
         .map(|at| {
             format!(
                 "last seen {:.1} s ago",
-                crate::engine::now_ms().saturating_sub(at) as f64 / 1000.0
+                crate::clock::now_ms().saturating_sub(at) as f64 / 1000.0
             )
         })
         .unwrap_or_else(|| "last seen hidden".into());

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::engine::Node;
+use crate::core::Node;
 use crate::net::RelayHealth;
 
 /// What `GET /v1/health` answers.

@@ -5,29 +5,18 @@
 //! shutdown signal, which is what `kith daemon` does.
 
 pub mod api;
-mod claims;
 pub mod cli;
-pub mod client;
+pub mod clock;
 pub mod config;
-mod contacts;
-pub mod crypto;
+pub mod core;
 pub mod demo;
-pub mod dm_streams;
-pub mod engine;
-pub mod group;
+pub mod features;
 pub mod health;
 pub mod identity;
-pub mod media;
-mod names;
 pub mod net;
-pub mod presence;
 pub mod private;
 pub mod shutdown;
-pub mod store;
-pub mod strangers;
 pub mod text;
-pub mod timers;
-pub mod ui;
 
 use std::future::Future;
 use std::io::Write;
@@ -38,8 +27,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
+pub use crate::core::{Node, NodeError, NodeEvent};
 pub use config::{Config, Settings};
-pub use engine::{Node, NodeError, NodeEvent};
 
 /// File in the home directory with the running daemon's API address and listen addresses.
 pub const API_FILE: &str = "api.json";
@@ -75,7 +64,7 @@ pub enum StartError {
         /// The store directory.
         path: PathBuf,
         /// The error.
-        source: store::StoreError,
+        source: crate::core::store::StoreError,
     },
     /// The network could not start.
     #[error(transparent)]
@@ -97,7 +86,7 @@ pub struct Running {
     home: PathBuf,
     trigger: shutdown::Trigger,
     tasks: JoinSet<()>,
-    store_closed: store::Closed,
+    store_closed: crate::core::store::Closed,
 }
 
 /// How long a new node's first start waits for a home relay to take its keys.
@@ -157,9 +146,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let key = identity::load(&config.home)?;
     let settings = Settings::load(&config.home)?;
     let db_path = config.home.join("db");
-    let store = store::Store::open(&db_path).map_err(|source| match source {
+    let store = crate::core::store::Store::open(&db_path).map_err(|source| match source {
         // sled says so only in its message: "could not acquire lock on ...".
-        store::StoreError::Sled(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
+        crate::core::store::StoreError::Sled(sled::Error::Io(e))
+            if e.to_string().contains("acquire lock") =>
+        {
             StartError::AlreadyRunning(config.home.clone())
         }
         source => StartError::Store {
@@ -189,7 +180,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let _ = net_task.await;
     });
     let node = Node::start(
-        engine::Parts {
+        crate::core::Parts {
             key,
             settings,
             config: config.clone(),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kith_node::client::Client;
+use kith_node::api::client::Client;
 use kith_node::text::for_terminal;
 use kith_node::{identity, Config, Settings};
 use libp2p::Multiaddr;
@@ -71,9 +71,9 @@ enum Command {
     Contact(ContactCommand),
     /// Group chats: create, add, remove, promote, leave, list, info.
     #[command(subcommand)]
-    Group(kith_node::group::cli::GroupCommand),
+    Group(kith_node::features::group::cli::GroupCommand),
     /// Messages from strangers (peers not in your contacts): list, accept or block.
-    Requests(kith_node::strangers::cli::RequestsArgs),
+    Requests(kith_node::features::strangers::cli::RequestsArgs),
     /// Send a message; prints its id (its state goes to stderr).
     Send {
         /// Contact name, peer id, or group name or id.
@@ -467,15 +467,15 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Contact(ContactCommand::Block { who, json }) => {
             let client = daemon_client(&home).await?;
-            kith_node::strangers::cli::block(&client, &who, true, json).await?;
+            kith_node::features::strangers::cli::block(&client, &who, true, json).await?;
         }
         Command::Contact(ContactCommand::Unblock { who, json }) => {
             let client = daemon_client(&home).await?;
-            kith_node::strangers::cli::block(&client, &who, false, json).await?;
+            kith_node::features::strangers::cli::block(&client, &who, false, json).await?;
         }
         Command::Requests(args) => {
             let client = daemon_client(&home).await?;
-            kith_node::strangers::cli::run(&client, args).await?;
+            kith_node::features::strangers::cli::run(&client, args).await?;
         }
         Command::Contact(ContactCommand::Verify { name, mark, json }) => {
             let client = daemon_client(&home).await?;
@@ -532,11 +532,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::SendFile { to, path, json } => {
             let client = daemon_client(&home).await?;
-            kith_node::media::cli::send_file(&client, &to, path, json).await?;
+            kith_node::features::media::cli::send_file(&client, &to, path, json).await?;
         }
         Command::Download { id, to, json } => {
             let client = daemon_client(&home).await?;
-            kith_node::media::cli::download(&client, &id, to, json).await?;
+            kith_node::features::media::cli::download(&client, &id, to, json).await?;
         }
         Command::Messages { with, json } => {
             let client = daemon_client(&home).await?;
@@ -653,7 +653,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Group(command) => {
             let client = daemon_client(&home).await?;
-            kith_node::group::cli::run(&client, command).await?;
+            kith_node::features::group::cli::run(&client, command).await?;
         }
         Command::Chat(ChatCommand::Timer {
             with,
@@ -664,15 +664,22 @@ async fn run(cli: Cli) -> Result<()> {
         }) => {
             let client = daemon_client(&home).await?;
             let rule = (admins_only || everyone).then_some(admins_only);
-            kith_node::timers::cli::timer(&client, &with, duration.as_deref(), rule, json).await?;
+            kith_node::features::timers::cli::timer(
+                &client,
+                &with,
+                duration.as_deref(),
+                rule,
+                json,
+            )
+            .await?;
         }
         Command::Export { with, json } => {
             let client = daemon_client(&home).await?;
-            kith_node::timers::cli::export(&client, &with, json).await?;
+            kith_node::features::timers::cli::export(&client, &with, json).await?;
         }
         Command::Ui { open } => {
             let client = daemon_client(&home).await?;
-            kith_node::ui::open(&client, open).await?;
+            kith_node::api::ui::open(&client, open).await?;
         }
         Command::Events { json } => {
             follow_events(&home, json).await?;
@@ -728,7 +735,7 @@ async fn change_settings(home: &std::path::Path, change: Value) -> Result<Value>
             .await
         {
             Ok(settings) => return Ok(settings),
-            Err(kith_node::client::ClientError::NotRunning(_)) => {}
+            Err(kith_node::api::client::ClientError::NotRunning(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }

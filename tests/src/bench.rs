@@ -259,7 +259,7 @@ pub async fn store_commits(
     count: usize,
     concurrency: usize,
 ) -> Result<StoreFigures> {
-    use kith_node::store::{Batch, Contact, Store};
+    use kith_node::core::store::{Batch, Contact, Store};
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
     let peer = libp2p::identity::Keypair::generate_ed25519()

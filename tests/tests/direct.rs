@@ -128,8 +128,10 @@ async fn silent_dm_streams_do_not_hold_up_other_senders() -> anyhow::Result<()> 
 
     // A peer opens dm streams to bob and sends the first byte of a request on each, and no more.
     let (events, _inbound) = tokio::sync::mpsc::channel(8);
-    let (behaviour, streams) =
-        kith_node::dm_streams::Behaviour::new(libp2p::StreamProtocol::new(dm::PROTOCOL), events);
+    let (behaviour, streams) = kith_node::net::dm_streams::Behaviour::new(
+        libp2p::StreamProtocol::new(dm::PROTOCOL),
+        events,
+    );
     let mut silent = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -156,7 +158,7 @@ async fn silent_dm_streams_do_not_hold_up_other_senders() -> anyhow::Result<()> 
         }
     });
     let mut held = Vec::new();
-    for _ in 0..kith_node::dm_streams::SPARE_STREAMS {
+    for _ in 0..kith_node::net::dm_streams::SPARE_STREAMS {
         let mut taken = wait_for("a ready stream to bob", || async {
             streams.take(bob.peer_id())
         })

@@ -66,7 +66,7 @@ fn holders(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// The file key of the one attachment in the store under `home` (the node must be stopped).
 fn file_key(home: &Path) -> anyhow::Result<Vec<u8>> {
     use ciborium::Value;
-    let store = kith_node::store::Store::open(&home.join("db"))?;
+    let store = kith_node::core::store::Store::open(&home.join("db"))?;
     let records = store.attachments::<Value>()?;
     drop(store);
     let field = |value: &Value, name: &str| -> Option<Value> {
@@ -286,7 +286,7 @@ async fn two_people_writing_first_at_the_same_time_both_get_through() -> anyhow:
     assert!(!texts(&bob, "alice")
         .iter()
         .chain(texts(&alice, "bob").iter())
-        .any(|t| t == kith_node::crypto::UNDECRYPTABLE_TEXT));
+        .any(|t| t == kith_node::core::crypto::UNDECRYPTABLE_TEXT));
     Ok(())
 }
 

@@ -196,7 +196,7 @@ async fn only_admins_change_membership_and_concurrent_admins_agree() -> anyhow::
         .to_peer_id()
         .to_string();
     let carol = f.carol.peer_id().to_string();
-    use kith_node::group::ChangeKind::*;
+    use kith_node::features::group::ChangeKind::*;
 
     let refused = f.bob.node().change_group("friends", Add, Some(&dave)).await;
     let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
@@ -257,7 +257,7 @@ async fn a_removed_member_receives_nothing_new() -> anyhow::Result<()> {
         .node()
         .change_group(
             "friends",
-            kith_node::group::ChangeKind::Remove,
+            kith_node::features::group::ChangeKind::Remove,
             Some(&carol),
         )
         .await?;
@@ -312,7 +312,11 @@ async fn the_201st_member_is_refused() -> anyhow::Result<()> {
         .to_string();
     let refused = alice
         .node()
-        .change_group("big", kith_node::group::ChangeKind::Add, Some(&extra))
+        .change_group(
+            "big",
+            kith_node::features::group::ChangeKind::Add,
+            Some(&extra),
+        )
         .await;
     let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(

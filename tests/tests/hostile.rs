@@ -13,15 +13,17 @@ use tokio::task::JoinSet;
 /// A peer with `dm_streams`' behaviour on `/kith/mailbox/1`: each connection keeps two raw
 /// streams ready, on which it writes what it wants.
 struct Attacker {
-    streams: kith_node::dm_streams::Streams,
+    streams: kith_node::net::dm_streams::Streams,
     _swarm: tokio::task::JoinHandle<()>,
 }
 
 impl Attacker {
     fn connect(addr: &Multiaddr) -> anyhow::Result<Self> {
         let (events, _inbound) = tokio::sync::mpsc::channel(8);
-        let (behaviour, streams) =
-            kith_node::dm_streams::Behaviour::new(StreamProtocol::new(mailbox::PROTOCOL), events);
+        let (behaviour, streams) = kith_node::net::dm_streams::Behaviour::new(
+            StreamProtocol::new(mailbox::PROTOCOL),
+            events,
+        );
         let mut swarm: Swarm<_> = libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
@@ -65,10 +67,10 @@ async fn hold_streams(
     attackers: &[Attacker],
     relay: PeerId,
     bytes: &[u8],
-) -> anyhow::Result<Vec<kith_node::dm_streams::InUse>> {
+) -> anyhow::Result<Vec<kith_node::net::dm_streams::InUse>> {
     let mut held = Vec::new();
     for attacker in attackers {
-        for _ in 0..kith_node::dm_streams::SPARE_STREAMS {
+        for _ in 0..kith_node::net::dm_streams::SPARE_STREAMS {
             let mut taken =
                 wait_for("a ready stream", || async { attacker.streams.take(relay) }).await?;
             taken.stream.write_all(bytes).await?;
@@ -89,7 +91,7 @@ async fn streams_claiming_large_frames_and_trickling_keep_relay_memory_bounded(
     let attackers = (0..20)
         .map(|_| Attacker::connect(&addr))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let streams = attackers.len() * kith_node::dm_streams::SPARE_STREAMS;
+    let streams = attackers.len() * kith_node::net::dm_streams::SPARE_STREAMS;
 
     // Claims of 4 MiB (the old mailbox limit) are refused from the header alone.
     let refused_before = relay.metrics().rejects.get_or_create(&too_large()).get();

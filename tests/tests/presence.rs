@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use kith_node::engine::now_ms;
+use kith_node::clock::now_ms;
 use kith_node::{Config, NodeEvent, Settings};
 use kith_protocol::mailbox::DepositClass;
 use kith_protocol::presence::{Activity, Policy, Request, Visibility};

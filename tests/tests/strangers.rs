@@ -5,7 +5,7 @@
 
 use kith_net::codec::Message;
 use kith_node::config::SettingsChange;
-use kith_node::engine::NodeEvent;
+use kith_node::core::NodeEvent;
 use kith_protocol::envelope::Header;
 use kith_protocol::presence::Reach;
 use kith_protocol::{mailbox, Body, Destination, Envelope, MessageId, MessageState, Reject};
@@ -24,7 +24,7 @@ fn chat(key: &libp2p::identity::Keypair, to: PeerId, text: &str) -> anyhow::Resu
         Header {
             id: MessageId::random(),
             to: Destination::Peer(to),
-            sent_at_ms: kith_node::engine::now_ms(),
+            sent_at_ms: kith_node::clock::now_ms(),
             lamport: 1,
             expires_at_ms: None,
         },

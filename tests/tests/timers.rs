@@ -88,7 +88,7 @@ fn saw_expiry(events: &mut broadcast::Receiver<NodeEvent>, id: &str) -> Option<M
 /// Waits until the wall clock passes `at_ms` (a condition polled with a deadline).
 async fn wait_until(at_ms: u64) -> anyhow::Result<()> {
     wait_for("the clock to pass a time", || async {
-        (kith_node::engine::now_ms() > at_ms).then_some(())
+        (kith_node::clock::now_ms() > at_ms).then_some(())
     })
     .await
 }
@@ -145,7 +145,7 @@ async fn a_timed_message_is_seen_then_gone_on_both_sides_and_after_a_restart() -
     })
     .await?;
     assert!(
-        kith_node::engine::now_ms() >= expires,
+        kith_node::clock::now_ms() >= expires,
         "deleted before its expiry"
     );
     // Neither store's files hold the text in the clear, and once the expiry bucket's key is
@@ -183,7 +183,7 @@ async fn a_timed_message_is_seen_then_gone_on_both_sides_and_after_a_restart() -
     })
     .await?;
     bob.stop().await;
-    let expires2 = kith_node::engine::now_ms() + 3_000;
+    let expires2 = kith_node::clock::now_ms() + 3_000;
     wait_until(expires2 + 1_000).await?;
     bob.restart_on(bob_addr).await?;
     alice.restart_on(alice_addr).await?;
@@ -225,7 +225,7 @@ async fn an_offline_recipient_never_sees_an_expired_message_and_the_relay_drops_
     let mut events = alice.node().subscribe();
     let text = "gone before you look";
     let sent = alice.node().send("bob", text, None).await?;
-    let sent_at = kith_node::engine::now_ms();
+    let sent_at = kith_node::clock::now_ms();
     wait_for("the relay holds it", || async {
         (alice.state(&sent.id) == Some(MessageState::Sent)).then_some(())
     })
@@ -370,7 +370,7 @@ async fn a_relay_refuses_an_expired_envelope_within_its_skew_tolerance() -> anyh
     let addr = relay.listen_addrs[0].clone();
     let mut raw = RawPeer::new()?;
     let bob = libp2p::PeerId::random();
-    let now = kith_node::engine::now_ms();
+    let now = kith_node::clock::now_ms();
     let deposit = |raw: &RawPeer, expires_at_ms: u64| -> anyhow::Result<_> {
         let envelope = Envelope::seal(
             &raw.key,

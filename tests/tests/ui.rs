@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use kith_node::store::{Batch, Contact, Direction, Store, StoredMessage};
+use kith_node::core::store::{Batch, Contact, Direction, Store, StoredMessage};
 use kith_protocol::{MessageId, MessageState};
 use kith_tests::webdriver::{screenshot_dir, Browser, Driver, ENTER};
 use kith_tests::{init_logs, wait_for, TestNode};
@@ -37,7 +37,7 @@ fn api(node: &TestNode) -> std::net::SocketAddr {
 
 /// A one-time link to `node`'s chat window, as `kith ui` prints it.
 async fn ui_link(node: &TestNode) -> Result<String> {
-    let client = kith_node::client::Client::for_home(&node.home)?;
+    let client = kith_node::api::client::Client::for_home(&node.home)?;
     let answer: Value = client.post("/v1/ui/code", &json!({})).await?;
     answer["url"]
         .as_str()
@@ -74,7 +74,7 @@ async fn the_port_refuses_strangers_wrong_hosts_and_cross_site_changes() -> Resu
     }
     println!("initial page: {bytes} bytes (HTML + CSS + JS + icon)");
     assert!(bytes <= MAX_INITIAL_PAGE_BYTES, "{bytes} bytes");
-    assert_eq!(bytes, kith_node::ui::initial_page_bytes());
+    assert_eq!(bytes, kith_node::api::ui::initial_page_bytes());
 
     // No credentials: refused. A wrong Host (DNS rebinding): refused even with the token.
     let bare = http.get(format!("{base}/v1/contacts")).send().await?;
@@ -265,7 +265,7 @@ async fn the_list_pages_uploads_and_files_over_http() -> Result<()> {
     // Over max_file_bytes: refused while it streams, and nothing is left behind.
     let too_big = upload("big.bin", vec![7u8; 1024 * 1024 + 1]).await?;
     assert_eq!(too_big.status(), 413);
-    let kept = std::fs::read_dir(home.join(kith_node::ui::files::UPLOADS_DIR))?.count();
+    let kept = std::fs::read_dir(home.join(kith_node::api::ui::files::UPLOADS_DIR))?.count();
     assert_eq!(kept, 1, "only page.html's upload stays");
     Ok(())
 }
@@ -317,7 +317,7 @@ async fn fill_history(home: &Path) -> Result<()> {
         addrs: Vec::new(),
         relays: Vec::new(),
     });
-    let now = kith_node::engine::now_ms();
+    let now = kith_node::clock::now_ms();
     for i in 1..=10_000u64 {
         batch.put_message(&StoredMessage {
             id: MessageId::random(),

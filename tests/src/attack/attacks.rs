@@ -207,15 +207,15 @@ const PROTOCOLS: [(&str, usize); 5] = [
     (prekeys::PROTOCOL, prekeys::MAX_FRAME_BYTES),
 ];
 
-/// Raw outbound streams on each of the relay's protocols (see `kith_node::dm_streams`).
+/// Raw outbound streams on each of the relay's protocols (see `kith_node::net::dm_streams`).
 #[derive(NetworkBehaviour)]
 #[behaviour(to_swarm = "std::convert::Infallible")]
 struct Streams {
-    mailbox: kith_node::dm_streams::Behaviour,
-    presence: kith_node::dm_streams::Behaviour,
-    group: kith_node::dm_streams::Behaviour,
-    blob: kith_node::dm_streams::Behaviour,
-    keys: kith_node::dm_streams::Behaviour,
+    mailbox: kith_node::net::dm_streams::Behaviour,
+    presence: kith_node::net::dm_streams::Behaviour,
+    group: kith_node::net::dm_streams::Behaviour,
+    blob: kith_node::net::dm_streams::Behaviour,
+    keys: kith_node::net::dm_streams::Behaviour,
 }
 
 fn tcp_swarm<B: NetworkBehaviour>(
@@ -244,7 +244,7 @@ async fn big_frames(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     let mut make = |name: &'static str| {
         let (behaviour, streams) =
-            kith_node::dm_streams::Behaviour::new(StreamProtocol::new(name), events.clone());
+            kith_node::net::dm_streams::Behaviour::new(StreamProtocol::new(name), events.clone());
         handles.push((
             streams,
             PROTOCOLS.iter().find(|p| p.0 == name).map_or(0, |p| p.1),

@@ -13,9 +13,10 @@ use kith_protocol::hold::Admit;
 use kith_protocol::{Destination, Envelope};
 use libp2p::PeerId;
 
-use super::{now_ms, Node};
+use super::Node;
+use crate::clock::now_ms;
+use crate::core::store::OutboxEntry;
 use crate::net::peer_of;
-use crate::store::OutboxEntry;
 
 impl Node {
     /// Failed attempts so far of outbox entry `id`, or `None` when it is not in the outbox (it
@@ -197,10 +198,10 @@ impl Node {
         &self,
         to: PeerId,
         envelope: &Envelope,
-        kind: crate::store::EntryKind,
+        kind: crate::core::store::EntryKind,
     ) -> Option<String> {
         // The entry's kind, not its body: a sealed body does not say what it carries.
-        let is_chat = kind == crate::store::EntryKind::Message;
+        let is_chat = kind == crate::core::store::EntryKind::Message;
         let relays_known = self.contact_of(&to).is_some_and(|c| !c.relays.is_empty());
         let reason = (is_chat && !relays_known).then(|| {
             format!(

@@ -3,8 +3,9 @@
 //! retried for ever. Retries are scheduled no later than the deadline, and an entry found past
 //! it (after a long hold, or a restart) fails without another attempt.
 
-use super::{now_ms, Node, Outcome};
-use crate::store::OutboxEntry;
+use super::{Node, Outcome};
+use crate::clock::now_ms;
+use crate::core::store::OutboxEntry;
 
 /// When an entry sent at `sent_at_ms` stops being tried: `ttl_ms` later, and no later than
 /// `ttl_ms` after `first_seen_ms` (when this node first had it), so that a clock that was far

@@ -47,10 +47,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::{now_ms, Node, NodeError, NodeEvent, Sent};
+use crate::clock::now_ms;
+use crate::core::store::{Batch, Direction, EntryKind, StoredMessage};
+use crate::core::{Node, NodeError, NodeEvent, Sent};
 use crate::net::{circuit_addr, peer_of};
 use crate::shutdown::Signal;
-use crate::store::{Batch, Direction, EntryKind, StoredMessage};
 
 /// Directory of sealed blobs inside the home.
 pub const BLOBS_DIR: &str = "blobs";
@@ -835,7 +836,7 @@ impl Node {
             .ok_or_else(|| NodeError::UnknownMessage(format!("{id} (no file attached)")))
     }
 
-    /// The files of message `id` that go when it expires ([`crate::timers`]): the manifest
+    /// The files of message `id` that go when it expires ([`crate::features::timers`]): the manifest
     /// blobs, the sent pack, the partial download, and a received file; never a file the user
     /// sent from. Its chunks leave the index of packed chunks at once.
     pub(crate) fn expired_files(&self, id: &MessageId) -> Vec<PathBuf> {
@@ -864,8 +865,8 @@ impl Node {
     /// Fills in the `attachment` of every message view that has one.
     pub(crate) fn with_attachments(
         &self,
-        mut views: Vec<crate::engine::MessageView>,
-    ) -> Vec<crate::engine::MessageView> {
+        mut views: Vec<crate::core::MessageView>,
+    ) -> Vec<crate::core::MessageView> {
         for view in &mut views {
             if let Ok(id) = view.id.parse::<MessageId>() {
                 view.attachment = self.attachment(&id);
@@ -1122,7 +1123,7 @@ impl Node {
     ) -> Result<Sent, NodeError> {
         let lamport = self.next_lamport(&peer)?;
         let sent_at_ms = now_ms();
-        let expires_at_ms = self.expiry_for(crate::store::Thread::Peer(&peer), sent_at_ms)?;
+        let expires_at_ms = self.expiry_for(crate::core::store::Thread::Peer(&peer), sent_at_ms)?;
         let header = Header {
             id,
             to: Destination::Peer(peer),
@@ -1317,7 +1318,7 @@ impl Node {
             .map_or(first_ms, |m| m.sent_at_ms);
         let ttl = self.config().mailbox_ttl;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        (now_ms() >= crate::engine::deadline_ms(sent_at_ms, first_ms, ttl_ms)).then(|| {
+        (now_ms() >= crate::core::deadline_ms(sent_at_ms, first_ms, ttl_ms)).then(|| {
             format!(
                 "download did not finish within the mailbox TTL ({} s) after the message was sent",
                 ttl.as_secs()
@@ -1914,7 +1915,7 @@ mod api {
     use axum::{Json, Router};
     use serde::Deserialize;
 
-    use crate::engine::{Node, NodeError};
+    use crate::core::{Node, NodeError};
 
     struct ApiError(NodeError);
 
@@ -1978,7 +1979,7 @@ pub mod cli {
     use indicatif::{ProgressBar, ProgressStyle};
     use serde_json::{json, Value};
 
-    use crate::client::Client;
+    use crate::api::client::Client;
 
     fn bar(label: &str) -> ProgressBar {
         let bar = ProgressBar::new(0);

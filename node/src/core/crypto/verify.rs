@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::engine::{Node, NodeError};
+use crate::core::{Node, NodeError};
 
 /// What `kith contact verify` shows.
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +26,7 @@ impl Node {
     /// the user compared it.
     pub fn verify_contact(&self, who: &str, mark: bool) -> Result<VerifyView, NodeError> {
         let peer = self.resolve(who)?;
-        let failed = |e: crate::crypto::CryptoError| NodeError::Invalid(e.to_string());
+        let failed = |e: crate::core::crypto::CryptoError| NodeError::Invalid(e.to_string());
         let Some(mut record) = self.olm().peer(&peer).map_err(failed)? else {
             return Err(NodeError::Unavailable(format!(
                 "no identity key of {who} is known yet: add the contact from its invite, or exchange a message first"

@@ -4,8 +4,8 @@
 
 use libp2p::PeerId;
 
-use crate::engine::{ContactView, Node, NodeError};
-use crate::store::{Batch, Contact};
+use crate::core::store::{Batch, Contact};
+use crate::core::{ContactView, Node, NodeError};
 
 /// Longest contact name, in bytes.
 pub const MAX_NAME_BYTES: usize = 64;

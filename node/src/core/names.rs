@@ -6,7 +6,7 @@ use kith_protocol::{Envelope, GroupId, MessageId, MessageState, PeerId};
 
 use std::collections::HashMap;
 
-use crate::engine::{MessageView, Node, NodeEvent};
+use crate::core::{MessageView, Node, NodeEvent};
 
 impl Node {
     /// The contact name of `peer`; this node's own name for itself.
@@ -85,8 +85,8 @@ impl Node {
     pub(crate) fn named_view(
         &self,
         state: &kith_protocol::group::State,
-    ) -> crate::group::GroupView {
-        let mut view = crate::group::GroupView::from(state);
+    ) -> crate::features::group::GroupView {
+        let mut view = crate::features::group::GroupView::from(state);
         view.member_names = state
             .members
             .iter()

@@ -1,4 +1,4 @@
-//! Sealed messages that came too far ahead of their chain (see [`crate::crypto::order`]): kept
+//! Sealed messages that came too far ahead of their chain (see [`crate::core::crypto::order`]): kept
 //! as they came, and opened once the messages before them have been, or once waiting for those
 //! took longer than [`order::PATIENCE`].
 //!
@@ -12,8 +12,9 @@ use kith_protocol::envelope::Sealed;
 use kith_protocol::{cbor, limits, Body, Envelope, Reject};
 use libp2p::PeerId;
 
-use super::{now_ms, store_failed, Fresh, Node};
-use crate::crypto::order;
+use super::{store_failed, Fresh, Node};
+use crate::clock::now_ms;
+use crate::core::crypto::order;
 use crate::shutdown::Signal;
 
 /// How long a sender is asked to wait when this node already holds as many of its messages as
@@ -107,7 +108,7 @@ impl Node {
     fn open_one_held<'a>(
         &'a self,
         bytes: &[u8],
-        claims: &mut Vec<crate::claims::Claim<'a>>,
+        claims: &mut Vec<crate::core::claims::Claim<'a>>,
     ) -> Result<Option<Fresh>, Reject> {
         let envelope: Envelope =
             cbor::decode(bytes, limits::MAX_ENVELOPE_BYTES).map_err(|_| Reject::Malformed)?;

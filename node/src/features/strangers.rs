@@ -30,8 +30,8 @@ use kith_protocol::{Destination, Envelope, Reject};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ContactView, Node, NodeError, NodeEvent};
-use crate::store::{Batch, Direction, Store, StoreError};
+use crate::core::store::{Batch, Direction, Store, StoreError};
+use crate::core::{ContactView, Node, NodeError, NodeEvent};
 
 /// Longest preview of a request's last message, in characters.
 const PREVIEW_CHARS: usize = 80;
@@ -181,7 +181,7 @@ impl Node {
             lists.requests.insert(*from, false);
             batch.put_raw(
                 key(REQUEST, from),
-                crate::engine::now_ms().to_be_bytes().to_vec(),
+                crate::clock::now_ms().to_be_bytes().to_vec(),
             );
         }
     }
@@ -340,7 +340,7 @@ impl Node {
         }
         batch.put_raw(
             key(BLOCKED, &peer),
-            crate::engine::now_ms().to_be_bytes().to_vec(),
+            crate::clock::now_ms().to_be_bytes().to_vec(),
         );
         {
             let mut lists = self.strangers().lists();
@@ -423,7 +423,7 @@ pub mod cli {
     use clap::{Args, Subcommand};
     use serde_json::{json, Value};
 
-    use crate::client::Client;
+    use crate::api::client::Client;
     use crate::text::for_terminal;
 
     /// `kith requests [--json]`, `kith requests accept|block WHO`.

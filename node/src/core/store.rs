@@ -18,12 +18,12 @@
 //! | `gm/` | message id | group id: the message belongs to a group conversation |
 //! | `gs/` | message id | per-member states of an outgoing group message |
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
-//! | `a/` | message id | the message's attachment record ([`crate::media`]) |
+//! | `a/` | message id | the message's attachment record ([`crate::features::media`]) |
 //! | `f/` | message id | why an outgoing message is `failed` (UTF-8) |
-//! | `R/` | peer | a stranger whose messages wait in the requests list ([`crate::strangers`]) |
-//! | `B/` | peer | a blocked peer ([`crate::strangers`]) |
-//! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::crypto`]) |
-//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::timers`]) |
+//! | `R/` | peer | a stranger whose messages wait in the requests list ([`crate::features::strangers`]) |
+//! | `B/` | peer | a blocked peer ([`crate::features::strangers`]) |
+//! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::core::crypto`]) |
+//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::features::timers`]) |
 //! | `et/` | message id | [`Expired`]: what is left of a deleted message (its final state) |
 //! | `T/` | peer | [`TimerRecord`]: a one-to-one conversation's timer |
 //! | `Tg/` | group id | [`TimerRecord`]: a group conversation's timer |
@@ -151,7 +151,7 @@ pub struct OutboxEntry {
     #[serde(default)]
     pub kind: EntryKind,
     /// The envelope's body is still the plaintext: it is encrypted for its recipient
-    /// ([`crate::crypto`]) on an attempt once a session can be had, and never leaves before.
+    /// ([`crate::core::crypto`]) on an attempt once a session can be had, and never leaves before.
     #[serde(default)]
     pub unsealed: bool,
 }
@@ -334,17 +334,17 @@ impl Batch {
         self.remove(outbox_key(id));
     }
 
-    /// Stores (or replaces) the attachment record of message `id` (see [`crate::media`]).
+    /// Stores (or replaces) the attachment record of message `id` (see [`crate::features::media`]).
     pub fn put_attachment<T: Serialize>(&mut self, id: &MessageId, record: &T) {
         self.insert(attachment_key(id), encode(record));
     }
 
-    /// Sets a key of a module with its own layout under its own prefix ([`crate::crypto`]).
+    /// Sets a key of a module with its own layout under its own prefix ([`crate::core::crypto`]).
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.insert(key, value);
     }
 
-    /// Removes a key of a module with its own layout ([`crate::crypto`]).
+    /// Removes a key of a module with its own layout ([`crate::core::crypto`]).
     pub(crate) fn remove_raw(&mut self, key: Vec<u8>) {
         self.remove(key);
     }
@@ -360,7 +360,7 @@ impl Batch {
     }
 
     /// Removes a one-to-one message with its index entries and attachment record (a blocked
-    /// request's messages, [`crate::strangers`]). The message record goes first, so a crash part
+    /// request's messages, [`crate::features::strangers`]). The message record goes first, so a crash part
     /// way leaves index entries that point at nothing (skipped when read).
     pub fn remove_conversation_message(&mut self, msg: &StoredMessage) {
         self.remove(message_key(&msg.from, &msg.id));
@@ -524,12 +524,12 @@ impl Store {
         self.flushing.load(Ordering::Acquire)
     }
 
-    /// The value of a key of a module with its own layout ([`crate::crypto`]).
+    /// The value of a key of a module with its own layout ([`crate::core::crypto`]).
     pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Every key and value under `prefix` (a module with its own layout: [`crate::crypto`]).
+    /// Every key and value under `prefix` (a module with its own layout: [`crate::core::crypto`]).
     pub(crate) fn scan_raw(&self, prefix: &[u8]) -> Result<Vec<RawEntry>, StoreError> {
         let mut out = Vec::new();
         for entry in self.tree.scan_prefix(prefix) {
@@ -1195,7 +1195,7 @@ pub struct Expired {
 /// A message due for deletion: its sender and id.
 pub type Due = (PeerId, MessageId);
 
-/// Temporary chats ([`crate::timers`]): timers, the expiry index, deletion and what is left.
+/// Temporary chats ([`crate::features::timers`]): timers, the expiry index, deletion and what is left.
 impl Batch {
     /// Deletes a message and every index and side record of it (attachment, outbox entry,
     /// group states), then its expiry index entry. The record goes first, so a crash part way

@@ -27,9 +27,12 @@ use kith_protocol::{timer, Body, Destination, Envelope, GroupId, MessageId, Mess
 use libp2p::PeerId;
 use serde::Serialize;
 
-use crate::engine::{now_ms, Inbound, MessageView, Node, NodeError, NodeEvent};
+use crate::clock::now_ms;
+use crate::core::store::{
+    Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord,
+};
+use crate::core::{Inbound, MessageView, Node, NodeError, NodeEvent};
 use crate::shutdown::Signal;
-use crate::store::{Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord};
 
 /// How often the sweep looks at the expiry index when nothing is due sooner.
 const SWEEP_IDLE: Duration = Duration::from_secs(1);
@@ -99,7 +102,7 @@ pub struct ExportLine {
     pub state: MessageState,
     /// The attached file: name, size, type, hash and where it is on this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<crate::media::AttachmentView>,
+    pub file: Option<crate::features::media::AttachmentView>,
     /// For a timer change's line: the timer it set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timer: Option<TimerLine>,
@@ -566,7 +569,7 @@ pub mod cli {
     use anyhow::Result;
     use serde_json::{json, Value};
 
-    use crate::client::Client;
+    use crate::api::client::Client;
 
     fn seg(s: &str) -> String {
         s.bytes()
@@ -648,7 +651,7 @@ mod api {
     use axum::{Json, Router};
     use serde::Deserialize;
 
-    use crate::engine::{Node, NodeError};
+    use crate::core::{Node, NodeError};
 
     struct ApiError(NodeError);
 

@@ -63,7 +63,7 @@ pub fn safety_number(a: &SignedIdentity, b: &SignedIdentity) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Batch, Store};
+    use crate::core::store::{Batch, Store};
     use kith_protocol::{Body, MessageId, PeerId};
     use libp2p::identity::Keypair;
 

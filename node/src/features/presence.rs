@@ -27,7 +27,8 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::engine::{now_ms, Node, NodeError, NodeEvent};
+use crate::clock::now_ms;
+use crate::core::{Node, NodeError, NodeEvent};
 use crate::net::{circuit_addr, peer_of};
 use crate::shutdown::Signal;
 
@@ -108,7 +109,7 @@ impl Node {
     }
 
     /// This node's presence policy: the visibility setting and the contacts, with who may
-    /// reach the user and whom it blocked (for its relays, [`crate::strangers`]).
+    /// reach the user and whom it blocked (for its relays, [`crate::features::strangers`]).
     fn policy(&self) -> Policy {
         let (_, settings, _, _) = self.parts();
         Policy::with_reach(

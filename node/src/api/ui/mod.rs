@@ -36,7 +36,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::engine::{now_ms, Node, NodeError};
+use crate::clock::now_ms;
+use crate::core::{Node, NodeError};
 pub use gate::Gate;
 
 /// The policy of every response: scripts, styles, images and connections from this origin only,
@@ -258,7 +259,7 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
 
 /// `kith ui [--open]`: asks the running daemon for a one-time code and prints the page's
 /// address with it (and opens it in the browser with `--open`).
-pub async fn open(client: &crate::client::Client, launch: bool) -> anyhow::Result<()> {
+pub async fn open(client: &crate::api::client::Client, launch: bool) -> anyhow::Result<()> {
     let answer: serde_json::Value = client.post("/v1/ui/code", &json!({})).await?;
     let url = answer["url"]
         .as_str()

@@ -4,7 +4,7 @@
 //! An upload (`POST /v1/upload?to=WHO&name=NAME`, the raw file as the body) is written as it
 //! arrives to `<home>/uploads/<random>/<name>`, never held in memory, and refused past
 //! `max_file_bytes`. It then goes the way of `kith send-file`; the file stays there, since a
-//! sender serves its file's chunks from it (see [`crate::media`]).
+//! sender serves its file's chunks from it (see [`crate::features::media`]).
 //!
 //! Serving: a received file may be anything, and this origin holds the session cookie, so
 //! a file is never served as a page: only images and video are shown inline, everything else is
@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{UiError, UiState};
-use crate::engine::NodeError;
+use crate::core::NodeError;
 
 /// Directory of uploaded files inside the home.
 pub const UPLOADS_DIR: &str = "uploads";
@@ -64,7 +64,7 @@ pub(super) async fn upload(
         .home
         .join(UPLOADS_DIR)
         .join(hex::encode(nonce));
-    let path = dir.join(crate::media::safe_name(Path::new(&q.name)));
+    let path = dir.join(crate::features::media::safe_name(Path::new(&q.name)));
     let written = receive(&dir, &path, body, s.node.settings().max_file_bytes).await;
     if let Err(e) = written {
         let _ = tokio::fs::remove_dir_all(&dir).await;

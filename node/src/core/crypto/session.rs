@@ -18,9 +18,10 @@ use libp2p::{Multiaddr, PeerId};
 
 use kith_net::codec::Message;
 
-use crate::engine::{now_ms, Inbound, Node, NodeError, NodeEvent, Outcome};
+use crate::clock::now_ms;
+use crate::core::store::{Batch, EntryKind, OutboxEntry, StoredMessage};
+use crate::core::{Inbound, Node, NodeError, NodeEvent, Outcome};
 use crate::net::peer_of;
-use crate::store::{Batch, EntryKind, OutboxEntry, StoredMessage};
 
 /// One-time keys a node keeps at each home relay.
 const ONE_TIME_KEYS_TARGET: u32 = prekeys::MAX_ONE_TIME_KEYS as u32;
@@ -433,7 +434,7 @@ impl Node {
             }
             let file = self
                 .store()
-                .attachment::<crate::media::Record>(&id)
+                .attachment::<crate::features::media::Record>(&id)
                 .map_err(|e| fail(&e))?;
             let timer_line = self.store().timer_line(&id).map_err(|e| fail(&e))?;
             let body = match (file, timer_line) {

@@ -2,7 +2,7 @@
 //! message and unread count, by activity) and conversations a page at a time.
 //!
 //! Both read the store's conversation indexes from the newest end
-//! ([`Store::newest_first`](crate::store::Store::newest_first)), so their cost does not grow
+//! ([`Store::newest_first`](crate::core::store::Store::newest_first)), so their cost does not grow
 //! with a conversation's length: a page of 50 reads 50 records, and an unread count reads back
 //! only to the last message the user read (reading marks a whole conversation).
 
@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use kith_protocol::{GroupId, MessageId, MessageState, PeerId};
 use serde::Serialize;
 
-use crate::engine::{MessageView, Node, NodeError};
-use crate::store::{Direction, StoredMessage, Thread};
+use crate::core::store::{Direction, StoredMessage, Thread};
+use crate::core::{MessageView, Node, NodeError};
 
 /// Messages in a page when the caller does not say.
 pub const DEFAULT_PAGE: usize = 50;

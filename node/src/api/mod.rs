@@ -30,13 +30,16 @@
 //! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
 //! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
 //!
-//! The web UI's routes ([`crate::ui`]) are served on the same port; a UI session cookie stands
+//! The web UI's routes ([`crate::api::ui`]) are served on the same port; a UI session cookie stands
 //! in for the token there, and every request must name a loopback host in `Host`.
 //!
 //! Every error answers `{"error": "..."}`: 400 (bad input or malformed JSON), 401 (token), 404
 //! (unknown route, message or contact), 405 (wrong method), 413 (body too large), 415 (body not
 //! `application/json`), 422 (a field missing or of the wrong type), 500 (store), 503 (nobody who
 //! could answer did).
+
+pub mod client;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,7 +58,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::engine::{Node, NodeError};
+use crate::core::{Node, NodeError};
 use crate::shutdown::Signal;
 
 /// Longest a send may wait for its first delivery attempt.
@@ -144,7 +147,10 @@ async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Re
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     // The web UI's guard (outside this layer) admits session cookies and the page's assets.
-    let admitted = request.extensions().get::<crate::ui::Admitted>().is_some();
+    let admitted = request
+        .extensions()
+        .get::<crate::api::ui::Admitted>()
+        .is_some();
     if !admitted && !token_matches(given, expected.as_bytes()) {
         tracing::warn!(path = %request.uri().path(), "local API request without a valid token");
         return ApiError(
@@ -252,7 +258,7 @@ async fn messages(
             .with
             .as_deref()
             .ok_or_else(|| NodeError::Invalid("paging (before, limit) needs `with`".into()))?;
-        let limit = q.limit.unwrap_or(crate::ui::views::DEFAULT_PAGE);
+        let limit = q.limit.unwrap_or(crate::api::ui::views::DEFAULT_PAGE);
         return Ok(Json(s.node.messages_page(
             with,
             q.before.as_deref(),
@@ -346,7 +352,7 @@ pub(crate) async fn serve(
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let gate = std::sync::Arc::new(crate::ui::Gate::new(&token, bound));
+    let gate = std::sync::Arc::new(crate::api::ui::Gate::new(&token, bound));
     let state = AppState {
         node,
         token,
@@ -367,15 +373,19 @@ pub(crate) async fn serve(
         .route("/v1/events", get(events))
         .route("/v1/health", get(health))
         .route("/v1/settings", get(settings).post(change_settings))
-        .merge(crate::crypto::verify::api_routes().with_state(state.node.clone()))
-        .merge(crate::group::api_routes().with_state(state.node.clone()))
-        .merge(crate::media::api_routes().with_state(state.node.clone()))
-        .merge(crate::timers::api_routes().with_state(state.node.clone()))
-        .merge(crate::strangers::api_routes().with_state(state.node.clone()))
-        .merge(crate::ui::routes(state.node.clone(), gate.clone(), bound))
+        .merge(crate::core::crypto::verify::api_routes().with_state(state.node.clone()))
+        .merge(crate::features::group::api_routes().with_state(state.node.clone()))
+        .merge(crate::features::media::api_routes().with_state(state.node.clone()))
+        .merge(crate::features::timers::api_routes().with_state(state.node.clone()))
+        .merge(crate::features::strangers::api_routes().with_state(state.node.clone()))
+        .merge(crate::api::ui::routes(
+            state.node.clone(),
+            gate.clone(),
+            bound,
+        ))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(middleware::from_fn_with_state(gate, crate::ui::guard))
+        .layer(middleware::from_fn_with_state(gate, crate::api::ui::guard))
         .layer(middleware::from_fn(json_errors))
         .with_state(state);
     let task = tokio::spawn(async move {

@@ -34,7 +34,7 @@ use vodozemac::olm::{
 use vodozemac::Curve25519PublicKey;
 
 use super::order::{self, Chains, Held, Position, Verdict};
-use crate::store::{Batch, Store, StoreError};
+use crate::core::store::{Batch, Store, StoreError};
 
 /// Largest stored record this module reads back.
 const MAX_RECORD_BYTES: usize = 1024 * 1024;

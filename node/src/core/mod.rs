@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kith_net::codec::Message;
 use kith_protocol::blob::FileRef;
@@ -29,17 +29,22 @@ use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 mod backpressure;
+pub(crate) mod claims;
+pub(crate) mod contacts;
+pub mod crypto;
 mod give_up;
 mod held;
+pub(crate) mod names;
+pub mod store;
 pub(crate) use give_up::deadline_ms;
 
 use crate::config::{Config, Settings};
-use crate::crypto::{upgrade_entry, Olm, OpenError};
-use crate::net::{self, circuit_addr, peer_of, NetError};
-use crate::shutdown::Signal;
-use crate::store::{
+use crate::core::crypto::{upgrade_entry, Olm, OpenError};
+use crate::core::store::{
     Batch, Contact, Direction, EntryKind, OutboxEntry, Store, StoreError, StoredMessage, Thread,
 };
+use crate::net::{self, circuit_addr, peer_of, NetError};
+use crate::shutdown::Signal;
 
 /// How long a sender or relay is asked to wait when another copy of its message is being
 /// stored (see `claims`).
@@ -48,13 +53,7 @@ const CLAIMED_RETRY_AFTER_MS: u64 = 500;
 /// Senders' decoded keys kept per generation ([`Keys`]): far more than a node's contacts.
 const KEY_CACHE_CAPACITY: usize = 256;
 
-/// The current time in unix milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::now_ms;
 
 /// An event for the local API's stream and for in-process watchers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -118,7 +117,7 @@ pub enum NodeEvent {
         /// Its contact name, if known.
         from_name: Option<String>,
     },
-    /// A file transfer moved on ([`crate::media`]).
+    /// A file transfer moved on ([`crate::features::media`]).
     Progress {
         /// The message the file is attached to.
         id: String,
@@ -135,7 +134,7 @@ pub enum NodeEvent {
         /// The peer.
         peer: String,
     },
-    /// A stranger's first message arrived: it waits in the requests list ([`crate::strangers`]).
+    /// A stranger's first message arrived: it waits in the requests list ([`crate::features::strangers`]).
     Request {
         /// The stranger's peer id.
         peer_id: String,
@@ -149,7 +148,7 @@ pub enum NodeEvent {
         /// The sender.
         from: String,
     },
-    /// A message of a temporary chat reached its expiry and was deleted ([`crate::timers`]).
+    /// A message of a temporary chat reached its expiry and was deleted ([`crate::features::timers`]).
     Expired {
         /// The message id.
         id: String,
@@ -217,11 +216,11 @@ struct Inner {
     /// Inbound `/kith/dm/1` requests handled at once (verified, stored and flushed).
     inbound_slots: Semaphore,
     next_req_id: std::sync::atomic::AtomicU64,
-    presence: crate::presence::State,
-    groups: crate::group::Groups,
-    media: crate::media::State,
+    presence: crate::features::presence::State,
+    groups: crate::features::group::Groups,
+    media: crate::features::media::State,
     /// Inbound messages between their "is it new" check and their flush.
-    claims: crate::claims::Claims,
+    claims: crate::core::claims::Claims,
     /// When a mailbox fetch last completed (unix ms, 0: never), for `kith status`.
     last_fetch_ms: std::sync::atomic::AtomicU64,
     /// The Olm account and sessions: the only sealer and opener of one-to-one bodies.
@@ -230,7 +229,7 @@ struct Inner {
     /// waiting for it.
     claiming: tokio::sync::Mutex<()>,
     /// Strangers' requests and blocked peers.
-    strangers: crate::strangers::State,
+    strangers: crate::features::strangers::State,
 }
 
 /// A second copy of an envelope within one batch: stored with the first, like any duplicate
@@ -392,15 +391,15 @@ pub struct MessageView {
     pub conversation_name: Option<String>,
     /// The author's name (a contact's, or this node's own), if known.
     pub from_name: Option<String>,
-    /// The attached file, if any ([`crate::media`]).
+    /// The attached file, if any ([`crate::features::media`]).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub attachment: Option<crate::media::AttachmentView>,
+    pub attachment: Option<crate::features::media::AttachmentView>,
     /// When it disappears (unix ms, this node's clock), for a message of a temporary chat.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
-    /// For the history line of a timer change: the timer it set ([`crate::timers`]).
+    /// For the history line of a timer change: the timer it set ([`crate::features::timers`]).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub timer: Option<crate::timers::TimerLine>,
+    pub timer: Option<crate::features::timers::TimerLine>,
 }
 
 impl From<StoredMessage> for MessageView {
@@ -456,7 +455,7 @@ pub struct ContactView {
     pub verified: bool,
     /// Its identity key changed since it was first seen and is not verified again.
     pub identity_changed: bool,
-    /// The user blocked it ([`crate::strangers`]).
+    /// The user blocked it ([`crate::features::strangers`]).
     pub blocked: bool,
 }
 
@@ -530,7 +529,7 @@ impl Node {
             .map(|c| (c.peer_id, c))
             .collect();
         let max_in_flight = config.max_in_flight;
-        let strangers = crate::strangers::State::load(&store)?;
+        let strangers = crate::features::strangers::State::load(&store)?;
         let node = Node {
             inner: Arc::new(Inner {
                 key,
@@ -552,10 +551,10 @@ impl Node {
                 inbound: Mutex::new(Some(JoinSet::new())),
                 inbound_slots: Semaphore::new(max_in_flight),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
-                presence: crate::presence::State::default(),
-                groups: crate::group::Groups::load(store_groups),
-                media: crate::media::State::default(),
-                claims: crate::claims::Claims::default(),
+                presence: crate::features::presence::State::default(),
+                groups: crate::features::group::Groups::load(store_groups),
+                media: crate::features::media::State::default(),
+                claims: crate::core::claims::Claims::default(),
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
                 olm,
                 claiming: tokio::sync::Mutex::new(()),
@@ -631,11 +630,11 @@ impl Node {
         &self.inner.home_relays
     }
 
-    pub(crate) fn media(&self) -> &crate::media::State {
+    pub(crate) fn media(&self) -> &crate::features::media::State {
         &self.inner.media
     }
 
-    pub(crate) fn groups(&self) -> &crate::group::Groups {
+    pub(crate) fn groups(&self) -> &crate::features::group::Groups {
         &self.inner.groups
     }
 
@@ -643,7 +642,7 @@ impl Node {
         &self.inner.olm
     }
 
-    pub(crate) fn strangers(&self) -> &crate::strangers::State {
+    pub(crate) fn strangers(&self) -> &crate::features::strangers::State {
         &self.inner.strangers
     }
 
@@ -676,12 +675,12 @@ impl Node {
     }
 
     /// Inbound messages being stored (for `group.rs`).
-    pub(crate) fn claims(&self) -> &crate::claims::Claims {
+    pub(crate) fn claims(&self) -> &crate::core::claims::Claims {
         &self.inner.claims
     }
 
     /// The presence state (for `presence.rs`).
-    pub(crate) fn presence_state(&self) -> &crate::presence::State {
+    pub(crate) fn presence_state(&self) -> &crate::features::presence::State {
         &self.inner.presence
     }
 
@@ -775,7 +774,7 @@ impl Node {
         peer_or_invite: &str,
         addrs: &[String],
     ) -> Result<ContactView, NodeError> {
-        let name = crate::contacts::valid_name(name)?;
+        let name = crate::core::contacts::valid_name(name)?;
         let (peer_id, relays) = if let Ok(peer) = peer_or_invite.trim().parse::<PeerId>() {
             (peer, Vec::new())
         } else {
@@ -1371,7 +1370,7 @@ impl Node {
             return; // Shutting down.
         };
         while inbound.try_join_next().is_some() {}
-        if inbound.len() >= crate::dm_streams::MAX_INBOUND_STREAMS {
+        if inbound.len() >= crate::net::dm_streams::MAX_INBOUND_STREAMS {
             tracing::debug!(%peer, "too many inbound dm streams; dropping one");
             return;
         }
@@ -1582,20 +1581,22 @@ impl Node {
     fn claim_inbound<'a>(
         &'a self,
         envelope: &Envelope,
-        claims: &mut Vec<crate::claims::Claim<'a>>,
+        claims: &mut Vec<crate::core::claims::Claim<'a>>,
     ) -> Result<bool, Reject> {
         let from = envelope.from;
         match self.inner.claims.claim(from, envelope.id) {
-            crate::claims::Claimed::Mine(claim) => {
+            crate::core::claims::Claimed::Mine(claim) => {
                 claims.push(claim);
                 Ok(true)
             }
             // Stored a moment ago by another copy, or held by a copy in this batch.
-            crate::claims::Claimed::Stored => Ok(false),
-            crate::claims::Claimed::Busy if claims.iter().any(|c| c.is(from, envelope.id)) => {
+            crate::core::claims::Claimed::Stored => Ok(false),
+            crate::core::claims::Claimed::Busy
+                if claims.iter().any(|c| c.is(from, envelope.id)) =>
+            {
                 Ok(false)
             }
-            crate::claims::Claimed::Busy => {
+            crate::core::claims::Claimed::Busy => {
                 tracing::debug!(%from, id = %envelope.id, "another copy is being stored");
                 Err(Reject::Busy {
                     retry_after_ms: CLAIMED_RETRY_AFTER_MS,
@@ -1704,7 +1705,7 @@ impl Node {
                 .olm
                 .verdict(&from, &sealed)
                 .map_err(|e| store_failed(&e))?;
-            if verdict == crate::crypto::order::Verdict::Hold {
+            if verdict == crate::core::crypto::order::Verdict::Hold {
                 return self.hold_sealed(envelope, &sealed, relayed);
             }
         }
@@ -1725,7 +1726,7 @@ impl Node {
                     }
                     Body::Timer { secs, .. } => {
                         self.stage_timer(&envelope, secs, batch)?;
-                        let line = crate::timers::line_text(secs);
+                        let line = crate::features::timers::line_text(secs);
                         self.stage_chat(&envelope, line, None, batch).map(Some)
                     }
                     _ => Err(Inbound::Refused(Reject::Malformed)),

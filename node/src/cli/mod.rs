@@ -59,7 +59,7 @@ fn format_local(at: DateTime<Local>, now: DateTime<Local>) -> String {
 
 /// How long ago a unix time in ms was, in words.
 pub fn ago(ms: u64) -> String {
-    let ago = crate::engine::now_ms().saturating_sub(ms) / 1000;
+    let ago = crate::clock::now_ms().saturating_sub(ms) / 1000;
     match ago {
         0..=59 => format!("{ago} s ago"),
         60..=3599 => format!("{} min ago", ago / 60),
@@ -174,7 +174,7 @@ pub fn print_messages(messages: &Value, one_conversation: bool) {
 /// One event of the stream as a line for a person, or `None` for events not worth a line
 /// (file progress short of the end).
 pub fn event_line(event: &Value) -> Option<String> {
-    let now = local_time(crate::engine::now_ms());
+    let now = local_time(crate::clock::now_ms());
     let name_or_id = |name: &str, id: &str| match event[name].as_str() {
         Some(name) => for_terminal(name).into_owned(),
         None => short_id(str_of(event, id)),

@@ -39,57 +39,20 @@ use kith_protocol::group::{self, Change, Limits, Op, State};
 use kith_protocol::limits::MAX_ENVELOPE_BYTES;
 use kith_protocol::{cbor, Body, Destination, Envelope, GroupId, MessageId, MessageState};
 use kith_protocol::{ReceiptState, Reject};
-use libp2p::gossipsub::{self, AllowAllSubscriptionFilter, MaxCountSubscriptionFilter};
-use libp2p::identity::Keypair;
+use libp2p::gossipsub;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::engine::{now_ms, MessageView, Node, NodeError, NodeEvent, Outcome, Sent};
+use crate::clock::now_ms;
+use crate::core::store::{Batch, Direction, EntryKind, OutboxEntry, StoredMessage};
+use crate::core::{MessageView, Node, NodeError, NodeEvent, Outcome, Sent};
 use crate::net::peer_of;
 use crate::shutdown::Signal;
-use crate::store::{Batch, Direction, EntryKind, OutboxEntry, StoredMessage};
-
-/// The node's gossipsub behaviour: its subscription filter lets a relay hold many topics.
-pub type Gossipsub = gossipsub::Behaviour<
-    gossipsub::IdentityTransform,
-    MaxCountSubscriptionFilter<AllowAllSubscriptionFilter>,
->;
-
-/// Most topics a peer (typically a relay hosting many groups) may hold as seen by a node.
-const MAX_TOPICS_PER_PEER: usize = 100_000;
 
 /// How many times a membership change is re-submitted after conflicts.
 const MAX_CONFLICT_RETRIES: usize = 8;
-
-/// Builds the node's gossipsub: a small mesh (groups are small and the relay floods), kith
-/// validates every message before it is forwarded, frames fit one envelope.
-pub(crate) fn gossipsub(key: &Keypair, heartbeat: Duration) -> Result<Gossipsub, String> {
-    let config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(heartbeat)
-        .heartbeat_initial_delay(heartbeat.min(Duration::from_secs(5)))
-        .mesh_outbound_min(1)
-        .mesh_n_low(1)
-        .mesh_n(3)
-        .mesh_n_high(6)
-        .flood_publish(true)
-        .validate_messages()
-        .max_transmit_size(MAX_ENVELOPE_BYTES + 1024)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let filter = MaxCountSubscriptionFilter {
-        filter: AllowAllSubscriptionFilter {},
-        max_subscribed_topics: MAX_TOPICS_PER_PEER,
-        max_subscriptions_per_request: MAX_TOPICS_PER_PEER,
-    };
-    gossipsub::Behaviour::new_with_subscription_filter(
-        gossipsub::MessageAuthenticity::Signed(key.clone()),
-        config,
-        filter,
-    )
-    .map_err(str::to_owned)
-}
 
 /// The node's in-memory group state (the store holds the durable copy).
 #[derive(Default)]
@@ -496,7 +459,7 @@ impl Node {
             }
             Body::Timer { secs, admins_only } => {
                 timer = Some((secs, admins_only));
-                crate::timers::line_text(secs)
+                crate::features::timers::line_text(secs)
             }
             _ => {
                 tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind");
@@ -526,7 +489,8 @@ impl Node {
         };
         // Held until it is stored and announced: a copy arriving meanwhile (gossip and the
         // relay's fan-out) is a duplicate.
-        let crate::claims::Claimed::Mine(mut claim) = self.claims().claim(from, envelope.id) else {
+        let crate::core::claims::Claimed::Mine(mut claim) = self.claims().claim(from, envelope.id)
+        else {
             tracing::debug!(%from, id = %envelope.id, "another copy of a group message is (being) stored");
             return Ok(());
         };
@@ -557,7 +521,7 @@ impl Node {
         let mut text = text;
         if let (Some((secs, admins_only)), Some(state)) = (timer, state.as_ref()) {
             if !self.stage_group_timer(&envelope, state, secs, admins_only, &mut batch)? {
-                text = crate::timers::IGNORED_TEXT.to_owned();
+                text = crate::features::timers::IGNORED_TEXT.to_owned();
             }
         }
         let msg = self.received(&envelope, text.clone());
@@ -702,7 +666,7 @@ impl Node {
         // A timer change itself stays; everything else carries the timer in force.
         let expires_at_ms = match body {
             Body::Timer { .. } => None,
-            _ => self.expiry_for(crate::store::Thread::Group(&group_id), sent_at_ms)?,
+            _ => self.expiry_for(crate::core::store::Thread::Group(&group_id), sent_at_ms)?,
         };
         let header = Header {
             id,
@@ -1005,7 +969,7 @@ pub mod cli {
     use clap::Subcommand;
     use serde_json::{json, Value};
 
-    use crate::client::Client;
+    use crate::api::client::Client;
 
     /// `kith group …`
     #[derive(Debug, Subcommand)]

@@ -8,6 +8,9 @@
 //! come out as [`Event::InboundDm`]), which reads the request on the stream and answers there
 //! once its write is flushed.
 
+pub mod dm_streams;
+pub mod gossip;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,12 +58,12 @@ pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     /// Inbound `/kith/dm/1` streams, and ready outbound ones.
-    dm_streams: crate::dm_streams::Behaviour,
+    dm_streams: crate::net::dm_streams::Behaviour,
     /// Outbound `/kith/dm/1` requests when no ready stream is at hand (this one dials).
     dm: request_response::Behaviour<DmCodec>,
     mailbox: request_response::Behaviour<MailboxCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    gossipsub: crate::group::Gossipsub,
+    gossipsub: gossip::Gossipsub,
     group: request_response::Behaviour<GroupCodec>,
     presence: request_response::Behaviour<PresenceCodec>,
     blob: request_response::Behaviour<kith_net::BlobCodec>,
@@ -242,7 +245,7 @@ struct RelayState {
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
-    streams: crate::dm_streams::Streams,
+    streams: crate::net::dm_streams::Streams,
     paths: Arc<Paths>,
 }
 
@@ -583,10 +586,12 @@ pub(crate) async fn start(
     }
     let mdns_enabled = settings.mdns;
     let gossipsub =
-        crate::group::gossipsub(&key, settings.gossip_heartbeat).map_err(StartError::Transport)?;
+        gossip::behaviour(&key, settings.gossip_heartbeat).map_err(StartError::Transport)?;
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let (dm_streams, streams) =
-        crate::dm_streams::Behaviour::new(StreamProtocol::new(dm::PROTOCOL), events_tx.clone());
+    let (dm_streams, streams) = crate::net::dm_streams::Behaviour::new(
+        StreamProtocol::new(dm::PROTOCOL),
+        events_tx.clone(),
+    );
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -824,7 +829,7 @@ impl Actor {
         if state.error.as_deref() != Some(reason.as_str()) {
             tracing::warn!(relay = %addr, error = %reason, "cannot reach home relay; will keep trying (`kith status` shows it)");
             if state.error.is_none() {
-                state.since_ms = Some(crate::engine::now_ms());
+                state.since_ms = Some(crate::clock::now_ms());
             }
             state.error = Some(reason);
         }
@@ -1073,7 +1078,7 @@ impl Actor {
                             connected: true,
                             reserved: state.reserved,
                             error: None,
-                            since_ms: Some(crate::engine::now_ms()),
+                            since_ms: Some(crate::clock::now_ms()),
                         };
                     }
                 }
@@ -1102,7 +1107,7 @@ impl Actor {
                 if let Some(state) = self.relay_states.get_mut(&peer_id) {
                     tracing::info!(relay = %peer_id, "lost home relay; will re-dial");
                     *state = RelayState {
-                        since_ms: Some(crate::engine::now_ms()),
+                        since_ms: Some(crate::clock::now_ms()),
                         ..RelayState::default()
                     };
                 }
@@ -1250,7 +1255,7 @@ enum Exchange {
 /// One `/kith/dm/1` request on a ready stream, as request-response does it: the request, the
 /// write half closed, the answer.
 async fn exchange_on(
-    mut stream: crate::dm_streams::InUse,
+    mut stream: crate::net::dm_streams::InUse,
     request: Message<dm::Request>,
 ) -> Result<dm::Response, Exchange> {
     use request_response::Codec;
