@@ -23,8 +23,7 @@ impl Node {
     /// left, or never was there).
     pub fn outbox_attempts(&self, id: &str) -> Option<u32> {
         let id: kith_protocol::MessageId = id.parse().ok()?;
-        let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        schedule.entries.get(&id).map(|e| e.attempts)
+        self.outbox().get(&id).map(|e| e.attempts)
     }
 
     /// The relays (by peer id) that deposits for `to` go to.
@@ -32,12 +31,12 @@ impl Node {
         self.route(to).relays.iter().filter_map(peer_of).collect()
     }
 
-    /// Whether `entry`, due now, must wait for a hold instead of going out; if so it is put
-    /// back in the schedule for the hold's end (nothing is written: after a restart it simply
+    /// Until when `entry`, due now, must wait for a hold instead of going out, if it must (the
+    /// outbox puts it back for the hold's end; nothing is written: after a restart it simply
     /// probes once).
-    pub(super) fn hold_back(&self, entry: &OutboxEntry, now: u64) -> bool {
+    pub(super) fn held_until(&self, entry: &OutboxEntry, now: u64) -> Option<u64> {
         let Destination::Peer(to) = entry.envelope.to else {
-            return false;
+            return None;
         };
         let relays = self.deposit_relays(to);
         let admit = self.holds().admit(to, &relays, now);
@@ -45,16 +44,9 @@ impl Node {
             if admit == Admit::Probe {
                 tracing::debug!(%to, id = %entry.envelope.id, "probing a relay that asked us to wait");
             }
-            return false;
+            return None;
         };
-        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        schedule.in_flight.remove(&entry.envelope.id);
-        if schedule.entries.contains_key(&entry.envelope.id) {
-            let mut waiting = entry.clone();
-            waiting.due_ms = until;
-            schedule.insert(waiting);
-        }
-        true
+        Some(until)
     }
 
     /// Until when deposits of `envelope` at `relay` must wait, if they must.
@@ -101,10 +93,7 @@ impl Node {
         } else if let Some(until) = until {
             // Refused again: the entries that waited for this probe wait for the new hold's
             // end, where one of them probes next.
-            self.inner
-                .outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            self.outbox()
                 .defer_where(until, |e| e.envelope.to == Destination::Peer(to));
         }
     }
@@ -131,10 +120,8 @@ impl Node {
     /// The recipients in the outbox whose deposits go to `relay`.
     fn recipients_via(&self, relay: PeerId) -> Vec<PeerId> {
         let mut recipients: Vec<PeerId> = {
-            let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            schedule
-                .entries
-                .values()
+            self.outbox()
+                .entries()
                 .filter_map(|e| match e.envelope.to {
                     Destination::Peer(to) => Some(to),
                     Destination::Group(_) => None,
@@ -150,10 +137,8 @@ impl Node {
     /// The groups in the outbox hosted at `relay`.
     fn groups_via(&self, relay: PeerId) -> Vec<kith_protocol::GroupId> {
         let mut groups: Vec<_> = {
-            let schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            schedule
-                .entries
-                .values()
+            self.outbox()
+                .entries()
                 .filter_map(|e| match e.envelope.to {
                     Destination::Group(group) => Some(group),
                     Destination::Peer(_) => None,
@@ -177,12 +162,7 @@ impl Node {
 
     /// Makes every outbox entry that `pred` picks due now, and wakes the outbox.
     fn hurry_where(&self, pred: impl Fn(&OutboxEntry) -> bool) {
-        let hurried = self
-            .inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .hurry_where(now_ms(), pred);
+        let hurried = self.outbox().hurry_where(now_ms(), pred);
         if hurried > 0 {
             tracing::debug!(hurried, "outbox entries due now");
             self.inner.outbox_wake.notify_one();

@@ -9,7 +9,7 @@
 //! failing that it is rescheduled with exponential backoff and jitter. Receipts travel the same
 //! way, as envelopes in the outbox.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ pub mod crypto;
 mod give_up;
 mod held;
 pub(crate) mod names;
+pub mod outbox;
 pub mod store;
 pub(crate) use give_up::deadline_ms;
 
@@ -54,6 +55,7 @@ const CLAIMED_RETRY_AFTER_MS: u64 = 500;
 const KEY_CACHE_CAPACITY: usize = 256;
 
 use crate::clock::now_ms;
+use outbox::{Outbox, Transmit};
 
 /// An event for the local API's stream and for in-process watchers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -202,12 +204,11 @@ struct Inner {
     keys: Mutex<Keys>,
     /// Contacts by peer id, mirrored from the store so that attempts need no store scan.
     contacts: Mutex<HashMap<PeerId, Contact>>,
-    outbox: Mutex<Schedule>,
+    /// The outbox's schedule and request slots ([`outbox`]).
+    outbox: Mutex<Outbox>,
     outbox_wake: Notify,
     /// Waits relays asked for, per relay and recipient ([`backpressure`]).
     holds: Mutex<kith_protocol::hold::Holds>,
-    /// Delivery attempts running at once, at most `max_in_flight`.
-    attempt_slots: Arc<Semaphore>,
     /// The running delivery attempts: the outbox loop reaps them and stops them at shutdown.
     attempts: Mutex<JoinSet<()>>,
     /// Inbound `/kith/dm/1` streams being served (reaped as new ones come, stopped at
@@ -247,88 +248,6 @@ struct Route {
     contact: Option<Contact>,
     addrs: Vec<Multiaddr>,
     relays: Vec<Multiaddr>,
-}
-
-/// The in-memory outbox schedule (the store holds the durable copy).
-#[derive(Default)]
-struct Schedule {
-    entries: HashMap<MessageId, OutboxEntry>,
-    /// By due time, then by the order entries first came in: entries due together leave in
-    /// the order they were sealed, which is the order their recipient's ratchet expects (it
-    /// keeps only 40 skipped keys).
-    due: BTreeSet<(u64, u64, MessageId)>,
-    /// Each entry's place in that order, kept across its retries.
-    order: HashMap<MessageId, u64>,
-    next_order: u64,
-    in_flight: HashSet<MessageId>,
-    /// Requests in flight per peer (at most `max_in_flight_per_peer`).
-    busy: HashMap<PeerId, usize>,
-}
-
-impl Schedule {
-    fn order_of(&mut self, id: MessageId) -> u64 {
-        let next = &mut self.next_order;
-        *self.order.entry(id).or_insert_with(|| {
-            *next += 1;
-            *next
-        })
-    }
-
-    fn insert(&mut self, entry: OutboxEntry) {
-        let id = entry.envelope.id;
-        let order = self.order_of(id);
-        if let Some(old) = self.entries.get(&id) {
-            self.due.remove(&(old.due_ms, order, id));
-        }
-        self.due.insert((entry.due_ms, order, id));
-        self.entries.insert(id, entry);
-    }
-
-    fn remove(&mut self, id: &MessageId) {
-        let order = self.order.remove(id);
-        if let (Some(old), Some(order)) = (self.entries.remove(id), order) {
-            self.due.remove(&(old.due_ms, order, *id));
-        }
-        self.in_flight.remove(id);
-    }
-
-    /// Makes every entry addressed to `peer` due now.
-    fn hurry(&mut self, peer: &PeerId, now: u64) {
-        self.hurry_where(now, |e| e.envelope.to == Destination::Peer(*peer));
-    }
-
-    /// Moves every entry that `pred` picks and that is due later than `until` to `until`.
-    fn defer_where(&mut self, until: u64, pred: impl Fn(&OutboxEntry) -> bool) {
-        let ids: Vec<_> = self
-            .entries
-            .values()
-            .filter(|e| e.due_ms > until && !self.in_flight.contains(&e.envelope.id) && pred(e))
-            .map(|e| e.envelope.id)
-            .collect();
-        for id in &ids {
-            if let Some(mut entry) = self.entries.get(id).cloned() {
-                entry.due_ms = until;
-                self.insert(entry);
-            }
-        }
-    }
-
-    /// Makes every entry that `pred` picks due now; returns how many were waiting.
-    fn hurry_where(&mut self, now: u64, pred: impl Fn(&OutboxEntry) -> bool) -> usize {
-        let ids: Vec<_> = self
-            .entries
-            .values()
-            .filter(|e| e.due_ms > now && !self.in_flight.contains(&e.envelope.id) && pred(e))
-            .map(|e| e.envelope.id)
-            .collect();
-        for id in &ids {
-            if let Some(mut entry) = self.entries.get(id).cloned() {
-                entry.due_ms = now;
-                self.insert(entry);
-            }
-        }
-        ids.len()
-    }
 }
 
 /// What the engine is built from.
@@ -515,9 +434,15 @@ impl Node {
             }),
         )
         .map_err(|e| NodeError::Invalid(format!("cannot load the Olm account: {e}")))?;
-        let mut schedule = Schedule::default();
+        let mut schedule = Outbox::new(outbox::Limits {
+            max_in_flight: config.max_in_flight,
+            max_in_flight_per_peer: config.max_in_flight_per_peer,
+            max_batch: MAX_SEALED_BATCH,
+            max_queued: config.max_in_flight * dm::MAX_BATCH,
+            backoff: config.backoff,
+        });
         let mut stored = store.outbox()?;
-        // In the order they were written, as near as the store tells: see `Schedule::due`.
+        // In the order they were written, as near as the store tells (see `outbox`).
         stored.sort_by_key(|e| e.envelope.sent_at_ms);
         for entry in stored {
             schedule.insert(upgrade_entry(entry));
@@ -546,7 +471,6 @@ impl Node {
                 outbox: Mutex::new(schedule),
                 outbox_wake: Notify::new(),
                 holds: Mutex::new(kith_protocol::hold::Holds::new()),
-                attempt_slots: Arc::new(Semaphore::new(max_in_flight)),
                 attempts: Mutex::new(JoinSet::new()),
                 inbound: Mutex::new(Some(JoinSet::new())),
                 inbound_slots: Semaphore::new(max_in_flight),
@@ -653,6 +577,11 @@ impl Node {
     /// Puts an entry (already durable) on the outbox schedule.
     pub(crate) fn enqueue(&self, entry: OutboxEntry) {
         self.schedule(entry);
+    }
+
+    /// The outbox's schedule.
+    pub(crate) fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves one of this node's outgoing group messages forward (its overall state); the
@@ -821,11 +750,7 @@ impl Node {
         };
         self.save_new_contact(&contact).await?;
         // Anything waiting for this peer may now have a route.
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .hurry(&peer_id, now_ms());
+        self.outbox().hurry(&peer_id, now_ms());
         self.inner.outbox_wake.notify_one();
         // The presence policy lists contacts: tell the relays soon.
         self.presence_state().wake();
@@ -1019,12 +944,12 @@ impl Node {
         let lone = match entry.envelope.to {
             // Receipts may take another road (see `attempt_peer`); an unsealed message waits
             // for a session (see `seal_pending`).
-            Destination::Peer(peer) if entry.kind != EntryKind::Receipt && !entry.unsealed => self
-                .claim_idle_slot(peer, &entry)
-                .map(|permit| (peer, permit)),
+            Destination::Peer(peer) if entry.kind != EntryKind::Receipt && !entry.unsealed => {
+                self.outbox().claim_idle(now_ms(), &entry).then_some(peer)
+            }
             _ => None,
         };
-        let Some((peer, permit)) = lone else {
+        let Some(peer) = lone else {
             self.inner.store.apply_in_order(batch)?;
             self.schedule(entry);
             return Ok(());
@@ -1042,16 +967,11 @@ impl Node {
             if let Ok(direct) = ready.await {
                 node.settle(peer, entries, &relays, direct).await;
             }
-            drop(permit);
         });
         let direct = self.inner.net.send_dm(peer, addrs, request);
         if let Err(e) = self.inner.store.apply_in_order(batch) {
             // Not recorded: forget the attempt (its answer, if any, goes nowhere).
-            self.inner
-                .outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.outbox().remove(&id);
             self.release_peer_slot(&peer);
             return Err(e.into());
         }
@@ -1066,57 +986,17 @@ impl Node {
 
     /// Forgets an outbox entry that was deleted from the store (an expired message).
     pub(crate) fn forget_outbox(&self, id: &MessageId) {
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
-    /// A request slot for a first attempt to `peer` when the outbox is idle (under load,
-    /// messages queue and leave in batches); the entry is then in flight.
-    fn claim_idle_slot(
-        &self,
-        peer: PeerId,
-        entry: &OutboxEntry,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        let now = now_ms();
-        let idle = schedule.in_flight.is_empty()
-            && schedule
-                .due
-                .first()
-                .is_none_or(|&(due_ms, _, _)| due_ms > now);
-        if !idle {
-            return None;
-        }
-        let permit = self.inner.attempt_slots.clone().try_acquire_owned().ok()?;
-        schedule.busy.insert(peer, 1);
-        schedule.in_flight.insert(entry.envelope.id);
-        schedule.order_of(entry.envelope.id);
-        schedule.entries.insert(entry.envelope.id, entry.clone());
-        Some(permit)
+        self.outbox().remove(id);
     }
 
     /// An attempt to `peer` ended: its request slot is free for what queued behind it.
     fn release_peer_slot(&self, peer: &PeerId) {
-        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slots) = schedule.busy.get_mut(peer) {
-            *slots -= 1;
-            if *slots == 0 {
-                schedule.busy.remove(peer);
-            }
-        }
-        drop(schedule);
+        self.outbox().peer_done(peer);
         self.inner.outbox_wake.notify_one();
     }
 
     fn schedule(&self, entry: OutboxEntry) {
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(entry);
+        self.outbox().insert(entry);
         self.inner.outbox_wake.notify_one();
     }
 
@@ -1932,12 +1812,7 @@ impl Node {
 
     /// Envelopes waiting in the outbox (messages and receipts).
     pub(crate) fn outbox_len(&self) -> usize {
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries
-            .len()
+        self.outbox().len()
     }
 
     async fn poll_loop(self, mut shutdown: Signal) {
@@ -1964,87 +1839,35 @@ impl Node {
 
     // ---- outbox -----------------------------------------------------------------------------
 
+    /// Drives the outbox ([`outbox`]): hands due entries to attempts as request slots free up,
+    /// and sleeps until the next one is due or something wakes it.
     async fn outbox_loop(self, mut shutdown: Signal) {
-        let limit = self.inner.attempt_slots.clone();
-        let per_peer = self.inner.config.max_in_flight_per_peer.max(1);
-        // Taken from the schedule, waiting for a free request slot to their peer: while a peer's
-        // slots are busy its messages gather here and leave together, up to a batch per request.
-        let mut queued: HashMap<PeerId, VecDeque<OutboxEntry>> = HashMap::new();
-        let mut queued_len = 0usize;
-        let most_queued = self.inner.config.max_in_flight * dm::MAX_BATCH;
         loop {
             let now = now_ms();
-            let (ready, next_due) = {
-                let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-                let room = most_queued.saturating_sub(queued_len).max(1);
-                let mut ready = Vec::new();
-                let mut next_due = None;
-                while let Some(&(due_ms, _, id)) = schedule.due.first() {
-                    if due_ms > now || ready.len() >= room {
-                        next_due = Some(due_ms.max(now));
-                        break;
-                    }
-                    schedule.due.pop_first();
-                    if schedule.in_flight.insert(id) {
-                        if let Some(entry) = schedule.entries.get(&id) {
-                            ready.push(entry.clone());
-                        }
-                    }
-                }
-                (ready, next_due)
-            };
-            for entry in ready {
+            let due = self.outbox().poll_due(now);
+            for entry in due {
                 if let Some(why) = self.outbox_given_up(&entry, now) {
                     self.finish(&entry, Outcome::Failed(why));
-                    continue;
-                }
-                if self.hold_back(&entry, now) {
-                    continue;
-                }
-                match entry.envelope.to {
-                    Destination::Peer(peer) => {
-                        queued.entry(peer).or_default().push_back(entry);
-                        queued_len += 1;
-                    }
-                    Destination::Group(group) => {
-                        let Ok(permit) = limit.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let node = self.clone();
-                        self.spawn_attempt(async move {
-                            node.attempt_group(entry, group).await;
-                            drop(permit);
-                        });
-                    }
+                } else if let Some(until) = self.held_until(&entry, now) {
+                    self.outbox().wait(&entry, until);
+                } else {
+                    self.outbox().queue(entry);
                 }
             }
-            'dispatch: for (peer, queue) in queued.iter_mut() {
-                while !queue.is_empty() {
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        // Every request slot is taken: an attempt ending wakes us.
-                        break 'dispatch;
-                    };
-                    {
-                        let mut schedule =
-                            self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-                        let slots = schedule.busy.entry(*peer).or_default();
-                        if *slots >= per_peer {
-                            // The peer's slots are busy: an attempt ending wakes us.
-                            break;
-                        }
-                        *slots += 1;
-                    }
-                    let batch = take_batch(queue);
-                    queued_len -= batch.len();
-                    let node = self.clone();
-                    let peer = *peer;
-                    self.spawn_attempt(async move {
-                        node.attempt_peer(peer, batch).await;
-                        drop(permit);
-                    });
+            loop {
+                let Some(transmit) = self.outbox().poll_transmit() else {
+                    break;
+                };
+                let node = self.clone();
+                match transmit {
+                    Transmit::Peer { to, entries } => self.spawn_attempt(async move {
+                        node.attempt_peer(to, entries).await;
+                    }),
+                    Transmit::Group(entry) => self.spawn_attempt(async move {
+                        node.attempt_group(entry).await;
+                    }),
                 }
             }
-            queued.retain(|_, queue| !queue.is_empty());
             // Finished attempts only need reaping; each one wakes us itself.
             while self
                 .inner
@@ -2054,18 +1877,7 @@ impl Node {
                 .try_join_next()
                 .is_some()
             {}
-            // Entries held back above went back into the schedule for their hold's end: the
-            // earliest due entry is read again, so that the loop wakes for it.
-            let next_due = self
-                .inner
-                .outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .due
-                .first()
-                .map(|&(due_ms, _, _)| due_ms)
-                .map_or(next_due, |due| Some(next_due.map_or(due, |n| n.min(due))));
-            let sleep = match next_due {
+            let sleep = match self.outbox().poll_timeout() {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
             };
@@ -2086,8 +1898,9 @@ impl Node {
         attempts.shutdown().await;
     }
 
-    /// Runs a delivery attempt among the node's attempts (stopped at shutdown). Its end wakes
-    /// the outbox loop: the request slot it held may be what a queued message waits for.
+    /// Runs a delivery attempt among the node's attempts (stopped at shutdown), holding one of
+    /// the outbox's request slots. Its end frees the slot and wakes the outbox loop: the slot
+    /// may be what a queued message waits for.
     fn spawn_attempt(&self, attempt: impl std::future::Future<Output = ()> + Send + 'static) {
         let node = self.clone();
         self.inner
@@ -2096,12 +1909,16 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .spawn(async move {
                 attempt.await;
+                node.outbox().request_done();
                 node.inner.outbox_wake.notify_one();
             });
     }
 
     /// One delivery attempt for an entry addressed to a group.
-    async fn attempt_group(&self, entry: OutboxEntry, group: GroupId) {
+    async fn attempt_group(&self, entry: OutboxEntry) {
+        let Destination::Group(group) = entry.envelope.to else {
+            return;
+        };
         let outcome = self.deliver_group(&entry.envelope, group).await;
         self.finish(&entry, outcome);
     }
@@ -2313,19 +2130,11 @@ impl Node {
         match outcome {
             Outcome::Delivered | Outcome::Sent => {
                 batch.remove_outbox(&id);
-                self.inner
-                    .outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                self.outbox().settled(&id);
             }
             Outcome::Failed(reason) => {
                 batch.remove_outbox(&id);
-                self.inner
-                    .outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                self.outbox().settled(&id);
                 if is_chat {
                     // Shown by `kith status`, with the reason.
                     match self.inner.store.fail(&self.inner.me, &id, &reason) {
@@ -2343,14 +2152,10 @@ impl Node {
             }
             Outcome::Retry(reason) => {
                 let jitter: f64 = rand::thread_rng().gen();
-                let delay = self.inner.config.backoff.delay_ms(entry.attempts, jitter);
-                tracing::debug!(%id, attempts = entry.attempts + 1, delay_ms = delay, %reason, "will retry");
-                let next = OutboxEntry {
-                    attempts: entry.attempts + 1,
-                    // Tried once more at its deadline at the latest, then given up.
-                    due_ms: (now_ms() + delay).min(self.outbox_deadline_ms(entry)),
-                    ..entry.clone()
-                };
+                // Tried once more at its deadline at the latest, then given up.
+                let deadline = self.outbox_deadline_ms(entry);
+                let next = self.outbox().retry(entry, now_ms(), jitter, deadline);
+                tracing::debug!(%id, attempts = next.attempts, due_ms = next.due_ms, %reason, "will retry");
                 if is_chat && matches!(entry.envelope.to, Destination::Peer(_)) {
                     // Shown by `kith status` while the message is pending.
                     self.inner
@@ -2368,9 +2173,6 @@ impl Node {
                     });
                 }
                 batch.put_outbox(&next);
-                let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-                schedule.in_flight.remove(&id);
-                schedule.insert(next);
             }
         }
         // Recorded (and announced) once the schedule let go of it: whoever hears of it may send
@@ -2402,18 +2204,9 @@ impl Node {
     /// times and attempts), unless a re-send took their place meanwhile: an attempt's outcome
     /// then settles the entry it carried, not a copy that no longer leaves.
     pub(crate) fn sealed_in_place(&self, sealed: &[(OutboxEntry, OutboxEntry)]) {
-        let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut outbox = self.outbox();
         for (unsealed, entry) in sealed {
-            let id = entry.envelope.id;
-            let current = schedule.entries.get(&id);
-            if current.is_some_and(|c| c.envelope == unsealed.envelope) {
-                let mut entry = entry.clone();
-                if let Some(c) = current {
-                    entry.due_ms = c.due_ms;
-                    entry.attempts = c.attempts;
-                }
-                schedule.insert(entry);
-            }
+            outbox.seal_in_place(unsealed, entry);
         }
     }
 
@@ -2421,16 +2214,8 @@ impl Node {
     /// this attempt ran: the new entry stays, due; only the old copy's tick is recorded.
     fn replaced(&self, entry: &OutboxEntry, outcome: &Outcome) -> bool {
         let id = entry.envelope.id;
-        {
-            let mut schedule = self.inner.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            let replaced = schedule
-                .entries
-                .get(&id)
-                .is_some_and(|current| current.envelope != entry.envelope);
-            if !replaced {
-                return false;
-            }
-            schedule.in_flight.remove(&id);
+        if !self.outbox().take_replaced(entry) {
+            return false;
         }
         let state = match outcome {
             Outcome::Delivered => Some(MessageState::Delivered),
@@ -2487,26 +2272,6 @@ struct Fresh {
 /// in flight, their envelopes stay within the 40 skipped message keys an Olm session keeps,
 /// however the recipient's handling of concurrent requests reorders them.
 const MAX_SEALED_BATCH: usize = 8;
-
-/// Takes from the front of `queue` as many entries as one `/kith/dm/1` request may carry.
-fn take_batch(queue: &mut VecDeque<OutboxEntry>) -> Vec<OutboxEntry> {
-    let mut batch = Vec::new();
-    let mut more_bytes = 0;
-    while let Some(next) = queue.front() {
-        if batch.len() >= MAX_SEALED_BATCH {
-            break;
-        }
-        let size = next.envelope.size_bound();
-        if !dm::Request::fits(batch.len(), more_bytes, size) {
-            break;
-        }
-        if !batch.is_empty() {
-            more_bytes += size;
-        }
-        batch.extend(queue.pop_front());
-    }
-    batch
-}
 
 fn store_failed(e: &dyn std::fmt::Display) -> Reject {
     tracing::error!(error = %e, "cannot store an inbound envelope");
