@@ -141,6 +141,27 @@ pub fn api_token(home: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+/// Every feature, plugged into the core by the roles it plays ([`core::hooks`]).
+fn plugins(store: &crate::core::store::Store) -> Result<core::hooks::Plugins, NodeError> {
+    use features::{group, media, presence, strangers, timers};
+    let groups = std::sync::Arc::new(group::Groups::load(store.groups()?));
+    let files = std::sync::Arc::new(media::State::default());
+    let presence = std::sync::Arc::new(presence::State::default());
+    let gate = std::sync::Arc::new(strangers::State::load(store)?);
+    let timers = std::sync::Arc::new(timers::State);
+    Ok(core::hooks::Plugins::default()
+        .feature(groups.clone())
+        .rooms(groups)
+        .feature(files.clone())
+        .files(files)
+        .feature(presence.clone())
+        .presence(presence)
+        .feature(gate.clone())
+        .gate(gate)
+        .feature(timers.clone())
+        .timers(timers))
+}
+
 /// Starts a node from `config`: identity, store, network, engine and local API.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let key = identity::load(&config.home)?;
@@ -179,6 +200,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.spawn(async move {
         let _ = net_task.await;
     });
+    let plugins = plugins(&store)?;
     let node = Node::start(
         crate::core::Parts {
             key,
@@ -188,6 +210,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             net,
             net_events,
             shutdown: signal.clone(),
+            plugins,
         },
         &mut tasks,
     )?;

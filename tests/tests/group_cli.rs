@@ -91,6 +91,18 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
         .status
         .success());
     assert!(kith(&b, &["group", "leave", "club"])?.status.success());
+    // Bob keeps the group, marked, and its history, by name.
+    let list = kith_json(&b, &["group", "list", "--json"])?;
+    assert_eq!(list[0]["group_id"], group_id.as_str());
+    assert_eq!(list[0]["member"], false);
+    let kept = kith_json(&b, &["messages", "club", "--json"])?;
+    assert_eq!(kept[0]["text"], "hello club");
+    let refused = kith(&b, &["send", "club", "anyone?"])?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no longer a member"),
+        "{refused:?}"
+    );
     let info = kith_json(&a, &["group", "info", "club", "--json"])?;
     assert_eq!(info["members"], serde_json::json!([alice_peer]));
     assert_eq!(info["version"], 3);

@@ -262,9 +262,19 @@ async fn a_removed_member_receives_nothing_new() -> anyhow::Result<()> {
         )
         .await?;
     wait_for("carol learns she is out", || async {
-        f.carol.node().group_list().is_empty().then_some(())
+        let list = f.carol.node().group_list();
+        (list.len() == 1 && !list[0].member).then_some(())
     })
     .await?;
+    // The group stays in her list, read-only, and its history stays hers, by name too.
+    let names: Vec<String> = f
+        .carol
+        .node()
+        .messages(Some("friends"))?
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(names, ["before"]);
     // Copies from before the removal may still wait for her next fetch; nothing new may join.
     let waiting = f.relay.mailbox_usage(Some(f.carol.peer_id())).await?;
     let after = f.alice.node().send("friends", "after", None).await?;
@@ -282,9 +292,11 @@ async fn a_removed_member_receives_nothing_new() -> anyhow::Result<()> {
         "{usage:?} > {waiting:?}"
     );
     assert_eq!(texts(&f.carol, &f.group), ["before"]);
-    // Her own posts are refused too.
+    // Her own posts are refused too, saying why.
     let sent = f.carol.node().send(&f.group, "still here?", None).await;
-    assert!(sent.is_err());
+    let refused = sent.expect_err("a removed member cannot post").to_string();
+    assert!(refused.contains("no longer a member"), "{refused}");
+    assert_eq!(f.carol.node().group_list()[0].group_id, f.group);
     f.relay.shutdown().await?;
     Ok(())
 }

@@ -65,10 +65,7 @@ fn blob_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn attachment(
-    node: &TestNode,
-    with: &str,
-) -> Option<(String, kith_node::features::media::AttachmentView)> {
+fn attachment(node: &TestNode, with: &str) -> Option<(String, kith_node::core::AttachmentView)> {
     let messages = node.node().messages(Some(with)).ok()?;
     let m = messages.into_iter().find(|m| m.attachment.is_some())?;
     Some((m.id.clone(), m.attachment?))

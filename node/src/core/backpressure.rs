@@ -147,16 +147,7 @@ impl Node {
         };
         groups.sort();
         groups.dedup();
-        groups.retain(|group| {
-            self.groups().get(group).is_some_and(|state| {
-                state
-                    .relay
-                    .parse::<libp2p::Multiaddr>()
-                    .ok()
-                    .and_then(|addr| peer_of(&addr))
-                    == Some(relay)
-            })
-        });
+        groups.retain(|group| self.plugins().rooms.relay_of(group) == Some(relay));
         groups
     }
 
@@ -189,19 +180,7 @@ impl Node {
                  (add it from its invite); will retry"
             )
         });
-        let mut reasons = self
-            .groups()
-            .reasons
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match &reason {
-            Some(why) => {
-                reasons.insert(envelope.id, why.clone());
-            }
-            None => {
-                reasons.remove(&envelope.id);
-            }
-        }
+        self.set_pending_reason(envelope.id, reason.clone());
         reason
     }
 

@@ -62,7 +62,7 @@ impl Node {
         }
         self.store().flush().await?;
         // A contact is no stranger: its request, if it had one, is accepted.
-        self.forget_request(&contact.peer_id).await?;
+        self.plugins().gate.accepted(self, &contact.peer_id).await?;
         Ok(())
     }
 
@@ -80,7 +80,7 @@ impl Node {
             contacts.remove(&peer)
         };
         self.store().flush().await?;
-        self.presence_state().wake();
+        self.plugins().presence.wake();
         removed
             .map(Into::into)
             .ok_or_else(|| NodeError::UnknownContact(name.to_owned()))

@@ -25,7 +25,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 mod backpressure;
@@ -34,8 +34,10 @@ pub(crate) mod contacts;
 pub mod crypto;
 mod give_up;
 mod held;
+pub mod hooks;
 pub(crate) mod names;
 pub mod outbox;
+mod seal;
 pub mod store;
 pub(crate) use give_up::deadline_ms;
 
@@ -119,7 +121,7 @@ pub enum NodeEvent {
         /// Its contact name, if known.
         from_name: Option<String>,
     },
-    /// A file transfer moved on ([`crate::features::media`]).
+    /// A file transfer moved on (the file feature).
     Progress {
         /// The message the file is attached to.
         id: String,
@@ -136,7 +138,7 @@ pub enum NodeEvent {
         /// The peer.
         peer: String,
     },
-    /// A stranger's first message arrived: it waits in the requests list ([`crate::features::strangers`]).
+    /// A stranger's first message arrived: it waits in the requests list (the strangers feature).
     Request {
         /// The stranger's peer id.
         peer_id: String,
@@ -150,7 +152,7 @@ pub enum NodeEvent {
         /// The sender.
         from: String,
     },
-    /// A message of a temporary chat reached its expiry and was deleted ([`crate::features::timers`]).
+    /// A message of a temporary chat reached its expiry and was deleted (the temporary-chats feature).
     Expired {
         /// The message id.
         id: String,
@@ -217,9 +219,12 @@ struct Inner {
     /// Inbound `/kith/dm/1` requests handled at once (verified, stored and flushed).
     inbound_slots: Semaphore,
     next_req_id: std::sync::atomic::AtomicU64,
-    presence: crate::features::presence::State,
-    groups: crate::features::group::Groups,
-    media: crate::features::media::State,
+    /// The features plugged in ([`hooks`]).
+    plugins: hooks::Plugins,
+    /// Why a pending outgoing message has not left yet (its last attempt's failure).
+    pending_reasons: Mutex<HashMap<MessageId, String>>,
+    /// Senders waiting for the first outcome of their message (`send` with a wait).
+    first_outcomes: Mutex<HashMap<MessageId, oneshot::Sender<()>>>,
     /// Inbound messages between their "is it new" check and their flush.
     claims: crate::core::claims::Claims,
     /// When a mailbox fetch last completed (unix ms, 0: never), for `kith status`.
@@ -229,8 +234,6 @@ struct Inner {
     /// Held while a session with a peer is being set up, so that one claim serves everyone
     /// waiting for it.
     claiming: tokio::sync::Mutex<()>,
-    /// Strangers' requests and blocked peers.
-    strangers: crate::features::strangers::State,
 }
 
 /// A second copy of an envelope within one batch: stored with the first, like any duplicate
@@ -259,6 +262,7 @@ pub(crate) struct Parts {
     pub net: net::Handle,
     pub net_events: mpsc::Receiver<net::Event>,
     pub shutdown: Signal,
+    pub plugins: hooks::Plugins,
 }
 
 /// The cloneable handle to a running node.
@@ -310,15 +314,44 @@ pub struct MessageView {
     pub conversation_name: Option<String>,
     /// The author's name (a contact's, or this node's own), if known.
     pub from_name: Option<String>,
-    /// The attached file, if any ([`crate::features::media`]).
+    /// The attached file, if any (the file feature).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub attachment: Option<crate::features::media::AttachmentView>,
+    pub attachment: Option<AttachmentView>,
     /// When it disappears (unix ms, this node's clock), for a message of a temporary chat.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
-    /// For the history line of a timer change: the timer it set ([`crate::features::timers`]).
+    /// For the history line of a timer change: the timer it set (the temporary-chats feature).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub timer: Option<crate::features::timers::TimerLine>,
+    pub timer: Option<TimerLine>,
+}
+
+/// An attachment as `kith messages` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttachmentView {
+    /// The file's name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its media type.
+    pub mime: String,
+    /// BLAKE3 of the file, hex.
+    pub hash: String,
+    /// Where the file is on this machine, once it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Whether the file is on this machine (`false`: not downloaded; `kith download` fetches
+    /// it).
+    pub downloaded: bool,
+    /// A small PNG preview, hex-encoded, for images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<String>,
+}
+
+/// A history line of a timer change, as the API shows it inside a message.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimerLine {
+    /// The new timer in seconds, `null` for off.
+    pub timer_secs: Option<u64>,
 }
 
 impl From<StoredMessage> for MessageView {
@@ -374,7 +407,7 @@ pub struct ContactView {
     pub verified: bool,
     /// Its identity key changed since it was first seen and is not verified again.
     pub identity_changed: bool,
-    /// The user blocked it ([`crate::features::strangers`]).
+    /// The user blocked it (the strangers feature).
     pub blocked: bool,
 }
 
@@ -415,6 +448,7 @@ impl Node {
             net,
             net_events,
             shutdown,
+            plugins,
         } = parts;
         let me = key.public().to_peer_id();
         let home_relays = config
@@ -447,14 +481,12 @@ impl Node {
         for entry in stored {
             schedule.insert(upgrade_entry(entry));
         }
-        let store_groups = store.groups()?;
         let contacts = store
             .contacts()?
             .into_iter()
             .map(|c| (c.peer_id, c))
             .collect();
         let max_in_flight = config.max_in_flight;
-        let strangers = crate::features::strangers::State::load(&store)?;
         let node = Node {
             inner: Arc::new(Inner {
                 key,
@@ -475,14 +507,13 @@ impl Node {
                 inbound: Mutex::new(Some(JoinSet::new())),
                 inbound_slots: Semaphore::new(max_in_flight),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
-                presence: crate::features::presence::State::default(),
-                groups: crate::features::group::Groups::load(store_groups),
-                media: crate::features::media::State::default(),
+                plugins,
+                pending_reasons: Mutex::new(HashMap::new()),
+                first_outcomes: Mutex::new(HashMap::new()),
                 claims: crate::core::claims::Claims::default(),
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
                 olm,
                 claiming: tokio::sync::Mutex::new(()),
-                strangers,
             }),
         };
         // A weak reference: the network handle, which the node holds, holds this.
@@ -494,11 +525,12 @@ impl Node {
         });
         tasks.spawn(node.clone().net_loop(net_events, shutdown.clone()));
         tasks.spawn(node.clone().outbox_loop(shutdown.clone()));
-        tasks.spawn(node.clone().heartbeat_loop(shutdown.clone()));
-        tasks.spawn(node.clone().group_loop(shutdown.clone()));
-        tasks.spawn(node.clone().media_loop(shutdown.clone()));
+        for feature in node.inner.plugins.all() {
+            for task in feature.tasks(&node, &shutdown) {
+                tasks.spawn(task);
+            }
+        }
         tasks.spawn(node.clone().held_loop(shutdown.clone()));
-        tasks.spawn(node.clone().expiry_loop(shutdown.clone()));
         tasks.spawn(node.clone().poll_loop(shutdown));
         Ok(node)
     }
@@ -554,20 +586,89 @@ impl Node {
         &self.inner.home_relays
     }
 
-    pub(crate) fn media(&self) -> &crate::features::media::State {
-        &self.inner.media
+    /// The features plugged in, by role.
+    pub(crate) fn plugins(&self) -> &hooks::Plugins {
+        &self.inner.plugins
     }
 
-    pub(crate) fn groups(&self) -> &crate::features::group::Groups {
-        &self.inner.groups
+    /// A plugged-in feature's own state (see [`hooks`]).
+    pub(crate) fn feature<T: hooks::Feature>(&self) -> Option<&T> {
+        self.inner.plugins.get::<T>()
+    }
+
+    /// Records (or, with `None`, clears) why pending message `id` has not left yet.
+    pub(crate) fn set_pending_reason(&self, id: MessageId, reason: Option<String>) {
+        let mut reasons = self
+            .inner
+            .pending_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(why) => {
+                reasons.insert(id, why);
+            }
+            None => {
+                reasons.remove(&id);
+            }
+        }
+    }
+
+    /// A channel that hears when the first delivery attempt of outgoing message `id` settles
+    /// (delivered, sent, retried or failed): `send` answers with the tick it then has.
+    pub(crate) fn watch_first_outcome(&self, id: MessageId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .first_outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        rx
+    }
+
+    /// Waits up to `wait` for `first` (see `watch_first_outcome`), then reads message `id`'s
+    /// tick.
+    pub(crate) async fn first_outcome(
+        &self,
+        id: MessageId,
+        first: oneshot::Receiver<()>,
+        wait: Duration,
+    ) -> MessageState {
+        let _ = tokio::time::timeout(wait, first).await;
+        self.inner
+            .first_outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        match self.inner.store.outgoing(&id) {
+            Ok(Some(m)) => m.state,
+            _ => MessageState::Pending,
+        }
+    }
+
+    /// The first attempt of message `id` settled: whoever waits for it hears.
+    fn settled_first(&self, id: &MessageId) {
+        let waiting = self
+            .inner
+            .first_outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(tx) = waiting {
+            let _ = tx.send(());
+        }
+    }
+
+    pub(crate) fn pending_reason(&self, id: &MessageId) -> Option<String> {
+        self.inner
+            .pending_reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     pub(crate) fn olm(&self) -> &Olm {
         &self.inner.olm
-    }
-
-    pub(crate) fn strangers(&self) -> &crate::features::strangers::State {
-        &self.inner.strangers
     }
 
     pub(crate) fn claiming(&self) -> &tokio::sync::Mutex<()> {
@@ -606,11 +707,6 @@ impl Node {
     /// Inbound messages being stored (for `group.rs`).
     pub(crate) fn claims(&self) -> &crate::core::claims::Claims {
         &self.inner.claims
-    }
-
-    /// The presence state (for `presence.rs`).
-    pub(crate) fn presence_state(&self) -> &crate::features::presence::State {
-        &self.inner.presence
     }
 
     /// The network handle, settings, config and home relays (for `presence.rs`).
@@ -753,7 +849,7 @@ impl Node {
         self.outbox().hurry(&peer_id, now_ms());
         self.inner.outbox_wake.notify_one();
         // The presence policy lists contacts: tell the relays soon.
-        self.presence_state().wake();
+        self.inner.plugins.presence.wake();
         Ok(contact.into())
     }
 
@@ -769,7 +865,7 @@ impl Node {
                 ContactView {
                     verified,
                     identity_changed,
-                    blocked: self.inner.strangers.is_blocked(&c.peer_id),
+                    blocked: self.inner.plugins.gate.is_blocked(&c.peer_id),
                     ..c.into()
                 }
             })
@@ -849,16 +945,17 @@ impl Node {
         text: &str,
         wait: Option<Duration>,
     ) -> Result<Sent, NodeError> {
-        if let Some(group) = self.group_target(to)? {
+        let rooms = &self.inner.plugins.rooms;
+        if let Some(room) = rooms.target(self, to)? {
             if text.trim().is_empty() {
                 return Err(NodeError::Invalid(
                     "refusing to send an empty message".into(),
                 ));
             }
-            return self.send_group(group, text, wait).await;
+            return rooms.send(self, room, text, wait).await;
         }
         let peer = self.resolve(to)?;
-        self.mark_user_activity();
+        self.inner.plugins.presence.user_active(self);
         if text.trim().is_empty() {
             return Err(NodeError::Invalid(
                 "refusing to send an empty message".into(),
@@ -871,7 +968,11 @@ impl Node {
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let lamport = self.next_lamport(&peer)?;
         let sent_at_ms = now_ms();
-        let expires_at_ms = self.expiry_for(Thread::Peer(&peer), sent_at_ms)?;
+        let expires_at_ms =
+            self.inner
+                .plugins
+                .timers
+                .expiry_for(self, Thread::Peer(&peer), sent_at_ms)?;
         let header = Header {
             id: MessageId::random(),
             to: Destination::Peer(peer),
@@ -879,7 +980,7 @@ impl Node {
             lamport,
             expires_at_ms,
         };
-        let entry = self.compose(peer, header, &body, EntryKind::Message)?;
+        let entry = self.compose(header, &body, EntryKind::Message)?;
         let envelope = &entry.envelope;
         let id = envelope.id;
         let stored = StoredMessage {
@@ -893,7 +994,7 @@ impl Node {
             state: MessageState::Pending,
             expires_at_ms,
         };
-        let mut events = wait.map(|_| self.subscribe());
+        let first = wait.map(|_| self.watch_first_outcome(id));
         let mut batch = Batch::new();
         // The outbox entry first: if a crash keeps only part of this, the message still goes
         // out. The conversation index records the clock (see `Store::lamport`).
@@ -904,31 +1005,10 @@ impl Node {
         self.inner.store.apply_in_order(batch)?;
         self.inner.store.flush().await?;
         self.write_and_dispatch(entry, Batch::new())?;
-        let mut state = MessageState::Pending;
-        if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
-            let id_text = id.to_string();
-            let _ = tokio::time::timeout(wait, async {
-                loop {
-                    match events.recv().await {
-                        Ok(NodeEvent::Receipt { id, state: s, .. }) if id == id_text => {
-                            state = state.advance(s);
-                            return;
-                        }
-                        Ok(NodeEvent::Failed { id, .. } | NodeEvent::Retry { id, .. })
-                            if id == id_text =>
-                        {
-                            return
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                        _ => {}
-                    }
-                }
-            })
-            .await;
-            if let Ok(Some(m)) = self.inner.store.outgoing(&id) {
-                state = state.advance(m.state);
-            }
-        }
+        let state = match (wait, first) {
+            (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
+            _ => MessageState::Pending,
+        };
         Ok(Sent {
             id: id.to_string(),
             state,
@@ -1002,15 +1082,19 @@ impl Node {
 
     /// A conversation (by contact name or peer id), or every message when `with` is `None`.
     pub fn messages(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
-        let mut views = self.with_attachments(self.messages_without_files(with)?);
+        let plugins = &self.inner.plugins;
+        let mut views = plugins
+            .files
+            .with_attachments(self, self.messages_without_files(with)?);
         self.name_messages(&mut views);
-        self.with_timer_lines(&mut views);
+        plugins.timers.with_lines(self, &mut views);
         Ok(views)
     }
 
     fn messages_without_files(&self, with: Option<&str>) -> Result<Vec<MessageView>, NodeError> {
-        if let Some(group) = with.map(|w| self.group_target(w)).transpose()?.flatten() {
-            return self.group_messages(&group);
+        let rooms = &self.inner.plugins.rooms;
+        if let Some(room) = with.map(|w| rooms.target(self, w)).transpose()?.flatten() {
+            return rooms.messages(self, &room);
         }
         let mut peers = match with {
             Some(who) => vec![self.resolve(who)?],
@@ -1020,7 +1104,7 @@ impl Node {
         // out of the overview, and shown when the user names the peer (to read a request before
         // accepting or blocking it; reading sends it no receipt).
         if with.is_none() {
-            peers.retain(|p| !self.inner.strangers.is_request(p));
+            peers.retain(|p| !self.inner.plugins.gate.is_request(p));
         }
         let mut out = Vec::new();
         for peer in peers {
@@ -1029,7 +1113,7 @@ impl Node {
         if with.is_none() {
             out.sort_by_key(|m| (m.sent_at_ms, m.lamport));
             let mut views: Vec<MessageView> = out.into_iter().map(Into::into).collect();
-            views.extend(self.all_group_messages()?);
+            views.extend(rooms.all_messages(self)?);
             views.sort_by_key(|m| m.sent_at_ms);
             return Ok(views);
         }
@@ -1039,13 +1123,14 @@ impl Node {
     /// Marks a conversation read and, unless turned off, sends `Read` receipts.
     /// Returns how many messages were newly read.
     pub async fn read(&self, with: &str) -> Result<usize, NodeError> {
-        if let Some(group) = self.group_target(with)? {
-            self.mark_user_activity();
-            return self.read_group(&group).await;
+        let plugins = &self.inner.plugins;
+        if let Some(room) = plugins.rooms.target(self, with)? {
+            plugins.presence.user_active(self);
+            return plugins.rooms.read(self, &room).await;
         }
         let peer = self.resolve(with)?;
-        self.mark_user_activity();
-        if self.inner.strangers.is_request(&peer) {
+        plugins.presence.user_active(self);
+        if plugins.gate.is_request(&peer) {
             // Not shown yet, so not read: no receipt goes to a stranger before it is accepted.
             return Ok(0);
         }
@@ -1090,7 +1175,7 @@ impl Node {
                 state,
                 ids: chunk.to_vec(),
             };
-            let entry = self.compose(to, header, &body, EntryKind::Receipt)?;
+            let entry = self.compose(header, &body, EntryKind::Receipt)?;
             batch.put_outbox(&entry);
             entries.push(entry);
         }
@@ -1108,11 +1193,11 @@ impl Node {
             .map_err(|e: kith_protocol::ids::ParseIdError| NodeError::Invalid(e.to_string()))?;
         if let Some(m) = self.inner.store.outgoing(&parsed)? {
             let reason = match m.state {
-                MessageState::Pending => self.inner.groups.reason(&m.id),
+                MessageState::Pending => self.pending_reason(&m.id),
                 MessageState::Failed => self.inner.store.outgoing_failure(&m.id)?,
                 _ => None,
             };
-            let members = self.member_view(&m.id);
+            let members = self.inner.plugins.rooms.member_states(self, &m.id);
             let member_names = members
                 .keys()
                 .filter_map(|p| Some((p.clone(), self.name_of(&p.parse().ok()?)?)))
@@ -1171,43 +1256,9 @@ impl Node {
             };
             match event {
                 net::Event::InboundDm { peer, stream } => self.spawn_serve_dm(peer, stream),
-                net::Event::InboundPresence {
-                    peer,
-                    request,
-                    channel,
-                } => self.handle_presence(peer, request, channel).await,
                 net::Event::Connected { peer } => self.reconnected(peer),
-                net::Event::Gossip {
-                    source,
-                    message_id,
-                    topic,
-                    data,
-                } => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let node = self.clone();
-                    work.spawn(async move {
-                        node.handle_gossip(source, message_id, topic, data).await;
-                        drop(permit);
-                    });
-                }
-                net::Event::InboundBlob {
-                    peer,
-                    request,
-                    channel,
-                } => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let node = self.clone();
-                    work.spawn(async move {
-                        node.serve_blob(peer, request, channel).await;
-                        drop(permit);
-                    });
-                }
                 net::Event::RelayConnected { relay } => {
-                    self.presence_state().wake();
+                    self.inner.plugins.presence.wake();
                     let node = self.clone();
                     work.spawn(async move {
                         node.fetch_mailbox(relay).await;
@@ -1228,6 +1279,19 @@ impl Node {
                         drop(permit);
                     });
                 }
+                // Gossip, presence and file requests: the features serve them.
+                event => {
+                    let Some(served) = self.feature_serving(event) else {
+                        continue;
+                    };
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        break;
+                    };
+                    work.spawn(async move {
+                        served.await;
+                        drop(permit);
+                    });
+                }
             }
         }
         work.shutdown().await;
@@ -1240,6 +1304,22 @@ impl Node {
         if let Some(mut inbound) = inbound {
             inbound.shutdown().await;
         }
+    }
+
+    /// The work of the feature that serves `event`, if one does.
+    fn feature_serving(
+        &self,
+        event: net::Event,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        let mut event = Box::new(event);
+        for feature in self.inner.plugins.all() {
+            match feature.serve(self, event) {
+                Ok(work) => return Some(work),
+                Err(unserved) => event = unserved,
+            }
+        }
+        tracing::debug!(?event, "no feature serves this network event");
+        None
     }
 
     /// Serves an inbound `/kith/dm/1` stream on a task of its own.
@@ -1324,7 +1404,13 @@ impl Node {
             }
             let outcome = match self.check(via, &envelope) {
                 Err(reason) => Err(reason),
-                Ok(Checked::Group(group)) => self.accept_group(via, group, envelope).await,
+                Ok(Checked::Group(group)) => {
+                    self.inner
+                        .plugins
+                        .rooms
+                        .accept(self, via, group, envelope)
+                        .await
+                }
                 Ok(Checked::Sealed(sealed)) => match self.claim_inbound(&envelope, &mut claims) {
                     Err(reason) => Err(reason),
                     Ok(false) => {
@@ -1415,8 +1501,9 @@ impl Node {
                 _ => Reject::BadSignature,
             });
         }
+        let plugins = &self.inner.plugins;
         if let Destination::Group(group) = envelope.to {
-            self.refuse_stranger(via, envelope)?;
+            plugins.gate.refuse(self, via, envelope)?;
             return Ok(Checked::Group(group));
         }
         if envelope.to != Destination::Peer(self.inner.me) {
@@ -1427,8 +1514,8 @@ impl Node {
             tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope: sender is not the connection's peer");
             return Err(Reject::WrongSender);
         }
-        self.refuse_stranger(via, envelope)?;
-        self.check_expiry(envelope)?;
+        plugins.gate.refuse(self, via, envelope)?;
+        plugins.timers.check(self, envelope)?;
         let body = envelope.body().map_err(|e| {
             tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope with a bad body");
             Reject::Malformed
@@ -1604,9 +1691,13 @@ impl Node {
                         self.stage_receipt(from, state, ids)?;
                         Ok(None)
                     }
-                    Body::Timer { secs, .. } => {
-                        self.stage_timer(&envelope, secs, batch)?;
-                        let line = crate::features::timers::line_text(secs);
+                    Body::Timer { secs, admins_only } => {
+                        let line = self
+                            .inner
+                            .plugins
+                            .timers
+                            .stage(self, &envelope, None, secs, admins_only, batch)
+                            .map_err(Inbound::Refused)?;
                         self.stage_chat(&envelope, line, None, batch).map(Some)
                     }
                     _ => Err(Inbound::Refused(Reject::Malformed)),
@@ -1653,10 +1744,13 @@ impl Node {
         self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| Inbound::Refused(store_failed(&e)))?;
         let msg = self.received(envelope, text.clone());
-        self.note_request(&from, batch);
+        self.inner.plugins.gate.note(self, &from, batch);
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
-            self.put_incoming_file(batch, envelope, file, None);
+            self.inner
+                .plugins
+                .files
+                .put_incoming(self, batch, envelope, file, None);
         }
         batch.put_message(&msg);
         Ok(Fresh {
@@ -1674,14 +1768,17 @@ impl Node {
             text,
             file_size,
         } = fresh;
+        let plugins = &self.inner.plugins;
         if let Some(text) = text {
-            match self.request_event(&envelope.from) {
+            match plugins.gate.announce(self, &envelope.from) {
                 Some(request) => request.into_iter().for_each(|e| self.emit(e)),
                 None => self.emit(self.message_event(&envelope, None, text)),
             }
         }
-        if let Some(size) = file_size.filter(|_| self.auto_download_from(&envelope.from)) {
-            self.file_received(envelope.id, size).await;
+        if let Some(size) =
+            file_size.filter(|_| plugins.gate.auto_download_from(self, &envelope.from))
+        {
+            plugins.files.received(self, envelope.id, size).await;
         }
         if via != envelope.from {
             // The sender did not see our answer: tell it with a receipt.
@@ -1705,7 +1802,10 @@ impl Node {
             };
             if let Ok(Some(_)) = self.inner.store.message_group(&id) {
                 // Group message: the receipt moves this member's state only.
-                self.advance_group_members(&id, Some(&from), state.into())
+                self.inner
+                    .plugins
+                    .rooms
+                    .advance_members(self, &id, Some(&from), state.into())
                     .map_err(|e| Inbound::Refused(store_failed(&e)))?;
                 continue;
             }
@@ -1919,7 +2019,12 @@ impl Node {
         let Destination::Group(group) = entry.envelope.to else {
             return;
         };
-        let outcome = self.deliver_group(&entry.envelope, group).await;
+        let outcome = self
+            .inner
+            .plugins
+            .rooms
+            .deliver(self, &entry.envelope, group)
+            .await;
         self.finish(&entry, outcome);
     }
 
@@ -2158,12 +2263,7 @@ impl Node {
                 tracing::debug!(%id, attempts = next.attempts, due_ms = next.due_ms, %reason, "will retry");
                 if is_chat && matches!(entry.envelope.to, Destination::Peer(_)) {
                     // Shown by `kith status` while the message is pending.
-                    self.inner
-                        .groups
-                        .reasons
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(id, reason.clone());
+                    self.set_pending_reason(id, Some(reason.clone()));
                 }
                 if is_chat {
                     self.emit(NodeEvent::Retry {
@@ -2181,7 +2281,10 @@ impl Node {
             let recorded = match entry.envelope.to {
                 // The relay holds a copy for every member: each member is `sent`.
                 Destination::Group(_) => self
-                    .advance_group_members(&id, None, state)
+                    .inner
+                    .plugins
+                    .rooms
+                    .advance_members(self, &id, None, state)
                     .map_err(|e| e.to_string()),
                 Destination::Peer(_) => self
                     .advance(&self.inner.me, &id, state)
@@ -2195,6 +2298,7 @@ impl Node {
         if let Err(e) = self.inner.store.apply(batch) {
             tracing::error!(%id, error = %e, "cannot update the outbox");
         }
+        self.settled_first(&id);
         self.inner.outbox_wake.notify_one();
     }
 }
@@ -2229,6 +2333,7 @@ impl Node {
                 tracing::error!(%id, error = %e, "cannot record a delivery");
             }
         }
+        self.settled_first(&id);
         self.inner.outbox_wake.notify_one();
         true
     }
@@ -2278,9 +2383,14 @@ fn store_failed(e: &dyn std::fmt::Display) -> Reject {
     Reject::StoreFailed
 }
 
-pub(crate) enum Outcome {
+/// How one delivery attempt of an outbox entry ended.
+pub enum Outcome {
+    /// The recipient stored it.
     Delivered,
+    /// A relay the recipient fetches from stored it.
     Sent,
+    /// Not taken for now; tried again after a backoff (why).
     Retry(String),
+    /// Refused for good (why).
     Failed(String),
 }

@@ -19,7 +19,7 @@ impl Node {
 
     /// The name of a group this node knows.
     pub(crate) fn group_name(&self, group: &GroupId) -> Option<String> {
-        self.find_group(&group.to_string()).map(|s| s.name)
+        self.plugins().rooms.name_of(self, group)
     }
 
     /// The `message` event for a stored chat envelope (one-to-one when `group` is `None`).
@@ -79,20 +79,6 @@ impl Node {
                 None => name(&conversation, &|| self.name_of(&conversation.parse().ok()?)),
             };
         }
-    }
-
-    /// A group's view with the names of the members this node knows.
-    pub(crate) fn named_view(
-        &self,
-        state: &kith_protocol::group::State,
-    ) -> crate::features::group::GroupView {
-        let mut view = crate::features::group::GroupView::from(state);
-        view.member_names = state
-            .members
-            .iter()
-            .filter_map(|p| Some((p.to_string(), self.name_of(p)?)))
-            .collect();
-        view
     }
 
     /// A peer as an error message shows it: its contact name and id, or the id alone.

@@ -18,12 +18,12 @@
 //! | `gm/` | message id | group id: the message belongs to a group conversation |
 //! | `gs/` | message id | per-member states of an outgoing group message |
 //! | `gl/` | group id | the group conversation's Lamport clock (`u64`) |
-//! | `a/` | message id | the message's attachment record ([`crate::features::media`]) |
+//! | `a/` | message id | the message's attachment record (the file feature) |
 //! | `f/` | message id | why an outgoing message is `failed` (UTF-8) |
-//! | `R/` | peer | a stranger whose messages wait in the requests list ([`crate::features::strangers`]) |
-//! | `B/` | peer | a blocked peer ([`crate::features::strangers`]) |
+//! | `R/` | peer | a stranger whose messages wait in the requests list (the strangers feature) |
+//! | `B/` | peer | a blocked peer (the strangers feature) |
 //! | `x/` | (the crypto module's own layout) | Olm account, sessions and peers' identity keys ([`crate::core::crypto`]) |
-//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted ([`crate::features::timers`]) |
+//! | `ex/` | deadline, from, message id | empty: messages of temporary chats by the time they are deleted (the temporary-chats feature) |
 //! | `et/` | message id | [`Expired`]: what is left of a deleted message (its final state) |
 //! | `T/` | peer | [`TimerRecord`]: a one-to-one conversation's timer |
 //! | `Tg/` | group id | [`TimerRecord`]: a group conversation's timer |
@@ -334,7 +334,7 @@ impl Batch {
         self.remove(outbox_key(id));
     }
 
-    /// Stores (or replaces) the attachment record of message `id` (see [`crate::features::media`]).
+    /// Stores (or replaces) the attachment record of message `id` (see the file feature).
     pub fn put_attachment<T: Serialize>(&mut self, id: &MessageId, record: &T) {
         self.insert(attachment_key(id), encode(record));
     }
@@ -360,7 +360,7 @@ impl Batch {
     }
 
     /// Removes a one-to-one message with its index entries and attachment record (a blocked
-    /// request's messages, [`crate::features::strangers`]). The message record goes first, so a crash part
+    /// request's messages, the strangers feature). The message record goes first, so a crash part
     /// way leaves index entries that point at nothing (skipped when read).
     pub fn remove_conversation_message(&mut self, msg: &StoredMessage) {
         self.remove(message_key(&msg.from, &msg.id));
@@ -1195,7 +1195,7 @@ pub struct Expired {
 /// A message due for deletion: its sender and id.
 pub type Due = (PeerId, MessageId);
 
-/// Temporary chats ([`crate::features::timers`]): timers, the expiry index, deletion and what is left.
+/// Temporary chats (the temporary-chats feature): timers, the expiry index, deletion and what is left.
 impl Batch {
     /// Deletes a message and every index and side record of it (attachment, outbox entry,
     /// group states), then its expiry index entry. The record goes first, so a crash part way

@@ -46,10 +46,12 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
-use crate::core::store::{Batch, Direction, EntryKind, OutboxEntry, StoredMessage};
-use crate::core::{MessageView, Node, NodeError, NodeEvent, Outcome, Sent};
-use crate::net::peer_of;
+use crate::core::hooks::{Feature, Rooms};
+use crate::core::store::{Batch, Direction, EntryKind, StoredMessage};
+use crate::core::{MessageView, Node, NodeError, Outcome, Sent};
+use crate::net::{self, peer_of};
 use crate::shutdown::Signal;
+use futures::future::BoxFuture;
 
 /// How many times a membership change is re-submitted after conflicts.
 const MAX_CONFLICT_RETRIES: usize = 8;
@@ -61,8 +63,6 @@ pub(crate) struct Groups {
     lamports: Mutex<HashMap<GroupId, u64>>,
     receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
     receipts_wake: Notify,
-    /// Why a group message is still pending (its last attempt's failure).
-    pub(crate) reasons: Mutex<HashMap<MessageId, String>>,
     /// Serialises chain syncs, so two never apply the same operations.
     sync: tokio::sync::Mutex<()>,
 }
@@ -86,11 +86,6 @@ impl Groups {
     fn all(&self) -> Vec<State> {
         lock(&self.states).values().cloned().collect()
     }
-
-    /// Why a pending group message has not gone out yet.
-    pub(crate) fn reason(&self, id: &MessageId) -> Option<String> {
-        lock(&self.reasons).get(id).cloned()
-    }
 }
 
 /// A group as the API shows it (`kith group info --json`).
@@ -111,6 +106,9 @@ pub struct GroupView {
     /// Names of the members this node knows (its contacts, and itself), by peer id.
     #[serde(skip_serializing_if = "HashMap::is_empty")]
     pub member_names: HashMap<String, String>,
+    /// Whether this node is a member. A group it left or was removed from stays listed, with
+    /// its history, read-only.
+    pub member: bool,
 }
 
 impl From<&State> for GroupView {
@@ -123,6 +121,7 @@ impl From<&State> for GroupView {
             version: s.version,
             relay: s.relay.clone(),
             member_names: HashMap::new(),
+            member: false,
         }
     }
 }
@@ -152,7 +151,9 @@ impl Node {
         }
     }
 
-    /// Resolves a group name or id among the groups this node knows.
+    /// Resolves a group name or id among the groups this node knows, those it left or was
+    /// removed from included (their history stays readable). By name, a group this node is a
+    /// member of comes first.
     pub fn find_group(&self, name_or_id: &str) -> Option<State> {
         let groups = self.groups().all();
         if let Ok(id) = name_or_id.trim().parse::<GroupId>() {
@@ -160,11 +161,12 @@ impl Node {
                 return Some(s.clone());
             }
         }
+        let me = self.peer_id();
         let mut named: Vec<State> = groups
             .into_iter()
-            .filter(|s| s.name == name_or_id && s.is_member(&self.peer_id()))
+            .filter(|s| s.name == name_or_id)
             .collect();
-        named.sort_by_key(|s| s.group);
+        named.sort_by_key(|s| (!s.is_member(&me), s.group));
         named.into_iter().next()
     }
 
@@ -191,17 +193,30 @@ impl Node {
         Ok((peer, addr))
     }
 
-    /// Every group this node is a member of.
+    /// A group's view with the names of the members this node knows.
+    pub(crate) fn named_view(&self, state: &State) -> GroupView {
+        let mut view = GroupView::from(state);
+        view.member_names = state
+            .members
+            .iter()
+            .filter_map(|p| Some((p.to_string(), self.name_of(p)?)))
+            .collect();
+        view.member = state.is_member(&self.peer_id());
+        view
+    }
+
+    /// Every group this node knows: those it is a member of first, then those it left or was
+    /// removed from (`member: false`), each by name.
     pub fn group_list(&self) -> Vec<GroupView> {
-        let me = self.peer_id();
         let mut list: Vec<GroupView> = self
             .groups()
             .all()
             .iter()
-            .filter(|s| s.is_member(&me))
             .map(|s| self.named_view(s))
             .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name).then(a.group_id.cmp(&b.group_id)));
+        list.sort_by(|a, b| {
+            (!a.member, &a.name, &a.group_id).cmp(&(!b.member, &b.name, &b.group_id))
+        });
         list
     }
 
@@ -440,12 +455,9 @@ impl Node {
         group_id: GroupId,
         envelope: Envelope,
     ) -> Result<(), Reject> {
-        self.check_expiry(&envelope)?;
+        self.plugins().timers.check(self, &envelope)?;
         let from = envelope.from;
-        let body = envelope.body().map_err(|e| {
-            tracing::warn!(%via, %from, error = %e, "refusing a group envelope with a bad body");
-            Reject::Malformed
-        })?;
+        let body = self.open_room_body(&envelope)?;
         let mut file = None;
         let mut timer = None;
         let text = match body {
@@ -459,7 +471,7 @@ impl Node {
             }
             Body::Timer { secs, admins_only } => {
                 timer = Some((secs, admins_only));
-                crate::features::timers::line_text(secs)
+                String::new()
             }
             _ => {
                 tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind");
@@ -520,15 +532,22 @@ impl Node {
         let mut batch = Batch::new();
         let mut text = text;
         if let (Some((secs, admins_only)), Some(state)) = (timer, state.as_ref()) {
-            if !self.stage_group_timer(&envelope, state, secs, admins_only, &mut batch)? {
-                text = crate::features::timers::IGNORED_TEXT.to_owned();
-            }
+            text = self.plugins().timers.stage(
+                self,
+                &envelope,
+                Some(state),
+                secs,
+                admins_only,
+                &mut batch,
+            )?;
         }
         let msg = self.received(&envelope, text.clone());
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);
         if let Some(file) = file.clone() {
-            self.put_incoming_file(&mut batch, &envelope, file, Some(group_id));
+            self.plugins()
+                .files
+                .put_incoming(self, &mut batch, &envelope, file, Some(group_id));
         }
         self.store()
             .commit(batch)
@@ -538,7 +557,10 @@ impl Node {
         self.emit(self.message_event(&envelope, Some(group_id), text));
         self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
         if let Some(file) = &file {
-            self.file_received(envelope.id, file.size).await;
+            self.plugins()
+                .files
+                .received(self, envelope.id, file.size)
+                .await;
         }
         Ok(())
     }
@@ -554,7 +576,9 @@ impl Node {
         let verdict = match cbor::decode::<Envelope>(&data, MAX_ENVELOPE_BYTES) {
             Ok(envelope) => match (self.verify(&envelope), envelope.to) {
                 // A blocked peer's group messages are not shown; others may still want them.
-                (Ok(()), Destination::Group(_)) if self.strangers().is_blocked(&envelope.from) => {
+                (Ok(()), Destination::Group(_))
+                    if self.plugins().gate.is_blocked(&envelope.from) =>
+                {
                     tracing::debug!(%source, from = %envelope.from, "dropping a blocked peer's gossip");
                     gossipsub::MessageAcceptance::Ignore
                 }
@@ -648,7 +672,10 @@ impl Node {
     ) -> Result<Sent, NodeError> {
         let me = self.peer_id();
         if !state.is_member(&me) {
-            return Err(invalid(format!("you are not a member of {}", state.name)));
+            return Err(invalid(format!(
+                "you are no longer a member of {}: its history stays readable, but nothing can be sent to it",
+                state.name
+            )));
         }
         body.validate().map_err(invalid)?;
         let group_id = state.group;
@@ -666,7 +693,11 @@ impl Node {
         // A timer change itself stays; everything else carries the timer in force.
         let expires_at_ms = match body {
             Body::Timer { .. } => None,
-            _ => self.expiry_for(crate::core::store::Thread::Group(&group_id), sent_at_ms)?,
+            _ => self.plugins().timers.expiry_for(
+                self,
+                crate::core::store::Thread::Group(&group_id),
+                sent_at_ms,
+            )?,
         };
         let header = Header {
             id,
@@ -675,7 +706,8 @@ impl Node {
             lamport,
             expires_at_ms,
         };
-        let envelope = Envelope::seal(self.key(), header, &body).map_err(invalid)?;
+        let entry = self.compose(header, &body, EntryKind::Message)?;
+        let envelope = &entry.envelope;
         let id = envelope.id;
         let msg = StoredMessage {
             id,
@@ -694,38 +726,19 @@ impl Node {
             .filter(|m| **m != me)
             .map(|m| (*m, MessageState::Pending))
             .collect();
-        let mut events = wait.map(|_| self.subscribe());
+        let first = wait.map(|_| self.watch_first_outcome(id));
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);
         batch.put_member_states(&id, &members);
-        let entry = OutboxEntry::new(envelope, EntryKind::Message, false, now_ms());
         batch.put_outbox(&entry);
         self.store().commit(batch).await?;
         self.enqueue(entry);
-        let mut current = MessageState::Pending;
-        if let (Some(wait), Some(events)) = (wait, events.as_mut()) {
-            let id_text = id.to_string();
-            let _ = tokio::time::timeout(wait, async {
-                loop {
-                    match events.recv().await {
-                        Ok(NodeEvent::Receipt { id, .. }) if id == id_text => return,
-                        Ok(NodeEvent::Failed { id, .. } | NodeEvent::Retry { id, .. })
-                            if id == id_text =>
-                        {
-                            return
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                        _ => {}
-                    }
-                }
-            })
-            .await;
-            if let Ok(Some(m)) = self.store().outgoing(&id) {
-                current = m.state;
-            }
-        }
+        let current = match (wait, first) {
+            (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
+            _ => MessageState::Pending,
+        };
         let note = (current == MessageState::Pending)
-            .then(|| self.groups().reason(&id))
+            .then(|| self.pending_reason(&id))
             .flatten()
             .map(|why| format!("not sent yet, will retry: {why}"));
         Ok(Sent {
@@ -771,15 +784,11 @@ impl Node {
             Ok(Err(e)) => Outcome::Retry(format!("the group's home relay is unreachable: {e}")),
             Err(_) => Outcome::Retry("the group's home relay did not answer in time".into()),
         };
-        let mut reasons = lock(&self.groups().reasons);
-        match &outcome {
-            Outcome::Retry(why) | Outcome::Failed(why) => {
-                reasons.insert(envelope.id, why.clone());
-            }
-            _ => {
-                reasons.remove(&envelope.id);
-            }
-        }
+        let why = match &outcome {
+            Outcome::Retry(why) | Outcome::Failed(why) => Some(why.clone()),
+            _ => None,
+        };
+        self.set_pending_reason(envelope.id, why);
         outcome
     }
 
@@ -878,7 +887,8 @@ impl Node {
             }
         }
         let count = by_sender.values().map(Vec::len).sum();
-        if self.settings().read_receipts {
+        // A group this node left or was removed from tells its former members nothing.
+        if self.settings().read_receipts && state.is_member(&self.peer_id()) {
             for (to, ids) in by_sender {
                 self.queue_receipts(to, ReceiptState::Read, &ids).await?;
             }
@@ -1130,5 +1140,116 @@ pub mod cli {
             }
         }
         Ok(())
+    }
+}
+
+// ---- plugged into the core ------------------------------------------------------------------
+
+impl Node {
+    /// The group feature's state.
+    pub(crate) fn groups(&self) -> &Groups {
+        self.feature::<Groups>()
+            .expect("the group feature is plugged in by `start`")
+    }
+}
+
+impl Feature for Groups {
+    fn tasks(&self, node: &Node, shutdown: &Signal) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(node.clone().group_loop(shutdown.clone()))]
+    }
+
+    fn serve(
+        &self,
+        node: &Node,
+        event: Box<net::Event>,
+    ) -> Result<BoxFuture<'static, ()>, Box<net::Event>> {
+        match *event {
+            net::Event::Gossip {
+                source,
+                message_id,
+                topic,
+                data,
+            } => {
+                let node = node.clone();
+                Ok(Box::pin(async move {
+                    node.handle_gossip(source, message_id, topic, data).await;
+                }))
+            }
+            other => Err(Box::new(other)),
+        }
+    }
+}
+
+impl Rooms for Groups {
+    fn target(&self, node: &Node, name: &str) -> Result<Option<State>, NodeError> {
+        node.group_target(name)
+    }
+
+    fn room(&self, room: &GroupId) -> Option<State> {
+        self.get(room)
+    }
+
+    fn send<'a>(
+        &'a self,
+        node: &'a Node,
+        room: State,
+        text: &'a str,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Sent, NodeError>> {
+        Box::pin(node.send_group(room, text, wait))
+    }
+
+    fn messages(&self, node: &Node, room: &State) -> Result<Vec<MessageView>, NodeError> {
+        node.group_messages(room)
+    }
+
+    fn all_messages(&self, node: &Node) -> Result<Vec<MessageView>, NodeError> {
+        node.all_group_messages()
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        room: &'a State,
+    ) -> BoxFuture<'a, Result<usize, NodeError>> {
+        Box::pin(node.read_group(room))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        node: &'a Node,
+        envelope: &'a Envelope,
+        room: GroupId,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(node.deliver_group(envelope, room))
+    }
+
+    fn accept<'a>(
+        &'a self,
+        node: &'a Node,
+        via: PeerId,
+        room: GroupId,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), Reject>> {
+        Box::pin(node.accept_group(via, room, envelope))
+    }
+
+    fn advance_members(
+        &self,
+        node: &Node,
+        id: &MessageId,
+        member: Option<&PeerId>,
+        state: MessageState,
+    ) -> Result<(), NodeError> {
+        node.advance_group_members(id, member, state)
+    }
+
+    fn member_states(&self, node: &Node, id: &MessageId) -> HashMap<String, MessageState> {
+        node.member_view(id)
+    }
+
+    fn relay_of(&self, room: &GroupId) -> Option<PeerId> {
+        let relay: Multiaddr = self.get(room)?.relay.parse().ok()?;
+        peer_of(&relay)
     }
 }

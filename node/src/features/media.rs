@@ -48,10 +48,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::clock::now_ms;
+use crate::core::hooks::{Feature, Files};
 use crate::core::store::{Batch, Direction, EntryKind, StoredMessage};
+use crate::core::AttachmentView;
+use crate::core::MessageView;
 use crate::core::{Node, NodeError, NodeEvent, Sent};
-use crate::net::{circuit_addr, peer_of};
+use crate::net::{self, circuit_addr, peer_of};
 use crate::shutdown::Signal;
+use futures::future::BoxFuture;
 
 /// Directory of sealed blobs inside the home.
 pub const BLOBS_DIR: &str = "blobs";
@@ -106,28 +110,6 @@ pub(crate) struct Record {
     pub uploaded: bool,
     /// Outgoing: the relays to upload to (multiaddrs ending in `/p2p/<relay>`).
     pub relays: Vec<String>,
-}
-
-/// An attachment as `kith messages` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct AttachmentView {
-    /// The file's name.
-    pub name: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Its media type.
-    pub mime: String,
-    /// BLAKE3 of the file, hex.
-    pub hash: String,
-    /// Where the file is on this machine, once it is.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// Whether the file is on this machine (`false`: not downloaded; `kith download` fetches
-    /// it).
-    pub downloaded: bool,
-    /// A small PNG preview, hex-encoded, for images.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub thumbnail: Option<String>,
 }
 
 impl From<&Record> for AttachmentView {
@@ -981,7 +963,7 @@ impl Node {
     /// Sends the file at `path` to a contact, peer id or group. Returns once the message is in
     /// the outbox; the upload to the relays continues in the background.
     pub async fn send_file(&self, to: &str, path: &Path) -> Result<Sent, NodeError> {
-        let group = self.group_target(to)?;
+        let group = self.plugins().rooms.target(self, to)?;
         let peer = match &group {
             Some(_) => None,
             None => Some(self.resolve(to)?),
@@ -1006,7 +988,7 @@ impl Node {
             (None, None) => Vec::new(),
         };
         self.check_relays_accept(&relays, size).await?;
-        self.mark_user_activity();
+        self.plugins().presence.user_active(self);
         let name = safe_name(path);
         let mut head = [0u8; 16];
         let head_len = std::fs::File::open(path)
@@ -1131,7 +1113,7 @@ impl Node {
             lamport,
             expires_at_ms,
         };
-        let entry = self.compose(peer, header, &body, EntryKind::Message)?;
+        let entry = self.compose(header, &body, EntryKind::Message)?;
         let envelope = &entry.envelope;
         let stored = StoredMessage {
             id,
@@ -1477,7 +1459,7 @@ impl Node {
         let mut seen = HashSet::new();
         let group_relay = record
             .group
-            .and_then(|g| self.find_group(&g.to_string()))
+            .and_then(|g| self.plugins().rooms.room(&g))
             .map(|s| s.relay);
         for addr in self
             .home_relays()
@@ -1840,7 +1822,7 @@ impl Node {
             }
             None => return Err(NodeError::UnknownMessage(id.to_owned())),
         };
-        self.mark_user_activity();
+        self.plugins().presence.user_active(self);
         let mut last = String::new();
         for round in 0..MANUAL_ROUNDS {
             if round > 0 {
@@ -2249,5 +2231,69 @@ mod tests {
         let back = image::load_from_memory(&thumb).expect("decodes");
         assert!(back.width() <= THUMBNAIL_PX && back.height() <= THUMBNAIL_PX);
         assert!(thumbnail(&src, "application/octet-stream", size).is_none());
+    }
+}
+
+// ---- plugged into the core ------------------------------------------------------------------
+
+impl Node {
+    /// The file feature's state.
+    pub(crate) fn media(&self) -> &State {
+        self.feature::<State>()
+            .expect("the file feature is plugged in by `start`")
+    }
+}
+
+impl Feature for State {
+    fn tasks(&self, node: &Node, shutdown: &Signal) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(node.clone().media_loop(shutdown.clone()))]
+    }
+
+    fn serve(
+        &self,
+        node: &Node,
+        event: Box<net::Event>,
+    ) -> Result<BoxFuture<'static, ()>, Box<net::Event>> {
+        match *event {
+            net::Event::InboundBlob {
+                peer,
+                request,
+                channel,
+            } => {
+                let node = node.clone();
+                Ok(Box::pin(async move {
+                    node.serve_blob(peer, request, channel).await;
+                }))
+            }
+            other => Err(Box::new(other)),
+        }
+    }
+
+    fn original_body(&self, node: &Node, id: &MessageId) -> Result<Option<Body>, NodeError> {
+        Ok(node
+            .store()
+            .attachment::<Record>(id)?
+            .map(|record| Body::File(record.file)))
+    }
+}
+
+impl Files for State {
+    fn with_attachments(&self, node: &Node, views: Vec<MessageView>) -> Vec<MessageView> {
+        node.with_attachments(views)
+    }
+
+    fn put_incoming(
+        &self,
+        node: &Node,
+        batch: &mut Batch,
+        envelope: &Envelope,
+        file: FileRef,
+        room: Option<GroupId>,
+    ) {
+        node.put_incoming_file(batch, envelope, file, room);
+    }
+
+    fn received<'a>(&'a self, node: &'a Node, id: MessageId, size: u64) -> BoxFuture<'a, ()> {
+        Box::pin(node.file_received(id, size))
     }
 }

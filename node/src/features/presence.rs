@@ -28,9 +28,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
+use crate::core::hooks::{self, Feature};
 use crate::core::{Node, NodeError, NodeEvent};
-use crate::net::{circuit_addr, peer_of};
+use crate::net::{self, circuit_addr, peer_of};
 use crate::shutdown::Signal;
+use futures::future::BoxFuture;
 
 /// Least time between two heartbeats sent because of user activity.
 pub const USER_HEARTBEAT_MIN_GAP: Duration = Duration::from_millis(250);
@@ -116,7 +118,7 @@ impl Node {
             settings.presence,
             settings.reach,
             self.contact_peers(),
-            self.strangers().blocked(),
+            self.plugins().gate.blocked(),
         )
     }
 
@@ -271,7 +273,7 @@ impl Node {
         let response = match request {
             Message::Valid(Request::Query { req_id, peer: who }) if who == me => {
                 let status =
-                    if self.policy().allows(&me, &peer) && !self.strangers().is_blocked(&peer) {
+                    if self.policy().allows(&me, &peer) && !self.plugins().gate.is_blocked(&peer) {
                         Status {
                             online: true,
                             last_seen_ms: self.last_user_activity_ms(),
@@ -288,7 +290,7 @@ impl Node {
             Message::Valid(Request::Typing { req_id }) => {
                 // Only contacts' typing shows; strangers' and blocked peers' is dropped.
                 match self.contact_of(&peer) {
-                    Some(contact) if !self.strangers().is_blocked(&peer) => {
+                    Some(contact) if !self.plugins().gate.is_blocked(&peer) => {
                         self.emit(NodeEvent::Typing {
                             from: peer.to_string(),
                             from_name: Some(contact.name),
@@ -460,5 +462,51 @@ impl Node {
         {
             tracing::debug!("a relay did not take the goodbye in time");
         }
+    }
+}
+
+// ---- plugged into the core ------------------------------------------------------------------
+
+impl Node {
+    /// The presence feature's state.
+    pub(crate) fn presence_state(&self) -> &State {
+        self.feature::<State>()
+            .expect("the presence feature is plugged in by `start`")
+    }
+}
+
+impl Feature for State {
+    fn tasks(&self, node: &Node, shutdown: &Signal) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(node.clone().heartbeat_loop(shutdown.clone()))]
+    }
+
+    fn serve(
+        &self,
+        node: &Node,
+        event: Box<net::Event>,
+    ) -> Result<BoxFuture<'static, ()>, Box<net::Event>> {
+        match *event {
+            net::Event::InboundPresence {
+                peer,
+                request,
+                channel,
+            } => {
+                let node = node.clone();
+                Ok(Box::pin(async move {
+                    node.handle_presence(peer, request, channel).await;
+                }))
+            }
+            other => Err(Box::new(other)),
+        }
+    }
+}
+
+impl hooks::Presence for State {
+    fn user_active(&self, node: &Node) {
+        node.mark_user_activity();
+    }
+
+    fn wake(&self) {
+        State::wake(self);
     }
 }

@@ -30,8 +30,10 @@ use kith_protocol::{Destination, Envelope, Reject};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
+use crate::core::hooks::{Feature, Gate};
 use crate::core::store::{Batch, Direction, Store, StoreError};
 use crate::core::{ContactView, Node, NodeError, NodeEvent};
+use futures::future::BoxFuture;
 
 /// Longest preview of a request's last message, in characters.
 const PREVIEW_CHARS: usize = 80;
@@ -316,7 +318,7 @@ impl Node {
             batch.remove_raw(key(BLOCKED, &peer));
             self.store().apply(batch)?;
             self.store().flush().await?;
-            self.presence_state().wake();
+            self.plugins().presence.wake();
         }
         Ok(BlockView {
             peer_id: peer.to_string(),
@@ -352,7 +354,7 @@ impl Node {
         self.store().apply(batch)?;
         self.store().flush().await?;
         // The relays learn the new policy with the next heartbeat, sent now.
-        self.presence_state().wake();
+        self.plugins().presence.wake();
         tracing::info!(%peer, dropped, "blocked");
         Ok(BlockView {
             peer_id: peer.to_string(),
@@ -551,5 +553,55 @@ pub mod cli {
             println!("unblocked {peer}");
         }
         Ok(())
+    }
+}
+
+// ---- plugged into the core ------------------------------------------------------------------
+
+impl Node {
+    /// The strangers feature's state.
+    pub(crate) fn strangers(&self) -> &State {
+        self.feature::<State>()
+            .expect("the strangers feature is plugged in by `start`")
+    }
+}
+
+impl Feature for State {}
+
+impl Gate for State {
+    fn is_request(&self, peer: &PeerId) -> bool {
+        State::is_request(self, peer)
+    }
+
+    fn is_blocked(&self, peer: &PeerId) -> bool {
+        State::is_blocked(self, peer)
+    }
+
+    fn blocked(&self) -> Vec<PeerId> {
+        State::blocked(self)
+    }
+
+    fn refuse(&self, node: &Node, via: PeerId, envelope: &Envelope) -> Result<(), Reject> {
+        node.refuse_stranger(via, envelope)
+    }
+
+    fn note(&self, node: &Node, from: &PeerId, batch: &mut Batch) {
+        node.note_request(from, batch);
+    }
+
+    fn announce(&self, node: &Node, from: &PeerId) -> Option<Option<NodeEvent>> {
+        node.request_event(from)
+    }
+
+    fn auto_download_from(&self, node: &Node, from: &PeerId) -> bool {
+        node.auto_download_from(from)
+    }
+
+    fn accepted<'a>(
+        &'a self,
+        node: &'a Node,
+        peer: &'a PeerId,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(node.forget_request(peer))
     }
 }

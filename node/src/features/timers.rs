@@ -28,11 +28,14 @@ use libp2p::PeerId;
 use serde::Serialize;
 
 use crate::clock::now_ms;
+use crate::core::hooks::{self, Feature};
 use crate::core::store::{
     Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord,
 };
-use crate::core::{Inbound, MessageView, Node, NodeError, NodeEvent};
+use crate::core::TimerLine;
+use crate::core::{MessageView, Node, NodeError, NodeEvent};
 use crate::shutdown::Signal;
+use futures::future::BoxFuture;
 
 /// How often the sweep looks at the expiry index when nothing is due sooner.
 const SWEEP_IDLE: Duration = Duration::from_secs(1);
@@ -76,13 +79,6 @@ pub struct TimerView {
     pub id: Option<String>,
 }
 
-/// A history line of a timer change, as the API shows it inside a message.
-#[derive(Debug, Clone, Serialize)]
-pub struct TimerLine {
-    /// The new timer in seconds, `null` for off.
-    pub timer_secs: Option<u64>,
-}
-
 /// One line of an export ([`Node::export`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportLine {
@@ -102,7 +98,7 @@ pub struct ExportLine {
     pub state: MessageState,
     /// The attached file: name, size, type, hash and where it is on this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<crate::features::media::AttachmentView>,
+    pub file: Option<crate::core::AttachmentView>,
     /// For a timer change's line: the timer it set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timer: Option<TimerLine>,
@@ -160,7 +156,7 @@ fn newer(record: Option<&TimerRecord>, lamport: u64, from: &[u8]) -> bool {
 
 impl Node {
     fn target(&self, with: &str) -> Result<Target, NodeError> {
-        if let Some(state) = self.group_target(with)? {
+        if let Some(state) = self.plugins().rooms.target(self, with)? {
             return Ok(Target::Group(state));
         }
         Ok(Target::Peer(self.resolve(with)?))
@@ -263,7 +259,7 @@ impl Node {
                     lamport,
                     expires_at_ms: None,
                 };
-                let entry = self.compose(*peer, header, &body, EntryKind::Message)?;
+                let entry = self.compose(header, &body, EntryKind::Message)?;
                 let stored = StoredMessage {
                     id,
                     direction: Direction::Out,
@@ -360,13 +356,10 @@ impl Node {
         envelope: &Envelope,
         secs: Option<u64>,
         batch: &mut Batch,
-    ) -> Result<(), Inbound> {
+    ) -> Result<(), Reject> {
         let from = envelope.from;
         let thread = Thread::Peer(&from);
-        let current = self
-            .store()
-            .timer(thread)
-            .map_err(|e| Inbound::Refused(store_failed(&e)))?;
+        let current = self.store().timer(thread).map_err(|e| store_failed(&e))?;
         let from_bytes = from.to_bytes();
         if newer(current.as_ref(), envelope.lamport, &from_bytes) {
             batch.put_timer(
@@ -714,3 +707,65 @@ mod api {
 }
 
 pub(crate) use api::routes as api_routes;
+
+// ---- plugged into the core ------------------------------------------------------------------
+
+/// The temporary-chats feature (its state is in the store).
+#[derive(Debug, Default)]
+pub struct State;
+
+impl Feature for State {
+    fn tasks(&self, node: &Node, shutdown: &Signal) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(node.clone().expiry_loop(shutdown.clone()))]
+    }
+
+    fn original_body(&self, node: &Node, id: &MessageId) -> Result<Option<Body>, NodeError> {
+        Ok(node.store().timer_line(id)?.map(|secs| Body::Timer {
+            secs,
+            admins_only: false,
+        }))
+    }
+}
+
+impl hooks::Timers for State {
+    fn expiry_for(
+        &self,
+        node: &Node,
+        thread: Thread<'_>,
+        sent_at_ms: u64,
+    ) -> Result<Option<u64>, NodeError> {
+        node.expiry_for(thread, sent_at_ms)
+    }
+
+    fn check(&self, node: &Node, envelope: &Envelope) -> Result<(), Reject> {
+        node.check_expiry(envelope)
+    }
+
+    fn stage(
+        &self,
+        node: &Node,
+        envelope: &Envelope,
+        room: Option<&kith_protocol::group::State>,
+        secs: Option<u64>,
+        admins_only: bool,
+        batch: &mut Batch,
+    ) -> Result<String, Reject> {
+        match room {
+            Some(room) => Ok(
+                if node.stage_group_timer(envelope, room, secs, admins_only, batch)? {
+                    line_text(secs)
+                } else {
+                    IGNORED_TEXT.to_owned()
+                },
+            ),
+            None => {
+                node.stage_timer(envelope, secs, batch)?;
+                Ok(line_text(secs))
+            }
+        }
+    }
+
+    fn with_lines(&self, node: &Node, views: &mut [MessageView]) {
+        node.with_timer_lines(views);
+    }
+}

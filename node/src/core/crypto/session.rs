@@ -35,29 +35,6 @@ pub const UNDECRYPTABLE_TEXT: &str =
     "[could not decrypt this message; the sender was asked to send it again]";
 
 impl Node {
-    /// An outbox entry for `body` to `to`: sealed now if a session exists, else kept unsealed
-    /// until an attempt can set one up. A session's new state is written before this returns
-    /// (not flushed: the caller flushes before the entry leaves).
-    pub(crate) fn compose(
-        &self,
-        to: PeerId,
-        header: Header,
-        body: &Body,
-        kind: EntryKind,
-    ) -> Result<OutboxEntry, NodeError> {
-        body.validate()
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
-        let sealed = self
-            .olm()
-            .seal(&to, body)
-            .map_err(|e| NodeError::Invalid(format!("cannot encrypt: {e}")))?;
-        let unsealed = sealed.is_none();
-        let body = sealed.as_ref().unwrap_or(body);
-        let envelope = Envelope::seal(self.key(), header, body)
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
-        Ok(OutboxEntry::new(envelope, kind, unsealed, now_ms()))
-    }
-
     /// Seals the unsealed ones of `entries` (due for `to`), setting up a session first if need
     /// be; the sealed entries are on disk before they are returned. Entries that cannot be
     /// sealed now are rescheduled.
@@ -121,11 +98,11 @@ impl Node {
     /// The entry with its plaintext body sealed for its recipient (the same header, signed
     /// again).
     fn seal_entry(&self, entry: &OutboxEntry) -> Result<OutboxEntry, NodeError> {
-        let Destination::Peer(to) = entry.envelope.to else {
+        if !matches!(entry.envelope.to, Destination::Peer(_)) {
             return Err(NodeError::Invalid(
-                "only one-to-one bodies are sealed".into(),
+                "only one-to-one bodies are sealed here".into(),
             ));
-        };
+        }
         let body = entry
             .envelope
             .body()
@@ -137,7 +114,7 @@ impl Node {
             lamport: entry.envelope.lamport,
             expires_at_ms: entry.envelope.expires_at_ms,
         };
-        let sealed = self.compose(to, header, &body, entry.kind)?;
+        let sealed = self.compose(header, &body, entry.kind)?;
         if sealed.unsealed {
             return Err(NodeError::Unavailable(
                 "no session with the recipient".into(),
@@ -432,19 +409,15 @@ impl Node {
                 tracing::warn!(%from, %id, "ignoring a re-send request for another peer's message");
                 continue;
             }
-            let file = self
-                .store()
-                .attachment::<crate::features::media::Record>(&id)
-                .map_err(|e| fail(&e))?;
-            let timer_line = self.store().timer_line(&id).map_err(|e| fail(&e))?;
-            let body = match (file, timer_line) {
-                (Some(record), _) => Body::File(record.file),
-                (None, Some(secs)) => Body::Timer {
-                    secs,
-                    admins_only: false,
-                },
-                (None, None) => Body::Chat { text: msg.text },
-            };
+            // A file or a timer change: the feature that made it knows its body.
+            let mut body = None;
+            for feature in self.plugins().all() {
+                body = feature.original_body(self, &id).map_err(|e| fail(&e))?;
+                if body.is_some() {
+                    break;
+                }
+            }
+            let body = body.unwrap_or(Body::Chat { text: msg.text });
             let header = Header {
                 id,
                 to: Destination::Peer(from),

@@ -415,7 +415,10 @@ function renderHead() {
   if (conv.kind === 'group') {
     dot.className = 'dot group';
     const g = state.groupInfo && state.groupInfo.group_id === conv.id ? state.groupInfo : null;
-    sub.textContent = g ? g.members.map(nameOf).join(', ') : 'group';
+    // A group this node left or was removed from stays readable, but nothing can be sent.
+    const gone = g && g.member === false;
+    sub.textContent = !g ? 'group' : gone ? 'you are no longer a member: read-only' : g.members.map(nameOf).join(', ');
+    if (g) $('composer').hidden = gone;
     return;
   }
   const p = state.presence.get(conv.id);
