@@ -35,6 +35,7 @@ pub mod crypto;
 mod give_up;
 mod held;
 pub mod hooks;
+mod inbound;
 pub(crate) mod names;
 pub mod outbox;
 mod seal;
@@ -57,6 +58,7 @@ const CLAIMED_RETRY_AFTER_MS: u64 = 500;
 const KEY_CACHE_CAPACITY: usize = 256;
 
 use crate::clock::now_ms;
+use inbound::Checked;
 use outbox::{Outbox, Transmit};
 
 /// An event for the local API's stream and for in-process watchers.
@@ -1490,53 +1492,21 @@ impl Node {
     /// The checks every inbound envelope passes: signature, recipient, the connection's peer,
     /// expiry and a body we understand.
     fn check(&self, via: PeerId, envelope: &Envelope) -> Result<Checked, Reject> {
-        let from = envelope.from;
         if let Err(e) = self.verify(envelope) {
-            tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope");
-            return Err(match e {
-                kith_protocol::VerifyError::UnsupportedVersion(_) => Reject::UnsupportedVersion,
-                kith_protocol::VerifyError::BodyTooLarge { max, .. } => {
-                    Reject::TooLarge { max: max as u64 }
-                }
-                _ => Reject::BadSignature,
-            });
+            tracing::warn!(%via, from = %envelope.from, id = %envelope.id, error = %e, "refusing envelope");
+            return Err(inbound::verify_reject(&e));
         }
+        let via_home_relay = self.inner.home_relays.contains_key(&via);
         let plugins = &self.inner.plugins;
-        if let Destination::Group(group) = envelope.to {
-            plugins.gate.refuse(self, via, envelope)?;
-            return Ok(Checked::Group(group));
-        }
-        if envelope.to != Destination::Peer(self.inner.me) {
-            tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope for someone else");
-            return Err(Reject::WrongRecipient);
-        }
-        if via != from && !self.inner.home_relays.contains_key(&via) {
-            tracing::warn!(%via, %from, id = %envelope.id, "refusing envelope: sender is not the connection's peer");
-            return Err(Reject::WrongSender);
-        }
-        plugins.gate.refuse(self, via, envelope)?;
-        plugins.timers.check(self, envelope)?;
-        let body = envelope.body().map_err(|e| {
-            tracing::warn!(%via, %from, id = %envelope.id, error = %e, "refusing envelope with a bad body");
-            Reject::Malformed
-        })?;
-        match body {
-            Body::Olm(sealed) => Ok(Checked::Sealed(sealed)),
-            Body::Resend { ids, new_session } => Ok(Checked::Resend(ids, new_session)),
-            // Sent in the clear by an earlier release (signed by its sender, so no relay
-            // could have made it; this node never sends content so).
-            body @ (Body::Chat { .. } | Body::File(_) | Body::Receipt { .. }) => {
-                tracing::debug!(%via, %from, id = %envelope.id, "a one-to-one body in the clear");
-                Ok(Checked::Plain(body))
+        match inbound::address(self.inner.me, via, via_home_relay, envelope)? {
+            inbound::Addressed::Room(group) => {
+                plugins.gate.refuse(self, via, envelope)?;
+                Ok(Checked::Group(group))
             }
-            Body::GroupOp(_) => {
-                tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
-                Err(Reject::Malformed)
-            }
-            // Content: this node only takes it sealed.
-            Body::Timer { .. } => {
-                tracing::warn!(%via, %from, "refusing a timer change in the clear");
-                Err(Reject::Malformed)
+            inbound::Addressed::Me => {
+                plugins.gate.refuse(self, via, envelope)?;
+                plugins.timers.check(self, envelope)?;
+                inbound::classify(via, envelope)
             }
         }
     }
@@ -2337,18 +2307,6 @@ impl Node {
         self.inner.outbox_wake.notify_one();
         true
     }
-}
-
-/// What [`Node::check`] found in an inbound envelope.
-enum Checked {
-    /// For a group: handled by the group code.
-    Group(GroupId),
-    /// An end-to-end encrypted one-to-one body.
-    Sealed(kith_protocol::envelope::Sealed),
-    /// A one-to-one body in the clear (from an earlier release).
-    Plain(Body),
-    /// The sender asks for these messages of ours again (on a new session if `true`).
-    Resend(Vec<MessageId>, bool),
 }
 
 /// Why an inbound sealed envelope was not taken.
