@@ -20,7 +20,7 @@ use kith_protocol::invite::Invite;
 use kith_protocol::keys::Keys;
 use kith_protocol::limits::{MAX_FETCH_BATCH, MAX_IDS_PER_BATCH};
 use kith_protocol::{dm, mailbox, Body, Destination, Envelope, MessageId, MessageState};
-use kith_protocol::{GroupId, ReceiptState, Reject};
+use kith_protocol::{ReceiptState, Reject};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
