@@ -963,35 +963,64 @@ impl Node {
                 "refusing to send an empty message".into(),
             ));
         }
-        let body = Body::Chat {
+        let message = Outgoing {
+            id: MessageId::random(),
+            body: Body::Chat {
+                text: text.to_owned(),
+            },
             text: text.to_owned(),
+            lamport: None,
+            timed: true,
+            batch: Batch::new(),
         };
-        body.validate()
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
-        let lamport = self.next_lamport(&peer)?;
+        self.send_to_peer(peer, message, wait).await
+    }
+
+    /// The one way a one-to-one message goes out: composed (sealed if a session exists),
+    /// recorded `pending` with its outbox entry and the caller's writes, flushed, and handed to
+    /// its first attempt. With `wait`, answers once that attempt settles (or `wait` passes).
+    pub(crate) async fn send_to_peer(
+        &self,
+        peer: PeerId,
+        message: Outgoing,
+        wait: Option<Duration>,
+    ) -> Result<Sent, NodeError> {
+        let Outgoing {
+            id,
+            body,
+            text,
+            lamport,
+            timed,
+            batch: extra,
+        } = message;
+        let lamport = match lamport {
+            Some(lamport) => lamport,
+            None => self.next_lamport(&peer)?,
+        };
         let sent_at_ms = now_ms();
-        let expires_at_ms =
-            self.inner
+        let expires_at_ms = match timed {
+            true => self
+                .inner
                 .plugins
                 .timers
-                .expiry_for(self, Thread::Peer(&peer), sent_at_ms)?;
+                .expiry_for(self, Thread::Peer(&peer), sent_at_ms)?,
+            false => None,
+        };
         let header = Header {
-            id: MessageId::random(),
+            id,
             to: Destination::Peer(peer),
             sent_at_ms,
             lamport,
             expires_at_ms,
         };
         let entry = self.compose(header, &body, EntryKind::Message)?;
-        let envelope = &entry.envelope;
-        let id = envelope.id;
         let stored = StoredMessage {
             id,
             direction: Direction::Out,
             from: self.inner.me,
             peer,
-            text: text.to_owned(),
-            sent_at_ms: envelope.sent_at_ms,
+            text,
+            sent_at_ms,
             lamport,
             state: MessageState::Pending,
             expires_at_ms,
@@ -999,8 +1028,10 @@ impl Node {
         let first = wait.map(|_| self.watch_first_outcome(id));
         let mut batch = Batch::new();
         // The outbox entry first: if a crash keeps only part of this, the message still goes
-        // out. The conversation index records the clock (see `Store::lamport`).
+        // out; the message record (which deduplication and the history look at) last. The
+        // conversation index records the clock (see `Store::lamport`).
         batch.put_outbox(&entry);
+        batch.extend(extra);
         batch.put_message(&stored);
         // A sealed message leaves only once its session's new state is on disk: sent before
         // and lost in a crash, that state would be used again for another message.
@@ -1059,11 +1090,6 @@ impl Node {
         }
         let _ = go.send(direct);
         Ok(())
-    }
-
-    /// Starts the first attempt of a new outgoing entry already written and flushed.
-    pub(crate) fn dispatch(&self, entry: OutboxEntry) -> Result<(), NodeError> {
-        self.write_and_dispatch(entry, Batch::new())
     }
 
     /// Forgets an outbox entry that was deleted from the store (an expired message).
@@ -2339,6 +2365,22 @@ const MAX_SEALED_BATCH: usize = 8;
 fn store_failed(e: &dyn std::fmt::Display) -> Reject {
     tracing::error!(error = %e, "cannot store an inbound envelope");
     Reject::StoreFailed
+}
+
+/// A one-to-one message to send ([`Node::send_to_peer`]).
+pub(crate) struct Outgoing {
+    /// Its id.
+    pub id: MessageId,
+    /// What it carries.
+    pub body: Body,
+    /// Its line in the sender's history.
+    pub text: String,
+    /// Its Lamport time, if the caller took one already.
+    pub lamport: Option<u64>,
+    /// Whether it carries the conversation's timer (a timer change itself does not).
+    pub timed: bool,
+    /// The caller's writes that go with it (a file's records, a timer's).
+    pub batch: Batch,
 }
 
 /// How one delivery attempt of an outbox entry ended.

@@ -294,14 +294,19 @@ impl Outbox {
     /// place while the attempt ran): the copy stays, due; the attempt is no longer in flight.
     pub fn take_replaced(&mut self, entry: &OutboxEntry) -> bool {
         let id = entry.envelope.id;
-        let replaced = self
+        let Some(current) = self
             .entries
             .get(&id)
-            .is_some_and(|current| current.envelope != entry.envelope);
-        if replaced {
-            self.in_flight.remove(&id);
-        }
-        replaced
+            .filter(|current| current.envelope != entry.envelope)
+            .cloned()
+        else {
+            return false;
+        };
+        self.in_flight.remove(&id);
+        // The copy may have come while this attempt was in flight: `poll_due` then passed over
+        // it, so it goes back on the schedule here.
+        self.insert(current);
+        true
     }
 
     /// The copy of `unsealed` becomes `sealed` (same id; the due time and attempts of the copy
@@ -635,5 +640,28 @@ mod tests {
         assert!(outbox.take_replaced(&flying[0]));
         assert!(!outbox.take_replaced(&sealed));
         assert_eq!(outbox.len(), 1);
+    }
+
+    #[test]
+    fn a_copy_that_comes_while_the_first_is_in_flight_leaves_after_it() {
+        let mut outbox = Outbox::new(limits());
+        let peer = PeerId::random();
+        let first = entry(peer, 0);
+        outbox.insert(first.clone());
+        let flying = outbox.poll_due(0);
+        // A re-send of the same message (another envelope, same id) is queued meanwhile...
+        let mut again = entry(peer, 0);
+        again.envelope.id = first.envelope.id;
+        outbox.insert(again.clone());
+        assert!(
+            outbox.poll_due(0).is_empty(),
+            "one copy in flight at a time"
+        );
+        // ...and goes once the first attempt ends.
+        assert!(outbox.take_replaced(&flying[0]));
+        assert_eq!(
+            outbox.poll_due(0).first().map(|e| &e.envelope),
+            Some(&again.envelope)
+        );
     }
 }

@@ -274,6 +274,14 @@ impl Batch {
         Self::default()
     }
 
+    /// Appends `other`'s changes after this batch's, in their order.
+    pub fn extend(&mut self, other: Batch) {
+        let offset = self.ops.len();
+        self.ops.extend(other.ops);
+        self.sealed
+            .extend(other.sealed.into_iter().map(|(i, end)| (i + offset, end)));
+    }
+
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push((key, Some(value)));
     }

@@ -39,8 +39,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kith_net::codec::Message;
 use kith_protocol::blob::{self, Cipher, FileRef, Hash, Key, CHUNK_BYTES, TAG_BYTES};
-use kith_protocol::envelope::Header;
-use kith_protocol::{Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
+use kith_protocol::{Body, Envelope, GroupId, MessageId, Reject};
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
@@ -49,10 +48,10 @@ use tokio::task::JoinSet;
 
 use crate::clock::now_ms;
 use crate::core::hooks::{Feature, Files};
-use crate::core::store::{Batch, Direction, EntryKind, StoredMessage};
+use crate::core::store::{Batch, Direction};
 use crate::core::AttachmentView;
 use crate::core::MessageView;
-use crate::core::{Node, NodeError, NodeEvent, Sent};
+use crate::core::{Node, NodeError, NodeEvent, Outgoing, Sent};
 use crate::net::{self, circuit_addr, peer_of};
 use crate::shutdown::Signal;
 use futures::future::BoxFuture;
@@ -1052,7 +1051,17 @@ impl Node {
                 self.send_group_with(state, id, body, "", batch, None)
                     .await?
             }
-            (None, Some(peer)) => self.send_file_to_peer(peer, id, body, batch).await?,
+            (None, Some(peer)) => {
+                let message = Outgoing {
+                    id,
+                    body,
+                    text: String::new(),
+                    lamport: None,
+                    timed: true,
+                    batch,
+                };
+                self.send_to_peer(peer, message, None).await?
+            }
             (None, None) => return Err(NodeError::UnknownRecipient(to.to_owned())),
         };
         if !record.uploaded {
@@ -1094,48 +1103,6 @@ impl Node {
             }
         }
         Ok(())
-    }
-
-    async fn send_file_to_peer(
-        &self,
-        peer: PeerId,
-        id: MessageId,
-        body: Body,
-        mut batch: Batch,
-    ) -> Result<Sent, NodeError> {
-        let lamport = self.next_lamport(&peer)?;
-        let sent_at_ms = now_ms();
-        let expires_at_ms = self.expiry_for(crate::core::store::Thread::Peer(&peer), sent_at_ms)?;
-        let header = Header {
-            id,
-            to: Destination::Peer(peer),
-            sent_at_ms,
-            lamport,
-            expires_at_ms,
-        };
-        let entry = self.compose(header, &body, EntryKind::Message)?;
-        let envelope = &entry.envelope;
-        let stored = StoredMessage {
-            id,
-            direction: Direction::Out,
-            from: self.peer_id(),
-            peer,
-            text: String::new(),
-            sent_at_ms: envelope.sent_at_ms,
-            lamport,
-            state: MessageState::Pending,
-            expires_at_ms,
-        };
-        batch.put_message(&stored);
-        batch.set_lamport(&peer, lamport);
-        batch.put_outbox(&entry);
-        self.store().commit(batch).await?;
-        self.enqueue(entry);
-        Ok(Sent {
-            id: id.to_string(),
-            state: MessageState::Pending,
-            note: None,
-        })
     }
 
     /// Adds the attachment record of an incoming file to `batch` (stored with the message).

@@ -22,18 +22,15 @@
 
 use std::time::Duration;
 
-use kith_protocol::envelope::Header;
-use kith_protocol::{timer, Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
+use kith_protocol::{timer, Body, Envelope, GroupId, MessageId, MessageState, Reject};
 use libp2p::PeerId;
 use serde::Serialize;
 
 use crate::clock::now_ms;
 use crate::core::hooks::{self, Feature};
-use crate::core::store::{
-    Batch, Direction, EntryKind, Expired, StoredMessage, Thread, TimerRecord,
-};
+use crate::core::store::{Batch, Direction, Expired, StoredMessage, Thread, TimerRecord};
 use crate::core::TimerLine;
-use crate::core::{MessageView, Node, NodeError, NodeEvent};
+use crate::core::{MessageView, Node, NodeError, NodeEvent, Outgoing};
 use crate::shutdown::Signal;
 use futures::future::BoxFuture;
 
@@ -252,33 +249,18 @@ impl Node {
                 }
             }
             Target::Peer(peer) => {
-                let header = Header {
-                    id,
-                    to: Destination::Peer(*peer),
-                    sent_at_ms: now_ms(),
-                    lamport,
-                    expires_at_ms: None,
-                };
-                let entry = self.compose(header, &body, EntryKind::Message)?;
-                let stored = StoredMessage {
-                    id,
-                    direction: Direction::Out,
-                    from: me,
-                    peer: *peer,
-                    text,
-                    sent_at_ms: entry.envelope.sent_at_ms,
-                    lamport,
-                    state: MessageState::Pending,
-                    expires_at_ms: None,
-                };
                 let mut batch = Batch::new();
-                batch.put_outbox(&entry);
                 batch.put_timer(target.thread(), &record);
                 batch.put_timer_line(&id, secs);
-                batch.put_message(&stored);
-                self.store().apply_in_order(batch)?;
-                self.store().flush().await?;
-                self.dispatch(entry)?;
+                let message = Outgoing {
+                    id,
+                    body,
+                    text,
+                    lamport: Some(lamport),
+                    timed: false,
+                    batch,
+                };
+                self.send_to_peer(*peer, message, None).await?;
             }
         }
         Ok(TimerView {
