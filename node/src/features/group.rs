@@ -30,10 +30,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::{Path, State as AxumState};
-use axum::response::{IntoResponse, Response as AxumResponse};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use kith_protocol::envelope::Header;
 use kith_protocol::group::{self, Change, Limits, Op, State};
 use kith_protocol::limits::MAX_ENVELOPE_BYTES;
@@ -42,7 +38,6 @@ use kith_protocol::{ReceiptState, Reject};
 use libp2p::gossipsub;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
@@ -886,79 +881,4 @@ impl Node {
         self.store().flush().await?;
         Ok(count)
     }
-}
-
-// ---- local API ------------------------------------------------------------------------------
-
-struct ApiError(NodeError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> AxumResponse {
-        crate::api::ApiError::from(self.0).into_response()
-    }
-}
-
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> Self {
-        ApiError(e)
-    }
-}
-
-#[derive(Deserialize)]
-struct CreateBody {
-    name: String,
-    #[serde(default)]
-    members: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct ChangeBody {
-    #[serde(default)]
-    who: Option<String>,
-}
-
-async fn list(AxumState(node): AxumState<Node>) -> impl IntoResponse {
-    Json(node.group_list())
-}
-
-async fn create(
-    AxumState(node): AxumState<Node>,
-    Json(body): Json<CreateBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let view = node.create_group(&body.name, &body.members).await?;
-    Ok(Json(
-        json!({ "group_id": view.group_id, "name": view.name }),
-    ))
-}
-
-async fn info(
-    AxumState(node): AxumState<Node>,
-    Path(group): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(node.group_info(&group).await?))
-}
-
-async fn change(
-    AxumState(node): AxumState<Node>,
-    Path((group, kind)): Path<(String, ChangeKind)>,
-    Json(body): Json<ChangeBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        node.change_group(&group, kind, body.who.as_deref()).await?,
-    ))
-}
-
-/// The group routes of the local API (the caller adds authentication):
-///
-/// | method | path | body | answer |
-/// |---|---|---|---|
-/// | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
-/// | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
-/// | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
-/// | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
-pub(crate) fn api_routes() -> Router<Node> {
-    Router::new()
-        .route("/v1/groups", get(list).post(create))
-        .route("/v1/groups/{group}", get(info))
-        .route("/v1/groups/{group}/{kind}", post(change))
 }

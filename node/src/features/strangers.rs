@@ -22,13 +22,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use axum::extract::{self, Path};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use kith_protocol::presence::Reach;
 use kith_protocol::{Destination, Envelope, Reject};
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::core::store::{Batch, Direction, Store, StoreError};
 use crate::core::{ContactView, Node, NodeError, NodeEvent};
@@ -360,59 +357,4 @@ impl Node {
             dropped,
         })
     }
-}
-
-#[derive(Deserialize, Default)]
-struct AcceptBody {
-    #[serde(default)]
-    name: Option<String>,
-}
-
-async fn list(
-    extract::State(node): extract::State<Node>,
-) -> Result<Json<Vec<RequestView>>, crate::api::ApiError> {
-    Ok(Json(node.requests()?))
-}
-
-async fn accept(
-    extract::State(node): extract::State<Node>,
-    Path(peer): Path<String>,
-    body: Option<Json<AcceptBody>>,
-) -> Result<Json<ContactView>, crate::api::ApiError> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
-    Ok(Json(
-        node.accept_request(&peer, body.name.as_deref()).await?,
-    ))
-}
-
-async fn block_request(
-    extract::State(node): extract::State<Node>,
-    Path(peer): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.block_request(&peer).await?))
-}
-
-async fn block(
-    extract::State(node): extract::State<Node>,
-    Path(who): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.block(&who).await?))
-}
-
-async fn unblock(
-    extract::State(node): extract::State<Node>,
-    Path(who): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.unblock(&who).await?))
-}
-
-/// `GET /v1/requests`, `POST /v1/requests/{peer}/accept` (`{"name": ...}`, optional),
-/// `POST /v1/requests/{peer}/block`, `POST /v1/contacts/{who}/block` and `.../unblock`.
-pub(crate) fn api_routes() -> Router<Node> {
-    Router::new()
-        .route("/v1/requests", get(list))
-        .route("/v1/requests/{peer}/accept", post(accept))
-        .route("/v1/requests/{peer}/block", post(block_request))
-        .route("/v1/contacts/{who}/block", post(block))
-        .route("/v1/contacts/{who}/unblock", post(unblock))
 }
