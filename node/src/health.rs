@@ -2,13 +2,13 @@
 //! and why, circuit reservations, the outbox, the last mailbox fetch, and which road each
 //! contact is on.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::Node;
 use crate::net::RelayHealth;
 
 /// What `GET /v1/health` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthView {
     /// This node's peer id.
     pub peer_id: String,
@@ -25,7 +25,7 @@ pub struct HealthView {
 }
 
 /// The road to one contact.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContactPath {
     /// The contact's name.
     pub name: String,
@@ -33,7 +33,7 @@ pub struct ContactPath {
     pub peer_id: String,
     /// `direct` (a connection of its own), `relayed` (a relay circuit) or `mailbox` (not
     /// connected: messages go through its relays' mailboxes).
-    pub path: &'static str,
+    pub path: String,
 }
 
 impl Node {
@@ -48,7 +48,12 @@ impl Node {
                 Some(ContactPath {
                     name: contact.name,
                     peer_id: peer.to_string(),
-                    path: net.paths.get(&peer).copied().unwrap_or("mailbox"),
+                    path: net
+                        .paths
+                        .get(&peer)
+                        .copied()
+                        .unwrap_or("mailbox")
+                        .to_owned(),
                 })
             })
             .collect();

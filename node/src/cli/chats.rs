@@ -2,9 +2,10 @@
 //! permanent chat's history.
 
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::urlencode;
+use super::show;
+use crate::api::chats::TimerBody;
 use crate::api::client::Client;
 
 /// `kith chat timer WITH DURATION|off [--admins-only|--everyone] [--json]`; without a
@@ -16,40 +17,29 @@ pub async fn timer(
     admins_only: Option<bool>,
     json: bool,
 ) -> Result<()> {
-    let path = format!("/v1/chats/{}/timer", urlencode(with));
-    let view: Value = match duration {
-        Some(duration) => {
-            let mut body = json!({ "duration": duration });
-            if let Some(admins_only) = admins_only {
-                body["admins_only"] = json!(admins_only);
-            }
-            client.post(&path, &body).await?
-        }
-        None => client.get(&path).await?,
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-        return Ok(());
-    }
-    let secs = view["timer_secs"].as_u64();
-    let rule = if view["admins_only"].as_bool() == Some(true) {
-        " (admins only may change it)"
-    } else {
-        ""
-    };
-    println!(
-        "disappearing messages with {with}: {}{rule}",
-        kith_protocol::timer::Display(secs)
-    );
-    Ok(())
+    let set = duration.map(|duration| TimerBody {
+        duration: duration.to_owned(),
+        admins_only,
+    });
+    show(client.timer(with, set.as_ref()).await?, json, |view| {
+        let rule = if view.admins_only {
+            " (admins only may change it)"
+        } else {
+            ""
+        };
+        println!(
+            "disappearing messages with {with}: {}{rule}",
+            kith_protocol::timer::Display(view.timer_secs)
+        );
+        Ok(())
+    })
 }
 
 /// `kith export WITH [--json]`: the export format (JSON lines: a header line, then one
 /// line per message) on standard output, or one JSON document with `--json`.
 pub async fn export(client: &Client, with: &str, json: bool) -> Result<()> {
-    let export: Value = client
-        .get(&format!("/v1/chats/{}/export", urlencode(with)))
-        .await?;
+    // The export is a document format of its own: its JSON is the output either way.
+    let export = client.export(with).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&export)?);
         return Ok(());

@@ -3,11 +3,13 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
 
 use super::args::ContactCommand;
-use super::{print_json, urlencode};
+use super::show;
 use crate::api::client::Client;
+use crate::api::requests::AcceptBody;
+use crate::api::AddContact;
+use crate::features::strangers::BlockView;
 use crate::text::for_terminal;
 
 /// Runs one `kith contact` command.
@@ -18,95 +20,70 @@ pub async fn contact(client: &Client, command: ContactCommand) -> Result<()> {
             peer_id_or_invite,
             addr,
         } => {
-            let addrs: Vec<String> = addr.iter().map(|a| a.to_string()).collect();
-            let contact: Value = client
-                .post(
-                    "/v1/contacts",
-                    &json!({ "name": name, "peer": peer_id_or_invite, "addrs": addrs }),
-                )
-                .await?;
+            let body = AddContact {
+                name,
+                peer: peer_id_or_invite,
+                addrs: addr.iter().map(|a| a.to_string()).collect(),
+            };
+            let contact = client.add_contact(&body).await?.decode()?;
             println!(
                 "added {} ({})",
-                for_terminal(contact["name"].as_str().unwrap_or_default()),
-                contact["peer_id"].as_str().unwrap_or_default()
+                for_terminal(&contact.name),
+                contact.peer_id
             );
         }
         ContactCommand::Remove { name } => {
-            let removed: Value = client
-                .delete(&format!("/v1/contacts/{}", urlencode(&name)))
-                .await?;
+            let removed = client.remove_contact(&name).await?.decode()?;
             println!(
                 "removed {} ({}); the conversation stays",
-                for_terminal(removed["name"].as_str().unwrap_or_default()),
-                removed["peer_id"].as_str().unwrap_or_default()
+                for_terminal(&removed.name),
+                removed.peer_id
             );
         }
         ContactCommand::Rename { old, new } => {
-            let renamed: Value = client
-                .post(
-                    &format!("/v1/contacts/{}/rename", urlencode(&old)),
-                    &json!({ "name": new }),
-                )
-                .await?;
+            let renamed = client.rename_contact(&old, &new).await?.decode()?;
             println!(
                 "renamed {} to {}",
                 for_terminal(&old),
-                for_terminal(renamed["name"].as_str().unwrap_or_default())
+                for_terminal(&renamed.name)
             );
         }
         ContactCommand::List { json } => {
-            let contacts: Value = client.get("/v1/contacts").await?;
-            if json {
-                print_json(&contacts)?;
-            } else {
-                for c in contacts.as_array().into_iter().flatten() {
-                    let blocked = if c["blocked"].as_bool() == Some(true) {
-                        "\tblocked"
-                    } else {
-                        ""
-                    };
-                    let trust = if c["identity_changed"].as_bool() == Some(true) {
+            show(client.contacts().await?, json, |contacts| {
+                for c in contacts {
+                    let blocked = if c.blocked { "\tblocked" } else { "" };
+                    let trust = if c.identity_changed {
                         "\tidentity key changed: verify again"
-                    } else if c["verified"].as_bool() == Some(true) {
+                    } else if c.verified {
                         "\tverified"
                     } else {
                         ""
                     };
-                    println!(
-                        "{}\t{}{trust}{blocked}",
-                        for_terminal(c["name"].as_str().unwrap_or_default()),
-                        c["peer_id"].as_str().unwrap_or_default()
-                    );
+                    println!("{}\t{}{trust}{blocked}", for_terminal(&c.name), c.peer_id);
                 }
-            }
+                Ok(())
+            })?;
         }
         ContactCommand::Block { who, json } => {
-            block(client, &who, true, json).await?;
+            show(client.block(&who, true).await?, json, print_block)?;
         }
         ContactCommand::Unblock { who, json } => {
-            block(client, &who, false, json).await?;
+            show(client.block(&who, false).await?, json, print_block)?;
         }
         ContactCommand::Verify { name, mark, json } => {
-            let path = format!("/v1/contacts/{name}/verify");
-            let view: Value = if mark {
-                client.post(&path, &json!({})).await?
-            } else {
-                client.get(&path).await?
-            };
-            if json {
-                print_json(&view)?;
-            } else {
-                let number = view["safety_number"].as_str().unwrap_or_default();
+            show(client.verify(&name, mark).await?, json, |view| {
+                let number = &view.safety_number;
                 println!("Safety number with {name}:\n\n  {number}\n");
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                     println!("{}", safety_qr(number)?);
                 }
-                if view["verified"].as_bool() == Some(true) {
+                if view.verified {
                     println!("Verified.");
                 } else {
                     println!("Not verified: compare it with {name} (in person, or on a call), then run `kith contact verify {name} --mark`.");
                 }
-            }
+                Ok(())
+            })?;
         }
     }
     Ok(())
@@ -161,77 +138,45 @@ pub enum RequestsCommand {
 /// Runs `kith requests …` against the daemon.
 pub async fn requests(client: &Client, args: RequestsArgs) -> Result<()> {
     match args.command {
-        None => {
-            let list: Value = client.get("/v1/requests").await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-                return Ok(());
-            }
-            let requests = list.as_array().cloned().unwrap_or_default();
+        None => show(client.requests().await?, args.json, |requests| {
             if requests.is_empty() {
                 println!("no requests");
             }
             for r in requests {
                 println!(
                     "{}\t{} message(s)\t{}",
-                    r["peer_id"].as_str().unwrap_or_default(),
-                    r["messages"],
-                    for_terminal(r["preview"].as_str().unwrap_or_default())
+                    r.peer_id,
+                    r.messages,
+                    for_terminal(&r.preview)
                 );
             }
-        }
+            Ok(())
+        }),
         Some(RequestsCommand::Accept { who, name, json }) => {
-            let contact: Value = client
-                .post(
-                    &format!("/v1/requests/{}/accept", urlencode(&who)),
-                    &json!({ "name": name }),
-                )
-                .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&contact)?);
-            } else {
+            let body = AcceptBody { name };
+            show(client.accept_request(&who, &body).await?, json, |contact| {
                 println!(
                     "accepted {} as {}; `kith messages {}` shows its messages",
-                    contact["peer_id"].as_str().unwrap_or_default(),
-                    for_terminal(contact["name"].as_str().unwrap_or_default()),
-                    for_terminal(contact["name"].as_str().unwrap_or_default())
+                    contact.peer_id,
+                    for_terminal(&contact.name),
+                    for_terminal(&contact.name)
                 );
-            }
+                Ok(())
+            })
         }
         Some(RequestsCommand::Block { who, json }) => {
-            let view: Value = client
-                .post(
-                    &format!("/v1/requests/{}/block", urlencode(&who)),
-                    &json!({}),
-                )
-                .await?;
-            print_block(&view, json)?;
+            show(client.block_request(&who).await?, json, print_block)
         }
     }
-    Ok(())
 }
 
-/// `kith contact block|unblock WHO`.
-pub async fn block(client: &Client, who: &str, blocked: bool, json: bool) -> Result<()> {
-    let action = if blocked { "block" } else { "unblock" };
-    let view: Value = client
-        .post(
-            &format!("/v1/contacts/{}/{action}", urlencode(who)),
-            &json!({}),
-        )
-        .await?;
-    print_block(&view, json)
-}
-
-fn print_block(view: &Value, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(view)?);
-        return Ok(());
-    }
-    let peer = view["peer_id"].as_str().unwrap_or_default();
-    if view["blocked"] == true {
-        let dropped = view["dropped"].as_u64().unwrap_or(0);
-        println!("blocked {peer}; {dropped} message(s) of its request dropped");
+fn print_block(view: BlockView) -> Result<()> {
+    let peer = view.peer_id;
+    if view.blocked {
+        println!(
+            "blocked {peer}; {} message(s) of its request dropped",
+            view.dropped
+        );
     } else {
         println!("unblocked {peer}");
     }

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::api::client::Client;
+use crate::api::files::{DownloadBody, SendFileBody};
+use crate::core::NodeEvent;
 
 fn bar(label: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
@@ -25,34 +27,28 @@ fn bar(label: &str) -> ProgressBar {
 /// Follows progress events for `id` in `direction` until `done == total`.
 async fn follow(client: &Client, id: &str, direction: &str, label: &str) -> Result<()> {
     let bar = bar(label);
-    let id = id.to_owned();
-    let direction = direction.to_owned();
     let result = client
-        .events_until(|event: Value| {
-            if event["type"] == "failed" && event["id"] == id.as_str() {
-                bar.abandon_with_message(format!(
-                    "failed: {}",
-                    event["reason"].as_str().unwrap_or_default()
-                ));
-                return true;
+        .events_until(|event: Value| match serde_json::from_value(event) {
+            Ok(NodeEvent::Failed { id: failed, reason }) if failed == id => {
+                bar.abandon_with_message(format!("failed: {reason}"));
+                true
             }
-            if event["type"] != "progress"
-                || event["id"] != id.as_str()
-                || event["direction"] != direction.as_str()
-            {
-                return false;
+            Ok(NodeEvent::Progress {
+                id: of,
+                direction: way,
+                done,
+                total,
+            }) if of == id && way == direction => {
+                bar.set_length(total);
+                bar.set_position(done);
+                if done >= total {
+                    bar.finish();
+                    return true;
+                }
+                false
             }
-            let (done, total) = (
-                event["done"].as_u64().unwrap_or(0),
-                event["total"].as_u64().unwrap_or(0),
-            );
-            bar.set_length(total);
-            bar.set_position(done);
-            if done >= total {
-                bar.finish();
-                return true;
-            }
-            false
+            // Other events, and any this version does not know.
+            _ => false,
         })
         .await;
     result.context("following progress")
@@ -62,17 +58,16 @@ async fn follow(client: &Client, id: &str, direction: &str, label: &str) -> Resu
 pub async fn send_file(client: &Client, to: &str, path: PathBuf, json: bool) -> Result<()> {
     let path =
         std::fs::canonicalize(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let sent: Value = client
-        .post(
-            "/v1/send-file",
-            &json!({ "to": to, "path": path.to_string_lossy() }),
-        )
-        .await?;
-    let id = sent["id"].as_str().unwrap_or_default().to_owned();
+    let body = SendFileBody {
+        to: to.to_owned(),
+        path: PathBuf::from(path.to_string_lossy().into_owned()),
+    };
+    let answer = client.send_file(&body).await?;
     if json {
-        println!("{}", serde_json::to_string(&sent)?);
+        println!("{}", serde_json::to_string(answer.json())?);
         return Ok(());
     }
+    let id = answer.decode()?.id;
     println!("{id}");
     if std::io::stdout().is_terminal() {
         follow(client, &id, "upload", "uploading").await?;
@@ -89,20 +84,23 @@ pub async fn download(client: &Client, id: &str, to: Option<PathBuf>, json: bool
         })
         .transpose()
         .context("the --to directory")?;
-    let body = json!({ "id": id, "to": to.map(|d| d.to_string_lossy().into_owned()) });
-    let request = client.post::<Value>("/v1/download", &body);
-    let view = if !json && std::io::stdout().is_terminal() {
-        let (view, _) = tokio::join!(request, async {
+    let body = DownloadBody {
+        id: id.to_owned(),
+        to: to.map(|d| PathBuf::from(d.to_string_lossy().into_owned())),
+    };
+    let request = client.download(&body);
+    let answer = if !json && std::io::stdout().is_terminal() {
+        let (answer, _) = tokio::join!(request, async {
             let _ = follow(client, id, "download", "downloading").await;
         });
-        view?
+        answer?
     } else {
         request.await?
     };
     if json {
-        println!("{}", serde_json::to_string(&view)?);
+        println!("{}", serde_json::to_string(answer.json())?);
     } else {
-        println!("{}", view["path"].as_str().unwrap_or_default());
+        println!("{}", answer.decode()?.path.unwrap_or_default());
     }
     Ok(())
 }

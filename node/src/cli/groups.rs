@@ -1,11 +1,12 @@
 //! `kith group …`: create, add, remove, promote, leave, list, info.
 
+use super::show;
+use crate::api::client::Client;
+use crate::api::groups::CreateBody;
+use crate::features::group::{ChangeKind, GroupView};
+use crate::text::for_terminal;
 use anyhow::Result;
 use clap::Subcommand;
-use serde_json::{json, Value};
-
-use super::{print_json, urlencode};
-use crate::api::client::Client;
 
 /// `kith group …`
 #[derive(Debug, Subcommand)]
@@ -63,93 +64,64 @@ pub enum GroupCommand {
     },
 }
 
-fn print_info(g: &Value) {
+fn print_info(g: &GroupView) {
     println!(
         "{}  {}  (version {})",
-        crate::text::for_terminal(g["name"].as_str().unwrap_or_default()),
-        g["group_id"].as_str().unwrap_or_default(),
-        g["version"]
+        for_terminal(&g.name),
+        g.group_id,
+        g.version
     );
-    let admins: Vec<&str> = g["admins"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    for m in g["members"].as_array().into_iter().flatten() {
-        let m = m.as_str().unwrap_or_default();
-        let who = match g["member_names"][m].as_str() {
-            Some(name) => format!("{} ({m})", crate::text::for_terminal(name)),
-            None => m.to_owned(),
+    for m in &g.members {
+        let who = match g.member_names.get(m) {
+            Some(name) => format!("{} ({m})", for_terminal(name)),
+            None => m.clone(),
         };
-        println!(
-            "  {who}{}",
-            if admins.contains(&m) { "  (admin)" } else { "" }
-        );
+        let admin = if g.admins.contains(m) {
+            "  (admin)"
+        } else {
+            ""
+        };
+        println!("  {who}{admin}");
     }
 }
 
 /// Runs one `kith group` command.
 pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
-    let change = |group: &str, kind: &str| format!("/v1/groups/{}/{kind}", urlencode(group));
-    match command {
+    let (group, kind, who) = match command {
         GroupCommand::Create { name, member, json } => {
-            let created: Value = client
-                .post("/v1/groups", &json!({ "name": name, "members": member }))
-                .await?;
-            if json {
-                print_json(&created)?;
-            } else {
-                println!("{}", created["group_id"].as_str().unwrap_or_default());
-            }
-        }
-        GroupCommand::Add { group, who } => {
-            let g: Value = client
-                .post(&change(&group, "add"), &json!({ "who": who }))
-                .await?;
-            print_info(&g);
-        }
-        GroupCommand::Remove { group, who } => {
-            let g: Value = client
-                .post(&change(&group, "remove"), &json!({ "who": who }))
-                .await?;
-            print_info(&g);
-        }
-        GroupCommand::Promote { group, who } => {
-            let g: Value = client
-                .post(&change(&group, "promote"), &json!({ "who": who }))
-                .await?;
-            print_info(&g);
-        }
-        GroupCommand::Leave { group } => {
-            let _: Value = client.post(&change(&group, "leave"), &json!({})).await?;
-            println!("left {group}");
+            let body = CreateBody {
+                name,
+                members: member,
+            };
+            return show(client.create_group(&body).await?, json, |created| {
+                println!("{}", created.group_id);
+                Ok(())
+            });
         }
         GroupCommand::List { json } => {
-            let list: Value = client.get("/v1/groups").await?;
-            if json {
-                print_json(&list)?;
-            } else {
-                for g in list.as_array().into_iter().flatten() {
-                    println!(
-                        "{}\t{}\t{} members",
-                        g["name"].as_str().unwrap_or_default(),
-                        g["group_id"].as_str().unwrap_or_default(),
-                        g["members"].as_array().map_or(0, Vec::len)
-                    );
+            return show(client.groups().await?, json, |list| {
+                for g in list {
+                    println!("{}\t{}\t{} members", g.name, g.group_id, g.members.len());
                 }
-            }
+                Ok(())
+            });
         }
         GroupCommand::Info { group, json } => {
-            let g: Value = client
-                .get(&format!("/v1/groups/{}", urlencode(&group)))
-                .await?;
-            if json {
-                print_json(&g)?;
-            } else {
+            return show(client.group(&group).await?, json, |g| {
                 print_info(&g);
-            }
+                Ok(())
+            });
         }
+        GroupCommand::Add { group, who } => (group, ChangeKind::Add, Some(who)),
+        GroupCommand::Remove { group, who } => (group, ChangeKind::Remove, Some(who)),
+        GroupCommand::Promote { group, who } => (group, ChangeKind::Promote, Some(who)),
+        GroupCommand::Leave { group } => (group, ChangeKind::Leave, None),
+    };
+    let changed = client.change_group(&group, kind, who.as_deref()).await?;
+    if kind == ChangeKind::Leave {
+        println!("left {group}");
+    } else {
+        print_info(&changed.decode()?);
     }
     Ok(())
 }

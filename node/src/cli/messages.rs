@@ -1,13 +1,17 @@
 //! `kith send`, `messages`, `read`, `status`, `presence`, `typing` and `events`: conversations
 //! and the state of each message.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use kith_protocol::MessageState;
+use serde_json::Value;
 
-use super::{daemon_client, print_json, urlencode};
+use super::print::{ago, tick};
+use super::{daemon_client, print_json, show};
 use crate::api::client::Client;
+use crate::api::SendBody;
 use crate::text::for_terminal;
 
 /// `kith send TO TEXT [--json]`: prints the id, and the state on stderr.
@@ -18,26 +22,27 @@ pub async fn send(home: &Path, to: String, text: String, json: bool) -> Result<(
         text
     };
     let client = daemon_client(home)?;
-    let sent: Value = client
-        .post(
-            "/v1/send",
-            &json!({ "to": to, "text": text, "wait_ms": 2000 }),
-        )
-        .await?;
+    let body = SendBody {
+        to,
+        text,
+        wait_ms: 2000,
+    };
+    let answer = client.send(&body).await?;
     if json {
-        print_json(&sent)?;
-    } else {
-        println!("{}", sent["id"].as_str().unwrap_or_default());
-        let state = sent["state"].as_str().unwrap_or_default();
-        match state {
-            "pending" => eprintln!(
+        print_json(answer.json())?;
+    }
+    let sent = answer.decode()?;
+    if !json {
+        println!("{}", sent.id);
+        match sent.state {
+            MessageState::Pending => eprintln!(
                 "pending: not reachable yet; kith keeps trying (`kith status {}`)",
-                sent["id"].as_str().unwrap_or_default()
+                sent.id
             ),
-            state => eprintln!("{state} {}", super::print::tick(state)),
+            state => eprintln!("{state} {}", tick(state)),
         }
     }
-    if let Some(note) = sent["note"].as_str() {
+    if let Some(note) = &sent.note {
         eprintln!("note: {note}");
     }
     Ok(())
@@ -45,87 +50,64 @@ pub async fn send(home: &Path, to: String, text: String, json: bool) -> Result<(
 
 /// `kith messages [WITH] [--json]`.
 pub async fn messages(client: &Client, with: Option<String>, json: bool) -> Result<()> {
-    let path = match &with {
-        Some(w) => format!("/v1/messages?with={}", urlencode(w)),
-        None => "/v1/messages".to_owned(),
-    };
-    let messages: Value = client.get(&path).await?;
-    if json {
-        print_json(&messages)?;
-    } else {
+    show(client.messages(with.as_deref()).await?, json, |messages| {
         super::print::print_messages(&messages, with.is_some());
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `kith read WITH`.
 pub async fn read(client: &Client, with: String) -> Result<()> {
-    let read: Value = client.post("/v1/read", &json!({ "with": with })).await?;
-    println!("marked {} message(s) read", read["read"]);
+    let read = client.read(&with).await?.decode()?;
+    println!("marked {} message(s) read", read.read);
     Ok(())
 }
 
 /// `kith status [ID] [--json]`: a message's state, or without an id the node's health.
 pub async fn status(client: &Client, id: Option<String>, json: bool) -> Result<()> {
     let Some(id) = id else {
-        let health: Value = client.get("/v1/health").await?;
-        if json {
-            print_json(&health)?;
-        } else {
+        return show(client.health().await?, json, |health| {
             super::print::print_health(&health);
-        }
-        return Ok(());
+            Ok(())
+        });
     };
-    let status: Value = client
-        .get(&format!("/v1/status/{}", urlencode(&id)))
-        .await?;
-    if json {
-        print_json(&status)?;
-    } else {
-        println!("{}", status["state"].as_str().unwrap_or_default());
-        if let Some(members) = status["members"].as_object() {
-            let names = &status["member_names"];
-            for (peer, state) in members {
-                let who = names[peer]
-                    .as_str()
-                    .map(|n| format!("{} ({peer})", for_terminal(n)))
-                    .unwrap_or_else(|| peer.clone());
-                println!("  {who}  {}", state.as_str().unwrap_or_default());
-            }
+    show(client.status(&id).await?, json, |status| {
+        println!("{}", status.state);
+        // By peer id, as the JSON document lists them.
+        let members: BTreeMap<_, _> = status.members.iter().collect();
+        for (peer, state) in members {
+            let who = match status.member_names.get(peer) {
+                Some(name) => format!("{} ({peer})", for_terminal(name)),
+                None => peer.clone(),
+            };
+            println!("  {who}  {state}");
         }
-        if let Some(reason) = status["reason"].as_str() {
-            let why = match status["state"].as_str() {
-                Some("failed") => "failed because",
+        if let Some(reason) = &status.reason {
+            let why = match status.state {
+                MessageState::Failed => "failed because",
                 _ => "pending because",
             };
             println!("{why}: {reason}");
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `kith presence WHO [--json]`.
 pub async fn presence(client: &Client, who: String, json: bool) -> Result<()> {
-    let seen: Value = client
-        .get(&format!("/v1/presence/{}", urlencode(&who)))
-        .await?;
-    if json {
-        print_json(&seen)?;
-    } else if seen["online"] == true {
-        println!("online");
-    } else {
-        match seen["last_seen_ms"].as_u64() {
-            Some(ms) => println!("offline, last seen {}", super::print::ago(ms)),
-            None => println!("offline (last seen unknown or hidden)"),
+    show(client.presence(&who).await?, json, |seen| {
+        match (seen.online, seen.last_seen_ms) {
+            (true, _) => println!("online"),
+            (false, Some(ms)) => println!("offline, last seen {}", ago(ms)),
+            (false, None) => println!("offline (last seen unknown or hidden)"),
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `kith typing TO`.
 pub async fn typing(client: &Client, to: String) -> Result<()> {
-    let sent: Value = client.post("/v1/typing", &json!({ "to": to })).await?;
-    if sent["sent"] != true {
+    if !client.typing(&to).await?.decode()?.sent {
         eprintln!("{to} is not reachable right now; nothing was sent");
     }
     Ok(())
@@ -190,7 +172,7 @@ async fn follow_events(home: &Path, json: bool) -> Result<()> {
         client = loop {
             tokio::time::sleep(EVENTS_RECONNECT_INTERVAL).await;
             if let Ok(client) = Client::for_home(home) {
-                if client.get::<Value>("/v1/id").await.is_ok() {
+                if client.id().await.is_ok() {
                     break client;
                 }
             }

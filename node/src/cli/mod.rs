@@ -14,11 +14,12 @@ pub mod print;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use args::{Cli, Command};
 
-use crate::api::client::Client;
+use crate::api::client::{Answer, Client};
 
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
@@ -46,7 +47,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             crate::demo::run(json).await.context("the demo failed")
         }
-        Command::Ui { open } => crate::api::ui::open(&daemon_client(&home)?, open).await,
+        Command::Ui { open } => node::ui(&daemon_client(&home)?, open).await,
         Command::Contact(command) => contacts::contact(&daemon_client(&home)?, command).await,
         Command::Requests(args) => contacts::requests(&daemon_client(&home)?, args).await,
         Command::Send { to, text, json } => messages::send(&home, to, text, json).await,
@@ -105,16 +106,16 @@ fn print_json(value: &Value) -> Result<()> {
     Ok(())
 }
 
-/// `s` as one segment of an API path.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// Prints an answer for `--json` as the daemon sent it, or hands its typed view to `human`.
+fn show<T: DeserializeOwned>(
+    answer: Answer<T>,
+    json: bool,
+    human: impl FnOnce(T) -> Result<()>,
+) -> Result<()> {
+    if json {
+        return print_json(answer.json());
+    }
+    human(answer.decode()?)
 }
 
 /// An error as one line: its chain of causes, each said once.

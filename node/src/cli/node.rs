@@ -6,10 +6,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use libp2p::Multiaddr;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::print_json;
 use crate::api::client::{Client, ClientError};
+use crate::config::{SettingsChange, SettingsView};
+use crate::core::IdInfo;
 use crate::text::for_terminal;
 use crate::{identity, Config, Settings};
 
@@ -35,26 +37,27 @@ pub async fn id(home: &Path, json: bool, invite: bool) -> Result<()> {
     let key = identity::load(home)?;
     let settings = Settings::load(home)?;
     let peer_id = key.public().to_peer_id();
+    let offline = || serde_json::to_value(offline_id(peer_id, &settings));
     let info: Value = match Client::for_home(home) {
-        Ok(client) => match client.get::<Value>("/v1/id").await {
-            Ok(info) => info,
-            Err(_) => offline_id(peer_id, &settings),
+        Ok(client) => match client.id().await {
+            Ok(info) => info.into_json(),
+            Err(_) => offline()?,
         },
-        Err(_) => offline_id(peer_id, &settings),
+        Err(_) => offline()?,
     };
-    if !json {
-        warn_failing_relays(home).await;
-    }
     if json {
-        print_json(&info)?;
-    } else if invite {
-        println!("{}", info["invite"].as_str().unwrap_or_default());
+        return print_json(&info);
+    }
+    warn_failing_relays(home).await;
+    let info: IdInfo = serde_json::from_value(info)?;
+    if invite {
+        println!("{}", info.invite);
     } else {
-        println!("peer id: {}", info["peer_id"].as_str().unwrap_or_default());
-        println!("name:    {}", info["name"].as_str().unwrap_or_default());
-        println!("invite:  {}", info["invite"].as_str().unwrap_or_default());
-        for addr in info["listen_addrs"].as_array().into_iter().flatten() {
-            println!("listen:  {}", addr.as_str().unwrap_or_default());
+        println!("peer id: {}", info.peer_id);
+        println!("name:    {}", info.name);
+        println!("invite:  {}", info.invite);
+        for addr in &info.listen_addrs {
+            println!("listen:  {addr}");
         }
     }
     Ok(())
@@ -117,99 +120,118 @@ pub async fn settings(
     name: Option<String>,
     json: bool,
 ) -> Result<()> {
-    let change = json!({
-        "presence": presence,
-        "read_receipts": read_receipts,
-        "reach": reach,
-        "name": name,
-    });
-    let settings = change_settings(home, change).await?;
+    let change = SettingsChange {
+        name,
+        presence,
+        read_receipts,
+        reach,
+    };
+    let settings = change_settings(home, &change).await?;
     if json {
         print_json(&settings)?;
     } else {
-        super::print::print_settings(&settings);
+        super::print::print_settings(&serde_json::from_value(settings)?);
     }
     Ok(())
 }
 
 /// `kith name NAME`.
 pub async fn name(home: &Path, name: String) -> Result<()> {
-    let settings = change_settings(home, json!({ "name": name })).await?;
-    println!(
-        "your name is now {}",
-        for_terminal(settings["name"].as_str().unwrap_or_default())
-    );
+    let change = SettingsChange {
+        name: Some(name),
+        ..SettingsChange::default()
+    };
+    let settings: SettingsView = serde_json::from_value(change_settings(home, &change).await?)?;
+    println!("your name is now {}", for_terminal(&settings.name));
     Ok(())
 }
 
-/// Applies a settings change (`null` fields stay) and returns the settings in effect: through a
-/// running daemon, which applies them at once, or in config.toml when none runs.
-async fn change_settings(home: &std::path::Path, change: Value) -> Result<Value> {
-    let change: serde_json::Map<String, Value> = change
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+/// `kith ui [--open]`: asks the running daemon for a one-time code and prints the page's
+/// address with it (and opens it in the browser with `--open`).
+pub async fn ui(client: &Client, launch: bool) -> Result<()> {
+    let url = client.ui_code().await?.decode()?.url;
+    println!("{url}");
+    if launch {
+        let status = tokio::process::Command::new("xdg-open")
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await;
+        match status {
+            Ok(s) if s.success() => eprintln!("opened in your browser (the link works once)"),
+            _ => eprintln!("could not start xdg-open: open the address above in your browser"),
+        }
+    } else {
+        eprintln!("open this address in your browser; it works once, within 2 minutes");
+    }
+    Ok(())
+}
+
+/// Applies a settings change (absent fields stay) and returns the settings in effect as JSON:
+/// through a running daemon, which applies them at once, or in config.toml when none runs.
+async fn change_settings(home: &Path, change: &SettingsChange) -> Result<Value> {
     if let Ok(client) = Client::for_home(home) {
-        match client
-            .post("/v1/settings", &Value::Object(change.clone()))
-            .await
-        {
-            Ok(settings) => return Ok(settings),
+        match client.change_settings(change).await {
+            Ok(settings) => return Ok(settings.into_json()),
             Err(ClientError::NotRunning(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
     let mut settings = Settings::load(home)?;
-    if let Some(name) = change.get("name").and_then(Value::as_str) {
+    if let Some(name) = &change.name {
         settings.name = crate::config::valid_display_name(name)?.to_owned();
     }
-    if let Some(presence) = change.get("presence") {
-        settings.presence = serde_json::from_value(presence.clone())?;
+    if let Some(presence) = change.presence {
+        settings.presence = presence;
     }
-    if let Some(on) = change.get("read_receipts").and_then(Value::as_bool) {
+    if let Some(on) = change.read_receipts {
         settings.read_receipts = on;
     }
-    if let Some(reach) = change.get("reach") {
-        settings.reach = serde_json::from_value(reach.clone())?;
+    if let Some(reach) = change.reach {
+        settings.reach = reach;
     }
-    if !change.is_empty() {
+    let changed = change.name.is_some()
+        || change.presence.is_some()
+        || change.read_receipts.is_some()
+        || change.reach.is_some();
+    if changed {
         settings.save(home)?;
     }
-    Ok(json!({
-        "name": settings.name,
-        "presence": settings.presence,
-        "read_receipts": settings.read_receipts,
-        "reach": settings.reach,
-        "max_file_bytes": settings.max_file_bytes,
-        "auto_download_max_bytes": settings.auto_download_max_bytes,
-        "relays": settings.relays,
-    }))
+    Ok(serde_json::to_value(SettingsView {
+        name: settings.name,
+        presence: settings.presence,
+        read_receipts: settings.read_receipts,
+        reach: settings.reach,
+        max_file_bytes: settings.max_file_bytes,
+        auto_download_max_bytes: settings.auto_download_max_bytes,
+        relays: settings.relays,
+    })?)
 }
 
 /// Says on stderr which home relays in the invite a running daemon cannot reach: friends
 /// would be handed a road that does not work.
-async fn warn_failing_relays(home: &std::path::Path) {
+async fn warn_failing_relays(home: &Path) {
     let Ok(client) = Client::for_home(home) else {
         return;
     };
-    let Ok(health) = client.get::<Value>("/v1/health").await else {
+    let Ok(Ok(health)) = client.health().await.map(|answer| answer.decode()) else {
         return;
     };
-    for relay in health["relays"].as_array().into_iter().flatten() {
-        if let Some(error) = relay["error"].as_str() {
+    for relay in health.relays {
+        if let Some(error) = relay.error {
             eprintln!(
                 "warning: the daemon cannot reach the relay {} in this invite ({}); see `kith status`",
-                relay["addr"].as_str().unwrap_or_default(),
-                for_terminal(error)
+                relay.addr,
+                for_terminal(&error)
             );
         }
     }
 }
 
-fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
+/// What `kith id` shows when no daemon runs: from the identity and config.toml.
+fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> IdInfo {
     let invite = kith_protocol::invite::Invite {
         peer_id,
         name: settings.name.clone(),
@@ -217,14 +239,14 @@ fn offline_id(peer_id: libp2p::PeerId, settings: &Settings) -> Value {
         // The identity key is in the daemon's store; `kith id` with the daemon running has it.
         identity: None,
     };
-    json!({
-        "peer_id": peer_id.to_string(),
-        "name": settings.name,
-        "invite": invite.encode(),
-        "listen_addrs": [],
-        "read_receipts": settings.read_receipts,
-        "presence": settings.presence,
-    })
+    IdInfo {
+        peer_id: peer_id.to_string(),
+        name: settings.name.clone(),
+        invite: invite.encode(),
+        listen_addrs: Vec::new(),
+        read_receipts: settings.read_receipts,
+        presence: settings.presence,
+    }
 }
 
 async fn shutdown_signal() {

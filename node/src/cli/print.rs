@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, Local, TimeZone};
+use kith_protocol::MessageState;
 use serde_json::Value;
 
+use crate::config::SettingsView;
+use crate::core::store::Direction;
+use crate::core::{MessageView, NodeEvent};
+use crate::health::HealthView;
 use crate::text::for_terminal;
 
 /// The mark of a received message not read yet.
 const UNREAD: &str = "●";
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or_default()
-}
 
 /// A peer id shortened for display (the full id is in `--json`).
 fn short_id(id: &str) -> String {
@@ -25,14 +26,14 @@ fn short_id(id: &str) -> String {
 }
 
 /// The tick of an outgoing message's state.
-pub fn tick(state: &str) -> &'static str {
+pub fn tick(state: MessageState) -> &'static str {
     match state {
-        "sent" => "✓",
-        "delivered" => "✓✓",
-        "read" => "✓✓ read",
-        "failed" => "✗ failed",
-        "expired" => "✗ expired",
-        _ => "… pending",
+        MessageState::Sent => "✓",
+        MessageState::Delivered => "✓✓",
+        MessageState::Read => "✓✓ read",
+        MessageState::Failed => "✗ failed",
+        MessageState::Expired => "✗ expired",
+        MessageState::Pending => "… pending",
     }
 }
 
@@ -69,23 +70,23 @@ pub fn ago(ms: u64) -> String {
 }
 
 /// The author of a message as shown: `you`, the contact's name, or a short peer id.
-fn author(m: &Value) -> String {
-    if m["direction"] == "out" {
+fn author(m: &MessageView) -> String {
+    if m.direction == Direction::Out {
         return "you".into();
     }
-    match m["from_name"].as_str() {
+    match &m.from_name {
         Some(name) => for_terminal(name).into_owned(),
-        None => short_id(str_of(m, "from")),
+        None => short_id(&m.from),
     }
 }
 
 /// The name of a message's conversation as shown.
-fn conversation_name(m: &Value) -> String {
-    let name = match m["conversation_name"].as_str() {
+fn conversation_name(m: &MessageView) -> String {
+    let name = match &m.conversation_name {
         Some(name) => for_terminal(name).into_owned(),
-        None => short_id(str_of(m, "conversation")),
+        None => short_id(&m.conversation),
     };
-    if m["group"].is_string() {
+    if m.group.is_some() {
         format!("#{name}")
     } else {
         name
@@ -93,36 +94,34 @@ fn conversation_name(m: &Value) -> String {
 }
 
 /// One message as a line: local time, unread mark, author, text, and the tick of one's own.
-fn message_line(m: &Value) -> String {
-    let out = m["direction"] == "out";
-    let file = &m["attachment"];
-    let text = for_terminal(str_of(m, "text"));
-    let body = if file.is_object() {
-        format!(
+fn message_line(m: &MessageView) -> String {
+    let out = m.direction == Direction::Out;
+    let text = for_terminal(&m.text);
+    let body = match &m.attachment {
+        Some(file) => format!(
             "[file {} ({} bytes, {}){}] {}",
-            for_terminal(str_of(file, "name")),
-            file["size"],
-            str_of(m, "id"),
-            file["path"]
-                .as_str()
+            for_terminal(&file.name),
+            file.size,
+            m.id,
+            file.path
+                .as_deref()
                 .map(|p| format!(" at {}", for_terminal(p)))
                 .unwrap_or_else(|| " not downloaded".into()),
             text,
-        )
-    } else {
-        text.into_owned()
+        ),
+        None => text.into_owned(),
     };
-    let unread = !out && m["state"] != "read";
+    let unread = !out && m.state != MessageState::Read;
     let mut line = format!(
         "{:>12} {} {}: {}",
-        local_time(m["sent_at_ms"].as_u64().unwrap_or(0)),
+        local_time(m.sent_at_ms),
         if unread { UNREAD } else { " " },
         author(m),
         body
     );
     if out {
         line.push_str("  ");
-        line.push_str(tick(str_of(m, "state")));
+        line.push_str(tick(m.state));
     }
     line
 }
@@ -130,33 +129,24 @@ fn message_line(m: &Value) -> String {
 /// Prints a list of messages: one conversation as it is, or every message grouped by
 /// conversation (the most recently active last, nearest the prompt), each under its name with
 /// its unread count.
-pub fn print_messages(messages: &Value, one_conversation: bool) {
-    let list = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+pub fn print_messages(list: &[MessageView], one_conversation: bool) {
     if one_conversation {
         for m in list {
             println!("{}", message_line(m));
         }
         return;
     }
-    let mut conversations: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    let mut conversations: BTreeMap<&str, Vec<&MessageView>> = BTreeMap::new();
     for m in list {
-        conversations
-            .entry(str_of(m, "conversation"))
-            .or_default()
-            .push(m);
+        conversations.entry(&m.conversation).or_default().push(m);
     }
-    let mut ordered: Vec<Vec<&Value>> = conversations.into_values().collect();
-    ordered.sort_by_key(|ms| {
-        ms.iter()
-            .filter_map(|m| m["sent_at_ms"].as_u64())
-            .max()
-            .unwrap_or(0)
-    });
+    let mut ordered: Vec<Vec<&MessageView>> = conversations.into_values().collect();
+    ordered.sort_by_key(|ms| ms.iter().map(|m| m.sent_at_ms).max().unwrap_or(0));
     for (i, ms) in ordered.iter().enumerate() {
         let Some(first) = ms.first() else { continue };
         let unread = ms
             .iter()
-            .filter(|m| m["direction"] == "in" && m["state"] != "read")
+            .filter(|m| m.direction == Direction::In && m.state != MessageState::Read)
             .count();
         if i > 0 {
             println!();
@@ -172,58 +162,75 @@ pub fn print_messages(messages: &Value, one_conversation: bool) {
 }
 
 /// One event of the stream as a line for a person, or `None` for events not worth a line
-/// (file progress short of the end).
+/// (file progress short of the end). Events without a line of their own, and any this
+/// version does not know, show as their JSON.
 pub fn event_line(event: &Value) -> Option<String> {
     let now = local_time(crate::clock::now_ms());
-    let name_or_id = |name: &str, id: &str| match event[name].as_str() {
+    let name_or_id = |name: &Option<String>, id: &str| match name {
         Some(name) => for_terminal(name).into_owned(),
-        None => short_id(str_of(event, id)),
+        None => short_id(id),
     };
-    let line = match str_of(event, "type") {
-        "message" => {
-            let place = match event["group"].is_string() {
-                true => format!("#{}: ", name_or_id("conversation_name", "conversation")),
-                false => String::new(),
-            };
-            format!(
-                "{now} {place}{}: {}",
-                name_or_id("from_name", "from"),
-                for_terminal(str_of(event, "text"))
-            )
-        }
-        "receipt" => {
-            let place = match event["group"].as_str() {
-                Some(group) => format!(" in #{}", short_id(group)),
+    let Ok(typed) = serde_json::from_value::<NodeEvent>(event.clone()) else {
+        return Some(format!("{now} {}", for_terminal(&event.to_string())));
+    };
+    let line = match typed {
+        NodeEvent::Message {
+            from,
+            text,
+            conversation,
+            group,
+            from_name,
+            conversation_name,
+            ..
+        } => {
+            let place = match group {
+                Some(_) => format!("#{}: ", name_or_id(&conversation_name, &conversation)),
                 None => String::new(),
             };
             format!(
-                "{now} {} {} by {}{place} (message {})",
-                tick(str_of(event, "state")),
-                str_of(event, "state"),
-                name_or_id("peer_name", "peer"),
-                str_of(event, "id")
+                "{now} {place}{}: {}",
+                name_or_id(&from_name, &from),
+                for_terminal(&text)
             )
         }
-        "typing" => format!("{now} {} is typing…", name_or_id("from_name", "from")),
-        "request" => format!(
+        NodeEvent::Receipt {
+            id,
+            peer,
+            state,
+            group,
+            peer_name,
+            ..
+        } => {
+            let place = match group {
+                Some(group) => format!(" in #{}", short_id(&group)),
+                None => String::new(),
+            };
+            format!(
+                "{now} {} {state} by {}{place} (message {id})",
+                tick(state),
+                name_or_id(&peer_name, &peer),
+            )
+        }
+        NodeEvent::Typing { from, from_name } => {
+            format!("{now} {} is typing…", name_or_id(&from_name, &from))
+        }
+        NodeEvent::Request { peer_id, name } => format!(
             "{now} a message request from {} (`kith requests` lists it)",
-            name_or_id("name", "peer_id")
+            name_or_id(&name, &peer_id)
         ),
-        "failed" => format!(
-            "{now} message {} failed: {}",
-            str_of(event, "id"),
-            for_terminal(str_of(event, "reason"))
-        ),
-        "progress" => {
-            let (done, total) = (event["done"].as_u64()?, event["total"].as_u64()?);
+        NodeEvent::Failed { id, reason } => {
+            format!("{now} message {id} failed: {}", for_terminal(&reason))
+        }
+        NodeEvent::Progress {
+            id,
+            direction,
+            done,
+            total,
+        } => {
             if done < total {
                 return None;
             }
-            format!(
-                "{now} {} of message {} complete ({total} bytes)",
-                str_of(event, "direction"),
-                str_of(event, "id")
-            )
+            format!("{now} {direction} of message {id} complete ({total} bytes)")
         }
         _ => format!("{now} {}", for_terminal(&event.to_string())),
     };
@@ -231,69 +238,55 @@ pub fn event_line(event: &Value) -> Option<String> {
 }
 
 /// Prints the node's health (`GET /v1/health`).
-pub fn print_health(health: &Value) {
+pub fn print_health(health: &HealthView) {
     println!(
         "node:     {} ({})",
-        for_terminal(str_of(health, "name")),
-        str_of(health, "peer_id")
+        for_terminal(&health.name),
+        health.peer_id
     );
-    let relays = health["relays"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if relays.is_empty() {
+    if health.relays.is_empty() {
         println!("relays:   none (only direct connections; `kith daemon --relay ADDR` adds one)");
     }
-    for relay in relays {
-        let since = relay["since_ms"]
-            .as_u64()
+    for relay in &health.relays {
+        let since = relay
+            .since_ms
             .map(|ms| format!(" since {}", ago(ms)))
             .unwrap_or_default();
-        let state = if relay["connected"] == true {
-            let reserved = match relay["reserved"] == true {
+        let state = if relay.connected {
+            let reserved = match relay.reserved {
                 true => "reservation held",
                 false => "no reservation yet",
             };
             format!("connected{since}, {reserved}")
         } else {
-            match relay["error"].as_str() {
+            match &relay.error {
                 Some(error) => format!("FAILING{since}: {}", for_terminal(error)),
                 None => format!("not connected{since}"),
             }
         };
-        println!("relay:    {} {state}", str_of(relay, "addr"));
+        println!("relay:    {} {state}", relay.addr);
     }
-    println!("outbox:   {} waiting", health["pending_outbox"]);
-    match health["last_mailbox_fetch_ms"].as_u64() {
+    println!("outbox:   {} waiting", health.pending_outbox);
+    match health.last_mailbox_fetch_ms {
         Some(ms) => println!("mailbox:  last fetched {}", ago(ms)),
         None => println!("mailbox:  not fetched yet"),
     }
-    for contact in health["contacts"].as_array().into_iter().flatten() {
-        println!(
-            "contact:  {} {}",
-            for_terminal(str_of(contact, "name")),
-            str_of(contact, "path")
-        );
+    for contact in &health.contacts {
+        println!("contact:  {} {}", for_terminal(&contact.name), contact.path);
     }
 }
 
 /// Prints the settings in effect (`GET /v1/settings`, or the file's when no daemon runs).
-pub fn print_settings(settings: &Value) {
-    println!("name:          {}", for_terminal(str_of(settings, "name")));
-    println!("presence:      {}", str_of(settings, "presence"));
+pub fn print_settings(settings: &SettingsView) {
+    println!("name:          {}", for_terminal(&settings.name));
+    println!("presence:      {}", settings.presence);
     println!(
         "read receipts: {}",
-        if settings["read_receipts"] == true {
-            "on"
-        } else {
-            "off"
-        }
+        if settings.read_receipts { "on" } else { "off" }
     );
-    if let Some(reach) = settings["reach"].as_str() {
-        println!("reach:         {reach}");
-    }
-    for relay in settings["relays"].as_array().into_iter().flatten() {
-        println!("relay:         {}", relay.as_str().unwrap_or_default());
+    println!("reach:         {}", settings.reach);
+    for relay in &settings.relays {
+        println!("relay:         {relay}");
     }
 }
 
@@ -302,13 +295,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A message as the API's JSON gives it.
+    fn message(json: Value) -> MessageView {
+        serde_json::from_value(json).expect("a message view")
+    }
+
     #[test]
     fn a_message_line_neutralises_what_others_wrote() {
-        let m = json!({
+        let m = message(json!({
             "id": "x", "direction": "in", "from": "12D3KooWabc", "from_name": "eve\u{1b}[2J",
             "text": "\u{1b}[31mRED\u{1b}[0m \u{7}\u{202E}abc\nfake line", "sent_at_ms": 0,
-            "state": "delivered",
-        });
+            "state": "delivered", "peer": "12D3KooWabc", "conversation": "12D3KooWabc",
+        }));
         let line = message_line(&m);
         assert!(!line.chars().any(crate::text::is_unsafe_char), "{line:?}");
         assert!(line.contains("eve\\u{1b}[2J: \\u{1b}[31mRED"));
@@ -317,10 +315,10 @@ mod tests {
 
     #[test]
     fn own_messages_show_their_tick_and_no_unread_mark() {
-        let m = json!({
+        let m = message(json!({
             "id": "x", "direction": "out", "from": "me", "text": "hi", "sent_at_ms": 0,
-            "state": "delivered",
-        });
+            "state": "delivered", "peer": "you", "conversation": "you",
+        }));
         let line = message_line(&m);
         assert!(line.ends_with("you: hi  ✓✓"), "{line}");
         assert!(!line.contains(UNREAD));
@@ -361,5 +359,21 @@ mod tests {
         let progress =
             json!({"type": "progress", "id": "m", "direction": "upload", "done": 1, "total": 2});
         assert_eq!(event_line(&progress), None);
+        let receipt = json!({
+            "type": "receipt", "id": "m", "peer": "12D3KooWabcdefghijk", "state": "read",
+            "conversation": "g", "group": "g", "peer_name": null,
+        });
+        let line = event_line(&receipt).expect("a line");
+        assert!(
+            line.ends_with("✓✓ read read by 12D3KooWabcd… in #g (message m)"),
+            "{line}"
+        );
+        // An event this version does not know shows as its JSON, made safe.
+        let unknown = json!({"type": "later", "text": "\u{7}"});
+        let line = event_line(&unknown).expect("a line");
+        assert!(
+            line.ends_with(r#"{"text":"\u0007","type":"later"}"#),
+            "{line}"
+        );
     }
 }

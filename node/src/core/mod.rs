@@ -58,7 +58,7 @@ use crate::clock::now_ms;
 use outbox::{Outbox, Transmit};
 
 /// An event for the local API's stream and for in-process watchers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum NodeEvent {
     /// A chat message arrived.
@@ -268,7 +268,7 @@ pub struct Node {
 }
 
 /// What `kith id` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct IdInfo {
     /// This node's peer id.
     pub peer_id: String,
@@ -285,7 +285,7 @@ pub struct IdInfo {
 }
 
 /// A message as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MessageView {
     /// Its id.
     pub id: String,
@@ -343,7 +343,7 @@ impl From<StoredMessage> for MessageView {
 }
 
 /// A message's state as `kith status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StatusView {
     /// The message id.
     pub id: String,
@@ -352,7 +352,7 @@ pub struct StatusView {
     /// Per-member states (empty for one-to-one messages).
     pub members: HashMap<String, MessageState>,
     /// Names of the members that this node knows (contacts), by peer id.
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub member_names: HashMap<String, String>,
     /// Why a pending message has not gone out yet, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -360,7 +360,7 @@ pub struct StatusView {
 }
 
 /// A contact as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ContactView {
     /// Its name.
     pub name: String,
@@ -393,7 +393,7 @@ impl From<Contact> for ContactView {
 }
 
 /// What a send returns.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Sent {
     /// The new message's id.
     pub id: String,

@@ -89,7 +89,7 @@ impl Groups {
 }
 
 /// A group as the API shows it (`kith group info --json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupView {
     /// The group id.
     pub group_id: String,
@@ -104,7 +104,7 @@ pub struct GroupView {
     /// Its home relay.
     pub relay: String,
     /// Names of the members this node knows (its contacts, and itself), by peer id.
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub member_names: HashMap<String, String>,
 }
 

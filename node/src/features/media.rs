@@ -109,7 +109,7 @@ pub(crate) struct Record {
 }
 
 /// An attachment as `kith messages` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AttachmentView {
     /// The file's name.
     pub name: String,

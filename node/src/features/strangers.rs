@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use kith_protocol::presence::Reach;
 use kith_protocol::{Destination, Envelope, Reject};
 use libp2p::PeerId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::store::{Batch, Direction, Store, StoreError};
 use crate::core::{ContactView, Node, NodeError, NodeEvent};
@@ -117,7 +117,7 @@ impl State {
 }
 
 /// One entry of `kith requests`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestView {
     /// The stranger's peer id.
     pub peer_id: String,
@@ -134,7 +134,7 @@ pub struct RequestView {
 }
 
 /// What `kith contact block` / `unblock` and `kith requests block` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockView {
     /// The peer.
     pub peer_id: String,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use kith_protocol::envelope::Header;
 use kith_protocol::{timer, Body, Destination, Envelope, GroupId, MessageId, MessageState, Reject};
 use libp2p::PeerId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
 use crate::core::store::{
@@ -59,7 +59,7 @@ pub fn line_text(secs: Option<u64>) -> String {
 }
 
 /// A conversation's timer as `kith chat timer --json` prints it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimerView {
     /// The conversation as the user named it.
     pub with: String,
@@ -77,7 +77,7 @@ pub struct TimerView {
 }
 
 /// A history line of a timer change, as the API shows it inside a message.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimerLine {
     /// The new timer in seconds, `null` for off.
     pub timer_secs: Option<u64>,

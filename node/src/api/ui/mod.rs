@@ -33,7 +33,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub(crate) use crate::api::ApiError;
@@ -164,10 +164,19 @@ async fn session(State(s): State<UiState>, Json(body): Json<Exchange>) -> Respon
     }
 }
 
-async fn code(State(s): State<UiState>) -> Response {
+/// What `POST /v1/ui/code` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CodeView {
+    /// The one-time code.
+    pub code: String,
+    /// The page's address with the code.
+    pub url: String,
+}
+
+async fn code(State(s): State<UiState>) -> Json<CodeView> {
     let code = s.gate.issue_code(now_ms());
     let url = format!("{}/#code={code}", s.base);
-    Json(json!({ "code": code, "url": url })).into_response()
+    Json(CodeView { code, url })
 }
 
 async fn conversations(State(s): State<UiState>) -> Result<Response, ApiError> {
@@ -239,32 +248,6 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
         .route("/v1/invite.svg", get(invite_svg))
         .route("/v1/contacts/{name}/verify.svg", get(safety_svg))
         .with_state(state)
-}
-
-/// `kith ui [--open]`: asks the running daemon for a one-time code and prints the page's
-/// address with it (and opens it in the browser with `--open`).
-pub async fn open(client: &crate::api::client::Client, launch: bool) -> anyhow::Result<()> {
-    let answer: serde_json::Value = client.post("/v1/ui/code", &json!({})).await?;
-    let url = answer["url"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the daemon sent no address"))?;
-    println!("{url}");
-    if launch {
-        let status = tokio::process::Command::new("xdg-open")
-            .arg(url)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .await;
-        match status {
-            Ok(s) if s.success() => eprintln!("opened in your browser (the link works once)"),
-            _ => eprintln!("could not start xdg-open: open the address above in your browser"),
-        }
-    } else {
-        eprintln!("open this address in your browser; it works once, within 2 minutes");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
