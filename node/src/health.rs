@@ -33,7 +33,24 @@ pub struct ContactPath {
     pub peer_id: String,
     /// `direct` (a connection of its own), `relayed` (a relay circuit) or `mailbox` (not
     /// connected: messages go through its relays' mailboxes).
-    pub path: String,
+    #[serde(deserialize_with = "path_name")]
+    pub path: Road,
+}
+
+/// A road's name. (An alias, so that serde's derive does not take the `'static` for a borrow
+/// of the input: [`path_name`] reads it.)
+pub type Road = &'static str;
+
+/// The roads a contact can be on.
+const PATHS: [&str; 3] = ["direct", "relayed", "mailbox"];
+
+/// A road's name read back from JSON (the command line reads `GET /v1/health`).
+fn path_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Road, D::Error> {
+    let name = String::deserialize(d)?;
+    PATHS
+        .into_iter()
+        .find(|known| *known == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown road {name:?}")))
 }
 
 impl Node {
@@ -48,12 +65,7 @@ impl Node {
                 Some(ContactPath {
                     name: contact.name,
                     peer_id: peer.to_string(),
-                    path: net
-                        .paths
-                        .get(&peer)
-                        .copied()
-                        .unwrap_or("mailbox")
-                        .to_owned(),
+                    path: net.paths.get(&peer).copied().unwrap_or("mailbox"),
                 })
             })
             .collect();

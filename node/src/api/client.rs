@@ -495,6 +495,9 @@ mod tests {
         .expect("a health view");
         assert_eq!(health.relays[0].error.as_deref(), Some("refused"));
         assert_eq!(health.contacts[0].path, "relayed");
+        let road: Result<crate::health::ContactPath, _> =
+            serde_json::from_value(json!({"name": "bob", "peer_id": "q", "path": "teleport"}));
+        assert!(road.is_err(), "an unknown road is an error, not a guess");
     }
 
     #[test]
