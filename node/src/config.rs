@@ -100,25 +100,25 @@ impl Settings {
 
 /// A change of settings asked of a running node (`kith settings`, `kith name`): the fields
 /// given change, the others stay.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsChange {
     /// A new display name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Who may see this node's online state.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<kith_protocol::presence::Visibility>,
     /// Whether to send read receipts.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_receipts: Option<bool>,
     /// Who may send this user messages.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reach: Option<kith_protocol::presence::Reach>,
 }
 
 /// The settings in effect, as the API shows them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SettingsView {
     /// The display name.
     pub name: String,

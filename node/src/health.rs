@@ -2,13 +2,13 @@
 //! and why, circuit reservations, the outbox, the last mailbox fetch, and which road each
 //! contact is on.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::Node;
 use crate::net::RelayHealth;
 
 /// What `GET /v1/health` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthView {
     /// This node's peer id.
     pub peer_id: String,
@@ -25,7 +25,7 @@ pub struct HealthView {
 }
 
 /// The road to one contact.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContactPath {
     /// The contact's name.
     pub name: String,
@@ -33,7 +33,24 @@ pub struct ContactPath {
     pub peer_id: String,
     /// `direct` (a connection of its own), `relayed` (a relay circuit) or `mailbox` (not
     /// connected: messages go through its relays' mailboxes).
-    pub path: &'static str,
+    #[serde(deserialize_with = "path_name")]
+    pub path: Road,
+}
+
+/// A road's name. (An alias, so that serde's derive does not take the `'static` for a borrow
+/// of the input: [`path_name`] reads it.)
+pub type Road = &'static str;
+
+/// The roads a contact can be on.
+const PATHS: [&str; 3] = ["direct", "relayed", "mailbox"];
+
+/// A road's name read back from JSON (the command line reads `GET /v1/health`).
+fn path_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Road, D::Error> {
+    let name = String::deserialize(d)?;
+    PATHS
+        .into_iter()
+        .find(|known| *known == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown road {name:?}")))
 }
 
 impl Node {

@@ -1,4 +1,6 @@
-//! The local HTTP + JSON API on loopback, for the `kith` CLI and other user interfaces.
+//! The local HTTP + JSON API on loopback, for the `kith` CLI and other user interfaces: the
+//! one route table ([`serve`]), the request and answer types shared with the typed
+//! [`client::Client`], and the one error answer ([`error::ApiError`]).
 //!
 //! Every request needs `Authorization: Bearer <token>` with the token from `<home>/api.token`.
 //! Endpoints (all JSON):
@@ -14,8 +16,6 @@
 //! | POST | `/v1/contacts/{name}/verify` | | the same, once marked verified |
 //! | POST | `/v1/send` | `{to, text, wait_ms?}` | `{id, state}` |
 //! | GET | `/v1/messages` | `?with=NAME_OR_PEER` (`&limit=N&before=ID`: one page, oldest first) | `[{id, direction, from, peer, text, sent_at_ms, state, attachment?}]` |
-//! | POST | `/v1/send-file` | `{to, path}` (an absolute path on the daemon's machine) | `{id, state}` |
-//! | POST | `/v1/download` | `{id, to?}` (`to`: a directory) | `{name, size, mime, hash, path}` once the file is complete |
 //! | POST | `/v1/read` | `{with}` | `{read: n}` |
 //! | GET | `/v1/status/{id}` | | `{id, state, members}` |
 //! | GET | `/v1/presence/{who}` | | `{peer_id, online, last_seen_ms}` (503 when nobody could answer) |
@@ -25,40 +25,48 @@
 //! | GET | `/v1/settings` | | the settings in effect `{name, presence, read_receipts, max_file_bytes, auto_download_max_bytes, relays}` |
 //! | POST | `/v1/settings` | `{name?, presence?, read_receipts?}` | the settings in effect, changed at once and saved |
 //! | GET | `/v1/events` | | server-sent events, one JSON event per `data:` line (`message`, `receipt`, `failed`, `typing`, `progress {id, direction, done, total}`) |
-//! | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
-//! | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
-//! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
-//! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
+//!
+//! and, each in its own file: groups ([`groups`]), files ([`files`]), temporary chats and
+//! export ([`chats`]), strangers and blocks ([`requests`]).
 //!
 //! The web UI's routes ([`crate::api::ui`]) are served on the same port; a UI session cookie stands
 //! in for the token there, and every request must name a loopback host in `Host`.
 //!
-//! Every error answers `{"error": "..."}`: 400 (bad input or malformed JSON), 401 (token), 404
-//! (unknown route, message or contact), 405 (wrong method), 413 (body too large), 415 (body not
-//! `application/json`), 422 (a field missing or of the wrong type), 500 (store), 503 (nobody who
-//! could answer did).
+//! Every error answers `{"error": "..."}` ([`error`]): 400 (bad input or malformed JSON), 401
+//! (token), 404 (unknown route, message or contact), 405 (wrong method), 413 (body too large),
+//! 415 (body not `application/json`), 422 (a field missing or of the wrong type), 500 (store),
+//! 503 (nobody who could answer did).
 
+pub mod chats;
 pub mod client;
+pub mod error;
+pub mod files;
+pub mod groups;
+pub mod requests;
 pub mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRef, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use futures::StreamExt as _;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::core::{Node, NodeError};
+pub(crate) use error::ApiError;
+
+use crate::config::{SettingsChange, SettingsView};
+use crate::core::{ContactView, IdInfo, MessageView, Node, NodeError, Sent, StatusView};
+use crate::features::presence::PresenceView;
+use crate::health::HealthView;
 use crate::shutdown::Signal;
 
 /// Longest a send may wait for its first delivery attempt.
@@ -71,66 +79,10 @@ struct AppState {
     shutdown: Signal,
 }
 
-/// An error answer of the local API: `{"error": "..."}` with its status. Every route (the
-/// group and media ones too) answers errors through this one mapping.
-pub(crate) struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+impl FromRef<AppState> for Node {
+    fn from_ref(state: &AppState) -> Node {
+        state.node.clone()
     }
-}
-
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> Self {
-        let status = match &e {
-            NodeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            NodeError::UnknownMessage(_) | NodeError::UnknownContact(_) => StatusCode::NOT_FOUND,
-            NodeError::UnknownRecipient(_) | NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-/// Most of an error body kept when one is rewritten as JSON.
-const MAX_ERROR_TEXT_BYTES: usize = 4096;
-
-/// Rewrites error answers that are not JSON (axum's own: an unknown route, a wrong method, a
-/// body that is not JSON, too large, or missing a field) as `{"error": "..."}` with the same
-/// status, so that a client reads every error the same way.
-async fn json_errors(request: Request, next: Next) -> Response {
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let response = next.run(request).await;
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-        .unwrap_or_default();
-    let message = match status {
-        StatusCode::NOT_FOUND if text.is_empty() => {
-            format!("no API route {method} {path} (README lists the API)")
-        }
-        StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => {
-            format!("{path} does not take {method}")
-        }
-        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
-        _ => text,
-    };
-    let mut rewritten = ApiError(status, message).into_response();
-    if let Some(allow) = parts.headers.get(header::ALLOW) {
-        rewritten.headers_mut().insert(header::ALLOW, allow.clone());
-    }
-    rewritten
 }
 
 /// Whether the `Authorization` header is the expected one, compared in constant time (a
@@ -162,82 +114,126 @@ async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Re
     next.run(request).await
 }
 
-async fn id(State(s): State<AppState>) -> impl IntoResponse {
-    Json(s.node.id_info().await)
-}
-
-async fn contacts(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.contacts()?))
-}
-
-#[derive(Deserialize)]
-struct AddContact {
-    name: String,
-    peer: String,
+/// `POST /v1/contacts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddContact {
+    /// The name the user gives it.
+    pub name: String,
+    /// Its peer id or invite.
+    pub peer: String,
+    /// Direct addresses to reach it.
     #[serde(default)]
-    addrs: Vec<String>,
+    pub addrs: Vec<String>,
+}
+
+/// `POST /v1/contacts/{name}/rename`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RenameContact {
+    /// The new name.
+    pub name: String,
+}
+
+/// `POST /v1/send`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SendBody {
+    /// Contact name, peer id, or group name or id.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// How long to wait for the first delivery attempt, in ms (0: answer at once).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// `POST /v1/read` and `POST /v1/open`: a conversation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WithBody {
+    /// Contact name, peer id, or group name or id.
+    pub with: String,
+}
+
+/// What `POST /v1/read` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Read {
+    /// How many messages were marked read.
+    pub read: usize,
+}
+
+/// `POST /v1/typing`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TypingBody {
+    /// Contact name or peer id.
+    pub to: String,
+}
+
+/// What `POST /v1/typing` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Typed {
+    /// Whether the notice went out (the peer was reachable).
+    pub sent: bool,
+}
+
+/// What `POST /v1/open` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Opened {
+    /// The conversation's peer.
+    pub peer_id: String,
+}
+
+async fn id(State(node): State<Node>) -> Json<IdInfo> {
+    Json(node.id_info().await)
+}
+
+async fn contacts(State(node): State<Node>) -> Result<Json<Vec<ContactView>>, ApiError> {
+    Ok(Json(node.contacts()?))
 }
 
 async fn add_contact(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Json(body): Json<AddContact>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<ContactView>, ApiError> {
     Ok(Json(
-        s.node
-            .add_contact(&body.name, &body.peer, &body.addrs)
+        node.add_contact(&body.name, &body.peer, &body.addrs)
             .await?,
     ))
 }
 
 async fn remove_contact(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.remove_contact(&name).await?))
-}
-
-#[derive(Deserialize)]
-struct RenameContact {
-    name: String,
+) -> Result<Json<ContactView>, ApiError> {
+    Ok(Json(node.remove_contact(&name).await?))
 }
 
 async fn rename_contact(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Path(name): Path<String>,
     Json(body): Json<RenameContact>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.rename_contact(&name, &body.name).await?))
+) -> Result<Json<ContactView>, ApiError> {
+    Ok(Json(node.rename_contact(&name, &body.name).await?))
 }
 
-async fn health(State(s): State<AppState>) -> impl IntoResponse {
-    Json(s.node.health().await)
+async fn health(State(node): State<Node>) -> Json<HealthView> {
+    Json(node.health().await)
 }
 
-async fn settings(State(s): State<AppState>) -> impl IntoResponse {
-    Json(s.node.settings_view())
+async fn settings(State(node): State<Node>) -> Json<SettingsView> {
+    Json(node.settings_view())
 }
 
 async fn change_settings(
-    State(s): State<AppState>,
-    Json(change): Json<crate::config::SettingsChange>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.update_settings(change)?))
-}
-
-#[derive(Deserialize)]
-struct SendBody {
-    to: String,
-    text: String,
-    #[serde(default)]
-    wait_ms: u64,
+    State(node): State<Node>,
+    Json(change): Json<SettingsChange>,
+) -> Result<Json<SettingsView>, ApiError> {
+    Ok(Json(node.update_settings(change)?))
 }
 
 async fn send(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Json(body): Json<SendBody>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Sent>, ApiError> {
     let wait = (body.wait_ms > 0).then(|| Duration::from_millis(body.wait_ms).min(MAX_SEND_WAIT));
-    Ok(Json(s.node.send(&body.to, &body.text, wait).await?))
+    Ok(Json(node.send(&body.to, &body.text, wait).await?))
 }
 
 #[derive(Deserialize)]
@@ -250,75 +246,62 @@ struct MessagesQuery {
 }
 
 async fn messages(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Query(q): Query<MessagesQuery>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Vec<MessageView>>, ApiError> {
     if q.before.is_some() || q.limit.is_some() {
         let with = q
             .with
             .as_deref()
             .ok_or_else(|| NodeError::Invalid("paging (before, limit) needs `with`".into()))?;
         let limit = q.limit.unwrap_or(crate::api::ui::views::DEFAULT_PAGE);
-        return Ok(Json(s.node.messages_page(
+        return Ok(Json(node.messages_page(
             with,
             q.before.as_deref(),
             limit,
         )?));
     }
-    Ok(Json(s.node.messages(q.with.as_deref())?))
-}
-
-#[derive(Deserialize)]
-struct ReadBody {
-    with: String,
+    Ok(Json(node.messages(q.with.as_deref())?))
 }
 
 async fn read(
-    State(s): State<AppState>,
-    Json(body): Json<ReadBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let n = s.node.read(&body.with).await?;
-    Ok(Json(json!({ "read": n })))
+    State(node): State<Node>,
+    Json(body): Json<WithBody>,
+) -> Result<Json<Read>, ApiError> {
+    let read = node.read(&body.with).await?;
+    Ok(Json(Read { read }))
 }
 
 async fn status(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.status(&id)?))
+) -> Result<Json<StatusView>, ApiError> {
+    Ok(Json(node.status(&id)?))
 }
 
 async fn presence(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Path(who): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.node.presence(&who).await?))
-}
-
-#[derive(Deserialize)]
-struct TypingBody {
-    to: String,
+) -> Result<Json<PresenceView>, ApiError> {
+    Ok(Json(node.presence(&who).await?))
 }
 
 async fn typing(
-    State(s): State<AppState>,
+    State(node): State<Node>,
     Json(body): Json<TypingBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let sent = s.node.typing(&body.to).await?;
-    Ok(Json(json!({ "sent": sent })))
-}
-
-#[derive(Deserialize)]
-struct OpenBody {
-    with: String,
+) -> Result<Json<Typed>, ApiError> {
+    let sent = node.typing(&body.to).await?;
+    Ok(Json(Typed { sent }))
 }
 
 async fn open(
-    State(s): State<AppState>,
-    Json(body): Json<OpenBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let peer = s.node.open_chat(&body.with)?;
-    Ok(Json(json!({ "peer_id": peer.to_string() })))
+    State(node): State<Node>,
+    Json(body): Json<WithBody>,
+) -> Result<Json<Opened>, ApiError> {
+    let peer = node.open_chat(&body.with)?;
+    Ok(Json(Opened {
+        peer_id: peer.to_string(),
+    }))
 }
 
 async fn events(
@@ -334,6 +317,40 @@ async fn events(
         })
         .take_until(async move { shutdown.wait().await });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// Every route of the API (the web UI's are added in [`serve`], which knows the bound address).
+fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/id", get(id))
+        .route("/v1/contacts", get(contacts).post(add_contact))
+        .route("/v1/contacts/{name}", delete(remove_contact))
+        .route("/v1/contacts/{name}/rename", post(rename_contact))
+        .route("/v1/contacts/{who}/block", post(requests::block))
+        .route("/v1/contacts/{who}/unblock", post(requests::unblock))
+        .route("/v1/send", post(send))
+        .route("/v1/messages", get(messages))
+        .route("/v1/read", post(read))
+        .route("/v1/status/{id}", get(status))
+        .route("/v1/presence/{who}", get(presence))
+        .route("/v1/typing", post(typing))
+        .route("/v1/open", post(open))
+        .route("/v1/events", get(events))
+        .route("/v1/health", get(health))
+        .route("/v1/settings", get(settings).post(change_settings))
+        .route("/v1/groups", get(groups::list).post(groups::create))
+        .route("/v1/groups/{group}", get(groups::info))
+        .route("/v1/groups/{group}/{kind}", post(groups::change))
+        .route("/v1/send-file", post(files::send_file))
+        .route("/v1/download", post(files::download))
+        .route(
+            "/v1/chats/{with}/timer",
+            get(chats::timer).post(chats::set_timer),
+        )
+        .route("/v1/chats/{with}/export", get(chats::export))
+        .route("/v1/requests", get(requests::list))
+        .route("/v1/requests/{peer}/accept", post(requests::accept))
+        .route("/v1/requests/{peer}/block", post(requests::block_request))
 }
 
 /// Binds the API on `addr` (which must be a loopback address) and serves it until shutdown.
@@ -358,26 +375,9 @@ pub(crate) async fn serve(
         token,
         shutdown: shutdown.clone(),
     };
-    let app = Router::new()
-        .route("/v1/id", get(id))
-        .route("/v1/contacts", get(contacts).post(add_contact))
-        .route("/v1/contacts/{name}", axum::routing::delete(remove_contact))
-        .route("/v1/contacts/{name}/rename", post(rename_contact))
-        .route("/v1/send", post(send))
-        .route("/v1/messages", get(messages))
-        .route("/v1/read", post(read))
-        .route("/v1/status/{id}", get(status))
-        .route("/v1/presence/{who}", get(presence))
-        .route("/v1/typing", post(typing))
-        .route("/v1/open", post(open))
-        .route("/v1/events", get(events))
-        .route("/v1/health", get(health))
-        .route("/v1/settings", get(settings).post(change_settings))
+    let app = routes()
+        // The safety-number routes live with the safety number itself (core/crypto/verify.rs).
         .merge(crate::core::crypto::verify::api_routes().with_state(state.node.clone()))
-        .merge(crate::features::group::api_routes().with_state(state.node.clone()))
-        .merge(crate::features::media::api_routes().with_state(state.node.clone()))
-        .merge(crate::features::timers::api_routes().with_state(state.node.clone()))
-        .merge(crate::features::strangers::api_routes().with_state(state.node.clone()))
         .merge(crate::api::ui::routes(
             state.node.clone(),
             gate.clone(),
@@ -386,7 +386,7 @@ pub(crate) async fn serve(
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(gate, crate::api::ui::guard))
-        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(error::json_errors))
         .with_state(state);
     let task = tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {

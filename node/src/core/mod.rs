@@ -24,7 +24,7 @@ use kith_protocol::{ReceiptState, Reject};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -62,7 +62,7 @@ use inbound::Checked;
 use outbox::{Outbox, Transmit};
 
 /// An event for the local API's stream and for in-process watchers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum NodeEvent {
     /// A chat message arrived.
@@ -274,7 +274,7 @@ pub struct Node {
 }
 
 /// What `kith id` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct IdInfo {
     /// This node's peer id.
     pub peer_id: String,
@@ -291,7 +291,7 @@ pub struct IdInfo {
 }
 
 /// A message as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MessageView {
     /// Its id.
     pub id: String,
@@ -328,7 +328,7 @@ pub struct MessageView {
 }
 
 /// An attachment as `kith messages` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AttachmentView {
     /// The file's name.
     pub name: String,
@@ -350,7 +350,7 @@ pub struct AttachmentView {
 }
 
 /// A history line of a timer change, as the API shows it inside a message.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimerLine {
     /// The new timer in seconds, `null` for off.
     pub timer_secs: Option<u64>,
@@ -378,7 +378,7 @@ impl From<StoredMessage> for MessageView {
 }
 
 /// A message's state as `kith status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StatusView {
     /// The message id.
     pub id: String,
@@ -387,7 +387,7 @@ pub struct StatusView {
     /// Per-member states (empty for one-to-one messages).
     pub members: HashMap<String, MessageState>,
     /// Names of the members that this node knows (contacts), by peer id.
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub member_names: HashMap<String, String>,
     /// Why a pending message has not gone out yet, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -395,7 +395,7 @@ pub struct StatusView {
 }
 
 /// A contact as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ContactView {
     /// Its name.
     pub name: String,
@@ -428,7 +428,7 @@ impl From<Contact> for ContactView {
 }
 
 /// What a send returns.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Sent {
     /// The new message's id.
     pub id: String,

@@ -30,10 +30,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::{Path, State as AxumState};
-use axum::response::{IntoResponse, Response as AxumResponse};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use kith_protocol::envelope::Header;
 use kith_protocol::group::{self, Change, Limits, Op, State};
 use kith_protocol::limits::MAX_ENVELOPE_BYTES;
@@ -42,7 +38,6 @@ use kith_protocol::{ReceiptState, Reject};
 use libp2p::gossipsub;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
@@ -89,7 +84,7 @@ impl Groups {
 }
 
 /// A group as the API shows it (`kith group info --json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupView {
     /// The group id.
     pub group_id: String,
@@ -104,7 +99,7 @@ pub struct GroupView {
     /// Its home relay.
     pub relay: String,
     /// Names of the members this node knows (its contacts, and itself), by peer id.
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub member_names: HashMap<String, String>,
     /// Whether this node is a member. A group it left or was removed from stays listed, with
     /// its history, read-only.
@@ -895,251 +890,6 @@ impl Node {
         }
         self.store().flush().await?;
         Ok(count)
-    }
-}
-
-// ---- local API ------------------------------------------------------------------------------
-
-struct ApiError(NodeError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> AxumResponse {
-        crate::api::ApiError::from(self.0).into_response()
-    }
-}
-
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> Self {
-        ApiError(e)
-    }
-}
-
-#[derive(Deserialize)]
-struct CreateBody {
-    name: String,
-    #[serde(default)]
-    members: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct ChangeBody {
-    #[serde(default)]
-    who: Option<String>,
-}
-
-async fn list(AxumState(node): AxumState<Node>) -> impl IntoResponse {
-    Json(node.group_list())
-}
-
-async fn create(
-    AxumState(node): AxumState<Node>,
-    Json(body): Json<CreateBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let view = node.create_group(&body.name, &body.members).await?;
-    Ok(Json(
-        json!({ "group_id": view.group_id, "name": view.name }),
-    ))
-}
-
-async fn info(
-    AxumState(node): AxumState<Node>,
-    Path(group): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(node.group_info(&group).await?))
-}
-
-async fn change(
-    AxumState(node): AxumState<Node>,
-    Path((group, kind)): Path<(String, ChangeKind)>,
-    Json(body): Json<ChangeBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        node.change_group(&group, kind, body.who.as_deref()).await?,
-    ))
-}
-
-/// The group routes of the local API (the caller adds authentication):
-///
-/// | method | path | body | answer |
-/// |---|---|---|---|
-/// | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
-/// | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
-/// | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
-/// | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
-pub(crate) fn api_routes() -> Router<Node> {
-    Router::new()
-        .route("/v1/groups", get(list).post(create))
-        .route("/v1/groups/{group}", get(info))
-        .route("/v1/groups/{group}/{kind}", post(change))
-}
-
-/// The `kith group …` subcommands (parsed by the binary, run against the daemon's API).
-pub mod cli {
-    use anyhow::Result;
-    use clap::Subcommand;
-    use serde_json::{json, Value};
-
-    use crate::api::client::Client;
-
-    /// `kith group …`
-    #[derive(Debug, Subcommand)]
-    pub enum GroupCommand {
-        /// Create a group at your first home relay.
-        Create {
-            /// Its name.
-            name: String,
-            /// An initial member: contact name or peer id (repeatable).
-            #[arg(long = "member")]
-            member: Vec<String>,
-            /// Print one JSON document.
-            #[arg(long)]
-            json: bool,
-        },
-        /// Add a member (admins only).
-        Add {
-            /// Group name or id.
-            group: String,
-            /// Contact name or peer id.
-            who: String,
-        },
-        /// Remove a member (admins only).
-        Remove {
-            /// Group name or id.
-            group: String,
-            /// Contact name or peer id.
-            who: String,
-        },
-        /// Make a member an admin (admins only).
-        Promote {
-            /// Group name or id.
-            group: String,
-            /// Contact name or peer id.
-            who: String,
-        },
-        /// Leave a group.
-        Leave {
-            /// Group name or id.
-            group: String,
-        },
-        /// List your groups.
-        List {
-            /// Print one JSON document.
-            #[arg(long)]
-            json: bool,
-        },
-        /// Show a group's admins, members and version.
-        Info {
-            /// Group name or id.
-            group: String,
-            /// Print one JSON document.
-            #[arg(long)]
-            json: bool,
-        },
-    }
-
-    fn seg(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-
-    fn print(value: &Value) -> Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
-        Ok(())
-    }
-
-    fn print_info(g: &Value) {
-        println!(
-            "{}  {}  (version {})",
-            crate::text::for_terminal(g["name"].as_str().unwrap_or_default()),
-            g["group_id"].as_str().unwrap_or_default(),
-            g["version"]
-        );
-        let admins: Vec<&str> = g["admins"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        for m in g["members"].as_array().into_iter().flatten() {
-            let m = m.as_str().unwrap_or_default();
-            let who = match g["member_names"][m].as_str() {
-                Some(name) => format!("{} ({m})", crate::text::for_terminal(name)),
-                None => m.to_owned(),
-            };
-            println!(
-                "  {who}{}",
-                if admins.contains(&m) { "  (admin)" } else { "" }
-            );
-        }
-    }
-
-    /// Runs one `kith group` command.
-    pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
-        let change = |group: &str, kind: &str| format!("/v1/groups/{}/{kind}", seg(group));
-        match command {
-            GroupCommand::Create { name, member, json } => {
-                let created: Value = client
-                    .post("/v1/groups", &json!({ "name": name, "members": member }))
-                    .await?;
-                if json {
-                    print(&created)?;
-                } else {
-                    println!("{}", created["group_id"].as_str().unwrap_or_default());
-                }
-            }
-            GroupCommand::Add { group, who } => {
-                let g: Value = client
-                    .post(&change(&group, "add"), &json!({ "who": who }))
-                    .await?;
-                print_info(&g);
-            }
-            GroupCommand::Remove { group, who } => {
-                let g: Value = client
-                    .post(&change(&group, "remove"), &json!({ "who": who }))
-                    .await?;
-                print_info(&g);
-            }
-            GroupCommand::Promote { group, who } => {
-                let g: Value = client
-                    .post(&change(&group, "promote"), &json!({ "who": who }))
-                    .await?;
-                print_info(&g);
-            }
-            GroupCommand::Leave { group } => {
-                let _: Value = client.post(&change(&group, "leave"), &json!({})).await?;
-                println!("left {group}");
-            }
-            GroupCommand::List { json } => {
-                let list: Value = client.get("/v1/groups").await?;
-                if json {
-                    print(&list)?;
-                } else {
-                    for g in list.as_array().into_iter().flatten() {
-                        println!(
-                            "{}\t{}\t{} members",
-                            g["name"].as_str().unwrap_or_default(),
-                            g["group_id"].as_str().unwrap_or_default(),
-                            g["members"].as_array().map_or(0, Vec::len)
-                        );
-                    }
-                }
-            }
-            GroupCommand::Info { group, json } => {
-                let g: Value = client.get(&format!("/v1/groups/{}", seg(&group))).await?;
-                if json {
-                    print(&g)?;
-                } else {
-                    print_info(&g);
-                }
-            }
-        }
-        Ok(())
     }
 }
 

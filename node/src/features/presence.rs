@@ -73,10 +73,10 @@ impl State {
 }
 
 /// What `kith presence WHO --json` prints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PresenceView {
     /// The peer asked about.
-    #[serde(serialize_with = "as_string")]
+    #[serde(serialize_with = "as_string", deserialize_with = "from_string")]
     pub peer_id: PeerId,
     /// Whether it is online.
     pub online: bool,
@@ -86,6 +86,11 @@ pub struct PresenceView {
 
 fn as_string<S: serde::Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(peer)
+}
+
+fn from_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 impl Node {

@@ -22,9 +22,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use axum::extract::{self, Path};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use kith_protocol::presence::Reach;
 use kith_protocol::{Destination, Envelope, Reject};
 use libp2p::PeerId;
@@ -122,7 +119,7 @@ impl State {
 }
 
 /// One entry of `kith requests`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestView {
     /// The stranger's peer id.
     pub peer_id: String,
@@ -139,7 +136,7 @@ pub struct RequestView {
 }
 
 /// What `kith contact block` / `unblock` and `kith requests block` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockView {
     /// The peer.
     pub peer_id: String,
@@ -361,198 +358,6 @@ impl Node {
             blocked: true,
             dropped,
         })
-    }
-}
-
-#[derive(Deserialize, Default)]
-struct AcceptBody {
-    #[serde(default)]
-    name: Option<String>,
-}
-
-async fn list(
-    extract::State(node): extract::State<Node>,
-) -> Result<Json<Vec<RequestView>>, crate::api::ApiError> {
-    Ok(Json(node.requests()?))
-}
-
-async fn accept(
-    extract::State(node): extract::State<Node>,
-    Path(peer): Path<String>,
-    body: Option<Json<AcceptBody>>,
-) -> Result<Json<ContactView>, crate::api::ApiError> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
-    Ok(Json(
-        node.accept_request(&peer, body.name.as_deref()).await?,
-    ))
-}
-
-async fn block_request(
-    extract::State(node): extract::State<Node>,
-    Path(peer): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.block_request(&peer).await?))
-}
-
-async fn block(
-    extract::State(node): extract::State<Node>,
-    Path(who): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.block(&who).await?))
-}
-
-async fn unblock(
-    extract::State(node): extract::State<Node>,
-    Path(who): Path<String>,
-) -> Result<Json<BlockView>, crate::api::ApiError> {
-    Ok(Json(node.unblock(&who).await?))
-}
-
-/// `GET /v1/requests`, `POST /v1/requests/{peer}/accept` (`{"name": ...}`, optional),
-/// `POST /v1/requests/{peer}/block`, `POST /v1/contacts/{who}/block` and `.../unblock`.
-pub(crate) fn api_routes() -> Router<Node> {
-    Router::new()
-        .route("/v1/requests", get(list))
-        .route("/v1/requests/{peer}/accept", post(accept))
-        .route("/v1/requests/{peer}/block", post(block_request))
-        .route("/v1/contacts/{who}/block", post(block))
-        .route("/v1/contacts/{who}/unblock", post(unblock))
-}
-
-/// `kith requests …` and the block commands, as the command line runs them through the API.
-pub mod cli {
-    use anyhow::Result;
-    use clap::{Args, Subcommand};
-    use serde_json::{json, Value};
-
-    use crate::api::client::Client;
-    use crate::text::for_terminal;
-
-    /// `kith requests [--json]`, `kith requests accept|block WHO`.
-    #[derive(Debug, Args)]
-    #[command(args_conflicts_with_subcommands = true)]
-    pub struct RequestsArgs {
-        /// Accept or block one; without, list them.
-        #[command(subcommand)]
-        pub command: Option<RequestsCommand>,
-        /// Print one JSON document.
-        #[arg(long)]
-        pub json: bool,
-    }
-
-    /// What to do with a request.
-    #[derive(Debug, Subcommand)]
-    pub enum RequestsCommand {
-        /// Make the stranger a contact: its messages show in its conversation.
-        Accept {
-            /// Its peer id (or the end of it, when only one request matches).
-            who: String,
-            /// The contact name to give it (default: the last 8 characters of its peer id).
-            #[arg(long)]
-            name: Option<String>,
-            /// Print one JSON document.
-            #[arg(long)]
-            json: bool,
-        },
-        /// Drop its messages and block it, on this node and at your relays.
-        Block {
-            /// Its peer id (or the end of it, when only one request matches).
-            who: String,
-            /// Print one JSON document.
-            #[arg(long)]
-            json: bool,
-        },
-    }
-
-    fn path_part(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-
-    /// Runs `kith requests …` against the daemon.
-    pub async fn run(client: &Client, args: RequestsArgs) -> Result<()> {
-        match args.command {
-            None => {
-                let list: Value = client.get("/v1/requests").await?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&list)?);
-                    return Ok(());
-                }
-                let requests = list.as_array().cloned().unwrap_or_default();
-                if requests.is_empty() {
-                    println!("no requests");
-                }
-                for r in requests {
-                    println!(
-                        "{}\t{} message(s)\t{}",
-                        r["peer_id"].as_str().unwrap_or_default(),
-                        r["messages"],
-                        for_terminal(r["preview"].as_str().unwrap_or_default())
-                    );
-                }
-            }
-            Some(RequestsCommand::Accept { who, name, json }) => {
-                let contact: Value = client
-                    .post(
-                        &format!("/v1/requests/{}/accept", path_part(&who)),
-                        &json!({ "name": name }),
-                    )
-                    .await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&contact)?);
-                } else {
-                    println!(
-                        "accepted {} as {}; `kith messages {}` shows its messages",
-                        contact["peer_id"].as_str().unwrap_or_default(),
-                        for_terminal(contact["name"].as_str().unwrap_or_default()),
-                        for_terminal(contact["name"].as_str().unwrap_or_default())
-                    );
-                }
-            }
-            Some(RequestsCommand::Block { who, json }) => {
-                let view: Value = client
-                    .post(
-                        &format!("/v1/requests/{}/block", path_part(&who)),
-                        &json!({}),
-                    )
-                    .await?;
-                print_block(&view, json)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `kith contact block|unblock WHO`.
-    pub async fn block(client: &Client, who: &str, blocked: bool, json: bool) -> Result<()> {
-        let action = if blocked { "block" } else { "unblock" };
-        let view: Value = client
-            .post(
-                &format!("/v1/contacts/{}/{action}", path_part(who)),
-                &json!({}),
-            )
-            .await?;
-        print_block(&view, json)
-    }
-
-    fn print_block(view: &Value, json: bool) -> Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(view)?);
-            return Ok(());
-        }
-        let peer = view["peer_id"].as_str().unwrap_or_default();
-        if view["blocked"] == true {
-            let dropped = view["dropped"].as_u64().unwrap_or(0);
-            println!("blocked {peer}; {dropped} message(s) of its request dropped");
-        } else {
-            println!("unblocked {peer}");
-        }
-        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use kith_protocol::{timer, Body, Envelope, GroupId, MessageId, MessageState, Reject};
 use libp2p::PeerId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
 use crate::core::hooks::{self, Feature};
@@ -59,7 +59,7 @@ pub fn line_text(secs: Option<u64>) -> String {
 }
 
 /// A conversation's timer as `kith chat timer --json` prints it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimerView {
     /// The conversation as the user named it.
     pub with: String,
@@ -538,157 +538,6 @@ impl Node {
         })
     }
 }
-
-/// `kith chat timer` and `kith export` against the daemon's API.
-pub mod cli {
-    use anyhow::Result;
-    use serde_json::{json, Value};
-
-    use crate::api::client::Client;
-
-    fn seg(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-
-    /// `kith chat timer WITH DURATION|off [--admins-only|--everyone] [--json]`; without a
-    /// duration, shows the timer.
-    pub async fn timer(
-        client: &Client,
-        with: &str,
-        duration: Option<&str>,
-        admins_only: Option<bool>,
-        json: bool,
-    ) -> Result<()> {
-        let path = format!("/v1/chats/{}/timer", seg(with));
-        let view: Value = match duration {
-            Some(duration) => {
-                let mut body = json!({ "duration": duration });
-                if let Some(admins_only) = admins_only {
-                    body["admins_only"] = json!(admins_only);
-                }
-                client.post(&path, &body).await?
-            }
-            None => client.get(&path).await?,
-        };
-        if json {
-            println!("{}", serde_json::to_string_pretty(&view)?);
-            return Ok(());
-        }
-        let secs = view["timer_secs"].as_u64();
-        let rule = if view["admins_only"].as_bool() == Some(true) {
-            " (admins only may change it)"
-        } else {
-            ""
-        };
-        println!(
-            "disappearing messages with {with}: {}{rule}",
-            kith_protocol::timer::Display(secs)
-        );
-        Ok(())
-    }
-
-    /// `kith export WITH [--json]`: the export format (JSON lines: a header line, then one
-    /// line per message) on standard output, or one JSON document with `--json`.
-    pub async fn export(client: &Client, with: &str, json: bool) -> Result<()> {
-        let export: Value = client
-            .get(&format!("/v1/chats/{}/export", seg(with)))
-            .await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&export)?);
-            return Ok(());
-        }
-        let mut header = export.clone();
-        let messages = header
-            .as_object_mut()
-            .and_then(|o| o.remove("messages"))
-            .unwrap_or(Value::Array(Vec::new()));
-        println!("{}", serde_json::to_string(&header)?);
-        for message in messages.as_array().into_iter().flatten() {
-            println!("{}", serde_json::to_string(message)?);
-        }
-        Ok(())
-    }
-}
-
-// ---- local API ----------------------------------------------------------------------------------
-
-mod api {
-    use axum::extract::{Path, State};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
-    use axum::{Json, Router};
-    use serde::Deserialize;
-
-    use crate::core::{Node, NodeError};
-
-    struct ApiError(NodeError);
-
-    impl IntoResponse for ApiError {
-        fn into_response(self) -> Response {
-            crate::api::ApiError::from(self.0).into_response()
-        }
-    }
-
-    impl From<NodeError> for ApiError {
-        fn from(e: NodeError) -> Self {
-            ApiError(e)
-        }
-    }
-
-    #[derive(Deserialize)]
-    struct TimerBody {
-        /// `3s`, `5m`, `1h`, `7d`, `2w` or `off`.
-        duration: String,
-        #[serde(default)]
-        admins_only: Option<bool>,
-    }
-
-    async fn timer(
-        State(node): State<Node>,
-        Path(with): Path<String>,
-    ) -> Result<impl IntoResponse, ApiError> {
-        Ok(Json(node.timer(&with)?))
-    }
-
-    async fn set_timer(
-        State(node): State<Node>,
-        Path(with): Path<String>,
-        Json(body): Json<TimerBody>,
-    ) -> Result<impl IntoResponse, ApiError> {
-        let secs = kith_protocol::timer::parse(&body.duration, node.config().min_timer_secs)
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
-        Ok(Json(node.set_timer(&with, secs, body.admins_only).await?))
-    }
-
-    async fn export(
-        State(node): State<Node>,
-        Path(with): Path<String>,
-    ) -> Result<impl IntoResponse, ApiError> {
-        Ok(Json(node.export(&with)?))
-    }
-
-    /// The temporary-chat routes (the caller adds authentication):
-    ///
-    /// | method | path | body | answer |
-    /// |---|---|---|---|
-    /// | GET | `/v1/chats/{with}/timer` | | `{with, conversation, timer_secs, admins_only, min_secs}` |
-    /// | POST | `/v1/chats/{with}/timer` | `{duration, admins_only?}` | the same, with `id` |
-    /// | GET | `/v1/chats/{with}/export` | | `{format, conversation, name, exported_at_ms, messages}` |
-    pub(crate) fn routes() -> Router<Node> {
-        Router::new()
-            .route("/v1/chats/{with}/timer", get(timer).post(set_timer))
-            .route("/v1/chats/{with}/export", get(export))
-    }
-}
-
-pub(crate) use api::routes as api_routes;
 
 // ---- plugged into the core ------------------------------------------------------------------
 

@@ -217,7 +217,7 @@ pub struct Health {
 }
 
 /// One home relay's state.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RelayHealth {
     /// Its address, with `/p2p/<id>`.
     pub addr: String,

@@ -23,7 +23,7 @@ use rand::RngCore;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{UiError, UiState};
+use super::{ApiError, UiState};
 use crate::core::NodeError;
 
 /// Directory of uploaded files inside the home.
@@ -51,7 +51,7 @@ pub(super) async fn upload(
     State(s): State<UiState>,
     Query(q): Query<UploadQuery>,
     body: Body,
-) -> Result<Response, UiError> {
+) -> Result<Response, ApiError> {
     // Resolve the recipient first: an unknown one costs no upload.
     if s.node.group_target(&q.to)?.is_none() {
         s.node.resolve(&q.to)?;
@@ -80,8 +80,9 @@ pub(super) async fn upload(
 }
 
 /// Writes `body` to `path` as it arrives, refusing more than `max` bytes.
-async fn receive(dir: &Path, path: &Path, body: Body, max: u64) -> Result<u64, UiError> {
-    let io = |e: std::io::Error| UiError(StatusCode::INTERNAL_SERVER_ERROR, format!("upload: {e}"));
+async fn receive(dir: &Path, path: &Path, body: Body, max: u64) -> Result<u64, ApiError> {
+    let io =
+        |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("upload: {e}"));
     tokio::fs::create_dir_all(dir).await.map_err(io)?;
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
@@ -89,11 +90,11 @@ async fn receive(dir: &Path, path: &Path, body: Body, max: u64) -> Result<u64, U
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| {
             tracing::warn!(error = %e, "upload cut short");
-            UiError(StatusCode::BAD_REQUEST, format!("upload cut short: {e}"))
+            ApiError(StatusCode::BAD_REQUEST, format!("upload cut short: {e}"))
         })?;
         written += piece.len() as u64;
         if written > max {
-            return Err(UiError(
+            return Err(ApiError(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the file is larger than {max} bytes (max_file_bytes in config.toml); nothing was sent"
@@ -104,12 +105,15 @@ async fn receive(dir: &Path, path: &Path, body: Body, max: u64) -> Result<u64, U
     }
     file.flush().await.map_err(io)?;
     if written == 0 {
-        return Err(UiError(StatusCode::BAD_REQUEST, "the file is empty".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the file is empty".into(),
+        ));
     }
     Ok(written)
 }
 
-fn parse_id(id: &str) -> Result<MessageId, UiError> {
+fn parse_id(id: &str) -> Result<MessageId, ApiError> {
     id.parse()
         .map_err(|e: kith_protocol::ids::ParseIdError| NodeError::Invalid(e.to_string()).into())
 }
@@ -125,20 +129,20 @@ pub(super) async fn file(
     State(s): State<UiState>,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<FileQuery>,
-) -> Result<Response, UiError> {
+) -> Result<Response, ApiError> {
     let parsed = parse_id(&id)?;
     let view = s
         .node
         .attachment(&parsed)
         .ok_or_else(|| NodeError::UnknownMessage(format!("{id} (no file attached)")))?;
     let Some(path) = view.path else {
-        return Err(UiError(
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("{} is not downloaded yet", view.name),
         ));
     };
     let source = tokio::fs::File::open(&path).await.map_err(|e| {
-        UiError(
+        ApiError(
             StatusCode::NOT_FOUND,
             format!("{}: {e} (moved or deleted?)", view.name),
         )
@@ -190,14 +194,14 @@ pub(super) async fn file(
 pub(super) async fn thumbnail(
     State(s): State<UiState>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Response, UiError> {
+) -> Result<Response, ApiError> {
     let parsed = parse_id(&id)?;
     let png = s
         .node
         .attachment(&parsed)
         .and_then(|view| view.thumbnail)
         .and_then(|hex_png| hex::decode(hex_png).ok())
-        .ok_or_else(|| UiError(StatusCode::NOT_FOUND, format!("{id} has no thumbnail")))?;
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("{id} has no thumbnail")))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 

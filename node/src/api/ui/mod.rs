@@ -33,11 +33,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub(crate) use crate::api::ApiError;
 use crate::clock::now_ms;
-use crate::core::{Node, NodeError};
+use crate::core::Node;
 pub use gate::Gate;
 
 /// The policy of every response: scripts, styles, images and connections from this origin only,
@@ -55,23 +56,6 @@ pub(crate) struct UiState {
     gate: Arc<Gate>,
     /// Where the page is: `http://127.0.0.1:PORT`.
     base: String,
-}
-
-/// An error answered as `{"error": "..."}`.
-pub(crate) struct UiError(StatusCode, String);
-
-impl IntoResponse for UiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<NodeError> for UiError {
-    /// The API's one mapping of node errors to statuses.
-    fn from(e: NodeError) -> Self {
-        let crate::api::ApiError(status, message) = e.into();
-        UiError(status, message)
-    }
 }
 
 /// The middleware in front of every route of the port: Host check, credentials, same-origin
@@ -100,7 +84,7 @@ pub async fn guard(State(gate): State<Arc<Gate>>, mut request: Request, next: Ne
                 %refusal,
                 "local API request refused"
             );
-            UiError(status, refusal.to_string()).into_response()
+            ApiError(status, refusal.to_string()).into_response()
         }
     };
     let headers = response.headers_mut();
@@ -150,7 +134,7 @@ async fn index() -> Response {
 async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, mime, body)) => ([(header::CONTENT_TYPE, *mime)], *body).into_response(),
-        None => UiError(StatusCode::NOT_FOUND, format!("no asset {name}")).into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, format!("no asset {name}")).into_response(),
     }
 }
 
@@ -171,7 +155,7 @@ async fn session(State(s): State<UiState>, Json(body): Json<Exchange>) -> Respon
         }
         None => {
             tracing::warn!("web UI code refused (spent, expired or unknown)");
-            UiError(
+            ApiError(
                 StatusCode::UNAUTHORIZED,
                 "this link was used already or has expired: run `kith ui` for a new one".into(),
             )
@@ -180,20 +164,29 @@ async fn session(State(s): State<UiState>, Json(body): Json<Exchange>) -> Respon
     }
 }
 
-async fn code(State(s): State<UiState>) -> Response {
-    let code = s.gate.issue_code(now_ms());
-    let url = format!("{}/#code={code}", s.base);
-    Json(json!({ "code": code, "url": url })).into_response()
+/// What `POST /v1/ui/code` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CodeView {
+    /// The one-time code.
+    pub code: String,
+    /// The page's address with the code.
+    pub url: String,
 }
 
-async fn conversations(State(s): State<UiState>) -> Result<Response, UiError> {
+async fn code(State(s): State<UiState>) -> Json<CodeView> {
+    let code = s.gate.issue_code(now_ms());
+    let url = format!("{}/#code={code}", s.base);
+    Json(CodeView { code, url })
+}
+
+async fn conversations(State(s): State<UiState>) -> Result<Response, ApiError> {
     Ok(Json(s.node.conversation_list()?).into_response())
 }
 
-async fn invite_svg(State(s): State<UiState>) -> Result<Response, UiError> {
+async fn invite_svg(State(s): State<UiState>) -> Result<Response, ApiError> {
     let invite = s.node.invite().encode();
     let code = qrcode::QrCode::new(invite.as_bytes()).map_err(|e| {
-        UiError(
+        ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the invite does not fit a QR code: {e}"),
         )
@@ -211,10 +204,10 @@ pub fn safety_payload(number: &str) -> String {
 async fn safety_svg(
     State(s): State<UiState>,
     axum::extract::Path(name): axum::extract::Path<String>,
-) -> Result<Response, UiError> {
+) -> Result<Response, ApiError> {
     let view = s.node.verify_contact(&name, false)?;
     let code = qrcode::QrCode::new(safety_payload(&view.safety_number)).map_err(|e| {
-        UiError(
+        ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the safety number does not fit a QR code: {e}"),
         )
@@ -255,32 +248,6 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
         .route("/v1/invite.svg", get(invite_svg))
         .route("/v1/contacts/{name}/verify.svg", get(safety_svg))
         .with_state(state)
-}
-
-/// `kith ui [--open]`: asks the running daemon for a one-time code and prints the page's
-/// address with it (and opens it in the browser with `--open`).
-pub async fn open(client: &crate::api::client::Client, launch: bool) -> anyhow::Result<()> {
-    let answer: serde_json::Value = client.post("/v1/ui/code", &json!({})).await?;
-    let url = answer["url"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the daemon sent no address"))?;
-    println!("{url}");
-    if launch {
-        let status = tokio::process::Command::new("xdg-open")
-            .arg(url)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .await;
-        match status {
-            Ok(s) if s.success() => eprintln!("opened in your browser (the link works once)"),
-            _ => eprintln!("could not start xdg-open: open the address above in your browser"),
-        }
-    } else {
-        eprintln!("open this address in your browser; it works once, within 2 minutes");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

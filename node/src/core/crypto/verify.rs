@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::core::{Node, NodeError};
 
 /// What `kith contact verify` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VerifyView {
     /// The contact's peer id.
     pub peer_id: String,

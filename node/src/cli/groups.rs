@@ -1,0 +1,137 @@
+//! `kith group …`: create, add, remove, promote, leave, list, info.
+
+use super::show;
+use crate::api::client::Client;
+use crate::api::groups::CreateBody;
+use crate::features::group::{ChangeKind, GroupView};
+use crate::text::for_terminal;
+use anyhow::Result;
+use clap::Subcommand;
+
+/// `kith group …`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group at your first home relay.
+    Create {
+        /// Its name.
+        name: String,
+        /// An initial member: contact name or peer id (repeatable).
+        #[arg(long = "member")]
+        member: Vec<String>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a member (admins only).
+    Add {
+        /// Group name or id.
+        group: String,
+        /// Contact name or peer id.
+        who: String,
+    },
+    /// Remove a member (admins only).
+    Remove {
+        /// Group name or id.
+        group: String,
+        /// Contact name or peer id.
+        who: String,
+    },
+    /// Make a member an admin (admins only).
+    Promote {
+        /// Group name or id.
+        group: String,
+        /// Contact name or peer id.
+        who: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// Group name or id.
+        group: String,
+    },
+    /// List your groups.
+    List {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a group's admins, members and version.
+    Info {
+        /// Group name or id.
+        group: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_info(g: &GroupView) {
+    println!(
+        "{}  {}  (version {})",
+        for_terminal(&g.name),
+        g.group_id,
+        g.version
+    );
+    for m in &g.members {
+        let who = match g.member_names.get(m) {
+            Some(name) => format!("{} ({m})", for_terminal(name)),
+            None => m.clone(),
+        };
+        let admin = if g.admins.contains(m) {
+            "  (admin)"
+        } else {
+            ""
+        };
+        println!("  {who}{admin}");
+    }
+}
+
+/// Runs one `kith group` command.
+pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
+    let (group, kind, who) = match command {
+        GroupCommand::Create { name, member, json } => {
+            let body = CreateBody {
+                name,
+                members: member,
+            };
+            return show(client.create_group(&body).await?, json, |created| {
+                println!("{}", created.group_id);
+                Ok(())
+            });
+        }
+        GroupCommand::List { json } => {
+            return show(client.groups().await?, json, |list| {
+                for g in list {
+                    let left = if g.member {
+                        ""
+                    } else {
+                        "\tnot a member any more (read-only)"
+                    };
+                    println!(
+                        "{}\t{}\t{} members{left}",
+                        for_terminal(&g.name),
+                        g.group_id,
+                        g.members.len()
+                    );
+                }
+                Ok(())
+            });
+        }
+        GroupCommand::Info { group, json } => {
+            return show(client.group(&group).await?, json, |g| {
+                print_info(&g);
+                Ok(())
+            });
+        }
+        GroupCommand::Add { group, who } => (group, ChangeKind::Add, Some(who)),
+        GroupCommand::Remove { group, who } => (group, ChangeKind::Remove, Some(who)),
+        GroupCommand::Promote { group, who } => (group, ChangeKind::Promote, Some(who)),
+        GroupCommand::Leave { group } => (group, ChangeKind::Leave, None),
+    };
+    let changed = client.change_group(&group, kind, who.as_deref()).await?;
+    if kind == ChangeKind::Leave {
+        println!("left {group}");
+    } else {
+        print_info(&changed.decode()?);
+    }
+    Ok(())
+}
