@@ -9,7 +9,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
-pub mod demo;
 pub mod features;
 pub mod health;
 pub mod identity;
@@ -232,9 +231,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .collect(),
         pid: std::process::id(),
     };
-    let json = serde_json::to_vec_pretty(&info).map_err(std::io::Error::other)?;
-    std::fs::write(config.home.join(API_FILE), json)?;
-    private::set_mode(&config.home.join(API_FILE), private::FILE_MODE)?;
+    api::write_info(&config.home.join(API_FILE), &info)?;
     tracing::info!(peer = %node.peer_id(), api = %api_addr, "node running");
     Ok(Running {
         node,

@@ -82,3 +82,30 @@ fn features_name_no_other_feature() {
         }
     }
 }
+
+#[test]
+fn only_the_api_and_the_command_line_know_their_formats() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for file in sources(&root) {
+        let relative = file.strip_prefix(&root).unwrap_or(&file);
+        let edge = relative.starts_with("api")
+            || relative.starts_with("cli")
+            || relative == Path::new("main.rs");
+        if edge {
+            continue;
+        }
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for format in ["axum::", "clap::", "serde_json::", "indicatif::"] {
+            let hits: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//") && l.contains(format))
+                .collect();
+            assert!(
+                hits.is_empty(),
+                "{} uses {format}: {hits:?}",
+                relative.display()
+            );
+        }
+    }
+}

@@ -44,6 +44,7 @@ pub mod files;
 pub mod groups;
 pub mod requests;
 pub mod ui;
+mod verify;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -376,8 +377,7 @@ pub(crate) async fn serve(
         shutdown: shutdown.clone(),
     };
     let app = routes()
-        // The safety-number routes live with the safety number itself (core/crypto/verify.rs).
-        .merge(crate::core::crypto::verify::api_routes().with_state(state.node.clone()))
+        .merge(verify::routes().with_state(state.node.clone()))
         .merge(crate::api::ui::routes(
             state.node.clone(),
             gate.clone(),
@@ -397,6 +397,13 @@ pub(crate) async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// Writes what a running daemon tells its CLI (`<home>/api.json`), readable by its owner only.
+pub(crate) fn write_info(path: &std::path::Path, info: &crate::ApiInfo) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
+    std::fs::write(path, json)?;
+    crate::private::set_mode(path, crate::private::FILE_MODE)
 }
 
 #[cfg(test)]

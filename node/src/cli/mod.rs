@@ -5,6 +5,7 @@
 pub mod args;
 pub mod chats;
 pub mod contacts;
+pub mod demo;
 pub mod files;
 pub mod groups;
 pub mod messages;
@@ -45,7 +46,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if cli.home_flag {
                 anyhow::bail!("kith demo runs in a temporary directory of its own and takes no --home; run it without");
             }
-            crate::demo::run(json).await.context("the demo failed")
+            demo::run(json).await.context("the demo failed")
         }
         Command::Ui { open } => node::ui(&daemon_client(&home)?, open).await,
         Command::Contact(command) => contacts::contact(&daemon_client(&home)?, command).await,

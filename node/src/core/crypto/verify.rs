@@ -1,9 +1,6 @@
-//! Verifying a contact: the safety number of both identity keys, whether the user marked it as
-//! compared, and the API routes `GET` / `POST /v1/contacts/{name}/verify`.
+//! Verifying a contact: the safety number of both identity keys, and whether the user marked it
+//! as compared (served by the API at `/v1/contacts/{name}/verify`).
 
-use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::core::{Node, NodeError};
@@ -52,25 +49,4 @@ impl Node {
             _ => (false, false),
         }
     }
-}
-
-async fn show(
-    State(node): State<Node>,
-    Path(name): Path<String>,
-) -> Result<Json<VerifyView>, crate::api::ApiError> {
-    Ok(Json(node.verify_contact(&name, false)?))
-}
-
-async fn mark(
-    State(node): State<Node>,
-    Path(name): Path<String>,
-) -> Result<Json<VerifyView>, crate::api::ApiError> {
-    let view = node.verify_contact(&name, true)?;
-    node.store().flush().await.map_err(NodeError::from)?;
-    Ok(Json(view))
-}
-
-/// `GET /v1/contacts/{name}/verify` shows the safety number; `POST` marks it compared.
-pub(crate) fn api_routes() -> Router<Node> {
-    Router::new().route("/v1/contacts/{name}/verify", get(show).post(mark))
 }
