@@ -121,8 +121,11 @@ impl Gateway {
 
     fn respond(&self, swarm: &mut Swarm<Behaviour>, reply: Reply, response: Response) {
         let (peer, channel, req_id) = reply;
-        if let Response::Rejected { reason, .. } = &response {
-            self.metrics.reject(reason);
+        match &response {
+            Response::Rejected { reason, .. } => self.metrics.reject(reason),
+            // Logged at debug only (strangers can send them by the thousand): counted here.
+            Response::Refused { .. } => self.metrics.limit_hit("group_op_refused"),
+            _ => {}
         }
         if !requests::respond(&mut swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "group requester went away before its answer");
