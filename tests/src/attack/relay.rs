@@ -215,21 +215,7 @@ impl Relay {
 
     /// CPU time spent so far, user and system together.
     pub fn cpu(&self) -> Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the command name (which may hold spaces) start at field 3.
-        let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|v| v.parse().ok())
-                .context("malformed /proc stat")
-        };
-        // utime and stime are fields 14 and 15, that is 11 and 12 after the name.
-        let total = ticks(11)? + ticks(12)?;
-        Ok(Duration::from_secs_f64(
-            total as f64 / clock_ticks_per_sec(),
-        ))
+        cpu_of(self.pid())
     }
 
     /// Bytes the data directory takes on disk (allocated blocks, log included).
@@ -282,6 +268,25 @@ fn refusals_in(text: &str) -> u64 {
 }
 
 /// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time.
+/// CPU time that process `pid` has spent so far, user and system together.
+pub fn cpu_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .context("malformed /proc stat")
+    };
+    // utime and stime are fields 14 and 15, that is 11 and 12 after the name.
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_secs_f64(
+        total as f64 / clock_ticks_per_sec(),
+    ))
+}
+
 fn clock_ticks_per_sec() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
