@@ -147,6 +147,12 @@ pub struct Config {
     pub group_ops_per_sec_per_peer: u32,
     /// Groups: membership operations a peer may submit in a burst.
     pub group_op_burst_per_peer: u32,
+    /// Groups: sustained group creations per second, all peers together (identities are free,
+    /// and each new one gets `group_op_burst_per_peer`); beyond it a creation is answered
+    /// `Busy` and counted as `limit_hits{limit="group_creation_rate"}`.
+    pub group_creations_per_sec: u32,
+    /// Groups: creations in a burst above the sustained rate, all peers together.
+    pub group_creation_burst: u32,
     /// Groups: requests queued for the group service before new ones are answered `Busy`.
     pub max_pending_group_requests: usize,
 
@@ -220,6 +226,8 @@ impl Default for Config {
             max_gossip_topics_per_peer: 10_000,
             group_ops_per_sec_per_peer: 2,
             group_op_burst_per_peer: 60,
+            group_creations_per_sec: 5,
+            group_creation_burst: 50,
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
@@ -357,6 +365,12 @@ impl Config {
         }
         if self.max_group_members == 0 {
             return invalid("max_group_members", "must be above 0");
+        }
+        if self.group_creations_per_sec == 0 || self.group_creation_burst == 0 {
+            return invalid(
+                "group_creations_per_sec",
+                "group creation limits must be above 0",
+            );
         }
         if self.group_ops_per_sec_per_peer == 0 || self.group_op_burst_per_peer == 0 {
             return invalid(

@@ -281,6 +281,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             busy_retry_after_ms: config.busy_retry_after_ms,
             ops_per_sec_per_peer: config.group_ops_per_sec_per_peer,
             op_burst_per_peer: config.group_op_burst_per_peer,
+            creations_per_sec: config.group_creations_per_sec,
+            creation_burst: config.group_creation_burst,
             clock: config.clock.clone(),
         },
     );

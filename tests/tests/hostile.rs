@@ -573,6 +573,58 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
     Ok(())
 }
 
+/// Fresh identities each get a burst of group operations of their own, and creating a group is
+/// how they start: creations have a relay-wide rate, refused before anything is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
+    use kith_protocol::group::{self, Change, Op, Request, Response};
+    use kith_protocol::Reject;
+    use std::collections::BTreeSet;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.group_creations_per_sec = 1;
+    config.group_creation_burst = 3;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let victim = PeerId::random();
+    let mut applied = 0;
+    let mut busy = 0;
+    // One peer, well within its own burst: only the relay-wide rate refuses.
+    let mut peer = kith_tests::RawPeer::new()?;
+    for i in 0..10 {
+        let op = Op {
+            group: kith_protocol::GroupId::random(),
+            version: 0,
+            change: Change::Create {
+                name: format!("spam {i}"),
+                relay: addr.to_string(),
+                members: BTreeSet::from([victim]),
+            },
+        };
+        let op = group::seal_op(&peer.key, op, 1)?;
+        match peer
+            .group(relay.peer_id, &addr, Request::Submit { req_id: 1, op })
+            .await?
+        {
+            Response::Applied { .. } => applied += 1,
+            Response::Rejected {
+                reason: Reject::Busy { retry_after_ms },
+                ..
+            } => {
+                assert_eq!(retry_after_ms, 1_000);
+                busy += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // The burst of 3, and at most a few more as the bucket refills during the test.
+    assert!((3..8).contains(&applied), "{applied} applied");
+    assert_eq!(relay.metrics().limit_hits("group_creation_rate"), busy);
+    relay.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_members_read_a_groups_chain() -> anyhow::Result<()> {
     use kith_protocol::group::{OpError, Request, Response};
