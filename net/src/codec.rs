@@ -11,12 +11,14 @@
 //! twice what it sent plus one step per stream. Every byte of a frame being read is counted in
 //! [`buffered_bytes`] (process-wide) and in the codec's [`Budget`], if it has one: a relay gives
 //! all its streams one budget, and a frame that would take it past its cap is refused with
-//! `Busy` before more is read.
+//! `Busy` before more is read. A budget may give each connection a reserve of its own and a cap
+//! (see [`Budget::with_connection_shares`]), so that one peer's claims cannot starve another's
+//! frames.
 
 use std::io;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use kith_protocol::limits::FRAME_HEADER_BYTES;
@@ -98,19 +100,39 @@ pub fn buffered_bytes() -> usize {
 
 /// A cap on the bytes that frames being read may hold together, shared by every stream of the
 /// codecs that carry it (clones share the count).
+///
+/// A budget may also be split among connections ([`Budget::with_connection_shares`] and
+/// [`Budget::for_connection`]): each connection then has a reserve of its own that no other
+/// connection can spend, so a peer holding many streams with large claims cannot starve another
+/// connection's small frames, and a cap on what one connection may hold, reserve included, so
+/// that spending the shared pool takes many connections. The memory held is then at most the
+/// shared cap plus one reserve per open connection.
 #[derive(Debug, Clone)]
 pub struct Budget {
     inner: Arc<BudgetInner>,
+    connection: Option<Arc<Connection>>,
 }
 
 #[derive(Debug)]
 struct BudgetInner {
     max_bytes: usize,
     retry_after_ms: u64,
+    reserved_per_connection: usize,
+    max_per_connection: usize,
+    /// Bytes held from the shared pool.
     held: AtomicUsize,
+    /// Bytes held from connections' reserves.
+    reserved_held: AtomicUsize,
     frames: AtomicUsize,
     peak: AtomicUsize,
     refused: AtomicU64,
+    refused_connection_cap: AtomicU64,
+}
+
+/// One connection's share: the bytes its frames hold, reserve and pool together.
+#[derive(Debug, Default)]
+struct Connection {
+    held: Mutex<usize>,
 }
 
 impl Budget {
@@ -121,17 +143,66 @@ impl Budget {
             inner: Arc::new(BudgetInner {
                 max_bytes,
                 retry_after_ms,
+                reserved_per_connection: 0,
+                max_per_connection: usize::MAX,
                 held: AtomicUsize::new(0),
+                reserved_held: AtomicUsize::new(0),
                 frames: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
                 refused: AtomicU64::new(0),
+                refused_connection_cap: AtomicU64::new(0),
             }),
+            connection: None,
         }
     }
 
-    /// Bytes held now.
+    /// The same budget where each connection's frames (those read through a
+    /// [`Budget::for_connection`] handle) first use `reserved_bytes` of their own, outside the
+    /// shared cap, and hold at most `max_per_connection_bytes` in all. Call before any clone:
+    /// clones made earlier keep the settings they were made with.
+    pub fn with_connection_shares(
+        mut self,
+        reserved_bytes: usize,
+        max_per_connection_bytes: usize,
+    ) -> Self {
+        let inner = &self.inner;
+        self.inner = Arc::new(BudgetInner {
+            max_bytes: inner.max_bytes,
+            retry_after_ms: inner.retry_after_ms,
+            reserved_per_connection: reserved_bytes,
+            max_per_connection: max_per_connection_bytes,
+            held: AtomicUsize::new(0),
+            reserved_held: AtomicUsize::new(0),
+            frames: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            refused_connection_cap: AtomicU64::new(0),
+        });
+        self
+    }
+
+    /// A handle on the same budget for one more connection: frames read through it (and its
+    /// clones) share that connection's reserve and cap.
+    pub fn for_connection(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            connection: Some(Arc::new(Connection::default())),
+        }
+    }
+
+    /// Bytes held now, shared pool and connections' reserves together.
     pub fn held_bytes(&self) -> usize {
-        self.inner.held.load(Ordering::Relaxed)
+        self.inner.held.load(Ordering::Relaxed) + self.reserved_bytes()
+    }
+
+    /// Bytes held now from connections' reserves (outside the shared cap).
+    pub fn reserved_bytes(&self) -> usize {
+        self.inner.reserved_held.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held now by this handle's connection (0 for a handle of no connection).
+    pub fn connection_bytes(&self) -> usize {
+        self.connection.as_ref().map_or(0, |c| *lock(&c.held))
     }
 
     /// Frames being read that hold bytes now (their header has arrived).
@@ -139,14 +210,19 @@ impl Budget {
         self.inner.frames.load(Ordering::Relaxed)
     }
 
-    /// The most bytes held at once so far.
+    /// The most bytes held from the shared pool at once so far.
     pub fn peak_bytes(&self) -> usize {
         self.inner.peak.load(Ordering::Relaxed)
     }
 
-    /// Frames refused because the budget was spent.
+    /// Frames refused because the shared budget was spent.
     pub fn refused(&self) -> u64 {
         self.inner.refused.load(Ordering::Relaxed)
+    }
+
+    /// Frames refused because their connection held its most already.
+    pub fn refused_for_connection_cap(&self) -> u64 {
+        self.inner.refused_connection_cap.load(Ordering::Relaxed)
     }
 
     /// The cap.
@@ -154,7 +230,11 @@ impl Budget {
         self.inner.max_bytes
     }
 
-    fn try_take(&self, bytes: usize) -> bool {
+    /// Takes `bytes` from the shared pool alone.
+    fn try_take_shared(&self, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
         let inner = &self.inner;
         let taken = inner
             .held
@@ -173,9 +253,58 @@ impl Budget {
         }
     }
 
-    fn give_back(&self, bytes: usize) {
-        self.inner.held.fetch_sub(bytes, Ordering::Relaxed);
+    fn try_take(&self, bytes: usize) -> bool {
+        let Some(connection) = &self.connection else {
+            return self.try_take_shared(bytes);
+        };
+        let inner = &self.inner;
+        // One lock per connection keeps its split between reserve and pool exact: the pool
+        // holds whatever the connection holds beyond its reserve.
+        let mut held = lock(&connection.held);
+        let after = match held.checked_add(bytes) {
+            Some(after) if after <= inner.max_per_connection => after,
+            _ => {
+                inner.refused_connection_cap.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
+        let (reserve, shared) = split(*held, after, inner.reserved_per_connection);
+        if !self.try_take_shared(shared) {
+            return false;
+        }
+        inner.reserved_held.fetch_add(reserve, Ordering::Relaxed);
+        *held = after;
+        true
     }
+
+    fn give_back(&self, bytes: usize) {
+        let Some(connection) = &self.connection else {
+            self.inner.held.fetch_sub(bytes, Ordering::Relaxed);
+            return;
+        };
+        let mut held = lock(&connection.held);
+        let after = held.saturating_sub(bytes);
+        let (reserve, shared) = split(after, *held, self.inner.reserved_per_connection);
+        self.inner.held.fetch_sub(shared, Ordering::Relaxed);
+        self.inner
+            .reserved_held
+            .fetch_sub(reserve, Ordering::Relaxed);
+        *held = after;
+    }
+}
+
+/// How the bytes between `from` and `to` (a connection's holding, `from` ≤ `to`) divide between
+/// its reserve of `reserved` bytes (filled first) and the shared pool.
+fn split(from: usize, to: usize, reserved: usize) -> (usize, usize) {
+    let reserve = to.min(reserved).saturating_sub(from.min(reserved));
+    (reserve, to - from - reserve)
+}
+
+/// The lock's value even if a thread panicked holding it: a count stays a count.
+fn lock(mutex: &Mutex<usize>) -> std::sync::MutexGuard<'_, usize> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The bytes a frame being read holds, counted process-wide and against its budget until the
@@ -526,6 +655,105 @@ mod tests {
             })
         ));
         assert_eq!(budget.refused(), 1);
+    }
+
+    /// Reads, through `codec`, a frame claiming `dm::MAX_FRAME_BYTES` of which 10 bytes arrive:
+    /// the read stalls and holds its bytes until the future is dropped.
+    async fn hold_large_claim(mut codec: crate::DmCodec) -> io::Result<Message<dm::Request>> {
+        let mut claim = (dm::MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+        claim.extend(std::iter::repeat_n(1u8, 10));
+        let mut stalls = Stalls(Cursor::new(claim));
+        codec.read_request(&proto(), &mut stalls).await
+    }
+
+    /// Reads one small, complete (undecodable) frame through `codec`.
+    fn read_small(codec: &mut crate::DmCodec) -> Message<dm::Request> {
+        let framed = frame::encode(&[0xff; 400], 1024).expect("frame");
+        futures::executor::block_on(codec.read_request(&proto(), &mut Cursor::new(framed)))
+            .expect("read")
+    }
+
+    #[test]
+    fn a_connections_reserve_is_read_when_others_spent_the_shared_budget() {
+        let relay =
+            Budget::new(READ_STEP_BYTES - 4096, 750).with_connection_shares(4096, usize::MAX);
+        let hostile = relay.for_connection();
+        let a = crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(hostile.clone());
+        let mut c = a.clone();
+        // Its first claim takes the reserve and the rest of its step, the whole pool, from the
+        // pool; its second claim and its small frame find the pool spent.
+        let mut first = Box::pin(hold_large_claim(a.clone()));
+        assert!(futures::FutureExt::now_or_never(&mut first).is_none());
+        assert_eq!(relay.reserved_bytes(), 4096);
+        let mut second = Box::pin(hold_large_claim(a.clone()));
+        assert!(matches!(
+            futures::FutureExt::now_or_never(&mut second),
+            Some(Ok(Message::Invalid {
+                reason: Reject::Busy { .. },
+                ..
+            }))
+        ));
+        assert!(matches!(
+            read_small(&mut c),
+            Message::Invalid {
+                reason: Reject::Busy { .. },
+                ..
+            }
+        ));
+        // Another connection's small frame is read from its own reserve.
+        let mut honest =
+            crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(relay.for_connection());
+        assert!(matches!(
+            read_small(&mut honest),
+            Message::Invalid {
+                reason: Reject::Malformed,
+                ..
+            }
+        ));
+        assert_eq!(relay.refused(), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(relay.held_bytes(), 0);
+        assert_eq!(relay.reserved_bytes(), 0);
+        assert_eq!(hostile.connection_bytes(), 0);
+    }
+
+    #[test]
+    fn one_connection_holds_at_most_its_cap() {
+        let relay = Budget::new(usize::MAX, 750).with_connection_shares(0, READ_STEP_BYTES + 100);
+        let a = crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(relay.for_connection());
+        let mut first = Box::pin(hold_large_claim(a.clone()));
+        assert!(futures::FutureExt::now_or_never(&mut first).is_none());
+        let mut second = Box::pin(hold_large_claim(a.clone()));
+        assert!(matches!(
+            futures::FutureExt::now_or_never(&mut second),
+            Some(Ok(Message::Invalid {
+                reason: Reject::Busy { .. },
+                ..
+            }))
+        ));
+        assert_eq!(relay.refused_for_connection_cap(), 1);
+        assert_eq!(relay.refused(), 0);
+        let mut other =
+            crate::DmCodec::new(dm::MAX_FRAME_BYTES).with_budget(relay.for_connection());
+        assert!(matches!(
+            read_small(&mut other),
+            Message::Invalid {
+                reason: Reject::Malformed,
+                ..
+            }
+        ));
+        drop(first);
+        assert_eq!(relay.held_bytes(), 0);
+    }
+
+    #[test]
+    fn the_split_between_reserve_and_pool_is_exact() {
+        assert_eq!(split(0, 10, 4), (4, 6));
+        assert_eq!(split(2, 3, 4), (1, 0));
+        assert_eq!(split(5, 9, 4), (0, 4));
+        assert_eq!(split(3, 3, 4), (0, 0));
+        assert_eq!(split(0, 10, 0), (0, 10));
     }
 
     #[tokio::test]

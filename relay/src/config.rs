@@ -39,6 +39,14 @@ pub struct Config {
     /// included. A frame's buffer grows as its bytes arrive; one that would pass this is
     /// answered `Busy` (after `busy_retry_after_ms`).
     pub read_buffer_budget_bytes: usize,
+    /// Requests: bytes of request frames each connection may hold outside
+    /// `read_buffer_budget_bytes`, its own reserve: however much other connections hold, a
+    /// connection's small requests are still read. Costs at most this much per open connection.
+    pub read_buffer_reserved_per_connection_bytes: usize,
+    /// Requests: most bytes that the request frames of one connection may hold together, its
+    /// reserve included; a frame that would pass it is answered `Busy` and counted as
+    /// `limit_hits{limit="read_buffer_per_connection"}`.
+    pub read_buffer_max_per_connection_bytes: usize,
 
     /// Circuit relay: most reservations held at once.
     pub max_reservations: usize,
@@ -78,8 +86,10 @@ pub struct Config {
     /// The store's page cache (sled's `cache_capacity`), in bytes: what the relay keeps of its
     /// database in memory, so memory does not grow with what is stored.
     pub store_cache_bytes: u64,
-    /// Mailbox: most stored bytes in all mailboxes together (the mailbox's disk budget); a
-    /// deposit beyond it is refused `QuotaExceeded` with `mailbox_full_retry_after_ms`.
+    /// Mailbox: most bytes all mailboxes together may take on disk (the mailbox's disk budget),
+    /// as the store's files take them (`mailbox::store::on_disk`: about twice the records'
+    /// bytes plus 3 KiB per entry); a deposit beyond it is refused `QuotaExceeded` with
+    /// `mailbox_full_retry_after_ms`.
     pub mailbox_budget_bytes: u64,
     /// Mailbox: most delivered message ids remembered per recipient (each until its entry's
     /// `mailbox_ttl_secs` ends), so that a replay of a delivered envelope is answered as
@@ -137,6 +147,12 @@ pub struct Config {
     pub group_ops_per_sec_per_peer: u32,
     /// Groups: membership operations a peer may submit in a burst.
     pub group_op_burst_per_peer: u32,
+    /// Groups: sustained group creations per second, all peers together (identities are free,
+    /// and each new one gets `group_op_burst_per_peer`); beyond it a creation is answered
+    /// `Busy` and counted as `limit_hits{limit="group_creation_rate"}`.
+    pub group_creations_per_sec: u32,
+    /// Groups: creations in a burst above the sustained rate, all peers together.
+    pub group_creation_burst: u32,
     /// Groups: requests queued for the group service before new ones are answered `Busy`.
     pub max_pending_group_requests: usize,
 
@@ -169,6 +185,8 @@ impl Default for Config {
             max_pending_incoming_connections: 256,
             max_streams_per_connection: 256,
             read_buffer_budget_bytes: 64 * 1024 * 1024,
+            read_buffer_reserved_per_connection_bytes: 16 * 1024,
+            read_buffer_max_per_connection_bytes: 4 * 1024 * 1024,
             max_reservations: 10_000,
             max_reservations_per_peer: 4,
             reservation_duration_secs: 3600,
@@ -208,6 +226,8 @@ impl Default for Config {
             max_gossip_topics_per_peer: 10_000,
             group_ops_per_sec_per_peer: 2,
             group_op_burst_per_peer: 60,
+            group_creations_per_sec: 5,
+            group_creation_burst: 50,
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
@@ -310,6 +330,12 @@ impl Config {
                 "must hold at least one mailbox request (67584 bytes)",
             );
         }
+        if self.read_buffer_max_per_connection_bytes < kith_protocol::blob::MAX_FRAME_BYTES {
+            return invalid(
+                "read_buffer_max_per_connection_bytes",
+                "must hold at least one blob request (the largest request frame)",
+            );
+        }
         if self.mailbox_ttl_secs == 0 {
             return invalid("mailbox_ttl_secs", "must be above 0");
         }
@@ -339,6 +365,12 @@ impl Config {
         }
         if self.max_group_members == 0 {
             return invalid("max_group_members", "must be above 0");
+        }
+        if self.group_creations_per_sec == 0 || self.group_creation_burst == 0 {
+            return invalid(
+                "group_creations_per_sec",
+                "group creation limits must be above 0",
+            );
         }
         if self.group_ops_per_sec_per_peer == 0 || self.group_op_burst_per_peer == 0 {
             return invalid(

@@ -193,7 +193,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // still here is stale (a crash); nobody should read its addresses until ours are up.
     state_file::remove(&data_dir)?;
     let read_budget =
-        kith_net::codec::Budget::new(config.read_buffer_budget_bytes, config.busy_retry_after_ms);
+        kith_net::codec::Budget::new(config.read_buffer_budget_bytes, config.busy_retry_after_ms)
+            .with_connection_shares(
+                config.read_buffer_reserved_per_connection_bytes,
+                config.read_buffer_max_per_connection_bytes,
+            );
     let metrics = Metrics::new().with_read_budget(read_budget.clone());
 
     let mut swarm = swarm::build(keypair, &config, read_budget)?;
@@ -277,6 +281,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             busy_retry_after_ms: config.busy_retry_after_ms,
             ops_per_sec_per_peer: config.group_ops_per_sec_per_peer,
             op_burst_per_peer: config.group_op_burst_per_peer,
+            creations_per_sec: config.group_creations_per_sec,
+            creation_burst: config.group_creation_burst,
             clock: config.clock.clone(),
         },
     );

@@ -280,10 +280,19 @@ impl Metrics {
         };
         self.read_buffer_bytes
             .set(i64::try_from(budget.held_bytes()).unwrap_or(i64::MAX));
-        let counter = self.limit_hits.get_or_create(&LimitLabels {
-            limit: "read_buffer_budget".to_owned(),
-        });
-        counter.inc_by(budget.refused().saturating_sub(counter.get()));
+        // One family guard at a time: creating a label takes the family's write lock.
+        for (limit, refused) in [
+            ("read_buffer_budget", budget.refused()),
+            (
+                "read_buffer_per_connection",
+                budget.refused_for_connection_cap(),
+            ),
+        ] {
+            let counter = self.limit_hits.get_or_create(&LimitLabels {
+                limit: limit.to_owned(),
+            });
+            counter.inc_by(refused.saturating_sub(counter.get()));
+        }
     }
 
     /// Counts one request shed in `class` (also counted as a `busy` reject).

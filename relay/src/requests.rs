@@ -43,7 +43,10 @@ pub fn behaviour(budget: Budget, max_streams_per_connection: usize) -> Behaviour
     .map(|name| (StreamProtocol::new(name), ProtocolSupport::Inbound));
     let outbound = (StreamProtocol::new(dm::PROTOCOL), ProtocolSupport::Outbound);
     request_response::Behaviour::with_codec(
-        Codec { budget },
+        Codec {
+            budget,
+            connection: false,
+        },
         inbound.into_iter().chain([outbound]),
         kith_net::request_response_config().with_max_concurrent_streams(max_streams_per_connection),
     )
@@ -303,10 +306,32 @@ impl Event {
 
 /// Reads and writes each stream with the codec of the protocol negotiated on it. Each
 /// protocol's requests have a limit sized to what they carry (a mailbox or group request holds
-/// one envelope), and every frame read counts against the relay's one [`Budget`].
-#[derive(Debug, Clone)]
+/// one envelope), and every frame read counts against the relay's one [`Budget`], within its
+/// connection's share of it.
+///
+/// The codec learns its connection from how `request_response` clones it: the behaviour's codec
+/// is cloned once for each new connection (into that connection's handler), and the handler's
+/// codec once per stream. So a clone of the behaviour's codec takes a fresh connection share
+/// ([`Budget::for_connection`]), and a clone of a connection's codec keeps its share.
+#[derive(Debug)]
 pub struct Codec {
     budget: Budget,
+    /// Whether this is a connection's codec (else the behaviour's own).
+    connection: bool,
+}
+
+impl Clone for Codec {
+    fn clone(&self) -> Self {
+        let budget = if self.connection {
+            self.budget.clone()
+        } else {
+            self.budget.for_connection()
+        };
+        Self {
+            budget,
+            connection: true,
+        }
+    }
 }
 
 impl Codec {

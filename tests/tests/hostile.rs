@@ -155,8 +155,9 @@ async fn a_spent_read_budget_answers_busy_and_counts_it() -> anyhow::Result<()> 
     init_logs();
     let dir = tempfile::tempdir()?;
     let mut config = kith_relay::Config::ephemeral(dir.path());
-    // Room for 8 streams' first steps.
+    // Room for 8 streams' first steps, and no reserve per connection.
     config.read_buffer_budget_bytes = 8 * READ_STEP_BYTES;
+    config.read_buffer_reserved_per_connection_bytes = 0;
     let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
     let attackers = (0..10)
@@ -178,6 +179,81 @@ async fn a_spent_read_budget_answers_busy_and_counts_it() -> anyhow::Result<()> 
     )));
     assert!(relay.metrics().read_buffer_held() <= 8 * READ_STEP_BYTES);
     drop(_held);
+    drop(attackers);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+/// Peers holding many streams with large claims spend the shared read budget, yet another
+/// connection's deposit is read from that connection's own reserve: its sender is not starved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_claims_of_other_connections_do_not_starve_a_small_deposit() -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, MessageId};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    // Room in the shared budget for 5 streams' first steps, no more; each connection has a
+    // reserve of one step, which an attacker's first stream takes.
+    config.read_buffer_budget_bytes = 5 * READ_STEP_BYTES;
+    config.read_buffer_reserved_per_connection_bytes = READ_STEP_BYTES;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let attackers = (0..10)
+        .map(|_| Attacker::connect(&addr))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut held = Vec::new();
+    // Claims until the shared budget refuses some: each attacker holds its streams, then opens
+    // more.
+    for _ in 0..4 {
+        held.extend(
+            hold_streams(
+                &attackers,
+                relay.peer_id,
+                &trickle(mailbox::MAX_REQUEST_BYTES, 100),
+            )
+            .await?,
+        );
+    }
+    wait_for("the shared budget to refuse claims", || async {
+        (relay.metrics().limit_hits("read_buffer_budget") > 0).then_some(())
+    })
+    .await?;
+    let refused = relay.metrics().limit_hits("read_buffer_budget");
+
+    let mut honest = kith_tests::RawPeer::new()?;
+    let envelope = Envelope::seal(
+        &honest.key,
+        Header {
+            id: MessageId::random(),
+            to: Destination::Peer(PeerId::random()),
+            sent_at_ms: 1,
+            lamport: 1,
+            expires_at_ms: None,
+        },
+        &Body::Chat {
+            text: "hello".into(),
+        },
+    )?;
+    let answer = honest
+        .mailbox(
+            relay.peer_id,
+            &addr,
+            kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+                req_id: 1,
+                envelope,
+                class: mailbox::DepositClass::Message,
+            }),
+        )
+        .await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+    // The attackers still hold the shared budget: the deposit did not find room in it.
+    assert!(relay.metrics().read_buffer_held() >= 5 * READ_STEP_BYTES);
+    assert!(relay.metrics().limit_hits("read_buffer_budget") >= refused);
+    drop(held);
     drop(attackers);
     relay.shutdown().await?;
     Ok(())
@@ -495,6 +571,58 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
         (member(carol_id) >= Some(MessageState::Sent)).then_some(())
     })
     .await?;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+/// Fresh identities each get a burst of group operations of their own, and creating a group is
+/// how they start: creations have a relay-wide rate, refused before anything is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
+    use kith_protocol::group::{self, Change, Op, Request, Response};
+    use kith_protocol::Reject;
+    use std::collections::BTreeSet;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.group_creations_per_sec = 1;
+    config.group_creation_burst = 3;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let victim = PeerId::random();
+    let mut applied = 0;
+    let mut busy = 0;
+    // One peer, well within its own burst: only the relay-wide rate refuses.
+    let mut peer = kith_tests::RawPeer::new()?;
+    for i in 0..10 {
+        let op = Op {
+            group: kith_protocol::GroupId::random(),
+            version: 0,
+            change: Change::Create {
+                name: format!("spam {i}"),
+                relay: addr.to_string(),
+                members: BTreeSet::from([victim]),
+            },
+        };
+        let op = group::seal_op(&peer.key, op, 1)?;
+        match peer
+            .group(relay.peer_id, &addr, Request::Submit { req_id: 1, op })
+            .await?
+        {
+            Response::Applied { .. } => applied += 1,
+            Response::Rejected {
+                reason: Reject::Busy { retry_after_ms },
+                ..
+            } => {
+                assert_eq!(retry_after_ms, 1_000);
+                busy += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // The burst of 3, and at most a few more as the bucket refills during the test.
+    assert!((3..8).contains(&applied), "{applied} applied");
+    assert_eq!(relay.metrics().limit_hits("group_creation_rate"), busy);
     relay.shutdown().await?;
     Ok(())
 }

@@ -119,7 +119,9 @@ impl Server {
         match request {
             Request::Begin { size, .. } => {
                 let response = if size > self.settings.max_file_bytes {
-                    tracing::info!(%peer, size, "refusing a file above the size limit");
+                    // Counted in `kith_relay_rejects_total`; fresh identities would get past a
+                    // per-peer log limiter.
+                    tracing::debug!(%peer, size, "refusing a file above the size limit");
                     reject(
                         req_id,
                         Reject::TooLarge {
@@ -127,7 +129,7 @@ impl Server {
                         },
                     )
                 } else if !store.has_room(&peer, size) {
-                    tracing::info!(%peer, size, "refusing a file over the uploader's quota");
+                    tracing::debug!(%peer, size, "refusing a file over the uploader's quota");
                     reject(req_id, Reject::QuotaExceeded)
                 } else {
                     Response::Ready { req_id }

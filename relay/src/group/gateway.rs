@@ -18,7 +18,7 @@ use kith_protocol::{cbor, mailbox, Destination, Envelope, GroupId, PeerId, Rejec
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::Swarm;
 
-use crate::mailbox::rate::RateLimiter;
+use crate::mailbox::rate::{RateLimiter, TokenBucket};
 
 use super::service::{self, Announce};
 use super::Directory;
@@ -63,6 +63,10 @@ pub struct Settings {
     pub ops_per_sec_per_peer: u32,
     /// Membership operations a peer may submit in a burst.
     pub op_burst_per_peer: u32,
+    /// Sustained group creations per second, all peers together.
+    pub creations_per_sec: u32,
+    /// Group creations in a burst, all peers together.
+    pub creation_burst: u32,
     /// The clock (for expiry).
     pub clock: Clock,
 }
@@ -77,6 +81,9 @@ pub struct Gateway {
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
     /// Membership operations per peer.
     ops: RateLimiter,
+    /// Group creations, all peers together: a fresh identity gets a burst of `ops` of its own,
+    /// and creating a group is how it starts spending it.
+    creations: TokenBucket,
 }
 
 impl Gateway {
@@ -94,6 +101,7 @@ impl Gateway {
             mailbox,
             metrics,
             ops: RateLimiter::new(settings.ops_per_sec_per_peer, settings.op_burst_per_peer),
+            creations: TokenBucket::full(settings.creation_burst, settings.clock.now_ms()),
             settings,
             pending: FuturesUnordered::new(),
         }
@@ -121,8 +129,11 @@ impl Gateway {
 
     fn respond(&self, swarm: &mut Swarm<Behaviour>, reply: Reply, response: Response) {
         let (peer, channel, req_id) = reply;
-        if let Response::Rejected { reason, .. } = &response {
-            self.metrics.reject(reason);
+        match &response {
+            Response::Rejected { reason, .. } => self.metrics.reject(reason),
+            // Logged at debug only (strangers can send them by the thousand): counted here.
+            Response::Refused { .. } => self.metrics.limit_hit("group_op_refused"),
+            _ => {}
         }
         if !requests::respond(&mut swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "group requester went away before its answer");
@@ -177,6 +188,14 @@ impl Gateway {
                 };
                 self.respond(swarm, reply, Response::Rejected { req_id, reason });
             }
+            Request::Submit { ref op, .. } if !self.may_create(op) => {
+                self.metrics.limit_hit("group_creation_rate");
+                tracing::debug!(%peer, "group creation over the relay's rate");
+                let reason = Reject::Busy {
+                    retry_after_ms: 1_000 / u64::from(self.settings.creations_per_sec.max(1)),
+                };
+                self.respond(swarm, reply, Response::Rejected { req_id, reason });
+            }
             request => match self.service.try_request(peer, request) {
                 Ok(rx) => self.pending.push(Box::pin(async move {
                     Done::Answer {
@@ -187,6 +206,23 @@ impl Gateway {
                 Err(service::Busy) => self.busy(swarm, Some(reply)),
             },
         }
+    }
+
+    /// Whether an operation may go on to the service as far as the relay-wide creation rate
+    /// goes: one for a group this relay does not host (a creation, or refused later as
+    /// unknown) takes a token; others pass. Checked before the signature: the cheap refusal.
+    fn may_create(&mut self, op: &Envelope) -> bool {
+        let Destination::Group(group) = op.to else {
+            return true;
+        };
+        if self.directory.get(&group).is_some() {
+            return true;
+        }
+        self.creations.try_take(
+            self.settings.creation_burst,
+            self.settings.creations_per_sec,
+            self.settings.clock.now_ms(),
+        )
     }
 
     fn busy(&self, swarm: &mut Swarm<Behaviour>, reply: Option<Reply>) {

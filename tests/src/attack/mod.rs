@@ -118,6 +118,9 @@ pub struct Row {
     pub log_bytes: u64,
     /// Relay CPU time during the attack, seconds.
     pub cpu_secs: f64,
+    /// CPU time of the benchmark's own process (attackers and honest pair, which share the
+    /// machine's cores with the relay) during the attack, seconds.
+    pub bench_cpu_secs: f64,
     /// Requests and connections the relay refused during the attack.
     pub refused: u64,
     /// Requests, streams and connections the attackers attempted.
@@ -236,15 +239,15 @@ impl Report {
         let b = &self.baseline;
         let _ = writeln!(
             md,
-            "| attack | attempted | relay RSS growth (≤ {} MiB) | honest deposit p99 (≤ 2× baseline) | honest lost / not stored (0 / 0) | disk incl. log (≤ {} + log) | relay CPU; per refused request | recover (p99 ≤ {}× baseline) |",
+            "| attack | attempted | relay RSS growth (≤ {} MiB) | honest deposit p99 (≤ 2× baseline) | honest lost / not stored (0 / 0) | disk incl. log (≤ {} + log) | relay CPU; per refused request | recover (p99 ≤ {}× baseline) | bench CPU (attackers + honest) |",
             targets::RSS_GROWTH_MIB,
             mib(self.disk_budget_bytes),
             targets::RECOVERED_RATIO
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
         let _ = writeln!(
             md,
-            "| baseline (no attack) | — | {:.1} MiB (of {:.0}) | {:.1} ms ({} deposits) | {} / {} | {} (log {}) | {:.2} s | — |",
+            "| baseline (no attack) | — | {:.1} MiB (of {:.0}) | {:.1} ms ({} deposits) | {} / {} | {} (log {}) | {:.2} s | — | {:.2} s |",
             b.rss_growth_mib,
             b.rss_before_mib,
             b.honest_p99_ms,
@@ -253,7 +256,8 @@ impl Report {
             b.honest_not_stored,
             mib(b.disk_bytes),
             mib(b.log_bytes),
-            b.cpu_secs
+            b.cpu_secs,
+            b.bench_cpu_secs
         );
         for row in &self.attacks {
             let checks = self.checks(row);
@@ -267,7 +271,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s |",
                 row.attack,
                 row.attempted,
                 cell(0),
@@ -275,7 +279,8 @@ impl Report {
                 cell(2),
                 cell(3),
                 cell(4),
-                cell(5)
+                cell(5),
+                row.bench_cpu_secs
             );
         }
         md
@@ -371,6 +376,7 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
 
     let rss_before = relay.rss_kib()?;
     let cpu_before = relay.cpu()?;
+    let bench_cpu_before = relay::cpu_of(std::process::id())?;
     let refused_before = relay.refused().await?;
     let counters = Arc::new(Counters::default());
     let mut tasks = JoinSet::new();
@@ -386,6 +392,7 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
     tasks.shutdown().await;
     let stopped = Instant::now();
     let cpu = relay.cpu()?.saturating_sub(cpu_before);
+    let bench_cpu = relay::cpu_of(std::process::id())?.saturating_sub(bench_cpu_before);
     let refused = relay.refused().await?.saturating_sub(refused_before);
     rss_peak = rss_peak.max(relay.rss_kib()?);
     let (p99, tried, refusals_during) = {
@@ -453,6 +460,7 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
         disk_bytes: relay.disk_bytes(),
         log_bytes: relay.log_bytes(),
         cpu_secs: cpu.as_secs_f64(),
+        bench_cpu_secs: bench_cpu.as_secs_f64(),
         refused,
         attempted: counters.sent.load(Ordering::Relaxed),
         recover_ms,

@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_streams_per_connection: usize,
     /// `read_buffer_budget_bytes`.
     pub read_buffer_budget_bytes: usize,
+    /// `read_buffer_reserved_per_connection_bytes`.
+    pub read_buffer_reserved_per_connection_bytes: usize,
+    /// `read_buffer_max_per_connection_bytes`.
+    pub read_buffer_max_per_connection_bytes: usize,
     /// `mailbox_max_messages` (per recipient).
     pub mailbox_max_messages: u64,
     /// `mailbox_max_bytes` (per recipient).
@@ -46,6 +50,10 @@ pub struct Limits {
     pub group_ops_per_sec_per_peer: u32,
     /// `group_op_burst_per_peer`.
     pub group_op_burst_per_peer: u32,
+    /// `group_creations_per_sec` (all peers together).
+    pub group_creations_per_sec: u32,
+    /// `group_creation_burst`.
+    pub group_creation_burst: u32,
     /// `blob_max_file_bytes`.
     pub blob_max_file_bytes: u64,
     /// `blob_quota_bytes_per_peer`.
@@ -62,6 +70,8 @@ impl Default for Limits {
             max_pending_incoming_connections: 64,
             max_streams_per_connection: 64,
             read_buffer_budget_bytes: 8 << 20,
+            read_buffer_reserved_per_connection_bytes: 16 << 10,
+            read_buffer_max_per_connection_bytes: 4 << 20,
             mailbox_max_messages: 1_000,
             mailbox_max_bytes: 4 << 20,
             mailbox_max_messages_per_sender: 500,
@@ -72,6 +82,8 @@ impl Default for Limits {
             busy_retry_after_ms: 200,
             group_ops_per_sec_per_peer: 2,
             group_op_burst_per_peer: 20,
+            group_creations_per_sec: 5,
+            group_creation_burst: 50,
             blob_max_file_bytes: 8 << 20,
             blob_quota_bytes_per_peer: 8 << 20,
             blob_budget_bytes: 32 << 20,
@@ -94,6 +106,8 @@ impl Limits {
              max_pending_incoming_connections = {}\n\
              max_streams_per_connection = {}\n\
              read_buffer_budget_bytes = {}\n\
+             read_buffer_reserved_per_connection_bytes = {}\n\
+             read_buffer_max_per_connection_bytes = {}\n\
              mailbox_max_messages = {}\n\
              mailbox_max_bytes = {}\n\
              mailbox_max_messages_per_sender = {}\n\
@@ -104,6 +118,8 @@ impl Limits {
              busy_retry_after_ms = {}\n\
              group_ops_per_sec_per_peer = {}\n\
              group_op_burst_per_peer = {}\n\
+             group_creations_per_sec = {}\n\
+             group_creation_burst = {}\n\
              blob_max_file_bytes = {}\n\
              blob_quota_bytes_per_peer = {}\n\
              blob_budget_bytes = {}\n",
@@ -112,6 +128,8 @@ impl Limits {
             self.max_pending_incoming_connections,
             self.max_streams_per_connection,
             self.read_buffer_budget_bytes,
+            self.read_buffer_reserved_per_connection_bytes,
+            self.read_buffer_max_per_connection_bytes,
             self.mailbox_max_messages,
             self.mailbox_max_bytes,
             self.mailbox_max_messages_per_sender,
@@ -122,6 +140,8 @@ impl Limits {
             self.busy_retry_after_ms,
             self.group_ops_per_sec_per_peer,
             self.group_op_burst_per_peer,
+            self.group_creations_per_sec,
+            self.group_creation_burst,
             self.blob_max_file_bytes,
             self.blob_quota_bytes_per_peer,
             self.blob_budget_bytes,
@@ -215,21 +235,7 @@ impl Relay {
 
     /// CPU time spent so far, user and system together.
     pub fn cpu(&self) -> Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the command name (which may hold spaces) start at field 3.
-        let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|v| v.parse().ok())
-                .context("malformed /proc stat")
-        };
-        // utime and stime are fields 14 and 15, that is 11 and 12 after the name.
-        let total = ticks(11)? + ticks(12)?;
-        Ok(Duration::from_secs_f64(
-            total as f64 / clock_ticks_per_sec(),
-        ))
+        cpu_of(self.pid())
     }
 
     /// Bytes the data directory takes on disk (allocated blocks, log included).
@@ -282,6 +288,25 @@ fn refusals_in(text: &str) -> u64 {
 }
 
 /// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time.
+/// CPU time that process `pid` has spent so far, user and system together.
+pub fn cpu_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .context("malformed /proc stat")
+    };
+    // utime and stime are fields 14 and 15, that is 11 and 12 after the name.
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_secs_f64(
+        total as f64 / clock_ticks_per_sec(),
+    ))
+}
+
 fn clock_ticks_per_sec() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
@@ -334,6 +359,8 @@ mod tests {
         std::fs::write(&path, toml).expect("written");
         let config = kith_relay::Config::from_toml_file(&path).expect("valid relay TOML");
         assert_eq!(config.mailbox_budget_bytes, 32 << 20);
+        assert_eq!(config.read_buffer_reserved_per_connection_bytes, 16 << 10);
+        assert_eq!(config.group_creation_burst, 50);
         assert!(config.validate().is_ok());
     }
 }
