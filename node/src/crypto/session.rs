@@ -275,7 +275,11 @@ impl Node {
                 }
             }
             Message::Valid(Request::Claim { req_id, .. }) => Response::NotFound { req_id },
-            Message::Valid(Request::Publish { req_id, .. }) => {
+            // This node hands out no MLS key packages itself (its relays do).
+            Message::Valid(Request::ClaimPackage { req_id, .. }) => Response::NotFound { req_id },
+            Message::Valid(
+                Request::Publish { req_id, .. } | Request::PublishPackages { req_id, .. },
+            ) => {
                 tracing::warn!(%peer, "refusing a key publication: nodes keep no one's keys");
                 Response::Rejected {
                     req_id,
