@@ -305,6 +305,7 @@ impl Node {
             return;
         };
         let _turn = self.olm().publishing().await;
+        self.publish_key_packages(relay, &addr).await;
         let mut count = 0u32;
         // The first round tells how many the relay holds; a second tops them up.
         for _ in 0..2 {

@@ -111,6 +111,8 @@ pub struct Server {
     metrics: Metrics,
     claims: RateLimiter,
     publishes: RateLimiter,
+    /// MLS key package publications, limited apart from Olm ones.
+    package_publishes: RateLimiter,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
 }
 
@@ -120,6 +122,7 @@ impl Server {
         Self {
             claims: RateLimiter::new(settings.claims_per_sec, settings.claim_burst),
             publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
+            package_publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
             store,
             settings,
             metrics,
@@ -225,7 +228,7 @@ impl Server {
                 last_resort,
                 ..
             } => {
-                if !self.publishes.check(&peer, now) {
+                if !self.package_publishes.check(&peer, now) {
                     tracing::warn!(%peer, "refusing a key package publication: too many");
                     return Some((channel, reject(req_id, Reject::QuotaExceeded)));
                 }

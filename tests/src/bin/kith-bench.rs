@@ -62,6 +62,9 @@ struct Args {
     /// With `--attack`: copy each relay's log into this directory (`<attack>.log`).
     #[arg(long, requires = "attack")]
     attack_logs: Option<PathBuf>,
+    /// Run only the MLS group crypto figures (no network) and print them.
+    #[arg(long)]
+    mls: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -685,6 +688,15 @@ async fn main() -> Result<()> {
     }
     if args.attack {
         return attack(&args).await;
+    }
+    if args.mls {
+        let quick = args.quick;
+        let rows = tokio::task::spawn_blocking(move || kith_tests::mls_bench::run(quick)).await??;
+        println!("| MLS crypto (one process, no network) | figure |\n|---|---|");
+        for row in rows {
+            println!("| {} | {} |", row.what, row.value);
+        }
+        return Ok(());
     }
     if args.files_only || args.relay_only {
         let mut rows = Vec::new();

@@ -14,11 +14,14 @@
 //! that changes state, before the next call on the same group. A refused input leaves the group
 //! as it was stored.
 //!
+//! `publish` keeps this node's key packages at its home relays (`/kith/keys/1`).
+//!
 //! Who may change membership (admins) and the order of commits (the relay's chain) are the
 //! group operation chain's business; this module checks what MLS can: epochs, membership,
 //! signatures, and that every credential is bound to the peer it names
 //! ([`kith_net::key_package::check_binding`]).
 
+mod publish;
 pub mod storage;
 
 #[cfg(test)]
