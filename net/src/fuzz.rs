@@ -361,7 +361,22 @@ pub fn keys(data: &[u8]) -> bool {
             Some(prekeys::Request::Publish { bundle, .. }) => {
                 bundle.verify(&bundle.identity.peer).is_ok()
             }
-            Some(prekeys::Request::Claim { .. }) => true,
+            Some(prekeys::Request::PublishPackages {
+                packages,
+                last_resort,
+                ..
+            }) => packages
+                .iter()
+                .map(|p| (p, false))
+                .chain(last_resort.iter().map(|p| (p, true)))
+                .all(|(package, last_resort)| {
+                    crate::key_package::owner_of(package)
+                        .and_then(|owner| {
+                            crate::key_package::verify(package, &owner, Some(last_resort))
+                        })
+                        .is_ok()
+                }),
+            Some(prekeys::Request::Claim { .. } | prekeys::Request::ClaimPackage { .. }) => true,
             None => false,
         }
     } else {
@@ -375,6 +390,13 @@ pub fn keys(data: &[u8]) -> bool {
                 let peer = identity.peer;
                 identity.verify(&peer).is_ok() && key.verify(&peer, fallback).is_ok()
             }
+            Some(prekeys::Response::ClaimedPackage {
+                package,
+                last_resort,
+                ..
+            }) => crate::key_package::owner_of(&package)
+                .and_then(|owner| crate::key_package::verify(&package, &owner, Some(last_resort)))
+                .is_ok(),
             Some(_) => true,
             None => false,
         }

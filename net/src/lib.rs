@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod fuzz;
+pub mod key_package;
 pub mod shred;
 
 use std::time::Duration;

@@ -15,6 +15,17 @@
 //!   itself, and gets [`Response::Claimed`] (one one-time key, handed out once, or the fallback
 //!   key once none is left), [`Response::NotFound`], or [`Response::Rejected`].
 //!
+//! A second kind of key travels on the same protocol: MLS key packages, which let a group admin
+//! add a peer to an end-to-end encrypted group while the peer is offline. The owner sends
+//! [`Request::PublishPackages`] (up to [`MAX_PACKAGES_PER_PUBLISH`] one-use packages and its
+//! last-resort package); anyone sends [`Request::ClaimPackage`] and gets
+//! [`Response::ClaimedPackage`]: one package, handed out once, or the last-resort one (kept)
+//! once none is left. A package is the TLS encoding of an MLS `KeyPackage`, opaque here: its
+//! credential names the owner's peer id and it is signed with the owner's ed25519 identity key,
+//! which the relay checks on publish and the claimer on claim (`kith_net::key_package`).
+//! Peers that predate these variants answer them `Rejected` (an unknown variant does not
+//! decode), so a claimer falls back to waiting for the owner.
+//!
 //! This module holds the wire types and the pure signing and checking; no I/O.
 
 use libp2p_identity::{Keypair, PeerId};
@@ -32,6 +43,15 @@ pub const MAX_ONE_TIME_KEYS: usize = 100;
 
 /// Largest frame on this protocol: a full bundle is about 100 × 110 bytes.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024;
+
+/// Largest MLS key package accepted (one with kith's credential is about 300 bytes).
+pub const MAX_KEY_PACKAGE_BYTES: usize = 1024;
+
+/// Most one-use MLS key packages one publication carries (so it fits [`MAX_FRAME_BYTES`]).
+pub const MAX_PACKAGES_PER_PUBLISH: usize = 24;
+
+/// Most one-use MLS key packages a relay holds per owner.
+pub const MAX_KEY_PACKAGES: usize = 100;
 
 /// Domain prefix of the identity key's signature.
 pub const IDENTITY_DOMAIN: &[u8] = b"kith-olm-identity-v1";
@@ -97,13 +117,33 @@ pub enum Request {
         #[serde(with = "peer_bytes")]
         peer: PeerId,
     },
+    /// Store these MLS key packages for the connection's peer (their owner).
+    PublishPackages {
+        /// Echoed in the response.
+        req_id: u64,
+        /// New one-use packages (at most [`MAX_PACKAGES_PER_PUBLISH`]).
+        packages: Vec<serde_bytes::ByteBuf>,
+        /// The owner's last-resort package (replaces the one held).
+        last_resort: Option<serde_bytes::ByteBuf>,
+    },
+    /// Hand out one MLS key package of `peer`.
+    ClaimPackage {
+        /// Echoed in the response.
+        req_id: u64,
+        /// Whose package.
+        #[serde(with = "peer_bytes")]
+        peer: PeerId,
+    },
 }
 
 impl Request {
     /// The request's id.
     pub fn req_id(&self) -> u64 {
         match self {
-            Request::Publish { req_id, .. } | Request::Claim { req_id, .. } => *req_id,
+            Request::Publish { req_id, .. }
+            | Request::Claim { req_id, .. }
+            | Request::PublishPackages { req_id, .. }
+            | Request::ClaimPackage { req_id, .. } => *req_id,
         }
     }
 }
@@ -129,6 +169,23 @@ pub enum Response {
         /// Whether it is the fallback key (no one-time key was left).
         fallback: bool,
     },
+    /// The MLS key packages are stored (durably).
+    PackagesPublished {
+        /// The request's id.
+        req_id: u64,
+        /// One-use packages now held for the owner.
+        remaining: u32,
+    },
+    /// One MLS key package of the peer, never handed out before unless it is the last-resort
+    /// one.
+    ClaimedPackage {
+        /// The request's id.
+        req_id: u64,
+        /// The package (TLS encoded).
+        package: serde_bytes::ByteBuf,
+        /// Whether it is the last-resort package (no one-use package was left).
+        last_resort: bool,
+    },
     /// No keys of that peer here.
     NotFound {
         /// The request's id.
@@ -149,6 +206,8 @@ impl Response {
         match self {
             Response::Published { req_id, .. }
             | Response::Claimed { req_id, .. }
+            | Response::PackagesPublished { req_id, .. }
+            | Response::ClaimedPackage { req_id, .. }
             | Response::NotFound { req_id }
             | Response::Rejected { req_id, .. } => *req_id,
         }

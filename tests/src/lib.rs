@@ -6,6 +6,7 @@ pub mod attack;
 pub mod bench;
 pub mod group_bench;
 pub mod media_bench;
+pub mod mls_bench;
 pub mod presence;
 pub mod process;
 pub mod relay_bench;

@@ -9,6 +9,12 @@
 //! `Claim { peer }` and gets one one-time key, removed and flushed before the answer, then the
 //! fallback key once none is left; claims are rate-limited per claimer, publications per owner.
 //!
+//! MLS key packages (for adding a peer to an encrypted group) go the same way:
+//! `PublishPackages` is checked package by package ([`kith_net::key_package::verify`]: MLS's
+//! signatures, and a credential naming the connection's peer with its ed25519 key as signature
+//! key) and stored; `ClaimPackage` hands out one one-use package, removed and flushed before
+//! the answer, then the owner's last-resort package, which stays.
+//!
 //! As for blobs, the swarm task never touches the disk: each request becomes a blocking job
 //! whose answer the task collects with [`Server::next`] and sends with [`Server::finish`].
 //!
@@ -20,7 +26,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use kith_net::codec::Message;
-use kith_protocol::prekeys::{Request, Response};
+use kith_net::key_package;
+use kith_protocol::prekeys::{Request, Response, MAX_PACKAGES_PER_PUBLISH};
 use kith_protocol::Reject;
 use libp2p::{PeerId, Swarm};
 
@@ -49,6 +56,47 @@ pub struct Settings {
     pub clock: Clock,
 }
 
+/// Why a publication of MLS key packages is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PackagesError {
+    /// More one-use packages than one publication may carry.
+    #[error("{0} key packages, more than {MAX_PACKAGES_PER_PUBLISH}")]
+    TooMany(usize),
+    /// A package does not check out.
+    #[error("key package {index}: {source}")]
+    Package {
+        /// Its place in the publication (the last-resort one is `packages.len()`).
+        index: usize,
+        /// Why.
+        source: key_package::PackageError,
+    },
+}
+
+/// Checks a publication of MLS key packages by `owner`: its size, and each package (one-use
+/// ones not marked last resort, the last-resort one marked so) against `owner`.
+pub fn check_packages(
+    owner: &PeerId,
+    packages: &[serde_bytes::ByteBuf],
+    last_resort: Option<&[u8]>,
+) -> Result<(), PackagesError> {
+    if packages.len() > MAX_PACKAGES_PER_PUBLISH {
+        return Err(PackagesError::TooMany(packages.len()));
+    }
+    for (index, package) in packages.iter().enumerate() {
+        key_package::verify(package, owner, Some(false))
+            .map_err(|source| PackagesError::Package { index, source })?;
+    }
+    if let Some(package) = last_resort {
+        key_package::verify(package, owner, Some(true)).map_err(|source| {
+            PackagesError::Package {
+                index: packages.len(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// An answer ready to go back to a peer.
 pub struct Done {
     peer: PeerId,
@@ -63,6 +111,8 @@ pub struct Server {
     metrics: Metrics,
     claims: RateLimiter,
     publishes: RateLimiter,
+    /// MLS key package publications, limited apart from Olm ones.
+    package_publishes: RateLimiter,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
 }
 
@@ -72,6 +122,7 @@ impl Server {
         Self {
             claims: RateLimiter::new(settings.claims_per_sec, settings.claim_burst),
             publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
+            package_publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
             store,
             settings,
             metrics,
@@ -172,6 +223,55 @@ impl Server {
                     }
                 })
             }
+            Request::PublishPackages {
+                packages,
+                last_resort,
+                ..
+            } => {
+                if !self.package_publishes.check(&peer, now) {
+                    tracing::warn!(%peer, "refusing a key package publication: too many");
+                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                }
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) =
+                        check_packages(&peer, &packages, last_resort.as_ref().map(|p| p.as_slice()))
+                    {
+                        tracing::warn!(%peer, error = %e, "refusing MLS key packages");
+                        return reject(req_id, Reject::Malformed);
+                    }
+                    let packages: Vec<Vec<u8>> =
+                        packages.into_iter().map(|p| p.into_vec()).collect();
+                    match store.publish_packages(
+                        &peer,
+                        &packages,
+                        last_resort.as_ref().map(|p| p.as_slice()),
+                    ) {
+                        Ok(remaining) => Response::PackagesPublished { req_id, remaining },
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot store MLS key packages");
+                            reject(req_id, Reject::StoreFailed)
+                        }
+                    }
+                })
+            }
+            Request::ClaimPackage { peer: owner, .. } => {
+                if !self.claims.check(&peer, now) {
+                    tracing::warn!(%peer, "refusing a key package claim: too many");
+                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                }
+                tokio::task::spawn_blocking(move || match store.claim_package(&owner) {
+                    Ok(Some(claimed)) => Response::ClaimedPackage {
+                        req_id,
+                        package: serde_bytes::ByteBuf::from(claimed.package),
+                        last_resort: claimed.last_resort,
+                    },
+                    Ok(None) => Response::NotFound { req_id },
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot hand out an MLS key package");
+                        reject(req_id, Reject::StoreFailed)
+                    }
+                })
+            }
         };
         self.pending.push(
             async move {
@@ -218,5 +318,109 @@ impl Server {
         if !requests::respond(&mut swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, "keys requester went away before its answer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kith_net::key_package::{BindingError, PackageError, Signer, CIPHERSUITE};
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::BasicCredential;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use serde_bytes::ByteBuf;
+
+    /// A key package signed by `key`, naming `named` (the key's own peer by default).
+    fn package(
+        key: &libp2p::identity::Keypair,
+        last_resort: bool,
+        named: Option<PeerId>,
+    ) -> ByteBuf {
+        let signer = Signer::new(key).expect("ed25519");
+        let mut credential = signer.credential();
+        if let Some(peer) = named {
+            credential.credential = BasicCredential::new(peer.to_bytes()).into();
+        }
+        let bundle = kith_net::key_package::builder(last_resort)
+            .build(
+                CIPHERSUITE,
+                &OpenMlsRustCrypto::default(),
+                &signer,
+                credential,
+            )
+            .expect("key package");
+        ByteBuf::from(
+            bundle
+                .key_package()
+                .tls_serialize_detached()
+                .expect("encode"),
+        )
+    }
+
+    #[test]
+    fn a_publication_of_key_packages_is_checked_against_its_owner() {
+        let alice = libp2p::identity::Keypair::generate_ed25519();
+        let bob = libp2p::identity::Keypair::generate_ed25519();
+        let (a, b) = (alice.public().to_peer_id(), bob.public().to_peer_id());
+        let mine = vec![package(&alice, false, None), package(&alice, false, None)];
+        let resort = package(&alice, true, None);
+        let checked = check_packages(&a, &mine, Some(&resort));
+        assert!(checked.is_ok(), "{checked:?}");
+
+        // Alice's packages published by Bob: the credential names another peer.
+        assert!(matches!(
+            check_packages(&b, &mine, None),
+            Err(PackagesError::Package {
+                index: 0,
+                source: PackageError::Binding(BindingError::WrongIdentity { .. })
+            })
+        ));
+        // A package naming Alice but signed with Bob's key.
+        let forged = package(&bob, false, Some(a));
+        assert!(matches!(
+            check_packages(&a, &[forged], None),
+            Err(PackagesError::Package {
+                source: PackageError::Binding(BindingError::WrongSignatureKey(_)),
+                ..
+            })
+        ));
+        // Last-resort marks must match their slots.
+        assert!(matches!(
+            check_packages(&a, std::slice::from_ref(&resort), None),
+            Err(PackagesError::Package {
+                source: PackageError::LastResort {
+                    expected: false,
+                    found: true
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_packages(&a, &[], Some(&mine[0])),
+            Err(PackagesError::Package {
+                index: 0,
+                source: PackageError::LastResort {
+                    expected: true,
+                    found: false
+                },
+            })
+        ));
+        // A flipped byte breaks a signature; junk does not decode; too many is too many.
+        let mut flipped = mine[0].clone().into_vec();
+        let at = flipped.len() - 10;
+        flipped[at] ^= 1;
+        assert!(check_packages(&a, &[ByteBuf::from(flipped)], None).is_err());
+        assert!(matches!(
+            check_packages(&a, &[ByteBuf::from(b"junk".to_vec())], None),
+            Err(PackagesError::Package {
+                source: PackageError::Malformed(_),
+                ..
+            })
+        ));
+        let many = vec![mine[0].clone(); MAX_PACKAGES_PER_PUBLISH + 1];
+        assert!(matches!(
+            check_packages(&a, &many, None),
+            Err(PackagesError::TooMany(_))
+        ));
     }
 }

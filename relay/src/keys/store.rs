@@ -5,13 +5,17 @@
 //! | `i` peer | the owner's [`SignedIdentity`] |
 //! | `o` peer, key | one [`SignedKey`] not handed out yet |
 //! | `f` peer | the owner's fallback [`SignedKey`] |
+//! | `p` peer, BLAKE3 of the package | one MLS key package (TLS bytes) not handed out yet |
+//! | `r` peer | the owner's last-resort MLS key package (TLS bytes), handed out again and again |
 //!
 //! A peer id is stored behind a one-byte length, so keys of different owners never interleave.
 //! A one-time key is removed (sled's `remove` returns it to exactly one caller) and flushed
 //! before it is handed out, so no key is ever given to two claimers, even across a crash.
 
 use kith_protocol::cbor;
-use kith_protocol::prekeys::{Bundle, SignedIdentity, SignedKey, MAX_ONE_TIME_KEYS};
+use kith_protocol::prekeys::{
+    Bundle, SignedIdentity, SignedKey, MAX_KEY_PACKAGES, MAX_ONE_TIME_KEYS,
+};
 use kith_protocol::PeerId;
 
 /// Largest record read back.
@@ -146,6 +150,72 @@ impl Store {
     }
 }
 
+/// An MLS key package a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedPackage {
+    /// The package (TLS bytes).
+    pub package: Vec<u8>,
+    /// Whether it is the last-resort package (kept, not removed).
+    pub last_resort: bool,
+}
+
+impl Store {
+    /// One-use MLS key packages held for `owner`.
+    pub fn package_count(&self, owner: &PeerId) -> usize {
+        self.tree.scan_prefix(owner_key(b'p', owner)).count()
+    }
+
+    /// Stores MLS key packages already checked against `owner` (one-use ones beyond
+    /// [`MAX_KEY_PACKAGES`] are not kept; a last-resort one replaces the one held) and
+    /// flushes; returns the one-use packages now held.
+    pub fn publish_packages(
+        &self,
+        owner: &PeerId,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+    ) -> Result<u32, StoreError> {
+        if let Some(package) = last_resort {
+            self.tree.insert(owner_key(b'r', owner), package)?;
+        }
+        let mut held = self.package_count(owner);
+        for package in packages {
+            if held >= MAX_KEY_PACKAGES {
+                break;
+            }
+            let mut id = owner_key(b'p', owner);
+            id.extend_from_slice(blake3::hash(package).as_bytes());
+            if self.tree.insert(id, package.as_slice())?.is_none() {
+                held += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(held as u32)
+    }
+
+    /// Hands out one MLS key package of `owner`: a one-use package (removed and flushed before
+    /// this returns) while there is one, then the last-resort package.
+    pub fn claim_package(&self, owner: &PeerId) -> Result<Option<ClaimedPackage>, StoreError> {
+        for entry in self.tree.scan_prefix(owner_key(b'p', owner)) {
+            let (id, _) = entry?;
+            // Only the caller whose remove takes it hands it out.
+            if let Some(value) = self.tree.remove(&id)? {
+                self.db.flush()?;
+                return Ok(Some(ClaimedPackage {
+                    package: value.to_vec(),
+                    last_resort: false,
+                }));
+            }
+        }
+        Ok(self
+            .tree
+            .get(owner_key(b'r', owner))?
+            .map(|value| ClaimedPackage {
+                package: value.to_vec(),
+                last_resort: true,
+            }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +299,57 @@ mod tests {
                 .expect("fallback")
                 .fallback
         );
+    }
+
+    #[test]
+    fn each_key_package_goes_once_then_the_last_resort_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("db");
+        let store = Store::open(&db).expect("store");
+        let owner = Keypair::generate_ed25519().public().to_peer_id();
+        assert_eq!(store.claim_package(&owner).expect("claim"), None);
+        let packages: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 40]).collect();
+        assert_eq!(
+            store
+                .publish_packages(&owner, &packages, Some(&[9; 40]))
+                .expect("publish"),
+            3
+        );
+        // The same packages again are held once.
+        assert_eq!(
+            store
+                .publish_packages(&owner, &packages, None)
+                .expect("publish"),
+            3
+        );
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let claimed = store
+                .claim_package(&owner)
+                .expect("claim")
+                .expect("a package");
+            assert!(!claimed.last_resort);
+            assert!(seen.insert(claimed.package), "a package handed out twice");
+        }
+        for _ in 0..2 {
+            let claimed = store
+                .claim_package(&owner)
+                .expect("claim")
+                .expect("last resort");
+            assert!(claimed.last_resort);
+            assert_eq!(claimed.package, vec![9; 40]);
+        }
+        // At most MAX_KEY_PACKAGES are held.
+        let many: Vec<Vec<u8>> = (0..=MAX_KEY_PACKAGES as u32)
+            .map(|i| i.to_be_bytes().to_vec())
+            .collect();
+        assert_eq!(
+            store
+                .publish_packages(&owner, &many, None)
+                .expect("publish"),
+            MAX_KEY_PACKAGES as u32
+        );
+        // Olm keys of the same owner are untouched by package claims, and the reverse.
+        assert_eq!(store.count(&owner), 0);
     }
 }

@@ -62,6 +62,9 @@ struct Args {
     /// With `--attack`: copy each relay's log into this directory (`<attack>.log`).
     #[arg(long, requires = "attack")]
     attack_logs: Option<PathBuf>,
+    /// Run only the MLS group crypto figures (no network) and print them.
+    #[arg(long)]
+    mls: bool,
     /// Where to write the table.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -559,6 +562,26 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// The heading of the section `--mls` writes.
+const MLS_HEADING: &str = "## MLS crypto";
+
+/// `--mls`: times the group crypto alone, prints the rows, and rewrites the "MLS crypto"
+/// section of the output file.
+async fn mls(args: &Args) -> Result<()> {
+    let quick = args.quick;
+    let rows = tokio::task::spawn_blocking(move || kith_tests::mls_bench::run(quick)).await??;
+    let mut section = format!("{MLS_HEADING}\n\n");
+    writeln!(section, "Produced by `cargo build --release -p kith-tests && target/release/kith-bench --mls{}` on {}: the group crypto of `kith_node::core::crypto::mls` alone, in one process with no network (the groups are not wired to it yet). Each state change is staged into a store batch and applied, as a node would, without the flush it would share with its message or operation. Messages: {} in a row, one sender, one reader.\n", if quick { " --quick" } else { "" }, machine(), if quick { 200 } else { 2_000 })?;
+    writeln!(section, "| figure | value |\n|---|---|")?;
+    for row in &rows {
+        writeln!(section, "| {} | {} |", row.what, row.value)?;
+    }
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    std::fs::write(&args.out, replace_section(&old, MLS_HEADING, &section))?;
+    print!("{section}");
+    Ok(())
+}
+
 /// `--attack`: runs the attack benchmark, prints it, and rewrites the "Attacks" section of
 /// `args.out`.
 async fn attack(args: &Args) -> Result<()> {
@@ -685,6 +708,9 @@ async fn main() -> Result<()> {
     }
     if args.attack {
         return attack(&args).await;
+    }
+    if args.mls {
+        return mls(&args).await;
     }
     if args.files_only || args.relay_only {
         let mut rows = Vec::new();
@@ -907,12 +933,14 @@ async fn main() -> Result<()> {
             r.figure, r.value, r.baseline, r.ratio, r.target
         )?;
     }
-    // The attack rows come from `--attack`: keep them.
+    // The attack rows come from `--attack`, the MLS ones from `--mls`: keep them.
     let old = std::fs::read_to_string(&args.out).unwrap_or_default();
-    let written = match section_of(&old, "## Attacks") {
-        Some(attacks) => replace_section(&md, "## Attacks", &attacks),
-        None => md.clone(),
-    };
+    let mut written = md.clone();
+    for heading in ["## Attacks", MLS_HEADING] {
+        if let Some(section) = section_of(&old, heading) {
+            written = replace_section(&written, heading, &section);
+        }
+    }
     std::fs::write(&args.out, written)?;
     print!("{md}");
     Ok(())

@@ -9,6 +9,7 @@
 //!
 //! [`safety_number`] derives the number two people compare to verify each other.
 
+pub mod mls;
 pub mod olm;
 pub mod order;
 pub mod session;

@@ -253,7 +253,11 @@ impl Node {
                 }
             }
             Message::Valid(Request::Claim { req_id, .. }) => Response::NotFound { req_id },
-            Message::Valid(Request::Publish { req_id, .. }) => {
+            // This node hands out no MLS key packages itself (its relays do).
+            Message::Valid(Request::ClaimPackage { req_id, .. }) => Response::NotFound { req_id },
+            Message::Valid(
+                Request::Publish { req_id, .. } | Request::PublishPackages { req_id, .. },
+            ) => {
                 tracing::warn!(%peer, "refusing a key publication: nodes keep no one's keys");
                 Response::Rejected {
                     req_id,
@@ -279,6 +283,7 @@ impl Node {
             return;
         };
         let _turn = self.olm().publishing().await;
+        self.publish_key_packages(relay, &addr).await;
         let mut count = 0u32;
         // The first round tells how many the relay holds; a second tops them up.
         for _ in 0..2 {
