@@ -910,21 +910,17 @@ impl Node {
     }
 
     pub(crate) fn next_lamport(&self, peer: &PeerId) -> Result<u64, NodeError> {
-        let mut lamports = self
-            .inner
-            .lamports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let current = match lamports.get(peer) {
-            Some(l) => *l,
-            None => self.inner.store.lamport(peer)?,
-        };
-        let next = kith_protocol::lamport::next(current);
-        lamports.insert(*peer, next);
-        Ok(next)
+        self.move_lamport(peer, kith_protocol::lamport::next)
     }
 
     fn observe_lamport(&self, peer: &PeerId, seen: u64) -> Result<u64, NodeError> {
+        self.move_lamport(peer, |current| {
+            kith_protocol::lamport::observe(current, seen)
+        })
+    }
+
+    /// Moves the conversation with `peer` to the clock `step` gives from its current one.
+    fn move_lamport(&self, peer: &PeerId, step: impl FnOnce(u64) -> u64) -> Result<u64, NodeError> {
         let mut lamports = self
             .inner
             .lamports
@@ -934,7 +930,7 @@ impl Node {
             Some(l) => *l,
             None => self.inner.store.lamport(peer)?,
         };
-        let next = kith_protocol::lamport::observe(current, seen);
+        let next = step(current);
         lamports.insert(*peer, next);
         Ok(next)
     }
