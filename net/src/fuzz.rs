@@ -18,7 +18,8 @@ use std::sync::OnceLock;
 
 use futures::io::Cursor;
 use kith_protocol::envelope::Header;
-use kith_protocol::group::{self, Change, Limits, Op};
+use kith_protocol::group::{self, Change, Crypto, Handshake, Limits, Op};
+use serde_bytes::ByteBuf;
 use kith_protocol::invite::Invite;
 use kith_protocol::{
     blob, cbor, dm, mailbox, prekeys, presence, Body, Destination, Envelope, GroupId, Keypair,
@@ -275,9 +276,12 @@ pub fn group(data: &[u8]) -> bool {
     };
     if request {
         match decoded::<group::Request>(bytes, group::MAX_REQUEST_BYTES) {
-            Some(group::Request::Submit { op, .. }) => {
+            Some(group::Request::Submit { op, handshake, .. }) => {
                 check_envelope(&op);
-                group::open_op(&op).is_ok()
+                match (group::open_op(&op), handshake) {
+                    (Ok(op), Some(handshake)) => handshake.check(&op).is_ok(),
+                    (opened, _) => opened.is_ok(),
+                }
             }
             Some(group::Request::Post { envelope, .. }) => check_envelope(&envelope),
             Some(group::Request::Get { .. }) => true,
@@ -629,6 +633,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }),
     );
     let group_id = GroupId([9; 16]);
+    // Stand-in commit and Welcome bytes: the chain checks their digests and epochs, not MLS.
+    let handshake = |welcome: bool| Handshake {
+        commit: ByteBuf::from(vec![7; 64]),
+        welcome: welcome.then(|| ByteBuf::from(vec![8; 64])),
+    };
     let create = Op {
         group: group_id,
         version: 0,
@@ -639,6 +648,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     .into(),
             members: BTreeSet::from([*bob_id]),
         },
+        mls: Some(Crypto::of(0, &handshake(true))),
     };
     let add = Op {
         group: group_id,
@@ -646,11 +656,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         change: Change::Add {
             member: fixed_peer(2),
         },
+        mls: Some(Crypto::of(1, &handshake(true))),
     };
     let promote = Op {
         group: group_id,
         version: 2,
         change: Change::Promote { member: *bob_id },
+        mls: None,
     };
     let remove = Op {
         group: group_id,
@@ -658,11 +670,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         change: Change::Remove {
             member: fixed_peer(2),
         },
+        mls: Some(Crypto::of(2, &handshake(false))),
     };
     let leave = Op {
         group: group_id,
         version: 4,
         change: Change::Leave,
+        mls: None,
     };
     let steps: Vec<ChainStep> = vec![
         (0, create.clone()),
@@ -835,6 +849,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             enc(&group::Request::Submit {
                 req_id: 1,
                 op: first.clone(),
+                handshake: Some(handshake(true)),
             }),
         );
     }
@@ -856,6 +871,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             req_id: 2,
             ops: chain.clone(),
             more: false,
+            handshakes: vec![
+                Some(handshake(true)),
+                Some(handshake(true)),
+                None,
+                Some(handshake(false)),
+                None,
+            ],
         }),
     );
     push(

@@ -227,6 +227,14 @@ pub struct Config {
     pub gossip_heartbeat: Duration,
     /// Most members of a group this node creates or accepts (the relay has its own limit).
     pub max_group_members: usize,
+    /// A member refreshes its keys in a group (an MLS self-update, for post-compromise
+    /// security) before sending once it has sent this many messages since its last commit.
+    pub group_rekey_messages: u64,
+    /// ... or once its last commit in the group is older than this.
+    pub group_rekey_after: Duration,
+    /// How long adding a member waits for one of its MLS key packages (a node publishes them
+    /// to its home relays when it connects; one just started may not have yet).
+    pub package_claim_wait: Duration,
     /// How long receipts for group messages wait to be batched into one envelope per sender.
     pub receipt_batch_window: Duration,
     /// How often the node sends a presence heartbeat to each connected home relay.
@@ -269,6 +277,9 @@ impl Config {
             gossip_heartbeat: Duration::from_secs(1),
             max_group_members: kith_protocol::group::DEFAULT_MAX_MEMBERS,
             receipt_batch_window: Duration::from_millis(50),
+            group_rekey_messages: 1_000,
+            group_rekey_after: Duration::from_secs(7 * 24 * 3600),
+            package_claim_wait: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(10),
             presence_offline_after: Duration::from_secs(30),
             mailbox_ttl: Duration::from_secs(30 * 24 * 3600),

@@ -141,9 +141,14 @@ pub fn api_token(home: &Path) -> std::io::Result<String> {
 }
 
 /// Every feature, plugged into the core by the roles it plays ([`core::hooks`]).
-fn plugins(store: &crate::core::store::Store) -> Result<core::hooks::Plugins, NodeError> {
+fn plugins(
+    store: &crate::core::store::Store,
+    key: &libp2p::identity::Keypair,
+) -> Result<core::hooks::Plugins, NodeError> {
     use features::{group, media, presence, strangers, timers};
-    let groups = std::sync::Arc::new(group::Groups::load(store.groups()?));
+    let member = core::crypto::mls::Member::new(store.clone(), key, Default::default())
+        .map_err(|e| NodeError::Invalid(format!("group keys: {e}")))?;
+    let groups = std::sync::Arc::new(group::Groups::load(store.groups()?, member));
     let files = std::sync::Arc::new(media::State::default());
     let presence = std::sync::Arc::new(presence::State::default());
     let gate = std::sync::Arc::new(strangers::State::load(store)?);
@@ -199,7 +204,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.spawn(async move {
         let _ = net_task.await;
     });
-    let plugins = plugins(&store)?;
+    let plugins = plugins(&store, &key)?;
     let node = Node::start(
         crate::core::Parts {
             key,

@@ -62,6 +62,14 @@ pub enum Body {
     /// An end-to-end encrypted one-to-one body (see [`Sealed`]): every one-to-one body that
     /// carries content travels as one.
     Olm(Sealed),
+    /// An end-to-end encrypted group body: an MLS `PrivateMessage` (TLS encoded) of the group's
+    /// current epoch, whose plaintext is the CBOR of the inner [`Body`]. Every group body that
+    /// carries content travels as one.
+    Mls {
+        /// The MLS message bytes.
+        #[serde(with = "serde_bytes")]
+        ciphertext: Vec<u8>,
+    },
     /// A signed plaintext control message: the sender of these messages should start a new
     /// session and send them again (the recipient could not decrypt them).
     Resend {
@@ -136,6 +144,9 @@ impl Body {
                 identity: Some(_),
                 ..
             }) => Err(BodyError::BadSealed("an identity on a normal message")),
+            Body::Mls { ciphertext } if ciphertext.is_empty() => {
+                Err(BodyError::BadSealed("empty ciphertext"))
+            }
             Body::Resend { ids, .. } if ids.is_empty() || ids.len() > MAX_IDS_PER_BATCH => {
                 Err(BodyError::BadReceipt { count: ids.len() })
             }

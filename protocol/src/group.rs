@@ -39,8 +39,14 @@ pub const PROTOCOL: &str = "/kith/group/1";
 /// Largest frame on this protocol (a page of operations).
 pub const MAX_FRAME_BYTES: usize = MAX_MAILBOX_FRAME_BYTES;
 
-/// Largest request frame: each request carries at most one envelope.
-pub const MAX_REQUEST_BYTES: usize = crate::limits::MAX_ENVELOPE_BYTES + 1024;
+/// Largest request frame: each request carries at most one envelope, and a `Submit` its
+/// commit and Welcome.
+pub const MAX_REQUEST_BYTES: usize =
+    crate::limits::MAX_ENVELOPE_BYTES + 2 * MAX_HANDSHAKE_PART_BYTES + 1024;
+
+/// Most bytes of commits and Welcomes in one [`Response::Ops`] page: a page stops early rather
+/// than exceed it (always at least one operation).
+pub const MAX_PAGE_HANDSHAKE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Default most members of a group (a relay and node setting).
 pub const DEFAULT_MAX_MEMBERS: usize = 200;
@@ -128,6 +134,106 @@ pub enum Change {
         #[serde(with = "crate::ids::peer_bytes")]
         member: PeerId,
     },
+    /// Any member refreshes its keys (post-compromise security), removing from the group's
+    /// keys the peers that already left the chain's membership (a leaver cannot commit its own
+    /// removal in MLS).
+    Update {
+        /// Former members whose leaves the commit removes; none may be a member.
+        #[serde(with = "peer_set")]
+        removes: BTreeSet<PeerId>,
+    },
+}
+
+impl Change {
+    /// Whether this change carries an MLS commit: those that change the group's keys. A
+    /// `Create` does when it names members; `Promote` (admins are the chain's business, not
+    /// MLS's) and `Leave` (a leaver cannot commit its own removal) never do.
+    pub fn commits(&self) -> bool {
+        match self {
+            Change::Create { members, .. } => !members.is_empty(),
+            Change::Add { .. } | Change::Remove { .. } | Change::Update { .. } => true,
+            Change::Leave | Change::Promote { .. } => false,
+        }
+    }
+
+    /// Whether this change's commit comes with a Welcome (it adds members).
+    pub fn welcomes(&self) -> bool {
+        match self {
+            Change::Create { members, .. } => !members.is_empty(),
+            Change::Add { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Largest MLS commit or Welcome an operation may carry, in bytes (a group of 200 needs about
+/// 72 KiB for the Welcome that creates it).
+pub const MAX_HANDSHAKE_PART_BYTES: usize = 1024 * 1024;
+
+/// The digest an operation signs for each handshake part.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// The MLS side of an operation, signed with it: the epoch its commit was made in and the
+/// digests of the commit and the Welcome. The bytes travel beside the operation
+/// ([`Handshake`]), so the operation announced through every member's mailbox stays small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Crypto {
+    /// The MLS epoch the commit was made in; the group moves to the next one.
+    pub epoch: u64,
+    /// BLAKE3 of the commit (a TLS-encoded MLS message).
+    #[serde(with = "serde_bytes")]
+    pub commit: [u8; 32],
+    /// BLAKE3 of the Welcome, for a change that adds members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub welcome: Option<serde_bytes::ByteArray<32>>,
+}
+
+impl Crypto {
+    /// The MLS side of an operation whose commit, made in `epoch`, and Welcome are these.
+    pub fn of(epoch: u64, handshake: &Handshake) -> Self {
+        Self {
+            epoch,
+            commit: digest(&handshake.commit),
+            welcome: handshake
+                .welcome
+                .as_ref()
+                .map(|w| serde_bytes::ByteArray::new(digest(w))),
+        }
+    }
+}
+
+/// An operation's MLS commit and Welcome, matched by [`Crypto`]'s digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// The commit.
+    pub commit: serde_bytes::ByteBuf,
+    /// The Welcome for added members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub welcome: Option<serde_bytes::ByteBuf>,
+}
+
+impl Handshake {
+    /// Checks that these are the bytes `op` signed for (sizes within
+    /// [`MAX_HANDSHAKE_PART_BYTES`]).
+    pub fn check(&self, op: &Op) -> Result<(), OpError> {
+        let Some(crypto) = &op.mls else {
+            return Err(OpError::BadHandshake("the operation carries no commit".into()));
+        };
+        let too_big = |b: &[u8]| b.len() > MAX_HANDSHAKE_PART_BYTES;
+        if too_big(&self.commit) || self.welcome.as_ref().is_some_and(|w| too_big(w)) {
+            return Err(OpError::BadHandshake("a commit or Welcome is too large".into()));
+        }
+        if digest(&self.commit) != crypto.commit {
+            return Err(OpError::BadHandshake("the commit is not the one signed".into()));
+        }
+        let welcome = self.welcome.as_ref().map(|w| digest(w));
+        if welcome != crypto.welcome.map(|w| w.into_array()) {
+            return Err(OpError::BadHandshake("the Welcome is not the one signed".into()));
+        }
+        Ok(())
+    }
 }
 
 /// One membership operation: what changes, in which group, on top of which version.
@@ -139,6 +245,9 @@ pub struct Op {
     pub version: u64,
     /// The change.
     pub change: Change,
+    /// Its MLS commit, for a change that carries one ([`Change::commits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mls: Option<Crypto>,
 }
 
 impl Op {
@@ -198,6 +307,9 @@ pub struct State {
     pub members: BTreeSet<PeerId>,
     /// The number of operations applied so far.
     pub version: u64,
+    /// The MLS epoch the chain's commits have brought the group to (one commit per epoch).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Why an operation is refused.
@@ -259,6 +371,52 @@ pub enum OpError {
     /// The relay address is empty or too long.
     #[error("bad relay address in create")]
     BadRelay,
+    /// A change that must carry an MLS commit has none, or one that must not has one.
+    #[error("this change must {} an MLS commit{}", if *.required { "carry" } else { "not carry" }, if *.welcome { " with a Welcome" } else { "" })]
+    Commit {
+        /// Whether a commit is required (else forbidden).
+        required: bool,
+        /// Whether a Welcome goes with it.
+        welcome: bool,
+    },
+    /// The commit was made in another epoch than the group's (one commit per epoch).
+    #[error("the commit is for epoch {got}, but the group is at epoch {current}")]
+    WrongEpoch {
+        /// The group's epoch.
+        current: u64,
+        /// The commit's epoch.
+        got: u64,
+    },
+    /// An update may only remove peers that are no longer members.
+    #[error("{peer} is still a member: only an admin's remove takes a member out")]
+    StillMember {
+        /// The peer.
+        peer: String,
+    },
+    /// The commit or Welcome beside an operation is not the one it signed.
+    #[error("bad handshake: {0}")]
+    BadHandshake(String),
+}
+
+/// Checks that `op` carries an MLS commit exactly when its change needs one, made in `epoch`,
+/// and returns the epoch after it.
+fn next_epoch(op: &Op, epoch: u64) -> Result<u64, OpError> {
+    let required = op.change.commits();
+    let welcome = op.change.welcomes();
+    match &op.mls {
+        None if !required => Ok(epoch),
+        Some(c) if required && c.welcome.is_some() == welcome => {
+            if c.epoch == epoch {
+                Ok(epoch + 1)
+            } else {
+                Err(OpError::WrongEpoch {
+                    current: epoch,
+                    got: c.epoch,
+                })
+            }
+        }
+        _ => Err(OpError::Commit { required, welcome }),
+    }
 }
 
 impl State {
@@ -283,6 +441,7 @@ impl State {
                 max: limits.max_members,
             });
         }
+        let epoch = next_epoch(op, 0)?;
         Ok(State {
             group: op.group,
             name: name.trim().to_owned(),
@@ -290,6 +449,7 @@ impl State {
             admins: BTreeSet::from([actor]),
             members: all,
             version: 1,
+            epoch,
         })
     }
 
@@ -367,7 +527,20 @@ impl State {
                     });
                 }
             }
+            Change::Update { removes } => {
+                if !self.members.contains(&actor) {
+                    return Err(OpError::NotMember {
+                        peer: actor.to_string(),
+                    });
+                }
+                if let Some(peer) = removes.iter().find(|p| self.members.contains(p)) {
+                    return Err(OpError::StillMember {
+                        peer: peer.to_string(),
+                    });
+                }
+            }
         }
+        next.epoch = next_epoch(op, self.epoch)?;
         // A group whose last admin left or was removed is not orphaned: its member with the
         // lowest peer id becomes admin, the same choice on every replica.
         if next.admins.is_empty() {
@@ -500,6 +673,9 @@ pub enum Request {
         req_id: u64,
         /// The operation envelope.
         op: Envelope,
+        /// Its commit and Welcome, when the operation carries one ([`Op::mls`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handshake: Option<Handshake>,
     },
     /// The group's operations after `after_version` (0: from the create), oldest first.
     Get {
@@ -557,6 +733,10 @@ pub enum Response {
         ops: Vec<Envelope>,
         /// Whether more follow.
         more: bool,
+        /// The operations' commits and Welcomes, one entry per operation (`None` for one that
+        /// carries no commit).
+        #[serde(default)]
+        handshakes: Vec<Option<Handshake>>,
     },
     /// The message is durably stored for every other member but those in `missed`.
     Stored {
@@ -615,15 +795,28 @@ mod tests {
         (k, p)
     }
 
+    /// The MLS side a change needs, with stand-in bytes (the chain checks epochs, not MLS).
+    fn crypto(change: &Change, epoch: u64) -> Option<Crypto> {
+        let handshake = Handshake {
+            commit: serde_bytes::ByteBuf::from(b"commit".to_vec()),
+            welcome: change
+                .welcomes()
+                .then(|| serde_bytes::ByteBuf::from(b"welcome".to_vec())),
+        };
+        change.commits().then(|| Crypto::of(epoch, &handshake))
+    }
+
     fn create(group: GroupId, members: &[PeerId]) -> Op {
+        let change = Change::Create {
+            name: "friends".into(),
+            relay: "/ip4/127.0.0.1/tcp/1/p2p/x".into(),
+            members: members.iter().copied().collect(),
+        };
         Op {
             group,
             version: 0,
-            change: Change::Create {
-                name: "friends".into(),
-                relay: "/ip4/127.0.0.1/tcp/1/p2p/x".into(),
-                members: members.iter().copied().collect(),
-            },
+            mls: crypto(&change, 0),
+            change,
         }
     }
 
@@ -631,6 +824,7 @@ mod tests {
         Op {
             group: state.group,
             version: state.version,
+            mls: crypto(&change, state.epoch),
             change,
         }
     }
@@ -646,6 +840,68 @@ mod tests {
         let state =
             State::create(alice, &create(GroupId::random(), &[bob]), &LIMITS).expect("create");
         (alice, bob, carol, state)
+    }
+
+    #[test]
+    fn one_commit_per_epoch_and_only_where_a_change_needs_one() {
+        let (alice, bob, carol, state) = group();
+        assert_eq!(state.epoch, 1, "a create naming members commits");
+        let add = op(&state, Change::Add { member: carol });
+        let added = state.apply(alice, &add, &LIMITS).expect("add");
+        assert_eq!(added.epoch, 2);
+        // The second commit for epoch 1 (on top of a stale view) is refused.
+        let mut stale = op(&added, Change::Remove { member: carol });
+        stale.mls.as_mut().expect("commit").epoch = 1;
+        assert_eq!(
+            added.apply(alice, &stale, &LIMITS),
+            Err(OpError::WrongEpoch { current: 2, got: 1 })
+        );
+        // A promote carries no commit; an add must carry one with a Welcome.
+        let mut promote = op(&added, Change::Promote { member: bob });
+        assert_eq!(added.apply(alice, &promote, &LIMITS).expect("promote").epoch, 2);
+        promote.mls = crypto(&Change::Update { removes: BTreeSet::new() }, 2);
+        assert!(matches!(
+            added.apply(alice, &promote, &LIMITS),
+            Err(OpError::Commit { required: false, .. })
+        ));
+        let mut bare = op(&added, Change::Remove { member: carol });
+        bare.mls = None;
+        assert!(matches!(
+            added.apply(alice, &bare, &LIMITS),
+            Err(OpError::Commit { required: true, .. })
+        ));
+        // Any member may update, removing only peers that already left.
+        let update = op(&added, Change::Update { removes: BTreeSet::from([carol]) });
+        assert!(matches!(
+            added.apply(bob, &update, &LIMITS),
+            Err(OpError::StillMember { .. })
+        ));
+        let left = added
+            .apply(carol, &op(&added, Change::Leave), &LIMITS)
+            .expect("leave");
+        assert_eq!(left.epoch, 2, "a leave commits nothing");
+        let tidy = op(&left, Change::Update { removes: BTreeSet::from([carol]) });
+        assert_eq!(left.apply(bob, &tidy, &LIMITS).expect("update").epoch, 3);
+    }
+
+    #[test]
+    fn a_handshake_must_be_the_one_the_operation_signed() {
+        let (_, _, carol, state) = group();
+        let handshake = Handshake {
+            commit: serde_bytes::ByteBuf::from(vec![1; 40]),
+            welcome: Some(serde_bytes::ByteBuf::from(vec![2; 40])),
+        };
+        let mut add = op(&state, Change::Add { member: carol });
+        add.mls = Some(Crypto::of(state.epoch, &handshake));
+        assert_eq!(handshake.check(&add), Ok(()));
+        let mut swapped = handshake.clone();
+        swapped.commit[0] ^= 1;
+        assert!(matches!(swapped.check(&add), Err(OpError::BadHandshake(_))));
+        let mut no_welcome = handshake.clone();
+        no_welcome.welcome = None;
+        assert!(matches!(no_welcome.check(&add), Err(OpError::BadHandshake(_))));
+        add.mls = None;
+        assert!(matches!(handshake.check(&add), Err(OpError::BadHandshake(_))));
     }
 
     #[test]
@@ -773,6 +1029,7 @@ mod tests {
                 group,
                 version: 1,
                 change: Change::Add { member: carol },
+                mls: crypto(&Change::Add { member: carol }, 1),
             },
             2,
         )
@@ -790,7 +1047,8 @@ mod tests {
             Op {
                 group,
                 version: 2,
-                change: Change::Add { member: key().1 },
+                change: Change::Add { member: carol },
+                mls: crypto(&Change::Add { member: carol }, 2),
             },
             3,
         )

@@ -406,3 +406,31 @@ impl RawPeer {
         tokio::time::timeout(DEADLINE, fut).await?
     }
 }
+
+/// A group operation with stand-in commit bytes made in `epoch` (a relay orders commits by
+/// epoch without reading them), and those bytes to submit beside it.
+pub fn op_with_junk_commit(
+    group: kith_protocol::GroupId,
+    version: u64,
+    epoch: u64,
+    change: kith_protocol::group::Change,
+) -> (
+    kith_protocol::group::Op,
+    Option<kith_protocol::group::Handshake>,
+) {
+    use kith_protocol::group::{Crypto, Handshake, Op};
+    let handshake = change.commits().then(|| Handshake {
+        commit: serde_bytes::ByteBuf::from(vec![version as u8; 256]),
+        welcome: change
+            .welcomes()
+            .then(|| serde_bytes::ByteBuf::from(vec![1; 256])),
+    });
+    let op = Op {
+        group,
+        version,
+        mls: handshake.as_ref().map(|h| Crypto::of(epoch, h)),
+        change,
+    };
+    (op, handshake)
+}
+

@@ -347,12 +347,17 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
     let relay_peer = f.relay.peer_id;
     let mallory = Keypair::generate_ed25519();
     let mut raw = RawPeer::with_key(mallory.clone())?;
-    let add = |version| Op {
+    let (add_op, handshake) = kith_tests::op_with_junk_commit(
         group,
-        version,
-        change: Change::Add {
+        1,
+        1,
+        Change::Add {
             member: mallory.public().to_peer_id(),
         },
+    );
+    let add = |version| Op {
+        version,
+        ..add_op.clone()
     };
 
     // A stranger's add, on the right version: not an admin.
@@ -364,6 +369,7 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
             Request::Submit {
                 req_id: 1,
                 op: forged.clone(),
+                handshake: handshake.clone(),
             },
         )
         .await?;
@@ -388,6 +394,7 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
             Request::Submit {
                 req_id: 2,
                 op: tampered,
+                handshake: handshake.clone(),
             },
         )
         .await?;
@@ -410,6 +417,7 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
             Request::Submit {
                 req_id: 3,
                 op: skipping,
+                handshake: handshake.clone(),
             },
         )
         .await?;

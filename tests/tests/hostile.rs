@@ -579,7 +579,7 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
 /// how they start: creations have a relay-wide rate, refused before anything is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
-    use kith_protocol::group::{self, Change, Op, Request, Response};
+    use kith_protocol::group::{self, Change, Request, Response};
     use kith_protocol::Reject;
     use std::collections::BTreeSet;
     init_logs();
@@ -595,18 +595,24 @@ async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
     // One peer, well within its own burst: only the relay-wide rate refuses.
     let mut peer = kith_tests::RawPeer::new()?;
     for i in 0..10 {
-        let op = Op {
-            group: kith_protocol::GroupId::random(),
-            version: 0,
-            change: Change::Create {
+        let (op, handshake) = kith_tests::op_with_junk_commit(
+            kith_protocol::GroupId::random(),
+            0,
+            0,
+            Change::Create {
                 name: format!("spam {i}"),
                 relay: addr.to_string(),
                 members: BTreeSet::from([victim]),
             },
-        };
+        );
         let op = group::seal_op(&peer.key, op, 1)?;
+        let submit = Request::Submit {
+            req_id: 1,
+            op,
+            handshake,
+        };
         match peer
-            .group(relay.peer_id, &addr, Request::Submit { req_id: 1, op })
+            .group(relay.peer_id, &addr, submit)
             .await?
         {
             Response::Applied { .. } => applied += 1,

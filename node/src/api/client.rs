@@ -343,6 +343,7 @@ impl Client {
             ChangeKind::Remove => "remove",
             ChangeKind::Promote => "promote",
             ChangeKind::Leave => "leave",
+            ChangeKind::Rekey => "rekey",
         };
         let path = format!("/v1/groups/{}/{kind}", segment(group));
         let body = ChangeBody {
@@ -474,6 +475,7 @@ mod tests {
             admins: vec!["a".into()],
             members: vec!["a".into(), "b".into()],
             version: 3,
+            epoch: 2,
             relay: "/ip4/127.0.0.1/tcp/1".into(),
             member_names: HashMap::new(),
             member: false,

@@ -48,13 +48,20 @@ pub enum GroupCommand {
         /// Group name or id.
         group: String,
     },
+    /// Refresh your keys in a group now (post-compromise security: whoever copied your
+    /// state before cannot read what follows). Members also do this on their own after
+    /// 1,000 messages or 7 days.
+    Rekey {
+        /// Group name or id.
+        group: String,
+    },
     /// List your groups.
     List {
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
-    /// Show a group's admins, members and version.
+    /// Show a group's admins, members, version and key epoch.
     Info {
         /// Group name or id.
         group: String,
@@ -66,10 +73,11 @@ pub enum GroupCommand {
 
 fn print_info(g: &GroupView) {
     println!(
-        "{}  {}  (version {})",
+        "{}  {}  (version {}, epoch {})",
         for_terminal(&g.name),
         g.group_id,
-        g.version
+        g.version,
+        g.epoch
     );
     for m in &g.members {
         let who = match g.member_names.get(m) {
@@ -126,10 +134,14 @@ pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
         GroupCommand::Remove { group, who } => (group, ChangeKind::Remove, Some(who)),
         GroupCommand::Promote { group, who } => (group, ChangeKind::Promote, Some(who)),
         GroupCommand::Leave { group } => (group, ChangeKind::Leave, None),
+        GroupCommand::Rekey { group } => (group, ChangeKind::Rekey, None),
     };
     let changed = client.change_group(&group, kind, who.as_deref()).await?;
     if kind == ChangeKind::Leave {
         println!("left {group}");
+    } else if kind == ChangeKind::Rekey {
+        let view = changed.decode()?;
+        println!("keys refreshed in {group}: now at epoch {}", view.epoch);
     } else {
         print_info(&changed.decode()?);
     }

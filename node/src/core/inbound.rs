@@ -77,8 +77,8 @@ pub(crate) fn classify(via: PeerId, envelope: &Envelope) -> Result<Checked, Reje
             tracing::debug!(%via, %from, id = %envelope.id, "a one-to-one body in the clear");
             Ok(Checked::Plain(body))
         }
-        Body::GroupOp(_) => {
-            tracing::warn!(%via, %from, "refusing a group operation addressed to a peer");
+        Body::GroupOp(_) | Body::Mls { .. } => {
+            tracing::warn!(%via, %from, "refusing a group body addressed to a peer");
             Err(Reject::Malformed)
         }
         // Content: this node only takes it sealed.

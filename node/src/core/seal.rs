@@ -1,7 +1,8 @@
 //! The seam where bodies are sealed and opened: [`Node::compose`] is the one path from a
 //! destination and a body to an outbox entry, and [`Node::open_room_body`] the one place a room's
-//! inbound body is read. One-to-one bodies are sealed with Olm (`crypto`); a room's (a group's)
-//! bodies are signed plaintext today, and are where group encryption plugs in.
+//! inbound body is read. One-to-one bodies are sealed here with Olm (`crypto`); a room (a
+//! group) seals its bodies with its own keys (MLS) before composing them, and this refuses any
+//! room body that carries content in the clear.
 
 use kith_protocol::envelope::Header;
 use kith_protocol::{Body, Destination, Envelope, Reject};
@@ -28,8 +29,15 @@ impl Node {
                 .olm()
                 .seal(&to, body)
                 .map_err(|e| NodeError::Invalid(format!("cannot encrypt: {e}")))?,
-            // Signed plaintext for now: the room's members, and its relay, read it.
-            Destination::Group(_) => None,
+            // Sealed by the room already (MLS); its membership operations are signed metadata.
+            Destination::Group(_) => match body {
+                Body::Mls { .. } | Body::GroupOp(_) => None,
+                _ => {
+                    return Err(NodeError::Invalid(
+                        "a room's content must be sealed by the room before it is composed".into(),
+                    ))
+                }
+            },
         };
         let unsealed = sealed.is_none() && matches!(header.to, Destination::Peer(_));
         let body = sealed.as_ref().unwrap_or(body);

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use kith_protocol::group::{self, Change, Limits, OpError, Request, Response, State};
+use kith_protocol::group::{self, Change, Handshake, Limits, OpError, Request, Response, State};
 use kith_protocol::{Envelope, GroupId, PeerId, Reject};
 use tokio::sync::{mpsc, oneshot};
 
@@ -112,9 +112,11 @@ pub async fn run(
     }) = rx.recv().await
     {
         let outcome = match request {
-            Request::Submit { req_id, op } => {
-                submit(&store, &directory, &settings, &peer, req_id, op).await
-            }
+            Request::Submit {
+                req_id,
+                op,
+                handshake,
+            } => submit(&store, &directory, &settings, &peer, req_id, op, handshake).await,
             Request::Get {
                 req_id,
                 group,
@@ -135,7 +137,12 @@ pub async fn run(
                     }
                 } else {
                     match store.ops(&group, after_version, limit) {
-                        Ok((ops, more)) => Response::Ops { req_id, ops, more },
+                        Ok((ops, handshakes, more)) => Response::Ops {
+                            req_id,
+                            ops,
+                            more,
+                            handshakes,
+                        },
                         Err(e) => {
                             tracing::error!(%group, error = %e, "reading a group chain");
                             Response::Rejected {
@@ -183,6 +190,7 @@ async fn submit(
     peer: &PeerId,
     req_id: u64,
     envelope: Envelope,
+    handshake: Option<Handshake>,
 ) -> Outcome {
     let op = match group::open_op(&envelope) {
         Ok(op) => op,
@@ -225,7 +233,17 @@ async fn submit(
         Ok(next) => next,
         Err(reason) => return refused(peer, req_id, reason),
     };
-    let durable = match store.append(&next, &envelope) {
+    // The commit and Welcome must be the ones the operation signed: members fetch them here.
+    let checked = match (&handshake, &op.mls) {
+        (Some(handshake), Some(_)) => handshake.check(&op),
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(OpError::BadHandshake("the commit is missing".into())),
+        (Some(_), None) => Err(OpError::BadHandshake("a commit for a change without one".into())),
+    };
+    if let Err(reason) = checked {
+        return refused(peer, req_id, reason);
+    }
+    let durable = match store.append(&next, &envelope, handshake.as_ref()) {
         Ok(()) => store.flush().await,
         Err(e) => Err(e),
     };

@@ -537,9 +537,18 @@ async fn group_abuse(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
             .cycle(),
         );
         for change in changes.by_ref() {
+            // Junk commits: the relay orders them by epoch without reading them.
+            let handshake = group::Handshake {
+                commit: serde_bytes::ByteBuf::from(vec![version as u8; 1024]),
+                welcome: change
+                    .welcomes()
+                    .then(|| serde_bytes::ByteBuf::from(vec![1; 1024])),
+            };
+            // Each of these operations commits, so the epoch keeps step with the version.
             let op = Op {
                 group,
                 version,
+                mls: Some(group::Crypto::of(version, &handshake)),
                 change,
             };
             let op = group::seal_op(&peer.key, op, 1)?;
@@ -551,6 +560,7 @@ async fn group_abuse(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
                     Request::Submit {
                         req_id: version,
                         op,
+                        handshake: Some(handshake),
                     },
                 )
                 .await

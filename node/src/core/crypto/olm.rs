@@ -500,7 +500,10 @@ impl Olm {
             self.undo(&mut state, from, account_changed);
             return Err(OpenError::BadInner(e.to_string()).into());
         }
-        if matches!(inner, Body::Olm(_) | Body::GroupOp(_) | Body::Resend { .. }) {
+        if matches!(
+            inner,
+            Body::Olm(_) | Body::Mls { .. } | Body::GroupOp(_) | Body::Resend { .. }
+        ) {
             drop(kept);
             self.undo(&mut state, from, account_changed);
             return Err(OpenError::BadInner("not a one-to-one content body".into()).into());

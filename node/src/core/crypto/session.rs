@@ -253,7 +253,34 @@ impl Node {
                 }
             }
             Message::Valid(Request::Claim { req_id, .. }) => Response::NotFound { req_id },
-            // This node hands out no MLS key packages itself (its relays do).
+            Message::Valid(Request::ClaimPackage {
+                req_id,
+                peer: whose,
+            }) if whose == self.peer_id() && !self.olm().may_claim(&peer, now_ms()) => {
+                tracing::warn!(%peer, "refusing a claim of our key packages: too many");
+                Response::Rejected {
+                    req_id,
+                    reason: Reject::QuotaExceeded,
+                }
+            }
+            // A fresh package, its private keys on disk before the answer.
+            Message::Valid(Request::ClaimPackage {
+                req_id,
+                peer: whose,
+            }) if whose == self.peer_id() => match self.own_key_package().await {
+                Ok(package) => Response::ClaimedPackage {
+                    req_id,
+                    package: serde_bytes::ByteBuf::from(package),
+                    last_resort: false,
+                },
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "cannot hand out a key package");
+                    Response::Rejected {
+                        req_id,
+                        reason: Reject::StoreFailed,
+                    }
+                }
+            },
             Message::Valid(Request::ClaimPackage { req_id, .. }) => Response::NotFound { req_id },
             Message::Valid(
                 Request::Publish { req_id, .. } | Request::PublishPackages { req_id, .. },
@@ -469,7 +496,7 @@ pub(crate) fn upgrade_entry(mut entry: OutboxEntry) -> OutboxEntry {
                 entry.kind = EntryKind::Receipt;
             }
             Body::Resend { .. } => entry.kind = EntryKind::Control,
-            Body::Olm(_) | Body::GroupOp(_) => {}
+            Body::Olm(_) | Body::Mls { .. } | Body::GroupOp(_) => {}
         }
     }
     entry

@@ -549,6 +549,25 @@ impl Group {
         sender: &PeerId,
         may_change_membership: bool,
     ) -> Result<Applied, MlsError> {
+        self.process_commit_checked(bytes, sender, &|applied: &Applied| {
+            if (!applied.added.is_empty() || !applied.removed.is_empty())
+                && !may_change_membership
+            {
+                Err(MlsError::NotAllowed(*sender))
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Processes a commit of `sender` like [`Group::process_commit`], with `allow` deciding
+    /// whether what it changes (its `added` and `removed`) is acceptable before it is merged.
+    pub fn process_commit_checked(
+        &mut self,
+        bytes: &[u8],
+        sender: &PeerId,
+        allow: &dyn Fn(&Applied) -> Result<(), MlsError>,
+    ) -> Result<Applied, MlsError> {
         let message = self.protocol_message(bytes)?;
         if !message.is_handshake_message() {
             return Err(MlsError::Unexpected("an application message, not a commit"));
@@ -594,10 +613,13 @@ impl Group {
                     removed.extend(package::named_peer(&member.credential));
                 }
             }
-            let changes_membership = !added.is_empty() || !removed.is_empty();
-            if changes_membership && !may_change_membership {
-                return Err(MlsError::NotAllowed(sender));
-            }
+            let removed_self = staged.self_removed();
+            allow(&Applied {
+                epoch: current + 1,
+                added: added.clone(),
+                removed: removed.clone(),
+                removed_self,
+            })?;
             // A refreshed leaf must stay bound to its owner.
             if let Some(leaf) = staged.update_path_leaf_node() {
                 package::check_binding(
@@ -614,7 +636,6 @@ impl Group {
                     &sender,
                 )?;
             }
-            let removed_self = staged.self_removed();
             g.mls
                 .merge_staged_commit(&g.provider, *staged)
                 .map_err(mls)?;

@@ -49,6 +49,24 @@ impl Node {
         Ok(package)
     }
 
+    /// A fresh one-use key package of this node (a claim made to the node itself), its private
+    /// keys on disk before it is returned.
+    pub(crate) async fn own_key_package(&self) -> Result<Vec<u8>, String> {
+        let member = Member::new(self.store().clone(), self.key(), Config::default())
+            .map_err(|e| e.to_string())?;
+        let mut batch = Batch::new();
+        let package = member
+            .key_packages(1, false, &mut batch)
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or("no key package made")?;
+        self.store()
+            .commit(batch)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(package)
+    }
+
     /// Publishes MLS key packages to home relay `relay` at `addr`: the last-resort package,
     /// and new one-use packages when the relay holds fewer than [`PACKAGES_LOW`].
     /// Failures are logged; the next publication tries again.

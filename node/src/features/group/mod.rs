@@ -26,6 +26,8 @@
 //!   envelope covers many ids); `kith read GROUP` sends `Read` receipts the same way. The sender
 //!   keeps per-member states and shows their minimum.
 
+mod keys;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -52,8 +54,8 @@ use futures::future::BoxFuture;
 const MAX_CONFLICT_RETRIES: usize = 8;
 
 /// The node's in-memory group state (the store holds the durable copy).
-#[derive(Default)]
 pub(crate) struct Groups {
+    keys: keys::Keys,
     states: Mutex<HashMap<GroupId, State>>,
     lamports: Mutex<HashMap<GroupId, u64>>,
     receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
@@ -67,9 +69,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Groups {
-    /// Loads the groups from the store.
-    pub(crate) fn load(states: Vec<State>) -> Self {
-        let groups = Self::default();
+    /// Loads the groups from the store; `member` is this node's MLS client.
+    pub(crate) fn load(states: Vec<State>, member: crate::core::crypto::mls::Member) -> Self {
+        let groups = Self {
+            keys: keys::Keys::new(member),
+            states: Mutex::default(),
+            lamports: Mutex::default(),
+            receipts: Mutex::default(),
+            receipts_wake: Notify::default(),
+            sync: tokio::sync::Mutex::default(),
+        };
         lock(&groups.states).extend(states.into_iter().map(|s| (s.group, s)));
         groups
     }
@@ -96,6 +105,10 @@ pub struct GroupView {
     pub members: Vec<String>,
     /// Operations applied so far.
     pub version: u64,
+    /// The MLS epoch of the group's keys: each commit (create, add, remove, update) moves it
+    /// on by one.
+    #[serde(default)]
+    pub epoch: u64,
     /// Its home relay.
     pub relay: String,
     /// Names of the members this node knows (its contacts, and itself), by peer id.
@@ -114,6 +127,7 @@ impl From<&State> for GroupView {
             admins: s.admins.iter().map(|p| p.to_string()).collect(),
             members: s.members.iter().map(|p| p.to_string()).collect(),
             version: s.version,
+            epoch: s.epoch,
             relay: s.relay.clone(),
             member_names: HashMap::new(),
             member: false,
@@ -133,6 +147,8 @@ pub enum ChangeKind {
     Promote,
     /// Leave the group.
     Leave,
+    /// Refresh this node's keys in the group (an MLS self-update), removing leavers.
+    Rekey,
 }
 
 fn invalid(e: impl std::fmt::Display) -> NodeError {
@@ -242,18 +258,33 @@ impl Node {
                 set.insert(peer);
             }
         }
-        let op = Op {
-            group: GroupId::random(),
+        let id = GroupId::random();
+        let change = Change::Create {
+            name: name.trim().to_owned(),
+            relay: relay.to_string(),
+            members: set.clone(),
+        };
+        // Checked before any key package is claimed.
+        let planned = Op {
+            group: id,
             version: 0,
-            change: Change::Create {
-                name: name.trim().to_owned(),
-                relay: relay.to_string(),
-                members: set,
-            },
+            change: change.clone(),
+            mls: None,
+        };
+        planned.validate_shape().map_err(invalid)?;
+        if set.len() + 1 > self.group_limits().max_members {
+            return Err(invalid(group::OpError::TooManyMembers {
+                max: self.group_limits().max_members,
+            }));
+        }
+        let (mut keys, handshake) = self.create_keys(&id, &set, &relay).await?;
+        let op = Op {
+            mls: handshake.as_ref().map(|h| group::Crypto::of(0, h)),
+            ..planned
         };
         let state = State::create(me, &op, &self.group_limits()).map_err(invalid)?;
-        let envelope = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
-        match self.submit(&state, envelope).await? {
+        let committed = handshake.is_some();
+        match self.submit_op(&state, op, handshake).await? {
             group::Response::Applied { .. } => {}
             other => {
                 return Err(invalid(format!(
@@ -261,7 +292,7 @@ impl Node {
                 )))
             }
         }
-        self.save_group(state.clone()).await?;
+        self.created(state.clone(), &mut keys, committed).await?;
         tracing::info!(group = %state.group, name = %state.name, "group created");
         Ok(self.named_view(&state))
     }
@@ -275,8 +306,12 @@ impl Node {
         who: Option<&str>,
     ) -> Result<GroupView, NodeError> {
         let group = self.group_of(name_or_id)?.group;
+        if kind == ChangeKind::Rekey {
+            let next = self.rekey_group(&group).await?;
+            return Ok(self.named_view(&next));
+        }
         let target = match (kind, who) {
-            (ChangeKind::Leave, _) => None,
+            (ChangeKind::Leave | ChangeKind::Rekey, _) => None,
             (_, Some(who)) => Some(self.resolve(who)?),
             (_, None) => return Err(invalid("say whom to add, remove or promote")),
         };
@@ -293,13 +328,15 @@ impl Node {
                 (ChangeKind::Promote, Some(member)) => Change::Promote { member },
                 _ => Change::Leave,
             };
-            let op = Op {
+            // Checked on the chain before a commit is made (the epoch check stands in for it).
+            let planned = Op {
                 group,
                 version: state.version,
-                change,
+                change: change.clone(),
+                mls: None,
             };
-            let next = match state.apply(me, &op, &self.group_limits()) {
-                Ok(next) => next,
+            match state.apply(me, &planned, &self.group_limits()) {
+                Ok(_) | Err(group::OpError::Commit { .. }) => {}
                 // Someone else made the same change while we raced: the goal is reached.
                 Err(
                     group::OpError::AlreadyMember { .. }
@@ -307,28 +344,30 @@ impl Node {
                     | group::OpError::NotMember { .. },
                 ) if attempt > 0 => return Ok(self.named_view(&state)),
                 Err(e) => return Err(invalid(e)),
-            };
-            let envelope = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
-            match self.submit(&state, envelope).await? {
-                group::Response::Applied { version, .. } if version == next.version => {
-                    self.save_group(next.clone()).await?;
-                    return Ok(self.named_view(&next));
-                }
-                group::Response::Applied { .. } | group::Response::Conflict { .. } => {
-                    tracing::info!(%group, attempt, "group changed meanwhile; syncing and retrying");
-                }
-                other => return Err(invalid(format!("unexpected answer {other:?}"))),
             }
+            let mut keys = self.lock_keys(&group).await?;
+            if let Some(next) = self.submit_change(&state, change, &mut keys).await? {
+                return Ok(self.named_view(&next));
+            }
+            tracing::info!(%group, attempt, "group changed meanwhile; syncing and retrying");
         }
         Err(invalid("the group keeps changing; try again"))
     }
 
-    /// Submits a signed operation to the group's relay; `Refused` and `Rejected` become errors.
-    async fn submit(&self, state: &State, op: Envelope) -> Result<group::Response, NodeError> {
+    /// Signs `op` and submits it, with its commit and Welcome, to the group's relay;
+    /// `Refused` and `Rejected` become errors.
+    async fn submit_op(
+        &self,
+        state: &State,
+        op: Op,
+        handshake: Option<group::Handshake>,
+    ) -> Result<group::Response, NodeError> {
         let (relay, addr) = Self::relay_of(state)?;
+        let op = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
         let request = group::Request::Submit {
             req_id: self.req_id(),
             op,
+            handshake,
         };
         match self.net().group(relay, vec![addr], request).await {
             Ok(group::Response::Refused { reason, .. }) => Err(invalid(reason)),
@@ -344,7 +383,11 @@ impl Node {
 
     /// Stores a validated state and (un)subscribes the group's topic as membership says.
     async fn save_group(&self, state: State) -> Result<(), NodeError> {
-        let mut batch = Batch::new();
+        self.save_group_with(state, Batch::new()).await
+    }
+
+    /// Stores a validated state with `batch` (its keys' change) in one durable write.
+    async fn save_group_with(&self, state: State, mut batch: Batch) -> Result<(), NodeError> {
         batch.put_group(&state);
         self.store().commit(batch).await?;
         let member = state.is_member(&self.peer_id());
@@ -377,6 +420,7 @@ impl Node {
             (None, None) => return Ok(None),
         };
         let mut state = local.clone();
+        let mut keys = self.lock_keys(group).await?;
         loop {
             let request = group::Request::Get {
                 req_id: self.req_id(),
@@ -384,8 +428,14 @@ impl Node {
                 after_version: state.as_ref().map_or(0, |s| s.version),
                 limit: group::MAX_OPS_PER_PAGE,
             };
-            let (ops, more) = match self.net().group(relay, vec![addr.clone()], request).await {
-                Ok(group::Response::Ops { ops, more, .. }) => (ops, more),
+            let (ops, more, handshakes) =
+                match self.net().group(relay, vec![addr.clone()], request).await {
+                    Ok(group::Response::Ops {
+                        ops,
+                        more,
+                        handshakes,
+                        ..
+                    }) => (ops, more, handshakes),
                 Ok(other) => {
                     return Err(invalid(format!("unexpected answer to a sync: {other:?}")))
                 }
@@ -395,14 +445,38 @@ impl Node {
                     )))
                 }
             };
-            state = group::replay(state, &ops, &self.group_limits()).map_err(|e| {
-                tracing::warn!(%group, %relay, error = %e, "refusing the relay's group chain");
-                invalid(format!("the group's chain does not validate: {e}"))
-            })?;
+            for (index, envelope) in ops.iter().enumerate() {
+                let refuse = |e: &dyn std::fmt::Display| {
+                    tracing::warn!(%group, %relay, error = %e, "refusing the relay's group chain");
+                    invalid(format!("the group's chain does not validate: {e}"))
+                };
+                let op = group::open_op(envelope).map_err(|e| refuse(&e))?;
+                if op.group != *group {
+                    return Err(refuse(&"an operation of another group"));
+                }
+                let next = match &state {
+                    None => State::create(envelope.from, &op, &self.group_limits()),
+                    Some(s) => s.apply(envelope.from, &op, &self.group_limits()),
+                }
+                .map_err(|e| refuse(&e))?;
+                // The keys follow the chain; a commit that does not process is logged and the
+                // chain goes on (messages of later epochs then do not open).
+                let mut batch = Batch::new();
+                let handshake = handshakes.get(index).and_then(Option::as_ref);
+                if let Err(e) =
+                    self.follow_op(&mut keys, envelope.from, &op, &next, handshake, &mut batch)
+                {
+                    tracing::warn!(%group, version = next.version, author = %envelope.from, error = %e, "cannot follow the group's keys through an operation");
+                }
+                batch.put_group(&next);
+                self.store().apply(batch)?;
+                state = Some(next);
+            }
             if !more || ops.is_empty() {
                 break;
             }
         }
+        drop(keys);
         if let Some(s) = &state {
             if local.as_ref() != Some(s) {
                 self.save_group(s.clone()).await?;
@@ -418,7 +492,8 @@ impl Node {
             if op.version < state.version {
                 return Ok(());
             }
-            if op.version == state.version {
+            // A change of the keys needs its commit, which comes with the chain: sync.
+            if op.version == state.version && op.mls.is_none() {
                 let next = state
                     .apply(envelope.from, &op, &self.group_limits())
                     .map_err(|e| {
@@ -453,23 +528,13 @@ impl Node {
         self.plugins().timers.check(self, &envelope)?;
         let from = envelope.from;
         let body = self.open_room_body(&envelope)?;
-        let mut file = None;
-        let mut timer = None;
-        let text = match body {
+        let ciphertext = match body {
             Body::GroupOp(op) if op.group == group_id => {
                 return self.on_group_op(via, envelope, op).await
             }
-            Body::Chat { text } => text,
-            Body::File(f) => {
-                file = Some(f);
-                String::new()
-            }
-            Body::Timer { secs, admins_only } => {
-                timer = Some((secs, admins_only));
-                String::new()
-            }
+            Body::Mls { ciphertext } => ciphertext,
             _ => {
-                tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind");
+                tracing::warn!(%via, %from, "refusing a group envelope of the wrong kind (group content travels encrypted)");
                 return Err(Reject::Malformed);
             }
         };
@@ -514,6 +579,32 @@ impl Node {
             self.store().flush().await.map_err(|e| store_failed(&e))?;
             return Ok(());
         }
+        // Opened only now: a copy of a message opened before has no key left.
+        let mut batch = Batch::new();
+        let (inner, keys) = self
+            .open_group_body(&group_id, from, &ciphertext, &mut batch)
+            .await?;
+        if let Err(e) = inner.validate() {
+            tracing::warn!(%via, %from, error = %e, "refusing a group message with a bad body");
+            return Err(Reject::Malformed);
+        }
+        let mut file = None;
+        let mut timer = None;
+        let mut text = match inner {
+            Body::Chat { text } => text,
+            Body::File(f) => {
+                file = Some(f);
+                String::new()
+            }
+            Body::Timer { secs, admins_only } => {
+                timer = Some((secs, admins_only));
+                String::new()
+            }
+            _ => {
+                tracing::warn!(%via, %from, "refusing a group message whose content is of the wrong kind");
+                return Err(Reject::Malformed);
+            }
+        };
         let lamport = {
             let mut lamports = lock(&self.groups().lamports);
             let current = match lamports.get(&group_id) {
@@ -524,8 +615,6 @@ impl Node {
             lamports.insert(group_id, next);
             next
         };
-        let mut batch = Batch::new();
-        let mut text = text;
         if let (Some((secs, admins_only)), Some(state)) = (timer, state.as_ref()) {
             text = self.plugins().timers.stage(
                 self,
@@ -548,6 +637,7 @@ impl Node {
             .commit(batch)
             .await
             .map_err(|e| store_failed(&e))?;
+        drop(keys);
         claim.stored();
         self.emit(self.message_event(&envelope, Some(group_id), text));
         self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
@@ -673,6 +763,8 @@ impl Node {
             )));
         }
         body.validate().map_err(invalid)?;
+        // Leavers out of the keys, and this node's keys refreshed when due, first.
+        let (state, mut keys) = self.tidy_keys(state).await?;
         let group_id = state.group;
         let lamport = {
             let mut lamports = lock(&self.groups().lamports);
@@ -701,7 +793,8 @@ impl Node {
             lamport,
             expires_at_ms,
         };
-        let entry = self.compose(header, &body, EntryKind::Message)?;
+        let sealed = self.seal_group_body(&mut keys, &body, &mut batch)?;
+        let entry = self.compose(header, &sealed, EntryKind::Message)?;
         let envelope = &entry.envelope;
         let id = envelope.id;
         let msg = StoredMessage {
@@ -727,6 +820,7 @@ impl Node {
         batch.put_member_states(&id, &members);
         batch.put_outbox(&entry);
         self.store().commit(batch).await?;
+        drop(keys);
         self.enqueue(entry);
         let current = match (wait, first) {
             (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
