@@ -434,3 +434,34 @@ pub fn op_with_junk_commit(
     (op, handshake)
 }
 
+
+/// Stand-ins for group members that run no node: each publishes two MLS key packages to the
+/// relay (as its owner), so that an admin can add it. Their private keys go to a store in
+/// `store_dir`.
+pub async fn publish_packages(
+    relay: PeerId,
+    addr: &Multiaddr,
+    keys: &[Keypair],
+    store_dir: &Path,
+) -> Result<()> {
+    use kith_node::core::crypto::mls::{Config as MlsConfig, Member};
+    use kith_protocol::prekeys::{Request, Response};
+    let store = kith_node::core::store::Store::open(store_dir)?;
+    for key in keys {
+        let member = Member::new(store.clone(), key, MlsConfig::default())?;
+        let mut batch = kith_node::core::store::Batch::new();
+        let packages = member.key_packages(2, false, &mut batch)?;
+        store.apply(batch)?;
+        let mut peer = RawPeer::with_key(key.clone())?;
+        let publish = Request::PublishPackages {
+            req_id: 1,
+            packages: packages.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+            last_resort: None,
+        };
+        match peer.keys(relay, addr, publish).await? {
+            Response::PackagesPublished { .. } => {}
+            other => bail!("the relay did not take the packages: {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -187,14 +187,18 @@ async fn an_offline_member_gets_messages_on_return() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_admins_change_membership_and_concurrent_admins_agree() -> anyhow::Result<()> {
     let f = fixture().await?;
-    let dave = Keypair::generate_ed25519()
-        .public()
-        .to_peer_id()
-        .to_string();
-    let erin = Keypair::generate_ed25519()
-        .public()
-        .to_peer_id()
-        .to_string();
+    // Dave and erin run no node: their key packages wait at the relay.
+    let (dave_key, erin_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let stand_ins = tempfile::tempdir()?;
+    kith_tests::publish_packages(
+        f.relay.peer_id,
+        &f.relay_addr,
+        &[dave_key.clone(), erin_key.clone()],
+        stand_ins.path(),
+    )
+    .await?;
+    let dave = dave_key.public().to_peer_id().to_string();
+    let erin = erin_key.public().to_peer_id().to_string();
     let carol = f.carol.peer_id().to_string();
     use kith_node::features::group::ChangeKind::*;
 
@@ -306,14 +310,14 @@ async fn the_201st_member_is_refused() -> anyhow::Result<()> {
     init_logs();
     let dir = tempfile::tempdir()?;
     let (relay, relay_addr) = start_relay(dir.path()).await?;
-    let alice = TestNode::start("alice", vec![relay_addr]).await?;
-    let others: Vec<String> = (0..199)
-        .map(|_| {
-            Keypair::generate_ed25519()
-                .public()
-                .to_peer_id()
-                .to_string()
-        })
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    // 199 members that run no node: their key packages wait at the relay.
+    let keys: Vec<Keypair> = (0..199).map(|_| Keypair::generate_ed25519()).collect();
+    let stand_ins = tempfile::tempdir()?;
+    kith_tests::publish_packages(relay.peer_id, &relay_addr, &keys, stand_ins.path()).await?;
+    let others: Vec<String> = keys
+        .iter()
+        .map(|k| k.public().to_peer_id().to_string())
         .collect();
     let created = alice.node().create_group("big", &others).await?;
     let info = alice.node().group_info(&created.group_id).await?;

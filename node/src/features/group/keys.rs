@@ -157,11 +157,17 @@ impl Node {
             }
         }
         if !missing.is_empty() {
+            let count = missing.len();
+            if count > 3 {
+                let more = format!("and {} more", count - 3);
+                missing.truncate(3);
+                missing.push(more);
+            }
             return Err(NodeError::Unavailable(format!(
                 "cannot add {} member(s) without one of their key packages (a node publishes them \
                  to its home relays once it is online; add it as a contact from its invite so its \
                  relays are known, or try again when it is online): {}",
-                missing.len(),
+                count,
                 missing.join("; ")
             )));
         }

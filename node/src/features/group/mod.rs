@@ -492,18 +492,22 @@ impl Node {
             if op.version < state.version {
                 return Ok(());
             }
-            // A change of the keys needs its commit, which comes with the chain: sync.
-            if op.version == state.version && op.mls.is_none() {
+            if op.version == state.version {
                 let next = state
                     .apply(envelope.from, &op, &self.group_limits())
                     .map_err(|e| {
                         tracing::warn!(%via, group = %op.group, error = %e, "refusing a group operation");
                         Reject::Malformed
                     })?;
-                return self.save_group(next).await.map_err(|e| {
-                    tracing::error!(error = %e, "cannot store a group");
-                    Reject::StoreFailed
-                });
+                // A change of the keys needs its commit, which comes with the chain (sync), unless
+                // it takes this node out: then the keys are no longer its business (and the
+                // relay no longer shows it the chain).
+                if op.mls.is_none() || !next.is_member(&self.peer_id()) {
+                    return self.save_group(next).await.map_err(|e| {
+                        tracing::error!(error = %e, "cannot store a group");
+                        Reject::StoreFailed
+                    });
+                }
             }
         }
         let hint = self.home_relays().get(&via).map(|a| (via, a.clone()));
