@@ -19,7 +19,6 @@ use std::sync::OnceLock;
 use futures::io::Cursor;
 use kith_protocol::envelope::Header;
 use kith_protocol::group::{self, Change, Crypto, Handshake, Limits, Op};
-use serde_bytes::ByteBuf;
 use kith_protocol::invite::Invite;
 use kith_protocol::{
     blob, cbor, dm, mailbox, prekeys, presence, Body, Destination, Envelope, GroupId, Keypair,
@@ -29,6 +28,7 @@ use libp2p::request_response::Codec as _;
 use libp2p::StreamProtocol;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_bytes::ByteBuf;
 
 use crate::codec::{Budget, Message};
 

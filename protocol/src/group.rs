@@ -219,18 +219,26 @@ impl Handshake {
     /// [`MAX_HANDSHAKE_PART_BYTES`]).
     pub fn check(&self, op: &Op) -> Result<(), OpError> {
         let Some(crypto) = &op.mls else {
-            return Err(OpError::BadHandshake("the operation carries no commit".into()));
+            return Err(OpError::BadHandshake(
+                "the operation carries no commit".into(),
+            ));
         };
         let too_big = |b: &[u8]| b.len() > MAX_HANDSHAKE_PART_BYTES;
         if too_big(&self.commit) || self.welcome.as_ref().is_some_and(|w| too_big(w)) {
-            return Err(OpError::BadHandshake("a commit or Welcome is too large".into()));
+            return Err(OpError::BadHandshake(
+                "a commit or Welcome is too large".into(),
+            ));
         }
         if digest(&self.commit) != crypto.commit {
-            return Err(OpError::BadHandshake("the commit is not the one signed".into()));
+            return Err(OpError::BadHandshake(
+                "the commit is not the one signed".into(),
+            ));
         }
         let welcome = self.welcome.as_ref().map(|w| digest(w));
         if welcome != crypto.welcome.map(|w| w.into_array()) {
-            return Err(OpError::BadHandshake("the Welcome is not the one signed".into()));
+            return Err(OpError::BadHandshake(
+                "the Welcome is not the one signed".into(),
+            ));
         }
         Ok(())
     }
@@ -858,11 +866,25 @@ mod tests {
         );
         // A promote carries no commit; an add must carry one with a Welcome.
         let mut promote = op(&added, Change::Promote { member: bob });
-        assert_eq!(added.apply(alice, &promote, &LIMITS).expect("promote").epoch, 2);
-        promote.mls = crypto(&Change::Update { removes: BTreeSet::new() }, 2);
+        assert_eq!(
+            added
+                .apply(alice, &promote, &LIMITS)
+                .expect("promote")
+                .epoch,
+            2
+        );
+        promote.mls = crypto(
+            &Change::Update {
+                removes: BTreeSet::new(),
+            },
+            2,
+        );
         assert!(matches!(
             added.apply(alice, &promote, &LIMITS),
-            Err(OpError::Commit { required: false, .. })
+            Err(OpError::Commit {
+                required: false,
+                ..
+            })
         ));
         let mut bare = op(&added, Change::Remove { member: carol });
         bare.mls = None;
@@ -871,7 +893,12 @@ mod tests {
             Err(OpError::Commit { required: true, .. })
         ));
         // Any member may update, removing only peers that already left.
-        let update = op(&added, Change::Update { removes: BTreeSet::from([carol]) });
+        let update = op(
+            &added,
+            Change::Update {
+                removes: BTreeSet::from([carol]),
+            },
+        );
         assert!(matches!(
             added.apply(bob, &update, &LIMITS),
             Err(OpError::StillMember { .. })
@@ -880,7 +907,12 @@ mod tests {
             .apply(carol, &op(&added, Change::Leave), &LIMITS)
             .expect("leave");
         assert_eq!(left.epoch, 2, "a leave commits nothing");
-        let tidy = op(&left, Change::Update { removes: BTreeSet::from([carol]) });
+        let tidy = op(
+            &left,
+            Change::Update {
+                removes: BTreeSet::from([carol]),
+            },
+        );
         assert_eq!(left.apply(bob, &tidy, &LIMITS).expect("update").epoch, 3);
     }
 
@@ -899,9 +931,15 @@ mod tests {
         assert!(matches!(swapped.check(&add), Err(OpError::BadHandshake(_))));
         let mut no_welcome = handshake.clone();
         no_welcome.welcome = None;
-        assert!(matches!(no_welcome.check(&add), Err(OpError::BadHandshake(_))));
+        assert!(matches!(
+            no_welcome.check(&add),
+            Err(OpError::BadHandshake(_))
+        ));
         add.mls = None;
-        assert!(matches!(handshake.check(&add), Err(OpError::BadHandshake(_))));
+        assert!(matches!(
+            handshake.check(&add),
+            Err(OpError::BadHandshake(_))
+        ));
     }
 
     #[test]

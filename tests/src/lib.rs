@@ -10,6 +10,7 @@ pub mod mls_bench;
 pub mod presence;
 pub mod process;
 pub mod relay_bench;
+pub mod scan;
 pub mod webdriver;
 
 use std::future::Future;
@@ -434,7 +435,6 @@ pub fn op_with_junk_commit(
     (op, handshake)
 }
 
-
 /// Stand-ins for group members that run no node: each publishes two MLS key packages to the
 /// relay (as its owner), so that an admin can add it. Their private keys go to a store in
 /// `store_dir`.
@@ -455,7 +455,10 @@ pub async fn publish_packages(
         let mut peer = RawPeer::with_key(key.clone())?;
         let publish = Request::PublishPackages {
             req_id: 1,
-            packages: packages.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+            packages: packages
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect(),
             last_resort: None,
         };
         match peer.keys(relay, addr, publish).await? {

@@ -611,10 +611,7 @@ async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
             op,
             handshake,
         };
-        match peer
-            .group(relay.peer_id, &addr, submit)
-            .await?
-        {
+        match peer.group(relay.peer_id, &addr, submit).await? {
             Response::Applied { .. } => applied += 1,
             Response::Rejected {
                 reason: Reject::Busy { retry_after_ms },

@@ -10,6 +10,7 @@ use kith_net::codec::Message;
 use kith_node::NodeEvent;
 use kith_protocol::envelope::Header;
 use kith_protocol::{mailbox, Body, Destination, Envelope, MessageId, MessageState, Reject};
+use kith_tests::scan::holders;
 use kith_tests::{befriend, init_logs, wait_for, RawPeer, TestNode};
 use libp2p::Multiaddr;
 use tokio::sync::broadcast;
@@ -26,38 +27,6 @@ async fn start_relay(dir: &Path) -> anyhow::Result<(kith_relay::Running, Multiad
     let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
     Ok((relay, addr))
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.is_file() {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
-/// The files under `dir` whose raw bytes contain `needle`.
-fn holders(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    files_under(dir)
-        .into_iter()
-        .filter(|path| {
-            std::fs::read(path)
-                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 fn texts(node: &TestNode, with: &str) -> Vec<String> {

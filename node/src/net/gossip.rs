@@ -18,7 +18,7 @@ const MAX_TOPICS_PER_PEER: usize = 100_000;
 
 /// Builds the node's gossipsub: a small mesh (groups are small and the relay floods), kith
 /// validates every message before it is forwarded, frames fit one envelope.
-pub(crate) fn behaviour(key: &Keypair, heartbeat: Duration) -> Result<Gossipsub, String> {
+pub fn behaviour(key: &Keypair, heartbeat: Duration) -> Result<Gossipsub, String> {
     let config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(heartbeat)
         .heartbeat_initial_delay(heartbeat.min(Duration::from_secs(5)))

@@ -238,7 +238,9 @@ async fn submit(
         (Some(handshake), Some(_)) => handshake.check(&op),
         (None, None) => Ok(()),
         (None, Some(_)) => Err(OpError::BadHandshake("the commit is missing".into())),
-        (Some(_), None) => Err(OpError::BadHandshake("a commit for a change without one".into())),
+        (Some(_), None) => Err(OpError::BadHandshake(
+            "a commit for a change without one".into(),
+        )),
     };
     if let Err(reason) = checked {
         return refused(peer, req_id, reason);

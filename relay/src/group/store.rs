@@ -127,7 +127,12 @@ impl Store {
     /// Up to `limit` operations producing versions above `after_version`, oldest first, with
     /// their handshakes, and whether more follow. A page also stops before its handshakes pass
     /// [`MAX_PAGE_HANDSHAKE_BYTES`] (it always holds at least one operation).
-    pub fn ops(&self, group: &GroupId, after_version: u64, limit: usize) -> Result<Page, StoreError> {
+    pub fn ops(
+        &self,
+        group: &GroupId,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let start = op_key(group, after_version.saturating_add(1));
         let end = op_key(group, u64::MAX);
         let damaged = |e: cbor::DecodeError| StoreError::Damaged(e.to_string());

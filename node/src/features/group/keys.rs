@@ -354,10 +354,7 @@ impl Node {
             return true;
         }
         let last = match self.store().get_raw(&rekeyed_key(group)) {
-            Ok(Some(bytes)) => bytes
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or_default(),
+            Ok(Some(bytes)) => bytes.try_into().map(u64::from_be_bytes).unwrap_or_default(),
             // Never recorded (joined, not yet committed): count from the first check.
             Ok(None) => {
                 let mut batch = Batch::new();
@@ -400,7 +397,11 @@ impl Node {
                 }
                 continue;
             }
-            let why = if removes.is_empty() { "rekey" } else { "remove leavers" };
+            let why = if removes.is_empty() {
+                "rekey"
+            } else {
+                "remove leavers"
+            };
             match self
                 .submit_change(&state, Change::Update { removes }, &mut keys)
                 .await
@@ -450,7 +451,9 @@ impl Node {
                 return Ok(next);
             }
         }
-        Err(NodeError::Invalid("the group keeps changing; try again".into()))
+        Err(NodeError::Invalid(
+            "the group keeps changing; try again".into(),
+        ))
     }
 
     /// Brings the group's keys along with one operation of its chain, `op` by `author`, which

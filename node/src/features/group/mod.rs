@@ -436,15 +436,15 @@ impl Node {
                         handshakes,
                         ..
                     }) => (ops, more, handshakes),
-                Ok(other) => {
-                    return Err(invalid(format!("unexpected answer to a sync: {other:?}")))
-                }
-                Err(e) => {
-                    return Err(invalid(format!(
-                        "the group's home relay {relay} is unreachable: {e}"
-                    )))
-                }
-            };
+                    Ok(other) => {
+                        return Err(invalid(format!("unexpected answer to a sync: {other:?}")))
+                    }
+                    Err(e) => {
+                        return Err(invalid(format!(
+                            "the group's home relay {relay} is unreachable: {e}"
+                        )))
+                    }
+                };
             for (index, envelope) in ops.iter().enumerate() {
                 let refuse = |e: &dyn std::fmt::Display| {
                     tracing::warn!(%group, %relay, error = %e, "refusing the relay's group chain");
@@ -922,7 +922,12 @@ impl Node {
         member: Option<&PeerId>,
         state: MessageState,
     ) -> Result<(), NodeError> {
-        if let Some((states, moved)) = self.store().advance_members(id, member, state)? {
+        let changed = self.store().advance_members(id, member, state)?;
+        if changed.is_none() && member.is_none() && self.store().member_states(id)?.is_empty() {
+            // A group of one: the relay storing it is as far as it goes.
+            return Ok(self.advance_state(id, state.min(MessageState::Sent))?);
+        }
+        if let Some((states, moved)) = changed {
             let overall = group::overall_state(states.values().copied());
             self.advance_state(id, overall)?;
             // Recorded first: whoever hears of a change reads it back.

@@ -550,8 +550,7 @@ impl Group {
         may_change_membership: bool,
     ) -> Result<Applied, MlsError> {
         self.process_commit_checked(bytes, sender, &|applied: &Applied| {
-            if (!applied.added.is_empty() || !applied.removed.is_empty())
-                && !may_change_membership
+            if (!applied.added.is_empty() || !applied.removed.is_empty()) && !may_change_membership
             {
                 Err(MlsError::NotAllowed(*sender))
             } else {
