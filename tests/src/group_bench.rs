@@ -47,6 +47,34 @@ pub struct GroupFigures {
     pub process_rss_kib: u64,
     /// The process's peak resident memory.
     pub process_hwm_kib: u64,
+    /// Creating the group with every member in one step (claims, one commit, the relay
+    /// applies it), as the creator waits for it.
+    pub create_call: Duration,
+    /// The same start → every member joined the group's keys (epoch 1).
+    pub create_all: Duration,
+    /// Adding one member: the admin's change (claim, commit, the relay applies it).
+    pub add_call: Duration,
+    /// The same start → every member in the new epoch (the newcomer joined).
+    pub add_all: Duration,
+    /// Removing one member: the admin's change.
+    pub remove_call: Duration,
+    /// The same start → every remaining member in the new epoch.
+    pub remove_all: Duration,
+}
+
+/// Waits until every node shows group `id` at `epoch` (its local view).
+async fn all_at_epoch(nodes: &[&TestNode], id: &str, epoch: u64) -> Result<()> {
+    for node in nodes {
+        wait_for("member in the epoch", || async {
+            node.node()
+                .group_list()
+                .iter()
+                .any(|g| g.group_id == id && g.epoch == epoch)
+                .then_some(())
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 fn clock_ticks_per_sec() -> u64 {
@@ -165,14 +193,14 @@ pub async fn one_message_to_a_group(members: usize, offline: usize) -> Result<Gr
     for i in 0..members - 1 {
         others.push(TestNode::start(&format!("m{i}"), relays.clone()).await?);
     }
+    // Joins later, to time an add (started now, so its key packages are at the relay).
+    let mut newcomer = TestNode::start("newcomer", relays.clone()).await?;
     let ids: Vec<String> = others.iter().map(|n| n.peer_id().to_string()).collect();
+    let create_started = Instant::now();
     let created = sender.node().create_group("bench", &ids).await?;
-    for node in &others {
-        wait_for("member knows the group", || async {
-            (!node.node().group_list().is_empty()).then_some(())
-        })
-        .await?;
-    }
+    let create_call = create_started.elapsed();
+    all_at_epoch(&others.iter().collect::<Vec<_>>(), &created.group_id, 1).await?;
+    let create_all = create_started.elapsed();
     // The last `offline` members go offline, keeping their homes and addresses.
     let mut away = Vec::new();
     for node in others.iter_mut().rev().take(offline) {
@@ -277,6 +305,31 @@ pub async fn one_message_to_a_group(members: usize, offline: usize) -> Result<Gr
     let wall = wall_started.elapsed();
     let relay_cpu = threads_cpu(RELAY_THREAD).saturating_sub(cpu_before);
     let (process_rss_kib, process_hwm_kib) = process_memory_kib();
+
+    // One member added to the full group, then removed: until every member is in each new epoch.
+    use kith_node::features::group::ChangeKind;
+    let epoch = sender.node().group_info(&created.group_id).await?.epoch;
+    let newcomer_id = newcomer.peer_id().to_string();
+    let add_started = Instant::now();
+    sender
+        .node()
+        .change_group(&created.group_id, ChangeKind::Add, Some(&newcomer_id))
+        .await?;
+    let add_call = add_started.elapsed();
+    let mut everyone: Vec<&TestNode> = others.iter().collect();
+    everyone.push(&newcomer);
+    all_at_epoch(&everyone, &created.group_id, epoch + 1).await?;
+    let add_all = add_started.elapsed();
+    let remove_started = Instant::now();
+    sender
+        .node()
+        .change_group(&created.group_id, ChangeKind::Remove, Some(&newcomer_id))
+        .await?;
+    let remove_call = remove_started.elapsed();
+    everyone.pop();
+    all_at_epoch(&everyone, &created.group_id, epoch + 2).await?;
+    let remove_all = remove_started.elapsed();
+    newcomer.stop().await;
     for mut node in others {
         node.stop().await;
     }
@@ -296,5 +349,11 @@ pub async fn one_message_to_a_group(members: usize, offline: usize) -> Result<Gr
         wall,
         process_rss_kib,
         process_hwm_kib,
+        create_call,
+        create_all,
+        add_call,
+        add_all,
+        remove_call,
+        remove_all,
     })
 }
