@@ -463,9 +463,29 @@ async fn forged_operations_are_refused_by_relay_and_members() -> anyhow::Result<
         "{answer:?}"
     );
 
-    // Members validate too: the forged add and the stranger's message, handed to bob directly.
+    // A member's (alice's) message that is no MLS message, and a stranger's that claims to be.
+    let junk = |key: &Keypair| {
+        kith_protocol::Envelope::seal(
+            key,
+            kith_protocol::envelope::Header {
+                id: kith_protocol::MessageId::random(),
+                to: Destination::Group(group),
+                sent_at_ms: 0,
+                lamport: 2,
+                expires_at_ms: None,
+            },
+            &kith_protocol::Body::Mls {
+                ciphertext: vec![0x55; 200],
+            },
+        )
+    };
+    let malformed = junk(&alice_key)?;
+    let strangers = junk(&mallory)?;
+
+    // Members validate too: the forged add, the stranger's messages (in the clear and not) and
+    // a member's undecryptable one, handed to bob directly.
     let bob_addr = direct_addr(&f.bob).await?;
-    for (i, envelope) in [forged, post].into_iter().enumerate() {
+    for (i, envelope) in [forged, post, malformed, strangers].into_iter().enumerate() {
         let answer = raw
             .dm(
                 f.bob.peer_id(),
