@@ -29,6 +29,10 @@ async fn a_relay_holds_nothing_readable_for_an_offline_recipient() -> anyhow::Re
     let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let bob_invite = bob.node().invite().encode();
     let bob_addr = bob.addr().await;
+    // A contact before the file comes (a stranger's file waits to be asked for).
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
     bob.stop().await;
     alice.node().add_contact("bob", &bob_invite, &[]).await?;
 
@@ -44,7 +48,6 @@ async fn a_relay_holds_nothing_readable_for_an_offline_recipient() -> anyhow::Re
         .then_some(())
     })
     .await?;
-    let alice_invite = alice.node().invite().encode();
     alice.stop().await;
     let key = file_key(&alice.home)?;
     assert_eq!(key.len(), 32);
@@ -61,7 +64,6 @@ async fn a_relay_holds_nothing_readable_for_an_offline_recipient() -> anyhow::Re
 
     // Bob comes back and gets both, intact.
     bob.restart_on(bob_addr).await?;
-    bob.node().add_contact("alice", &alice_invite, &[]).await?;
     let both = || async {
         let messages = bob.node().messages(Some("alice")).ok()?;
         let got_text = messages.iter().any(|m| m.text == text);

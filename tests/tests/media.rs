@@ -82,6 +82,10 @@ async fn a_large_file_reaches_an_offline_recipient_and_resumes_after_an_interrup
     let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let bob_invite = bob.node().invite().encode();
     let bob_addr = bob.addr().await;
+    // A contact before the file comes (a stranger's file waits to be asked for).
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
     bob.stop().await;
     alice.node().add_contact("bob", &bob_invite, &[]).await?;
 
@@ -97,12 +101,10 @@ async fn a_large_file_reaches_an_offline_recipient_and_resumes_after_an_interrup
     })
     .await?;
     let (_, sent_view) = attachment(&alice, "bob").expect("alice's attachment");
-    let alice_invite = alice.node().invite().encode();
     // The sender goes away: everything must come from the relay.
     alice.stop().await;
 
     bob.restart_on(bob_addr.clone()).await?;
-    bob.node().add_contact("alice", &alice_invite, &[]).await?;
     let (id, view) = wait_for("bob has the file message", || async {
         attachment(&bob, "alice")
     })
@@ -190,6 +192,12 @@ async fn a_tampered_chunk_is_refused_then_fetched_from_the_sender() -> anyhow::R
     let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let bob_invite = bob.node().invite().encode();
     let bob_addr = bob.addr().await;
+    let alice_addr = alice.addr().await;
+    let alice_id = alice.peer_id().to_string();
+    // A contact before the file comes (a stranger's file waits to be asked for).
+    bob.node()
+        .add_contact("alice", &alice_id, &[alice_addr.to_string()])
+        .await?;
     bob.stop().await;
     alice.node().add_contact("bob", &bob_invite, &[]).await?;
 
@@ -222,13 +230,8 @@ async fn a_tampered_chunk_is_refused_then_fetched_from_the_sender() -> anyhow::R
     }
 
     // The sender goes offline: the relay's copies are all bob can get, and he refuses them.
-    let alice_addr = alice.addr().await;
-    let alice_id = alice.peer_id().to_string();
     alice.stop().await;
     bob.restart_on(bob_addr).await?;
-    bob.node()
-        .add_contact("alice", &alice_id, &[alice_addr.to_string()])
-        .await?;
     let (id, _) = wait_for("bob has the message", || async {
         attachment(&bob, "alice")
     })

@@ -437,7 +437,11 @@ async fn group_rows(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
             g.create_call,
             g.create_all,
         ),
-        ("remove one member of 200".to_owned(), g.remove_call, g.remove_all),
+        (
+            "remove one member of 200".to_owned(),
+            g.remove_call,
+            g.remove_all,
+        ),
         ("add one member to 199".to_owned(), g.add_call, g.add_all),
     ] {
         rows.push(Row {
