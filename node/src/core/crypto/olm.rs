@@ -416,10 +416,14 @@ impl Olm {
     ) -> Result<T, E> {
         let message = OlmMessage::from_parts(usize::from(sealed.message_type), &sealed.ciphertext)
             .map_err(|e| OpenError::Malformed(e.to_string()))?;
+        // Every pre-key message carries the sender's signed identity: the one already on
+        // record (checked when it was recorded) is not checked again.
         if let Some(identity) = &sealed.identity {
-            identity.verify(from).map_err(OpenError::from)?;
-            self.learn_identity(from, identity)
-                .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+            if !self.knows(from, identity) {
+                identity.verify(from).map_err(OpenError::from)?;
+                self.learn_identity(from, identity)
+                    .map_err(|e| OpenError::Undecryptable(e.to_string()))?;
+            }
         }
         let mut state = self.lock();
         state.clock += 1;
@@ -751,6 +755,11 @@ impl Olm {
             .get_raw(&peer_key(peer))?
             .map(|bytes| decode("peer identity", &bytes))
             .transpose()
+    }
+
+    /// Whether `identity`, signature included, is the one on record for `peer`.
+    fn knows(&self, peer: &PeerId, identity: &SignedIdentity) -> bool {
+        matches!(self.peer(peer), Ok(Some(known)) if known.identity == *identity)
     }
 
     /// Records `peer`'s (checked) identity key; a key that replaces another one is reported,
