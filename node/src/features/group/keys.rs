@@ -53,12 +53,18 @@ pub(crate) type Locked = OwnedMutexGuard<Option<mls::Group>>;
 /// Key packages claimed at once when a group is created.
 const CLAIMS_AT_ONCE: usize = 16;
 
+/// After an update before a send failed (the relay unreachable, say), sends to the group go
+/// in the current epoch without trying again for this long, so that they do not each wait.
+const TIDY_BACKOFF: Duration = Duration::from_secs(60);
+
 /// The node's MLS client and the groups' states it has opened.
 pub(crate) struct Keys {
     member: Member,
     open: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<Option<mls::Group>>>>>,
     /// Messages sent per group since this node's last commit in it.
     sent: Mutex<HashMap<GroupId, u64>>,
+    /// When an update before a send last failed, per group.
+    tidy_failed: Mutex<HashMap<GroupId, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,6 +77,7 @@ impl Keys {
             member,
             open: Mutex::default(),
             sent: Mutex::default(),
+            tidy_failed: Mutex::default(),
         }
     }
 
@@ -344,6 +351,7 @@ impl Node {
     /// Records a commit of this node in `group` (the rekey policy counts from it).
     fn note_commit(&self, group: &GroupId, batch: &mut Batch) {
         lock(&self.keys().sent).remove(group);
+        lock(&self.keys().tidy_failed).remove(group);
         batch.put_raw(rekeyed_key(group), now_ms().to_be_bytes().to_vec());
     }
 
@@ -376,6 +384,13 @@ impl Node {
     /// epoch.
     pub(crate) async fn tidy_keys(&self, state: State) -> Result<(State, Locked), NodeError> {
         let mut state = state;
+        let backing_off = lock(&self.keys().tidy_failed)
+            .get(&state.group)
+            .is_some_and(|at| at.elapsed() < TIDY_BACKOFF);
+        if backing_off {
+            let keys = self.lock_keys(&state.group).await?;
+            return Ok((state, keys));
+        }
         for _ in 0..4 {
             let mut keys = self.lock_keys(&state.group).await?;
             let Some(active) = keys.as_ref().filter(|k| k.is_active()) else {
@@ -388,7 +403,10 @@ impl Node {
             }
             if pending {
                 drop(keys);
-                state = self.catch_up(&state).await?;
+                state = match self.catch_up(&state).await {
+                    Ok(state) => state,
+                    Err(e) => return self.untidy(state, "resolve a pending commit", e).await,
+                };
                 let mut keys = self.lock_keys(&state.group).await?;
                 if let Some(k) = keys.as_mut().filter(|k| k.has_pending()) {
                     // The chain is read to its end and does not hold it: the relay never took it.
@@ -412,14 +430,31 @@ impl Node {
                 }
                 Ok(None) => {
                     drop(keys);
-                    state = self.catch_up(&state).await?;
+                    state = match self.catch_up(&state).await {
+                        Ok(state) => state,
+                        Err(e) => return self.untidy(state, why, e).await,
+                    };
                 }
                 Err(e) => {
-                    tracing::warn!(group = %state.group, why, error = %e, "cannot update the group's keys; sending in the current epoch");
-                    return Ok((state, keys));
+                    drop(keys);
+                    return self.untidy(state, why, e).await;
                 }
             }
         }
+        let keys = self.lock_keys(&state.group).await?;
+        Ok((state, keys))
+    }
+
+    /// An update before a send failed: the message goes in the current epoch, and sends to the
+    /// group do not try again for [`TIDY_BACKOFF`].
+    async fn untidy(
+        &self,
+        state: State,
+        why: &str,
+        error: NodeError,
+    ) -> Result<(State, Locked), NodeError> {
+        tracing::warn!(group = %state.group, why, %error, "cannot update the group's keys; sending in the current epoch");
+        lock(&self.keys().tidy_failed).insert(state.group, Instant::now());
         let keys = self.lock_keys(&state.group).await?;
         Ok((state, keys))
     }
