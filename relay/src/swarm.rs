@@ -390,9 +390,10 @@ impl Task {
         }
     }
 
-    /// Serves `/kith/group/1` and the group topics through `gateway`.
+    /// Serves `/kith/group/1` and the group topics through `gateway`. The relay subscribes to
+    /// no topic (so it announces none of the groups it hosts to the peers it meets); it
+    /// flood-publishes each group's messages to the peers subscribed to the group's topic.
     pub fn with_groups(mut self, gateway: GroupGateway) -> Self {
-        gateway.subscribe_hosted(&mut self.swarm);
         self.groups = Some(gateway);
         self
     }

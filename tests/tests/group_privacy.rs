@@ -84,12 +84,19 @@ async fn epoch(node: &TestNode, group: &str) -> anyhow::Result<u64> {
     Ok(node.node().group_info(group).await?.epoch)
 }
 
+/// What a stranger on the topic saw: messages, and the topics peers announced to it.
+enum Heard {
+    Message(Vec<u8>),
+    Subscribed(String),
+}
+
 /// A peer that is no member: it subscribes to the group's gossipsub topic at the relay, as
-/// anyone may, and keeps every message it is sent there.
+/// anyone who learnt the group's id may, and keeps every message it is sent there and every
+/// topic a peer announces to it.
 fn stranger(
     relay: &Multiaddr,
     topic: &str,
-) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>> {
+) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<Heard>> {
     let key = Keypair::generate_ed25519();
     let behaviour = kith_node::net::gossip::behaviour(&key, Duration::from_millis(200))
         .map_err(anyhow::Error::msg)?;
@@ -110,21 +117,27 @@ fn stranger(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(event) = swarm.next().await {
-            if let SwarmEvent::Behaviour(gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            }) = event
-            {
-                // Accepted, as a curious peer would, so nothing stops the flow.
-                swarm.behaviour_mut().report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    gossipsub::MessageAcceptance::Accept,
-                );
-                if tx.send(message.data).is_err() {
-                    return;
+            let heard = match event {
+                SwarmEvent::Behaviour(gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                }) => {
+                    // Accepted, as a curious peer would, so nothing stops the flow.
+                    swarm.behaviour_mut().report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        gossipsub::MessageAcceptance::Accept,
+                    );
+                    Heard::Message(message.data)
                 }
+                SwarmEvent::Behaviour(gossipsub::Event::Subscribed { topic, .. }) => {
+                    Heard::Subscribed(topic.into_string())
+                }
+                _ => continue,
+            };
+            if tx.send(heard).is_err() {
+                return;
             }
         }
     });
@@ -148,12 +161,18 @@ async fn a_stranger_on_the_topic_and_the_relays_disk_see_only_ciphertext() -> an
     // first thing until the stranger hears something.
     let mut said = Vec::new();
     let mut captured: Vec<Vec<u8>> = Vec::new();
+    let mut announced: Vec<String> = Vec::new();
+    let mut keep = |heard: Heard, captured: &mut Vec<Vec<u8>>| match heard {
+        Heard::Message(data) => captured.push(data),
+        Heard::Subscribed(topic) => announced.push(topic),
+    };
     while captured.is_empty() {
         m.alice.node().send("friends", first, None).await?;
         said.push(first);
-        if let Ok(Some(data)) = tokio::time::timeout(Duration::from_millis(500), heard.recv()).await
+        if let Ok(Some(heard)) =
+            tokio::time::timeout(Duration::from_millis(500), heard.recv()).await
         {
-            captured.push(data);
+            keep(heard, &mut captured);
         }
         anyhow::ensure!(said.len() < 40, "the stranger never heard the topic");
     }
@@ -178,10 +197,16 @@ async fn a_stranger_on_the_topic_and_the_relays_disk_see_only_ciphertext() -> an
     // Bob's message and the file reference reach the stranger too (the relay floods).
     while captured.len() < 3 {
         match tokio::time::timeout(Duration::from_secs(10), heard.recv()).await {
-            Ok(Some(data)) => captured.push(data),
+            Ok(Some(heard)) => keep(heard, &mut captured),
             _ => anyhow::bail!("the stranger heard {} messages, not 3", captured.len()),
         }
     }
+    while let Ok(heard) = heard.try_recv() {
+        keep(heard, &mut captured);
+    }
+    // The relay floods the topic's messages to its subscribers but announces no topic it
+    // hosts: a stranger cannot learn which groups live there.
+    assert_eq!(announced, Vec::<String>::new());
     m.alice.stop().await;
     let key = file_key(&m.alice.home)?;
 

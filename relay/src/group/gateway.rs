@@ -107,13 +107,6 @@ impl Gateway {
         }
     }
 
-    /// Subscribes to the topic of every hosted group (at start).
-    pub fn subscribe_hosted(&self, swarm: &mut Swarm<Behaviour>) {
-        for group in self.directory.groups() {
-            subscribe(swarm, &group);
-        }
-    }
-
     /// The next finished piece of work; pending forever when there is none.
     pub async fn next(&mut self) -> Done {
         match self.pending.next().await {
@@ -349,12 +342,8 @@ impl Gateway {
                     group,
                     envelope,
                     recipients,
-                    created,
                 }) = announce
                 {
-                    if created {
-                        subscribe(swarm, &group);
-                    }
                     if self.fan_out(None, group, envelope, recipients).is_err() {
                         tracing::warn!(%group, "membership change not announced (mailbox busy); members catch up on their next sync");
                     }
@@ -466,12 +455,5 @@ impl Gateway {
                     gossipsub::MessageAcceptance::Ignore,
                 );
         }
-    }
-}
-
-fn subscribe(swarm: &mut Swarm<Behaviour>, group: &GroupId) {
-    let topic = IdentTopic::new(group::topic(group));
-    if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&topic) {
-        tracing::warn!(%group, error = %e, "cannot subscribe to a hosted group's topic");
     }
 }

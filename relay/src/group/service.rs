@@ -28,8 +28,6 @@ pub struct Announce {
     pub envelope: Envelope,
     /// Old and new members, except the author.
     pub recipients: Vec<PeerId>,
-    /// The operation created the group (the relay subscribes to its topic).
-    pub created: bool,
 }
 
 /// The answer to one request, and whom to tell.
@@ -275,7 +273,6 @@ async fn submit(
             group: op.group,
             envelope,
             recipients: recipients.into_iter().collect(),
-            created: current.is_none(),
         }),
     }
 }
