@@ -78,6 +78,29 @@ fn from_cbor<V: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<V, String> 
     ciborium::from_reader(bytes).map_err(|e| e.to_string())
 }
 
+/// Labels whose values are written in postcard instead: a group's message secrets, rewritten on
+/// every message sent or opened. openmls serialises its byte strings as sequences of numbers,
+/// and CBOR spends an item header on each; with the past epochs' member leaves inside, that
+/// encoding was about nine tenths of the cost of each message. (postcard cannot read every
+/// openmls type — some need self-describing input — so the others stay CBOR.)
+const POSTCARD_LABELS: [&str; 1] = [MESSAGE_SECRETS];
+
+fn encode_value<T: Serialize + ?Sized>(label: &str, value: &T) -> Result<Vec<u8>, StorageError> {
+    if POSTCARD_LABELS.contains(&label) {
+        postcard::to_allocvec(value).map_err(|e| StorageError::Encode(e.to_string()))
+    } else {
+        cbor(value)
+    }
+}
+
+fn decode_value<V: serde::de::DeserializeOwned>(label: &str, bytes: &[u8]) -> Result<V, String> {
+    if POSTCARD_LABELS.contains(&label) {
+        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+    } else {
+        from_cbor(bytes)
+    }
+}
+
 /// The store key of openmls's `key` under `label`.
 fn store_key(label: &str, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX.len() + label.len() + 1 + key.len() + 2);
@@ -152,7 +175,7 @@ impl Overlay {
         key: &[u8],
     ) -> Result<Option<V>, StorageError> {
         match self.raw(&store_key(label, key))? {
-            Some(bytes) => from_cbor(&bytes)
+            Some(bytes) => decode_value(label, &bytes)
                 .map(Some)
                 .map_err(|detail| StorageError::Damaged { label, detail }),
             None => Ok(None),
@@ -202,7 +225,7 @@ impl Overlay {
         key: &K,
         value: &V,
     ) -> Result<(), StorageError> {
-        self.write(label, &cbor(key)?, cbor(value)?);
+        self.write(label, &cbor(key)?, encode_value(label, value)?);
         Ok(())
     }
 
