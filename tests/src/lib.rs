@@ -468,3 +468,15 @@ pub async fn publish_packages(
     }
     Ok(())
 }
+
+/// An in-process relay in `dir` with a short gossip heartbeat (for group tests), and its
+/// address.
+pub async fn start_group_relay(dir: &Path) -> Result<(kith_relay::Running, Multiaddr)> {
+    let config = kith_relay::Config {
+        gossip_heartbeat_interval_ms: 200,
+        ..kith_relay::Config::ephemeral(dir)
+    };
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    Ok((relay, addr))
+}

@@ -2,7 +2,7 @@
 //! and the relay's disk see, what a removed member and a leaver can read, and a member that was
 //! offline across membership changes catching up.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,16 +11,6 @@ use kith_tests::{init_logs, wait_for, TestNode};
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, noise, tcp, yamux, Multiaddr};
-
-async fn start_relay(dir: &Path) -> anyhow::Result<(kith_relay::Running, Multiaddr)> {
-    let config = kith_relay::Config {
-        gossip_heartbeat_interval_ms: 200,
-        ..kith_relay::Config::ephemeral(dir)
-    };
-    let relay = kith_relay::start(config).await?;
-    let addr = relay.listen_addrs[0].clone();
-    Ok((relay, addr))
-}
 
 /// Three members on one relay, in group "friends" created by alice.
 struct Members {
@@ -38,7 +28,7 @@ async fn members() -> anyhow::Result<Members> {
     init_logs();
     let dir = tempfile::tempdir()?;
     let relay_dir = dir.path().join("relay");
-    let (relay, relay_addr) = start_relay(&relay_dir).await?;
+    let (relay, relay_addr) = kith_tests::start_group_relay(&relay_dir).await?;
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;

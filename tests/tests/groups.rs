@@ -10,16 +10,6 @@ use kith_tests::{init_logs, wait_for, RawPeer, TestNode};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 
-async fn start_relay(dir: &std::path::Path) -> anyhow::Result<(kith_relay::Running, Multiaddr)> {
-    let config = kith_relay::Config {
-        gossip_heartbeat_interval_ms: 200,
-        ..kith_relay::Config::ephemeral(dir)
-    };
-    let relay = kith_relay::start(config).await?;
-    let addr = relay.listen_addrs[0].clone();
-    Ok((relay, addr))
-}
-
 struct Fixture {
     relay: kith_relay::Running,
     relay_addr: Multiaddr,
@@ -34,7 +24,7 @@ struct Fixture {
 async fn fixture() -> anyhow::Result<Fixture> {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let (relay, relay_addr) = start_relay(dir.path()).await?;
+    let (relay, relay_addr) = kith_tests::start_group_relay(dir.path()).await?;
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
@@ -310,7 +300,7 @@ async fn a_removed_member_receives_nothing_new() -> anyhow::Result<()> {
 async fn the_201st_member_is_refused() -> anyhow::Result<()> {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let (relay, relay_addr) = start_relay(dir.path()).await?;
+    let (relay, relay_addr) = kith_tests::start_group_relay(dir.path()).await?;
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
     // 199 members that run no node: their key packages wait at the relay.
     let keys: Vec<Keypair> = (0..199).map(|_| Keypair::generate_ed25519()).collect();

@@ -12,7 +12,6 @@ use kith_node::core::store::{Batch, Contact, Direction, Store, StoredMessage};
 use kith_protocol::{MessageId, MessageState};
 use kith_tests::webdriver::{screenshot_dir, Browser, Driver, ENTER};
 use kith_tests::{init_logs, wait_for, TestNode};
-use libp2p::Multiaddr;
 use serde_json::{json, Value};
 
 /// The page and what it loads at start may weigh this much at most.
@@ -270,16 +269,6 @@ async fn the_list_pages_uploads_and_files_over_http() -> Result<()> {
     Ok(())
 }
 
-async fn start_relay(dir: &Path) -> Result<(kith_relay::Running, Multiaddr)> {
-    let config = kith_relay::Config {
-        gossip_heartbeat_interval_ms: 200,
-        ..kith_relay::Config::ephemeral(dir)
-    };
-    let relay = kith_relay::start(config).await?;
-    let addr = relay.listen_addrs[0].clone();
-    Ok((relay, addr))
-}
-
 /// Adds `other` to `node`'s contacts from its invite (relays included), with a direct address.
 async fn add_from_invite(node: &TestNode, name: &str, other: &TestNode) -> Result<()> {
     let direct = other
@@ -386,7 +375,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let (_relay, relay_addr) = start_relay(dir.path()).await?;
+    let (_relay, relay_addr) = kith_tests::start_group_relay(dir.path()).await?;
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
     // bob downloads files up to 64 KiB by himself, larger ones when he asks.
     let bob_home = dir.path().join("bob");

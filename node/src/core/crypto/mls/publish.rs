@@ -35,13 +35,21 @@ impl Node {
         {
             return Ok(bytes);
         }
+        self.fresh_package(member, true).await
+    }
+
+    /// One new key package of this node (a last-resort one: also kept under
+    /// [`LAST_RESORT_KEY`]), its private keys on disk before it is returned.
+    async fn fresh_package(&self, member: &Member, last_resort: bool) -> Result<Vec<u8>, String> {
         let mut batch = Batch::new();
         let package = member
-            .key_packages(1, true, &mut batch)
+            .key_packages(1, last_resort, &mut batch)
             .map_err(|e| e.to_string())?
             .pop()
-            .ok_or("no last-resort package made")?;
-        batch.put_raw(LAST_RESORT_KEY.to_vec(), package.clone());
+            .ok_or("no key package made")?;
+        if last_resort {
+            batch.put_raw(LAST_RESORT_KEY.to_vec(), package.clone());
+        }
         self.store()
             .commit(batch)
             .await
@@ -54,17 +62,7 @@ impl Node {
     pub(crate) async fn own_key_package(&self) -> Result<Vec<u8>, String> {
         let member = Member::new(self.store().clone(), self.key(), Config::default())
             .map_err(|e| e.to_string())?;
-        let mut batch = Batch::new();
-        let package = member
-            .key_packages(1, false, &mut batch)
-            .map_err(|e| e.to_string())?
-            .pop()
-            .ok_or("no key package made")?;
-        self.store()
-            .commit(batch)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(package)
+        self.fresh_package(&member, false).await
     }
 
     /// Publishes MLS key packages to home relay `relay` at `addr`: the last-resort package,
