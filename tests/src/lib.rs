@@ -480,3 +480,21 @@ pub async fn start_group_relay(dir: &Path) -> Result<(kith_relay::Running, Multi
     let addr = relay.listen_addrs[0].clone();
     Ok((relay, addr))
 }
+
+/// The texts of a node's conversation `with` (a contact, peer id or group), oldest first.
+pub fn texts(node: &TestNode, with: &str) -> Vec<String> {
+    node.node()
+        .messages(Some(with))
+        .expect("messages")
+        .into_iter()
+        .map(|m| m.text)
+        .collect()
+}
+
+/// Waits until a node's conversation `with` holds exactly `expected`, in order.
+pub async fn wait_texts(node: &TestNode, with: &str, expected: &[&str]) -> Result<()> {
+    wait_for("the conversation's messages", || async {
+        (texts(node, with) == expected).then_some(())
+    })
+    .await
+}

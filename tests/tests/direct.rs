@@ -3,16 +3,8 @@
 use kith_net::codec::Message;
 use kith_protocol::envelope::Header;
 use kith_protocol::{dm, Body, Destination, Envelope, MessageId, MessageState, Reject};
+use kith_tests::texts;
 use kith_tests::{befriend, init_logs, wait_for, RawPeer, TestNode};
-
-fn texts(node: &TestNode, with: &str) -> Vec<String> {
-    node.node()
-        .messages(Some(with))
-        .expect("messages")
-        .into_iter()
-        .map(|m| m.text)
-        .collect()
-}
 
 /// Makes alice and bob each other's contacts.
 async fn acquaint(alice: &TestNode, bob: &TestNode) -> anyhow::Result<()> {

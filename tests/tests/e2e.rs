@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use kith_node::NodeEvent;
 use kith_protocol::MessageState;
 use kith_tests::scan::{file_key, files_under, holders, pattern};
+use kith_tests::texts;
 use kith_tests::{befriend, init_logs, wait_for, TestNode};
 use libp2p::Multiaddr;
 
@@ -98,15 +99,6 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn texts(node: &TestNode, with: &str) -> Vec<String> {
-    node.node()
-        .messages(Some(with))
-        .expect("messages")
-        .into_iter()
-        .map(|m| m.text)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

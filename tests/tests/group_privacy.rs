@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kith_tests::scan::{file_key, files_under, holders, pattern};
 use kith_tests::{init_logs, wait_for, TestNode};
+use kith_tests::{texts, wait_texts};
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, noise, tcp, yamux, Multiaddr};
@@ -52,22 +53,6 @@ async fn members() -> anyhow::Result<Members> {
         group: created.group_id,
         dir,
     })
-}
-
-fn texts(node: &TestNode, group: &str) -> Vec<String> {
-    node.node()
-        .messages(Some(group))
-        .expect("messages")
-        .into_iter()
-        .map(|m| m.text)
-        .collect()
-}
-
-async fn wait_texts(node: &TestNode, group: &str, expected: &[&str]) -> anyhow::Result<()> {
-    wait_for("group messages", || async {
-        (texts(node, group) == expected).then_some(())
-    })
-    .await
 }
 
 async fn epoch(node: &TestNode, group: &str) -> anyhow::Result<u64> {

@@ -7,6 +7,7 @@ use kith_net::codec::Message;
 use kith_protocol::group::{self, Change, Op, OpError, Request, Response};
 use kith_protocol::{dm, Destination, GroupId, MessageState, Reject};
 use kith_tests::{init_logs, wait_for, RawPeer, TestNode};
+use kith_tests::{texts, wait_texts};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 
@@ -59,22 +60,6 @@ async fn direct_addr(node: &TestNode) -> anyhow::Result<Multiaddr> {
         .into_iter()
         .find(|a| !a.to_string().contains("p2p-circuit"))
         .ok_or_else(|| anyhow::anyhow!("no direct address"))
-}
-
-fn texts(node: &TestNode, with: &str) -> Vec<String> {
-    node.node()
-        .messages(Some(with))
-        .expect("messages")
-        .into_iter()
-        .map(|m| m.text)
-        .collect()
-}
-
-async fn wait_texts(node: &TestNode, group: &str, expected: &[&str]) -> anyhow::Result<()> {
-    wait_for("group messages", || async {
-        (texts(node, group) == expected).then_some(())
-    })
-    .await
 }
 
 fn member_state(node: &TestNode, id: &str, member: libp2p::PeerId) -> Option<MessageState> {

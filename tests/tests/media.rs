@@ -27,17 +27,8 @@ async fn start_relay(
 
 /// Writes `len` bytes of a cheap pseudo-random pattern (no two chunks alike).
 fn write_file(dir: &Path, name: &str, len: usize, seed: u64) -> anyhow::Result<PathBuf> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut data = Vec::with_capacity(len);
-    while data.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(len);
     let path = dir.join(name);
-    std::fs::write(&path, data)?;
+    std::fs::write(&path, kith_tests::scan::pattern(len, seed))?;
     Ok(path)
 }
 

@@ -517,7 +517,7 @@ fn rand_byte() -> u8 {
 }
 
 async fn group_abuse(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
-    use kith_protocol::group::{Change, Op, Request, Response};
+    use kith_protocol::group::{Change, Request, Response};
     let relay_addr = t.addr.to_string();
     loop {
         let mut peer = RawPeer::new()?;
@@ -537,20 +537,9 @@ async fn group_abuse(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
             .cycle(),
         );
         for change in changes.by_ref() {
-            // Junk commits: the relay orders them by epoch without reading them.
-            let handshake = group::Handshake {
-                commit: serde_bytes::ByteBuf::from(vec![version as u8; 1024]),
-                welcome: change
-                    .welcomes()
-                    .then(|| serde_bytes::ByteBuf::from(vec![1; 1024])),
-            };
-            // Each of these operations commits, so the epoch keeps step with the version.
-            let op = Op {
-                group,
-                version,
-                mls: Some(group::Crypto::of(version, &handshake)),
-                change,
-            };
+            // Junk commits: the relay orders them by epoch without reading them. Each of these
+            // operations commits, so the epoch keeps step with the version.
+            let (op, handshake) = crate::op_with_junk_commit(group, version, version, change);
             let op = group::seal_op(&peer.key, op, 1)?;
             c.add(1);
             match peer
@@ -560,7 +549,7 @@ async fn group_abuse(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
                     Request::Submit {
                         req_id: version,
                         op,
-                        handshake: Some(handshake),
+                        handshake,
                     },
                 )
                 .await
