@@ -11,6 +11,7 @@ use kith_node::NodeEvent;
 use kith_protocol::envelope::Header;
 use kith_protocol::{mailbox, Body, Destination, Envelope, MessageId, MessageState, Reject};
 use kith_tests::scan::holders;
+use kith_tests::texts;
 use kith_tests::{befriend, init_logs, wait_for, RawPeer, TestNode};
 use libp2p::Multiaddr;
 use tokio::sync::broadcast;
@@ -27,15 +28,6 @@ async fn start_relay(dir: &Path) -> anyhow::Result<(kith_relay::Running, Multiad
     let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
     Ok((relay, addr))
-}
-
-fn texts(node: &TestNode, with: &str) -> Vec<String> {
-    node.node()
-        .messages(Some(with))
-        .expect("messages")
-        .into_iter()
-        .map(|m| m.text)
-        .collect()
 }
 
 fn has_text(node: &TestNode, with: &str, text: &str) -> bool {
