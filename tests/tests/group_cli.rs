@@ -48,9 +48,10 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
     assert_eq!(group_id.len(), 32);
 
     let info = kith_json(&a, &["group", "info", "club", "--json"])?;
-    for key in ["group_id", "name", "admins", "members", "version"] {
+    for key in ["group_id", "name", "admins", "members", "version", "epoch"] {
         assert!(info.get(key).is_some(), "{key} missing in {info}");
     }
+    assert_eq!(info["epoch"], 1, "creating with a member is one commit");
     assert_eq!(info["admins"], serde_json::json!([alice_peer]));
     assert_eq!(info["members"].as_array().map(Vec::len), Some(2));
     assert_eq!(info["version"], 1);
@@ -87,6 +88,14 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
     })
     .await?;
 
+    // Refreshing one's keys moves the group to the next epoch.
+    let rekeyed = kith(&a, &["group", "rekey", "club"])?;
+    assert!(rekeyed.status.success(), "{rekeyed:?}");
+    assert!(String::from_utf8_lossy(&rekeyed.stdout).contains("now at epoch 2"));
+    assert_eq!(
+        kith_json(&a, &["group", "info", "club", "--json"])?["epoch"],
+        2
+    );
     assert!(kith(&a, &["group", "promote", "club", &bob_peer])?
         .status
         .success());
@@ -105,7 +114,7 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
     );
     let info = kith_json(&a, &["group", "info", "club", "--json"])?;
     assert_eq!(info["members"], serde_json::json!([alice_peer]));
-    assert_eq!(info["version"], 3);
+    assert_eq!(info["version"], 4);
     relay.shutdown().await?;
     Ok(())
 }
