@@ -259,6 +259,19 @@ pub struct Op {
 }
 
 impl Op {
+    /// Checks that `handshake` is what this operation signed: present exactly when it carries
+    /// a commit, and matching its digests ([`Handshake::check`]).
+    pub fn check_handshake(&self, handshake: Option<&Handshake>) -> Result<(), OpError> {
+        match (handshake, &self.mls) {
+            (Some(handshake), Some(_)) => handshake.check(self),
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(OpError::BadHandshake("the commit is missing".into())),
+            (Some(_), None) => Err(OpError::BadHandshake(
+                "a commit for a change without one".into(),
+            )),
+        }
+    }
+
     /// Checks limits that do not depend on the group's state.
     pub fn validate_shape(&self) -> Result<(), OpError> {
         if let Change::Create {
@@ -938,6 +951,18 @@ mod tests {
         add.mls = None;
         assert!(matches!(
             handshake.check(&add),
+            Err(OpError::BadHandshake(_))
+        ));
+        // Beside an operation: present exactly when the operation carries a commit.
+        assert!(matches!(
+            add.check_handshake(Some(&handshake)),
+            Err(OpError::BadHandshake(_))
+        ));
+        assert_eq!(add.check_handshake(None), Ok(()));
+        add.mls = Some(Crypto::of(state.epoch, &handshake));
+        assert_eq!(add.check_handshake(Some(&handshake)), Ok(()));
+        assert!(matches!(
+            add.check_handshake(None),
             Err(OpError::BadHandshake(_))
         ));
     }

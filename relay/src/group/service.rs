@@ -232,15 +232,7 @@ async fn submit(
         Err(reason) => return refused(peer, req_id, reason),
     };
     // The commit and Welcome must be the ones the operation signed: members fetch them here.
-    let checked = match (&handshake, &op.mls) {
-        (Some(handshake), Some(_)) => handshake.check(&op),
-        (None, None) => Ok(()),
-        (None, Some(_)) => Err(OpError::BadHandshake("the commit is missing".into())),
-        (Some(_), None) => Err(OpError::BadHandshake(
-            "a commit for a change without one".into(),
-        )),
-    };
-    if let Err(reason) = checked {
+    if let Err(reason) = op.check_handshake(handshake.as_ref()) {
         return refused(peer, req_id, reason);
     }
     let durable = match store.append(&next, &envelope, handshake.as_ref()) {

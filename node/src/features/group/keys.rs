@@ -22,7 +22,7 @@
 //! - **Post-compromise security.** Before sending, a member whose last commit in the group is
 //!   older than [`Config::group_rekey_after`](crate::Config) or who has sent
 //!   [`Config::group_rekey_messages`](crate::Config) since commits a self-update; `kith group
-//!   rekey` does so at once.
+//!   rekey` does so at once ([`Node::change_group`]).
 //! - **Messages.** [`Node::seal_group_body`] encrypts a body as an MLS private message of the
 //!   current epoch, [`Node::open_group_body`] decrypts one, first catching up on the chain when
 //!   it is of a later epoch. Each state change is written in the same durable write as the
@@ -467,30 +467,6 @@ impl Node {
             .unwrap_or_else(|| state.clone()))
     }
 
-    /// Refreshes this node's keys in a group now (`kith group rekey`), removing leavers too.
-    pub(crate) async fn rekey_group(&self, group: &GroupId) -> Result<State, NodeError> {
-        for _ in 0..super::MAX_CONFLICT_RETRIES {
-            let state = self
-                .sync_group(group, None)
-                .await?
-                .ok_or_else(|| NodeError::UnknownRecipient(group.to_string()))?;
-            let mut keys = self.lock_keys(group).await?;
-            let removes = match keys.as_ref() {
-                Some(k) => leftovers(&state, k),
-                None => BTreeSet::new(),
-            };
-            if let Some(next) = self
-                .submit_change(&state, Change::Update { removes }, &mut keys)
-                .await?
-            {
-                return Ok(next);
-            }
-        }
-        Err(NodeError::Invalid(
-            "the group keeps changing; try again".into(),
-        ))
-    }
-
     /// Brings the group's keys along with one operation of its chain, `op` by `author`, which
     /// produced `next`; staged into `batch`. A failure leaves the keys where they were (the
     /// chain goes on; messages of later epochs then do not open) and says why.
@@ -503,15 +479,12 @@ impl Node {
         handshake: Option<&Handshake>,
         batch: &mut Batch,
     ) -> Result<(), MlsError> {
-        let Some(crypto) = &op.mls else {
+        op.check_handshake(handshake)
+            .map_err(|e| MlsError::Malformed(e.to_string()))?;
+        // Checked: both or neither.
+        let (Some(crypto), Some(handshake)) = (&op.mls, handshake) else {
             return Ok(());
         };
-        let Some(handshake) = handshake else {
-            return Err(MlsError::Malformed("the relay sent no commit".into()));
-        };
-        handshake
-            .check(op)
-            .map_err(|e| MlsError::Malformed(e.to_string()))?;
         let me = self.peer_id();
         let added = adds(&op.change);
         match keys.as_mut().filter(|k| k.is_active()) {
@@ -677,15 +650,10 @@ impl Node {
 
     /// The relay created the group: merge the commit adding its members (if any) with the
     /// group's first state, in one durable write.
-    pub(crate) async fn created(
-        &self,
-        state: State,
-        keys: &mut Locked,
-        committed: bool,
-    ) -> Result<(), NodeError> {
+    pub(crate) async fn created(&self, state: State, keys: &mut Locked) -> Result<(), NodeError> {
         let mut batch = Batch::new();
         if let Some(k) = keys.as_mut() {
-            if committed {
+            if k.has_pending() {
                 k.merge_pending().map_err(keys_error)?;
             }
             self.note_commit(&state.group, &mut batch);

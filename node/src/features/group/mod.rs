@@ -12,14 +12,16 @@
 //!   Operations that reach the node (announced by the relay through members' mailboxes) are
 //!   applied when they name the local version, or trigger a sync ([`Node::sync_group`]) that
 //!   replays every missing operation through [`State::apply`]: a member never trusts the relay
-//!   for membership.
+//!   for membership. Each operation that changes the group's keys carries its MLS commit, and
+//!   the keys follow the chain ([`keys`]: commits, Welcomes, leavers, rekeys).
 //! - **Sending.** A group message goes into the outbox like any other; an attempt `Post`s it to
 //!   the group's relay, which stores a copy for every other member before answering `Stored`
 //!   (`sent` for every member). Until then the message stays `pending` and the last failure is
 //!   kept as the reason `kith send` and `kith status` show.
 //! - **Receiving.** Gossip on `kith/g/<group id>`, relay pushes and mailbox fetches all end in
 //!   [`Node::accept_group`]: signature, membership of the sender and of this node, then a
-//!   deduplicated store by `(from, id)` in Lamport order. Gossip is forwarded only if valid, so
+//!   deduplicated store by `(from, id)` in Lamport order, each message decrypted (MLS) only once
+//!   it is known to be new and written with the keys' new state. Gossip is forwarded only if valid, so
 //!   a removed member's (or a stranger's) messages go nowhere.
 //! - **Receipts.** Each received message is acknowledged to its sender with a `Delivered`
 //!   receipt, batched per sender over [`Config::receipt_batch_window`](crate::Config) (one
@@ -264,18 +266,16 @@ impl Node {
             relay: relay.to_string(),
             members: set.clone(),
         };
-        // Checked before any key package is claimed.
+        // Checked before any key package is claimed (the commit it lacks is made below).
         let planned = Op {
             group: id,
             version: 0,
             change: change.clone(),
             mls: None,
         };
-        planned.validate_shape().map_err(invalid)?;
-        if set.len() + 1 > self.group_limits().max_members {
-            return Err(invalid(group::OpError::TooManyMembers {
-                max: self.group_limits().max_members,
-            }));
+        match State::create(me, &planned, &self.group_limits()) {
+            Ok(_) | Err(group::OpError::Commit { .. }) => {}
+            Err(e) => return Err(invalid(e)),
         }
         let (mut keys, handshake) = self.create_keys(&id, &set, &relay).await?;
         let op = Op {
@@ -283,7 +283,6 @@ impl Node {
             ..planned
         };
         let state = State::create(me, &op, &self.group_limits()).map_err(invalid)?;
-        let committed = handshake.is_some();
         match self.submit_op(&state, op, handshake).await? {
             group::Response::Applied { .. } => {}
             other => {
@@ -292,12 +291,13 @@ impl Node {
                 )))
             }
         }
-        self.created(state.clone(), &mut keys, committed).await?;
+        self.created(state.clone(), &mut keys).await?;
         tracing::info!(group = %state.group, name = %state.name, "group created");
         Ok(self.named_view(&state))
     }
 
-    /// Applies a membership change (add, remove, promote, leave) through the group's relay,
+    /// Applies a membership change (add, remove, promote, leave) or refreshes this node's keys
+    /// (rekey: an `Update` that also removes leavers' leaves) through the group's relay,
     /// re-submitting on top of the new state after a conflict.
     pub async fn change_group(
         &self,
@@ -306,10 +306,6 @@ impl Node {
         who: Option<&str>,
     ) -> Result<GroupView, NodeError> {
         let group = self.group_of(name_or_id)?.group;
-        if kind == ChangeKind::Rekey {
-            let next = self.rekey_group(&group).await?;
-            return Ok(self.named_view(&next));
-        }
         let target = match (kind, who) {
             (ChangeKind::Leave | ChangeKind::Rekey, _) => None,
             (_, Some(who)) => Some(self.resolve(who)?),
@@ -322,10 +318,17 @@ impl Node {
                 Ok(None) => return Err(NodeError::UnknownRecipient(name_or_id.to_owned())),
                 Err(e) => return Err(e),
             };
+            let mut keys = self.lock_keys(&group).await?;
             let change = match (kind, target) {
                 (ChangeKind::Add, Some(member)) => Change::Add { member },
                 (ChangeKind::Remove, Some(member)) => Change::Remove { member },
                 (ChangeKind::Promote, Some(member)) => Change::Promote { member },
+                (ChangeKind::Rekey, _) => Change::Update {
+                    removes: keys
+                        .as_ref()
+                        .map(|k| keys::leftovers(&state, k))
+                        .unwrap_or_default(),
+                },
                 _ => Change::Leave,
             };
             // Checked on the chain before a commit is made (the epoch check stands in for it).
@@ -345,7 +348,6 @@ impl Node {
                 ) if attempt > 0 => return Ok(self.named_view(&state)),
                 Err(e) => return Err(invalid(e)),
             }
-            let mut keys = self.lock_keys(&group).await?;
             if let Some(next) = self.submit_change(&state, change, &mut keys).await? {
                 return Ok(self.named_view(&next));
             }
