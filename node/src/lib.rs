@@ -148,7 +148,7 @@ fn plugins(
     use features::{group, media, presence, strangers, timers};
     let member = core::crypto::mls::Member::new(store.clone(), key, Default::default())
         .map_err(|e| NodeError::Invalid(format!("group keys: {e}")))?;
-    let groups = std::sync::Arc::new(group::Groups::load(store.groups()?, member));
+    let groups = std::sync::Arc::new(group::Groups::load(store, member)?);
     let files = std::sync::Arc::new(media::State::default());
     let presence = std::sync::Arc::new(presence::State::default());
     let gate = std::sync::Arc::new(strangers::State::load(store)?);

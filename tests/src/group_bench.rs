@@ -196,6 +196,10 @@ pub async fn one_message_to_a_group(members: usize, offline: usize) -> Result<Gr
     // Joins later, to time an add (started now, so its key packages are at the relay).
     let mut newcomer = TestNode::start("newcomer", relays.clone()).await?;
     let ids: Vec<String> = others.iter().map(|n| n.peer_id().to_string()).collect();
+    // Members know the sender: its group is joined at once, not an invitation.
+    let mut knowing: Vec<&TestNode> = others.iter().collect();
+    knowing.push(&newcomer);
+    crate::know(&knowing, &[&sender]).await?;
     let create_started = Instant::now();
     let created = sender.node().create_group("bench", &ids).await?;
     let create_call = create_started.elapsed();

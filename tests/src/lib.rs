@@ -168,6 +168,20 @@ pub async fn befriend(node: &TestNode, name: &str, other: &TestNode) -> Result<(
     Ok(())
 }
 
+/// Makes each of `others` a contact of every node in `nodes` (by peer id, named after its last
+/// 8 characters): a group one of them adds such a node to is joined at once, not left waiting
+/// as a stranger's invitation.
+pub async fn know(nodes: &[&TestNode], others: &[&TestNode]) -> Result<()> {
+    for node in nodes {
+        for other in others {
+            let id = other.peer_id().to_string();
+            let name = &id[id.len() - 8..];
+            node.node().add_contact(name, &id, &[]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// A bare libp2p peer that speaks kith's protocols without any of the node's checks, for sending
 /// forged, malformed or oversize input.
 #[derive(NetworkBehaviour)]

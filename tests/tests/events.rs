@@ -108,6 +108,13 @@ async fn group_events_carry_the_group_and_each_member() -> anyhow::Result<()> {
         .create_group("friends", &members)
         .await?
         .group_id;
+    // To carol, alice is a stranger: her group is an invitation that carol accepts.
+    wait_for("carol is invited", || async {
+        let list = carol.node().group_invitations().ok()?;
+        list.iter().any(|i| i.group_id == group).then_some(())
+    })
+    .await?;
+    carol.node().accept_invitation(&group).await?;
     for node in [&bob, &carol] {
         wait_for("member knows the group", || async {
             node.node()

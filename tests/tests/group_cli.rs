@@ -58,16 +58,37 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
     let list = kith_json(&a, &["group", "list", "--json"])?;
     assert_eq!(list[0]["group_id"], group_id.as_str());
 
-    // Bob learns of the group; as a non-admin he cannot add.
-    wait_for("bob sees the group", || async {
-        let list = kith_json(&b, &["group", "list", "--json"]).ok()?;
-        (list.as_array()?.len() == 1).then_some(())
+    // Alice is a stranger to bob: her group waits as an invitation, out of his list.
+    let invitations = wait_for("bob is invited", || async {
+        let list = kith_json(&b, &["group", "invitations", "--json"]).ok()?;
+        (list.as_array()?.len() == 1).then_some(list)
     })
     .await?;
-    let refused = kith(&b, &["group", "add", &group_id, &alice_peer])?;
+    assert_eq!(
+        keys(&invitations[0]),
+        [
+            "group_id",
+            "invited_at_ms",
+            "inviter",
+            "members",
+            "messages",
+            "name"
+        ]
+    );
+    assert_eq!(invitations[0]["group_id"], group_id.as_str());
+    assert_eq!(invitations[0]["inviter"], alice_peer.as_str());
+    assert_eq!(
+        kith_json(&b, &["group", "list", "--json"])?,
+        serde_json::json!([])
+    );
+    let refused = kith(&b, &["send", "club", "hi?"])?;
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("not an admin"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("kith group accept"),
+        "{refused:?}"
+    );
 
+    // What the group sends meanwhile is kept (and delivered), but not shown.
     let sent = kith_json(&a, &["send", "club", "hello club", "--json"])?;
     let id = sent["id"].as_str().unwrap_or_default().to_owned();
     wait_for("delivered to bob", || async {
@@ -76,6 +97,24 @@ async fn group_commands_print_the_contract_shapes() -> anyhow::Result<()> {
             .then_some(())
     })
     .await?;
+    assert_eq!(
+        kith_json(&b, &["messages", "--json"])?,
+        serde_json::json!([])
+    );
+    let joined = kith_json(&b, &["group", "accept", "club", "--json"])?;
+    assert_eq!(joined["group_id"], group_id.as_str());
+    assert_eq!(joined["member"], true);
+    let list = kith_json(&b, &["group", "list", "--json"])?;
+    assert_eq!(list[0]["group_id"], group_id.as_str());
+    assert_eq!(
+        kith_json(&b, &["group", "invitations", "--json"])?,
+        serde_json::json!([])
+    );
+
+    // As a non-admin bob cannot add.
+    let refused = kith(&b, &["group", "add", &group_id, &alice_peer])?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not an admin"));
     let status = kith_json(&a, &["status", &id, "--json"])?;
     assert_eq!(keys(&status), ["id", "members", "state"]);
     let inbox = kith_json(&b, &["messages", "club", "--json"])?;

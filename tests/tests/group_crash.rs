@@ -54,6 +54,10 @@ async fn a_member_killed_while_commits_and_messages_arrive_ends_in_step() -> any
     .await?;
 
     let members = [bob.peer_id().to_string(), carol_peer.clone()];
+    kith_tests::know(&[&bob], &[&alice]).await?;
+    let alice_peer = alice.peer_id().to_string();
+    let added = kith(&carol_home, &["contact", "add", "alice", &alice_peer])?;
+    assert!(added.status.success(), "{added:?}");
     alice.node().create_group("friends", &members).await?;
     wait_for("carol joined", || async {
         let info = kith_json(&carol_home, &["group", "info", "friends", "--json"]).ok()?;

@@ -34,6 +34,7 @@ async fn members() -> anyhow::Result<Members> {
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     let others = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    kith_tests::know(&[&bob, &carol], &[&alice]).await?;
     let created = alice.node().create_group("friends", &others).await?;
     assert_eq!(created.epoch, 1, "creating with members is one commit");
     for node in [&bob, &carol] {

@@ -492,6 +492,7 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let mut carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    kith_tests::know(&[&bob, &carol], &[&alice]).await?;
     let created = alice.node().create_group("friends", &members).await?;
     for node in [&bob, &carol] {
         wait_for("member knows the group", || async {
@@ -693,6 +694,7 @@ async fn group_fan_out_counts_against_the_posters_rate() -> anyhow::Result<()> {
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    kith_tests::know(&[&bob, &carol], &[&alice]).await?;
     let created = alice.node().create_group("friends", &members).await?;
     let first = alice.node().send(&created.group_id, "one", None).await?;
     let second = alice.node().send(&created.group_id, "two", None).await?;

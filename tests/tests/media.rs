@@ -314,6 +314,7 @@ async fn a_group_file_is_uploaded_once_and_reaches_every_member() -> anyhow::Res
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    kith_tests::know(&[&bob, &carol], &[&alice]).await?;
     let group = alice.node().create_group("friends", &members).await?;
     for node in [&bob, &carol] {
         wait_for("member knows the group", || async {

@@ -1,7 +1,7 @@
 //! Strangers and blocked peers, in process: a stranger's messages wait in the requests list
 //! until accepted, blocking drops them and refuses what follows, a relay refuses strangers'
-//! deposits for a user who takes messages from contacts only and blocked peers' always, and a
-//! stranger's file does not download by itself.
+//! deposits for a user who takes messages from contacts only and blocked peers' always, a
+//! stranger's file does not download by itself, and a stranger's group is an invitation.
 
 use kith_net::codec::Message;
 use kith_node::config::SettingsChange;
@@ -309,5 +309,139 @@ async fn a_strangers_file_waits_to_be_asked_for() -> anyhow::Result<()> {
     let path = fetched.path.ok_or_else(|| anyhow::anyhow!("no path"))?;
     assert_eq!(std::fs::read(path)?, b"from a stranger");
     assert!(attachment(&first.id).is_some_and(|a| a.downloaded));
+    Ok(())
+}
+
+/// Whether `node` lists a group with this id among its groups (invitations are not listed).
+fn lists_group(node: &TestNode, group: &str) -> bool {
+    node.node().group_list().iter().any(|g| g.group_id == group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_group_waits_as_an_invitation_until_accepted() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = kith_tests::start_group_relay(dir.path()).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
+    // Carol knows alice; to bob she is a stranger.
+    kith_tests::know(&[&carol], &[&alice]).await?;
+    let mut events = bob.node().subscribe();
+    let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
+    let club = alice.node().create_group("club", &members).await?.group_id;
+    wait_for("carol joined", || async {
+        lists_group(&carol, &club).then_some(())
+    })
+    .await?;
+    let invitations = wait_for("bob is invited", || async {
+        let list = bob.node().group_invitations().ok()?;
+        (!list.is_empty()).then_some(list)
+    })
+    .await?;
+    assert_eq!(invitations.len(), 1);
+    assert_eq!(invitations[0].group_id, club);
+    assert_eq!(invitations[0].inviter, alice.peer_id().to_string());
+    assert_eq!(invitations[0].members, 3);
+    assert!(!lists_group(&bob, &club));
+
+    // The group's messages are kept (bob's node stores them: delivered) but not shown.
+    let sent = alice.node().send(&club, "welcome, both", None).await?;
+    wait_for("delivered to bob", || async {
+        let members = alice.node().status(&sent.id).ok()?.members;
+        (members.get(&bob.peer_id().to_string()) == Some(&MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    assert!(bob.node().messages(None)?.is_empty());
+    let refused = bob.node().send(&club, "me too", None).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("kith group accept")),
+        "{refused:?}"
+    );
+    let mut invitation_events = 0;
+    while let Ok(event) = events.try_recv() {
+        match event {
+            NodeEvent::GroupInvitation {
+                group_id, inviter, ..
+            } => {
+                assert_eq!(
+                    (group_id, inviter),
+                    (club.clone(), alice.peer_id().to_string())
+                );
+                invitation_events += 1;
+            }
+            NodeEvent::Message { .. } => anyhow::bail!("an invitation's message was announced"),
+            _ => {}
+        }
+    }
+    assert_eq!(invitation_events, 1);
+
+    // The invitation outlives a restart, then bob accepts it: the kept message shows and he
+    // takes part.
+    let bob_addr = bob.addr().await;
+    bob.restart_on(bob_addr).await?;
+    assert_eq!(bob.node().group_invitations()?.len(), 1);
+    let joined = bob.node().accept_invitation("club").await?;
+    assert!(joined.member);
+    assert!(lists_group(&bob, &club));
+    assert!(bob.node().group_invitations()?.is_empty());
+    kith_tests::wait_texts(&bob, &club, &["welcome, both"]).await?;
+    bob.node().send(&club, "thanks!", None).await?;
+    kith_tests::wait_texts(&carol, &club, &["welcome, both", "thanks!"]).await?;
+
+    // Another group of hers waits too, until bob makes alice a contact.
+    let second = alice
+        .node()
+        .create_group("club 2", &[bob.peer_id().to_string()])
+        .await?
+        .group_id;
+    wait_for("bob is invited again", || async {
+        let list = bob.node().group_invitations().ok()?;
+        list.iter().any(|i| i.group_id == second).then_some(())
+    })
+    .await?;
+    kith_tests::know(&[&bob], &[&alice]).await?;
+    assert!(bob.node().group_invitations()?.is_empty());
+    assert!(lists_group(&bob, &second));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declining_an_invitation_leaves_the_group_and_can_block_the_inviter() -> anyhow::Result<()>
+{
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_relay, relay_addr) = kith_tests::start_group_relay(dir.path()).await?;
+    let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
+    let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
+    let spam = alice
+        .node()
+        .create_group("deals", &[bob.peer_id().to_string()])
+        .await?
+        .group_id;
+    let sent = alice.node().send(&spam, "buy now", None).await?;
+    wait_for("delivered to bob", || async {
+        (alice.state(&sent.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    assert_eq!(bob.node().group_invitations()?[0].messages, 1);
+
+    let declined = bob.node().decline_invitation("deals", true).await?;
+    assert_eq!((declined.dropped, declined.blocked), (1, true));
+    assert!(bob.node().group_invitations()?.is_empty());
+    assert!(!lists_group(&bob, &spam));
+    assert!(bob.node().messages(Some(&spam)).is_err());
+    // Bob left through the chain: the relay copies nothing more to him.
+    let info = alice.node().group_info(&spam).await?;
+    assert_eq!(info.members, [alice.peer_id().to_string()]);
+    // And alice is blocked: her next message (sent straight to bob's node) is refused.
+    befriend(&alice, "bob", &bob).await?;
+    let next = alice.node().send("bob", "are you there?", None).await?;
+    wait_for("refused", || async {
+        (alice.state(&next.id) == Some(MessageState::Failed)).then_some(())
+    })
+    .await?;
     Ok(())
 }

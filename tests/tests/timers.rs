@@ -249,6 +249,7 @@ async fn timer_changes_in_a_group_apply_per_message_with_a_member_offline() -> a
     let bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let mut carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
     let carol_addr = carol.addr().await;
+    kith_tests::know(&[&bob, &carol], &[&alice]).await?;
     let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
     let group = alice
         .node()

@@ -12,14 +12,14 @@ use serde_json::Value;
 
 use super::chats::TimerBody;
 use super::files::{DownloadBody, SendFileBody};
-use super::groups::{ChangeBody, CreateBody, Created};
+use super::groups::{ChangeBody, CreateBody, Created, DeclineBody};
 use super::requests::AcceptBody;
 use super::{AddContact, Read, RenameContact, SendBody, Typed, WithBody};
 use crate::config::{SettingsChange, SettingsView};
 use crate::core::crypto::verify::VerifyView;
 use crate::core::AttachmentView;
 use crate::core::{ContactView, IdInfo, MessageView, Sent, StatusView};
-use crate::features::group::{ChangeKind, GroupView};
+use crate::features::group::{ChangeKind, DeclineView, GroupView, InvitationView};
 use crate::features::presence::PresenceView;
 use crate::features::strangers::{BlockView, RequestView};
 use crate::features::timers::TimerView;
@@ -350,6 +350,27 @@ impl Client {
             who: who.map(str::to_owned),
         };
         self.post_answer(&path, &body).await
+    }
+
+    /// `GET /v1/invitations`.
+    pub async fn invitations(&self) -> Result<Answer<Vec<InvitationView>>, ClientError> {
+        self.get_answer("/v1/invitations").await
+    }
+
+    /// `POST /v1/groups/{group}/accept`.
+    pub async fn accept_invitation(&self, group: &str) -> Result<Answer<GroupView>, ClientError> {
+        let path = format!("/v1/groups/{}/accept", segment(group));
+        self.post_answer(&path, &serde_json::json!({})).await
+    }
+
+    /// `POST /v1/groups/{group}/decline`.
+    pub async fn decline_invitation(
+        &self,
+        group: &str,
+        block: bool,
+    ) -> Result<Answer<DeclineView>, ClientError> {
+        let path = format!("/v1/groups/{}/decline", segment(group));
+        self.post_answer(&path, &DeclineBody { block }).await
     }
 
     /// `POST /v1/send-file`.

@@ -5,7 +5,10 @@
 //! | GET | `/v1/groups` | | `[{group_id, name, admins, members, version, relay}]` |
 //! | POST | `/v1/groups` | `{name, members?}` | `{group_id, name}` |
 //! | GET | `/v1/groups/{group}` | | `{group_id, name, admins, members, version, relay}` |
-//! | POST | `/v1/groups/{group}/{add,remove,promote,leave}` | `{who?}` | the group |
+//! | POST | `/v1/groups/{group}/{add,remove,promote,leave,rekey}` | `{who?}` | the group |
+//! | GET | `/v1/invitations` | | `[{group_id, name, inviter, members, messages, invited_at_ms}]` |
+//! | POST | `/v1/groups/{group}/accept` | | the group |
+//! | POST | `/v1/groups/{group}/decline` | `{block?}` | `{group_id, name, dropped, blocked}` |
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -13,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use crate::core::Node;
-use crate::features::group::{ChangeKind, GroupView};
+use crate::features::group::{ChangeKind, DeclineView, GroupView, InvitationView};
 
 /// `POST /v1/groups`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,4 +75,34 @@ pub(crate) async fn change(
     Ok(Json(
         node.change_group(&group, kind, body.who.as_deref()).await?,
     ))
+}
+
+/// `POST /v1/groups/{group}/decline`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DeclineBody {
+    /// Also block the peer who added this node.
+    #[serde(default)]
+    pub block: bool,
+}
+
+pub(crate) async fn invitations(
+    State(node): State<Node>,
+) -> Result<Json<Vec<InvitationView>>, ApiError> {
+    Ok(Json(node.group_invitations()?))
+}
+
+pub(crate) async fn accept(
+    State(node): State<Node>,
+    Path(group): Path<String>,
+) -> Result<Json<GroupView>, ApiError> {
+    Ok(Json(node.accept_invitation(&group).await?))
+}
+
+pub(crate) async fn decline(
+    State(node): State<Node>,
+    Path(group): Path<String>,
+    body: Option<Json<DeclineBody>>,
+) -> Result<Json<DeclineView>, ApiError> {
+    let block = body.is_some_and(|Json(b)| b.block);
+    Ok(Json(node.decline_invitation(&group, block).await?))
 }

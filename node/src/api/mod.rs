@@ -341,7 +341,10 @@ fn routes() -> Router<AppState> {
         .route("/v1/settings", get(settings).post(change_settings))
         .route("/v1/groups", get(groups::list).post(groups::create))
         .route("/v1/groups/{group}", get(groups::info))
+        .route("/v1/groups/{group}/accept", post(groups::accept))
+        .route("/v1/groups/{group}/decline", post(groups::decline))
         .route("/v1/groups/{group}/{kind}", post(groups::change))
+        .route("/v1/invitations", get(groups::invitations))
         .route("/v1/send-file", post(files::send_file))
         .route("/v1/download", post(files::download))
         .route(

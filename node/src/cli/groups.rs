@@ -1,4 +1,5 @@
-//! `kith group …`: create, add, remove, promote, leave, list, info.
+//! `kith group …`: create, add, remove, promote, leave, rekey, list, info, and the
+//! invitations strangers sent (invitations, accept, decline).
 
 use super::show;
 use crate::api::client::Client;
@@ -69,6 +70,33 @@ pub enum GroupCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the groups strangers (peers who are not your contacts) added you to. They wait
+    /// here, unjoined, until you accept or decline them; adding the inviter as a contact
+    /// accepts theirs.
+    Invitations {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join the group of an invitation: it shows with its messages from now on.
+    Accept {
+        /// Group name or id.
+        group: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decline an invitation: leave the group and drop what it sent.
+    Decline {
+        /// Group name or id.
+        group: String,
+        /// Also block the peer who added you (their messages and adds are refused).
+        #[arg(long)]
+        block: bool,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn print_info(g: &GroupView) {
@@ -127,6 +155,46 @@ pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
         GroupCommand::Info { group, json } => {
             return show(client.group(&group).await?, json, |g| {
                 print_info(&g);
+                Ok(())
+            });
+        }
+        GroupCommand::Invitations { json } => {
+            return show(client.invitations().await?, json, |list| {
+                if list.is_empty() {
+                    println!("no group invitations");
+                }
+                for i in list {
+                    println!(
+                        "{}\t{}\tfrom {}\t{} members, {} messages",
+                        for_terminal(&i.name),
+                        i.group_id,
+                        i.inviter,
+                        i.members,
+                        i.messages
+                    );
+                }
+                Ok(())
+            });
+        }
+        GroupCommand::Accept { group, json } => {
+            return show(client.accept_invitation(&group).await?, json, |g| {
+                println!("joined {}", for_terminal(&g.name));
+                print_info(&g);
+                Ok(())
+            });
+        }
+        GroupCommand::Decline { group, block, json } => {
+            return show(client.decline_invitation(&group, block).await?, json, |d| {
+                let blocked = if d.blocked {
+                    "; its inviter is blocked"
+                } else {
+                    ""
+                };
+                println!(
+                    "declined {} ({} messages dropped){blocked}",
+                    for_terminal(&d.name),
+                    d.dropped
+                );
                 Ok(())
             });
         }

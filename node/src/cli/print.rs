@@ -218,6 +218,15 @@ pub fn event_line(event: &Value) -> Option<String> {
             "{now} a message request from {} (`kith requests` lists it)",
             name_or_id(&name, &peer_id)
         ),
+        NodeEvent::GroupInvitation {
+            group_id,
+            name,
+            inviter,
+        } => format!(
+            "{now} {} (not a contact) added you to the group {} — `kith group accept {group_id}` joins it, `kith group decline {group_id}` leaves it",
+            short_id(&inviter),
+            for_terminal(&name)
+        ),
         NodeEvent::Failed { id, reason } => {
             format!("{now} message {id} failed: {}", for_terminal(&reason))
         }

@@ -63,6 +63,10 @@ impl Node {
         self.store().flush().await?;
         // A contact is no stranger: its request, if it had one, is accepted.
         self.plugins().gate.accepted(self, &contact.peer_id).await?;
+        self.plugins()
+            .rooms
+            .contact_added(self, &contact.peer_id)
+            .await?;
         Ok(())
     }
 

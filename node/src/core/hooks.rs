@@ -144,6 +144,15 @@ pub trait Rooms: Send + Sync + 'static {
     fn relay_of(&self, _room: &GroupId) -> Option<PeerId> {
         None
     }
+
+    /// `peer` became a contact: the rooms it invited this node to are joined.
+    fn contact_added<'a>(
+        &'a self,
+        _node: &'a Node,
+        _peer: &'a PeerId,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Who may reach this node.
@@ -188,6 +197,11 @@ pub trait Gate: Send + Sync + 'static {
         _node: &'a Node,
         _peer: &'a PeerId,
     ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Blocks `peer` (on the node and, with the next heartbeat, at its relays).
+    fn block<'a>(&'a self, _node: &'a Node, _peer: PeerId) -> BoxFuture<'a, Result<(), NodeError>> {
         Box::pin(async { Ok(()) })
     }
 }

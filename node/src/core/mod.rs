@@ -147,6 +147,17 @@ pub enum NodeEvent {
         /// Its display name, if known.
         name: Option<String>,
     },
+    /// A stranger added this node to a group: it waits as an invitation (`kith group
+    /// invitations`) until accepted or declined.
+    #[serde(rename = "group_invitation")]
+    GroupInvitation {
+        /// The group id.
+        group_id: String,
+        /// The group's name.
+        name: String,
+        /// The stranger's peer id.
+        inviter: String,
+    },
     /// A message from a peer could not be decrypted; the sender is asked to send it again.
     Undecryptable {
         /// The message id.

@@ -409,4 +409,11 @@ impl Gate for State {
     ) -> BoxFuture<'a, Result<(), NodeError>> {
         Box::pin(node.forget_request(peer))
     }
+
+    fn block<'a>(&'a self, node: &'a Node, peer: PeerId) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(async move {
+            let drop_request = self.is_request(&peer);
+            node.block_peer(peer, drop_request).await.map(|_| ())
+        })
+    }
 }

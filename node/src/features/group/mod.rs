@@ -28,7 +28,10 @@
 //!   envelope covers many ids); `kith read GROUP` sends `Read` receipts the same way. The sender
 //!   keeps per-member states and shows their minimum.
 
+mod invites;
 mod keys;
+
+pub use invites::{DeclineView, InvitationView};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -59,6 +62,8 @@ const MAX_CONFLICT_RETRIES: usize = 8;
 pub(crate) struct Groups {
     keys: keys::Keys,
     states: Mutex<HashMap<GroupId, State>>,
+    /// Groups a stranger added this node to ([`invites`]).
+    invites: Mutex<invites::Invitations>,
     lamports: Mutex<HashMap<GroupId, u64>>,
     receipts: Mutex<HashMap<(PeerId, ReceiptState), Vec<MessageId>>>,
     receipts_wake: Notify,
@@ -71,18 +76,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Groups {
-    /// Loads the groups from the store; `member` is this node's MLS client.
-    pub(crate) fn load(states: Vec<State>, member: crate::core::crypto::mls::Member) -> Self {
+    /// Loads the groups and invitations from the store; `member` is this node's MLS client.
+    pub(crate) fn load(
+        store: &crate::core::store::Store,
+        member: crate::core::crypto::mls::Member,
+    ) -> Result<Self, crate::core::store::StoreError> {
         let groups = Self {
             keys: keys::Keys::new(member),
             states: Mutex::default(),
+            invites: Mutex::new(invites::load(store)?),
             lamports: Mutex::default(),
             receipts: Mutex::default(),
             receipts_wake: Notify::default(),
             sync: tokio::sync::Mutex::default(),
         };
-        lock(&groups.states).extend(states.into_iter().map(|s| (s.group, s)));
-        groups
+        lock(&groups.states).extend(store.groups()?.into_iter().map(|s| (s.group, s)));
+        Ok(groups)
     }
 
     pub(crate) fn get(&self, group: &GroupId) -> Option<State> {
@@ -168,7 +177,9 @@ impl Node {
     /// removed from included (their history stays readable). By name, a group this node is a
     /// member of comes first.
     pub fn find_group(&self, name_or_id: &str) -> Option<State> {
-        let groups = self.groups().all();
+        let mut groups = self.groups().all();
+        // A declined invitation is out of sight for good.
+        groups.retain(|s| !self.is_declined(&s.group));
         if let Ok(id) = name_or_id.trim().parse::<GroupId>() {
             if let Some(s) = groups.iter().find(|s| s.group == id) {
                 return Some(s.clone());
@@ -179,7 +190,7 @@ impl Node {
             .into_iter()
             .filter(|s| s.name == name_or_id)
             .collect();
-        named.sort_by_key(|s| (!s.is_member(&me), s.group));
+        named.sort_by_key(|s| (!s.is_member(&me), self.is_invitation(&s.group), s.group));
         named.into_iter().next()
     }
 
@@ -219,12 +230,14 @@ impl Node {
     }
 
     /// Every group this node knows: those it is a member of first, then those it left or was
-    /// removed from (`member: false`), each by name.
+    /// removed from (`member: false`), each by name. Invitations are not among them
+    /// ([`Node::group_invitations`]).
     pub fn group_list(&self) -> Vec<GroupView> {
         let mut list: Vec<GroupView> = self
             .groups()
             .all()
             .iter()
+            .filter(|s| !self.is_invitation(&s.group))
             .map(|s| self.named_view(s))
             .collect();
         list.sort_by(|a, b| {
@@ -392,7 +405,7 @@ impl Node {
     async fn save_group_with(&self, state: State, mut batch: Batch) -> Result<(), NodeError> {
         batch.put_group(&state);
         self.store().commit(batch).await?;
-        let member = state.is_member(&self.peer_id());
+        let member = state.is_member(&self.peer_id()) && !self.is_invitation(&state.group);
         let was = self
             .groups()
             .get(&state.group)
@@ -423,6 +436,8 @@ impl Node {
         };
         let mut state = local.clone();
         let mut keys = self.lock_keys(group).await?;
+        let me = self.peer_id();
+        let mut invitations = Vec::new();
         loop {
             let request = group::Request::Get {
                 req_id: self.req_id(),
@@ -464,6 +479,13 @@ impl Node {
                 // The keys follow the chain; a commit that does not process is logged and the
                 // chain goes on (messages of later epochs then do not open).
                 let mut batch = Batch::new();
+                let joined =
+                    !state.as_ref().is_some_and(|s| s.is_member(&me)) && next.is_member(&me);
+                if joined {
+                    if let Some(event) = self.note_membership(&next, envelope.from, &mut batch)? {
+                        invitations.push(event);
+                    }
+                }
                 let handshake = handshakes.get(index).and_then(Option::as_ref);
                 if let Err(e) =
                     self.follow_op(&mut keys, envelope.from, &op, &next, handshake, &mut batch)
@@ -483,6 +505,9 @@ impl Node {
             if local.as_ref() != Some(s) {
                 self.save_group(s.clone()).await?;
             }
+        }
+        for event in invitations {
+            self.emit(event);
         }
         Ok(state)
     }
@@ -561,6 +586,11 @@ impl Node {
             tracing::warn!(%via, %from, group = %group_id, "dropping a group message: sender or this node is not a member");
             return Err(Reject::WrongRecipient);
         }
+        if self.is_declined(&group_id) {
+            tracing::debug!(%from, group = %group_id, "dropping a message of a declined group");
+            return Ok(());
+        }
+        let invited = self.is_invitation(&group_id);
         let store_failed = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot store a group message");
             Reject::StoreFailed
@@ -645,9 +675,12 @@ impl Node {
             .map_err(|e| store_failed(&e))?;
         drop(keys);
         claim.stored();
-        self.emit(self.message_event(&envelope, Some(group_id), text));
+        // An invitation's messages are kept quietly until the user joins.
+        if !invited {
+            self.emit(self.message_event(&envelope, Some(group_id), text));
+        }
         self.batch_receipt(from, ReceiptState::Delivered, envelope.id);
-        if let Some(file) = &file {
+        if let Some(file) = file.as_ref().filter(|_| !invited) {
             self.plugins()
                 .files
                 .received(self, envelope.id, file.size)
@@ -709,7 +742,7 @@ impl Node {
     pub(crate) async fn group_loop(self, mut shutdown: Signal) {
         let me = self.peer_id();
         for state in self.groups().all() {
-            if state.is_member(&me) {
+            if state.is_member(&me) && !self.is_invitation(&state.group) {
                 self.net().subscribe(group::topic(&state.group), true).await;
             }
         }
@@ -768,6 +801,7 @@ impl Node {
                 state.name
             )));
         }
+        self.check_joined(&state)?;
         body.validate().map_err(invalid)?;
         // Leavers out of the keys, and this node's keys refreshed when due, first.
         let (state, mut keys) = self.tidy_keys(state).await?;
@@ -971,6 +1005,9 @@ impl Node {
     pub(crate) fn all_group_messages(&self) -> Result<Vec<MessageView>, NodeError> {
         let mut out = Vec::new();
         for state in self.groups().all() {
+            if self.is_invitation(&state.group) {
+                continue;
+            }
             out.extend(self.group_messages(&state)?);
         }
         Ok(out)
@@ -987,8 +1024,12 @@ impl Node {
             }
         }
         let count = by_sender.values().map(Vec::len).sum();
-        // A group this node left or was removed from tells its former members nothing.
-        if self.settings().read_receipts && state.is_member(&self.peer_id()) {
+        // A group this node left or was removed from tells its former members nothing, and
+        // one it has not joined yet (an invitation) tells its members nothing either.
+        if self.settings().read_receipts
+            && state.is_member(&self.peer_id())
+            && !self.is_invitation(&state.group)
+        {
             for (to, ids) in by_sender {
                 self.queue_receipts(to, ReceiptState::Read, &ids).await?;
             }
@@ -1106,5 +1147,13 @@ impl Rooms for Groups {
     fn relay_of(&self, room: &GroupId) -> Option<PeerId> {
         let relay: Multiaddr = self.get(room)?.relay.parse().ok()?;
         peer_of(&relay)
+    }
+
+    fn contact_added<'a>(
+        &'a self,
+        node: &'a Node,
+        peer: &'a PeerId,
+    ) -> BoxFuture<'a, Result<(), NodeError>> {
+        Box::pin(node.accept_invitations_of(peer))
     }
 }
