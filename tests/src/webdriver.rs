@@ -254,8 +254,11 @@ impl Browser {
                 )
                 .await;
             match done {
+                // Replaced by a re-render, or not shown yet (a panel still opening): the
+                // element is found again.
                 Err(e)
-                    if e.to_string().contains("stale element")
+                    if (e.to_string().contains("stale element")
+                        || e.to_string().contains("not interactable"))
                         && tokio::time::Instant::now() < deadline => {}
                 other => return other.map(|_| ()),
             }

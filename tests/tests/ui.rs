@@ -984,6 +984,36 @@ async fn chat_in_a_real_browser() -> Result<()> {
     assert!(!kith_node::Settings::load(dave_dir.path())?.read_receipts);
     dave_page.quit().await?;
 
+    // A stranger's group waits in alice's page as an invitation until she joins it.
+    let frank = TestNode::start("frank", vec![relay_addr.clone()]).await?;
+    let club = frank
+        .node()
+        .create_group("frank's club", &[a_id.clone()])
+        .await?
+        .group_id;
+    alice_page
+        .wait(
+            "frank's invitation at alice's",
+            &format!(
+                "!!document.querySelector('#requests .invitation[data-group=\"{club}\"]') && !document.querySelector('{}')",
+                conv(&club).replace('\'', "\\'")
+            ),
+        )
+        .await?;
+    shots.take(&alice_page, "alice-group-invitation").await?;
+    alice_page
+        .click(&format!(
+            "#requests .invitation[data-group=\"{club}\"] .accept"
+        ))
+        .await?;
+    alice_page
+        .wait(
+            "frank's group open at alice's",
+            &format!("window.kith.state.open?.id === '{club}' && document.getElementById('requests').hidden"),
+        )
+        .await?;
+    assert!(alice.node().group_invitations()?.is_empty());
+
     // 7. bob's daemon restarts on the same port; his page reconnects by itself.
     let bob_api = api(&bob);
     bob.stop().await;

@@ -82,6 +82,7 @@ const state = {
   failed: new Map(), // message id -> reason
   timers: new Map(), // conversation id -> its disappearing-message timer in seconds (null: off)
   requests: [], // from /v1/requests: strangers who wrote, waiting to be accepted or blocked
+  invitations: [], // from /v1/invitations: groups strangers added us to, waiting to be joined or declined
   localSeq: 0,
   lastTypingSent: 0,
   events: null,
@@ -208,23 +209,46 @@ function refreshListSoon() {
 }
 
 async function refreshList() {
-  const [convs, contacts, requests] = await Promise.all([get('/v1/conversations'), get('/v1/contacts'), get('/v1/requests').catch(() => [])]);
+  const [convs, contacts, requests, invitations] = await Promise.all([
+    get('/v1/conversations'), get('/v1/contacts'), get('/v1/requests').catch(() => []), get('/v1/invitations').catch(() => []),
+  ]);
   state.requests = requests || [];
+  state.invitations = invitations || [];
   renderRequests();
   applyList([convs, contacts]);
 }
 
 // Strangers who wrote: above the conversations, each with its last message, to accept (it
 // becomes a contact, under the name given) or block. Until then they get no read receipt.
+// Groups strangers added us to wait below them, to join or decline (and block the inviter).
 function renderRequests() {
   const box = $('requests');
-  box.hidden = !state.requests.length;
+  box.hidden = !state.requests.length && !state.invitations.length;
   if (box.hidden) {
     box.replaceChildren();
     return;
   }
+  const invitations = !state.invitations.length ? [] : [
+    h('h2', { class: 'requests-title' }, `Group invitations (${state.invitations.length})`),
+    ...state.invitations.map((g) => {
+      const row = h(
+        'div',
+        { class: 'request invitation', 'data-group': g.group_id, role: 'group', 'aria-label': `invitation to ${g.name}` },
+        h('div', { class: 'grow' },
+          h('strong', { title: g.group_id }, g.name),
+          h('div', { class: 'muted small preview' },
+            `from ${g.inviter.slice(0, 12)}…, ${g.members} members, ${g.messages} message${g.messages === 1 ? '' : 's'} waiting`)),
+        h('div', { class: 'row' },
+          h('button', { type: 'button', class: 'accept', onclick: () => answerInvitation(g, 'accept', row) }, 'Join'),
+          h('button', { type: 'button', class: 'link decline', onclick: () => answerInvitation(g, 'decline', row) }, 'Decline'),
+          h('button', { type: 'button', class: 'link block', onclick: () => answerInvitation(g, 'decline', row, true) }, 'Decline and block')),
+      );
+      return row;
+    }),
+  ];
   box.replaceChildren(
-    h('h2', { class: 'requests-title' }, `Message requests (${state.requests.length})`),
+    ...invitations,
+    ...(!state.requests.length ? [] : [h('h2', { class: 'requests-title' }, `Message requests (${state.requests.length})`)]),
     ...state.requests.map((r) => {
       const name = h('input', { type: 'text', class: 'request-name', placeholder: 'name', 'aria-label': `a name for ${r.peer_id}`, maxlength: '64' });
       const row = h(
@@ -241,6 +265,16 @@ function renderRequests() {
       return row;
     }),
   );
+}
+
+async function answerInvitation(g, how, row, block) {
+  try {
+    await post(`/v1/groups/${enc(g.group_id)}/${how}`, how === 'decline' ? { block: !!block } : {});
+    await refreshList();
+    if (how === 'accept') openConversation(g.group_id);
+  } catch (e) {
+    formError(row, e);
+  }
 }
 
 async function answerRequest(r, how, row, name) {
@@ -731,6 +765,11 @@ function handle(ev) {
       }
     }
     refreshListSoon();
+  } else if (ev.type === 'group_invitation') {
+    refreshListSoon();
+    if (document.hidden && 'Notification' in window && Notification.permission === 'granted') {
+      new Notification('Group invitation', { body: `You were added to ${ev.name}`, tag: `invitation-${ev.group_id}` });
+    }
   } else if (ev.type === 'request') {
     refreshListSoon();
     if (document.hidden && 'Notification' in window && Notification.permission === 'granted') {
