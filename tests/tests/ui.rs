@@ -988,7 +988,7 @@ async fn chat_in_a_real_browser() -> Result<()> {
     let frank = TestNode::start("frank", vec![relay_addr.clone()]).await?;
     let club = frank
         .node()
-        .create_group("frank's club", &[a_id.clone()])
+        .create_group("frank's club", std::slice::from_ref(&a_id))
         .await?
         .group_id;
     alice_page
