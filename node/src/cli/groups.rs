@@ -135,7 +135,7 @@ pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
             });
         }
         GroupCommand::List { json } => {
-            return show(client.groups().await?, json, |list| {
+            show(client.groups().await?, json, |list| {
                 for g in list {
                     let left = if g.member {
                         ""
@@ -150,7 +150,16 @@ pub async fn run(client: &Client, command: GroupCommand) -> Result<()> {
                     );
                 }
                 Ok(())
-            });
+            })?;
+            if !json {
+                let waiting = client.invitations().await?.decode()?.len();
+                if waiting > 0 {
+                    println!(
+                        "{waiting} group invitation(s) from strangers wait: `kith group invitations`"
+                    );
+                }
+            }
+            return Ok(());
         }
         GroupCommand::Info { group, json } => {
             return show(client.group(&group).await?, json, |g| {

@@ -196,7 +196,12 @@ impl Node {
             .collect();
         let mut out = Vec::new();
         for (group, invitation) in pending {
-            let Some(state) = self.groups().get(&group) else {
+            // One whose inviter took this node out again is no longer anything to join.
+            let Some(state) = self
+                .groups()
+                .get(&group)
+                .filter(|s| s.is_member(&self.peer_id()))
+            else {
                 continue;
             };
             out.push(InvitationView {
