@@ -360,6 +360,20 @@ async fn a_strangers_group_waits_as_an_invitation_until_accepted() -> anyhow::Re
             .is_err_and(|e| e.to_string().contains("kith group accept")),
         "{refused:?}"
     );
+    // A file is refused before it is packed or uploaded.
+    let photo = dir.path().join("photo.jpg");
+    std::fs::write(&photo, [7u8; 4096])?;
+    let refused = bob.node().send_file(&club, &photo).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("kith group accept")),
+        "{refused:?}"
+    );
+    let packed = std::fs::read_dir(bob.home.join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(packed, 0, "nothing packed for a refused file");
     let mut invitation_events = 0;
     while let Ok(event) = events.try_recv() {
         match event {

@@ -83,6 +83,12 @@ pub trait Rooms: Send + Sync + 'static {
         Box::pin(async move { Err(NodeError::UnknownRecipient(room.name)) })
     }
 
+    /// Refuses sending to a room this node may not send to now (checked before any work
+    /// such as packing a file).
+    fn sendable(&self, _node: &Node, _room: &Room) -> Result<(), NodeError> {
+        Ok(())
+    }
+
     /// A room's messages.
     fn messages(&self, _node: &Node, _room: &Room) -> Result<Vec<MessageView>, NodeError> {
         Ok(Vec::new())

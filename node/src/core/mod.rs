@@ -1032,7 +1032,6 @@ impl Node {
             state: MessageState::Pending,
             expires_at_ms,
         };
-        let first = wait.map(|_| self.watch_first_outcome(id));
         let mut batch = Batch::new();
         // The outbox entry first: if a crash keeps only part of this, the message still goes
         // out; the message record (which deduplication and the history look at) last. The
@@ -1044,6 +1043,8 @@ impl Node {
         // and lost in a crash, that state would be used again for another message.
         self.inner.store.apply_in_order(batch)?;
         self.inner.store.flush().await?;
+        // Watched only once stored (nothing to leak when that fails) and before it can leave.
+        let first = wait.map(|_| self.watch_first_outcome(id));
         self.write_and_dispatch(entry, Batch::new())?;
         let state = match (wait, first) {
             (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,

@@ -964,7 +964,11 @@ impl Node {
     pub async fn send_file(&self, to: &str, path: &Path) -> Result<Sent, NodeError> {
         let group = self.plugins().rooms.target(self, to)?;
         let peer = match &group {
-            Some(_) => None,
+            // Refused before the file is read, packed or uploaded.
+            Some(room) => {
+                self.plugins().rooms.sendable(self, room)?;
+                None
+            }
             None => Some(self.resolve(to)?),
         };
         let meta = tokio::fs::metadata(path)

@@ -795,13 +795,7 @@ impl Node {
         wait: Option<Duration>,
     ) -> Result<Sent, NodeError> {
         let me = self.peer_id();
-        if !state.is_member(&me) {
-            return Err(invalid(format!(
-                "you are no longer a member of {}: its history stays readable, but nothing can be sent to it",
-                state.name
-            )));
-        }
-        self.check_joined(&state)?;
+        self.group_sendable(&state)?;
         body.validate().map_err(invalid)?;
         // Leavers out of the keys, and this node's keys refreshed when due, first.
         let (state, mut keys) = self.tidy_keys(state).await?;
@@ -854,13 +848,14 @@ impl Node {
             .filter(|m| **m != me)
             .map(|m| (*m, MessageState::Pending))
             .collect();
-        let first = wait.map(|_| self.watch_first_outcome(id));
         batch.put_group_message(&msg, &group_id);
         batch.set_group_lamport(&group_id, lamport);
         batch.put_member_states(&id, &members);
         batch.put_outbox(&entry);
         self.store().commit(batch).await?;
         drop(keys);
+        // Watched only once stored (nothing to leak when that fails) and before it can leave.
+        let first = wait.map(|_| self.watch_first_outcome(id));
         self.enqueue(entry);
         let current = match (wait, first) {
             (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
@@ -875,6 +870,18 @@ impl Node {
             state: current,
             note,
         })
+    }
+
+    /// Refuses sending to a group this node is no longer a member of, or has not joined (an
+    /// invitation).
+    pub(crate) fn group_sendable(&self, state: &State) -> Result<(), NodeError> {
+        if !state.is_member(&self.peer_id()) {
+            return Err(invalid(format!(
+                "you are no longer a member of {}: its history stays readable, but nothing can be sent to it",
+                state.name
+            )));
+        }
+        self.check_joined(state)
     }
 
     /// One outbox attempt for a group message: upload it to the group's relay.
@@ -1147,6 +1154,10 @@ impl Rooms for Groups {
     fn relay_of(&self, room: &GroupId) -> Option<PeerId> {
         let relay: Multiaddr = self.get(room)?.relay.parse().ok()?;
         peer_of(&relay)
+    }
+
+    fn sendable(&self, node: &Node, room: &State) -> Result<(), NodeError> {
+        node.group_sendable(room)
     }
 
     fn contact_added<'a>(
