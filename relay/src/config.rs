@@ -32,6 +32,13 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Connections: most incoming connections still in their handshake at once.
     pub max_pending_incoming_connections: u32,
+    /// Connections: sustained new incoming connections per second from one IP address; one
+    /// beyond it (and the burst) is closed before its handshake and counted as
+    /// `limit_hits{limit="connections_per_ip_rate"}`. Established connections are not
+    /// affected.
+    pub new_connections_per_ip_per_sec: u32,
+    /// Connections: new incoming connections one IP address may open in a burst.
+    pub new_connection_burst_per_ip: u32,
     /// Requests: most request streams open at once on one connection (all of kith's protocols
     /// together); libp2p drops a stream beyond it.
     pub max_streams_per_connection: usize,
@@ -183,6 +190,8 @@ impl Default for Config {
             max_connections: 20_000,
             max_connections_per_peer: 8,
             max_pending_incoming_connections: 256,
+            new_connections_per_ip_per_sec: 50,
+            new_connection_burst_per_ip: 500,
             max_streams_per_connection: 256,
             read_buffer_budget_bytes: 64 * 1024 * 1024,
             read_buffer_reserved_per_connection_bytes: 16 * 1024,
@@ -354,6 +363,12 @@ impl Config {
         if self.deposits_per_sec_per_peer == 0 || self.deposit_burst_per_peer == 0 {
             return invalid(
                 "deposits_per_sec_per_peer",
+                "rate and burst must be above 0",
+            );
+        }
+        if self.new_connections_per_ip_per_sec == 0 || self.new_connection_burst_per_ip == 0 {
+            return invalid(
+                "new_connections_per_ip_per_sec",
                 "rate and burst must be above 0",
             );
         }

@@ -41,6 +41,7 @@ pub mod clock;
 pub mod config;
 pub mod group;
 pub mod identity;
+pub mod ip_rate;
 pub mod keys;
 pub mod mailbox;
 pub mod metrics;

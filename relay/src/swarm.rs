@@ -61,6 +61,8 @@ pub struct Protocols {
     /// Connection limits (in all, per peer, pending); first, so a connection beyond them is
     /// refused before any other behaviour spends anything on it.
     pub limits: connection_limits::Behaviour,
+    /// New connections per IP address, refused before their handshake ([`crate::ip_rate`]).
+    pub ip_rate: crate::ip_rate::Behaviour,
     /// Circuit relay v2 server.
     pub relay: relay::Behaviour,
     /// Address exchange.
@@ -118,6 +120,10 @@ impl Protocols {
         let gossipsub = crate::group::gossipsub(key, config).map_err(BuildError::Gossipsub)?;
         Ok(Self {
             limits: connection_limits::Behaviour::new(connection_limits(config)),
+            ip_rate: crate::ip_rate::Behaviour::new(
+                config.new_connections_per_ip_per_sec,
+                config.new_connection_burst_per_ip,
+            ),
             gossipsub,
             requests: requests::behaviour(budget, config.max_streams_per_connection),
             relay: relay::Behaviour::new(peer_id, relay_config(config)),
@@ -165,6 +171,9 @@ fn connection_limits(config: &Config) -> connection_limits::ConnectionLimits {
 /// The metric label of a connection refused by [`connection_limits`], or `None` for a
 /// refusal of another kind.
 fn connection_limit_label(cause: &libp2p::swarm::ConnectionDenied) -> Option<&'static str> {
+    if cause.downcast_ref::<crate::ip_rate::TooFast>().is_some() {
+        return Some("connections_per_ip_rate");
+    }
     let exceeded = cause.downcast_ref::<connection_limits::Exceeded>()?;
     let text = exceeded.to_string();
     Some(if text.contains("per peer") {

@@ -288,6 +288,40 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() -> anyh
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_beyond_an_addresses_rate_are_closed_before_the_handshake(
+) -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    // Three at once from one address, then one a second.
+    config.new_connections_per_ip_per_sec = 1;
+    config.new_connection_burst_per_ip = 3;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let mut peers = JoinSet::new();
+    // Fresh identities, as a churning stranger uses: the per-peer limit does not see them.
+    for _ in 0..6 {
+        let mut raw = kith_tests::RawPeer::new()?;
+        raw.swarm.dial(addr.clone())?;
+        peers.spawn(async move {
+            loop {
+                raw.swarm.select_next_some().await;
+            }
+        });
+    }
+    wait_for("connections beyond the burst refused", || async {
+        (relay.metrics().limit_hits("connections_per_ip_rate") >= 2).then_some(())
+    })
+    .await?;
+    // The admitted ones stay up; no refused one got through its handshake.
+    let connected = relay.metrics().connections.get();
+    assert!((3..=4).contains(&connected), "{connected} connections");
+    peers.shutdown().await;
+    relay.shutdown().await?;
+    Ok(())
+}
+
 fn quota_refusals(relay: &kith_relay::Running) -> u64 {
     relay
         .metrics()

@@ -1,10 +1,12 @@
-//! Per-peer deposit rate limiting: one token bucket per depositing peer, with explicit `now`.
+//! Rate limiting: one token bucket per depositing peer (or per other key, such as the IP
+//! address new connections come from), with explicit `now`.
 //!
 //! A bucket holds up to `burst` tokens and refills at `per_sec` tokens a second; each deposit
 //! takes one. Buckets that have refilled completely carry no information and are dropped when
 //! the table grows, so the table stays bounded by the number of recently active peers.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use kith_protocol::PeerId;
 
@@ -65,15 +67,15 @@ impl TokenBucket {
     }
 }
 
-/// Token buckets by peer.
+/// Token buckets by peer (or by another key).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = PeerId> {
     burst: u32,
     per_sec: u32,
-    buckets: HashMap<PeerId, TokenBucket>,
+    buckets: HashMap<K, TokenBucket>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// `per_sec` sustained, `burst` at once, per peer.
     pub fn new(per_sec: u32, burst: u32) -> Self {
         Self {
@@ -84,12 +86,12 @@ impl RateLimiter {
     }
 
     /// Whether `peer` may act now (and takes a token if so).
-    pub fn check(&mut self, peer: &PeerId, now_ms: u64) -> bool {
+    pub fn check(&mut self, peer: &K, now_ms: u64) -> bool {
         self.check_n(peer, 1, now_ms)
     }
 
     /// Whether `peer` may do something that costs `n` tokens now (and takes them if so).
-    pub fn check_n(&mut self, peer: &PeerId, n: u64, now_ms: u64) -> bool {
+    pub fn check_n(&mut self, peer: &K, n: u64, now_ms: u64) -> bool {
         if self.buckets.len() >= PRUNE_ABOVE && !self.buckets.contains_key(peer) {
             self.prune(now_ms);
         }

@@ -22,6 +22,10 @@ pub struct Limits {
     pub max_connections_per_peer: u32,
     /// `max_pending_incoming_connections`.
     pub max_pending_incoming_connections: u32,
+    /// `new_connections_per_ip_per_sec`.
+    pub new_connections_per_ip_per_sec: u32,
+    /// `new_connection_burst_per_ip`.
+    pub new_connection_burst_per_ip: u32,
     /// `max_streams_per_connection`.
     pub max_streams_per_connection: usize,
     /// `read_buffer_budget_bytes`.
@@ -68,6 +72,8 @@ impl Default for Limits {
             max_connections: 128,
             max_connections_per_peer: 8,
             max_pending_incoming_connections: 64,
+            new_connections_per_ip_per_sec: 50,
+            new_connection_burst_per_ip: 500,
             max_streams_per_connection: 64,
             read_buffer_budget_bytes: 8 << 20,
             read_buffer_reserved_per_connection_bytes: 16 << 10,
@@ -104,6 +110,8 @@ impl Limits {
              max_connections = {}\n\
              max_connections_per_peer = {}\n\
              max_pending_incoming_connections = {}\n\
+             new_connections_per_ip_per_sec = {}\n\
+             new_connection_burst_per_ip = {}\n\
              max_streams_per_connection = {}\n\
              read_buffer_budget_bytes = {}\n\
              read_buffer_reserved_per_connection_bytes = {}\n\
@@ -126,6 +134,8 @@ impl Limits {
             self.max_connections,
             self.max_connections_per_peer,
             self.max_pending_incoming_connections,
+            self.new_connections_per_ip_per_sec,
+            self.new_connection_burst_per_ip,
             self.max_streams_per_connection,
             self.read_buffer_budget_bytes,
             self.read_buffer_reserved_per_connection_bytes,
