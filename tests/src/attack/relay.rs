@@ -285,6 +285,7 @@ fn refusals_in(text: &str) -> u64 {
         "{limit=\"connections\"}",
         "{limit=\"connections_per_peer\"}",
         "{limit=\"pending_connections\"}",
+        "{limit=\"connections_per_ip_rate\"}",
     ];
     text.lines()
         .filter(|l| {
@@ -356,9 +357,10 @@ mod tests {
                     kith_relay_rejects_total{reason=\"quota_exceeded\"} 5\n\
                     kith_relay_rejects_total{reason=\"busy\"} 2\n\
                     kith_relay_limit_hits_total{limit=\"connections_per_peer\"} 3\n\
+                    kith_relay_limit_hits_total{limit=\"connections_per_ip_rate\"} 4\n\
                     kith_relay_limit_hits_total{limit=\"mailbox_quota\"} 5\n\
                     kith_relay_deposits_total 9\n";
-        assert_eq!(refusals_in(page), 10);
+        assert_eq!(refusals_in(page), 14);
     }
 
     #[test]
