@@ -35,15 +35,16 @@ fn has_text(node: &TestNode, with: &str, text: &str) -> bool {
 }
 
 /// Whether `events` announced the expiry of message `id`.
-fn saw_expiry(events: &mut broadcast::Receiver<NodeEvent>, id: &str) -> Option<MessageState> {
-    while let Ok(event) = events.try_recv() {
-        if let NodeEvent::Expired { id: got, state, .. } = event {
-            if got == id {
-                return Some(state);
-            }
+async fn saw_expiry(events: &mut broadcast::Receiver<NodeEvent>, id: &str) -> Option<MessageState> {
+    // The state is written before the event goes out: wait for it, within the deadline.
+    let deadline = tokio::time::Instant::now() + kith_tests::DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(NodeEvent::Expired { id: got, state, .. })) if got == id => return Some(state),
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            _ => return None,
         }
     }
-    None
 }
 
 /// Waits until the wall clock passes `at_ms` (a condition polled with a deadline).
@@ -123,11 +124,11 @@ async fn a_timed_message_is_seen_then_gone_on_both_sides_and_after_a_restart() -
         .await?;
     }
     assert_eq!(
-        saw_expiry(&mut alice_events, &sent.id),
+        saw_expiry(&mut alice_events, &sent.id).await,
         Some(MessageState::Delivered)
     );
     assert_eq!(
-        saw_expiry(&mut bob_events, &sent.id),
+        saw_expiry(&mut bob_events, &sent.id).await,
         Some(MessageState::Delivered)
     );
     // The permanent messages and the timer line stay; the status of the gone one says so.
@@ -209,7 +210,7 @@ async fn an_offline_recipient_never_sees_an_expired_message_and_the_relay_drops_
     .await?;
     assert!(!has_text(&alice, "bob", text));
     assert_eq!(
-        saw_expiry(&mut events, &sent.id),
+        saw_expiry(&mut events, &sent.id).await,
         Some(MessageState::Expired)
     );
     wait_for("the relay's files no longer hold its key", || async {
