@@ -325,8 +325,9 @@ async fn a_strangers_group_waits_as_an_invitation_until_accepted() -> anyhow::Re
     let alice = TestNode::start("alice", vec![relay_addr.clone()]).await?;
     let mut bob = TestNode::start("bob", vec![relay_addr.clone()]).await?;
     let carol = TestNode::start("carol", vec![relay_addr.clone()]).await?;
-    // Carol knows alice; to bob she is a stranger.
+    // Carol knows alice; to bob she is a stranger (carol is his contact).
     kith_tests::know(&[&carol], &[&alice]).await?;
+    kith_tests::know(&[&bob], &[&carol]).await?;
     let mut events = bob.node().subscribe();
     let members = [bob.peer_id().to_string(), carol.peer_id().to_string()];
     let club = alice.node().create_group("club", &members).await?.group_id;
@@ -392,6 +393,16 @@ async fn a_strangers_group_waits_as_an_invitation_until_accepted() -> anyhow::Re
     }
     assert_eq!(invitation_events, 1);
 
+    // A file from carol, his contact, in the invitation's group waits too: it does not
+    // download by itself, neither now nor when bob's node restarts.
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, b"from carol")?;
+    let file = carol.node().send_file(&club, &note).await?;
+    wait_for("bob keeps carol's file message", || async {
+        let list = bob.node().group_invitations().ok()?;
+        (list.first()?.messages == 2).then_some(())
+    })
+    .await?;
     // The invitation outlives a restart, then bob accepts it: the kept message shows and he
     // takes part.
     let bob_addr = bob.addr().await;
@@ -401,9 +412,20 @@ async fn a_strangers_group_waits_as_an_invitation_until_accepted() -> anyhow::Re
     assert!(joined.member);
     assert!(lists_group(&bob, &club));
     assert!(bob.node().group_invitations()?.is_empty());
-    kith_tests::wait_texts(&bob, &club, &["welcome, both"]).await?;
+    kith_tests::wait_texts(&bob, &club, &["welcome, both", ""]).await?;
     bob.node().send(&club, "thanks!", None).await?;
-    kith_tests::wait_texts(&carol, &club, &["welcome, both", "thanks!"]).await?;
+    kith_tests::wait_texts(&carol, &club, &["welcome, both", "", "thanks!"]).await?;
+    let kept = bob
+        .node()
+        .messages(Some(&club))?
+        .into_iter()
+        .find(|m| m.id == file.id)
+        .and_then(|m| m.attachment)
+        .ok_or_else(|| anyhow::anyhow!("carol's file is not in bob's group"))?;
+    assert!(
+        !kept.downloaded,
+        "a file of an invitation downloaded by itself"
+    );
 
     // Another group of hers waits too, until bob makes alice a contact.
     let second = alice

@@ -1129,6 +1129,14 @@ impl Node {
         batch.put_attachment(&envelope.id, &record);
     }
 
+    /// Whether a file of `room` (none for one-to-one) may download by itself: not one of a
+    /// group this node has not joined (an invitation) or no longer sends to.
+    fn room_downloads(&self, room: Option<&GroupId>) -> bool {
+        let rooms = &self.plugins().rooms;
+        room.and_then(|g| rooms.room(g))
+            .is_none_or(|room| rooms.sendable(self, &room).is_ok())
+    }
+
     /// Called once an incoming file's message is stored: starts the download if it is small.
     pub(crate) async fn file_received(&self, id: MessageId, size: u64) {
         if size <= self.settings().auto_download_max_bytes {
@@ -1160,7 +1168,8 @@ impl Node {
                         Direction::In
                             if record.path.is_none()
                                 && record.file.size <= self.settings().auto_download_max_bytes
-                                && self.auto_download_from(&record.from) =>
+                                && self.auto_download_from(&record.from)
+                                && self.room_downloads(record.group.as_ref()) =>
                         {
                             waiting.push_back((0, Job::Download(id)))
                         }
