@@ -259,6 +259,20 @@ async fn large_claims_of_other_connections_do_not_starve_a_small_deposit() -> an
     Ok(())
 }
 
+/// Dials `addr` from each of `peers` and keeps their swarms running until the set is shut down.
+fn dial_all(peers: Vec<kith_tests::RawPeer>, addr: &Multiaddr) -> anyhow::Result<JoinSet<()>> {
+    let mut running = JoinSet::new();
+    for mut raw in peers {
+        raw.swarm.dial(addr.clone())?;
+        running.spawn(async move {
+            loop {
+                raw.swarm.select_next_some().await;
+            }
+        });
+    }
+    Ok(running)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() -> anyhow::Result<()> {
     init_logs();
@@ -268,16 +282,12 @@ async fn connections_beyond_the_per_peer_limit_are_refused_and_counted() -> anyh
     let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let mut peers = JoinSet::new();
-    for _ in 0..4 {
-        let mut raw = kith_tests::RawPeer::with_key(key.clone())?;
-        raw.swarm.dial(addr.clone())?;
-        peers.spawn(async move {
-            loop {
-                raw.swarm.select_next_some().await;
-            }
-        });
-    }
+    let mut peers = dial_all(
+        (0..4)
+            .map(|_| kith_tests::RawPeer::with_key(key.clone()))
+            .collect::<Result<_, _>>()?,
+        &addr,
+    )?;
     wait_for("two connections refused", || async {
         (relay.metrics().limit_hits("connections_per_peer") >= 2).then_some(())
     })
@@ -299,17 +309,13 @@ async fn new_connections_beyond_an_addresses_rate_are_closed_before_the_handshak
     config.new_connection_burst_per_ip = 3;
     let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
-    let mut peers = JoinSet::new();
     // Fresh identities, as a churning stranger uses: the per-peer limit does not see them.
-    for _ in 0..6 {
-        let mut raw = kith_tests::RawPeer::new()?;
-        raw.swarm.dial(addr.clone())?;
-        peers.spawn(async move {
-            loop {
-                raw.swarm.select_next_some().await;
-            }
-        });
-    }
+    let mut peers = dial_all(
+        (0..6)
+            .map(|_| kith_tests::RawPeer::new())
+            .collect::<Result<_, _>>()?,
+        &addr,
+    )?;
     wait_for("connections beyond the burst refused", || async {
         (relay.metrics().limit_hits("connections_per_ip_rate") >= 2).then_some(())
     })
