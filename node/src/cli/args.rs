@@ -59,7 +59,8 @@ pub enum Command {
     /// Manage contacts.
     #[command(subcommand)]
     Contact(ContactCommand),
-    /// Group chats: create, add, remove, promote, leave, list, info.
+    /// Group chats: create, add, remove, promote, leave, rekey, list, info, and invitations from
+    /// strangers (invitations, accept, decline).
     #[command(subcommand)]
     Group(super::groups::GroupCommand),
     /// Messages from strangers (peers not in your contacts): list, accept or block.
