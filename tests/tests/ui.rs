@@ -796,6 +796,24 @@ async fn chat_in_a_real_browser() -> Result<()> {
         )
         .await?;
     shots.take(&alice_page, "alice-group-members").await?;
+    // The panel shows the key epoch; refreshing alice's keys moves it on.
+    let epoch = alice.node().group_info(&group).await?.epoch;
+    alice_page
+        .wait(
+            "the key epoch shown",
+            &format!("document.querySelector('#panel .epoch')?.textContent.endsWith('key epoch {epoch}')"),
+        )
+        .await?;
+    alice_page.click("#panel button.rekey").await?;
+    alice_page
+        .wait(
+            "the next key epoch shown",
+            &format!(
+                "document.querySelector('#panel .epoch')?.textContent.endsWith('key epoch {}')",
+                epoch + 1
+            ),
+        )
+        .await?;
 
     // alice's chat with bob, as README shows it.
     alice_page.click(&conv(&b_id)).await?;

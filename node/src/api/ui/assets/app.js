@@ -1017,6 +1017,10 @@ async function groupPanel(conv) {
       box.append(h('div', { class: 'row' }, pick, h('button', { type: 'button', onclick: () => act('add', pick.value, box) }, 'Add')));
     }
   }
+  // End-to-end encryption (MLS): each membership change or key refresh moves the epoch on.
+  box.append(h('div', { class: 'keys row' },
+    h('span', { class: 'grow muted small epoch' }, `End-to-end encrypted · key epoch ${g.epoch}`),
+    h('button', { type: 'button', class: 'link rekey', title: 'Refresh your keys in this group now: whoever copied them before reads nothing after', onclick: () => act('rekey', null, box) }, 'Refresh my keys')));
   box.append(await timerSection(conv, admin));
   box.append(h('button', { type: 'button', class: 'danger', onclick: () => act('leave', null, box) }, 'Leave group'));
   openPanel(conv.name, box);
