@@ -301,7 +301,11 @@ impl Node {
     /// Blocks a contact (by name) or any peer (by peer id). Its conversation stays.
     pub async fn block(&self, who: &str) -> Result<BlockView, NodeError> {
         let peer = self.resolve(who)?;
-        // A request's messages go with it, whichever way it is blocked.
+        self.block_known(peer).await
+    }
+
+    /// Blocks `peer`; a request's messages go with it, whichever way it is blocked.
+    async fn block_known(&self, peer: PeerId) -> Result<BlockView, NodeError> {
         let drop_request = self.strangers().is_request(&peer);
         self.block_peer(peer, drop_request).await
     }
@@ -411,9 +415,6 @@ impl Gate for State {
     }
 
     fn block<'a>(&'a self, node: &'a Node, peer: PeerId) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(async move {
-            let drop_request = self.is_request(&peer);
-            node.block_peer(peer, drop_request).await.map(|_| ())
-        })
+        Box::pin(async move { node.block_known(peer).await.map(|_| ()) })
     }
 }

@@ -111,7 +111,7 @@ impl Node {
     }
 
     /// Whether `group` is kept out of sight: an invitation waiting for the user, or declined.
-    pub(crate) fn is_invitation(&self, group: &GroupId) -> bool {
+    pub(crate) fn out_of_sight(&self, group: &GroupId) -> bool {
         lock(&self.groups().invites).contains_key(group)
     }
 
@@ -164,15 +164,26 @@ impl Node {
         }))
     }
 
-    /// The pending invitation `name_or_id` names.
-    fn pending_invitation(&self, name_or_id: &str) -> Result<(State, Invitation), NodeError> {
-        let pending: Vec<(State, Invitation)> = lock(&self.groups().invites)
+    /// The pending invitations with their groups. One whose inviter took this node out again
+    /// is no longer anything to join, and is left out.
+    fn pending_invitations(&self) -> Vec<(State, Invitation)> {
+        let pending: Vec<(GroupId, Invitation)> = lock(&self.groups().invites)
             .iter()
             .filter(|(_, i)| !i.declined)
-            .filter_map(|(g, i)| Some((self.groups().get(g)?, i.clone())))
+            .map(|(g, i)| (*g, i.clone()))
             .collect();
+        let me = self.peer_id();
+        pending
+            .into_iter()
+            .filter_map(|(g, i)| Some((self.groups().get(&g).filter(|s| s.is_member(&me))?, i)))
+            .collect()
+    }
+
+    /// The pending invitation `name_or_id` names.
+    fn pending_invitation(&self, name_or_id: &str) -> Result<(State, Invitation), NodeError> {
         let wanted = name_or_id.trim();
-        let mut matches: Vec<_> = pending
+        let mut matches: Vec<_> = self
+            .pending_invitations()
             .into_iter()
             .filter(|(s, _)| s.group.to_string() == wanted || s.name == wanted)
             .collect();
@@ -189,21 +200,9 @@ impl Node {
 
     /// The pending invitations, newest first.
     pub fn group_invitations(&self) -> Result<Vec<InvitationView>, NodeError> {
-        let pending: Vec<(GroupId, Invitation)> = lock(&self.groups().invites)
-            .iter()
-            .filter(|(_, i)| !i.declined)
-            .map(|(g, i)| (*g, i.clone()))
-            .collect();
         let mut out = Vec::new();
-        for (group, invitation) in pending {
-            // One whose inviter took this node out again is no longer anything to join.
-            let Some(state) = self
-                .groups()
-                .get(&group)
-                .filter(|s| s.is_member(&self.peer_id()))
-            else {
-                continue;
-            };
+        for (state, invitation) in self.pending_invitations() {
+            let group = state.group;
             out.push(InvitationView {
                 group_id: group.to_string(),
                 name: state.name.clone(),
@@ -224,29 +223,24 @@ impl Node {
         Ok(self.named_view(&state))
     }
 
+    /// Joins `state`, a member's group kept as an invitation: the record goes, the topic is
+    /// subscribed.
     async fn join_invited(&self, state: &State) -> Result<(), NodeError> {
         let mut batch = Batch::new();
         batch.remove_raw(key(&state.group));
         self.store().commit(batch).await?;
         lock(&self.groups().invites).remove(&state.group);
-        if state.is_member(&self.peer_id()) {
-            self.net()
-                .subscribe(kith_protocol::group::topic(&state.group), true)
-                .await;
-        }
+        self.net()
+            .subscribe(kith_protocol::group::topic(&state.group), true)
+            .await;
         tracing::info!(group = %state.group, "joined the group of an invitation");
         Ok(())
     }
 
     /// `peer` became a contact: the groups it invited this node to are joined.
     pub(crate) async fn accept_invitations_of(&self, peer: &PeerId) -> Result<(), NodeError> {
-        let groups: Vec<GroupId> = lock(&self.groups().invites)
-            .iter()
-            .filter(|(_, i)| !i.declined && i.inviter == *peer)
-            .map(|(g, _)| *g)
-            .collect();
-        for group in groups {
-            if let Some(state) = self.groups().get(&group) {
+        for (state, invitation) in self.pending_invitations() {
+            if invitation.inviter == *peer {
                 self.join_invited(&state).await?;
             }
         }
@@ -262,10 +256,8 @@ impl Node {
     ) -> Result<DeclineView, NodeError> {
         let (state, invitation) = self.pending_invitation(name_or_id)?;
         let group = state.group;
-        if state.is_member(&self.peer_id()) {
-            self.change_group(&group.to_string(), ChangeKind::Leave, None)
-                .await?;
-        }
+        self.change_group(&group.to_string(), ChangeKind::Leave, None)
+            .await?;
         let mut batch = Batch::new();
         let messages = self.store().group_conversation(&group)?;
         for msg in &messages {
@@ -290,8 +282,7 @@ impl Node {
         })
     }
 
-    /// Refuses what needs the user's yes first: sending to, or reading, a group that waits as
-    /// an invitation.
+    /// Refuses sending to a group that waits as an invitation (or was declined).
     pub(super) fn check_joined(&self, state: &State) -> Result<(), NodeError> {
         match self.invitation(&state.group) {
             Some(i) if !i.declined => Err(invalid(format!(

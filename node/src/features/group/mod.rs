@@ -190,7 +190,7 @@ impl Node {
             .into_iter()
             .filter(|s| s.name == name_or_id)
             .collect();
-        named.sort_by_key(|s| (!s.is_member(&me), self.is_invitation(&s.group), s.group));
+        named.sort_by_key(|s| (!s.is_member(&me), self.out_of_sight(&s.group), s.group));
         named.into_iter().next()
     }
 
@@ -237,7 +237,7 @@ impl Node {
             .groups()
             .all()
             .iter()
-            .filter(|s| !self.is_invitation(&s.group))
+            .filter(|s| !self.out_of_sight(&s.group))
             .map(|s| self.named_view(s))
             .collect();
         list.sort_by(|a, b| {
@@ -405,7 +405,7 @@ impl Node {
     async fn save_group_with(&self, state: State, mut batch: Batch) -> Result<(), NodeError> {
         batch.put_group(&state);
         self.store().commit(batch).await?;
-        let member = state.is_member(&self.peer_id()) && !self.is_invitation(&state.group);
+        let member = state.is_member(&self.peer_id()) && !self.out_of_sight(&state.group);
         let was = self
             .groups()
             .get(&state.group)
@@ -590,7 +590,7 @@ impl Node {
             tracing::debug!(%from, group = %group_id, "dropping a message of a declined group");
             return Ok(());
         }
-        let invited = self.is_invitation(&group_id);
+        let invited = self.out_of_sight(&group_id);
         let store_failed = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot store a group message");
             Reject::StoreFailed
@@ -742,7 +742,7 @@ impl Node {
     pub(crate) async fn group_loop(self, mut shutdown: Signal) {
         let me = self.peer_id();
         for state in self.groups().all() {
-            if state.is_member(&me) && !self.is_invitation(&state.group) {
+            if state.is_member(&me) && !self.out_of_sight(&state.group) {
                 self.net().subscribe(group::topic(&state.group), true).await;
             }
         }
@@ -1012,7 +1012,7 @@ impl Node {
     pub(crate) fn all_group_messages(&self) -> Result<Vec<MessageView>, NodeError> {
         let mut out = Vec::new();
         for state in self.groups().all() {
-            if self.is_invitation(&state.group) {
+            if self.out_of_sight(&state.group) {
                 continue;
             }
             out.extend(self.group_messages(&state)?);
@@ -1035,7 +1035,7 @@ impl Node {
         // one it has not joined yet (an invitation) tells its members nothing either.
         if self.settings().read_receipts
             && state.is_member(&self.peer_id())
-            && !self.is_invitation(&state.group)
+            && !self.out_of_sight(&state.group)
         {
             for (to, ids) in by_sender {
                 self.queue_receipts(to, ReceiptState::Read, &ids).await?;
