@@ -39,6 +39,16 @@ pub struct Config {
     pub new_connections_per_ip_per_sec: u32,
     /// Connections: new incoming connections one IP address may open in a burst.
     pub new_connection_burst_per_ip: u32,
+    /// Requests: malformed requests (frames that do not decode) one peer may send a second,
+    /// sustained; beyond it and `malformed_request_burst_per_peer`, the peer is banned for
+    /// `ban_secs` (see `ban_secs`). Well-behaved nodes send none.
+    pub malformed_requests_per_peer_per_sec: u32,
+    /// Requests: malformed requests one peer may send at once before it is banned.
+    pub malformed_request_burst_per_peer: u32,
+    /// Requests: how long a peer that sent too many malformed requests is shut out: its
+    /// connections are closed and new ones refused after their handshake, counted as
+    /// `limit_hits{limit="banned_peer"}`.
+    pub ban_secs: u64,
     /// Requests: most request streams open at once on one connection (all of kith's protocols
     /// together); libp2p drops a stream beyond it.
     pub max_streams_per_connection: usize,
@@ -192,6 +202,9 @@ impl Default for Config {
             max_pending_incoming_connections: 256,
             new_connections_per_ip_per_sec: 50,
             new_connection_burst_per_ip: 500,
+            malformed_requests_per_peer_per_sec: 1,
+            malformed_request_burst_per_peer: 20,
+            ban_secs: 600,
             max_streams_per_connection: 256,
             read_buffer_budget_bytes: 64 * 1024 * 1024,
             read_buffer_reserved_per_connection_bytes: 16 * 1024,
@@ -363,6 +376,14 @@ impl Config {
         if self.deposits_per_sec_per_peer == 0 || self.deposit_burst_per_peer == 0 {
             return invalid(
                 "deposits_per_sec_per_peer",
+                "rate and burst must be above 0",
+            );
+        }
+        if self.malformed_requests_per_peer_per_sec == 0
+            || self.malformed_request_burst_per_peer == 0
+        {
+            return invalid(
+                "malformed_requests_per_peer_per_sec",
                 "rate and burst must be above 0",
             );
         }

@@ -51,6 +51,7 @@ pub mod quiet;
 pub mod requests;
 pub mod shed;
 pub mod state_file;
+pub mod strikes;
 pub mod swarm;
 mod task;
 

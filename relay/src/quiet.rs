@@ -34,7 +34,14 @@ struct Seen {
 pub struct Warnings {
     interval_ms: u64,
     peers: HashMap<PeerId, Seen>,
+    /// First lines of new peers in the current interval, and when it started: strangers that
+    /// come back as fresh identities must not each get a line.
+    firsts: u64,
+    firsts_since_ms: u64,
 }
+
+/// Most peers whose first refusal is logged in one interval; the others' are only counted.
+const MAX_FIRST_LINES_PER_INTERVAL: u64 = 20;
 
 impl Warnings {
     /// At most one line per peer every `interval_ms`.
@@ -42,6 +49,8 @@ impl Warnings {
         Self {
             interval_ms,
             peers: HashMap::new(),
+            firsts: 0,
+            firsts_since_ms: 0,
         }
     }
 
@@ -60,6 +69,18 @@ impl Warnings {
                         unsaid: 0,
                     },
                 );
+                if now_ms.saturating_sub(self.firsts_since_ms) >= interval {
+                    self.firsts = 0;
+                    self.firsts_since_ms = now_ms;
+                }
+                self.firsts += 1;
+                if self.firsts > MAX_FIRST_LINES_PER_INTERVAL {
+                    // Unsaid: its summary counts it.
+                    if let Some(seen) = self.peers.get_mut(peer) {
+                        seen.unsaid = 1;
+                    }
+                    return Say::Nothing;
+                }
                 Say::First
             }
             Some(seen) => {
@@ -110,6 +131,23 @@ macro_rules! warn_refused {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_peers_get_a_first_line_only_up_to_a_number_per_interval() {
+        let mut w = Warnings::new(1_000);
+        for _ in 0..MAX_FIRST_LINES_PER_INTERVAL {
+            assert_eq!(w.refused(&PeerId::random(), 10), Say::First);
+        }
+        let late = PeerId::random();
+        assert_eq!(w.refused(&late, 20), Say::Nothing);
+        assert_eq!(
+            w.refused(&PeerId::random(), 1_010),
+            Say::First,
+            "a new interval"
+        );
+        // The one that was quiet still gets its summary in time, its first refusal counted.
+        assert_eq!(w.refused(&late, 1_020), Say::Summary(2));
+    }
 
     #[test]
     fn first_then_one_summary_per_interval() {

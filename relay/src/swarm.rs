@@ -63,6 +63,9 @@ pub struct Protocols {
     pub limits: connection_limits::Behaviour,
     /// New connections per IP address, refused before their handshake ([`crate::ip_rate`]).
     pub ip_rate: crate::ip_rate::Behaviour,
+    /// Peers banned for malformed requests, refused once their identity is known
+    /// ([`crate::strikes`]).
+    pub strikes: crate::strikes::Behaviour,
     /// Circuit relay v2 server.
     pub relay: relay::Behaviour,
     /// Address exchange.
@@ -124,6 +127,11 @@ impl Protocols {
                 config.new_connections_per_ip_per_sec,
                 config.new_connection_burst_per_ip,
             ),
+            strikes: crate::strikes::Behaviour::new(
+                config.malformed_requests_per_peer_per_sec,
+                config.malformed_request_burst_per_peer,
+                std::time::Duration::from_secs(config.ban_secs),
+            ),
             gossipsub,
             requests: requests::behaviour(budget, config.max_streams_per_connection),
             relay: relay::Behaviour::new(peer_id, relay_config(config)),
@@ -173,6 +181,9 @@ fn connection_limits(config: &Config) -> connection_limits::ConnectionLimits {
 fn connection_limit_label(cause: &libp2p::swarm::ConnectionDenied) -> Option<&'static str> {
     if cause.downcast_ref::<crate::ip_rate::TooFast>().is_some() {
         return Some("connections_per_ip_rate");
+    }
+    if cause.downcast_ref::<crate::strikes::Banned>().is_some() {
+        return Some("banned_peer");
     }
     let exceeded = cause.downcast_ref::<connection_limits::Exceeded>()?;
     let text = exceeded.to_string();
@@ -621,6 +632,32 @@ impl Task {
         if let Message::Invalid { reason, detail } = request {
             let now = self.settings.presence.clock.now_ms();
             crate::warn_refused!(self.warnings, now, peer, protocol, %reason, detail, "invalid request");
+            if crate::strikes::is_strike(reason) {
+                self.strike(peer);
+            }
+        }
+    }
+
+    /// Counts a malformed request of `peer`, which may get it banned ([`crate::strikes`]).
+    fn strike(&mut self, peer: PeerId) {
+        if !self.swarm.behaviour_mut().strikes.strike(peer) {
+            return;
+        }
+        self.metrics.limit_hit("malformed_requests");
+        // One line per interval for all bans together: an attacker bans a fresh identity at a
+        // time, and each would otherwise get its own first line.
+        let now = self.settings.presence.clock.now_ms();
+        let all_bans = *self.swarm.local_peer_id();
+        match self.warnings.refused(&all_bans, now) {
+            crate::quiet::Say::First => {
+                tracing::warn!(%peer, "banning a peer that keeps sending malformed requests")
+            }
+            crate::quiet::Say::Summary(n) => {
+                tracing::warn!(%peer, banned_since_last_line = n, "banning a peer that keeps sending malformed requests")
+            }
+            crate::quiet::Say::Nothing => {
+                tracing::debug!(%peer, "banning a peer that keeps sending malformed requests")
+            }
         }
     }
 
@@ -665,7 +702,11 @@ impl Task {
             Message::Invalid { reason, detail } => {
                 let now = self.settings.presence.clock.now_ms();
                 crate::warn_refused!(self.warnings, now, peer, %reason, detail, "invalid mailbox request");
+                let strike = crate::strikes::is_strike(&reason);
                 self.respond_now(peer, channel, 0, reason);
+                if strike {
+                    self.strike(peer);
+                }
             }
             Message::Raw(_) => {
                 tracing::warn!(%peer, "raw mailbox request (never produced by reading)");

@@ -328,6 +328,75 @@ async fn new_connections_beyond_an_addresses_rate_are_closed_before_the_handshak
     Ok(())
 }
 
+/// A mailbox request that frames well but is not CBOR of any request.
+fn malformed_request() -> kith_net::codec::Message<mailbox::Request> {
+    let body = [0xffu8, 0x00, 0x13, 0x37];
+    let mut frame = u32::try_from(body.len())
+        .expect("small")
+        .to_be_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    kith_net::codec::Message::Raw(frame)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_keeps_sending_malformed_requests_is_banned_and_others_are_not(
+) -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.malformed_requests_per_peer_per_sec = 1;
+    config.malformed_request_burst_per_peer = 5;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let relay_peer = relay.peer_id;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut bad = kith_tests::RawPeer::with_key(key.clone())?;
+    // Within the burst each one is answered as malformed, on the same connection.
+    for _ in 0..5 {
+        let answer = bad.mailbox(relay_peer, &addr, malformed_request()).await?;
+        assert!(
+            matches!(
+                answer,
+                mailbox::Response::Rejected {
+                    reason: kith_protocol::Reject::Malformed,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(relay.metrics().limit_hits("malformed_requests"), 0);
+    // The one beyond it bans the peer: its connection closes.
+    let _ = bad.mailbox(relay_peer, &addr, malformed_request()).await;
+    wait_for("the peer banned and disconnected", || async {
+        (relay.metrics().limit_hits("malformed_requests") == 1
+            && relay.metrics().connections.get() == 0)
+            .then_some(())
+    })
+    .await?;
+    // It cannot come back under the same identity, even with a well-formed request.
+    let mut again = kith_tests::RawPeer::with_key(key)?;
+    let fetch = || {
+        kith_net::codec::Message::Valid(mailbox::Request::Fetch {
+            req_id: 1,
+            after: None,
+            limit: 10,
+        })
+    };
+    assert!(again.mailbox(relay_peer, &addr, fetch()).await.is_err());
+    assert!(relay.metrics().limit_hits("banned_peer") >= 1);
+    // Another peer is served as before.
+    let mut good = kith_tests::RawPeer::new()?;
+    let answer = good.mailbox(relay_peer, &addr, fetch()).await?;
+    assert!(
+        matches!(answer, mailbox::Response::Batch { .. }),
+        "{answer:?}"
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
+
 fn quota_refusals(relay: &kith_relay::Running) -> u64 {
     relay
         .metrics()

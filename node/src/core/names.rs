@@ -29,13 +29,14 @@ impl Node {
         group: Option<GroupId>,
         text: String,
     ) -> NodeEvent {
+        let from = envelope.from.to_string();
         let (conversation, conversation_name) = match group {
             Some(group) => (group.to_string(), self.group_name(&group)),
-            None => (envelope.from.to_string(), self.name_of(&envelope.from)),
+            None => (from.clone(), self.name_of(&envelope.from)),
         };
         NodeEvent::Message {
             id: envelope.id.to_string(),
-            from: envelope.from.to_string(),
+            from,
             text,
             sent_at_ms: envelope.sent_at_ms,
             conversation,
@@ -54,11 +55,12 @@ impl Node {
         group: Option<GroupId>,
         state: MessageState,
     ) -> NodeEvent {
+        let peer_text = peer.to_string();
         NodeEvent::Receipt {
             id: id.to_string(),
-            peer: peer.to_string(),
+            conversation: group.map_or_else(|| peer_text.clone(), |g| g.to_string()),
+            peer: peer_text,
             state,
-            conversation: group.map_or_else(|| peer.to_string(), |g| g.to_string()),
             group: group.map(|g| g.to_string()),
             peer_name: self.name_of(&peer),
         }

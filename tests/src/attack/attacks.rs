@@ -44,6 +44,9 @@ pub enum Attack {
     /// Malformed frames on every protocol the relay serves: random bytes, CBOR of the wrong
     /// shape, empty frames, oversize claims and truncated frames.
     Garbage,
+    /// Not an attack: two attacker threads spin and send nothing. A control for what sharing
+    /// this machine's cores with the attackers costs the honest pair by itself.
+    CpuOnly,
 }
 
 impl Attack {
@@ -68,6 +71,7 @@ impl Attack {
             Attack::GroupAbuse => "group-abuse",
             Attack::RetryStorm => "retry-storm",
             Attack::Garbage => "garbage",
+            Attack::CpuOnly => "cpu-only",
         }
     }
 
@@ -96,9 +100,12 @@ impl Attack {
             ),
             Attack::RetryStorm => "4 strangers fill a mailbox to its per-recipient limit (250 deposits each), then one sender deposits into it with 64 in flight, each answer followed by another deposit at once, ignoring retry_after_ms".into(),
             Attack::Garbage => format!(
-                "{} identities send malformed frames on all 5 protocols, 32 in flight each: random bytes, wrong CBOR, empty, oversize claims, truncated",
+                "{} tasks send malformed frames on all 5 protocols, 32 in flight each: random bytes, wrong CBOR, empty, oversize claims, truncated; each comes back as a fresh identity when the relay closes or refuses its connection",
                 2 * scale
             ),
+            Attack::CpuOnly => {
+                "no traffic: two attacker threads spin, as busy as the attacks keep them".into()
+            }
         }
     }
 
@@ -145,14 +152,18 @@ pub fn launch(
     scale: usize,
     counters: &Arc<Counters>,
     tasks: &mut JoinSet<()>,
+    on: &tokio::runtime::Handle,
 ) {
     let spawn = |tasks: &mut JoinSet<()>,
                  f: futures::future::BoxFuture<'static, anyhow::Result<()>>| {
-        tasks.spawn(async move {
-            if let Err(e) = f.await {
-                tracing::debug!("attacker ended: {e:#}");
-            }
-        });
+        tasks.spawn_on(
+            async move {
+                if let Err(e) = f.await {
+                    tracing::debug!("attacker ended: {e:#}");
+                }
+            },
+            on,
+        );
     };
     let t = target.clone();
     let c = counters.clone();
@@ -195,6 +206,22 @@ pub fn launch(
                 spawn(tasks, Box::pin(garbage(t.clone(), c.clone())));
             }
         }
+        Attack::CpuOnly => {
+            for _ in 0..2 {
+                spawn(tasks, Box::pin(spin()));
+            }
+        }
+    }
+}
+
+/// Keeps a thread busy, yielding every millisecond (so that the task can be shut down).
+async fn spin() -> anyhow::Result<()> {
+    loop {
+        let until = std::time::Instant::now() + Duration::from_millis(1);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -638,14 +665,26 @@ fn garbage_frames(max: usize) -> Vec<Vec<u8>> {
     ]
 }
 
+/// Sends garbage with one identity until the relay closes its connection or refuses it (a
+/// ban), then comes back as a fresh identity.
 async fn garbage(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
-    let mut swarm = prober(Keypair::generate_ed25519())?;
-    swarm.add_peer_address(t.peer, t.addr.clone());
     let frames: Vec<(usize, Vec<u8>)> = PROTOCOLS
         .iter()
         .enumerate()
         .flat_map(|(i, (_, max))| garbage_frames(*max).into_iter().map(move |f| (i, f)))
         .collect();
+    loop {
+        garbage_as_one(&t, &c, &frames).await?;
+    }
+}
+
+async fn garbage_as_one(
+    t: &Target,
+    c: &Counters,
+    frames: &[(usize, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let mut swarm = prober(Keypair::generate_ed25519())?;
+    swarm.add_peer_address(t.peer, t.addr.clone());
     let mut next = frames.iter().cycle();
     let mut send = |swarm: &mut Swarm<Prober>| {
         let Some((protocol, frame)) = next.next() else {
@@ -667,6 +706,12 @@ async fn garbage(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
     }
     loop {
         let event = swarm.select_next_some().await;
+        if matches!(
+            event,
+            SwarmEvent::ConnectionClosed { .. } | SwarmEvent::OutgoingConnectionError { .. }
+        ) {
+            return Ok(());
+        }
         if is_answer(&event) {
             send(&mut swarm);
         }

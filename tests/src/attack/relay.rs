@@ -26,6 +26,12 @@ pub struct Limits {
     pub new_connections_per_ip_per_sec: u32,
     /// `new_connection_burst_per_ip`.
     pub new_connection_burst_per_ip: u32,
+    /// `malformed_requests_per_peer_per_sec`.
+    pub malformed_requests_per_peer_per_sec: u32,
+    /// `malformed_request_burst_per_peer`.
+    pub malformed_request_burst_per_peer: u32,
+    /// `ban_secs`.
+    pub ban_secs: u64,
     /// `max_streams_per_connection`.
     pub max_streams_per_connection: usize,
     /// `read_buffer_budget_bytes`.
@@ -74,6 +80,9 @@ impl Default for Limits {
             max_pending_incoming_connections: 64,
             new_connections_per_ip_per_sec: 50,
             new_connection_burst_per_ip: 500,
+            malformed_requests_per_peer_per_sec: 1,
+            malformed_request_burst_per_peer: 20,
+            ban_secs: 600,
             max_streams_per_connection: 64,
             read_buffer_budget_bytes: 8 << 20,
             read_buffer_reserved_per_connection_bytes: 16 << 10,
@@ -112,6 +121,9 @@ impl Limits {
              max_pending_incoming_connections = {}\n\
              new_connections_per_ip_per_sec = {}\n\
              new_connection_burst_per_ip = {}\n\
+             malformed_requests_per_peer_per_sec = {}\n\
+             malformed_request_burst_per_peer = {}\n\
+             ban_secs = {}\n\
              max_streams_per_connection = {}\n\
              read_buffer_budget_bytes = {}\n\
              read_buffer_reserved_per_connection_bytes = {}\n\
@@ -136,6 +148,9 @@ impl Limits {
             self.max_pending_incoming_connections,
             self.new_connections_per_ip_per_sec,
             self.new_connection_burst_per_ip,
+            self.malformed_requests_per_peer_per_sec,
+            self.malformed_request_burst_per_peer,
+            self.ban_secs,
             self.max_streams_per_connection,
             self.read_buffer_budget_bytes,
             self.read_buffer_reserved_per_connection_bytes,
@@ -286,6 +301,7 @@ fn refusals_in(text: &str) -> u64 {
         "{limit=\"connections_per_peer\"}",
         "{limit=\"pending_connections\"}",
         "{limit=\"connections_per_ip_rate\"}",
+        "{limit=\"banned_peer\"}",
     ];
     text.lines()
         .filter(|l| {
@@ -358,9 +374,10 @@ mod tests {
                     kith_relay_rejects_total{reason=\"busy\"} 2\n\
                     kith_relay_limit_hits_total{limit=\"connections_per_peer\"} 3\n\
                     kith_relay_limit_hits_total{limit=\"connections_per_ip_rate\"} 4\n\
+                    kith_relay_limit_hits_total{limit=\"banned_peer\"} 6\n\
                     kith_relay_limit_hits_total{limit=\"mailbox_quota\"} 5\n\
                     kith_relay_deposits_total 9\n";
-        assert_eq!(refusals_in(page), 14);
+        assert_eq!(refusals_in(page), 20);
     }
 
     #[test]
