@@ -1,7 +1,8 @@
 //! Strangers and blocked peers, in process: a stranger's messages wait in the requests list
 //! until accepted, blocking drops them and refuses what follows, a relay refuses strangers'
 //! deposits for a user who takes messages from contacts only and blocked peers' always, a
-//! stranger's file does not download by itself, and a stranger's group is an invitation.
+//! stranger's file does not download by itself, a stranger's group is an invitation, and a
+//! stranger that keeps sending malformed requests is banned.
 
 use kith_net::codec::Message;
 use kith_node::config::SettingsChange;
@@ -219,6 +220,73 @@ async fn reach_contacts_refuses_strangers_at_the_node() -> anyhow::Result<()> {
     .await?;
     assert!(bob.node().requests()?.is_empty());
     assert!(bob.node().messages(None)?.is_empty());
+    Ok(())
+}
+
+/// A dm request that frames well but is not CBOR of any request.
+fn malformed_dm() -> Message<kith_protocol::dm::Request> {
+    let body = [0xffu8, 0x00, 0x13, 0x37];
+    let mut frame = u32::try_from(body.len())
+        .expect("small")
+        .to_be_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    Message::Raw(frame)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_that_keeps_sending_malformed_requests_is_banned_and_contacts_are_not(
+) -> anyhow::Result<()> {
+    init_logs();
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let addr = bob.addr().await;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut stranger = RawPeer::with_key(key.clone())?;
+    // Within the burst (20) each one is answered as malformed.
+    for _ in 0..20 {
+        let answer = stranger.dm(bob.peer_id(), &addr, malformed_dm()).await?;
+        assert!(
+            matches!(
+                answer,
+                kith_protocol::dm::Response::Rejected {
+                    reason: Reject::Malformed,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+    }
+    // The one beyond it bans the stranger: under the same identity it is refused from then on.
+    let _ = stranger.dm(bob.peer_id(), &addr, malformed_dm()).await;
+    drop(stranger);
+    wait_for("the stranger refused", || async {
+        let mut again = RawPeer::with_key(key.clone()).ok()?;
+        again
+            .dm(bob.peer_id(), &addr, malformed_dm())
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await?;
+    // Another stranger is answered, and a contact's message arrives.
+    let mut other = RawPeer::new()?;
+    let answer = other.dm(bob.peer_id(), &addr, malformed_dm()).await?;
+    assert!(
+        matches!(answer, kith_protocol::dm::Response::Rejected { .. }),
+        "{answer:?}"
+    );
+    let sent = alice
+        .node()
+        .send(
+            "bob",
+            "still here",
+            Some(std::time::Duration::from_secs(10)),
+        )
+        .await?;
+    assert_eq!(sent.state, MessageState::Delivered);
     Ok(())
 }
 

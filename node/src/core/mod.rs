@@ -1395,6 +1395,20 @@ impl Node {
         }
     }
 
+    /// Counts an undecodable request of `peer` against it when it is a stranger (not a contact,
+    /// not a home relay): one that keeps sending them is banned for a while
+    /// ([`kith_relay::strikes`]). A frame refused for want of room (`Busy`) does not count.
+    pub(crate) async fn malformed_from(&self, peer: PeerId, reason: &Reject) {
+        if !kith_relay::strikes::is_strike(reason)
+            || peer == self.peer_id()
+            || self.contact_of(&peer).is_some()
+            || self.inner.home_relays.contains_key(&peer)
+        {
+            return;
+        }
+        self.inner.net.strike(peer).await;
+    }
+
     /// The answer to a `/kith/dm/1` request from `peer`.
     async fn handle_dm(&self, peer: PeerId, request: Message<dm::Request>) -> dm::Response {
         match request {
@@ -1414,6 +1428,7 @@ impl Node {
             }
             Message::Invalid { reason, detail } => {
                 tracing::warn!(%peer, %detail, "refusing undecodable dm request");
+                self.malformed_from(peer, &reason).await;
                 dm::Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => dm::Response::Rejected {

@@ -1850,6 +1850,7 @@ impl Node {
             }
             Message::Invalid { reason, detail } => {
                 tracing::warn!(%peer, %detail, "refusing an undecodable blob request");
+                self.malformed_from(peer, &reason).await;
                 blob::Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => blob::Response::Rejected {

@@ -318,6 +318,7 @@ impl Node {
             }
             Message::Invalid { reason, detail } => {
                 tracing::warn!(%peer, %reason, %detail, "refusing an undecodable presence request");
+                self.malformed_from(peer, &reason).await;
                 Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => Response::Rejected {

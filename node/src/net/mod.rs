@@ -69,7 +69,19 @@ pub(crate) struct Behaviour {
     blob: request_response::Behaviour<kith_net::BlobCodec>,
     /// `/kith/keys/1`: publishing to relays, claiming from relays and nodes, answering claims.
     keys: request_response::Behaviour<kith_net::KeysCodec>,
+    /// Strangers banned for sending requests that do not decode (the relay's
+    /// [`kith_relay::strikes`]): their connections closed, new ones refused.
+    strikes: kith_relay::strikes::Behaviour,
 }
+
+/// Undecodable requests a stranger may send at once before it is banned.
+const MALFORMED_REQUEST_BURST: u32 = 20;
+
+/// Undecodable requests a stranger may send a second, sustained.
+const MALFORMED_REQUESTS_PER_SEC: u32 = 1;
+
+/// How long a banned stranger stays out.
+const BAN: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What the rest of the node hears from the network.
 #[derive(Debug)]
@@ -166,6 +178,9 @@ enum Command {
     Subscribe {
         topic: String,
         subscribe: bool,
+    },
+    Strike {
+        peer: PeerId,
     },
     ValidateGossip {
         source: PeerId,
@@ -492,6 +507,12 @@ impl Handle {
             .await;
     }
 
+    /// Counts an undecodable request of `peer` (a stranger: the caller checks), which bans it
+    /// once it sent too many.
+    pub async fn strike(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::Strike { peer }).await;
+    }
+
     /// Reports whether a gossip message is valid (forwarded) or not (dropped).
     pub async fn validate_gossip(
         &self,
@@ -661,6 +682,11 @@ pub(crate) async fn start(
                         ProtocolSupport::Full,
                     )],
                     kith_net::request_response_config(),
+                ),
+                strikes: kith_relay::strikes::Behaviour::new(
+                    MALFORMED_REQUESTS_PER_SEC,
+                    MALFORMED_REQUEST_BURST,
+                    BAN,
                 ),
                 presence: request_response::Behaviour::with_codec(
                     PresenceCodec::new(presence::MAX_FRAME_BYTES),
@@ -966,6 +992,11 @@ impl Actor {
                     Message::Valid(request),
                     reply,
                 );
+            }
+            Command::Strike { peer } => {
+                if self.swarm.behaviour_mut().strikes.strike(peer) {
+                    tracing::warn!(%peer, "banning a stranger that keeps sending malformed requests");
+                }
             }
             Command::Subscribe { topic, subscribe } => {
                 let topic = gossipsub::IdentTopic::new(topic);

@@ -293,6 +293,7 @@ impl Node {
             }
             Message::Invalid { reason, detail } => {
                 tracing::warn!(%peer, %detail, "refusing an undecodable keys request");
+                self.malformed_from(peer, &reason).await;
                 Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => Response::Rejected {
