@@ -30,6 +30,15 @@ use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, StreamProt
 /// How long any awaited condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// A request frame that is well framed but not CBOR of any request: every kith protocol refuses
+/// it as malformed (send it as `Message::Raw`).
+pub fn malformed_frame() -> Vec<u8> {
+    let body = [0xffu8, 0x00, 0x13, 0x37];
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
 /// Installs a test log subscriber once (set `KITH_LOG=debug` to see the nodes' logs).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()

@@ -330,13 +330,7 @@ async fn new_connections_beyond_an_addresses_rate_are_closed_before_the_handshak
 
 /// A mailbox request that frames well but is not CBOR of any request.
 fn malformed_request() -> kith_net::codec::Message<mailbox::Request> {
-    let body = [0xffu8, 0x00, 0x13, 0x37];
-    let mut frame = u32::try_from(body.len())
-        .expect("small")
-        .to_be_bytes()
-        .to_vec();
-    frame.extend_from_slice(&body);
-    kith_net::codec::Message::Raw(frame)
+    kith_net::codec::Message::Raw(kith_tests::malformed_frame())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

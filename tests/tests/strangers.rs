@@ -225,13 +225,7 @@ async fn reach_contacts_refuses_strangers_at_the_node() -> anyhow::Result<()> {
 
 /// A dm request that frames well but is not CBOR of any request.
 fn malformed_dm() -> Message<kith_protocol::dm::Request> {
-    let body = [0xffu8, 0x00, 0x13, 0x37];
-    let mut frame = u32::try_from(body.len())
-        .expect("small")
-        .to_be_bytes()
-        .to_vec();
-    frame.extend_from_slice(&body);
-    Message::Raw(frame)
+    Message::Raw(kith_tests::malformed_frame())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
