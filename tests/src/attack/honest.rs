@@ -104,6 +104,10 @@ impl Honest {
             std::thread::Builder::new()
                 .name("honest".into())
                 .spawn(move || {
+                    // On the relay's CPUs: off the attackers' core (see `cpu_split`).
+                    if let Some((relay_cpus, _)) = super::cpu_split() {
+                        super::pin(&relay_cpus);
+                    }
                     runtime.block_on(async move {
                         let receive = receive(
                             recipient,

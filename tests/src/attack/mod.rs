@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rustix::thread::CpuSet;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -382,15 +383,50 @@ const RECOVERY_WINDOW: Duration = Duration::from_millis(500);
 /// received.
 const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 
-/// The runtime the attackers run on: its threads run at the lowest CPU priority (`nice` 19), so
-/// that what the attackers themselves spend (key generation, handshakes, encoding) does not take
-/// the relay's or the honest pair's share of this machine's cores, as it would not if they
-/// attacked from elsewhere. What their traffic costs the relay still counts in full.
+/// The CPUs this process may use, split in two: the attackers' (the last one) and the rest,
+/// for the relay and the honest pair. `None` on a single CPU (nothing is pinned then).
+///
+/// Attackers elsewhere do not take the relay's CPU; here they share the machine, and two threads
+/// spinning on the relay's core alone triple the honest p99 (the control phase shows it), while
+/// spinning on another core changes nothing. So the attackers get a core of their own and the
+/// relay the others, in the baseline and the attacks alike: what their traffic costs the relay
+/// still counts in full.
+pub fn cpu_split() -> Option<(CpuSet, CpuSet)> {
+    let allowed = rustix::thread::sched_getaffinity(None).ok()?;
+    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect();
+    let (&last, rest) = cpus.split_last()?;
+    if rest.is_empty() {
+        return None;
+    }
+    let mut attackers = CpuSet::new();
+    attackers.set(last);
+    let mut relay = CpuSet::new();
+    for &c in rest {
+        relay.set(c);
+    }
+    Some((relay, attackers))
+}
+
+/// Keeps the calling thread (and the processes it starts) on `cpus`.
+pub fn pin(cpus: &CpuSet) {
+    if let Err(e) = rustix::thread::sched_setaffinity(None, cpus) {
+        tracing::warn!(error = %e, "cannot pin a benchmark thread to its CPUs");
+    }
+}
+
+/// The runtime the attackers run on: its threads run on a core of their own (see [`cpu_split`])
+/// and at the lowest CPU priority (`nice` 19), so that what the attackers themselves spend (key
+/// generation, handshakes, encoding) does not take the relay's or the honest pair's CPU.
 fn attackers_runtime() -> Result<Attackers> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("attacker")
         .on_thread_start(|| {
+            if let Some((_, attackers)) = cpu_split() {
+                pin(&attackers);
+            }
             // On Linux a thread's nice value is its own: this lowers only the calling thread.
             if let Err(e) = rustix::process::setpriority_process(None, 19) {
                 tracing::warn!(error = %e, "cannot lower an attacker thread's priority");

@@ -202,19 +202,28 @@ impl Relay {
         let config = dir.path().join("relay.toml");
         std::fs::write(&config, limits.toml(metrics))?;
         let path = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
-        let daemon = Daemon::spawn(
-            binary,
-            &[
-                "--data",
-                &path(&data)?,
-                "run",
-                "--config",
-                &path(&config)?,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-            ],
-            &log,
-        )?;
+        let (data_arg, config_arg) = (path(&data)?, path(&config)?);
+        let args = [
+            "--data",
+            &data_arg,
+            "run",
+            "--config",
+            &config_arg,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ];
+        // Started from a thread on the relay's CPUs, whose affinity the process inherits: off
+        // the attackers' core (see `cpu_split`).
+        let daemon = std::thread::scope(|s| {
+            s.spawn(|| {
+                if let Some((relay_cpus, _)) = super::cpu_split() {
+                    super::pin(&relay_cpus);
+                }
+                Daemon::spawn(binary, &args, &log)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread starting the relay panicked"))?
+        })?;
         let state = data.join("relay.json");
         let addr = crate::wait_for("the relay to listen", || async {
             let info: serde_json::Value =
