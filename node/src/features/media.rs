@@ -1150,13 +1150,10 @@ impl Node {
         }
     }
 
-    /// Runs background transfers; resumes unfinished ones at start.
-    pub(crate) async fn media_loop(self, mut shutdown: Signal) {
-        let Some(mut queue) = lock(&self.media().queue).take() else {
-            return;
-        };
-        self.load_packs().await;
-        let mut work = JoinSet::new();
+    /// The transfers to resume at start: uploads not finished, and downloads that would have
+    /// started by themselves. Decided when the node starts (see [`Feature::tasks`]), before
+    /// anything the user does next (accepting an invitation, say) can change the answer.
+    fn resume_jobs(&self) -> std::collections::VecDeque<(u32, Job)> {
         let mut waiting = std::collections::VecDeque::new();
         match self.store().attachments::<Record>() {
             Ok(records) => {
@@ -1179,6 +1176,20 @@ impl Node {
             }
             Err(e) => tracing::error!(error = %e, "cannot read attachments"),
         }
+        waiting
+    }
+
+    /// Runs background transfers, starting with `waiting` (those resumed at start).
+    async fn media_loop(
+        self,
+        mut shutdown: Signal,
+        mut waiting: std::collections::VecDeque<(u32, Job)>,
+    ) {
+        let Some(mut queue) = lock(&self.media().queue).take() else {
+            return;
+        };
+        self.load_packs().await;
+        let mut work = JoinSet::new();
         // Jobs waiting for their next attempt, soonest first. A job that failed for a reason that
         // may pass (its sources are offline, say) waits here, not in one of the running slots:
         // files that cannot be had right now never hold up the others.
@@ -2046,7 +2057,8 @@ impl Node {
 
 impl Feature for State {
     fn tasks(&self, node: &Node, shutdown: &Signal) -> Vec<BoxFuture<'static, ()>> {
-        vec![Box::pin(node.clone().media_loop(shutdown.clone()))]
+        let resume = node.resume_jobs();
+        vec![Box::pin(node.clone().media_loop(shutdown.clone(), resume))]
     }
 
     fn serve(
