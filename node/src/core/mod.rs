@@ -57,6 +57,9 @@ const CLAIMED_RETRY_AFTER_MS: u64 = 500;
 /// Senders' decoded keys kept per generation ([`Keys`]): far more than a node's contacts.
 const KEY_CACHE_CAPACITY: usize = 256;
 
+/// At most one WARN line a minute per peer about its undecodable requests.
+const MALFORMED_LOG_INTERVAL_MS: u64 = 60_000;
+
 use crate::clock::now_ms;
 use inbound::Checked;
 use outbox::{Outbox, Transmit};
@@ -215,6 +218,8 @@ struct Inner {
     home_relays: HashMap<PeerId, Multiaddr>,
     /// Per-conversation Lamport clocks, kept here so concurrent sends never share a value.
     lamports: Mutex<HashMap<PeerId, u64>>,
+    /// WARN lines about undecodable requests, rate-limited per peer and for new peers.
+    malformed_warnings: Mutex<kith_relay::quiet::Warnings>,
     /// Senders' decoded public keys, so a contact's key is not decoded again for each envelope.
     keys: Mutex<Keys>,
     /// Contacts by peer id, mirrored from the store so that attempts need no store scan.
@@ -511,6 +516,9 @@ impl Node {
                 events,
                 home_relays,
                 lamports: Mutex::new(HashMap::new()),
+                malformed_warnings: Mutex::new(kith_relay::quiet::Warnings::new(
+                    MALFORMED_LOG_INTERVAL_MS,
+                )),
                 keys: Mutex::new(Keys::new(KEY_CACHE_CAPACITY)),
                 contacts: Mutex::new(contacts),
                 outbox: Mutex::new(schedule),
@@ -1395,10 +1403,35 @@ impl Node {
         }
     }
 
-    /// Counts an undecodable request of `peer` against it when it is a stranger (not a contact,
-    /// not a home relay): one that keeps sending them is banned for a while
-    /// ([`kith_relay::strikes`]). A frame refused for want of room (`Busy`) does not count.
-    pub(crate) async fn malformed_from(&self, peer: PeerId, reason: &Reject) {
+    /// Logs an undecodable `protocol` request of `peer` (at most one WARN line a minute per
+    /// peer, and first lines for at most 20 new peers a minute: a stranger cycling identities
+    /// must not fill the disk through the log), and counts it against `peer` when it is a
+    /// stranger (not a contact, not a home relay): one that keeps sending them is banned for a
+    /// while ([`kith_relay::strikes`]). A frame refused for want of room (`Busy`) does not count.
+    pub(crate) async fn malformed_from(
+        &self,
+        peer: PeerId,
+        protocol: &str,
+        reason: &Reject,
+        detail: &str,
+    ) {
+        let said = self
+            .inner
+            .malformed_warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused(&peer, now_ms());
+        match said {
+            kith_relay::quiet::Say::First => {
+                tracing::warn!(%peer, protocol, %reason, detail, "refusing an undecodable request")
+            }
+            kith_relay::quiet::Say::Summary(n) => {
+                tracing::warn!(%peer, protocol, %reason, detail, refused_since_last_line = n, "refusing an undecodable request")
+            }
+            kith_relay::quiet::Say::Nothing => {
+                tracing::debug!(%peer, protocol, %reason, detail, "refusing an undecodable request")
+            }
+        }
         if !kith_relay::strikes::is_strike(reason)
             || peer == self.peer_id()
             || self.contact_of(&peer).is_some()
@@ -1427,8 +1460,8 @@ impl Node {
                 dm::Response::for_outcomes(req_id, &outcomes)
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %detail, "refusing undecodable dm request");
-                self.malformed_from(peer, &reason).await;
+                self.malformed_from(peer, dm::PROTOCOL, &reason, &detail)
+                    .await;
                 dm::Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => dm::Response::Rejected {

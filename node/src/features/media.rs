@@ -1860,8 +1860,8 @@ impl Node {
                 }
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %detail, "refusing an undecodable blob request");
-                self.malformed_from(peer, &reason).await;
+                self.malformed_from(peer, blob::PROTOCOL, &reason, &detail)
+                    .await;
                 blob::Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => blob::Response::Rejected {

@@ -317,8 +317,8 @@ impl Node {
                 }
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %reason, %detail, "refusing an undecodable presence request");
-                self.malformed_from(peer, &reason).await;
+                self.malformed_from(peer, kith_protocol::presence::PROTOCOL, &reason, &detail)
+                    .await;
                 Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => Response::Rejected {

@@ -292,8 +292,8 @@ impl Node {
                 }
             }
             Message::Invalid { reason, detail } => {
-                tracing::warn!(%peer, %detail, "refusing an undecodable keys request");
-                self.malformed_from(peer, &reason).await;
+                self.malformed_from(peer, prekeys::PROTOCOL, &reason, &detail)
+                    .await;
                 Response::Rejected { req_id: 0, reason }
             }
             Message::Raw(_) => Response::Rejected {
