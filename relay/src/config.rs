@@ -373,25 +373,28 @@ impl Config {
         if self.max_circuit_duration_secs == 0 {
             return invalid("max_circuit_duration_secs", "must be above 0");
         }
-        if self.deposits_per_sec_per_peer == 0 || self.deposit_burst_per_peer == 0 {
-            return invalid(
+        let rates = [
+            (
                 "deposits_per_sec_per_peer",
-                "rate and burst must be above 0",
-            );
-        }
-        if self.malformed_requests_per_peer_per_sec == 0
-            || self.malformed_request_burst_per_peer == 0
-        {
-            return invalid(
+                self.deposits_per_sec_per_peer,
+                self.deposit_burst_per_peer,
+            ),
+            (
                 "malformed_requests_per_peer_per_sec",
-                "rate and burst must be above 0",
-            );
-        }
-        if self.new_connections_per_ip_per_sec == 0 || self.new_connection_burst_per_ip == 0 {
-            return invalid(
+                self.malformed_requests_per_peer_per_sec,
+                self.malformed_request_burst_per_peer,
+            ),
+            (
                 "new_connections_per_ip_per_sec",
-                "rate and burst must be above 0",
-            );
+                self.new_connections_per_ip_per_sec,
+                self.new_connection_burst_per_ip,
+            ),
+        ];
+        if let Some((field, ..)) = rates
+            .iter()
+            .find(|(_, rate, burst)| *rate == 0 || *burst == 0)
+        {
+            return invalid(field, "rate and burst must be above 0");
         }
         if self.presence_offline_after_ms == 0 {
             return invalid("presence_offline_after_ms", "must be above 0");
@@ -440,6 +443,38 @@ mod tests {
         assert_eq!(config.listen.len(), 1);
         assert_eq!(config.max_circuits, Config::default().max_circuits);
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_zero_rate_or_burst_is_refused_by_name() {
+        let zeroed: [(&str, fn(&mut Config)); 6] = [
+            ("deposits_per_sec_per_peer", |c| {
+                c.deposits_per_sec_per_peer = 0
+            }),
+            ("deposits_per_sec_per_peer", |c| {
+                c.deposit_burst_per_peer = 0
+            }),
+            ("malformed_requests_per_peer_per_sec", |c| {
+                c.malformed_requests_per_peer_per_sec = 0
+            }),
+            ("malformed_requests_per_peer_per_sec", |c| {
+                c.malformed_request_burst_per_peer = 0
+            }),
+            ("new_connections_per_ip_per_sec", |c| {
+                c.new_connections_per_ip_per_sec = 0
+            }),
+            ("new_connections_per_ip_per_sec", |c| {
+                c.new_connection_burst_per_ip = 0
+            }),
+        ];
+        for (field, zero) in zeroed {
+            let mut config = Config::default();
+            zero(&mut config);
+            match config.validate() {
+                Err(ConfigError::Invalid { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
     }
 
     #[test]

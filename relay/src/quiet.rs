@@ -115,16 +115,22 @@ impl Warnings {
 
 /// Logs a refusal of `peer` at WARN as `warnings` allows: the first one with its details, then
 /// a summary at most once an interval.
+///
+/// With `key = K` the lines are limited under `K` instead of the peer (one key for many peers:
+/// bans of fresh identities, say), and still name the peer.
 #[macro_export]
 macro_rules! warn_refused {
-    ($warnings:expr, $now_ms:expr, $peer:expr, $($fields:tt)+) => {
-        match $warnings.refused(&$peer, $now_ms) {
+    ($warnings:expr, $now_ms:expr, key = $key:expr, $peer:expr, $($fields:tt)+) => {
+        match $warnings.refused(&$key, $now_ms) {
             $crate::quiet::Say::First => tracing::warn!(peer = %$peer, $($fields)+),
             $crate::quiet::Say::Summary(n) => {
                 tracing::warn!(peer = %$peer, refused_since_last_line = n, $($fields)+)
             }
             $crate::quiet::Say::Nothing => tracing::debug!(peer = %$peer, $($fields)+),
         }
+    };
+    ($warnings:expr, $now_ms:expr, $peer:expr, $($fields:tt)+) => {
+        $crate::warn_refused!($warnings, $now_ms, key = $peer, $peer, $($fields)+)
     };
 }
 

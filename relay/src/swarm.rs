@@ -648,17 +648,13 @@ impl Task {
         // time, and each would otherwise get its own first line.
         let now = self.settings.presence.clock.now_ms();
         let all_bans = *self.swarm.local_peer_id();
-        match self.warnings.refused(&all_bans, now) {
-            crate::quiet::Say::First => {
-                tracing::warn!(%peer, "banning a peer that keeps sending malformed requests")
-            }
-            crate::quiet::Say::Summary(n) => {
-                tracing::warn!(%peer, banned_since_last_line = n, "banning a peer that keeps sending malformed requests")
-            }
-            crate::quiet::Say::Nothing => {
-                tracing::debug!(%peer, "banning a peer that keeps sending malformed requests")
-            }
-        }
+        crate::warn_refused!(
+            self.warnings,
+            now,
+            key = all_bans,
+            peer,
+            "banning a peer that keeps sending malformed requests"
+        );
     }
 
     fn on_mailbox(

@@ -1415,22 +1415,13 @@ impl Node {
         reason: &Reject,
         detail: &str,
     ) {
-        let said = self
-            .inner
-            .malformed_warnings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refused(&peer, now_ms());
-        match said {
-            kith_relay::quiet::Say::First => {
-                tracing::warn!(%peer, protocol, %reason, detail, "refusing an undecodable request")
-            }
-            kith_relay::quiet::Say::Summary(n) => {
-                tracing::warn!(%peer, protocol, %reason, detail, refused_since_last_line = n, "refusing an undecodable request")
-            }
-            kith_relay::quiet::Say::Nothing => {
-                tracing::debug!(%peer, protocol, %reason, detail, "refusing an undecodable request")
-            }
+        {
+            let mut warnings = self
+                .inner
+                .malformed_warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            kith_relay::warn_refused!(warnings, now_ms(), peer, protocol, %reason, detail, "refusing an undecodable request");
         }
         if !kith_relay::strikes::is_strike(reason)
             || peer == self.peer_id()
