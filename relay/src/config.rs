@@ -447,7 +447,8 @@ mod tests {
 
     #[test]
     fn a_zero_rate_or_burst_is_refused_by_name() {
-        let zeroed: [(&str, fn(&mut Config)); 6] = [
+        type Zero = fn(&mut Config);
+        let zeroed: [(&str, Zero); 6] = [
             ("deposits_per_sec_per_peer", |c| {
                 c.deposits_per_sec_per_peer = 0
             }),
