@@ -1047,13 +1047,15 @@ impl Node {
         batch.put_outbox(&entry);
         batch.extend(extra);
         batch.put_message(&stored);
-        // A sealed message leaves only once its session's new state is on disk: sent before
-        // and lost in a crash, that state would be used again for another message.
         self.inner.store.apply_in_order(batch)?;
-        self.inner.store.flush().await?;
         // Watched only once stored (nothing to leak when that fails) and before it can leave.
         let first = wait.map(|_| self.watch_first_outcome(id));
+        // The message may leave while its records are flushed: the flush and the trip to the
+        // recipient take their time side by side. Its attempt settles only once they are on
+        // disk (see `settle`), and a session whose new state a crash loses never seals again
+        // (see `crypto::olm`). The caller hears of it once it is on disk.
         self.write_and_dispatch(entry, Batch::new())?;
+        self.inner.store.flush().await?;
         let state = match (wait, first) {
             (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
             _ => MessageState::Pending,
@@ -2159,6 +2161,8 @@ impl Node {
         relays: &[Multiaddr],
         direct: impl std::future::Future<Output = Result<dm::Response, NetError>>,
     ) {
+        // The entries were written before their request left, but perhaps not flushed yet.
+        let written = self.inner.store.durable_mark();
         let direct = tokio::time::timeout(self.inner.config.delivery_timeout, direct).await;
         // The request to `to` is over: its slot is free for what queued behind it, while these
         // entries settle (a deposit at the relays, say).
@@ -2171,6 +2175,16 @@ impl Node {
             Ok(Err(e)) => vec![Err(Err(e.to_string())); entries.len()],
             Err(_) => vec![Err(Err(NetError::Timeout.to_string())); entries.len()],
         };
+        // Shown delivered only once the sender's own records of them are on disk.
+        if answers.iter().any(Result::is_ok) {
+            if let Err(e) = self.inner.store.durable(written).await {
+                tracing::error!(%to, error = %e, "cannot store outgoing messages");
+                for entry in &entries {
+                    self.finish(entry, Outcome::Retry(e.to_string()));
+                }
+                return;
+            }
+        }
         let results = futures::future::join_all(entries.iter().zip(answers).map(
             |(entry, answer)| async move {
                 let outcome = match answer {

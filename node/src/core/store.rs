@@ -7,6 +7,7 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `v` | — | schema version (`u32`) |
+//! | `stopped-cleanly` | — | empty: the last process closed the store ([`Store::started_clean`]) |
 //! | `m/` | from, message id | [`StoredMessage`] |
 //! | `i/` | message id | from (for lookups by id alone) |
 //! | `c/` | peer, lamport, from, message id | empty: a conversation in display order |
@@ -38,7 +39,7 @@
 //! sled's log still holds of them can no longer be read.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -389,7 +390,11 @@ pub struct Store {
     flusher: mpsc::Sender<oneshot::Sender<Result<(), StoreError>>>,
     /// [`Store::flush`] calls under way, on either road.
     flushing: Arc<AtomicUsize>,
+    /// Which flushes began and which ended (see [`Store::durable_mark`]).
+    marks: Arc<FlushMarks>,
     closed: watch::Receiver<bool>,
+    /// The last process to use the store closed it (see [`Store::started_clean`]).
+    clean: bool,
 }
 
 /// Resolves once the store is closed: every handle dropped, the last flush done and the
@@ -411,6 +416,12 @@ impl Store {
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
             .open()?;
+        // Taken away, and that on disk, before anything else is written: a crash from now on
+        // leaves no mark.
+        let clean = tree.remove(CLEAN_STOP_KEY)?.is_some();
+        if clean {
+            tree.flush()?;
+        }
         match tree.get(b"v")? {
             None => {
                 tree.insert(b"v", &SCHEMA_VERSION.to_be_bytes())?;
@@ -436,17 +447,28 @@ impl Store {
         // The flusher ends by itself once every handle is dropped; `closed()` waits for that.
         // It is a thread of its own: a flush blocks, and a waiter is then one wakeup away.
         let flushing = tree.clone();
+        let marks = Arc::new(FlushMarks::default());
+        let loop_marks = marks.clone();
         std::thread::Builder::new()
             .name("kith-store-flush".into())
-            .spawn(move || flush_loop(flushing, rx, closed_tx))
+            .spawn(move || flush_loop(flushing, &loop_marks, rx, closed_tx))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Self {
             tree,
             shred: Arc::new(std::sync::Mutex::new(shred)),
             flusher: tx,
             flushing: Default::default(),
+            marks,
             closed,
+            clean,
         })
+    }
+
+    /// Whether the last process to use this store closed it (every handle dropped and the
+    /// last flush done), rather than crashing or being killed. A new store did not start
+    /// clean.
+    pub fn started_clean(&self) -> bool {
+        self.clean
     }
 
     /// A future that resolves once every handle to this store is dropped and it is flushed.
@@ -516,7 +538,7 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let under_way = FlushUnderWay::enter(&self.flushing);
         if under_way.alone {
-            return self.tree.flush().map(|_| ()).map_err(StoreError::from);
+            return self.marks.flush(&self.tree).map_err(StoreError::from);
         }
         let (tx, rx) = oneshot::channel();
         self.flusher
@@ -524,6 +546,20 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A mark of the writes applied so far, for [`Store::durable`]: the number of flushes begun.
+    pub fn durable_mark(&self) -> u64 {
+        self.marks.begun.load(Ordering::Acquire)
+    }
+
+    /// Waits until everything written before `mark` was taken ([`Store::durable_mark`]) is on
+    /// disk: at once when a flush that began after it has ended, else with a flush.
+    pub async fn durable(&self, mark: u64) -> Result<(), StoreError> {
+        if self.marks.ended.load(Ordering::Acquire) > mark {
+            return Ok(());
+        }
+        self.flush().await
     }
 
     /// How many [`Store::flush`] calls are under way.
@@ -1115,12 +1151,37 @@ impl Drop for FlushUnderWay<'_> {
     }
 }
 
+/// Present while the store is closed after a clean stop (written by the last flush, removed
+/// when the store is opened).
+const CLEAN_STOP_KEY: &[u8] = b"stopped-cleanly";
+
+/// Flushes numbered in the order they begin. A flush makes durable everything applied before
+/// it began, so once flush `n` has ended, so is everything applied before flush `n` began, and
+/// before any flush numbered lower began.
+#[derive(Default)]
+struct FlushMarks {
+    /// Flushes begun.
+    begun: AtomicU64,
+    /// The highest number of a flush that ended well.
+    ended: AtomicU64,
+}
+
+impl FlushMarks {
+    fn flush(&self, tree: &sled::Db) -> sled::Result<()> {
+        let number = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
+        tree.flush()?;
+        self.ended.fetch_max(number, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
 /// The least time between the end of one flush and the start of the next.
 const FLUSH_SPACING: Duration = Duration::from_millis(1);
 
 /// The group-commit flusher: every waiter that queued while a flush ran shares the next one.
 fn flush_loop(
     tree: sled::Db,
+    marks: &FlushMarks,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
     closed: watch::Sender<bool>,
 ) {
@@ -1142,7 +1203,7 @@ fn flush_loop(
         while let Ok(next) = rx.try_recv() {
             waiting.push(next);
         }
-        let result = tree.flush().map(|_| ());
+        let result = marks.flush(&tree);
         // Queueing means several writers shared this flush or others came while it ran; it is
         // judged before the waiters are released, whose next writes are not a queue.
         let busy = waiting.len() > 1 || !rx.is_empty();
@@ -1154,8 +1215,12 @@ fn flush_loop(
         }
         last_flush = Some((std::time::Instant::now(), busy));
     }
-    // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop.
-    if let Err(e) = tree.flush() {
+    // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop; the
+    // clean-stop mark is the last write, so it is on disk only if everything before it is.
+    if let Err(e) = tree
+        .insert(CLEAN_STOP_KEY, Vec::new())
+        .and_then(|_| tree.flush())
+    {
         tracing::error!(error = %e, "final store flush failed");
     }
     drop(tree);
@@ -1322,7 +1387,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kith_protocol::Keypair;
 
@@ -1526,14 +1591,66 @@ mod tests {
         assert_eq!(lamports_in(&store), (1..=3_000).collect::<Vec<u64>>());
     }
 
+    #[tokio::test]
+    async fn a_store_knows_whether_the_last_process_closed_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        assert!(!store.started_clean(), "a new store");
+        close(store).await;
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.started_clean(), "closed cleanly");
+        // What a crash now leaves: the files of a store still open.
+        let crashed = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), crashed.path());
+        let copy = Store::open(crashed.path()).expect("open the crash image");
+        assert!(!copy.started_clean(), "a crash image");
+        close(copy).await;
+        let copy = Store::open(crashed.path()).expect("reopen the crash image");
+        assert!(copy.started_clean(), "closed cleanly after the crash");
+        close(store).await;
+        assert!(Store::open(dir.path()).expect("open").started_clean());
+    }
+
+    #[tokio::test]
+    async fn writes_before_a_mark_are_on_disk_once_it_is_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (me, bob) = (peer(), peer());
+        let mut lamports = Vec::new();
+        for lamport in 1..=3 {
+            let mut batch = Batch::new();
+            batch.put_message(&msg(me, bob, lamport, Direction::Out));
+            store.apply(batch).expect("apply");
+            let mark = store.durable_mark();
+            store.durable(mark).await.expect("durable");
+            lamports.push(lamport);
+            // A mark taken before the last flush began needs no other.
+            let flushed = store.marks.ended.load(Ordering::Acquire);
+            store.durable(mark).await.expect("durable again");
+            assert_eq!(store.marks.ended.load(Ordering::Acquire), flushed);
+            let crashed = tempfile::tempdir().expect("tempdir");
+            copy_dir(dir.path(), crashed.path());
+            let copy = Store::open(crashed.path()).expect("open the crash image");
+            let found: Vec<u64> = copy
+                .conversation(&bob)
+                .expect("conversation")
+                .into_iter()
+                .map(|m| m.lamport)
+                .collect();
+            assert_eq!(found, lamports);
+            close(copy).await;
+        }
+    }
+
     /// Drops the last handle to `store` and waits until it is flushed and closed.
-    async fn close(store: Store) {
+    pub(crate) async fn close(store: Store) {
         let closed = store.closed();
         drop(store);
         closed.wait().await;
     }
 
-    fn copy_dir(from: &Path, to: &Path) {
+    /// Copies a store's directory as it is (with the store open: what a crash leaves).
+    pub(crate) fn copy_dir(from: &Path, to: &Path) {
         for entry in std::fs::read_dir(from).expect("read dir") {
             let entry = entry.expect("dir entry");
             let target = to.join(entry.file_name());

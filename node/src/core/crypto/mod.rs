@@ -204,6 +204,81 @@ mod tests {
         }
     }
 
+    /// A sealed message may leave before its session's new state is flushed, so a crash can
+    /// lose a state already used: a session from before an unclean stop only opens from then
+    /// on, and the next message claims a key for a new one. A clean stop keeps it sealing.
+    #[tokio::test]
+    async fn a_session_from_before_an_unclean_stop_never_seals_again() {
+        use crate::core::store::tests::{close, copy_dir};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let load = |store: &Store| {
+            Olm::load(store.clone(), key.clone(), Box::new(|_| {})).expect("account")
+        };
+        let store = Store::open(dir.path()).expect("store");
+        let alice = Side {
+            olm: load(&store),
+            store,
+            peer,
+            _dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let bob = side().await;
+        connect(&alice, &bob);
+        let hello = say(&alice, &bob, "hello");
+        open(&bob, &alice, &hello).expect("opens");
+        alice.store.flush().await.expect("flush");
+        // Alice's node is killed: what is on disk comes back in a new process.
+        let crashed = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), crashed.path());
+        let store = Store::open(crashed.path()).expect("crash image");
+        let restarted = Side {
+            olm: load(&store),
+            store,
+            peer,
+            _dir: tempfile::tempdir().expect("tempdir"),
+        };
+        assert!(!restarted.olm.has_session(&bob.peer).expect("sessions"));
+        assert_eq!(
+            restarted.olm.seal(&bob.peer, &chat("again")).expect("seal"),
+            None
+        );
+        // Bob's messages on the old session still open.
+        let reply = say(&bob, &restarted, "still here");
+        assert_eq!(
+            open(&restarted, &bob, &reply).expect("opens"),
+            chat("still here")
+        );
+        assert_eq!(
+            restarted.olm.seal(&bob.peer, &chat("again")).expect("seal"),
+            None
+        );
+        // A new session (a key claimed again) seals, and Bob opens it.
+        connect(&restarted, &bob);
+        let again = say(&restarted, &bob, "again");
+        assert_eq!(
+            open(&bob, &restarted, &again).expect("opens"),
+            chat("again")
+        );
+        // Stopped cleanly, the new session goes on sealing after a restart.
+        let Side { olm, store, .. } = restarted;
+        drop(olm);
+        close(store).await;
+        let store = Store::open(crashed.path()).expect("reopen");
+        let reopened = load(&store);
+        assert!(reopened.has_session(&bob.peer).expect("sessions"));
+        let later = sealed(
+            reopened
+                .seal(&bob.peer, &chat("later"))
+                .expect("seal")
+                .expect("a session"),
+        );
+        let opened = bob.olm.open(&peer, &MessageId::random(), &later, |b, _| {
+            Ok::<_, OpenError>(b)
+        });
+        assert_eq!(opened.expect("opens"), chat("later"));
+    }
+
     #[tokio::test]
     async fn both_sides_starting_at_once_still_talk() {
         let alice = side().await;

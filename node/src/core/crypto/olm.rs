@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `x/a` | [`AccountRecord`]: the account pickle and the published fallback key |
 //! | `x/k` | empty: the keys were published to a relay at least once |
+//! | `x/e` | the sending epoch (8 bytes, big-endian): raised at each start after an unclean stop |
 //! | `x/s/` peer, session id | [`SessionRecord`]: a session pickle and when it was last used |
 //! | `x/p/` peer | [`PeerRecord`]: the peer's signed identity key and whether the user verified it |
 //! | `x/u/` sender, message id | empty: the message did not decrypt and was asked for again |
@@ -15,9 +16,13 @@
 //!
 //! Every change of a session is written while the lock is held, so that the stored state never
 //! goes back: a ratchet step written after a later one would, after a restart, reuse message
-//! keys. Sealed messages leave only after that write is flushed (the callers flush before they
-//! send), and an opened message is written in one write with the session that opened it,
-//! the message before the session's new state (see [`Olm::open`]).
+//! keys. A sealed message may leave before that write is flushed (so that the sender's flush
+//! and the network run at once); a crash can then lose a state that was already used. So a
+//! session sends only in the epoch it was made in: each start after an unclean stop (the
+//! store says which, [`Store::started_clean`]) raises the epoch, and the sessions of earlier
+//! epochs only open messages from then on; the next message to such a peer claims a key and
+//! starts a new session. An opened message is written in one write with the session that
+//! opened it, the message before the session's new state (see [`Olm::open`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -103,6 +108,10 @@ struct AccountRecord {
 struct SessionRecord {
     pickle: SessionPickle,
     last_used: u64,
+    /// The epoch the session was made in: it seals only in that epoch (see the module's
+    /// documentation). Records from before epochs were kept have 0, an epoch no start uses.
+    #[serde(default)]
+    epoch: u64,
 }
 
 /// What this node knows of a peer's identity key.
@@ -119,6 +128,8 @@ pub struct PeerRecord {
 struct Kept {
     session: Session,
     last_used: u64,
+    /// See [`SessionRecord::epoch`].
+    epoch: u64,
 }
 
 struct State {
@@ -127,6 +138,8 @@ struct State {
     /// Sessions by peer, loaded from the store on first use.
     sessions: HashMap<PeerId, Vec<Kept>>,
     clock: u64,
+    /// The sending epoch of this start (see the module's documentation).
+    epoch: u64,
 }
 
 /// The account, the sessions and the peers' identity keys.
@@ -155,6 +168,8 @@ const OWN_CLAIM_BURST: u32 = 20;
 const ACCOUNT_KEY: &[u8] = b"x/a";
 
 const PUBLISHED_KEY: &[u8] = b"x/k";
+
+const EPOCH_KEY: &[u8] = b"x/e";
 
 fn peer_part(peer: &PeerId) -> Vec<u8> {
     let bytes = peer.to_bytes();
@@ -226,6 +241,7 @@ fn session_record(kept: &Kept) -> Result<Vec<u8>, CryptoError> {
     encode(&SessionRecord {
         pickle: kept.session.pickle(),
         last_used: kept.last_used,
+        epoch: kept.epoch,
     })
 }
 
@@ -256,6 +272,7 @@ impl Olm {
                 (account, fallback)
             }
         };
+        let epoch = Self::start_epoch(&store)?;
         let identity = SignedIdentity::sign(&key, account.curve25519_key().to_bytes())?;
         let (published, _) = tokio::sync::watch::channel(store.get_raw(PUBLISHED_KEY)?.is_some());
         Ok(Self {
@@ -274,9 +291,33 @@ impl Olm {
                 fallback,
                 sessions: HashMap::new(),
                 clock: 0,
+                epoch,
             }),
             on_identity_changed,
         })
+    }
+
+    /// The sending epoch of this start: the stored one, raised (and written, not flushed)
+    /// when the store was not closed cleanly. Not flushed: a later write that depends on it
+    /// (a session of this epoch) comes after it in the store's log, so it is never on disk
+    /// without it.
+    fn start_epoch(store: &Store) -> Result<u64, CryptoError> {
+        let stored = match store.get_raw(EPOCH_KEY)? {
+            None => None,
+            Some(raw) => Some(
+                <[u8; 8]>::try_from(raw.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| CryptoError::Damaged("epoch: not 8 bytes".into()))?,
+            ),
+        };
+        match stored {
+            Some(epoch) if store.started_clean() => Ok(epoch),
+            _ => {
+                let epoch = stored.unwrap_or(0).saturating_add(1);
+                store.set_raw(EPOCH_KEY, Some(epoch.to_be_bytes().to_vec()))?;
+                Ok(epoch)
+            }
+        }
     }
 
     /// This node's signed identity key.
@@ -302,6 +343,7 @@ impl Olm {
                 loaded.push(Kept {
                     session: Session::from_pickle(record.pickle),
                     last_used: record.last_used,
+                    epoch: record.epoch,
                 });
             }
             // Most recently used first.
@@ -311,23 +353,28 @@ impl Olm {
         Ok(state.sessions.entry(*peer).or_default())
     }
 
-    /// Whether a session with `peer` exists.
+    /// Whether a session with `peer` can seal (one made in this epoch exists).
     pub fn has_session(&self, peer: &PeerId) -> Result<bool, CryptoError> {
         let mut state = self.lock();
-        Ok(!self.sessions(&mut state, peer)?.is_empty())
+        let epoch = state.epoch;
+        Ok(self
+            .sessions(&mut state, peer)?
+            .iter()
+            .any(|k| k.epoch == epoch))
     }
 
-    /// Encrypts `body` for `to` with the most recently used session, or `None` when there is
-    /// none yet (claim a key and [`Olm::start_session`] first). The session's new state is
-    /// written (not flushed) before this returns: flush before the result leaves the node.
+    /// Encrypts `body` for `to` with the most recently used session of this epoch, or `None`
+    /// when there is none (claim a key and [`Olm::start_session`] first). The session's new
+    /// state is written (not flushed) before this returns.
     pub fn seal(&self, to: &PeerId, body: &Body) -> Result<Option<Body>, CryptoError> {
         let plaintext = cbor::encode(body, MAX_PLAINTEXT_BYTES)
             .map_err(|e| CryptoError::Encode(e.to_string()))?;
         let mut state = self.lock();
         state.clock += 1;
         let now = state.clock;
+        let epoch = state.epoch;
         let sessions = self.sessions(&mut state, to)?;
-        let Some(kept) = sessions.first_mut() else {
+        let Some(kept) = sessions.iter_mut().find(|k| k.epoch == epoch) else {
             return Ok(None);
         };
         let message = match kept.session.encrypt(&plaintext) {
@@ -370,6 +417,7 @@ impl Olm {
         let kept = Kept {
             session,
             last_used: state.clock,
+            epoch: state.epoch,
         };
         self.store.set_raw(
             &session_key(peer, &kept.session.session_id()),
@@ -482,6 +530,7 @@ impl Olm {
                 let kept = Kept {
                     session: result.session,
                     last_used: now,
+                    epoch: state.epoch,
                 };
                 (result.plaintext, kept, true)
             }
