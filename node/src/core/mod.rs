@@ -1095,8 +1095,8 @@ impl Node {
         // runs next on this thread (a task spawned after it would take its place and push it to
         // the back of the queue).
         self.spawn_attempt(async move {
-            if let Ok(direct) = ready.await {
-                node.settle(peer, entries, &relays, direct).await;
+            if let Ok((direct, written)) = ready.await {
+                node.settle(peer, entries, &relays, written, direct).await;
             }
         });
         let direct = self.inner.net.send_dm(peer, addrs, request);
@@ -1106,7 +1106,8 @@ impl Node {
             self.release_peer_slot(&peer);
             return Err(e.into());
         }
-        let _ = go.send(direct);
+        // Taken before the caller's flush begins (see `settle`).
+        let _ = go.send((direct, self.inner.store.durable_mark()));
         Ok(())
     }
 
@@ -2103,11 +2104,13 @@ impl Node {
                 }
             }
         }
+        // The entries were written before they were queued (perhaps not flushed yet).
+        let written = self.inner.store.durable_mark();
         let Some(direct) = self.start_direct(to, &entries, addrs) else {
             self.release_peer_slot(&to);
             return;
         };
-        self.settle(to, entries, &relays, direct).await;
+        self.settle(to, entries, &relays, written, direct).await;
     }
 
     /// Where `to` may be reached: its known addresses and relays (ours if it has none listed),
@@ -2153,16 +2156,17 @@ impl Node {
 
     /// Waits for the recipient's answer to a direct request carrying `entries`, then settles each
     /// one: delivered, refused for good, or deposited at `relays` when the recipient did not
-    /// take it.
+    /// take it. `written` is a [`Store::durable_mark`] taken after the entries were written:
+    /// they are shown delivered only once that is durable. (Taken late, it would wait for a
+    /// flush of writes that do not concern them.)
     async fn settle(
         &self,
         to: PeerId,
         entries: Vec<OutboxEntry>,
         relays: &[Multiaddr],
+        written: u64,
         direct: impl std::future::Future<Output = Result<dm::Response, NetError>>,
     ) {
-        // The entries were written before their request left, but perhaps not flushed yet.
-        let written = self.inner.store.durable_mark();
         let direct = tokio::time::timeout(self.inner.config.delivery_timeout, direct).await;
         // The request to `to` is over: its slot is free for what queued behind it, while these
         // entries settle (a deposit at the relays, say).
