@@ -489,7 +489,7 @@ impl Node {
         let mut schedule = Outbox::new(outbox::Limits {
             max_in_flight: config.max_in_flight,
             max_in_flight_per_peer: config.max_in_flight_per_peer,
-            max_batch: MAX_SEALED_BATCH,
+            max_batch: sealed_batch(config.max_in_flight_per_peer),
             max_queued: config.max_in_flight * dm::MAX_BATCH,
             backoff: config.backoff,
         });
@@ -2422,10 +2422,12 @@ struct Fresh {
     file_size: Option<u64>,
 }
 
-/// Most sealed envelopes in one request to a peer: with `max_in_flight_per_peer` (4) requests
-/// in flight, their envelopes stay within the 40 skipped message keys an Olm session keeps,
-/// however the recipient's handling of concurrent requests reorders them.
-const MAX_SEALED_BATCH: usize = 8;
+/// Most sealed envelopes in one request to a peer when `per_peer` requests may be in flight to
+/// it: together they stay within the window a recipient opens a chain's messages in
+/// ([`crypto::order::WINDOW`]), however its handling of concurrent requests reorders them.
+fn sealed_batch(per_peer: usize) -> usize {
+    (crypto::order::WINDOW as usize / per_peer.max(1)).clamp(1, dm::MAX_BATCH)
+}
 
 fn store_failed(e: &dyn std::fmt::Display) -> Reject {
     tracing::error!(error = %e, "cannot store an inbound envelope");
