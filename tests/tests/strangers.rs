@@ -284,6 +284,66 @@ async fn a_stranger_that_keeps_sending_malformed_requests_is_banned_and_contacts
     Ok(())
 }
 
+/// A stranger dialling a node in a loop under one identity holds at most eight connections
+/// (the node's per-peer limit); another peer still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_cannot_hold_more_than_eight_connections_to_a_node() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+    use libp2p::swarm::SwarmEvent;
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let mut stranger = RawPeer::new()?;
+    const DIALS: usize = 12;
+    const LIMIT: usize = 8;
+    for _ in 0..DIALS {
+        stranger.swarm.dial(
+            DialOpts::peer_id(bob.peer_id())
+                .condition(PeerCondition::Always)
+                .addresses(vec![addr.clone()])
+                .build(),
+        )?;
+    }
+    // Every dial ends established or failed; those beyond the limit are then closed by bob.
+    let (mut settled, mut refused) = (0, 0);
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while settled < DIALS || refused < DIALS - LIMIT {
+            match stranger.swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => settled += 1,
+                SwarmEvent::OutgoingConnectionError { .. } => {
+                    settled += 1;
+                    refused += 1;
+                }
+                SwarmEvent::ConnectionClosed { .. } => refused += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("{settled} dials settled, {refused} refused or closed: no limit?")
+    })?;
+    assert_eq!(refused, DIALS - LIMIT);
+    assert_eq!(
+        stranger
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_established() as usize,
+        LIMIT
+    );
+    // The limit is per peer: another one is answered.
+    let answer = RawPeer::new()?
+        .dm(bob.peer_id(), &addr, malformed_dm())
+        .await?;
+    assert!(
+        matches!(answer, kith_protocol::dm::Response::Rejected { .. }),
+        "{answer:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_refuse_deposits_from_strangers_and_blocked_peers() -> anyhow::Result<()> {
     init_logs();

@@ -72,7 +72,24 @@ pub(crate) struct Behaviour {
     /// Strangers banned for sending requests that do not decode (the relay's
     /// [`kith_relay::strikes`]): their connections closed, new ones refused.
     strikes: kith_relay::strikes::Behaviour,
+    /// Bounds on connections, so that a stranger opening them in a loop cannot exhaust the
+    /// node's memory or file descriptors.
+    limits: libp2p::connection_limits::Behaviour,
 }
+
+/// Most connections one peer may hold to a node at once (a direct one and one through each
+/// relay, dialled from both sides at once, fit well within it).
+const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+
+/// Most inbound connections a node holds at once (a 200-member group's members and the
+/// relays fit well within it).
+const MAX_INBOUND_CONNECTIONS: u32 = 1_024;
+
+/// Most inbound connections in their handshake at once.
+const MAX_PENDING_INBOUND: u32 = 64;
+
+/// How often the line about banned strangers may be written (one line for all of them).
+const BAN_LINE_INTERVAL_MS: u64 = 60_000;
 
 /// Undecodable requests a stranger may send at once before it is banned.
 const MALFORMED_REQUEST_BURST: u32 = 20;
@@ -688,6 +705,12 @@ pub(crate) async fn start(
                     MALFORMED_REQUEST_BURST,
                     BAN,
                 ),
+                limits: libp2p::connection_limits::Behaviour::new(
+                    libp2p::connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                        .with_max_established_incoming(Some(MAX_INBOUND_CONNECTIONS))
+                        .with_max_pending_incoming(Some(MAX_PENDING_INBOUND)),
+                ),
                 presence: request_response::Behaviour::with_codec(
                     PresenceCodec::new(presence::MAX_FRAME_BYTES),
                     [(
@@ -756,6 +779,7 @@ pub(crate) async fn start(
         pending_group: HashMap::new(),
         pending_blob: HashMap::new(),
         pending_keys: HashMap::new(),
+        ban_warnings: kith_relay::quiet::Warnings::new(BAN_LINE_INTERVAL_MS),
     };
     let task = tokio::spawn(actor.run(commands_rx, shutdown));
     Ok((
@@ -792,6 +816,8 @@ struct Actor {
         oneshot::Sender<Result<kith_protocol::blob::Response, NetError>>,
     >,
     pending_keys: HashMap<OutboundRequestId, oneshot::Sender<Result<prekeys::Response, NetError>>>,
+    /// Rate-limits the line about banned strangers: an attacker bans a fresh identity at a time.
+    ban_warnings: kith_relay::quiet::Warnings,
 }
 
 impl Actor {
@@ -995,7 +1021,14 @@ impl Actor {
             }
             Command::Strike { peer } => {
                 if self.swarm.behaviour_mut().strikes.strike(peer) {
-                    tracing::warn!(%peer, "banning a stranger that keeps sending malformed requests");
+                    let all_bans = *self.swarm.local_peer_id();
+                    kith_relay::warn_refused!(
+                        self.ban_warnings,
+                        crate::clock::now_ms(),
+                        key = all_bans,
+                        peer,
+                        "banning a stranger that keeps sending malformed requests"
+                    );
                 }
             }
             Command::Subscribe { topic, subscribe } => {
