@@ -592,7 +592,22 @@ impl Config {
                 // block to wait on reopening files.
                 file.lock_exclusive()
             } else {
-                file.try_lock_exclusive()
+                // kith patch: a database this process just closed may still be held for a
+                // moment by a write finishing on the IO pool (its closure holds the file until
+                // it returns, after waking the flush that waited for it); wait for that, up
+                // to a second, rather than fail a reopen.
+                let started = std::time::Instant::now();
+                loop {
+                    match file.try_lock_exclusive() {
+                        Err(e)
+                            if e.kind() == ErrorKind::WouldBlock
+                                && started.elapsed() < std::time::Duration::from_secs(1) =>
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        other => break other,
+                    }
+                }
             };
 
             if let Err(e) = try_lock {
