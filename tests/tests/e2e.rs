@@ -101,6 +101,15 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Stops `node`, puts `store` (a copy of a store directory) in place of its store, and starts it
+/// again at `addr`.
+async fn restart_from(node: &mut TestNode, store: &Path, addr: Multiaddr) -> anyhow::Result<()> {
+    node.stop().await;
+    std::fs::remove_dir_all(node.home.join("db"))?;
+    copy_dir(store, &node.home.join("db"))?;
+    node.restart_on(addr).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restored_from_a_backup_gets_messages_again_through_a_re_send() -> anyhow::Result<()>
 {
@@ -130,10 +139,7 @@ async fn a_node_restored_from_a_backup_gets_messages_again_through_a_re_send() -
     .await?;
 
     // Bob's disk dies; he restores the backup: his sessions with alice are gone.
-    bob.stop().await;
-    std::fs::remove_dir_all(bob.home.join("db"))?;
-    copy_dir(&backup, &bob.home.join("db"))?;
-    bob.restart_on(bob_addr).await?;
+    restart_from(&mut bob, &backup, bob_addr).await?;
     let mut events = bob.node().subscribe();
 
     // Alice's next message is on the session bob lost: he cannot read it, says so, and asks
@@ -192,10 +198,7 @@ async fn a_sender_back_from_a_crash_seals_on_a_new_session() -> anyhow::Result<(
     })
     .await?;
 
-    bob.stop().await;
-    std::fs::remove_dir_all(bob.home.join("db"))?;
-    copy_dir(&image, &bob.home.join("db"))?;
-    bob.restart_on(bob_addr).await?;
+    restart_from(&mut bob, &image, bob_addr).await?;
     bob.node().send("alice", "three", None).await?;
     // (The third message has the second one's Lamport time, which bob lost: the two may
     // show in either order.)

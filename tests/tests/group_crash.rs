@@ -116,6 +116,21 @@ async fn a_member_killed_while_commits_and_messages_arrive_ends_in_step() -> any
         },
     )
     .await
+    .map_err(|e| {
+        // What carol had, and what her daemon said, for a failure seen only on CI.
+        let info = kith_json(&carol_home, &["group", "info", "friends", "--json"]).ok();
+        let log = std::fs::read_to_string(carol_home.join("daemon.log")).unwrap_or_default();
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        anyhow::anyhow!(
+            "{e}: carol has {:?} texts, group info {info:?}; her daemon's warnings (last 20 of {}):\n{}",
+            texts(&carol_home).map(|t| t.len()),
+            said.len(),
+            said[said.len().saturating_sub(20)..].join("\n")
+        )
+    })
     .map(|counts| assert!(counts.values().all(|n| *n == 1), "{counts:?}"))?;
     carol.terminate()?;
     relay.shutdown().await?;
