@@ -169,6 +169,34 @@ async fn a_node_restored_from_a_backup_gets_messages_again_through_a_re_send() -
     Ok(())
 }
 
+/// The sending epoch rests on the store's clean-stop mark: a daemon stopped with SIGTERM
+/// leaves it (its sessions go on sealing after a restart), one killed with SIGKILL does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stopped_cleanly_marks_its_store_and_a_killed_one_does_not() -> anyhow::Result<()>
+{
+    use kith_node::core::store::Store;
+    use kith_tests::process::{kith, start_daemon};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("alice");
+    assert!(kith(&home, &["init", "--name", "alice"])?.status.success());
+    let started_clean = || async {
+        let store = Store::open(&home.join("db"))?;
+        let clean = store.started_clean();
+        let closed = store.closed();
+        drop(store);
+        closed.wait().await;
+        anyhow::Ok(clean)
+    };
+    let mut daemon = start_daemon(&home, &[]).await?;
+    assert!(daemon.terminate()?.success());
+    assert!(started_clean().await?, "stopped with SIGTERM");
+    let mut daemon = start_daemon(&home, &[]).await?;
+    daemon.kill()?;
+    assert!(!started_clean().await?, "killed");
+    Ok(())
+}
+
 /// A sealed message may leave before its sender's flush: a crash can then lose the session
 /// state it used. Here bob's store comes back as it was before his second message (what a
 /// crash just after sending it could leave, without the clean-stop mark); reusing that state
