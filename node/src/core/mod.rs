@@ -1047,14 +1047,17 @@ impl Node {
         batch.put_outbox(&entry);
         batch.extend(extra);
         batch.put_message(&stored);
-        self.inner.store.apply_in_order(batch)?;
-        // Watched only once stored (nothing to leak when that fails) and before it can leave.
+        // Watched before it can leave.
         let first = wait.map(|_| self.watch_first_outcome(id));
-        // The message may leave while its records are flushed: the flush and the trip to the
-        // recipient take their time side by side. Its attempt settles only once they are on
-        // disk (see `settle`), and a session whose new state a crash loses never seals again
-        // (see `crypto::olm`). The caller hears of it once it is on disk.
-        self.write_and_dispatch(entry, Batch::new())?;
+        // The message may leave before its records are written and while they are flushed:
+        // the writes, the flush and the trip to the recipient take their time side by side.
+        // Its attempt settles only once the records are on disk (see `settle`), and a session
+        // whose new state a crash loses never seals again (see `crypto::olm`). The caller
+        // hears of it once it is on disk.
+        if let Err(e) = self.write_and_dispatch(entry, batch) {
+            self.settled_first(&id);
+            return Err(e);
+        }
         self.inner.store.flush().await?;
         let state = match (wait, first) {
             (Some(wait), Some(first)) => self.first_outcome(id, first, wait).await,
