@@ -1028,7 +1028,14 @@ impl Node {
             lamport,
             expires_at_ms,
         };
-        let entry = self.compose(header, &body, EntryKind::Message)?;
+        // The session's new state is written once the message is on its way (below).
+        let entry = match self.compose_unwritten(header, &body, EntryKind::Message) {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.write_sessions();
+                return Err(e);
+            }
+        };
         let stored = StoredMessage {
             id,
             direction: Direction::Out,
@@ -1054,7 +1061,9 @@ impl Node {
         // Its attempt settles only once the records are on disk (see `settle`), and a session
         // whose new state a crash loses never seals again (see `crypto::olm`). The caller
         // hears of it once it is on disk.
-        if let Err(e) = self.write_and_dispatch(entry, batch) {
+        let dispatched = self.write_and_dispatch(entry, batch);
+        self.write_sessions();
+        if let Err(e) = dispatched {
             self.settled_first(&id);
             return Err(e);
         }
@@ -1112,6 +1121,15 @@ impl Node {
         // Taken before the caller's flush begins (see `settle`).
         let _ = go.send((direct, self.inner.store.durable_mark()));
         Ok(())
+    }
+
+    /// Writes the sessions' new states left by [`Node::compose_unwritten`]. A failure is logged
+    /// and marks the store to start unclean (`Olm::write_unwritten`); the message it sealed is
+    /// already on its way.
+    fn write_sessions(&self) {
+        if let Err(e) = self.olm().write_unwritten() {
+            tracing::error!(error = %e, "cannot write the new state of a session");
+        }
     }
 
     /// Forgets an outbox entry that was deleted from the store (an expired message).

@@ -14,21 +14,42 @@ use crate::core::{Node, NodeError};
 impl Node {
     /// An outbox entry for `body` to `header.to`, signed. To a peer: sealed now if a session
     /// exists, else kept `unsealed` until an attempt can set one up (a session's new state is
-    /// written before this returns, not flushed: the caller flushes before the entry leaves). To
-    /// a room: as the room's sealing has it.
+    /// written before this returns, not flushed). To a room: as the room's sealing has it.
     pub(crate) fn compose(
         &self,
         header: Header,
         body: &Body,
         kind: EntryKind,
     ) -> Result<OutboxEntry, NodeError> {
+        self.compose_with(header, body, kind, true)
+    }
+
+    /// [`Node::compose`], leaving a session's new state to `Olm::write_unwritten`, which the
+    /// caller must call once the entry is on its way, whether or not this succeeded.
+    pub(crate) fn compose_unwritten(
+        &self,
+        header: Header,
+        body: &Body,
+        kind: EntryKind,
+    ) -> Result<OutboxEntry, NodeError> {
+        self.compose_with(header, body, kind, false)
+    }
+
+    fn compose_with(
+        &self,
+        header: Header,
+        body: &Body,
+        kind: EntryKind,
+        write_session: bool,
+    ) -> Result<OutboxEntry, NodeError> {
         body.validate()
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let sealed = match header.to {
-            Destination::Peer(to) => self
-                .olm()
-                .seal(&to, body)
-                .map_err(|e| NodeError::Invalid(format!("cannot encrypt: {e}")))?,
+            Destination::Peer(to) => match write_session {
+                true => self.olm().seal(&to, body),
+                false => self.olm().seal_unwritten(&to, body),
+            }
+            .map_err(|e| NodeError::Invalid(format!("cannot encrypt: {e}")))?,
             // Sealed by the room already (MLS); its membership operations are signed metadata.
             Destination::Group(_) => match body {
                 Body::Mls { .. } | Body::GroupOp(_) => None,

@@ -395,6 +395,8 @@ pub struct Store {
     closed: watch::Receiver<bool>,
     /// The last process to use the store closed it (see [`Store::started_clean`]).
     clean: bool,
+    /// This process must not leave the clean-stop mark ([`Store::mark_unclean`]).
+    unclean: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Resolves once the store is closed: every handle dropped, the last flush done and the
@@ -449,9 +451,11 @@ impl Store {
         let flushing = tree.clone();
         let marks = Arc::new(FlushMarks::default());
         let loop_marks = marks.clone();
+        let unclean = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let loop_unclean = unclean.clone();
         std::thread::Builder::new()
             .name("kith-store-flush".into())
-            .spawn(move || flush_loop(flushing, &loop_marks, rx, closed_tx))
+            .spawn(move || flush_loop(flushing, &loop_marks, &loop_unclean, rx, closed_tx))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Self {
             tree,
@@ -461,6 +465,7 @@ impl Store {
             marks,
             closed,
             clean,
+            unclean,
         })
     }
 
@@ -469,6 +474,13 @@ impl Store {
     /// clean.
     pub fn started_clean(&self) -> bool {
         self.clean
+    }
+
+    /// Keeps this process from leaving the clean-stop mark, so that the next start is taken
+    /// for one after a crash: for a write that failed after what it recorded was acted on (a
+    /// sealed message that left before its session's new state was written).
+    pub fn mark_unclean(&self) {
+        self.unclean.store(true, Ordering::Release);
     }
 
     /// A future that resolves once every handle to this store is dropped and it is flushed.
@@ -1182,6 +1194,7 @@ const FLUSH_SPACING: Duration = Duration::from_millis(1);
 fn flush_loop(
     tree: sled::Db,
     marks: &FlushMarks,
+    unclean: &std::sync::atomic::AtomicBool,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
     closed: watch::Sender<bool>,
 ) {
@@ -1217,10 +1230,12 @@ fn flush_loop(
     }
     // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop; the
     // clean-stop mark is the last write, so it is on disk only if everything before it is.
-    if let Err(e) = tree
-        .insert(CLEAN_STOP_KEY, Vec::new())
-        .and_then(|_| tree.flush())
-    {
+    let mark = !unclean.load(Ordering::Acquire);
+    let last = match mark {
+        true => tree.insert(CLEAN_STOP_KEY, Vec::new()).map(|_| ()),
+        false => Ok(()),
+    };
+    if let Err(e) = last.and_then(|()| tree.flush().map(|_| ())) {
         tracing::error!(error = %e, "final store flush failed");
     }
     drop(tree);

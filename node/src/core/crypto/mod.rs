@@ -279,6 +279,43 @@ mod tests {
         assert_eq!(opened.expect("opens"), chat("later"));
     }
 
+    /// A message sealed with its session's new state left unwritten (it is on its way first):
+    /// an open of the peer's message that fails, and so reloads the peer's sessions from the
+    /// store, must not take the session back to before it, or the next message would reuse
+    /// its key.
+    #[tokio::test]
+    async fn a_state_sealed_unwritten_survives_a_failed_open_of_the_peers_message() {
+        let alice = side().await;
+        let bob = side().await;
+        connect(&alice, &bob);
+        let hello = say(&alice, &bob, "hello");
+        open(&bob, &alice, &hello).expect("opens");
+        let unwritten = sealed(
+            alice
+                .olm
+                .seal_unwritten(&bob.peer, &chat("unwritten"))
+                .expect("seals")
+                .expect("a session"),
+        );
+        // Bob's answer arrives and is refused after it decrypted: alice's sessions with bob
+        // are reloaded from the store.
+        let answer = say(&bob, &alice, "answer");
+        let refused = alice
+            .olm
+            .open(&bob.peer, &MessageId::random(), &answer, |_, _| {
+                Err::<(), _>(OpenError::BadInner("refused here".into()))
+            });
+        assert!(refused.is_err());
+        let next = say(&alice, &bob, "next");
+        assert_eq!(
+            open(&bob, &alice, &unwritten).expect("opens"),
+            chat("unwritten")
+        );
+        assert_eq!(open(&bob, &alice, &next).expect("opens"), chat("next"));
+        // Written when asked, too: nothing is left to write.
+        alice.olm.write_unwritten().expect("write");
+    }
+
     #[tokio::test]
     async fn both_sides_starting_at_once_still_talk() {
         let alice = side().await;

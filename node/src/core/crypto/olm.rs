@@ -140,6 +140,8 @@ struct State {
     clock: u64,
     /// The sending epoch of this start (see the module's documentation).
     epoch: u64,
+    /// Sessions that sealed with their new state not yet written ([`Olm::seal_unwritten`]).
+    unwritten: Vec<(PeerId, String)>,
 }
 
 /// The account, the sessions and the peers' identity keys.
@@ -292,6 +294,7 @@ impl Olm {
                 sessions: HashMap::new(),
                 clock: 0,
                 epoch,
+                unwritten: Vec::new(),
             }),
             on_identity_changed,
         })
@@ -367,6 +370,65 @@ impl Olm {
     /// when there is none (claim a key and [`Olm::start_session`] first). The session's new
     /// state is written (not flushed) before this returns.
     pub fn seal(&self, to: &PeerId, body: &Body) -> Result<Option<Body>, CryptoError> {
+        self.seal_with(to, body, true)
+    }
+
+    /// [`Olm::seal`], leaving the session's new state to [`Olm::write_unwritten`], which the
+    /// caller calls as soon as the message is on its way (its pickle and write then take their
+    /// time beside the network's). Until then the state is only in memory: an open of the
+    /// peer's messages writes it first, and if writing it fails the store is marked to start
+    /// unclean (so the session never seals again from an older state).
+    pub fn seal_unwritten(&self, to: &PeerId, body: &Body) -> Result<Option<Body>, CryptoError> {
+        self.seal_with(to, body, false)
+    }
+
+    /// Writes (not flushed) the new states of sessions sealed with [`Olm::seal_unwritten`].
+    pub fn write_unwritten(&self) -> Result<(), CryptoError> {
+        let mut state = self.lock();
+        self.write_unwritten_locked(&mut state, None)
+    }
+
+    /// Writes the unwritten sessions (of `peer` only, when given). A failure marks the store
+    /// unclean (see [`Olm::seal_unwritten`]); the sessions stay listed, to be written later.
+    fn write_unwritten_locked(
+        &self,
+        state: &mut State,
+        peer: Option<&PeerId>,
+    ) -> Result<(), CryptoError> {
+        let mut result = Ok(());
+        let unwritten = std::mem::take(&mut state.unwritten);
+        for (who, id) in unwritten {
+            if peer.is_some_and(|p| *p != who) || result.is_err() {
+                state.unwritten.push((who, id));
+                continue;
+            }
+            // A session trimmed or forgotten since has nothing left to write.
+            let Some(kept) = state
+                .sessions
+                .get(&who)
+                .and_then(|list| list.iter().find(|k| k.session.session_id() == id))
+            else {
+                continue;
+            };
+            let written = session_record(kept).and_then(|record| {
+                Ok(self.store.set_raw(&session_key(&who, &id), Some(record))?)
+            });
+            if let Err(e) = written {
+                self.store.mark_unclean();
+                tracing::error!(peer = %who, error = %e, "cannot write a session's new state");
+                state.unwritten.push((who, id));
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    fn seal_with(
+        &self,
+        to: &PeerId,
+        body: &Body,
+        write: bool,
+    ) -> Result<Option<Body>, CryptoError> {
         let plaintext = cbor::encode(body, MAX_PLAINTEXT_BYTES)
             .map_err(|e| CryptoError::Encode(e.to_string()))?;
         let mut state = self.lock();
@@ -382,9 +444,13 @@ impl Olm {
             Err(e) => return Err(CryptoError::Encode(e.to_string())),
         };
         kept.last_used = now;
-        let record = session_record(kept)?;
         let id = kept.session.session_id();
-        self.store.set_raw(&session_key(to, &id), Some(record))?;
+        if write {
+            let record = session_record(kept)?;
+            self.store.set_raw(&session_key(to, &id), Some(record))?;
+        } else if !state.unwritten.iter().any(|(p, i)| p == to && *i == id) {
+            state.unwritten.push((*to, id));
+        }
         let (message_type, ciphertext) = message.to_parts();
         let pre_key = message_type == usize::from(OLM_PRE_KEY);
         Ok(Some(Body::Olm(Sealed {
@@ -474,6 +540,18 @@ impl Olm {
             }
         }
         let mut state = self.lock();
+        // What this peer's sessions sealed is on record before anything here can reload them
+        // from the store (see `undo`).
+        if let Err(e) = self.write_unwritten_locked(&mut state, Some(from)) {
+            return Err(OpenError::Store(match e {
+                CryptoError::Store(e) => e,
+                other => StoreError::Damaged {
+                    key: "x/".into(),
+                    detail: other.to_string(),
+                },
+            })
+            .into());
+        }
         state.clock += 1;
         let now = state.clock;
         // Try the sessions we have: by session id for a pre-key message, else each in turn.
