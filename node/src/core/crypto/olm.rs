@@ -221,6 +221,18 @@ fn opened_key(from: &PeerId, id: &MessageId) -> Vec<u8> {
     key
 }
 
+/// An open that could not write what it changed: a store failure, whatever the crypto layer
+/// called it.
+fn store_failure(e: CryptoError) -> OpenError {
+    OpenError::Store(match e {
+        CryptoError::Store(e) => e,
+        other => StoreError::Damaged {
+            key: "x/".into(),
+            detail: other.to_string(),
+        },
+    })
+}
+
 /// A held message as [`Olm::ready`] lists it: its store key (to remove once dealt with) and
 /// its envelope's bytes.
 pub type HeldEntry = (Vec<u8>, Vec<u8>);
@@ -543,14 +555,7 @@ impl Olm {
         // What this peer's sessions sealed is on record before anything here can reload them
         // from the store (see `undo`).
         if let Err(e) = self.write_unwritten_locked(&mut state, Some(from)) {
-            return Err(OpenError::Store(match e {
-                CryptoError::Store(e) => e,
-                other => StoreError::Damaged {
-                    key: "x/".into(),
-                    detail: other.to_string(),
-                },
-            })
-            .into());
+            return Err(store_failure(e).into());
         }
         state.clock += 1;
         let now = state.clock;
@@ -686,14 +691,7 @@ impl Olm {
         })();
         if let Err(e) = written {
             self.undo(&mut state, from, account_changed);
-            return Err(OpenError::Store(match e {
-                CryptoError::Store(e) => e,
-                other => StoreError::Damaged {
-                    key: "x/".into(),
-                    detail: other.to_string(),
-                },
-            })
-            .into());
+            return Err(store_failure(e).into());
         }
         let sessions = state.sessions.entry(*from).or_default();
         sessions.insert(0, kept);
