@@ -2200,15 +2200,14 @@ impl Node {
             Ok(Err(e)) => vec![Err(Err(e.to_string())); entries.len()],
             Err(_) => vec![Err(Err(NetError::Timeout.to_string())); entries.len()],
         };
-        // Shown delivered only once the sender's own records of them are on disk.
-        if answers.iter().any(Result::is_ok) {
-            if let Err(e) = self.inner.store.durable(written).await {
-                tracing::error!(%to, error = %e, "cannot store outgoing messages");
-                for entry in &entries {
-                    self.finish(entry, Outcome::Retry(e.to_string()));
-                }
-                return;
+        // Settled (delivered, or sent through a relay) only once the sender's own records of
+        // them are on disk; by now the flush that covers them has usually ended.
+        if let Err(e) = self.inner.store.durable(written).await {
+            tracing::error!(%to, error = %e, "cannot store outgoing messages");
+            for entry in &entries {
+                self.finish(entry, Outcome::Retry(e.to_string()));
             }
+            return;
         }
         let results = futures::future::join_all(entries.iter().zip(answers).map(
             |(entry, answer)| async move {
