@@ -101,6 +101,16 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Alice and bob, contacts of each other with no relay, and bob's listen address.
+async fn friends() -> anyhow::Result<(TestNode, TestNode, Multiaddr)> {
+    let alice = TestNode::start("alice", vec![]).await?;
+    let bob = TestNode::start("bob", vec![]).await?;
+    let bob_addr = bob.addr().await;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    Ok((alice, bob, bob_addr))
+}
+
 /// Stops `node`, puts `store` (a copy of a store directory) in place of its store, and starts it
 /// again at `addr`.
 async fn restart_from(node: &mut TestNode, store: &Path, addr: Multiaddr) -> anyhow::Result<()> {
@@ -115,11 +125,7 @@ async fn a_node_restored_from_a_backup_gets_messages_again_through_a_re_send() -
 {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let alice = TestNode::start("alice", vec![]).await?;
-    let mut bob = TestNode::start("bob", vec![]).await?;
-    let bob_addr = bob.addr().await;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, mut bob, bob_addr) = friends().await?;
 
     // A backup of bob's store before he ever talked to alice.
     bob.stop().await;
@@ -205,11 +211,7 @@ async fn a_daemon_stopped_cleanly_marks_its_store_and_a_killed_one_does_not() ->
 async fn a_sender_back_from_a_crash_seals_on_a_new_session() -> anyhow::Result<()> {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let alice = TestNode::start("alice", vec![]).await?;
-    let mut bob = TestNode::start("bob", vec![]).await?;
-    let bob_addr = bob.addr().await;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, mut bob, bob_addr) = friends().await?;
     let mut events = alice.node().subscribe();
 
     bob.node()
@@ -478,11 +480,7 @@ async fn an_envelope_replayed_or_tampered_with_on_the_way_gets_nowhere() -> anyh
 async fn safety_numbers_match_and_a_changed_identity_key_unverifies_the_contact(
 ) -> anyhow::Result<()> {
     init_logs();
-    let alice = TestNode::start("alice", vec![]).await?;
-    let mut bob = TestNode::start("bob", vec![]).await?;
-    let bob_addr = bob.addr().await;
-    befriend(&alice, "bob", &bob).await?;
-    befriend(&bob, "alice", &alice).await?;
+    let (alice, mut bob, bob_addr) = friends().await?;
     // Added by peer id and address only: no identity key is known before a first message.
     assert!(alice.node().verify_contact("bob", false).is_err());
     let hello = alice.node().send("bob", "hello", None).await?;

@@ -1623,7 +1623,12 @@ pub(crate) mod tests {
         let copy = Store::open(crashed.path()).expect("reopen the crash image");
         assert!(copy.started_clean(), "closed cleanly after the crash");
         close(store).await;
-        assert!(Store::open(dir.path()).expect("open").started_clean());
+        let store = Store::open(dir.path()).expect("open");
+        assert!(store.started_clean());
+        // A process that acted on a write that then failed leaves no mark.
+        store.mark_unclean();
+        close(store).await;
+        assert!(!Store::open(dir.path()).expect("open").started_clean());
     }
 
     #[tokio::test]
