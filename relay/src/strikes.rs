@@ -11,7 +11,9 @@
 //! a full bucket, but every new connection also passes the per-IP rate ([`crate::ip_rate`]).
 //!
 //! Requests that decode and are refused (a full mailbox, a quota) are not strikes: they are
-//! answered with the refusal and its `retry_after_ms`. Nor is a frame refused because the
+//! answered with the refusal and its `retry_after_ms`. Coming back for the same recipient
+//! before that wait is over is one ([`crate::mailbox::waits`]): a node never does, and each
+//! such retry costs the relay as much as a malformed request. Nor is a frame refused because the
 //! relay's read budget was spent (`Busy`): that is the relay's load, not the peer's fault
 //! ([`is_strike`]).
 
@@ -42,7 +44,7 @@ pub fn is_strike(reason: &Reject) -> bool {
 
 /// A connection refused because its peer is banned.
 #[derive(Debug, thiserror::Error)]
-#[error("peer {0} is banned for sending malformed requests")]
+#[error("peer {0} is banned for sending malformed requests or ignoring retry_after_ms")]
 pub struct Banned(pub PeerId);
 
 /// The behaviour: counts strikes, closes a banned peer's connections and refuses new ones.

@@ -519,11 +519,18 @@ impl Task {
         channel: Channel<mailbox::Response>,
         outcome: Option<Outcome>,
     ) {
-        let Outcome { response, push } = outcome.unwrap_or_else(|| {
+        let Outcome {
+            response,
+            push,
+            ignored_wait,
+        } = outcome.unwrap_or_else(|| {
             tracing::error!(%peer, req_id, "the mailbox service dropped a request");
             self.metrics.reject(&Reject::StoreFailed);
             Outcome::reply(mailbox::Response::rejected(req_id, Reject::StoreFailed))
         });
+        if ignored_wait {
+            self.strike(peer);
+        }
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
         }
@@ -638,7 +645,8 @@ impl Task {
         }
     }
 
-    /// Counts a malformed request of `peer`, which may get it banned ([`crate::strikes`]).
+    /// Counts a malformed request of `peer`, or a deposit it made before the wait it was asked
+    /// for ended, which may get it banned ([`crate::strikes`]).
     fn strike(&mut self, peer: PeerId) {
         if !self.swarm.behaviour_mut().strikes.strike(peer) {
             return;
@@ -653,7 +661,7 @@ impl Task {
             now,
             key = all_bans,
             peer,
-            "banning a peer that keeps sending malformed requests"
+            "banning a peer that keeps sending malformed requests or ignoring retry_after_ms"
         );
     }
 

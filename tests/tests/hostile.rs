@@ -934,3 +934,109 @@ async fn one_sender_fills_only_its_share_of_a_mailbox_and_is_told_when_to_come_b
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_depositor_that_ignores_the_wait_it_was_asked_for_is_banned_and_a_polite_one_is_not(
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use kith_protocol::Reject;
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let now = Arc::new(AtomicU64::new(1_000_000));
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.clock = kith_relay::clock::Clock::from_fn({
+        let now = now.clone();
+        move || now.load(Ordering::SeqCst)
+    });
+    config.mailbox_max_messages = 1;
+    config.mailbox_full_retry_after_ms = 1_000;
+    config.malformed_requests_per_peer_per_sec = 1;
+    config.malformed_request_burst_per_peer = 3;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let relay_peer = relay.peer_id;
+    let victim = PeerId::random();
+    let deposit = |key: &libp2p::identity::Keypair| {
+        kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: 1,
+            envelope: kith_tests::bench::payload_envelope(key, victim, 10),
+            class: mailbox::DepositClass::Message,
+        })
+    };
+    let waits = || relay.metrics().limit_hits("ignored_retry_after");
+    let refused_for = |answer: &mailbox::Response| match answer {
+        mailbox::Response::Rejected {
+            reason: Reject::QuotaExceeded,
+            retry_after_ms,
+            ..
+        } => *retry_after_ms,
+        _ => None,
+    };
+
+    let mut storm = kith_tests::RawPeer::new()?;
+    let answer = storm
+        .mailbox(relay_peer, &addr, deposit(&storm.key))
+        .await?;
+    assert!(
+        matches!(answer, mailbox::Response::Stored { .. }),
+        "{answer:?}"
+    );
+    // The mailbox is full: come back in a second.
+    let answer = storm
+        .mailbox(relay_peer, &addr, deposit(&storm.key))
+        .await?;
+    assert_eq!(refused_for(&answer), Some(1_000), "{answer:?}");
+    // Still in the grace (a deposit that was on its way): refused, no strike.
+    let answer = storm
+        .mailbox(relay_peer, &addr, deposit(&storm.key))
+        .await?;
+    assert_eq!(refused_for(&answer), Some(1_000), "{answer:?}");
+    assert_eq!(waits(), 0);
+
+    // A polite depositor refused at the same time comes back once its wait is over.
+    let mut polite = kith_tests::RawPeer::new()?;
+    let answer = polite
+        .mailbox(relay_peer, &addr, deposit(&polite.key))
+        .await?;
+    assert_eq!(refused_for(&answer), Some(1_000), "{answer:?}");
+
+    // 600 ms later, past the grace: each deposit of the storm is early, a strike.
+    now.fetch_add(600, Ordering::SeqCst);
+    let answer = storm
+        .mailbox(relay_peer, &addr, deposit(&storm.key))
+        .await?;
+    assert_eq!(refused_for(&answer), Some(400), "{answer:?}");
+    assert_eq!(waits(), 1);
+    assert_eq!(relay.metrics().limit_hits("malformed_requests"), 0);
+    // Beyond the strike burst, the storm is banned and its connection closed.
+    for _ in 0..20 {
+        if storm
+            .mailbox(relay_peer, &addr, deposit(&storm.key))
+            .await
+            .is_err()
+            || relay.metrics().limit_hits("malformed_requests") == 1
+        {
+            break;
+        }
+    }
+    wait_for("the storm banned and disconnected", || async {
+        (relay.metrics().limit_hits("malformed_requests") == 1).then_some(())
+    })
+    .await?;
+    assert!(waits() >= 4, "{} early deposits", waits());
+
+    // The polite one waited the whole second: refused again (still full), but no strike, and
+    // it stays connected and served.
+    now.fetch_add(400, Ordering::SeqCst);
+    let before = waits();
+    let answer = polite
+        .mailbox(relay_peer, &addr, deposit(&polite.key))
+        .await?;
+    assert_eq!(refused_for(&answer), Some(1_000), "{answer:?}");
+    assert_eq!(waits(), before);
+    assert_eq!(relay.metrics().limit_hits("malformed_requests"), 1);
+    relay.shutdown().await?;
+    Ok(())
+}

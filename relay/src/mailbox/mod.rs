@@ -4,6 +4,7 @@
 //! - [`keys`]: senders' decoded public keys, a bounded cache for signature checks.
 //! - [`rate`]: per-peer deposit token buckets (pure, explicit `now`).
 //! - [`service`]: the task that owns the store and answers requests.
+//! - [`waits`]: the waits asked of depositors, and the deposits back too early (strikes).
 //! - [`flusher`]: group commit, so `Stored` is only said once the write is on disk.
 //! - `kith_net::shred`: temporary chats' entries sealed under keys destroyed at their expiry.
 
@@ -11,6 +12,7 @@ pub mod flusher;
 pub mod rate;
 pub mod service;
 pub mod store;
+pub mod waits;
 
 pub use service::Handle;
 pub use store::{Store, Usage};

@@ -32,6 +32,7 @@ use tokio::time::MissedTickBehavior;
 use super::flusher::{Job, Jobs};
 use super::rate::RateLimiter;
 use super::store::{AckError, DepositError, Staged, Store, Usage};
+use super::waits::{Verdict, Waits};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::quiet::Warnings;
@@ -55,6 +56,9 @@ pub struct Outcome {
     pub response: Response,
     /// A newly stored envelope to push to its recipient, if connected.
     pub push: Option<Push>,
+    /// The requester deposited again before the wait it was asked for ended: a strike
+    /// against it ([`crate::mailbox::waits`]).
+    pub ignored_wait: bool,
 }
 
 impl Outcome {
@@ -63,6 +67,7 @@ impl Outcome {
         Self {
             response,
             push: None,
+            ignored_wait: false,
         }
     }
 }
@@ -250,6 +255,8 @@ struct Service {
     warnings: Warnings,
     /// The earliest deadline of a stored entry, when the purge must run next.
     next_deadline: Option<u64>,
+    /// The waits depositors were asked for.
+    waits: Waits,
 }
 
 /// A request of the current round; a deposit's envelope waits in the round's list of envelopes
@@ -290,6 +297,7 @@ pub async fn run(
         keys: Keys::new(KEY_CACHE_CAPACITY),
         warnings: Warnings::new(settings.refusal_log_interval_ms),
         next_deadline: None,
+        waits: Waits::default(),
     };
     service.update_gauges();
     service.refresh_next_deadline();
@@ -386,8 +394,13 @@ impl Service {
                     Request::Deposit {
                         req_id, envelope, ..
                     } => {
+                        if let Some(early) = self.ignores_wait(&peer, &envelope, req_id) {
+                            let _ = reply.send(early);
+                            continue;
+                        }
                         // A deposit that would be refused anyway costs no signature check.
                         if let Some((reason, detail, after)) = self.precheck(&peer, &envelope) {
+                            self.ask_to_wait(&peer, &envelope, after);
                             let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
                             continue;
                         }
@@ -428,6 +441,7 @@ impl Service {
                         let _ = reply.send(self.reject(&peer, req_id, reason, detail));
                         continue;
                     };
+                    let to = envelope.to;
                     match self.deposit(req_id, envelope, verified, &mut staged.0) {
                         // The answer is released by the flusher once the write is durable.
                         Ok(outcome) => staged.1.push(Job { reply, outcome }),
@@ -436,6 +450,10 @@ impl Service {
                             // for a while here; the rate was checked before.
                             let after = (reason == Reject::QuotaExceeded)
                                 .then_some(self.settings.mailbox_full_retry_after_ms);
+                            if let (Destination::Peer(recipient), Some(after)) = (to, after) {
+                                let now = self.settings.clock.now_ms();
+                                self.waits.asked(peer, recipient, now, after);
+                            }
                             let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
                         }
                     }
@@ -602,6 +620,32 @@ impl Service {
             *r = Some(after);
         }
         Outcome::reply(response)
+    }
+
+    /// The refusal of a deposit by `peer` for a recipient it was asked to wait for, when the
+    /// wait has not ended: a strike against `peer` ([`crate::mailbox::waits`]).
+    fn ignores_wait(&mut self, peer: &PeerId, envelope: &Envelope, req_id: u64) -> Option<Outcome> {
+        let Destination::Peer(recipient) = envelope.to else {
+            return None;
+        };
+        let now = self.settings.clock.now_ms();
+        let Verdict::Early(left) = self.waits.check(*peer, recipient, now) else {
+            return None;
+        };
+        self.metrics.limit_hit("ignored_retry_after");
+        let detail = format!("deposited for {recipient} again {left} ms before the wait asked for");
+        let reason = Reject::QuotaExceeded;
+        let mut outcome = self.refuse(peer, req_id, reason, &detail, Some(left));
+        outcome.ignored_wait = true;
+        Some(outcome)
+    }
+
+    /// Records the wait a refused deposit of `envelope` by `peer` asks for.
+    fn ask_to_wait(&mut self, peer: &PeerId, envelope: &Envelope, after: Option<u64>) {
+        if let (Destination::Peer(recipient), Some(after)) = (envelope.to, after) {
+            let now = self.settings.clock.now_ms();
+            self.waits.asked(*peer, recipient, now, after);
+        }
     }
 
     /// The refusal a deposit of `envelope` by `peer` gets before its signature is checked,
@@ -835,8 +879,8 @@ impl Service {
                     envelope,
                 });
                 Ok(Outcome {
-                    response: Response::Stored { req_id },
                     push,
+                    ..Outcome::reply(Response::Stored { req_id })
                 })
             }
             Err(e @ (DepositError::QuotaExceeded { .. } | DepositError::BudgetFull { .. })) => {
