@@ -625,6 +625,9 @@ async fn deposits(peer: &mut RawPeer, t: &Target, to: PeerId, count: Option<u64>
         send(peer, &mut sent);
     }
     while count.is_none_or(|n| answered < n) {
+        // Once the relay bans this peer, every request fails at once (the dial is refused), so
+        // the swarm may always have an event ready: yield, or the task could never be stopped.
+        tokio::task::yield_now().await;
         if let SwarmEvent::Behaviour(crate::RawBehaviourEvent::Mailbox(
             request_response::Event::Message {
                 message: request_response::Message::Response { .. },
