@@ -514,13 +514,21 @@ impl Store {
     }
 
     /// Whether a deposit of `envelope` for `recipient` would surely be refused for the quota: the
-    /// mailbox is full and holds no copy of it. Cheap (two lookups), so a relay can refuse
-    /// before it spends a signature check.
+    /// mailbox, or the budget of all mailboxes, has no room for it and holds no copy of it.
+    /// Cheap (two lookups), so a relay can refuse before it spends a signature check.
     pub fn surely_full(&self, recipient: &PeerId, envelope: &Envelope) -> bool {
         let used = self.usage(recipient);
+        // What its record takes at least: the body and signature are in it as they are. A
+        // deposit that cannot fit even so is refused before its signature is checked (once
+        // the budget is nearly spent, every large deposit would otherwise pay for one).
+        let least = (envelope.body.len() + envelope.sig.len()) as u64;
+        let all_after = Usage {
+            messages: self.totals.messages + 1,
+            bytes: self.totals.bytes.saturating_add(least),
+        };
         if used.messages < self.limits.max_messages
-            && used.bytes < self.limits.max_bytes
-            && on_disk(self.totals) < self.limits.budget_bytes
+            && used.bytes.saturating_add(least) <= self.limits.max_bytes
+            && on_disk(all_after) <= self.limits.budget_bytes
         {
             return false;
         }
@@ -1298,6 +1306,9 @@ mod tests {
         s.limits.budget_bytes = budget;
         // Carol's own mailbox is empty, but the relay's budget is spent.
         let big = envelope(&alice, carol, &"c".repeat(400), None);
+        // Known to be refused before its signature is checked; a small one is not.
+        assert!(s.surely_full(&carol, &big));
+        assert!(!s.surely_full(&carol, &envelope(&alice, carol, "small", None)));
         assert!(matches!(
             s.deposit(&carol, &big, 0),
             Err(DepositError::BudgetFull { budget: b, .. }) if b == budget
