@@ -39,6 +39,14 @@ pub struct Config {
     pub new_connections_per_ip_per_sec: u32,
     /// Connections: new incoming connections one IP address may open in a burst.
     pub new_connection_burst_per_ip: u32,
+    /// Connections: sustained new incoming TCP connections per second the relay accepts from
+    /// everyone together; beyond it (and the burst) it stops accepting for as long as the
+    /// next one takes to be allowed, and new connections wait in the kernel's listen backlog
+    /// (counted as `limit_hits{limit="new_connections_rate"}`). Established connections are
+    /// not affected.
+    pub new_connections_per_sec: u32,
+    /// Connections: new incoming TCP connections the relay accepts in a burst.
+    pub new_connection_burst: u32,
     /// Requests: malformed requests (frames that do not decode) one peer may send a second,
     /// sustained; beyond it and `malformed_request_burst_per_peer`, the peer is banned for
     /// `ban_secs` (see `ban_secs`). Well-behaved nodes send none.
@@ -202,6 +210,8 @@ impl Default for Config {
             max_pending_incoming_connections: 256,
             new_connections_per_ip_per_sec: 50,
             new_connection_burst_per_ip: 500,
+            new_connections_per_sec: 500,
+            new_connection_burst: 1_000,
             malformed_requests_per_peer_per_sec: 1,
             malformed_request_burst_per_peer: 20,
             ban_secs: 600,
@@ -389,6 +399,11 @@ impl Config {
                 self.new_connections_per_ip_per_sec,
                 self.new_connection_burst_per_ip,
             ),
+            (
+                "new_connections_per_sec",
+                self.new_connections_per_sec,
+                self.new_connection_burst,
+            ),
         ];
         if let Some((field, ..)) = rates
             .iter()
@@ -467,6 +482,8 @@ mod tests {
             ("new_connections_per_ip_per_sec", |c| {
                 c.new_connection_burst_per_ip = 0
             }),
+            ("new_connections_per_sec", |c| c.new_connections_per_sec = 0),
+            ("new_connections_per_sec", |c| c.new_connection_burst = 0),
         ];
         for (field, zero) in zeroed {
             let mut config = Config::default();

@@ -35,6 +35,7 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod accept_pace;
 pub mod blob;
 pub mod boxed;
 pub mod clock;
@@ -202,7 +203,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             );
     let metrics = Metrics::new().with_read_budget(read_budget.clone());
 
-    let mut swarm = swarm::build(keypair, &config, read_budget)?;
+    let mut swarm = swarm::build(keypair, &config, read_budget, metrics.clone())?;
     let bound = swarm::listen(&mut swarm, &config.listen).await?;
     let listen_addrs: Vec<Multiaddr> = bound.iter().map(|a| swarm::with_peer(a, peer_id)).collect();
     state_file::write(&data_dir, &state_file::Info::new(&peer_id, &listen_addrs))?;

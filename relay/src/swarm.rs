@@ -163,6 +163,9 @@ pub enum BuildError {
     /// DNS resolution could not be set up (no system resolver configuration).
     #[error("dns setup failed: {0}")]
     Dns(#[from] std::io::Error),
+    /// The TCP transport could not be set up.
+    #[error("tcp transport setup failed: {0}")]
+    Transport(String),
     /// gossipsub refused its configuration.
     #[error("gossipsub setup failed: {0}")]
     Gossipsub(String),
@@ -196,22 +199,36 @@ fn connection_limit_label(cause: &libp2p::swarm::ConnectionDenied) -> Option<&'s
     })
 }
 
-/// Builds the swarm: TCP (noise, yamux), QUIC and DNS, with a long idle timeout; every request
-/// frame read counts against `budget`.
+/// Builds the swarm: QUIC, TCP (noise, yamux; new incoming connections paced,
+/// [`crate::accept_pace`]) and DNS, with a long idle timeout; every request frame read counts
+/// against `budget`.
 pub fn build(
     keypair: identity::Keypair,
     config: &Config,
     budget: Budget,
+    metrics: Metrics,
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+    let (per_sec, burst) = (config.new_connections_per_sec, config.new_connection_burst);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
         .with_quic()
+        .with_other_transport(|key| {
+            // What `with_tcp` builds, with the pace around the TCP listener.
+            use libp2p::Transport as _;
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            let noise = noise::Config::new(key).map_err(|e| Box::new(e) as Box<_>)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                crate::accept_pace::Paced::new(tcp, per_sec, burst, metrics)
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .map(|(peer, muxer), _| {
+                        (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer))
+                    }),
+            )
+        })
+        .map_err(|e| BuildError::Transport(e.to_string()))?
         .with_dns()?
         .with_behaviour(|key| {
             Protocols::new(key, config, budget)

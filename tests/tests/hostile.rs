@@ -1040,3 +1040,44 @@ async fn a_depositor_that_ignores_the_wait_it_was_asked_for_is_banned_and_a_poli
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_beyond_the_relays_pace_wait_for_their_turn_and_are_served(
+) -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.new_connections_per_sec = 4;
+    config.new_connection_burst = 2;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let relay_peer = relay.peer_id;
+    let fetch = || {
+        kith_net::codec::Message::Valid(mailbox::Request::Fetch {
+            req_id: 1,
+            after: None,
+            limit: 10,
+        })
+    };
+    // Eight peers connect at once: two fit the burst, the others wait in the listen backlog
+    // while the relay pauses accepting, and every one is served in its turn (none refused).
+    let mut peers = JoinSet::new();
+    for _ in 0..8 {
+        let addr = addr.clone();
+        peers.spawn(async move {
+            let mut peer = kith_tests::RawPeer::new()?;
+            peer.mailbox(relay_peer, &addr, fetch()).await
+        });
+    }
+    while let Some(answer) = peers.join_next().await {
+        let answer = answer??;
+        assert!(
+            matches!(answer, mailbox::Response::Batch { .. }),
+            "{answer:?}"
+        );
+    }
+    assert!(relay.metrics().limit_hits("new_connections_rate") >= 1);
+    assert_eq!(relay.metrics().limit_hits("connections_per_ip_rate"), 0);
+    relay.shutdown().await?;
+    Ok(())
+}

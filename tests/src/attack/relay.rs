@@ -26,6 +26,10 @@ pub struct Limits {
     pub new_connections_per_ip_per_sec: u32,
     /// `new_connection_burst_per_ip`.
     pub new_connection_burst_per_ip: u32,
+    /// `new_connections_per_sec` (everyone together).
+    pub new_connections_per_sec: u32,
+    /// `new_connection_burst`.
+    pub new_connection_burst: u32,
     /// `malformed_requests_per_peer_per_sec`.
     pub malformed_requests_per_peer_per_sec: u32,
     /// `malformed_request_burst_per_peer`.
@@ -80,6 +84,8 @@ impl Default for Limits {
             max_pending_incoming_connections: 64,
             new_connections_per_ip_per_sec: 50,
             new_connection_burst_per_ip: 500,
+            new_connections_per_sec: 500,
+            new_connection_burst: 1_000,
             malformed_requests_per_peer_per_sec: 1,
             malformed_request_burst_per_peer: 20,
             ban_secs: 600,
@@ -121,6 +127,8 @@ impl Limits {
              max_pending_incoming_connections = {}\n\
              new_connections_per_ip_per_sec = {}\n\
              new_connection_burst_per_ip = {}\n\
+             new_connections_per_sec = {}\n\
+             new_connection_burst = {}\n\
              malformed_requests_per_peer_per_sec = {}\n\
              malformed_request_burst_per_peer = {}\n\
              ban_secs = {}\n\
@@ -148,6 +156,8 @@ impl Limits {
             self.max_pending_incoming_connections,
             self.new_connections_per_ip_per_sec,
             self.new_connection_burst_per_ip,
+            self.new_connections_per_sec,
+            self.new_connection_burst,
             self.malformed_requests_per_peer_per_sec,
             self.malformed_request_burst_per_peer,
             self.ban_secs,
