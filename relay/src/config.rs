@@ -463,7 +463,7 @@ mod tests {
     #[test]
     fn a_zero_rate_or_burst_is_refused_by_name() {
         type Zero = fn(&mut Config);
-        let zeroed: [(&str, Zero); 6] = [
+        let zeroed: [(&str, Zero); 8] = [
             ("deposits_per_sec_per_peer", |c| {
                 c.deposits_per_sec_per_peer = 0
             }),
