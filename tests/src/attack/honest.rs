@@ -87,8 +87,14 @@ pub struct Honest {
 }
 
 impl Honest {
-    /// Starts the pair against `relay` at `addr`, the sender depositing `rate` messages a second.
-    pub fn start(relay: PeerId, addr: Multiaddr, rate: u32) -> Result<Self> {
+    /// Starts the pair against `relay` at `addr`, the sender depositing `rate` messages a second,
+    /// on the relay's CPUs or, `beside_attackers`, on the attackers' (see `cpu_split`).
+    pub fn start(
+        relay: PeerId,
+        addr: Multiaddr,
+        rate: u32,
+        beside_attackers: bool,
+    ) -> Result<Self> {
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (sending, sending_rx) = watch::channel(true);
         let (stop, stop_rx) = watch::channel(false);
@@ -104,9 +110,14 @@ impl Honest {
             std::thread::Builder::new()
                 .name("honest".into())
                 .spawn(move || {
-                    // On the relay's CPUs: off the attackers' core (see `cpu_split`).
-                    if let Some((relay_cpus, _)) = super::cpu_split() {
-                        super::pin(&relay_cpus);
+                    // On the relay's CPUs, off the attackers' core, or on theirs at a higher
+                    // priority (see `cpu_split`).
+                    if let Some((relay_cpus, attacker_cpus)) = super::cpu_split() {
+                        super::pin(if beside_attackers {
+                            &attacker_cpus
+                        } else {
+                            &relay_cpus
+                        });
                     }
                     runtime.block_on(async move {
                         let receive = receive(

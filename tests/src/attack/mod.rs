@@ -49,6 +49,10 @@ pub struct Settings {
     pub scale: usize,
     /// Where to copy each phase's relay log (`<attack>.log`), if anywhere.
     pub log_dir: Option<PathBuf>,
+    /// The honest pair runs on the attackers' core (above their priority) instead of on the
+    /// relay's: the relay then has a core to itself, as it would on a server of its own, and
+    /// the honest clients do not wait for the CPU the relay spends on the attack.
+    pub honest_beside_attackers: bool,
 }
 
 impl Settings {
@@ -63,6 +67,7 @@ impl Settings {
             recover_within: Duration::from_secs(8),
             scale: 5,
             log_dir: None,
+            honest_beside_attackers: false,
         }
     }
 
@@ -77,6 +82,7 @@ impl Settings {
             recover_within: Duration::from_secs(2),
             scale: 1,
             log_dir: None,
+            honest_beside_attackers: false,
         }
     }
 }
@@ -458,7 +464,12 @@ impl Drop for Attackers {
 async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Row>) -> Result<Row> {
     let attackers = attackers_runtime()?;
     let relay = Relay::spawn(&settings.relay_binary, &settings.limits).await?;
-    let honest = Honest::start(relay.peer, relay.addr.clone(), settings.honest_rate)?;
+    let honest = Honest::start(
+        relay.peer,
+        relay.addr.clone(),
+        settings.honest_rate,
+        settings.honest_beside_attackers,
+    )?;
     // The pair is up once a first message went all the way.
     crate::wait_for("the honest pair's first message", || async {
         let s = honest.stats();

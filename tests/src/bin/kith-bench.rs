@@ -66,6 +66,10 @@ struct Args {
     /// With `--attack`: copy each relay's log into this directory (`<attack>.log`).
     #[arg(long, requires = "attack")]
     attack_logs: Option<PathBuf>,
+    /// With `--attack`: run the honest pair on the attackers' core (at normal priority, above
+    /// the attackers'), leaving the relay a core of its own, instead of beside the relay.
+    #[arg(long, requires = "attack")]
+    honest_beside_attackers: bool,
     /// Run only the group rows (a 200-member encrypted group: one message, create, add,
     /// remove) and print them (the table is not written).
     #[arg(long)]
@@ -638,6 +642,7 @@ async fn attack(args: &Args) -> Result<()> {
     };
     let settings = Settings {
         log_dir: args.attack_logs.clone(),
+        honest_beside_attackers: args.honest_beside_attackers,
         ..Settings::full(relay_binary)
     };
     let started = Instant::now();
@@ -647,11 +652,16 @@ async fn attack(args: &Args) -> Result<()> {
     writeln!(section, "## Attacks\n")?;
     writeln!(
         section,
-        "Produced by `cargo build --release -p kith-relay -p kith-tests && target/release/kith-bench --attack` on {}, in {:.0} s. Each attack runs for {:.0} s against its own fresh `kith-relay` process (release build, its own data directory, log written into it), from loopback, while an honest sender deposits {} messages a second of 200 bytes for an honest recipient that fetches and acks every 100 ms (and takes the relay's pushes); the sender obeys `retry_after_ms`. The baseline is the same honest traffic on an unattacked relay in the same run. The attackers run on two threads of their own, pinned to the last CPU and at the lowest priority (`nice` 19), and the relay and the honest pair on the other CPUs, in the baseline too: attackers elsewhere would not take the relay's CPU, and spinning threads on the relay's own core alone triple the honest p99 here. The control row is the unattacked relay while the attackers' threads only spin, which shows what sharing the machine costs the honest pair by itself (each attack's p99 is also given against it). ✅/❌: the target met or not.\n",
+        "Produced by `cargo build --release -p kith-relay -p kith-tests && target/release/kith-bench --attack` on {}, in {:.0} s. Each attack runs for {:.0} s against its own fresh `kith-relay` process (release build, its own data directory, log written into it), from loopback, while an honest sender deposits {} messages a second of 200 bytes for an honest recipient that fetches and acks every 100 ms (and takes the relay's pushes); the sender obeys `retry_after_ms`. The baseline is the same honest traffic on an unattacked relay in the same run. The attackers run on two threads of their own, pinned to the last CPU and at the lowest priority (`nice` 19), {placement}, in the baseline too: attackers elsewhere would not take the relay's CPU, and spinning threads on the relay's own core alone triple the honest p99 here. The control row is the unattacked relay while the attackers' threads only spin, which shows what sharing the machine costs the honest pair by itself (each attack's p99 is also given against it). ✅/❌: the target met or not.\n",
         machine(),
         started.elapsed().as_secs_f64(),
         report.attack_secs,
         report.honest_rate,
+        placement = if settings.honest_beside_attackers {
+            "the relay alone on the other CPUs, and the honest pair on the attackers' CPU at normal priority (`--honest-beside-attackers`: honest clients elsewhere would not wait for the relay's CPU either)"
+        } else {
+            "and the relay and the honest pair on the other CPUs"
+        },
     )?;
     writeln!(section, "{}", report.markdown())?;
     writeln!(section, "Figures: relay RSS growth is the peak of `VmRSS` (sampled every 100 ms) during the attack minus its value before; honest p99 is the deposit latency (first try → `Stored`, retries included) of the honest messages first tried during the attack, those still waiting at its end counted with their age; lost are honest messages the relay stored that never reached the recipient, not stored are those the relay had still not stored when the phase ended (after the recovery wait of up to {} s, and up to 10 s more with no new messages); disk is the data directory's allocated blocks, log included, after the attack; CPU is the relay's utime + stime during the attack, divided by the requests and connections it refused (`kith_relay_rejects_total` plus connection-limit hits); recover is the time from the attack's end to the first 0.5 s window of honest deposits whose p99 is within 1.2× the baseline's.\n", settings.recover_within.as_secs())?;
