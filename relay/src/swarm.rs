@@ -157,13 +157,10 @@ impl Protocols {
 /// Why the swarm could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The TCP transport's security upgrade could not be set up.
-    #[error("noise setup failed: {0}")]
-    Noise(#[from] noise::Error),
     /// DNS resolution could not be set up (no system resolver configuration).
     #[error("dns setup failed: {0}")]
     Dns(#[from] std::io::Error),
-    /// The TCP transport could not be set up.
+    /// The TCP transport (its Noise upgrade) could not be set up.
     #[error("tcp transport setup failed: {0}")]
     Transport(String),
     /// gossipsub refused its configuration.

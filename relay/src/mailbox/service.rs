@@ -400,7 +400,7 @@ impl Service {
                         }
                         // A deposit that would be refused anyway costs no signature check.
                         if let Some((reason, detail, after)) = self.precheck(&peer, &envelope) {
-                            self.ask_to_wait(&peer, &envelope, after);
+                            self.ask_to_wait(peer, envelope.to, after);
                             let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
                             continue;
                         }
@@ -450,10 +450,7 @@ impl Service {
                             // for a while here; the rate was checked before.
                             let after = (reason == Reject::QuotaExceeded)
                                 .then_some(self.settings.mailbox_full_retry_after_ms);
-                            if let (Destination::Peer(recipient), Some(after)) = (to, after) {
-                                let now = self.settings.clock.now_ms();
-                                self.waits.asked(peer, recipient, now, after);
-                            }
+                            self.ask_to_wait(peer, to, after);
                             let _ = reply.send(self.refuse(&peer, req_id, reason, &detail, after));
                         }
                     }
@@ -640,11 +637,11 @@ impl Service {
         Some(outcome)
     }
 
-    /// Records the wait a refused deposit of `envelope` by `peer` asks for.
-    fn ask_to_wait(&mut self, peer: &PeerId, envelope: &Envelope, after: Option<u64>) {
-        if let (Destination::Peer(recipient), Some(after)) = (envelope.to, after) {
+    /// Records the wait a refused deposit by `peer` for `to` asks for.
+    fn ask_to_wait(&mut self, peer: PeerId, to: Destination, after: Option<u64>) {
+        if let (Destination::Peer(recipient), Some(after)) = (to, after) {
             let now = self.settings.clock.now_ms();
-            self.waits.asked(*peer, recipient, now, after);
+            self.waits.asked(peer, recipient, now, after);
         }
     }
 
