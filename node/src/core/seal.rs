@@ -45,9 +45,10 @@ impl Node {
         body.validate()
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let sealed = match header.to {
-            Destination::Peer(to) => match write_session {
-                true => self.olm().seal(&to, body),
-                false => self.olm().seal_unwritten(&to, body),
+            Destination::Peer(to) => if write_session {
+                self.olm().seal(&to, body)
+            } else {
+                self.olm().seal_unwritten(&to, body)
             }
             .map_err(|e| NodeError::Invalid(format!("cannot encrypt: {e}")))?,
             // Sealed by the room already (MLS); its membership operations are signed metadata.

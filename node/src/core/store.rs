@@ -39,7 +39,7 @@
 //! sled's log still holds of them can no longer be read.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -396,7 +396,7 @@ pub struct Store {
     /// The last process to use the store closed it (see [`Store::started_clean`]).
     clean: bool,
     /// This process must not leave the clean-stop mark ([`Store::mark_unclean`]).
-    unclean: Arc<std::sync::atomic::AtomicBool>,
+    unclean: Arc<AtomicBool>,
 }
 
 /// Resolves once the store is closed: every handle dropped, the last flush done and the
@@ -451,7 +451,7 @@ impl Store {
         let flushing = tree.clone();
         let marks = Arc::new(FlushMarks::default());
         let loop_marks = marks.clone();
-        let unclean = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let unclean = Arc::new(AtomicBool::new(false));
         let loop_unclean = unclean.clone();
         std::thread::Builder::new()
             .name("kith-store-flush".into())
@@ -1194,7 +1194,7 @@ const FLUSH_SPACING: Duration = Duration::from_millis(1);
 fn flush_loop(
     tree: sled::Db,
     marks: &FlushMarks,
-    unclean: &std::sync::atomic::AtomicBool,
+    unclean: &AtomicBool,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<(), StoreError>>>,
     closed: watch::Sender<bool>,
 ) {
@@ -1230,10 +1230,10 @@ fn flush_loop(
     }
     // Last flush on shutdown, so nothing applied without waiting is lost on a clean stop; the
     // clean-stop mark is the last write, so it is on disk only if everything before it is.
-    let mark = !unclean.load(Ordering::Acquire);
-    let last = match mark {
-        true => tree.insert(CLEAN_STOP_KEY, Vec::new()).map(|_| ()),
-        false => Ok(()),
+    let last = if unclean.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        tree.insert(CLEAN_STOP_KEY, Vec::new()).map(|_| ())
     };
     if let Err(e) = last.and_then(|()| tree.flush().map(|_| ())) {
         tracing::error!(error = %e, "final store flush failed");

@@ -72,20 +72,27 @@ mod tests {
         olm: Olm,
         store: Store,
         peer: PeerId,
-        _dir: tempfile::TempDir,
+        /// Where its store is (kept for as long as the side).
+        dir: tempfile::TempDir,
     }
 
     async fn side() -> Side {
-        let dir = tempfile::tempdir().expect("tempdir");
+        side_in(
+            tempfile::tempdir().expect("tempdir"),
+            Keypair::generate_ed25519(),
+        )
+    }
+
+    /// A side of `key` whose store is (or goes) in `dir`.
+    fn side_in(dir: tempfile::TempDir, key: Keypair) -> Side {
         let store = Store::open(dir.path()).expect("store");
-        let key = Keypair::generate_ed25519();
         let peer = key.public().to_peer_id();
         let olm = Olm::load(store.clone(), key, Box::new(|_| {})).expect("account");
         Side {
             olm,
             store,
             peer,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -210,19 +217,9 @@ mod tests {
     #[tokio::test]
     async fn a_session_from_before_an_unclean_stop_never_seals_again() {
         use crate::core::store::tests::{close, copy_dir};
-        let dir = tempfile::tempdir().expect("tempdir");
         let key = Keypair::generate_ed25519();
         let peer = key.public().to_peer_id();
-        let load = |store: &Store| {
-            Olm::load(store.clone(), key.clone(), Box::new(|_| {})).expect("account")
-        };
-        let store = Store::open(dir.path()).expect("store");
-        let alice = Side {
-            olm: load(&store),
-            store,
-            peer,
-            _dir: tempfile::tempdir().expect("tempdir"),
-        };
+        let alice = side_in(tempfile::tempdir().expect("tempdir"), key.clone());
         let bob = side().await;
         connect(&alice, &bob);
         let hello = say(&alice, &bob, "hello");
@@ -230,14 +227,8 @@ mod tests {
         alice.store.flush().await.expect("flush");
         // Alice's node is killed: what is on disk comes back in a new process.
         let crashed = tempfile::tempdir().expect("tempdir");
-        copy_dir(dir.path(), crashed.path());
-        let store = Store::open(crashed.path()).expect("crash image");
-        let restarted = Side {
-            olm: load(&store),
-            store,
-            peer,
-            _dir: tempfile::tempdir().expect("tempdir"),
-        };
+        copy_dir(alice.dir.path(), crashed.path());
+        let restarted = side_in(crashed, key.clone());
         assert!(!restarted.olm.has_session(&bob.peer).expect("sessions"));
         assert_eq!(
             restarted.olm.seal(&bob.peer, &chat("again")).expect("seal"),
@@ -261,11 +252,13 @@ mod tests {
             chat("again")
         );
         // Stopped cleanly, the new session goes on sealing after a restart.
-        let Side { olm, store, .. } = restarted;
+        let Side {
+            olm, store, dir, ..
+        } = restarted;
         drop(olm);
         close(store).await;
-        let store = Store::open(crashed.path()).expect("reopen");
-        let reopened = load(&store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let reopened = Olm::load(store.clone(), key, Box::new(|_| {})).expect("account");
         assert!(reopened.has_session(&bob.peer).expect("sessions"));
         let later = sealed(
             reopened
