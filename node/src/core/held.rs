@@ -76,7 +76,11 @@ impl Node {
             let mut claims = Vec::new();
             let mut fresh = Vec::new();
             for (key, bytes) in ready {
-                match self.open_one_held(&bytes, &mut claims) {
+                let opened = {
+                    let _turn = self.inner.olm_turn.lock().await;
+                    self.open_one_held(&bytes, &mut claims)
+                };
+                match opened {
                     Ok(Some(f)) => fresh.push(f),
                     Ok(None) => {}
                     // Kept: the next round or sweep tries again.

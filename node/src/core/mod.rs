@@ -252,6 +252,11 @@ struct Inner {
     /// Held while a session with a peer is being set up, so that one claim serves everyone
     /// waiting for it.
     claiming: tokio::sync::Mutex<()>,
+    /// Sealing and opening one-to-one bodies take turns here, waiting without holding a thread.
+    /// Olm's own lock is held through a decryption and its writes; a runtime worker blocked on
+    /// it is a core lost to every other task (under load, about one switch in ten on a node's
+    /// workers was such a wait).
+    olm_turn: tokio::sync::Mutex<()>,
 }
 
 /// A second copy of an envelope within one batch: stored with the first, like any duplicate
@@ -535,6 +540,7 @@ impl Node {
                 last_fetch_ms: std::sync::atomic::AtomicU64::new(0),
                 olm,
                 claiming: tokio::sync::Mutex::new(()),
+                olm_turn: tokio::sync::Mutex::new(()),
             }),
         };
         // A weak reference: the network handle, which the node holds, holds this.
@@ -1029,10 +1035,14 @@ impl Node {
             expires_at_ms,
         };
         // The session's new state is written once the message is on its way (below).
-        let entry = match self.compose_unwritten(header, &body, EntryKind::Message) {
+        let composed = {
+            let _turn = self.inner.olm_turn.lock().await;
+            self.compose_unwritten(header, &body, EntryKind::Message)
+        };
+        let entry = match composed {
             Ok(entry) => entry,
             Err(e) => {
-                self.write_sessions();
+                self.write_sessions().await;
                 return Err(e);
             }
         };
@@ -1062,7 +1072,7 @@ impl Node {
         // whose new state a crash loses never seals again (see `crypto::olm`). The caller
         // hears of it once it is on disk.
         let dispatched = self.write_and_dispatch(entry, batch);
-        self.write_sessions();
+        self.write_sessions().await;
         if let Err(e) = dispatched {
             self.settled_first(&id);
             return Err(e);
@@ -1126,7 +1136,8 @@ impl Node {
     /// Writes the sessions' new states left by [`Node::compose_unwritten`]. A failure is logged
     /// and marks the store to start unclean (`Olm::write_unwritten`); the message it sealed is
     /// already on its way.
-    fn write_sessions(&self) {
+    async fn write_sessions(&self) {
+        let _turn = self.inner.olm_turn.lock().await;
         if let Err(e) = self.olm().write_unwritten() {
             tracing::error!(error = %e, "cannot write the new state of a session");
         }
@@ -1516,7 +1527,11 @@ impl Node {
                         unflushed.push((index, batch_duplicate(via, envelope)));
                         Ok(())
                     }
-                    Ok(true) => self.stage_sealed(via, envelope, sealed, true).map(|fresh| {
+                    Ok(true) => {
+                        let _turn = self.inner.olm_turn.lock().await;
+                        self.stage_sealed(via, envelope, sealed, true)
+                    }
+                    .map(|fresh| {
                         if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
                             // A new message: copies arriving after its flush are duplicates.
                             if let Some(claim) = claims.last_mut() {
