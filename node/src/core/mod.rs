@@ -1042,7 +1042,7 @@ impl Node {
         let entry = match composed {
             Ok(entry) => entry,
             Err(e) => {
-                self.write_sessions().await;
+                self.write_sessions();
                 return Err(e);
             }
         };
@@ -1071,8 +1071,11 @@ impl Node {
         // Its attempt settles only once the records are on disk (see `settle`), and a session
         // whose new state a crash loses never seals again (see `crypto::olm`). The caller
         // hears of it once it is on disk.
+        // No await from the seal to here: a send dropped in between (its caller gone) would
+        // leave the session's new state unwritten, and a clean stop would then keep the older
+        // one, which seals again with message keys already used.
         let dispatched = self.write_and_dispatch(entry, batch);
-        self.write_sessions().await;
+        self.write_sessions();
         if let Err(e) = dispatched {
             self.settled_first(&id);
             return Err(e);
@@ -1136,8 +1139,7 @@ impl Node {
     /// Writes the sessions' new states left by [`Node::compose_unwritten`]. A failure is logged
     /// and marks the store to start unclean (`Olm::write_unwritten`); the message it sealed is
     /// already on its way.
-    async fn write_sessions(&self) {
-        let _turn = self.inner.olm_turn.lock().await;
+    fn write_sessions(&self) {
         if let Err(e) = self.olm().write_unwritten() {
             tracing::error!(error = %e, "cannot write the new state of a session");
         }
