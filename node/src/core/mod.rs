@@ -252,10 +252,11 @@ struct Inner {
     /// Held while a session with a peer is being set up, so that one claim serves everyone
     /// waiting for it.
     claiming: tokio::sync::Mutex<()>,
-    /// Sealing and opening one-to-one bodies take turns here, waiting without holding a thread.
-    /// Olm's own lock is held through a decryption and its writes; a runtime worker blocked on
-    /// it is a core lost to every other task (under load, about one switch in ten on a node's
-    /// workers was such a wait).
+    /// A send's seal and each inbound open (requests, held messages) wait for their turn here
+    /// without holding a thread: Olm's own lock is held through a decryption and its writes,
+    /// and a runtime worker blocked on it is a core lost to every other task (under load, about
+    /// one switch in ten on a node's workers was such a wait). Rarer seals (receipts, re-sends)
+    /// go straight to Olm's lock.
     olm_turn: tokio::sync::Mutex<()>,
 }
 
@@ -1530,18 +1531,20 @@ impl Node {
                         Ok(())
                     }
                     Ok(true) => {
-                        let _turn = self.inner.olm_turn.lock().await;
-                        self.stage_sealed(via, envelope, sealed, true)
-                    }
-                    .map(|fresh| {
-                        if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
-                            // A new message: copies arriving after its flush are duplicates.
-                            if let Some(claim) = claims.last_mut() {
-                                claim.stored();
+                        let staged = {
+                            let _turn = self.inner.olm_turn.lock().await;
+                            self.stage_sealed(via, envelope, sealed, true)
+                        };
+                        staged.map(|fresh| {
+                            if fresh.as_ref().is_some_and(|f| f.text.is_some()) {
+                                // A new message: copies arriving after its flush are duplicates.
+                                if let Some(claim) = claims.last_mut() {
+                                    claim.stored();
+                                }
                             }
-                        }
-                        unflushed.push((index, fresh))
-                    }),
+                            unflushed.push((index, fresh))
+                        })
+                    }
                 },
                 Ok(Checked::Plain(body)) => match self.claim_inbound(&envelope, &mut claims) {
                     Err(reason) => Err(reason),
