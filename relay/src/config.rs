@@ -57,6 +57,11 @@ pub struct Config {
     /// connections are closed and new ones refused after their handshake, counted as
     /// `limit_hits{limit="banned_peer"}`.
     pub ban_secs: u64,
+    /// Connections: the CPU priority (`nice`, 0 to 19) of the newcomers' lane, the thread that
+    /// runs handshakes and the connections whose peer has not yet sent a well-formed request
+    /// (or was struck for a malformed one). Higher is lower priority: the relay's users are
+    /// served first when strangers keep it busy. 0 runs the lane at the relay's own priority.
+    pub newcomer_lane_nice: i32,
     /// Requests: most request streams open at once on one connection (all of kith's protocols
     /// together); libp2p drops a stream beyond it.
     pub max_streams_per_connection: usize,
@@ -215,6 +220,7 @@ impl Default for Config {
             malformed_requests_per_peer_per_sec: 1,
             malformed_request_burst_per_peer: 20,
             ban_secs: 600,
+            newcomer_lane_nice: 10,
             max_streams_per_connection: 256,
             read_buffer_budget_bytes: 64 * 1024 * 1024,
             read_buffer_reserved_per_connection_bytes: 16 * 1024,
@@ -352,6 +358,9 @@ impl Config {
                 "mailbox_max_messages_per_sender",
                 "a sender's share of a mailbox must be above 0",
             );
+        }
+        if !(0..=19).contains(&self.newcomer_lane_nice) {
+            return invalid("newcomer_lane_nice", "must be 0 to 19");
         }
         if self.max_streams_per_connection == 0 {
             return invalid("max_streams_per_connection", "must be above 0");

@@ -44,6 +44,7 @@ pub mod group;
 pub mod identity;
 pub mod ip_rate;
 pub mod keys;
+pub mod lanes;
 pub mod mailbox;
 pub mod metrics;
 pub mod occupancy;
@@ -108,6 +109,9 @@ pub enum StartError {
     /// The metrics endpoint could not bind.
     #[error(transparent)]
     Metrics(#[from] metrics::ServeError),
+    /// The newcomers' lane could not start.
+    #[error(transparent)]
+    Lanes(#[from] lanes::StartError),
 }
 
 /// Why the relay did not stop cleanly.
@@ -160,6 +164,8 @@ pub struct Running {
     flusher_task: Owned<()>,
     group_task: Owned<()>,
     metrics_task: Option<(oneshot::Sender<()>, Owned<std::io::Result<()>>)>,
+    /// Last, so that it stops after the tasks above are aborted.
+    newcomers: lanes::NewcomersRuntime,
 }
 
 /// Key claims one claimer may make a second at a relay, sustained (`/kith/keys/1`).
@@ -203,7 +209,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             );
     let metrics = Metrics::new().with_read_budget(read_budget.clone());
 
-    let mut swarm = swarm::build(keypair, &config, read_budget, metrics.clone())?;
+    let (lanes, newcomers) = lanes::Lanes::start(config.newcomer_lane_nice, metrics.clone())?;
+    let mut swarm = swarm::build(
+        keypair,
+        &config,
+        read_budget,
+        lanes.clone(),
+        metrics.clone(),
+    )?;
     let bound = swarm::listen(&mut swarm, &config.listen).await?;
     let listen_addrs: Vec<Multiaddr> = bound.iter().map(|a| swarm::with_peer(a, peer_id)).collect();
     state_file::write(&data_dir, &state_file::Info::new(&peer_id, &listen_addrs))?;
@@ -308,6 +321,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         swarm,
         bound,
         mailbox.clone(),
+        lanes,
         metrics.clone(),
         swarm::TaskSettings {
             data_dir: data_dir.clone(),
@@ -351,6 +365,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         flusher_task,
         group_task,
         metrics_task,
+        newcomers,
     })
 }
 
@@ -367,11 +382,14 @@ impl Running {
             flusher_task,
             group_task,
             metrics_task,
+            newcomers,
             ..
         } = self;
         let task_failed = |task| move |source| ShutdownError::Task { task, source };
         let _ = stop_swarm.send(());
         swarm_task.join().await.map_err(task_failed("swarm"))?;
+        // The swarm is gone with its task, and with it every connection.
+        drop(newcomers);
         // The gateway's handle went with the swarm task: the group service ends.
         group_task
             .join()

@@ -42,6 +42,13 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// The label of the lane-moves family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    /// The lane a connection moved to: `relay` or `newcomers` ([`crate::lanes`]).
+    pub to: String,
+}
+
 /// Every metric the relay exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -88,6 +95,8 @@ pub struct Metrics {
     pub last_flush: crate::shed::FlushGauge,
     /// Limits hit, by limit.
     pub limit_hits: Family<LimitLabels, Counter>,
+    /// Connections moved between lanes, by the lane they moved to ([`crate::lanes`]).
+    pub lane_moves: Family<LaneLabels, Counter>,
     /// Bytes held by request frames being read (refreshed when encoded).
     pub read_buffer_bytes: Gauge,
     /// The budget those frames count against, if the relay set one.
@@ -127,6 +136,12 @@ impl Metrics {
         let presence_policies = Counter::default();
         let presence_queries = Counter::default();
         let limit_hits = Family::<LimitLabels, Counter>::default();
+        let lane_moves = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "lane_moves",
+            "Connections moved between the relay's lane and the newcomers' lane, by the lane moved to",
+            lane_moves.clone(),
+        );
         let read_buffer_bytes = Gauge::default();
         registry.register("limit_hits", "Limits hit, by limit", limit_hits.clone());
         registry.register(
@@ -231,6 +246,7 @@ impl Metrics {
             keys_fallback_claims,
             last_flush: crate::shed::FlushGauge::default(),
             limit_hits,
+            lane_moves,
             read_buffer_bytes,
             read_budget: None,
         }
@@ -249,6 +265,13 @@ impl Metrics {
             .get_or_create(&LimitLabels {
                 limit: limit.to_owned(),
             })
+            .inc();
+    }
+
+    /// Counts a connection's move to the lane `to`.
+    pub fn lane_move(&self, to: &str) {
+        self.lane_moves
+            .get_or_create(&LaneLabels { to: to.to_owned() })
             .inc();
     }
 

@@ -69,6 +69,21 @@ pub enum Request {
     Dm(Message<dm::Request>),
 }
 
+impl Request {
+    /// Whether the request decoded (a refusal for the relay's load, `Busy`, says nothing either
+    /// way and is not).
+    pub fn is_well_formed(&self) -> bool {
+        match self {
+            Request::Mailbox(m) => matches!(m, Message::Valid(_)),
+            Request::Presence(m) => matches!(m, Message::Valid(_)),
+            Request::Group(m) => matches!(m, Message::Valid(_)),
+            Request::Blob(m) => matches!(m, Message::Valid(_)),
+            Request::Keys(m) => matches!(m, Message::Valid(_)),
+            Request::Dm(m) => matches!(m, Message::Valid(_)),
+        }
+    }
+}
+
 /// A response of any of the relay's protocols.
 #[derive(Debug)]
 pub enum Response {

@@ -26,7 +26,7 @@ use kith_net::codec::Message;
 use kith_protocol::{dm, mailbox, presence as presence_wire, Reject};
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{OutboundFailure, OutboundRequestId};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     autonat, connection_limits, identify, identity, noise, ping, relay, tcp, yamux, Multiaddr,
@@ -37,6 +37,7 @@ use tokio::sync::oneshot;
 use crate::boxed::Boxed;
 use crate::config::Config;
 use crate::group::gateway::{Done as GroupDone, Gateway as GroupGateway};
+use crate::lanes::Lanes;
 use crate::mailbox::service::{self, Outcome, Push};
 use crate::metrics::Metrics;
 use crate::presence;
@@ -198,11 +199,12 @@ fn connection_limit_label(cause: &libp2p::swarm::ConnectionDenied) -> Option<&'s
 
 /// Builds the swarm: QUIC, TCP (noise, yamux; new incoming connections paced,
 /// [`crate::accept_pace`]) and DNS, with a long idle timeout; every request frame read counts
-/// against `budget`.
+/// against `budget`; connections run on `lanes`.
 pub fn build(
     keypair: identity::Keypair,
     config: &Config,
     budget: Budget,
+    lanes: Lanes,
     metrics: Metrics,
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let idle = Duration::from_secs(config.idle_connection_timeout_secs);
@@ -233,7 +235,10 @@ pub fn build(
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| BuildError::Gossipsub(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        // The same configuration as the one given, whose executor is tokio's.
+        .with_swarm_config(|_| {
+            libp2p::swarm::Config::with_executor(lanes).with_idle_connection_timeout(idle)
+        })
         .build();
     Ok(swarm)
 }
@@ -382,6 +387,8 @@ pub struct TaskSettings {
 pub struct Task {
     swarm: Swarm<Behaviour>,
     mailbox: service::Handle,
+    /// Moves connections between the relay's lane and the newcomers' ([`crate::lanes`]).
+    lanes: Lanes,
     metrics: Metrics,
     /// Reservations and circuits held, from which their gauges are set.
     occupancy: crate::occupancy::Occupancy,
@@ -403,6 +410,7 @@ impl Task {
         swarm: Swarm<Behaviour>,
         listen_addrs: Vec<Multiaddr>,
         mailbox: service::Handle,
+        lanes: Lanes,
         metrics: Metrics,
         settings: TaskSettings,
     ) -> Self {
@@ -411,6 +419,7 @@ impl Task {
             presence: presence::Service::new(settings.presence.clone(), metrics.clone()),
             swarm,
             mailbox,
+            lanes,
             metrics,
             occupancy: Default::default(),
             settings,
@@ -662,6 +671,7 @@ impl Task {
     /// Counts a malformed request of `peer`, or a deposit it made before the wait it was asked
     /// for ended, which may get it banned ([`crate::strikes`]).
     fn strike(&mut self, peer: PeerId) {
+        self.lanes.demote_peer(&peer);
         if !self.swarm.behaviour_mut().strikes.strike(peer) {
             return;
         }
@@ -873,6 +883,16 @@ impl Task {
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Requests(event)) => {
+                if let request_response::Event::Message {
+                    connection_id,
+                    message: request_response::Message::Request { request, .. },
+                    ..
+                } = &event
+                {
+                    if request.is_well_formed() {
+                        self.lanes.promote(*connection_id);
+                    }
+                }
                 if let Some(event) = requests::Event::classify(event) {
                     self.on_requests(event);
                 }

@@ -2,6 +2,9 @@
 use std::{future::Future, pin::Pin};
 
 use futures::executor::ThreadPool;
+use libp2p_identity::PeerId;
+
+use crate::ConnectionId;
 
 /// Implemented on objects that can run a `Future` in the background.
 ///
@@ -14,6 +17,20 @@ pub trait Executor {
     /// Run the given future in the background until it ends.
     #[track_caller]
     fn exec(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>);
+
+    /// Run the task of the established connection `connection` to `peer` until it ends. The
+    /// same as [`Executor::exec`] unless an executor wants to treat connections differently by
+    /// their peer (kith: this method is an addition to libp2p-swarm 0.48.0, see `PATCHED.md`).
+    #[track_caller]
+    fn exec_established(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) {
+        let _ = (peer, connection);
+        self.exec(future)
+    }
 }
 
 impl<F: Fn(Pin<Box<dyn Future<Output = ()> + Send>>)> Executor for F {

@@ -83,6 +83,21 @@ impl ExecSwitch {
             Self::LocalSpawn(local) => local.push(task),
         }
     }
+
+    #[track_caller]
+    fn spawn_established(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let task = task.boxed();
+
+        match self {
+            Self::Executor(executor) => executor.exec_established(peer, connection, task),
+            Self::LocalSpawn(local) => local.push(task),
+        }
+    }
 }
 
 /// A connection `Pool` manages a set of connections for each peer.
@@ -550,7 +565,9 @@ where
         let span = tracing::debug_span!(parent: tracing::Span::none(), "new_established_connection", remote_addr = %endpoint.get_remote_address(), %id, peer = %obtained_peer_id);
         span.follows_from(tracing::Span::current());
 
-        self.executor.spawn(
+        self.executor.spawn_established(
+            obtained_peer_id,
+            id,
             task::new_for_established_connection(
                 id,
                 obtained_peer_id,

@@ -1,0 +1,390 @@
+//! Which thread serves a connection: the relay's own runtime, or the newcomers' lane.
+//!
+//! A relay is public, so most of what an attacker can make it do happens before the attacker has
+//! said anything useful: handshakes, streams that never finish a request, frames that do not
+//! decode. tokio runs ready tasks in turn, so a burst of such work (a hundred connections woken
+//! at once) used to queue in front of a user's deposit on the same worker, however cheap each
+//! piece was.
+//!
+//! So a connection's task starts on the *newcomers' lane*: a runtime with one worker thread of
+//! its own, at a lower CPU priority (`newcomer_lane_nice`). Handshakes run there too. The
+//! connection moves to the relay's own runtime when its peer sends its first well-formed
+//! request ([`Lanes::promote`]), and back for good when its peer is struck for a malformed
+//! request ([`Lanes::demote_peer`]). Everything after a request is read (the mailbox, groups,
+//! keys, the store) runs on the relay's runtime as before: the lanes only decide whose reading
+//! and writing of connections comes first.
+//!
+//! A task moves by ending its run on one runtime and being spawned, unfinished, on the other
+//! ([`OnLane`]). Its first poll there registers its wakers with its new task, as every poll
+//! must; I/O it registered stays with the reactor it was registered with, which wakes whichever
+//! task polled it last.
+//!
+//! What it does not stop: an attacker that sends one well-formed request first is served on the
+//! relay's runtime until it is struck. The lane raises the cost of the cheapest attacks (a
+//! handshake flood, streams held open, garbage) without any list of who is who.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use libp2p::swarm::{ConnectionId, Executor};
+use libp2p::PeerId;
+use tokio::runtime::{Handle, Runtime};
+
+use crate::metrics::Metrics;
+
+/// A connection's (or a handshake's) task, as libp2p hands it over.
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a connection's task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Lane {
+    /// The relay's own runtime.
+    Relay = 0,
+    /// The newcomers' lane: its own thread, at a lower priority.
+    Newcomers = 1,
+}
+
+impl Lane {
+    fn from_u8(v: u8) -> Self {
+        if v == Lane::Relay as u8 {
+            Lane::Relay
+        } else {
+            Lane::Newcomers
+        }
+    }
+}
+
+/// Why the newcomers' lane could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start the newcomers' lane (a runtime thread): {0}")]
+pub struct StartError(#[from] std::io::Error);
+
+/// The lanes: the executor the relay's swarm spawns connection tasks with, and the swarm task's
+/// way to move a connection between them. Cheap to clone.
+#[derive(Clone)]
+pub struct Lanes {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    relay: Handle,
+    newcomers: Handle,
+    connections: Mutex<HashMap<ConnectionId, Entry>>,
+    metrics: Metrics,
+}
+
+struct Entry {
+    peer: PeerId,
+    slot: Arc<Slot>,
+}
+
+/// A connection's wanted lane, and its task's waker for when the wanted lane changes.
+struct Slot {
+    lane: AtomicU8,
+    /// Demoted for good: never promoted again.
+    demoted: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Slot {
+    fn lane(&self) -> Lane {
+        Lane::from_u8(self.lane.load(Ordering::Acquire))
+    }
+
+    fn set(&self, lane: Lane) -> bool {
+        let before = self.lane.swap(lane as u8, Ordering::AcqRel);
+        if before != lane as u8 {
+            self.waker.wake();
+            return true;
+        }
+        false
+    }
+}
+
+/// Owns the newcomers' runtime: dropping it stops the lane's thread (tasks still on it are
+/// dropped, closing their connections).
+pub struct NewcomersRuntime(Option<Runtime>);
+
+impl std::fmt::Debug for NewcomersRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewcomersRuntime")
+    }
+}
+
+impl Drop for NewcomersRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Dropping a runtime from inside another one would block it; this does not wait.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Lanes {
+    /// Starts the newcomers' lane: one worker thread at `nice` (0 to 19; a thread that may not
+    /// lower its priority logs it and runs at the relay's). The relay's lane is the runtime this
+    /// is called from.
+    pub fn start(nice: i32, metrics: Metrics) -> Result<(Self, NewcomersRuntime), StartError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kith-newcomers")
+            .on_thread_start(move || lower_priority(nice))
+            .enable_all()
+            .build()?;
+        let lanes = Lanes {
+            shared: Arc::new(Shared {
+                relay: Handle::current(),
+                newcomers: runtime.handle().clone(),
+                connections: Mutex::new(HashMap::new()),
+                metrics,
+            }),
+        };
+        Ok((lanes, NewcomersRuntime(Some(runtime))))
+    }
+
+    /// Moves `connection` to the relay's lane (its peer sent a well-formed request), unless
+    /// its peer was demoted.
+    pub fn promote(&self, connection: ConnectionId) {
+        let connections = self.shared.connections();
+        if let Some(entry) = connections.get(&connection) {
+            if !entry.slot.demoted.load(Ordering::Acquire) && entry.slot.set(Lane::Relay) {
+                self.shared.metrics.lane_move("relay");
+            }
+        }
+    }
+
+    /// Moves every connection of `peer` to the newcomers' lane for good (it was struck).
+    pub fn demote_peer(&self, peer: &PeerId) {
+        let connections = self.shared.connections();
+        for entry in connections.values().filter(|e| e.peer == *peer) {
+            entry.slot.demoted.store(true, Ordering::Release);
+            if entry.slot.set(Lane::Newcomers) {
+                self.shared.metrics.lane_move("newcomers");
+            }
+        }
+    }
+
+    /// The lane `connection` is on, if it is an established connection.
+    pub fn lane_of(&self, connection: ConnectionId) -> Option<Lane> {
+        self.shared
+            .connections()
+            .get(&connection)
+            .map(|e| e.slot.lane())
+    }
+}
+
+impl Shared {
+    fn connections(&self) -> MutexGuard<'_, HashMap<ConnectionId, Entry>> {
+        // The map holds no invariant a panic elsewhere could break.
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self, lane: Lane) -> &Handle {
+        match lane {
+            Lane::Relay => &self.relay,
+            Lane::Newcomers => &self.newcomers,
+        }
+    }
+}
+
+impl Executor for Lanes {
+    /// Handshakes (and the few small tasks the swarm spawns besides connections) run on the
+    /// newcomers' lane: their peer has not said anything yet.
+    fn exec(&self, future: Task) {
+        self.shared.newcomers.spawn(future);
+    }
+
+    fn exec_established(&self, peer: PeerId, connection: ConnectionId, future: Task) {
+        let slot = Arc::new(Slot {
+            lane: AtomicU8::new(Lane::Newcomers as u8),
+            demoted: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        self.shared.connections().insert(
+            connection,
+            Entry {
+                peer,
+                slot: slot.clone(),
+            },
+        );
+        self.shared.newcomers.spawn(OnLane {
+            task: Some(future),
+            lane: Lane::Newcomers,
+            slot,
+            registration: Some(Registration {
+                shared: self.shared.clone(),
+                connection,
+            }),
+        });
+    }
+}
+
+/// Removes its connection from [`Shared::connections`] when the connection's task ends (or is
+/// dropped with its runtime); it moves with the task between lanes.
+struct Registration {
+    shared: Arc<Shared>,
+    connection: ConnectionId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.connections().remove(&self.connection);
+    }
+}
+
+/// A connection's task on `lane`: polls the task until it ends, or until the connection's
+/// wanted lane changes, then hands the unfinished task to the other lane's runtime.
+struct OnLane {
+    task: Option<Task>,
+    lane: Lane,
+    slot: Arc<Slot>,
+    registration: Option<Registration>,
+}
+
+impl Future for OnLane {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // Registered before the lane is read: a move asked for after the read wakes this task.
+        this.slot.waker.register(cx.waker());
+        let wanted = this.slot.lane();
+        let Some(task) = this.task.as_mut() else {
+            return Poll::Ready(());
+        };
+        if wanted != this.lane {
+            if let (Some(task), Some(registration)) = (this.task.take(), this.registration.take()) {
+                let handle = registration.shared.handle(wanted).clone();
+                handle.spawn(OnLane {
+                    task: Some(task),
+                    lane: wanted,
+                    slot: this.slot.clone(),
+                    registration: Some(registration),
+                });
+            }
+            return Poll::Ready(());
+        }
+        let done = task.as_mut().poll(cx);
+        if done.is_ready() {
+            this.task = None;
+            this.registration = None;
+        }
+        done
+    }
+}
+
+/// Lowers the calling thread's CPU priority to `nice` (Linux: per thread).
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(None, nice) {
+        tracing::warn!(%error, nice, "could not lower the newcomers' lane priority; it runs at the relay's");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or_default().to_owned()
+    }
+
+    /// A task that reports the thread of each poll and waits for `go` between polls.
+    async fn report_threads(
+        mut go: tokio::sync::mpsc::UnboundedReceiver<()>,
+        seen: tokio::sync::mpsc::UnboundedSender<String>,
+    ) {
+        let _ = seen.send(thread_name());
+        while go.recv().await.is_some() {
+            let _ = seen.send(thread_name());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_connection_starts_on_the_newcomers_lane_moves_when_promoted_and_stays_demoted() {
+        let (lanes, _runtime) = Lanes::start(0, Metrics::new()).expect("lanes");
+        // The relay's runtime here is the test's, whose workers have tokio's default name.
+        let relay_thread = "tokio-rt-worker".to_owned();
+        let (go_tx, go_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let peer = PeerId::random();
+        let connection = ConnectionId::new_unchecked(7);
+        lanes.exec_established(peer, connection, Box::pin(report_threads(go_rx, seen_tx)));
+
+        assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
+        assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+
+        lanes.promote(connection);
+        go_tx.send(()).expect("task alive");
+        assert_eq!(seen.recv().await, Some(relay_thread.clone()));
+        assert_eq!(lanes.lane_of(connection), Some(Lane::Relay));
+
+        lanes.demote_peer(&peer);
+        go_tx.send(()).expect("task alive");
+        assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
+        lanes.promote(connection);
+        go_tx.send(()).expect("task alive");
+        assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
+        assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+
+        // The task ends: its connection is forgotten.
+        drop(go_tx);
+        assert_eq!(seen.recv().await, None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while lanes.lane_of(connection).is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "never forgotten");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_task_moved_while_waiting_is_woken_by_what_it_waits_for() {
+        // A task parked on a channel is moved, then the channel gets a value: the moved task
+        // (not the ended one) must see it.
+        let (lanes, _runtime) = Lanes::start(0, Metrics::new()).expect("lanes");
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<(u32, String)>();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let connection = ConnectionId::new_unchecked(8);
+        lanes.exec_established(
+            PeerId::random(),
+            connection,
+            Box::pin(async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let value = rx.await.unwrap_or(0);
+                let _ = done_tx.send((value, thread_name()));
+            }),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while polls.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never polled");
+            tokio::task::yield_now().await;
+        }
+        lanes.promote(connection);
+        while lanes.lane_of(connection) != Some(Lane::Relay) {
+            tokio::task::yield_now().await;
+        }
+        tx.send(42).expect("task alive");
+        let (value, thread) = done_rx.await.expect("the moved task finished");
+        assert_eq!(value, 42);
+        assert_ne!(thread, "kith-newcomers");
+    }
+}
