@@ -275,6 +275,13 @@ impl Metrics {
             .inc();
     }
 
+    /// How many connections moved to the lane `to` so far.
+    pub fn lane_moves(&self, to: &str) -> u64 {
+        self.lane_moves
+            .get_or_create(&LaneLabels { to: to.to_owned() })
+            .get()
+    }
+
     /// How many times `limit` was hit so far.
     pub fn limit_hits(&self, limit: &str) -> u64 {
         self.refresh_read_budget();

@@ -391,6 +391,48 @@ async fn a_peer_that_keeps_sending_malformed_requests_is_banned_and_others_are_n
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_moves_to_the_relays_lane_with_a_well_formed_request_and_back_for_good_when_struck(
+) -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let relay_peer = relay.peer_id;
+    let metrics = relay.metrics();
+    let fetch = || {
+        kith_net::codec::Message::Valid(mailbox::Request::Fetch {
+            req_id: 1,
+            after: None,
+            limit: 10,
+        })
+    };
+    let is_batch = |answer: &mailbox::Response| matches!(answer, mailbox::Response::Batch { .. });
+
+    // A peer whose first request is malformed stays a newcomer, even once it behaves: it is
+    // still served, from the newcomers' lane.
+    let mut rude = kith_tests::RawPeer::new()?;
+    rude.mailbox(relay_peer, &addr, malformed_request()).await?;
+    assert!(is_batch(&rude.mailbox(relay_peer, &addr, fetch()).await?));
+    assert_eq!(metrics.lane_moves("relay"), 0);
+
+    // A peer whose first request is well formed moves to the relay's lane.
+    let mut polite = kith_tests::RawPeer::new()?;
+    assert!(is_batch(&polite.mailbox(relay_peer, &addr, fetch()).await?));
+    assert_eq!(metrics.lane_moves("relay"), 1);
+
+    // Struck once (far from a ban), it moves back, and well-formed requests no longer move it.
+    polite
+        .mailbox(relay_peer, &addr, malformed_request())
+        .await?;
+    assert_eq!(metrics.lane_moves("newcomers"), 1);
+    assert!(is_batch(&polite.mailbox(relay_peer, &addr, fetch()).await?));
+    assert_eq!(metrics.lane_moves("relay"), 1);
+    assert_eq!(metrics.limit_hits("malformed_requests"), 0);
+    relay.shutdown().await?;
+    Ok(())
+}
+
 fn quota_refusals(relay: &kith_relay::Running) -> u64 {
     relay
         .metrics()
