@@ -58,10 +58,15 @@ pub struct Config {
     /// `limit_hits{limit="banned_peer"}`.
     pub ban_secs: u64,
     /// Connections: the CPU priority (`nice`, 0 to 19) of the newcomers' lane, the thread that
-    /// runs handshakes and the connections whose peer has not yet sent a well-formed request
-    /// (or was struck for a malformed one). Higher is lower priority: the relay's users are
-    /// served first when strangers keep it busy. 0 runs the lane at the relay's own priority.
+    /// runs handshakes and the connections not yet on the relay's lane (younger than
+    /// `newcomer_ms`, or yet to send a well-formed request, or whose peer was struck). Higher
+    /// is lower priority: the relay's users are served first when strangers keep it busy. 0
+    /// runs the lane at the relay's own priority.
     pub newcomer_lane_nice: i32,
+    /// Connections: how long a new connection stays on the newcomers' lane at least, however
+    /// well it speaks, in milliseconds: attackers' fresh identities seldom live this long, a
+    /// relay's users stay connected.
+    pub newcomer_ms: u64,
     /// Requests: most request streams open at once on one connection (all of kith's protocols
     /// together); libp2p drops a stream beyond it.
     pub max_streams_per_connection: usize,
@@ -221,6 +226,7 @@ impl Default for Config {
             malformed_request_burst_per_peer: 20,
             ban_secs: 600,
             newcomer_lane_nice: 10,
+            newcomer_ms: 1_000,
             max_streams_per_connection: 256,
             read_buffer_budget_bytes: 64 * 1024 * 1024,
             read_buffer_reserved_per_connection_bytes: 16 * 1024,

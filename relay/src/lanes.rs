@@ -8,20 +8,23 @@
 //!
 //! So a connection's task starts on the *newcomers' lane*: a runtime with one worker thread of
 //! its own, at a lower CPU priority (`newcomer_lane_nice`). Handshakes run there too. The
-//! connection moves to the relay's own runtime when its peer sends its first well-formed
-//! request ([`Lanes::promote`]), and back for good when its peer is struck for a malformed
-//! request ([`Lanes::demote_peer`]). Everything after a request is read (the mailbox, groups,
-//! keys, the store) runs on the relay's runtime as before: the lanes only decide whose reading
-//! and writing of connections comes first.
+//! connection moves to the relay's own runtime with its first well-formed request once it is
+//! `newcomer_ms` old ([`Lanes::promote`]): attackers' fresh identities seldom live that long,
+//! a relay's users stay connected. It moves back for good when its peer is struck for a
+//! malformed request ([`Lanes::demote_peer`]). The mailbox and group services also serve
+//! newcomers' requests only when no other request waits (their queues, in small rounds), while
+//! the rest of the relay's work (the swarm task, the store, the flush) is shared in turn.
 //!
 //! A task moves by ending its run on one runtime and being spawned, unfinished, on the other
 //! ([`OnLane`]). Its first poll there registers its wakers with its new task, as every poll
 //! must; I/O it registered stays with the reactor it was registered with, which wakes whichever
 //! task polled it last.
 //!
-//! What it does not stop: an attacker that sends one well-formed request first is served on the
-//! relay's runtime until it is struck. The lane raises the cost of the cheapest attacks (a
-//! handshake flood, streams held open, garbage) without any list of who is who.
+//! What it does not stop: an attacker that keeps a connection for `newcomer_ms` and sends one
+//! well-formed request is served on the relay's runtime until it is struck; and a user's new
+//! connection waits with the newcomers while an attack lasts. The lane raises the cost of the
+//! cheapest attacks (a handshake flood, streams held open, garbage, identities churned to get
+//! around per-peer limits) without any list of who is who.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +32,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 use libp2p::swarm::{ConnectionId, Executor};
@@ -82,11 +86,14 @@ struct Shared {
     relay: Handle,
     newcomers: Handle,
     connections: Mutex<HashMap<ConnectionId, Entry>>,
+    /// How long a connection stays a newcomer, however well it speaks.
+    newcomer_for: Duration,
     metrics: Metrics,
 }
 
 struct Entry {
     peer: PeerId,
+    since: Instant,
     slot: Arc<Slot>,
 }
 
@@ -136,7 +143,12 @@ impl Lanes {
     /// Starts the newcomers' lane: one worker thread at `nice` (0 to 19; a thread that may not
     /// lower its priority logs it and runs at the relay's). The relay's lane is the runtime this
     /// is called from.
-    pub fn start(nice: i32, metrics: Metrics) -> Result<(Self, NewcomersRuntime), StartError> {
+    /// A connection is a newcomer for at least `newcomer_for`.
+    pub fn start(
+        nice: i32,
+        newcomer_for: Duration,
+        metrics: Metrics,
+    ) -> Result<(Self, NewcomersRuntime), StartError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kith-newcomers")
@@ -148,18 +160,22 @@ impl Lanes {
                 relay: Handle::current(),
                 newcomers: runtime.handle().clone(),
                 connections: Mutex::new(HashMap::new()),
+                newcomer_for,
                 metrics,
             }),
         };
         Ok((lanes, NewcomersRuntime(Some(runtime))))
     }
 
-    /// Moves `connection` to the relay's lane (its peer sent a well-formed request), unless
-    /// its peer was demoted.
+    /// Moves `connection` to the relay's lane (its peer sent a well-formed request), unless it
+    /// is younger than the newcomers' time or its peer was demoted.
     pub fn promote(&self, connection: ConnectionId) {
         let connections = self.shared.connections();
         if let Some(entry) = connections.get(&connection) {
-            if !entry.slot.demoted.load(Ordering::Acquire) && entry.slot.set(Lane::Relay) {
+            if entry.since.elapsed() >= self.shared.newcomer_for
+                && !entry.slot.demoted.load(Ordering::Acquire)
+                && entry.slot.set(Lane::Relay)
+            {
                 self.shared.metrics.lane_move("relay");
             }
         }
@@ -216,6 +232,7 @@ impl Executor for Lanes {
             connection,
             Entry {
                 peer,
+                since: Instant::now(),
                 slot: slot.clone(),
             },
         );
@@ -319,7 +336,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_connection_starts_on_the_newcomers_lane_moves_when_promoted_and_stays_demoted() {
-        let (lanes, _runtime) = Lanes::start(0, Metrics::new()).expect("lanes");
+        let (lanes, _runtime) = Lanes::start(0, Duration::ZERO, Metrics::new()).expect("lanes");
         // The relay's runtime here is the test's, whose workers have tokio's default name.
         let relay_thread = "tokio-rt-worker".to_owned();
         let (go_tx, go_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -355,10 +372,27 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_connection_younger_than_the_newcomers_time_is_not_promoted() {
+        let (lanes, _runtime) =
+            Lanes::start(0, Duration::from_secs(3_600), Metrics::new()).expect("lanes");
+        let connection = ConnectionId::new_unchecked(9);
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        lanes.exec_established(
+            PeerId::random(),
+            connection,
+            Box::pin(async move {
+                let _ = held.await;
+            }),
+        );
+        lanes.promote(connection);
+        assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_task_moved_while_waiting_is_woken_by_what_it_waits_for() {
         // A task parked on a channel is moved, then the channel gets a value: the moved task
         // (not the ended one) must see it.
-        let (lanes, _runtime) = Lanes::start(0, Metrics::new()).expect("lanes");
+        let (lanes, _runtime) = Lanes::start(0, Duration::ZERO, Metrics::new()).expect("lanes");
         let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<(u32, String)>();
         let polls = Arc::new(AtomicUsize::new(0));

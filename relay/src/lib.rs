@@ -209,7 +209,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             );
     let metrics = Metrics::new().with_read_budget(read_budget.clone());
 
-    let (lanes, newcomers) = lanes::Lanes::start(config.newcomer_lane_nice, metrics.clone())?;
+    let (lanes, newcomers) = lanes::Lanes::start(
+        config.newcomer_lane_nice,
+        Duration::from_millis(config.newcomer_ms),
+        metrics.clone(),
+    )?;
     let mut swarm = swarm::build(
         keypair,
         &config,

@@ -24,6 +24,7 @@ use kith_protocol::{blob, dm, group, mailbox, prekeys, presence};
 use libp2p::request_response::{
     self, InboundFailure, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
 };
+use libp2p::swarm::ConnectionId;
 use libp2p::{PeerId, StreamProtocol};
 
 /// The shared behaviour.
@@ -182,6 +183,8 @@ pub enum Event {
     Mailbox {
         /// Who asked.
         peer: PeerId,
+        /// On which connection.
+        connection: ConnectionId,
         /// What it asked.
         request: Message<mailbox::Request>,
         /// Where the answer goes.
@@ -200,6 +203,8 @@ pub enum Event {
     Group {
         /// Who asked.
         peer: PeerId,
+        /// On which connection.
+        connection: ConnectionId,
         /// What it asked.
         request: Message<group::Request>,
         /// Where the answer goes.
@@ -258,13 +263,14 @@ impl Event {
         Some(match event {
             E::Message {
                 peer,
+                connection_id,
                 message: M::Request {
                     request, channel, ..
                 },
-                ..
             } => match request {
                 Request::Mailbox(request) => Event::Mailbox {
                     peer,
+                    connection: connection_id,
                     request,
                     channel: Channel::new(channel),
                 },
@@ -275,6 +281,7 @@ impl Event {
                 },
                 Request::Group(request) => Event::Group {
                     peer,
+                    connection: connection_id,
                     request,
                     channel: Channel::new(channel),
                 },

@@ -492,6 +492,7 @@ impl Task {
     fn on_group(
         &mut self,
         peer: PeerId,
+        newcomer: bool,
         request: Message<group_wire::Request>,
         channel: Channel<group_wire::Response>,
     ) {
@@ -506,7 +507,7 @@ impl Task {
         let refused = match (self.groups.as_mut(), shed) {
             (Some(_), Some(busy)) => Some(busy),
             (Some(groups), None) => {
-                groups.on_request(&mut self.swarm, peer, request, channel);
+                groups.on_request(&mut self.swarm, peer, newcomer, request, channel);
                 return;
             }
             (None, _) => Some(Reject::Malformed),
@@ -599,9 +600,13 @@ impl Task {
         match event {
             requests::Event::Mailbox {
                 peer,
+                connection,
                 request,
                 channel,
-            } => self.on_mailbox(peer, request, channel),
+            } => {
+                let newcomer = self.is_newcomer(connection);
+                self.on_mailbox(peer, newcomer, request, channel)
+            }
             requests::Event::Presence {
                 peer,
                 request,
@@ -612,11 +617,13 @@ impl Task {
             }
             requests::Event::Group {
                 peer,
+                connection,
                 request,
                 channel,
             } => {
                 self.warn_invalid(peer, group_wire::PROTOCOL, &request);
-                self.on_group(peer, request, channel)
+                let newcomer = self.is_newcomer(connection);
+                self.on_group(peer, newcomer, request, channel)
             }
             requests::Event::Blob {
                 peer,
@@ -656,6 +663,11 @@ impl Task {
         }
     }
 
+    /// Whether `connection` is on the newcomers' lane: its requests wait for the others'.
+    fn is_newcomer(&self, connection: libp2p::swarm::ConnectionId) -> bool {
+        self.lanes.lane_of(connection) != Some(crate::lanes::Lane::Relay)
+    }
+
     /// Logs an undecodable request as the per-peer refusal limiter allows: garbage must not
     /// fill the disk through the log. The protocol's handler answers and counts it.
     fn warn_invalid<T>(&mut self, peer: PeerId, protocol: &str, request: &Message<T>) {
@@ -692,6 +704,7 @@ impl Task {
     fn on_mailbox(
         &mut self,
         peer: PeerId,
+        newcomer: bool,
         request: Message<mailbox::Request>,
         channel: Channel<mailbox::Response>,
     ) {
@@ -713,7 +726,7 @@ impl Task {
                     self.respond_now(peer, channel, req_id, reason);
                     return;
                 }
-                match self.mailbox.try_request(peer, request) {
+                match self.mailbox.try_request(peer, request, newcomer) {
                     Ok(rx) => self.pending.push(Box::pin(async move {
                         (peer, req_id, channel, rx.await.ok())
                     })),

@@ -396,7 +396,10 @@ async fn a_connection_moves_to_the_relays_lane_with_a_well_formed_request_and_ba
 ) -> anyhow::Result<()> {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    // No minimum age: the unit tests of `lanes` check it.
+    config.newcomer_ms = 0;
+    let relay = kith_relay::start(config).await?;
     let addr = relay.listen_addrs[0].clone();
     let relay_peer = relay.peer_id;
     let metrics = relay.metrics();

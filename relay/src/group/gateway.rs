@@ -138,6 +138,7 @@ impl Gateway {
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
+        newcomer: bool,
         request: Message<Request>,
         channel: Channel<Response>,
     ) {
@@ -189,7 +190,7 @@ impl Gateway {
                 };
                 self.respond(swarm, reply, Response::Rejected { req_id, reason });
             }
-            request => match self.service.try_request(peer, request) {
+            request => match self.service.try_request(peer, request, newcomer) {
                 Ok(rx) => self.pending.push(Box::pin(async move {
                     Done::Answer {
                         reply,

@@ -64,17 +64,23 @@ pub struct Busy;
 #[derive(Debug, Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Command>,
+    /// Requests from connections on the newcomers' lane ([`crate::lanes`]), served when `tx`
+    /// has none waiting.
+    newcomers: mpsc::Sender<Command>,
 }
 
 impl Handle {
-    /// Queues a `Submit` or `Get` request from `peer` without waiting.
+    /// Queues a `Submit` or `Get` request from `peer` without waiting. A request from a
+    /// connection on the newcomers' lane (`newcomer`) waits for the others.
     pub fn try_request(
         &self,
         peer: PeerId,
         request: Request,
+        newcomer: bool,
     ) -> Result<oneshot::Receiver<Outcome>, Busy> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        let queue = if newcomer { &self.newcomers } else { &self.tx };
+        queue
             .try_send(Command {
                 peer,
                 request,
@@ -85,14 +91,43 @@ impl Handle {
     }
 }
 
-/// The service's end of the queue.
+/// The service's end of the queues.
 #[derive(Debug)]
-pub struct Receiver(mpsc::Receiver<Command>);
+pub struct Receiver {
+    queue: mpsc::Receiver<Command>,
+    newcomers: mpsc::Receiver<Command>,
+}
 
-/// Creates the handle and the receiving end for [`run`].
+impl Receiver {
+    /// The next request: newcomers' only when no other waits. `None` once every handle is gone.
+    async fn next(&mut self) -> Option<Command> {
+        std::future::poll_fn(|cx| match self.queue.poll_recv(cx) {
+            std::task::Poll::Ready(Some(command)) => std::task::Poll::Ready(Some(command)),
+            // Empty, or closed: the newcomers' queue is drained before the end too.
+            queue => match self.newcomers.poll_recv(cx) {
+                std::task::Poll::Ready(None) if queue.is_pending() => std::task::Poll::Pending,
+                newcomers => newcomers,
+            },
+        })
+        .await
+    }
+}
+
+/// Creates the handle and the receiving end for [`run`]; requests from newcomers each have the
+/// same room again.
 pub fn channel(capacity: usize) -> (Handle, Receiver) {
     let (tx, rx) = mpsc::channel(capacity);
-    (Handle { tx }, Receiver(rx))
+    let (newcomers_tx, newcomers_rx) = mpsc::channel(capacity);
+    (
+        Handle {
+            tx,
+            newcomers: newcomers_tx,
+        },
+        Receiver {
+            queue: rx,
+            newcomers: newcomers_rx,
+        },
+    )
 }
 
 /// Runs until every [`Handle`] is dropped.
@@ -100,14 +135,14 @@ pub async fn run(
     store: Store,
     directory: Directory,
     settings: Settings,
-    Receiver(mut rx): Receiver,
+    mut requests: Receiver,
     metrics: Metrics,
 ) {
     while let Some(Command {
         peer,
         request,
         reply,
-    }) = rx.recv().await
+    }) = requests.next().await
     {
         let outcome = match request {
             Request::Submit {

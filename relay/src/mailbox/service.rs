@@ -20,6 +20,7 @@
 //! A periodic purge drops entries past their retention deadline. The task stops when every
 //! [`Handle`] is gone, and flushes the store one last time.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use kith_protocol::envelope::SenderKey;
@@ -74,6 +75,9 @@ impl Outcome {
 
 /// Most requests handled in one round (one batch for the flusher).
 pub const MAX_ROUND: usize = 1_024;
+
+/// Most requests from newcomers in one round ([`Handle::try_request`]).
+pub const NEWCOMERS_ROUND: usize = 32;
 
 /// Fewest deposits in a round for which verification is spread over several threads; below
 /// it, the service verifies them itself (handing work to a thread costs more than it saves).
@@ -150,17 +154,23 @@ pub struct Stopped;
 #[derive(Debug, Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Command>,
+    /// Requests from connections on the newcomers' lane ([`crate::lanes`]), served when `tx`
+    /// has none waiting, in rounds of at most [`NEWCOMERS_ROUND`].
+    newcomers: mpsc::Sender<Command>,
 }
 
 impl Handle {
-    /// Queues `request` from `peer` without waiting; the answer arrives on the receiver.
+    /// Queues `request` from `peer` without waiting; the answer arrives on the receiver. A
+    /// request from a connection on the newcomers' lane (`newcomer`) waits for the others.
     pub fn try_request(
         &self,
         peer: PeerId,
         request: Request,
+        newcomer: bool,
     ) -> Result<oneshot::Receiver<Outcome>, Busy> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        let queue = if newcomer { &self.newcomers } else { &self.tx };
+        queue
             .try_send(Command::Request {
                 peer,
                 request: Box::new(request),
@@ -218,14 +228,48 @@ impl Handle {
 }
 
 /// Creates the handle and the receiving end for [`run`], with room for `capacity` requests.
+/// Requests from newcomers each have the same room again.
 pub fn channel(capacity: usize) -> (Handle, Receiver) {
     let (tx, rx) = mpsc::channel(capacity);
-    (Handle { tx }, Receiver(rx))
+    let (newcomers_tx, newcomers_rx) = mpsc::channel(capacity);
+    (
+        Handle {
+            tx,
+            newcomers: newcomers_tx,
+        },
+        Receiver {
+            queue: rx,
+            newcomers: newcomers_rx,
+        },
+    )
 }
 
-/// The service's end of the queue.
+/// The service's end of the queues.
 #[derive(Debug)]
-pub struct Receiver(mpsc::Receiver<Command>);
+pub struct Receiver {
+    queue: mpsc::Receiver<Command>,
+    newcomers: mpsc::Receiver<Command>,
+}
+
+impl Receiver {
+    /// Waits for the next round into `round`: what waits in the main queue (up to
+    /// [`MAX_ROUND`]), or when nothing does, up to [`NEWCOMERS_ROUND`] newcomers' requests, so
+    /// that a request of the relay's users that arrives meanwhile waits for a small round at
+    /// most. 0 once every handle is gone.
+    async fn next_round(&mut self, round: &mut Vec<Command>) -> usize {
+        std::future::poll_fn(|cx| {
+            match self.queue.poll_recv_many(cx, round, MAX_ROUND) {
+                Poll::Ready(n) if n > 0 => Poll::Ready(n),
+                // Empty, or closed: the newcomers' queue is drained before the end too.
+                queue => match self.newcomers.poll_recv_many(cx, round, NEWCOMERS_ROUND) {
+                    Poll::Ready(0) if queue.is_pending() => Poll::Pending,
+                    newcomers => newcomers,
+                },
+            }
+        })
+        .await
+    }
+}
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,7 +324,7 @@ type ToCheck = (Envelope, Option<SenderKey>);
 pub async fn run(
     store: Store,
     settings: Settings,
-    Receiver(mut rx): Receiver,
+    mut requests: Receiver,
     flusher: mpsc::Sender<Jobs>,
     metrics: Metrics,
 ) -> Result<(), sled::Error> {
@@ -319,7 +363,7 @@ pub async fn run(
         };
         tokio::select! {
             biased;
-            n = rx.recv_many(&mut round, MAX_ROUND) => {
+            n = requests.next_round(&mut round) => {
                 if n == 0 {
                     break;
                 }
@@ -903,6 +947,49 @@ mod tests {
 
     fn envelope(from: &Keypair, to: PeerId, text: &str) -> Envelope {
         crate::mailbox::test_envelope(from, to, text, None)
+    }
+
+    fn fetch_command() -> Command {
+        Command::Request {
+            peer: Keypair::generate_ed25519().public().to_peer_id(),
+            request: Box::new(Request::Fetch {
+                req_id: 1,
+                after: None,
+                limit: 1,
+            }),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn newcomers_wait_for_the_others_in_small_rounds_and_are_drained_at_the_end() {
+        let (handle, mut requests) = channel(1_000);
+        for _ in 0..NEWCOMERS_ROUND + 8 {
+            handle.newcomers.try_send(fetch_command()).expect("room");
+        }
+        handle.tx.try_send(fetch_command()).expect("room");
+        handle.tx.try_send(fetch_command()).expect("room");
+        let mut round = Vec::new();
+        assert_eq!(
+            requests.next_round(&mut round).await,
+            2,
+            "the relay's users first"
+        );
+        round.clear();
+        assert_eq!(requests.next_round(&mut round).await, NEWCOMERS_ROUND);
+        round.clear();
+        // A user's request that arrives between newcomers' rounds goes first again.
+        handle.tx.try_send(fetch_command()).expect("room");
+        assert_eq!(requests.next_round(&mut round).await, 1);
+        round.clear();
+        drop(handle);
+        assert_eq!(
+            requests.next_round(&mut round).await,
+            8,
+            "drained after the handles go"
+        );
+        round.clear();
+        assert_eq!(requests.next_round(&mut round).await, 0);
     }
 
     #[tokio::test]

@@ -517,6 +517,17 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
     let (p99, tried, refusals_during) = {
         let s = honest.stats();
         let during = s.latencies(started, stopped, stopped);
+        // Where in the phase the slow deposits were: p99 / max of each half second.
+        let mut windows = String::new();
+        let mut from = started;
+        while from < stopped {
+            let window = s.latencies(from, from + RECOVERY_WINDOW, stopped);
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let max = window.last().copied().unwrap_or_default();
+            windows += &format!(" {:.1}/{:.1}", ms(percentile(&window, 99.0)), ms(max));
+            from += RECOVERY_WINDOW;
+        }
+        eprintln!("      honest p99/max ms per {RECOVERY_WINDOW:?}:{windows}");
         (percentile(&during, 99.0), during.len(), s.refusals)
     };
 
