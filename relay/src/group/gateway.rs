@@ -39,6 +39,8 @@ pub enum Done {
         reply: Reply,
         /// The service's answer (`None`: it stopped).
         outcome: Option<service::Outcome>,
+        /// Whether the requester's connection was a newcomer's ([`crate::lanes`]).
+        newcomer: bool,
     },
     /// A message or an operation was fanned out into members' mailboxes.
     FannedOut {
@@ -168,7 +170,9 @@ impl Gateway {
         match request {
             Request::Post { envelope, .. } => match self.check_post(&peer, &envelope) {
                 Ok((group, recipients)) => {
-                    if let Err(reply) = self.fan_out(Some(reply), group, envelope, recipients) {
+                    if let Err(reply) =
+                        self.fan_out(Some(reply), group, envelope, recipients, newcomer)
+                    {
                         self.busy(swarm, reply);
                     }
                 }
@@ -195,6 +199,7 @@ impl Gateway {
                     Done::Answer {
                         reply,
                         outcome: rx.await.ok(),
+                        newcomer,
                     }
                 })),
                 Err(service::Busy) => self.busy(swarm, Some(reply)),
@@ -285,15 +290,20 @@ impl Gateway {
         Ok((group, recipients))
     }
 
-    /// Starts storing `envelope` for `recipients`. Gives the reply back if the mailbox is busy.
+    /// Starts storing `envelope` for `recipients` (after other requests, for a `newcomer`'s).
+    /// Gives the reply back if the mailbox is busy.
     fn fan_out(
         &mut self,
         reply: Option<Reply>,
         group: GroupId,
         envelope: Envelope,
         recipients: Vec<PeerId>,
+        newcomer: bool,
     ) -> Result<(), Option<Reply>> {
-        let rx = match self.mailbox.try_fan_out(recipients, envelope.clone()) {
+        let rx = match self
+            .mailbox
+            .try_fan_out(recipients, envelope.clone(), newcomer)
+        {
             Ok(rx) => rx,
             Err(_) => {
                 tracing::warn!(%group, id = %envelope.id, "mailbox busy; group fan-out refused");
@@ -324,7 +334,11 @@ impl Gateway {
     /// Completes finished work; returns the pushes the swarm task should make.
     pub fn finish(&mut self, swarm: &mut Swarm<Behaviour>, done: Done) -> Vec<Push> {
         match done {
-            Done::Answer { reply, outcome } => {
+            Done::Answer {
+                reply,
+                outcome,
+                newcomer,
+            } => {
                 let req_id = reply.2;
                 let Some(service::Outcome { response, announce }) = outcome else {
                     tracing::error!("the group service dropped a request");
@@ -345,7 +359,10 @@ impl Gateway {
                     recipients,
                 }) = announce
                 {
-                    if self.fan_out(None, group, envelope, recipients).is_err() {
+                    if self
+                        .fan_out(None, group, envelope, recipients, newcomer)
+                        .is_err()
+                    {
                         tracing::warn!(%group, "membership change not announced (mailbox busy); members catch up on their next sync");
                     }
                 }

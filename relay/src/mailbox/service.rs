@@ -189,14 +189,17 @@ impl Handle {
     }
 
     /// Queues a group envelope (already checked by the group gateway) for the mailboxes of
-    /// `recipients`, without waiting.
+    /// `recipients`, without waiting; a newcomer's waits for the others as in
+    /// [`Handle::try_request`].
     pub fn try_fan_out(
         &self,
         recipients: Vec<PeerId>,
         envelope: Envelope,
+        newcomer: bool,
     ) -> Result<oneshot::Receiver<FanOut>, Busy> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        let queue = if newcomer { &self.newcomers } else { &self.tx };
+        queue
             .try_send(Command::FanOut {
                 recipients,
                 envelope: Box::new(envelope),
