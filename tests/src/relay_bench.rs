@@ -101,9 +101,14 @@ pub fn exit_when_parent_goes(data: Option<std::path::PathBuf>) {
 }
 
 /// The relay config the benchmark runs with: the production defaults, except the per-peer
-/// deposit rate, which a handful of load generators would otherwise hit at once.
+/// deposit rate, which a handful of load generators would otherwise hit at once, and the
+/// limits on new connections from one address and in their handshake at once, which the
+/// thousand idle nodes all connecting from loopback at once would otherwise hit.
 pub fn bench_relay_config(data: &Path) -> kith_relay::Config {
     let mut config = kith_relay::Config::ephemeral(data);
+    config.new_connections_per_ip_per_sec = 100_000;
+    config.new_connection_burst_per_ip = 100_000;
+    config.max_pending_incoming_connections = 4_096;
     config.deposits_per_sec_per_peer = 1_000_000;
     config.deposit_burst_per_peer = 1_000_000;
     config.mailbox_max_messages = 1_000_000;
@@ -382,8 +387,11 @@ pub async fn offline_to_online(
     let mut bob = crate::TestNode::start("bob", vec![relay.addr.clone()]).await?;
     let bob_addr = bob.addr().await;
     let bob_peer = bob.peer_id();
-    bob.stop().await;
     let mut alice = RawPeer::new()?;
+    // A contact's message is shown at once; a stranger's would wait in the requests list.
+    let alice_peer = alice.key.public().to_peer_id().to_string();
+    bob.node().add_contact("alice", &alice_peer, &[]).await?;
+    bob.stop().await;
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
         let envelope = payload_envelope(&alice.key, bob_peer, 100);
