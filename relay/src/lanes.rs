@@ -329,8 +329,11 @@ mod tests {
         seen: tokio::sync::mpsc::UnboundedSender<String>,
     ) {
         let _ = seen.send(thread_name());
+        // Each report ends a poll, so a move asked for after it takes effect by the next one.
+        tokio::task::yield_now().await;
         while go.recv().await.is_some() {
             let _ = seen.send(thread_name());
+            tokio::task::yield_now().await;
         }
     }
 
@@ -348,17 +351,40 @@ mod tests {
         assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
         assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
 
+        // A move takes effect at the task's next poll: one more report may still come from
+        // the poll that was under way when it was asked for.
+        let next = |go: &tokio::sync::mpsc::UnboundedSender<()>| {
+            go.send(()).expect("task alive");
+        };
         lanes.promote(connection);
-        go_tx.send(()).expect("task alive");
-        assert_eq!(seen.recv().await, Some(relay_thread.clone()));
         assert_eq!(lanes.lane_of(connection), Some(Lane::Relay));
+        next(&go_tx);
+        let mut thread = seen.recv().await.expect("a report");
+        if thread != relay_thread {
+            next(&go_tx);
+            thread = seen.recv().await.expect("a report");
+        }
+        assert_eq!(thread, relay_thread);
+        next(&go_tx);
+        assert_eq!(seen.recv().await, Some(relay_thread.clone()), "stays");
 
         lanes.demote_peer(&peer);
-        go_tx.send(()).expect("task alive");
-        assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
+        next(&go_tx);
+        let mut thread = seen.recv().await.expect("a report");
+        if thread != "kith-newcomers" {
+            next(&go_tx);
+            thread = seen.recv().await.expect("a report");
+        }
+        assert_eq!(thread, "kith-newcomers");
         lanes.promote(connection);
-        go_tx.send(()).expect("task alive");
-        assert_eq!(seen.recv().await.as_deref(), Some("kith-newcomers"));
+        for _ in 0..2 {
+            next(&go_tx);
+            assert_eq!(
+                seen.recv().await.as_deref(),
+                Some("kith-newcomers"),
+                "demoted for good"
+            );
+        }
         assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
 
         // The task ends: its connection is forgotten.
@@ -402,8 +428,15 @@ mod tests {
             PeerId::random(),
             connection,
             Box::pin(async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let value = rx.await.unwrap_or(0);
+                let mut rx = rx;
+                // Counted once the channel has been polled: the task then waits on it.
+                let value = std::future::poll_fn(|cx| {
+                    let polled = Pin::new(&mut rx).poll(cx);
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    polled
+                })
+                .await
+                .unwrap_or(0);
                 let _ = done_tx.send((value, thread_name()));
             }),
         );

@@ -49,6 +49,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod occupancy;
 pub mod presence;
+pub mod queues;
 pub mod quiet;
 pub mod requests;
 pub mod shed;

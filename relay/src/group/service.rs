@@ -13,11 +13,12 @@ use std::collections::BTreeSet;
 
 use kith_protocol::group::{self, Change, Handshake, Limits, OpError, Request, Response, State};
 use kith_protocol::{Envelope, GroupId, PeerId, Reject};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::store::Store;
 use super::Directory;
 use crate::metrics::Metrics;
+use crate::queues::{queues, Receivers, Senders};
 
 /// Tell these members about an applied operation.
 #[derive(Debug, Clone)]
@@ -63,10 +64,9 @@ pub struct Busy;
 /// A cloneable handle to the service.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    tx: mpsc::Sender<Command>,
-    /// Requests from connections on the newcomers' lane ([`crate::lanes`]), served when `tx`
-    /// has none waiting.
-    newcomers: mpsc::Sender<Command>,
+    /// Requests from connections on the newcomers' lane ([`crate::lanes`]) are served when no
+    /// other waits.
+    tx: Senders<Command>,
 }
 
 impl Handle {
@@ -79,8 +79,8 @@ impl Handle {
         newcomer: bool,
     ) -> Result<oneshot::Receiver<Outcome>, Busy> {
         let (reply, rx) = oneshot::channel();
-        let queue = if newcomer { &self.newcomers } else { &self.tx };
-        queue
+        self.tx
+            .to(newcomer)
             .try_send(Command {
                 peer,
                 request,
@@ -93,41 +93,13 @@ impl Handle {
 
 /// The service's end of the queues.
 #[derive(Debug)]
-pub struct Receiver {
-    queue: mpsc::Receiver<Command>,
-    newcomers: mpsc::Receiver<Command>,
-}
-
-impl Receiver {
-    /// The next request: newcomers' only when no other waits. `None` once every handle is gone.
-    async fn next(&mut self) -> Option<Command> {
-        std::future::poll_fn(|cx| match self.queue.poll_recv(cx) {
-            std::task::Poll::Ready(Some(command)) => std::task::Poll::Ready(Some(command)),
-            // Empty, or closed: the newcomers' queue is drained before the end too.
-            queue => match self.newcomers.poll_recv(cx) {
-                std::task::Poll::Ready(None) if queue.is_pending() => std::task::Poll::Pending,
-                newcomers => newcomers,
-            },
-        })
-        .await
-    }
-}
+pub struct Receiver(Receivers<Command>);
 
 /// Creates the handle and the receiving end for [`run`]; requests from newcomers each have the
 /// same room again.
 pub fn channel(capacity: usize) -> (Handle, Receiver) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let (newcomers_tx, newcomers_rx) = mpsc::channel(capacity);
-    (
-        Handle {
-            tx,
-            newcomers: newcomers_tx,
-        },
-        Receiver {
-            queue: rx,
-            newcomers: newcomers_rx,
-        },
-    )
+    let (tx, rx) = queues(capacity);
+    (Handle { tx }, Receiver(rx))
 }
 
 /// Runs until every [`Handle`] is dropped.
@@ -135,15 +107,19 @@ pub async fn run(
     store: Store,
     directory: Directory,
     settings: Settings,
-    mut requests: Receiver,
+    Receiver(mut rx): Receiver,
     metrics: Metrics,
 ) {
-    while let Some(Command {
-        peer,
-        request,
-        reply,
-    }) = requests.next().await
-    {
+    let mut next = Vec::with_capacity(1);
+    while rx.recv_many(&mut next, 1, 1).await > 0 {
+        let Some(Command {
+            peer,
+            request,
+            reply,
+        }) = next.pop()
+        else {
+            continue;
+        };
         let outcome = match request {
             Request::Submit {
                 req_id,

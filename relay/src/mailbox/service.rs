@@ -20,7 +20,6 @@
 //! A periodic purge drops entries past their retention deadline. The task stops when every
 //! [`Handle`] is gone, and flushes the store one last time.
 
-use std::task::Poll;
 use std::time::Duration;
 
 use kith_protocol::envelope::SenderKey;
@@ -36,6 +35,7 @@ use super::store::{AckError, DepositError, Staged, Store, Usage};
 use super::waits::{Verdict, Waits};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::queues::{queues, Receivers, Senders};
 use crate::quiet::Warnings;
 use kith_protocol::keys::Keys;
 
@@ -153,10 +153,9 @@ pub struct Stopped;
 /// A cloneable handle to the service.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    tx: mpsc::Sender<Command>,
-    /// Requests from connections on the newcomers' lane ([`crate::lanes`]), served when `tx`
-    /// has none waiting, in rounds of at most [`NEWCOMERS_ROUND`].
-    newcomers: mpsc::Sender<Command>,
+    /// Requests from connections on the newcomers' lane ([`crate::lanes`]) are served when no
+    /// other waits, in rounds of at most [`NEWCOMERS_ROUND`].
+    tx: Senders<Command>,
 }
 
 impl Handle {
@@ -169,8 +168,8 @@ impl Handle {
         newcomer: bool,
     ) -> Result<oneshot::Receiver<Outcome>, Busy> {
         let (reply, rx) = oneshot::channel();
-        let queue = if newcomer { &self.newcomers } else { &self.tx };
-        queue
+        self.tx
+            .to(newcomer)
             .try_send(Command::Request {
                 peer,
                 request: Box::new(request),
@@ -184,6 +183,7 @@ impl Handle {
     /// queue is full: the node then fetches it again and deduplicates.
     pub fn try_delivered(&self, owner: PeerId, seq: u64) -> Result<(), Busy> {
         self.tx
+            .users()
             .try_send(Command::Delivered { owner, seq })
             .map_err(|_| Busy)
     }
@@ -198,8 +198,8 @@ impl Handle {
         newcomer: bool,
     ) -> Result<oneshot::Receiver<FanOut>, Busy> {
         let (reply, rx) = oneshot::channel();
-        let queue = if newcomer { &self.newcomers } else { &self.tx };
-        queue
+        self.tx
+            .to(newcomer)
             .try_send(Command::FanOut {
                 recipients,
                 envelope: Box::new(envelope),
@@ -213,6 +213,7 @@ impl Handle {
     pub async fn usage(&self, owner: Option<PeerId>) -> Result<Usage, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
+            .users()
             .send(Command::Usage { owner, reply })
             .await
             .map_err(|_| Stopped)?;
@@ -223,6 +224,7 @@ impl Handle {
     pub async fn purge(&self) -> Result<u64, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
+            .users()
             .send(Command::Purge { reply })
             .await
             .map_err(|_| Stopped)?;
@@ -233,46 +235,13 @@ impl Handle {
 /// Creates the handle and the receiving end for [`run`], with room for `capacity` requests.
 /// Requests from newcomers each have the same room again.
 pub fn channel(capacity: usize) -> (Handle, Receiver) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let (newcomers_tx, newcomers_rx) = mpsc::channel(capacity);
-    (
-        Handle {
-            tx,
-            newcomers: newcomers_tx,
-        },
-        Receiver {
-            queue: rx,
-            newcomers: newcomers_rx,
-        },
-    )
+    let (tx, rx) = queues(capacity);
+    (Handle { tx }, Receiver(rx))
 }
 
 /// The service's end of the queues.
 #[derive(Debug)]
-pub struct Receiver {
-    queue: mpsc::Receiver<Command>,
-    newcomers: mpsc::Receiver<Command>,
-}
-
-impl Receiver {
-    /// Waits for the next round into `round`: what waits in the main queue (up to
-    /// [`MAX_ROUND`]), or when nothing does, up to [`NEWCOMERS_ROUND`] newcomers' requests, so
-    /// that a request of the relay's users that arrives meanwhile waits for a small round at
-    /// most. 0 once every handle is gone.
-    async fn next_round(&mut self, round: &mut Vec<Command>) -> usize {
-        std::future::poll_fn(|cx| {
-            match self.queue.poll_recv_many(cx, round, MAX_ROUND) {
-                Poll::Ready(n) if n > 0 => Poll::Ready(n),
-                // Empty, or closed: the newcomers' queue is drained before the end too.
-                queue => match self.newcomers.poll_recv_many(cx, round, NEWCOMERS_ROUND) {
-                    Poll::Ready(0) if queue.is_pending() => Poll::Pending,
-                    newcomers => newcomers,
-                },
-            }
-        })
-        .await
-    }
-}
+pub struct Receiver(Receivers<Command>);
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -327,7 +296,7 @@ type ToCheck = (Envelope, Option<SenderKey>);
 pub async fn run(
     store: Store,
     settings: Settings,
-    mut requests: Receiver,
+    Receiver(mut rx): Receiver,
     flusher: mpsc::Sender<Jobs>,
     metrics: Metrics,
 ) -> Result<(), sled::Error> {
@@ -366,7 +335,7 @@ pub async fn run(
         };
         tokio::select! {
             biased;
-            n = requests.next_round(&mut round) => {
+            n = rx.recv_many(&mut round, MAX_ROUND, NEWCOMERS_ROUND) => {
                 if n == 0 {
                     break;
                 }
@@ -950,49 +919,6 @@ mod tests {
 
     fn envelope(from: &Keypair, to: PeerId, text: &str) -> Envelope {
         crate::mailbox::test_envelope(from, to, text, None)
-    }
-
-    fn fetch_command() -> Command {
-        Command::Request {
-            peer: Keypair::generate_ed25519().public().to_peer_id(),
-            request: Box::new(Request::Fetch {
-                req_id: 1,
-                after: None,
-                limit: 1,
-            }),
-            reply: oneshot::channel().0,
-        }
-    }
-
-    #[tokio::test]
-    async fn newcomers_wait_for_the_others_in_small_rounds_and_are_drained_at_the_end() {
-        let (handle, mut requests) = channel(1_000);
-        for _ in 0..NEWCOMERS_ROUND + 8 {
-            handle.newcomers.try_send(fetch_command()).expect("room");
-        }
-        handle.tx.try_send(fetch_command()).expect("room");
-        handle.tx.try_send(fetch_command()).expect("room");
-        let mut round = Vec::new();
-        assert_eq!(
-            requests.next_round(&mut round).await,
-            2,
-            "the relay's users first"
-        );
-        round.clear();
-        assert_eq!(requests.next_round(&mut round).await, NEWCOMERS_ROUND);
-        round.clear();
-        // A user's request that arrives between newcomers' rounds goes first again.
-        handle.tx.try_send(fetch_command()).expect("room");
-        assert_eq!(requests.next_round(&mut round).await, 1);
-        round.clear();
-        drop(handle);
-        assert_eq!(
-            requests.next_round(&mut round).await,
-            8,
-            "drained after the handles go"
-        );
-        round.clear();
-        assert_eq!(requests.next_round(&mut round).await, 0);
     }
 
     #[tokio::test]

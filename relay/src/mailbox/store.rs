@@ -1379,9 +1379,10 @@ mod tests {
 
     /// What sled's files take whatever they hold: the segments written ahead of the log's tip,
     /// the configuration and snapshot files, and the store's expiry keys (measured up to
-    /// 1.05 MiB over the budget with 16 KiB records in most runs, and once 1.93 MiB, depending
-    /// on when sled's flushes and its writes ahead of the log's tip fall).
-    const SLED_FIXED_BYTES: u64 = 1 << 21;
+    /// 1.05 MiB over the budget with 16 KiB records in most runs, once 1.93 MiB, and once
+    /// 2.35 MiB with a dozen test processes running at once, depending on when sled's flushes
+    /// and its writes ahead of the log's tip fall).
+    const SLED_FIXED_BYTES: u64 = 3 << 20;
 
     /// The budget bounds the store's files, not only the envelopes' bytes: sled's log and tree
     /// pages take more than the records they hold (6.4× for 0.5 KiB records, 1.9× for 16 KiB
