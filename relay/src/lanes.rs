@@ -142,8 +142,7 @@ impl Drop for NewcomersRuntime {
 impl Lanes {
     /// Starts the newcomers' lane: one worker thread at `nice` (0 to 19; a thread that may not
     /// lower its priority logs it and runs at the relay's). The relay's lane is the runtime this
-    /// is called from.
-    /// A connection is a newcomer for at least `newcomer_for`.
+    /// is called from. A connection is a newcomer for at least `newcomer_for`.
     pub fn start(
         nice: i32,
         newcomer_for: Duration,
@@ -181,7 +180,8 @@ impl Lanes {
         }
     }
 
-    /// Moves every connection of `peer` to the newcomers' lane for good (it was struck).
+    /// Moves every open connection of `peer` to the newcomers' lane for good (it was struck;
+    /// a connection it opens later starts over as a newcomer, unless it is banned by then).
     pub fn demote_peer(&self, peer: &PeerId) {
         let connections = self.shared.connections();
         for entry in connections.values().filter(|e| e.peer == *peer) {
