@@ -273,6 +273,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_pending: config.max_pending_blob_requests,
             busy_retry_after_ms: config.busy_retry_after_ms,
             clock: config.clock.clone(),
+            refusal_log_interval_ms: config.refusal_log_interval_secs.saturating_mul(1_000),
         },
         metrics.clone(),
     );

@@ -436,6 +436,43 @@ async fn a_connection_moves_to_the_relays_lane_with_a_well_formed_request_and_ba
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_claim_flood_is_refused_counted_and_costs_another_claimer_nothing(
+) -> anyhow::Result<()> {
+    use kith_protocol::prekeys::{Request, Response};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config::ephemeral(dir.path())).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let owner = PeerId::random();
+    let claim = |req_id| Request::Claim {
+        req_id,
+        peer: owner,
+    };
+    let mut flooder = kith_tests::RawPeer::new()?;
+    let mut refused = 0;
+    for req_id in 0..300 {
+        match flooder.keys(relay.peer_id, &addr, claim(req_id)).await? {
+            Response::NotFound { .. } => {}
+            Response::Rejected {
+                reason: kith_protocol::Reject::QuotaExceeded,
+                ..
+            } => refused += 1,
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+    // The burst is 200 claims, refilled at 20 a second.
+    assert!(refused >= 50, "only {refused} of 300 claims refused");
+    assert_eq!(relay.metrics().limit_hits("key_claim_rate"), refused);
+    let mut other = kith_tests::RawPeer::new()?;
+    assert!(matches!(
+        other.keys(relay.peer_id, &addr, claim(0)).await?,
+        Response::NotFound { .. }
+    ));
+    relay.shutdown().await?;
+    Ok(())
+}
+
 fn quota_refusals(relay: &kith_relay::Running) -> u64 {
     relay
         .metrics()

@@ -33,6 +33,7 @@ use libp2p::{PeerId, Swarm};
 
 use crate::mailbox::rate::RateLimiter;
 use crate::metrics::Metrics;
+use crate::quiet::Warnings;
 use crate::requests::{self, Channel};
 use crate::swarm::Behaviour;
 use crate::Clock;
@@ -54,6 +55,8 @@ pub struct Settings {
     pub busy_retry_after_ms: u64,
     /// The clock the rate limits read.
     pub clock: Clock,
+    /// How often one peer's refusals make a WARN line (the first, then a summary).
+    pub refusal_log_interval_ms: u64,
 }
 
 /// Why a publication of MLS key packages is refused.
@@ -114,6 +117,8 @@ pub struct Server {
     /// MLS key package publications, limited apart from Olm ones.
     package_publishes: RateLimiter,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Which refusals make a WARN line: a claim flood must not fill the disk through the log.
+    warnings: Warnings,
 }
 
 impl Server {
@@ -123,6 +128,7 @@ impl Server {
             claims: RateLimiter::new(settings.claims_per_sec, settings.claim_burst),
             publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
             package_publishes: RateLimiter::new(settings.publishes_per_sec, settings.publish_burst),
+            warnings: Warnings::new(settings.refusal_log_interval_ms),
             store,
             settings,
             metrics,
@@ -173,7 +179,13 @@ impl Server {
         let job = match request {
             Request::Publish { bundle, .. } => {
                 if !self.publishes.check(&peer, now) {
-                    tracing::warn!(%peer, "refusing a key publication: too many");
+                    self.metrics.limit_hit("key_publish_rate");
+                    crate::warn_refused!(
+                        self.warnings,
+                        now,
+                        peer,
+                        "refusing a key publication: too many"
+                    );
                     return Some((channel, reject(req_id, Reject::QuotaExceeded)));
                 }
                 tokio::task::spawn_blocking(move || {
@@ -199,7 +211,13 @@ impl Server {
             }
             Request::Claim { peer: owner, .. } => {
                 if !self.claims.check(&peer, now) {
-                    tracing::warn!(%peer, "refusing a key claim: too many");
+                    self.metrics.limit_hit("key_claim_rate");
+                    crate::warn_refused!(
+                        self.warnings,
+                        now,
+                        peer,
+                        "refusing a key claim: too many"
+                    );
                     return Some((channel, reject(req_id, Reject::QuotaExceeded)));
                 }
                 tokio::task::spawn_blocking(move || match store.claim(&owner) {
@@ -229,7 +247,13 @@ impl Server {
                 ..
             } => {
                 if !self.package_publishes.check(&peer, now) {
-                    tracing::warn!(%peer, "refusing a key package publication: too many");
+                    self.metrics.limit_hit("key_package_publish_rate");
+                    crate::warn_refused!(
+                        self.warnings,
+                        now,
+                        peer,
+                        "refusing a key package publication: too many"
+                    );
                     return Some((channel, reject(req_id, Reject::QuotaExceeded)));
                 }
                 tokio::task::spawn_blocking(move || {
@@ -256,7 +280,13 @@ impl Server {
             }
             Request::ClaimPackage { peer: owner, .. } => {
                 if !self.claims.check(&peer, now) {
-                    tracing::warn!(%peer, "refusing a key package claim: too many");
+                    self.metrics.limit_hit("key_claim_rate");
+                    crate::warn_refused!(
+                        self.warnings,
+                        now,
+                        peer,
+                        "refusing a key package claim: too many"
+                    );
                     return Some((channel, reject(req_id, Reject::QuotaExceeded)));
                 }
                 tokio::task::spawn_blocking(move || match store.claim_package(&owner) {
