@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -94,14 +94,15 @@ struct Shared {
 struct Entry {
     peer: PeerId,
     since: Instant,
+    /// Demoted for good: never promoted again.
+    demoted: bool,
     slot: Arc<Slot>,
 }
 
-/// A connection's wanted lane, and its task's waker for when the wanted lane changes.
+/// A connection's wanted lane (set under [`Shared::connections`], read by its task without
+/// it), and its task's waker for when the wanted lane changes.
 struct Slot {
     lane: AtomicU8,
-    /// Demoted for good: never promoted again.
-    demoted: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -172,7 +173,7 @@ impl Lanes {
         let connections = self.shared.connections();
         if let Some(entry) = connections.get(&connection) {
             if entry.since.elapsed() >= self.shared.newcomer_for
-                && !entry.slot.demoted.load(Ordering::Acquire)
+                && !entry.demoted
                 && entry.slot.set(Lane::Relay)
             {
                 self.shared.metrics.lane_move("relay");
@@ -183,9 +184,9 @@ impl Lanes {
     /// Moves every open connection of `peer` to the newcomers' lane for good (it was struck;
     /// a connection it opens later starts over as a newcomer, unless it is banned by then).
     pub fn demote_peer(&self, peer: &PeerId) {
-        let connections = self.shared.connections();
-        for entry in connections.values().filter(|e| e.peer == *peer) {
-            entry.slot.demoted.store(true, Ordering::Release);
+        let mut connections = self.shared.connections();
+        for entry in connections.values_mut().filter(|e| e.peer == *peer) {
+            entry.demoted = true;
             if entry.slot.set(Lane::Newcomers) {
                 self.shared.metrics.lane_move("newcomers");
             }
@@ -225,7 +226,6 @@ impl Executor for Lanes {
     fn exec_established(&self, peer: PeerId, connection: ConnectionId, future: Task) {
         let slot = Arc::new(Slot {
             lane: AtomicU8::new(Lane::Newcomers as u8),
-            demoted: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         self.shared.connections().insert(
@@ -233,16 +233,19 @@ impl Executor for Lanes {
             Entry {
                 peer,
                 since: Instant::now(),
+                demoted: false,
                 slot: slot.clone(),
             },
         );
         self.shared.newcomers.spawn(OnLane {
-            task: Some(future),
             lane: Lane::Newcomers,
-            slot,
-            registration: Some(Registration {
-                shared: self.shared.clone(),
-                connection,
+            running: Some(Running {
+                task: future,
+                slot,
+                registration: Registration {
+                    shared: self.shared.clone(),
+                    connection,
+                },
             }),
         });
     }
@@ -264,10 +267,16 @@ impl Drop for Registration {
 /// A connection's task on `lane`: polls the task until it ends, or until the connection's
 /// wanted lane changes, then hands the unfinished task to the other lane's runtime.
 struct OnLane {
-    task: Option<Task>,
     lane: Lane,
+    /// `None` once the task ended or moved.
+    running: Option<Running>,
+}
+
+/// An unfinished connection task and what moves with it.
+struct Running {
+    task: Task,
     slot: Arc<Slot>,
-    registration: Option<Registration>,
+    registration: Registration,
 }
 
 impl Future for OnLane {
@@ -275,30 +284,27 @@ impl Future for OnLane {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        // Registered before the lane is read: a move asked for after the read wakes this task.
-        this.slot.waker.register(cx.waker());
-        let wanted = this.slot.lane();
-        let Some(task) = this.task.as_mut() else {
+        let Some(running) = this.running.as_mut() else {
             return Poll::Ready(());
         };
-        if wanted != this.lane {
-            if let (Some(task), Some(registration)) = (this.task.take(), this.registration.take()) {
-                let handle = registration.shared.handle(wanted).clone();
-                handle.spawn(OnLane {
-                    task: Some(task),
-                    lane: wanted,
-                    slot: this.slot.clone(),
-                    registration: Some(registration),
-                });
+        // Registered before the lane is read: a move asked for after the read wakes this task.
+        running.slot.waker.register(cx.waker());
+        let wanted = running.slot.lane();
+        if wanted == this.lane {
+            let done = running.task.as_mut().poll(cx);
+            if done.is_ready() {
+                this.running = None;
             }
-            return Poll::Ready(());
+            return done;
         }
-        let done = task.as_mut().poll(cx);
-        if done.is_ready() {
-            this.task = None;
-            this.registration = None;
+        if let Some(running) = this.running.take() {
+            let shared = running.registration.shared.clone();
+            shared.handle(wanted).spawn(OnLane {
+                lane: wanted,
+                running: Some(running),
+            });
         }
-        done
+        Poll::Ready(())
     }
 }
 

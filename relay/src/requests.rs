@@ -74,14 +74,15 @@ impl Request {
     /// Whether the request decoded (a refusal for the relay's load, `Busy`, says nothing either
     /// way and is not).
     pub fn is_well_formed(&self) -> bool {
-        match self {
-            Request::Mailbox(m) => matches!(m, Message::Valid(_)),
-            Request::Presence(m) => matches!(m, Message::Valid(_)),
-            Request::Group(m) => matches!(m, Message::Valid(_)),
-            Request::Blob(m) => matches!(m, Message::Valid(_)),
-            Request::Keys(m) => matches!(m, Message::Valid(_)),
-            Request::Dm(m) => matches!(m, Message::Valid(_)),
-        }
+        matches!(
+            self,
+            Request::Mailbox(Message::Valid(_))
+                | Request::Presence(Message::Valid(_))
+                | Request::Group(Message::Valid(_))
+                | Request::Blob(Message::Valid(_))
+                | Request::Keys(Message::Valid(_))
+                | Request::Dm(Message::Valid(_))
+        )
     }
 }
 

@@ -235,7 +235,8 @@ pub fn build(
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|e| BuildError::Gossipsub(e.to_string()))?
-        // The same configuration as the one given, whose executor is tokio's.
+        // A configuration of its own instead of the one given (whose executor is tokio's): the
+        // same defaults, with the lanes as the executor.
         .with_swarm_config(|_| {
             libp2p::swarm::Config::with_executor(lanes).with_idle_connection_timeout(idle)
         })

@@ -42,12 +42,24 @@ pub fn malformed_frame() -> Vec<u8> {
 /// Installs a test log subscriber once (set `KITH_LOG=debug` to see the nodes' logs).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(log_filter())
         .with_test_writer()
         .try_init();
+}
+
+/// The same logs as [`init_logs`], to standard error: for tools (kith-bench), whose child
+/// servers' standard output is a pipe their parent stops reading after the address line.
+pub fn init_logs_to_stderr() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `KITH_LOG`, or `warn`.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
 }
 
 /// Polls `condition` until it returns `Some`, or fails after [`DEADLINE`].

@@ -136,6 +136,24 @@ impl Server {
         }
     }
 
+    /// The refusal of `peer`'s request `req_id` over its rate: counted as `limit`, logged (as
+    /// the per-peer limiter allows) as the refusal of `what`.
+    fn over_rate(
+        &mut self,
+        peer: PeerId,
+        now: u64,
+        req_id: u64,
+        limit: &str,
+        what: &str,
+    ) -> Response {
+        self.metrics.limit_hit(limit);
+        crate::warn_refused!(self.warnings, now, peer, "refusing {what}: too many");
+        Response::Rejected {
+            req_id,
+            reason: Reject::QuotaExceeded,
+        }
+    }
+
     /// Handles one inbound `/kith/keys/1` request from `peer` (the connection's authenticated
     /// peer).
     pub fn on_request(
@@ -179,14 +197,9 @@ impl Server {
         let job = match request {
             Request::Publish { bundle, .. } => {
                 if !self.publishes.check(&peer, now) {
-                    self.metrics.limit_hit("key_publish_rate");
-                    crate::warn_refused!(
-                        self.warnings,
-                        now,
-                        peer,
-                        "refusing a key publication: too many"
-                    );
-                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                    let refusal =
+                        self.over_rate(peer, now, req_id, "key_publish_rate", "a key publication");
+                    return Some((channel, refusal));
                 }
                 tokio::task::spawn_blocking(move || {
                     // Only the owner publishes: every signature is checked against the
@@ -211,14 +224,9 @@ impl Server {
             }
             Request::Claim { peer: owner, .. } => {
                 if !self.claims.check(&peer, now) {
-                    self.metrics.limit_hit("key_claim_rate");
-                    crate::warn_refused!(
-                        self.warnings,
-                        now,
-                        peer,
-                        "refusing a key claim: too many"
-                    );
-                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                    let refusal =
+                        self.over_rate(peer, now, req_id, "key_claim_rate", "a key claim");
+                    return Some((channel, refusal));
                 }
                 tokio::task::spawn_blocking(move || match store.claim(&owner) {
                     Ok(Some(claimed)) => {
@@ -247,14 +255,14 @@ impl Server {
                 ..
             } => {
                 if !self.package_publishes.check(&peer, now) {
-                    self.metrics.limit_hit("key_package_publish_rate");
-                    crate::warn_refused!(
-                        self.warnings,
-                        now,
+                    let refusal = self.over_rate(
                         peer,
-                        "refusing a key package publication: too many"
+                        now,
+                        req_id,
+                        "key_package_publish_rate",
+                        "a key package publication",
                     );
-                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                    return Some((channel, refusal));
                 }
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) =
@@ -280,14 +288,9 @@ impl Server {
             }
             Request::ClaimPackage { peer: owner, .. } => {
                 if !self.claims.check(&peer, now) {
-                    self.metrics.limit_hit("key_claim_rate");
-                    crate::warn_refused!(
-                        self.warnings,
-                        now,
-                        peer,
-                        "refusing a key package claim: too many"
-                    );
-                    return Some((channel, reject(req_id, Reject::QuotaExceeded)));
+                    let refusal =
+                        self.over_rate(peer, now, req_id, "key_claim_rate", "a key package claim");
+                    return Some((channel, refusal));
                 }
                 tokio::task::spawn_blocking(move || match store.claim_package(&owner) {
                     Ok(Some(claimed)) => Response::ClaimedPackage {

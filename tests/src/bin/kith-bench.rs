@@ -733,15 +733,7 @@ fn replace_section(text: &str, heading: &str, section: &str) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    // To standard error: a child server's standard output is a pipe its parent stops reading
-    // after the address line (`init_logs` writes as tests do, to standard output).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KITH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    kith_tests::init_logs_to_stderr();
     let args = Args::parse();
     match args.serve {
         Some(Serve::ServeRelay) => {
