@@ -126,6 +126,13 @@ pub struct Config {
     /// bytes plus 3 KiB per entry); a deposit beyond it is refused `QuotaExceeded` with
     /// `mailbox_full_retry_after_ms`.
     pub mailbox_budget_bytes: u64,
+    /// Mailbox: the part of `mailbox_budget_bytes` each user of the relay (an owner that
+    /// fetches here) has to itself, estimated like the budget, so that deposits for ids
+    /// nobody fetches cannot fill the budget for everyone. The relay takes at most
+    /// `mailbox_budget_bytes / 2 / this` users, and forgets one `mailbox_ttl_secs` after its
+    /// last fetch; an owner it has no room for is counted as
+    /// `limit_hits{limit="mailbox_users"}`. 0 makes the whole budget first come, first served.
+    pub mailbox_reserved_bytes_per_user: u64,
     /// Mailbox: most delivered message ids remembered per recipient (each until its entry's
     /// `mailbox_ttl_secs` ends), so that a replay of a delivered envelope is answered as
     /// already stored instead of being stored again; 0 remembers none.
@@ -251,6 +258,7 @@ impl Default for Config {
             mailbox_max_bytes_per_sender: 32 * 1024 * 1024,
             mailbox_max_bytes: 64 * 1024 * 1024,
             mailbox_budget_bytes: 16 * 1024 * 1024 * 1024,
+            mailbox_reserved_bytes_per_user: 1024 * 1024,
             store_cache_bytes: 64 * 1024 * 1024,
             deposits_per_sec_per_peer: 100,
             deposit_burst_per_peer: 1_000,
@@ -363,6 +371,12 @@ impl Config {
             return invalid(
                 "mailbox_max_messages_per_sender",
                 "a sender's share of a mailbox must be above 0",
+            );
+        }
+        if self.mailbox_reserved_bytes_per_user > self.mailbox_budget_bytes / 2 {
+            return invalid(
+                "mailbox_reserved_bytes_per_user",
+                "must be at most half of mailbox_budget_bytes (users' reserves take at most half)",
             );
         }
         if !(0..=19).contains(&self.newcomer_lane_nice) {

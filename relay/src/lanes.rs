@@ -11,7 +11,10 @@
 //! connection moves to the relay's own runtime with its first well-formed request once it is
 //! `newcomer_ms` old ([`Lanes::promote`]): attackers' fresh identities seldom live that long,
 //! a relay's users stay connected. It moves back for good when its peer is struck for a
-//! malformed request ([`Lanes::demote_peer`]). The mailbox and group services also serve
+//! malformed request ([`Lanes::demote_peer`]), and for another `newcomer_ms` when its peer is
+//! refused and asked to come back later ([`Lanes::refused`]): what a stranger gets out of the
+//! relay is what its limits give a fresh identity, and once that is used up its requests are
+//! refusals, which wait for the users' requests like a newcomer's. The mailbox and group services also serve
 //! newcomers' requests only when no other request waits (their queues, in small rounds), while
 //! the rest of the relay's work (the swarm task, the store, the flush) is shared in turn.
 //!
@@ -64,6 +67,16 @@ impl Lane {
     }
 }
 
+/// Whether a refusal for `reason` asks its requester to come back later (a full mailbox or
+/// budget, a rate, the relay's load), which sends the requester back to the newcomers
+/// ([`Lanes::refused`]).
+pub fn asks_to_wait(reason: &kith_protocol::Reject) -> bool {
+    matches!(
+        reason,
+        kith_protocol::Reject::QuotaExceeded | kith_protocol::Reject::Busy { .. }
+    )
+}
+
 /// Why the newcomers' lane could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("could not start the newcomers' lane (a runtime thread): {0}")]
@@ -93,6 +106,7 @@ struct Shared {
 
 struct Entry {
     peer: PeerId,
+    /// When it became a newcomer: opened, or last refused ([`Lanes::refused`]).
     since: Instant,
     /// Demoted for good: never promoted again.
     demoted: bool,
@@ -187,6 +201,22 @@ impl Lanes {
         let mut connections = self.shared.connections();
         for entry in connections.values_mut().filter(|e| e.peer == *peer) {
             entry.demoted = true;
+            if entry.slot.set(Lane::Newcomers) {
+                self.shared.metrics.lane_move("newcomers");
+            }
+        }
+    }
+
+    /// Moves every open connection of `peer` back to the newcomers' lane after a refusal that
+    /// asks it to come back later (a full mailbox or budget, a rate, the relay's load): each
+    /// is a newcomer again until it has gone `newcomer_ms` without such a refusal and sends a
+    /// well-formed request. A fresh identity's requests are refused like anyone's once it has
+    /// used up what the relay gives it; it must not then be served before the relay's users.
+    pub fn refused(&self, peer: &PeerId) {
+        let mut connections = self.shared.connections();
+        let now = Instant::now();
+        for entry in connections.values_mut().filter(|e| e.peer == *peer) {
+            entry.since = now;
             if entry.slot.set(Lane::Newcomers) {
                 self.shared.metrics.lane_move("newcomers");
             }
@@ -418,6 +448,56 @@ mod tests {
         );
         lanes.promote(connection);
         assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+    }
+
+    /// Makes `connection` look `by` older, as if it had been a newcomer that much longer.
+    fn backdate(lanes: &Lanes, connection: ConnectionId, by: Duration) {
+        let mut connections = lanes.shared.connections();
+        let entry = connections.get_mut(&connection).expect("a connection");
+        entry.since = entry
+            .since
+            .checked_sub(by)
+            .expect("an instant that far back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_refused_peer_is_a_newcomer_again_for_the_newcomers_time() {
+        let newcomer_for = Duration::from_secs(3_600);
+        let (lanes, _runtime) = Lanes::start(0, newcomer_for, Metrics::new()).expect("lanes");
+        let peer = PeerId::random();
+        let (first, second) = (
+            ConnectionId::new_unchecked(10),
+            ConnectionId::new_unchecked(11),
+        );
+        let (_hold, held) = tokio::sync::watch::channel(());
+        for connection in [first, second] {
+            let mut held = held.clone();
+            lanes.exec_established(
+                peer,
+                connection,
+                Box::pin(async move {
+                    let _ = held.changed().await;
+                }),
+            );
+            backdate(&lanes, connection, newcomer_for);
+            lanes.promote(connection);
+            assert_eq!(lanes.lane_of(connection), Some(Lane::Relay));
+        }
+
+        lanes.refused(&peer);
+        for connection in [first, second] {
+            assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+            // Its clock started over: a request now does not bring it back.
+            lanes.promote(connection);
+            assert_eq!(lanes.lane_of(connection), Some(Lane::Newcomers));
+        }
+        // Not for good, unlike a strike: once the newcomers' time has passed again, it is.
+        backdate(&lanes, first, newcomer_for);
+        lanes.promote(first);
+        assert_eq!(lanes.lane_of(first), Some(Lane::Relay));
+        assert_eq!(lanes.lane_of(second), Some(Lane::Newcomers));
+        assert!(asks_to_wait(&kith_protocol::Reject::QuotaExceeded));
+        assert!(!asks_to_wait(&kith_protocol::Reject::Malformed));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

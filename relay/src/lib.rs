@@ -197,6 +197,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_bytes_per_sender: config.mailbox_max_bytes_per_sender,
             expiry_skew_ms: config.expiry_skew_ms,
             cache_bytes: config.store_cache_bytes,
+            reserved_bytes_per_user: config.mailbox_reserved_bytes_per_user,
         },
     )?;
     // The store's lock proves no other relay runs on this data directory, so a relay.json
@@ -298,6 +299,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         groups,
         directory,
         mailbox.clone(),
+        lanes.clone(),
         metrics.clone(),
         group::gateway::Settings {
             busy_retry_after_ms: config.busy_retry_after_ms,

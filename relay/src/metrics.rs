@@ -63,6 +63,8 @@ pub struct Metrics {
     pub mailbox_messages: Gauge,
     /// Bytes waiting in all mailboxes.
     pub mailbox_bytes: Gauge,
+    /// Users of the mailbox (owners that fetch here), each with its reserve of the budget.
+    pub mailbox_users: Gauge,
     /// Deposits answered `Stored` (duplicates included).
     pub deposits: Counter,
     /// Fetches answered.
@@ -124,6 +126,7 @@ impl Metrics {
         let circuits = Gauge::default();
         let mailbox_messages = Gauge::default();
         let mailbox_bytes = Gauge::default();
+        let mailbox_users = Gauge::default();
         let deposits = Counter::default();
         let fetches = Counter::default();
         let acks = Counter::default();
@@ -199,6 +202,11 @@ impl Metrics {
             "Bytes waiting in all mailboxes",
             mailbox_bytes.clone(),
         );
+        registry.register(
+            "mailbox_users",
+            "Owners that fetch here, each with its reserve of the mailbox budget",
+            mailbox_users.clone(),
+        );
         registry.register("deposits", "Deposits answered Stored", deposits.clone());
         registry.register("fetches", "Mailbox fetches answered", fetches.clone());
         registry.register("acks", "Mailbox acks answered", acks.clone());
@@ -230,6 +238,7 @@ impl Metrics {
             circuits,
             mailbox_messages,
             mailbox_bytes,
+            mailbox_users,
             deposits,
             fetches,
             acks,

@@ -515,6 +515,9 @@ impl Task {
         };
         if let Some(reason) = refused {
             self.metrics.reject(&reason);
+            if crate::lanes::asks_to_wait(&reason) {
+                self.lanes.refused(&peer);
+            }
             let response = group_wire::Response::Rejected { req_id, reason };
             if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
                 tracing::debug!(%peer, "group requester went away before its answer");
@@ -556,6 +559,11 @@ impl Task {
         if ignored_wait {
             self.strike(peer);
         }
+        if let mailbox::Response::Rejected { reason, .. } = &response {
+            if crate::lanes::asks_to_wait(reason) {
+                self.lanes.refused(&peer);
+            }
+        }
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
         }
@@ -591,6 +599,9 @@ impl Task {
         reason: Reject,
     ) {
         self.metrics.reject(&reason);
+        if crate::lanes::asks_to_wait(&reason) {
+            self.lanes.refused(&peer);
+        }
         let response = mailbox::Response::rejected(req_id, reason);
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");

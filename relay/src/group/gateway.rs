@@ -23,6 +23,7 @@ use crate::mailbox::rate::{RateLimiter, TokenBucket};
 use super::service::{self, Announce};
 use super::Directory;
 use crate::clock::Clock;
+use crate::lanes::Lanes;
 use crate::mailbox::service::{self as mailbox_service, Push};
 use crate::metrics::Metrics;
 use crate::requests::{self, Channel};
@@ -78,6 +79,8 @@ pub struct Gateway {
     service: service::Handle,
     directory: Directory,
     mailbox: mailbox_service::Handle,
+    /// Where a requester goes when it is asked to come back later ([`Lanes::refused`]).
+    lanes: Lanes,
     metrics: Metrics,
     settings: Settings,
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -94,6 +97,7 @@ impl Gateway {
         service: service::Handle,
         directory: Directory,
         mailbox: mailbox_service::Handle,
+        lanes: Lanes,
         metrics: Metrics,
         settings: Settings,
     ) -> Self {
@@ -101,6 +105,7 @@ impl Gateway {
             service,
             directory,
             mailbox,
+            lanes,
             metrics,
             ops: RateLimiter::new(settings.ops_per_sec_per_peer, settings.op_burst_per_peer),
             creations: TokenBucket::full(settings.creation_burst, settings.clock.now_ms()),
@@ -125,7 +130,12 @@ impl Gateway {
     fn respond(&self, swarm: &mut Swarm<Behaviour>, reply: Reply, response: Response) {
         let (peer, channel, req_id) = reply;
         match &response {
-            Response::Rejected { reason, .. } => self.metrics.reject(reason),
+            Response::Rejected { reason, .. } => {
+                self.metrics.reject(reason);
+                if crate::lanes::asks_to_wait(reason) {
+                    self.lanes.refused(&peer);
+                }
+            }
             // Logged at debug only (strangers can send them by the thousand): counted here.
             Response::Refused { .. } => self.metrics.limit_hit("group_op_refused"),
             _ => {}

@@ -31,7 +31,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::flusher::{Job, Jobs};
 use super::rate::RateLimiter;
-use super::store::{AckError, DepositError, Staged, Store, Usage};
+use super::store::{AckError, Claim, DepositError, Staged, Store, Usage};
 use super::waits::{Verdict, Waits};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -595,6 +595,21 @@ impl Service {
         }
     }
 
+    /// Makes `owner`, fetching, one of the relay's users, with its reserve of the budget,
+    /// if there is room ([`crate::mailbox::store`]).
+    fn claim(&mut self, owner: &PeerId) {
+        let now = self.settings.clock.now_ms();
+        match self.store.claim(owner, now) {
+            Ok(Claim::Added) => {
+                tracing::debug!(%owner, users = self.store.users(), "a new user of the mailbox");
+                self.update_gauges();
+            }
+            Ok(Claim::NoRoom) => self.metrics.limit_hit("mailbox_users"),
+            Ok(Claim::Known | Claim::Off) => {}
+            Err(e) => tracing::warn!(%owner, error = %e, "cannot record a user of the mailbox"),
+        }
+    }
+
     fn update_gauges(&self) {
         let totals = self.store.totals();
         self.metrics
@@ -603,6 +618,9 @@ impl Service {
         self.metrics
             .mailbox_bytes
             .set(i64::try_from(totals.bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .mailbox_users
+            .set(i64::try_from(self.store.users()).unwrap_or(i64::MAX));
     }
 
     fn reject(&mut self, peer: &PeerId, req_id: u64, reason: Reject, detail: &str) -> Outcome {
@@ -709,6 +727,7 @@ impl Service {
                 limit,
             } => {
                 let limit = limit.min(MAX_FETCH_BATCH);
+                self.claim(&peer);
                 match self.store.fetch(&peer, after, limit, MAX_FRAME_BYTES) {
                     Ok(page) => {
                         self.metrics.fetches.inc();

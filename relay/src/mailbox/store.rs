@@ -12,6 +12,7 @@
 //! | `t` deadline seq | owner (retention index, scanned by [`Store::purge`]) |
 //! | `d` from-len from message-id | seq (dedupe while the entry is stored, and after it is delivered) |
 //! | `a` owner-len owner seq | deadline, BLAKE3 of the delivered copy's signature, then the dedup key (an id delivered from this mailbox) |
+//! | `u` owner-len owner | when the owner last fetched (a user of the relay: see below) |
 //!
 //! A delivered entry (acked by its owner, or accepted on a push) leaves its dedup and retention
 //! keys behind, with an `a` key: a replay of the same envelope (the same signature) is then
@@ -23,6 +24,17 @@
 //! bucket's key and its dedup key names the message by a keyed hash instead of its id
 //! ([`kith_net::shred`]): the key is destroyed when the bucket ends, so what sled's log still
 //! holds of the entry after its purge can no longer be read or recognised.
+//!
+//! **Users' reserves.** The disk budget is not first come, first served: deposits for peer ids
+//! nobody fetches (identities are free) would otherwise fill it and shut every mailbox. An
+//! owner that fetches from this relay becomes one of its *users*, and each user has
+//! [`Limits::reserved_bytes_per_user`] of the budget to itself; the rest of the budget is
+//! *shared*, and holds mailboxes of non-users and what a user's mailbox holds beyond its
+//! reserve. A deposit that the shared part has no room for is refused only if it would have to
+//! go there. Users are taken while the shared part has room for one more reserve, up to half
+//! the budget in reserves ([`Store::max_users`]), and are forgotten one retention time
+//! (`ttl_ms`) after their last fetch. So an attacker can fill the shared part, and take the
+//! free reserves with fresh identities, but not the room of the users already there.
 //!
 //! Sequence numbers come from sled's persistent monotonic id generator, so they only grow,
 //! across restarts too. Writes here are not durable until the database is flushed: the service
@@ -51,6 +63,10 @@ const OWNER: u8 = b'o';
 const DEADLINE: u8 = b't';
 const DEDUP: u8 = b'd';
 const DELIVERED: u8 = b'a';
+const USER: u8 = b'u';
+
+/// How stale a user's recorded last fetch may get before a fetch writes it again.
+const USER_REFRESH_MS: u64 = 60 * 60 * 1000;
 
 /// Largest stored record; an envelope is far smaller, so this only guards against corruption.
 const MAX_RECORD_BYTES: usize = kith_protocol::limits::MAX_ENVELOPE_BYTES + 256;
@@ -107,6 +123,9 @@ pub struct Limits {
     pub expiry_skew_ms: u64,
     /// The database's page cache in bytes (sled's `cache_capacity`; used by [`Store::open`]).
     pub cache_bytes: u64,
+    /// The part of the budget (as [`on_disk`] estimates it) each user of the relay has to
+    /// itself; 0 makes the whole budget shared, first come, first served.
+    pub reserved_bytes_per_user: u64,
 }
 
 /// Entries and stored bytes of one mailbox, or of all of them.
@@ -189,12 +208,15 @@ pub enum DepositError {
         /// The sender's bytes already waiting there.
         bytes: u64,
     },
-    /// Every mailbox together holds the relay's whole disk budget.
-    #[error("the mailboxes hold their whole budget (about {bytes} of {budget} bytes on disk)")]
+    /// The shared part of the relay's disk budget is full, and the deposit does not fit in its
+    /// recipient's reserve (the recipient is not a user, or its reserve is used up).
+    #[error(
+        "the mailboxes hold the whole shared budget (about {bytes} of {budget} bytes on disk)"
+    )]
     BudgetFull {
-        /// Bytes all mailboxes take on disk, as [`on_disk`] estimates them.
+        /// Bytes the mailboxes take of the shared part, as [`on_disk`] estimates them.
         bytes: u64,
-        /// The budget.
+        /// The shared part: the budget less the users' reserves.
         budget: u64,
     },
     /// The envelope cannot be stored (too large once wrapped, or a peer id too long for a key).
@@ -296,6 +318,24 @@ pub struct Store {
     senders: HashMap<(PeerId, PeerId), Usage>,
     /// The expiry buckets' keys of timed entries ([`kith_net::shred`]).
     shred: Keys,
+    /// The relay's users (owners that fetch here), with when each last fetched.
+    users: HashMap<PeerId, u64>,
+    /// What the mailboxes take of the shared part of the budget ([`Store::shared_part`]).
+    shared_used: u64,
+}
+
+/// What [`Store::claim`] made of a fetching owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Already a user (its last fetch is updated).
+    Known,
+    /// A user from now on.
+    Added,
+    /// Not a user: the relay has its most users, or the shared part of the budget has no
+    /// room for one more reserve. Asked again at its next fetch.
+    NoRoom,
+    /// Reserves are off ([`Limits::reserved_bytes_per_user`] is 0).
+    Off,
 }
 
 impl std::fmt::Debug for Store {
@@ -314,6 +354,12 @@ fn peer_key(peer: &PeerId) -> Option<Vec<u8>> {
     out.push(len);
     out.extend_from_slice(&bytes);
     Some(out)
+}
+
+fn user_key(peer: &PeerId) -> Option<Vec<u8>> {
+    let mut key = vec![USER];
+    key.extend_from_slice(&peer_key(peer)?);
+    Some(key)
 }
 
 fn item_key(owner: &[u8], seq: u64) -> Vec<u8> {
@@ -443,7 +489,17 @@ impl Store {
                 .ok_or_else(|| OpenError::Corrupt(format!("bad delivered key {key:?}")))?;
             *delivered.entry(owner).or_default() += 1;
         }
-        Ok(Self {
+        let mut users = HashMap::new();
+        for entry in tree.scan_prefix([USER]) {
+            let (key, value) = entry?;
+            let user = key
+                .get(2..)
+                .and_then(|b| PeerId::from_bytes(b).ok())
+                .zip(u64_at(&value, 0))
+                .ok_or_else(|| OpenError::Corrupt(format!("bad user key {key:?}")))?;
+            users.insert(user.0, user.1);
+        }
+        let mut store = Self {
             db,
             tree,
             limits,
@@ -452,7 +508,113 @@ impl Store {
             delivered,
             senders,
             shred,
-        })
+            users,
+            shared_used: 0,
+        };
+        store.shared_used = store
+            .usage
+            .iter()
+            .map(|(owner, usage)| store.shared_part(owner, *usage))
+            .sum();
+        Ok(store)
+    }
+
+    /// What a mailbox of `owner` holding `usage` takes of the shared part of the budget: all
+    /// of it ([`on_disk`]) for a non-user, what exceeds the reserve for a user.
+    fn shared_part(&self, owner: &PeerId, usage: Usage) -> u64 {
+        let disk = on_disk(usage);
+        if self.users.contains_key(owner) {
+            disk.saturating_sub(self.limits.reserved_bytes_per_user)
+        } else {
+            disk
+        }
+    }
+
+    /// The shared part of the budget: what the users' reserves leave of it.
+    fn shared_capacity(&self) -> u64 {
+        let reserved =
+            (self.users.len() as u64).saturating_mul(self.limits.reserved_bytes_per_user);
+        self.limits.budget_bytes.saturating_sub(reserved)
+    }
+
+    /// Most users the relay takes: their reserves hold at most half the budget.
+    pub fn max_users(&self) -> u64 {
+        match self.limits.reserved_bytes_per_user {
+            0 => 0,
+            reserve => self.limits.budget_bytes / 2 / reserve,
+        }
+    }
+
+    /// How many users the relay has.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether a deposit that takes `mailbox` of `recipient` from `before` to `after` fits:
+    /// it stays within the recipient's reserve, or the shared part (`shared_used` of it taken)
+    /// has room for what it adds there.
+    fn fits(&self, recipient: &PeerId, before: Usage, after: Usage, shared_used: u64) -> bool {
+        let grows = self
+            .shared_part(recipient, after)
+            .saturating_sub(self.shared_part(recipient, before));
+        grows == 0 || shared_used.saturating_add(grows) <= self.shared_capacity()
+    }
+
+    /// Records that `owner` fetched at `now_ms`: it becomes one of the relay's users (with its
+    /// reserve of the budget) if there is room for one more, and stays one while it fetches at
+    /// least once a retention time. Written with the store's next flush.
+    pub fn claim(&mut self, owner: &PeerId, now_ms: u64) -> Result<Claim, sled::Error> {
+        let reserve = self.limits.reserved_bytes_per_user;
+        if reserve == 0 {
+            return Ok(Claim::Off);
+        }
+        let Some(key) = user_key(owner) else {
+            return Ok(Claim::NoRoom);
+        };
+        if let Some(last) = self.users.get_mut(owner) {
+            if now_ms.saturating_sub(*last) >= USER_REFRESH_MS {
+                *last = now_ms;
+                self.tree.insert(key, &now_ms.to_be_bytes())?;
+            }
+            return Ok(Claim::Known);
+        }
+        if self.users.len() as u64 >= self.max_users() {
+            self.forget_idle_users(now_ms)?;
+        }
+        let usage = self.usage(owner);
+        let disk = on_disk(usage);
+        let shared_after = self.shared_used.saturating_sub(disk) + disk.saturating_sub(reserve);
+        let capacity_after = self.shared_capacity().saturating_sub(reserve);
+        if self.users.len() as u64 >= self.max_users() || shared_after > capacity_after {
+            return Ok(Claim::NoRoom);
+        }
+        self.tree.insert(key, &now_ms.to_be_bytes())?;
+        self.users.insert(*owner, now_ms);
+        self.shared_used = shared_after;
+        Ok(Claim::Added)
+    }
+
+    /// Forgets the users that have not fetched for a retention time: their mailboxes count
+    /// in the shared part again, and their reserves go back to it.
+    fn forget_idle_users(&mut self, now_ms: u64) -> Result<(), sled::Error> {
+        let ttl = self.limits.ttl_ms;
+        let idle: Vec<PeerId> = self
+            .users
+            .iter()
+            .filter(|(_, last)| now_ms.saturating_sub(**last) > ttl)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in idle {
+            let usage = self.usage(&peer);
+            let before = self.shared_part(&peer, usage);
+            self.users.remove(&peer);
+            self.shared_used =
+                self.shared_used.saturating_sub(before) + self.shared_part(&peer, usage);
+            if let Some(key) = user_key(&peer) {
+                self.tree.remove(key)?;
+            }
+        }
+        Ok(())
     }
 
     /// The database, for flushing.
@@ -522,13 +684,13 @@ impl Store {
         // deposit that cannot fit even so is refused before its signature is checked (once
         // the budget is nearly spent, every large deposit would otherwise pay for one).
         let least = (envelope.body.len() + envelope.sig.len()) as u64;
-        let all_after = Usage {
-            messages: self.totals.messages + 1,
-            bytes: self.totals.bytes.saturating_add(least),
+        let after = Usage {
+            messages: used.messages + 1,
+            bytes: used.bytes.saturating_add(least),
         };
         if used.messages < self.limits.max_messages
-            && used.bytes.saturating_add(least) <= self.limits.max_bytes
-            && on_disk(all_after) <= self.limits.budget_bytes
+            && after.bytes <= self.limits.max_bytes
+            && self.fits(recipient, used, after, self.shared_used)
         {
             return false;
         }
@@ -621,19 +783,23 @@ impl Store {
                 bytes: share.bytes,
             });
         }
-        let mut all = self.totals;
-        for more in staged.usage.values() {
-            all.messages += more.messages;
-            all.bytes += more.bytes;
+        let mut shared_used = self.shared_used;
+        for (owner, more) in &staged.usage {
+            let before = self.usage(owner);
+            let after = Usage {
+                messages: before.messages + more.messages,
+                bytes: before.bytes + more.bytes,
+            };
+            shared_used += self.shared_part(owner, after) - self.shared_part(owner, before);
         }
         let after = Usage {
-            messages: all.messages + 1,
-            bytes: all.bytes.saturating_add(size),
+            messages: used.messages + 1,
+            bytes: used.bytes.saturating_add(size),
         };
-        if on_disk(after) > self.limits.budget_bytes {
+        if !self.fits(recipient, used, after, shared_used) {
             return Err(DepositError::BudgetFull {
-                bytes: on_disk(all),
-                budget: self.limits.budget_bytes,
+                bytes: shared_used,
+                budget: self.shared_capacity(),
             });
         }
         // generate_id starts at 0; seqs start at 1 so that "after 0" means "from the start".
@@ -676,9 +842,14 @@ impl Store {
             } = deposit;
             self.tree.insert(deadline.0, deadline.1)?;
             self.tree.insert(item.0, item.1)?;
-            let u = self.usage.entry(recipient).or_default();
-            u.messages += 1;
-            u.bytes += size;
+            let before = self.usage(&recipient);
+            let after = Usage {
+                messages: before.messages + 1,
+                bytes: before.bytes + size,
+            };
+            self.shared_used +=
+                self.shared_part(&recipient, after) - self.shared_part(&recipient, before);
+            self.usage.insert(recipient, after);
             self.totals.messages += 1;
             self.totals.bytes += size;
             let s = self.senders.entry((sender, recipient)).or_default();
@@ -868,12 +1039,18 @@ impl Store {
             return Ok(false);
         };
         let size = value.len() as u64;
-        if let Some(u) = self.usage.get_mut(owner) {
-            u.messages = u.messages.saturating_sub(1);
-            u.bytes = u.bytes.saturating_sub(size);
-            if u.messages == 0 {
-                self.usage.remove(owner);
-            }
+        let before = self.usage(owner);
+        let after = Usage {
+            messages: before.messages.saturating_sub(1),
+            bytes: before.bytes.saturating_sub(size),
+        };
+        self.shared_used = self
+            .shared_used
+            .saturating_sub(self.shared_part(owner, before) - self.shared_part(owner, after));
+        if after.messages == 0 {
+            self.usage.remove(owner);
+        } else {
+            self.usage.insert(*owner, after);
         }
         self.totals.messages = self.totals.messages.saturating_sub(1);
         self.totals.bytes = self.totals.bytes.saturating_sub(size);
@@ -1016,6 +1193,7 @@ mod tests {
             max_bytes_per_sender: u64::MAX,
             expiry_skew_ms: 50,
             cache_bytes: 8 * 1024 * 1024,
+            reserved_bytes_per_user: 0,
         }
     }
 
@@ -1315,6 +1493,145 @@ mod tests {
         ));
         s.deposit(&carol, &envelope(&alice, carol, "small", None), 0)
             .expect("a small one still fits");
+    }
+
+    /// Limits with a budget of `entries` 200-byte texts and a reserve of `reserved` of them.
+    fn reserve_limits(entries: u64, reserved: u64) -> Limits {
+        let one = one_entry_on_disk();
+        Limits {
+            max_messages: u64::MAX,
+            max_bytes: u64::MAX,
+            budget_bytes: entries * one,
+            reserved_bytes_per_user: reserved * one,
+            ..limits()
+        }
+    }
+
+    /// What one 200-byte text from a fresh sender takes of the budget.
+    fn one_entry_on_disk() -> u64 {
+        let mut s = store(limits());
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        s.deposit(&bob, &envelope(&alice, bob, &"x".repeat(200), None), 0)
+            .expect("fits");
+        on_disk(s.totals())
+    }
+
+    /// Deposits 200-byte texts from fresh strangers for fresh recipients until the budget
+    /// refuses one; returns how many were stored.
+    fn fill_with_strangers(s: &mut Store) -> u64 {
+        let mut stored = 0;
+        loop {
+            let (stranger, _) = peer();
+            let (_, nobody) = peer();
+            match s.deposit(
+                &nobody,
+                &envelope(&stranger, nobody, &"x".repeat(200), None),
+                0,
+            ) {
+                Ok(_) => stored += 1,
+                Err(DepositError::BudgetFull { .. }) => return stored,
+                Err(e) => panic!("unexpected refusal: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_user_keeps_its_reserve_when_strangers_fill_the_budget() {
+        // Room for 20 entries; each user has 4 of them to itself.
+        let mut s = store(reserve_limits(20, 4));
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        assert_eq!(s.max_users(), 2);
+        assert_eq!(s.claim(&bob, 0).expect("claim"), Claim::Added);
+        assert_eq!(s.claim(&bob, 1).expect("claim"), Claim::Known);
+        // Strangers get the shared part only: the budget less bob's reserve.
+        assert_eq!(fill_with_strangers(&mut s), 16);
+        let (stranger, _) = peer();
+        let (_, nobody) = peer();
+        assert!(s.surely_full(&nobody, &envelope(&stranger, nobody, "more", None)));
+        // Bob's mail still fits, as far as his reserve goes.
+        for i in 0..4 {
+            let text = format!("{i:0>200}");
+            assert!(!s.surely_full(&bob, &envelope(&alice, bob, &text, None)));
+            s.deposit(&bob, &envelope(&alice, bob, &text, None), 0)
+                .expect("within bob's reserve");
+        }
+        let fifth = envelope(&alice, bob, &"5".repeat(200), None);
+        assert!(s.surely_full(&bob, &fifth));
+        assert!(matches!(
+            s.deposit(&bob, &fifth, 0),
+            Err(DepositError::BudgetFull { .. })
+        ));
+        // The budget bounds everything together.
+        assert!(on_disk(s.totals()) <= s.limits.budget_bytes);
+        // Once bob takes his mail, his reserve is his again.
+        let page = s.fetch(&bob, None, 10, MAX).expect("fetch");
+        let seqs: Vec<u64> = page.items.iter().map(|i| i.seq).collect();
+        assert_eq!(s.ack(&bob, &seqs).expect("ack"), 4);
+        s.deposit(&bob, &fifth, 0)
+            .expect("bob's reserve is free again");
+    }
+
+    #[test]
+    fn users_are_taken_while_the_shared_part_has_room_and_forgotten_when_idle() {
+        let mut s = store(Limits {
+            ttl_ms: 1_000,
+            ..reserve_limits(20, 4)
+        });
+        let (_, bob) = peer();
+        let (_, carol) = peer();
+        let (_, dave) = peer();
+        // Strangers fill all but three entries: no room for another reserve of four.
+        let (stranger, _) = peer();
+        for i in 0..17 {
+            let (_, nobody) = peer();
+            s.deposit(
+                &nobody,
+                &envelope(&stranger, nobody, &format!("{i:0>200}"), None),
+                0,
+            )
+            .expect("fits");
+        }
+        assert_eq!(s.claim(&bob, 0).expect("claim"), Claim::NoRoom);
+        assert_eq!(s.users(), 0);
+        // A fresh store has room for two users (half the budget), no more.
+        let mut s = store(Limits {
+            ttl_ms: 1_000,
+            ..reserve_limits(20, 4)
+        });
+        assert_eq!(s.claim(&bob, 0).expect("claim"), Claim::Added);
+        assert_eq!(s.claim(&carol, 500).expect("claim"), Claim::Added);
+        assert_eq!(s.claim(&dave, 900).expect("claim"), Claim::NoRoom);
+        // Bob has not fetched for a retention time: his place goes to dave.
+        assert_eq!(s.claim(&dave, 1_200).expect("claim"), Claim::Added);
+        assert_eq!(s.claim(&bob, 1_300).expect("claim"), Claim::NoRoom);
+        assert_eq!(s.users(), 2);
+    }
+
+    #[test]
+    fn users_and_the_shared_part_are_the_same_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mailbox");
+        let limits = reserve_limits(20, 4);
+        let (alice, _) = peer();
+        let (_, bob) = peer();
+        {
+            let mut s = Store::open(&path, limits).expect("open");
+            assert_eq!(s.claim(&bob, 0).expect("claim"), Claim::Added);
+            s.deposit(&bob, &envelope(&alice, bob, &"b".repeat(200), None), 0)
+                .expect("fits");
+            assert_eq!(fill_with_strangers(&mut s), 16);
+            s.db().flush().expect("flush");
+        }
+        let mut s = Store::open(&path, limits).expect("reopen");
+        assert_eq!(s.users(), 1);
+        assert_eq!(s.claim(&bob, 1).expect("claim"), Claim::Known);
+        let (stranger, _) = peer();
+        let (_, nobody) = peer();
+        assert!(s.surely_full(&nobody, &envelope(&stranger, nobody, "more", None)));
+        s.deposit(&bob, &envelope(&alice, bob, &"c".repeat(200), None), 0)
+            .expect("bob's reserve survives the restart");
     }
 
     /// The blocks the files under `dir` take on disk.
