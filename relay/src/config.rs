@@ -195,6 +195,14 @@ pub struct Config {
     pub group_creations_per_sec: u32,
     /// Groups: creations in a burst above the sustained rate, all peers together.
     pub group_creation_burst: u32,
+    /// Groups: sustained membership operations per second of all newcomers together
+    /// (connections on the newcomers' lane, `newcomer_ms`), on top of their per-peer limits:
+    /// a fresh identity's burst would otherwise let identities churned by the dozen spend the
+    /// relay's writes and flushes before its users'. Beyond it an operation is answered `Busy`
+    /// and counted as `limit_hits{limit="group_newcomer_op_rate"}`.
+    pub group_newcomer_ops_per_sec: u32,
+    /// Groups: newcomers' operations in a burst above their sustained rate, all together.
+    pub group_newcomer_op_burst: u32,
     /// Groups: requests queued for the group service before new ones are answered `Busy`.
     pub max_pending_group_requests: usize,
 
@@ -280,6 +288,8 @@ impl Default for Config {
             group_op_burst_per_peer: 60,
             group_creations_per_sec: 5,
             group_creation_burst: 50,
+            group_newcomer_ops_per_sec: 10,
+            group_newcomer_op_burst: 20,
             max_pending_group_requests: 1_024,
             blob_max_file_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes_per_peer: 8 * 1024 * 1024 * 1024,
@@ -453,6 +463,12 @@ impl Config {
             return invalid(
                 "group_creations_per_sec",
                 "group creation limits must be above 0",
+            );
+        }
+        if self.group_newcomer_ops_per_sec == 0 || self.group_newcomer_op_burst == 0 {
+            return invalid(
+                "group_newcomer_ops_per_sec",
+                "newcomers' group operation limits must be above 0",
             );
         }
         if self.group_ops_per_sec_per_peer == 0 || self.group_op_burst_per_peer == 0 {

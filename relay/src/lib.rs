@@ -307,6 +307,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             op_burst_per_peer: config.group_op_burst_per_peer,
             creations_per_sec: config.group_creations_per_sec,
             creation_burst: config.group_creation_burst,
+            newcomer_ops_per_sec: config.group_newcomer_ops_per_sec,
+            newcomer_op_burst: config.group_newcomer_op_burst,
             clock: config.clock.clone(),
         },
     );

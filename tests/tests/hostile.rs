@@ -602,6 +602,84 @@ async fn a_full_mailbox_refuses_before_checking_signatures_and_says_when_to_come
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_filling_the_mailbox_budget_do_not_shut_a_users_mailbox() -> anyhow::Result<()> {
+    use kith_protocol::envelope::Header;
+    use kith_protocol::{Body, Destination, Envelope, MessageId, Reject};
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    config.mailbox_budget_bytes = 512 * 1024;
+    config.mailbox_reserved_bytes_per_user = 128 * 1024;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let deposit = |from: &kith_tests::RawPeer, to: PeerId, text: String| -> anyhow::Result<_> {
+        let envelope = Envelope::seal(
+            &from.key,
+            Header {
+                id: MessageId::random(),
+                to: Destination::Peer(to),
+                sent_at_ms: 1,
+                lamport: 1,
+                expires_at_ms: None,
+            },
+            &Body::Chat { text },
+        )?;
+        Ok(kith_net::codec::Message::Valid(mailbox::Request::Deposit {
+            req_id: 1,
+            envelope,
+            class: mailbox::DepositClass::Message,
+        }))
+    };
+
+    // Bob fetches here: he is one of the relay's users.
+    let mut bob = kith_tests::RawPeer::new()?;
+    let bob_id = bob.key.public().to_peer_id();
+    let fetch = kith_net::codec::Message::Valid(mailbox::Request::Fetch {
+        req_id: 1,
+        after: None,
+        limit: 10,
+    });
+    bob.mailbox(relay.peer_id, &addr, fetch.clone()).await?;
+
+    // A stranger fills the budget with 8 KiB texts for ids nobody fetches.
+    let mut stranger = kith_tests::RawPeer::new()?;
+    let mut stored = 0;
+    loop {
+        let nobody = PeerId::random();
+        let request = deposit(&stranger, nobody, "x".repeat(8 * 1024))?;
+        match stranger.mailbox(relay.peer_id, &addr, request).await? {
+            mailbox::Response::Stored { .. } => stored += 1,
+            mailbox::Response::Rejected {
+                reason: Reject::QuotaExceeded,
+                retry_after_ms: Some(_),
+                ..
+            } => break,
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+        assert!(stored < 100, "the budget never filled");
+    }
+    // The shared part (the budget less bob's reserve) took them: about 20 KiB each on disk.
+    assert!((10..20).contains(&stored), "{stored} stored");
+
+    // Bob's mailbox still takes mail, from the stranger too, as far as his reserve goes.
+    let mut carol = kith_tests::RawPeer::new()?;
+    for sender in [&mut carol, &mut stranger] {
+        let request = deposit(sender, bob_id, "still reaches bob".into())?;
+        let answer = sender.mailbox(relay.peer_id, &addr, request).await?;
+        assert!(
+            matches!(answer, mailbox::Response::Stored { .. }),
+            "{answer:?}"
+        );
+    }
+    match bob.mailbox(relay.peer_id, &addr, fetch).await? {
+        mailbox::Response::Batch { items, .. } => assert_eq!(items.len(), 2),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_relay_restart_waiting_messages_leave_at_once() -> anyhow::Result<()> {
     use kith_protocol::MessageState;
     use kith_tests::TestNode;
@@ -812,6 +890,90 @@ async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
     // The burst of 3, and at most a few more as the bucket refills during the test.
     assert!((3..8).contains(&applied), "{applied} applied");
     assert_eq!(relay.metrics().limit_hits("group_creation_rate"), busy);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+/// Submits the creation of a fresh group naming `victim` as `peer`; true if it was applied,
+/// false if it was refused `Busy`.
+async fn create_group(
+    peer: &mut kith_tests::RawPeer,
+    relay: &kith_relay::Running,
+    victim: PeerId,
+) -> anyhow::Result<bool> {
+    use kith_protocol::group::{self, Change, Request, Response};
+    let addr = relay.listen_addrs[0].clone();
+    let (op, handshake) = kith_tests::op_with_junk_commit(
+        kith_protocol::GroupId::random(),
+        0,
+        0,
+        Change::Create {
+            name: "spam".into(),
+            relay: addr.to_string(),
+            members: std::collections::BTreeSet::from([victim]),
+        },
+    );
+    let op = group::seal_op(&peer.key, op, 1)?;
+    let submit = Request::Submit {
+        req_id: 1,
+        op,
+        handshake,
+    };
+    match peer.group(relay.peer_id, &addr, submit).await? {
+        Response::Applied { .. } => Ok(true),
+        Response::Rejected {
+            reason: kith_protocol::Reject::Busy { .. },
+            ..
+        } => Ok(false),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newcomers_share_one_group_operation_rate_and_users_keep_their_own() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mut config = kith_relay::Config::ephemeral(dir.path());
+    // A well-formed first request makes a user at once; a malformed one a newcomer for good.
+    config.newcomer_ms = 0;
+    config.group_newcomer_ops_per_sec = 1;
+    config.group_newcomer_op_burst = 3;
+    let relay = kith_relay::start(config).await?;
+    let addr = relay.listen_addrs[0].clone();
+    let victim = PeerId::random();
+
+    // Fresh identities, each well within its own burst: only the newcomers' shared rate
+    // refuses them.
+    let mut applied = 0;
+    for _ in 0..8 {
+        let mut stranger = kith_tests::RawPeer::new()?;
+        stranger
+            .mailbox(relay.peer_id, &addr, malformed_request())
+            .await?;
+        if create_group(&mut stranger, &relay, victim).await? {
+            applied += 1;
+        }
+    }
+    // The burst of 3, and at most a few more as the bucket refills during the test.
+    assert!((3..6).contains(&applied), "{applied} applied");
+    let refused = relay.metrics().limit_hits("group_newcomer_op_rate");
+    assert_eq!(refused, 8 - applied);
+
+    // A user of the relay is not held back by the newcomers' rate.
+    let mut user = kith_tests::RawPeer::new()?;
+    let fetch = kith_net::codec::Message::Valid(mailbox::Request::Fetch {
+        req_id: 1,
+        after: None,
+        limit: 10,
+    });
+    user.mailbox(relay.peer_id, &addr, fetch).await?;
+    for _ in 0..5 {
+        assert!(create_group(&mut user, &relay, victim).await?);
+    }
+    assert_eq!(
+        relay.metrics().limit_hits("group_newcomer_op_rate"),
+        refused
+    );
     relay.shutdown().await?;
     Ok(())
 }

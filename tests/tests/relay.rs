@@ -127,5 +127,19 @@ fn the_example_relay_config_parses_and_matches_the_defaults() -> anyhow::Result<
         example.deposits_per_sec_per_peer,
         defaults.deposits_per_sec_per_peer
     );
+    assert_eq!(
+        example.mailbox_reserved_bytes_per_user,
+        defaults.mailbox_reserved_bytes_per_user
+    );
+    assert_eq!(
+        (
+            example.group_newcomer_ops_per_sec,
+            example.group_newcomer_op_burst
+        ),
+        (
+            defaults.group_newcomer_ops_per_sec,
+            defaults.group_newcomer_op_burst
+        )
+    );
     Ok(())
 }

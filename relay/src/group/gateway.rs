@@ -70,6 +70,10 @@ pub struct Settings {
     pub creations_per_sec: u32,
     /// Group creations in a burst, all peers together.
     pub creation_burst: u32,
+    /// Sustained membership operations per second, all newcomers together.
+    pub newcomer_ops_per_sec: u32,
+    /// Newcomers' membership operations in a burst, all together.
+    pub newcomer_op_burst: u32,
     /// The clock (for expiry).
     pub clock: Clock,
 }
@@ -89,6 +93,9 @@ pub struct Gateway {
     /// Group creations, all peers together: a fresh identity gets a burst of `ops` of its own,
     /// and creating a group is how it starts spending it.
     creations: TokenBucket,
+    /// Membership operations of newcomers ([`crate::lanes`]), all together: the relay spends
+    /// a bounded share of its writes on peers it does not know yet, whoever they say they are.
+    newcomer_ops: TokenBucket,
 }
 
 impl Gateway {
@@ -109,6 +116,7 @@ impl Gateway {
             metrics,
             ops: RateLimiter::new(settings.ops_per_sec_per_peer, settings.op_burst_per_peer),
             creations: TokenBucket::full(settings.creation_burst, settings.clock.now_ms()),
+            newcomer_ops: TokenBucket::full(settings.newcomer_op_burst, settings.clock.now_ms()),
             settings,
             pending: FuturesUnordered::new(),
         }
@@ -196,6 +204,14 @@ impl Gateway {
                 };
                 self.respond(swarm, reply, Response::Rejected { req_id, reason });
             }
+            Request::Submit { .. } if newcomer && !self.newcomer_may_submit() => {
+                self.metrics.limit_hit("group_newcomer_op_rate");
+                tracing::debug!(%peer, "group operation over the newcomers' rate");
+                let reason = Reject::Busy {
+                    retry_after_ms: 1_000 / u64::from(self.settings.newcomer_ops_per_sec.max(1)),
+                };
+                self.respond(swarm, reply, Response::Rejected { req_id, reason });
+            }
             Request::Submit { ref op, .. } if !self.may_create(op) => {
                 self.metrics.limit_hit("group_creation_rate");
                 tracing::debug!(%peer, "group creation over the relay's rate");
@@ -230,6 +246,15 @@ impl Gateway {
         self.creations.try_take(
             self.settings.creation_burst,
             self.settings.creations_per_sec,
+            self.settings.clock.now_ms(),
+        )
+    }
+
+    /// Whether a newcomer's operation fits the newcomers' shared rate (takes a token).
+    fn newcomer_may_submit(&mut self) -> bool {
+        self.newcomer_ops.try_take(
+            self.settings.newcomer_op_burst,
+            self.settings.newcomer_ops_per_sec,
             self.settings.clock.now_ms(),
         )
     }

@@ -58,6 +58,13 @@ use futures::future::BoxFuture;
 /// How many times a membership change is re-submitted after conflicts.
 const MAX_CONFLICT_RETRIES: usize = 8;
 
+/// How many times a membership change answered `Busy` is submitted again, each after the wait
+/// the relay asked for (at most [`SUBMIT_BUSY_MAX_WAIT_MS`]).
+const SUBMIT_BUSY_RETRIES: usize = 10;
+
+/// Longest wait between two submissions of one change, whatever the relay asks.
+const SUBMIT_BUSY_MAX_WAIT_MS: u64 = 2_000;
+
 /// The node's in-memory group state (the store holds the durable copy).
 pub(crate) struct Groups {
     keys: keys::Keys,
@@ -379,12 +386,34 @@ impl Node {
     ) -> Result<group::Response, NodeError> {
         let (relay, addr) = Self::relay_of(state)?;
         let op = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
-        let request = group::Request::Submit {
-            req_id: self.req_id(),
-            op,
-            handshake,
+        let mut answer = None;
+        // A relay that is busy (or holds back a connection it does not know yet) says when to
+        // come back: the node waits that long, a few times, before it gives up.
+        for attempt in 0..=SUBMIT_BUSY_RETRIES {
+            let request = group::Request::Submit {
+                req_id: self.req_id(),
+                op: op.clone(),
+                handshake: handshake.clone(),
+            };
+            let response = self.net().group(relay, vec![addr.clone()], request).await;
+            let wait = match &response {
+                Ok(group::Response::Rejected {
+                    reason: Reject::Busy { retry_after_ms },
+                    ..
+                }) => Some(*retry_after_ms),
+                _ => None,
+            };
+            answer = Some(response);
+            let Some(wait) = wait.filter(|_| attempt < SUBMIT_BUSY_RETRIES) else {
+                break;
+            };
+            tracing::debug!(%relay, group = %state.group, wait, "the group's relay is busy; waiting as it asks");
+            tokio::time::sleep(Duration::from_millis(wait.min(SUBMIT_BUSY_MAX_WAIT_MS))).await;
+        }
+        let Some(answer) = answer else {
+            return Err(invalid("no answer from the group's relay"));
         };
-        match self.net().group(relay, vec![addr], request).await {
+        match answer {
             Ok(group::Response::Refused { reason, .. }) => Err(invalid(reason)),
             Ok(group::Response::Rejected { reason, .. }) => {
                 Err(invalid(format!("the group's relay refused: {reason}")))
