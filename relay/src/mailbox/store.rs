@@ -68,6 +68,10 @@ const USER: u8 = b'u';
 /// How stale a user's recorded last fetch may get before a fetch writes it again.
 const USER_REFRESH_MS: u64 = 60 * 60 * 1000;
 
+/// How often, at most, the users are scanned for idle ones when a new one finds no room (a
+/// scan goes through every user; fresh identities may fetch by the hundred).
+const USER_SWEEP_MS: u64 = 60 * 1000;
+
 /// Largest stored record; an envelope is far smaller, so this only guards against corruption.
 const MAX_RECORD_BYTES: usize = kith_protocol::limits::MAX_ENVELOPE_BYTES + 256;
 
@@ -318,10 +322,19 @@ pub struct Store {
     senders: HashMap<(PeerId, PeerId), Usage>,
     /// The expiry buckets' keys of timed entries ([`kith_net::shred`]).
     shred: Keys,
-    /// The relay's users (owners that fetch here), with when each last fetched.
-    users: HashMap<PeerId, u64>,
+    /// The relay's users (owners that fetch here).
+    users: HashMap<PeerId, Seen>,
     /// What the mailboxes take of the shared part of the budget ([`Store::shared_part`]).
     shared_used: u64,
+    /// When the users were last scanned for idle ones (`None`: not yet).
+    users_swept_ms: Option<u64>,
+}
+
+/// When a user last fetched, and when that was last written to the store.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    last_ms: u64,
+    written_ms: u64,
 }
 
 /// What [`Store::claim`] made of a fetching owner.
@@ -497,7 +510,13 @@ impl Store {
                 .and_then(|b| PeerId::from_bytes(b).ok())
                 .zip(u64_at(&value, 0))
                 .ok_or_else(|| OpenError::Corrupt(format!("bad user key {key:?}")))?;
-            users.insert(user.0, user.1);
+            users.insert(
+                user.0,
+                Seen {
+                    last_ms: user.1,
+                    written_ms: user.1,
+                },
+            );
         }
         let mut store = Self {
             db,
@@ -510,6 +529,7 @@ impl Store {
             shred,
             users,
             shared_used: 0,
+            users_swept_ms: None,
         };
         store.shared_used = store
             .usage
@@ -571,14 +591,19 @@ impl Store {
         let Some(key) = user_key(owner) else {
             return Ok(Claim::NoRoom);
         };
-        if let Some(last) = self.users.get_mut(owner) {
-            if now_ms.saturating_sub(*last) >= USER_REFRESH_MS {
-                *last = now_ms;
+        if let Some(seen) = self.users.get_mut(owner) {
+            seen.last_ms = now_ms;
+            if now_ms.saturating_sub(seen.written_ms) >= USER_REFRESH_MS {
+                seen.written_ms = now_ms;
                 self.tree.insert(key, &now_ms.to_be_bytes())?;
             }
             return Ok(Claim::Known);
         }
-        if self.users.len() as u64 >= self.max_users() {
+        let swept_lately = self
+            .users_swept_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) < USER_SWEEP_MS);
+        if self.users.len() as u64 >= self.max_users() && !swept_lately {
+            self.users_swept_ms = Some(now_ms);
             self.forget_idle_users(now_ms)?;
         }
         let usage = self.usage(owner);
@@ -589,7 +614,13 @@ impl Store {
             return Ok(Claim::NoRoom);
         }
         self.tree.insert(key, &now_ms.to_be_bytes())?;
-        self.users.insert(*owner, now_ms);
+        self.users.insert(
+            *owner,
+            Seen {
+                last_ms: now_ms,
+                written_ms: now_ms,
+            },
+        );
         self.shared_used = shared_after;
         Ok(Claim::Added)
     }
@@ -601,7 +632,7 @@ impl Store {
         let idle: Vec<PeerId> = self
             .users
             .iter()
-            .filter(|(_, last)| now_ms.saturating_sub(**last) > ttl)
+            .filter(|(_, seen)| now_ms.saturating_sub(seen.last_ms) > ttl)
             .map(|(peer, _)| *peer)
             .collect();
         for peer in idle {
@@ -1603,9 +1634,13 @@ mod tests {
         assert_eq!(s.claim(&bob, 0).expect("claim"), Claim::Added);
         assert_eq!(s.claim(&carol, 500).expect("claim"), Claim::Added);
         assert_eq!(s.claim(&dave, 900).expect("claim"), Claim::NoRoom);
-        // Bob has not fetched for a retention time: his place goes to dave.
-        assert_eq!(s.claim(&dave, 1_200).expect("claim"), Claim::Added);
-        assert_eq!(s.claim(&bob, 1_300).expect("claim"), Claim::NoRoom);
+        // Idle users are looked for at most once a sweep interval.
+        let later = 900 + USER_SWEEP_MS;
+        assert_eq!(s.claim(&carol, later).expect("claim"), Claim::Known);
+        assert_eq!(s.claim(&dave, later - 1).expect("claim"), Claim::NoRoom);
+        // Bob has not fetched for a retention time, carol has: his place goes to dave.
+        assert_eq!(s.claim(&dave, later + 100).expect("claim"), Claim::Added);
+        assert_eq!(s.claim(&bob, later + 200).expect("claim"), Claim::NoRoom);
         assert_eq!(s.users(), 2);
     }
 
