@@ -7,7 +7,8 @@
 //! piece was.
 //!
 //! So a connection's task starts on the *newcomers' lane*: a runtime with one worker thread of
-//! its own, at a lower CPU priority (`newcomer_lane_nice`). Handshakes run there too. The
+//! its own, at a lower CPU priority (`newcomer_lane_nice`), which runs in short turns and lets
+//! the relay's threads have the CPU between them ([`turn`]). Handshakes run there too. The
 //! connection moves to the relay's own runtime with its first well-formed request once it is
 //! `newcomer_ms` old ([`Lanes::promote`]): attackers' fresh identities seldom live that long,
 //! a relay's users stay connected. It moves back for good when its peer is struck for a
