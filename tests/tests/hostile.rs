@@ -843,48 +843,24 @@ async fn a_member_whose_mailbox_is_full_is_not_shown_sent() -> anyhow::Result<()
 /// how they start: creations have a relay-wide rate, refused before anything is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
-    use kith_protocol::group::{self, Change, Request, Response};
-    use kith_protocol::Reject;
-    use std::collections::BTreeSet;
     init_logs();
     let dir = tempfile::tempdir()?;
     let mut config = kith_relay::Config::ephemeral(dir.path());
     config.group_creations_per_sec = 1;
     config.group_creation_burst = 3;
     let relay = kith_relay::start(config).await?;
-    let addr = relay.listen_addrs[0].clone();
     let victim = PeerId::random();
     let mut applied = 0;
     let mut busy = 0;
     // One peer, well within its own burst: only the relay-wide rate refuses.
     let mut peer = kith_tests::RawPeer::new()?;
-    for i in 0..10 {
-        let (op, handshake) = kith_tests::op_with_junk_commit(
-            kith_protocol::GroupId::random(),
-            0,
-            0,
-            Change::Create {
-                name: format!("spam {i}"),
-                relay: addr.to_string(),
-                members: BTreeSet::from([victim]),
-            },
-        );
-        let op = group::seal_op(&peer.key, op, 1)?;
-        let submit = Request::Submit {
-            req_id: 1,
-            op,
-            handshake,
-        };
-        match peer.group(relay.peer_id, &addr, submit).await? {
-            Response::Applied { .. } => applied += 1,
-            Response::Rejected {
-                reason: Reject::Busy { retry_after_ms },
-                ..
-            } => {
+    for _ in 0..10 {
+        match create_group(&mut peer, &relay, victim).await? {
+            None => applied += 1,
+            Some(retry_after_ms) => {
                 assert_eq!(retry_after_ms, 1_000);
                 busy += 1;
             }
-            other => panic!("unexpected answer {other:?}"),
         }
     }
     // The burst of 3, and at most a few more as the bucket refills during the test.
@@ -894,13 +870,13 @@ async fn group_creations_have_a_relay_wide_rate() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Submits the creation of a fresh group naming `victim` as `peer`; true if it was applied,
-/// false if it was refused `Busy`.
+/// Submits the creation of a fresh group naming `victim` as `peer`: `None` if it was applied,
+/// the wait the relay asked for if it was refused `Busy`.
 async fn create_group(
     peer: &mut kith_tests::RawPeer,
     relay: &kith_relay::Running,
     victim: PeerId,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<u64>> {
     use kith_protocol::group::{self, Change, Request, Response};
     let addr = relay.listen_addrs[0].clone();
     let (op, handshake) = kith_tests::op_with_junk_commit(
@@ -920,11 +896,11 @@ async fn create_group(
         handshake,
     };
     match peer.group(relay.peer_id, &addr, submit).await? {
-        Response::Applied { .. } => Ok(true),
+        Response::Applied { .. } => Ok(None),
         Response::Rejected {
-            reason: kith_protocol::Reject::Busy { .. },
+            reason: kith_protocol::Reject::Busy { retry_after_ms },
             ..
-        } => Ok(false),
+        } => Ok(Some(retry_after_ms)),
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
 }
@@ -950,7 +926,7 @@ async fn newcomers_share_one_group_operation_rate_and_users_keep_their_own() -> 
         stranger
             .mailbox(relay.peer_id, &addr, malformed_request())
             .await?;
-        if create_group(&mut stranger, &relay, victim).await? {
+        if create_group(&mut stranger, &relay, victim).await?.is_none() {
             applied += 1;
         }
     }
@@ -968,7 +944,7 @@ async fn newcomers_share_one_group_operation_rate_and_users_keep_their_own() -> 
     });
     user.mailbox(relay.peer_id, &addr, fetch).await?;
     for _ in 0..5 {
-        assert!(create_group(&mut user, &relay, victim).await?);
+        assert_eq!(create_group(&mut user, &relay, victim).await?, None);
     }
     assert_eq!(
         relay.metrics().limit_hits("group_newcomer_op_rate"),
