@@ -603,3 +603,90 @@ async fn declining_an_invitation_leaves_the_group_and_can_block_the_inviter() ->
     .await?;
     Ok(())
 }
+
+/// Identities are free, so a stranger's request holds a bounded amount: beyond it the
+/// stranger's envelopes are refused (nothing stored), a restart counts what the request holds
+/// again, and contacts are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_request_holds_a_bounded_amount_even_after_a_restart() -> anyhow::Result<()> {
+    use kith_node::features::strangers::MAX_REQUEST_BYTES;
+    init_logs();
+    let mut bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let mut stranger = RawPeer::new()?;
+    let text = "x".repeat(kith_protocol::limits::MAX_TEXT_BYTES);
+    let to = bob.peer_id();
+    let first = chat(&stranger.key, to, &text)?;
+    assert!(send_envelope(&mut stranger, to, &addr, first.clone()).await?);
+    let mut accepted = 1u64;
+    while send_chat(&mut stranger, to, &addr, &text).await? {
+        accepted += 1;
+        anyhow::ensure!(
+            accepted * 16 * 1024 <= 2 * MAX_REQUEST_BYTES,
+            "never refused"
+        );
+    }
+    // A copy of a message the full request holds (its answer was lost) is answered as
+    // stored, not refused, and not stored twice.
+    assert!(send_envelope(&mut stranger, to, &addr, first).await?);
+    // Full bodies of 16 KiB texts: the request holds what fits in its bytes, and no more.
+    assert!(accepted > 0 && accepted * 16 * 1024 <= MAX_REQUEST_BYTES);
+    assert!((accepted + 2) * 16 * 1024 > MAX_REQUEST_BYTES);
+    let held = |bob: &TestNode| -> anyhow::Result<usize> {
+        Ok(bob.node().requests()?.first().map_or(0, |r| r.messages))
+    };
+    assert_eq!(held(&bob)? as u64, accepted);
+
+    // After a restart the request still counts what it holds (by its texts, a little less
+    // than its bodies: at most one more fits).
+    bob.restart_on(addr.clone()).await?;
+    let mut stranger = RawPeer::with_key(stranger.key.clone())?;
+    let mut more = 0u64;
+    while send_chat(&mut stranger, to, &addr, &text).await? {
+        more += 1;
+        anyhow::ensure!(more <= accepted, "never refused after the restart");
+    }
+    assert!(more <= 1, "{more} more accepted after the restart");
+    assert_eq!(held(&bob)? as u64, accepted + more);
+
+    // A contact's messages still go through.
+    let mut friend = RawPeer::new()?;
+    let friend_id = friend.key.public().to_peer_id().to_string();
+    bob.node().add_contact("friend", &friend_id, &[]).await?;
+    assert!(send_chat(&mut friend, to, &addr, &text).await?);
+    Ok(())
+}
+
+/// Sends a chat of `text` from `raw` to `to` directly: true if the node accepted it, false if
+/// it refused it (`Refused`).
+async fn send_chat(
+    raw: &mut RawPeer,
+    to: PeerId,
+    addr: &Multiaddr,
+    text: &str,
+) -> anyhow::Result<bool> {
+    let envelope = chat(&raw.key, to, text)?;
+    send_envelope(raw, to, addr, envelope).await
+}
+
+/// Sends `envelope` from `raw` to `to` directly: true if the node accepted it, false if it
+/// refused it (`Refused`).
+async fn send_envelope(
+    raw: &mut RawPeer,
+    to: PeerId,
+    addr: &Multiaddr,
+    envelope: Envelope,
+) -> anyhow::Result<bool> {
+    use kith_protocol::dm;
+    match raw
+        .dm(to, addr, Message::Valid(dm::Request::new(1, envelope)))
+        .await?
+    {
+        dm::Response::Accepted { .. } => Ok(true),
+        dm::Response::Rejected {
+            reason: Reject::Refused,
+            ..
+        } => Ok(false),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}

@@ -183,8 +183,9 @@ pub trait Gate: Send + Sync + 'static {
         Ok(())
     }
 
-    /// A message from `from` is being stored: a stranger's first one opens a request.
-    fn note(&self, _node: &Node, _from: &PeerId, _batch: &mut Batch) {}
+    /// A message from `from` with a body of `bytes` is being stored: a stranger's first one
+    /// opens a request.
+    fn note(&self, _node: &Node, _from: &PeerId, _bytes: usize, _batch: &mut Batch) {}
 
     /// What to announce for a stored message from `from`: `None` when it is not a request
     /// (announce the message as usual), `Some(event)` when it is (the request event, once).

@@ -1831,7 +1831,8 @@ impl Node {
         self.observe_lamport(&from, envelope.lamport)
             .map_err(|e| Inbound::Refused(store_failed(&e)))?;
         let msg = self.received(envelope, text.clone());
-        self.inner.plugins.gate.note(self, &from, batch);
+        let bytes = envelope.body.len();
+        self.inner.plugins.gate.note(self, &from, bytes, batch);
         let file_size = file.as_ref().map(|f| f.size);
         if let Some(file) = file {
             self.inner

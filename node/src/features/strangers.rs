@@ -18,6 +18,12 @@
 //! retried: the sender's message ends `failed` with the reason.
 //!
 //! The lists live in memory (checked on every inbound envelope) and on disk.
+//!
+//! Requests are bounded, since identities are free: at most [`MAX_REQUESTS`] strangers have a
+//! request at once, and a request holds at most [`MAX_REQUEST_MESSAGES`] messages and
+//! [`MAX_REQUEST_BYTES`] of bodies. Beyond them a stranger's one-to-one envelopes are refused
+//! (`Refused`: its message ends `failed`, nothing stored) until the user accepts or blocks
+//! requests. Without them a flood of fresh identities fills the node's disk.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -34,6 +40,15 @@ use futures::future::BoxFuture;
 
 /// Longest preview of a request's last message, in characters.
 const PREVIEW_CHARS: usize = 80;
+
+/// Strangers that may have a request at once.
+pub const MAX_REQUESTS: usize = 500;
+
+/// Messages a stranger's request may hold.
+pub const MAX_REQUEST_MESSAGES: u32 = 200;
+
+/// Bytes of message bodies a stranger's request may hold (texts, file references).
+pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
 
 /// The store key of a request (`R/`) or a block (`B/`) of `peer`.
 fn key(prefix: &[u8], peer: &PeerId) -> Vec<u8> {
@@ -71,21 +86,86 @@ pub(crate) struct State {
 
 #[derive(Debug, Default)]
 struct Lists {
-    /// Strangers whose messages wait in the requests list, and whether the `request` event
-    /// for them went out.
-    requests: HashMap<PeerId, bool>,
+    /// Strangers whose messages wait in the requests list.
+    requests: HashMap<PeerId, Request>,
     blocked: HashSet<PeerId>,
+}
+
+/// A stranger's request, in memory.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Request {
+    /// Whether the `request` event for it went out.
+    announced: bool,
+    /// Messages it holds.
+    messages: u32,
+    /// Bytes of their bodies.
+    bytes: u64,
+}
+
+/// Why a stranger's envelope finds no room in the requests list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum NoRoom {
+    #[error("the requests list holds {MAX_REQUESTS} strangers already")]
+    Requests,
+    #[error("its request holds {MAX_REQUEST_MESSAGES} messages already")]
+    Messages,
+    #[error("its request would hold more than {MAX_REQUEST_BYTES} bytes")]
+    Bytes,
+}
+
+impl Lists {
+    /// Whether a stranger's envelope of `bytes` (its body) fits: its request has room, or it
+    /// has none yet and the list has room for one more.
+    fn room(&self, from: &PeerId, bytes: usize) -> Result<(), NoRoom> {
+        let Some(request) = self.requests.get(from) else {
+            return if self.requests.len() >= MAX_REQUESTS {
+                Err(NoRoom::Requests)
+            } else {
+                Ok(())
+            };
+        };
+        if request.messages >= MAX_REQUEST_MESSAGES {
+            return Err(NoRoom::Messages);
+        }
+        if request.bytes.saturating_add(bytes as u64) > MAX_REQUEST_BYTES {
+            return Err(NoRoom::Bytes);
+        }
+        Ok(())
+    }
+
+    /// Counts a message of `bytes` into `from`'s request, opening it; true if it was opened.
+    fn count(&mut self, from: &PeerId, bytes: usize) -> bool {
+        let opened = !self.requests.contains_key(from);
+        let request = self.requests.entry(*from).or_default();
+        request.messages = request.messages.saturating_add(1);
+        request.bytes = request.bytes.saturating_add(bytes as u64);
+        opened
+    }
 }
 
 impl State {
     /// The lists as the store holds them.
     pub(crate) fn load(store: &Store) -> Result<Self, StoreError> {
+        let mut requests = HashMap::new();
+        for peer in load_peers(store, REQUEST)? {
+            // What it holds, counted as the texts it sent (a body is a little larger).
+            let (messages, bytes) = store
+                .conversation(&peer)?
+                .iter()
+                .filter(|m| m.direction == Direction::In)
+                .fold((0u32, 0u64), |(n, b), m| {
+                    (n.saturating_add(1), b.saturating_add(m.text.len() as u64))
+                });
+            let request = Request {
+                // Announced before the restart (or never to be: nobody was listening then).
+                announced: true,
+                messages,
+                bytes,
+            };
+            requests.insert(peer, request);
+        }
         let lists = Lists {
-            // Announced before the restart (or never to be: nobody was listening then).
-            requests: load_peers(store, REQUEST)?
-                .into_iter()
-                .map(|p| (p, true))
-                .collect(),
+            requests,
             blocked: load_peers(store, BLOCKED)?.into_iter().collect(),
         };
         Ok(Self {
@@ -166,18 +246,30 @@ impl Node {
             tracing::debug!(%via, %from, id = %envelope.id, "refusing a stranger's envelope (reach: contacts)");
             return Err(Reject::Refused);
         }
+        if matches!(envelope.to, Destination::Peer(_)) && self.contact_of(&from).is_none() {
+            let room = self.strangers().lists().room(&from, envelope.body.len());
+            if let Err(why) = room {
+                // A copy of a message its request already holds (its answer was lost) is
+                // answered as stored, not refused: the sender's tick must stay true.
+                let stored = matches!(why, NoRoom::Messages | NoRoom::Bytes)
+                    && matches!(self.store().message(&from, &envelope.id), Ok(Some(_)));
+                if !stored {
+                    tracing::debug!(%via, %from, id = %envelope.id, %why, "refusing a stranger's envelope");
+                    return Err(Reject::Refused);
+                }
+            }
+        }
         Ok(())
     }
 
-    /// A chat message of `from` is being stored in `batch`: a stranger's opens (or adds to) a
-    /// request.
-    pub(crate) fn note_request(&self, from: &PeerId, batch: &mut Batch) {
+    /// A chat message of `from` with a body of `bytes` is being stored in `batch`: a
+    /// stranger's opens (or adds to) a request.
+    pub(crate) fn note_request(&self, from: &PeerId, bytes: usize, batch: &mut Batch) {
         if *from == self.peer_id() || self.contact_of(from).is_some() {
             return;
         }
         let mut lists = self.strangers().lists();
-        if !lists.requests.contains_key(from) {
-            lists.requests.insert(*from, false);
+        if lists.count(from, bytes) {
             batch.put_raw(
                 key(REQUEST, from),
                 crate::clock::now_ms().to_be_bytes().to_vec(),
@@ -190,11 +282,11 @@ impl Node {
     /// request is accepted).
     pub(crate) fn request_event(&self, from: &PeerId) -> Option<Option<NodeEvent>> {
         let mut lists = self.strangers().lists();
-        let announced = lists.requests.get_mut(from)?;
-        if *announced {
+        let request = lists.requests.get_mut(from)?;
+        if request.announced {
             return Some(None);
         }
-        *announced = true;
+        request.announced = true;
         Some(Some(NodeEvent::Request {
             peer_id: from.to_string(),
             name: None,
@@ -394,8 +486,8 @@ impl Gate for State {
         node.refuse_stranger(via, envelope)
     }
 
-    fn note(&self, node: &Node, from: &PeerId, batch: &mut Batch) {
-        node.note_request(from, batch);
+    fn note(&self, node: &Node, from: &PeerId, bytes: usize, batch: &mut Batch) {
+        node.note_request(from, bytes, batch);
     }
 
     fn announce(&self, node: &Node, from: &PeerId) -> Option<Option<NodeEvent>> {
@@ -416,5 +508,39 @@ impl Gate for State {
 
     fn block<'a>(&'a self, node: &'a Node, peer: PeerId) -> BoxFuture<'a, Result<(), NodeError>> {
         Box::pin(async move { node.block_known(peer).await.map(|_| ()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_bounded_in_number_messages_and_bytes() {
+        let mut lists = Lists::default();
+        let first = PeerId::random();
+        assert_eq!(lists.room(&first, 100), Ok(()));
+        assert!(
+            lists.count(&first, 100),
+            "the first message opens a request"
+        );
+        assert!(!lists.count(&first, 100));
+        for _ in 2..MAX_REQUEST_MESSAGES {
+            assert_eq!(lists.room(&first, 1), Ok(()));
+            lists.count(&first, 1);
+        }
+        assert_eq!(lists.room(&first, 1), Err(NoRoom::Messages));
+
+        let big = PeerId::random();
+        lists.count(&big, MAX_REQUEST_BYTES as usize - 10);
+        assert_eq!(lists.room(&big, 10), Ok(()));
+        assert_eq!(lists.room(&big, 11), Err(NoRoom::Bytes));
+
+        while lists.requests.len() < MAX_REQUESTS {
+            lists.count(&PeerId::random(), 1);
+        }
+        assert_eq!(lists.room(&PeerId::random(), 1), Err(NoRoom::Requests));
+        // A stranger with a request keeps what its request has room for.
+        assert_eq!(lists.room(&big, 10), Ok(()));
     }
 }

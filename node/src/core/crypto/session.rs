@@ -396,6 +396,9 @@ impl Node {
                 &envelope,
                 UNDECRYPTABLE_TEXT.into(),
             ));
+            // A stranger's counts against its request like any message it sends.
+            let bytes = envelope.body.len();
+            self.inner.plugins.gate.note(self, &from, bytes, &mut batch);
         }
         let header = Header {
             id: MessageId::random(),
