@@ -123,7 +123,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn add(&self, n: u64) {
+    pub(super) fn add(&self, n: u64) {
         self.sent.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -245,7 +245,7 @@ struct Streams {
     keys: kith_node::net::dm_streams::Behaviour,
 }
 
-fn tcp_swarm<B: NetworkBehaviour>(
+pub(super) fn tcp_swarm<B: NetworkBehaviour>(
     key: Keypair,
     behaviour: impl FnOnce() -> B,
 ) -> anyhow::Result<Swarm<B>> {
@@ -262,7 +262,7 @@ fn tcp_swarm<B: NetworkBehaviour>(
 }
 
 /// A frame header claiming `len` bytes.
-fn header(len: usize) -> [u8; 4] {
+pub(super) fn header(len: usize) -> [u8; 4] {
     u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
 }
 
@@ -321,7 +321,7 @@ async fn big_frames(t: Target, c: Arc<Counters>) -> anyhow::Result<()> {
 }
 
 /// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -643,7 +643,7 @@ async fn deposits(peer: &mut RawPeer, t: &Target, to: PeerId, count: Option<u64>
 }
 
 /// The malformed frames sent on each protocol: (bytes, as written, header included).
-fn garbage_frames(max: usize) -> Vec<Vec<u8>> {
+pub(super) fn garbage_frames(max: usize) -> Vec<Vec<u8>> {
     let framed = |body: &[u8]| {
         let mut f = header(body.len()).to_vec();
         f.extend_from_slice(body);

@@ -10,6 +10,7 @@
 
 pub mod attacks;
 pub mod honest;
+pub mod node;
 pub mod relay;
 
 use std::path::PathBuf;

@@ -222,18 +222,7 @@ impl Relay {
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
         ];
-        // Started from a thread on the relay's CPUs, whose affinity the process inherits: off
-        // the attackers' core (see `cpu_split`).
-        let daemon = std::thread::scope(|s| {
-            s.spawn(|| {
-                if let Some((relay_cpus, _)) = super::cpu_split() {
-                    super::pin(&relay_cpus);
-                }
-                Daemon::spawn(binary, &args, &log)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the thread starting the relay panicked"))?
-        })?;
+        let daemon = spawn_pinned(binary, &args, &log)?;
         let state = data.join("relay.json");
         let addr = crate::wait_for("the relay to listen", || async {
             let info: serde_json::Value =
@@ -269,12 +258,7 @@ impl Relay {
 
     /// Resident memory, KiB (`VmRSS`).
     pub fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc status")
+        rss_kib(self.pid())
     }
 
     /// CPU time spent so far, user and system together.
@@ -333,7 +317,31 @@ fn refusals_in(text: &str) -> u64 {
         .sum()
 }
 
-/// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time.
+/// Starts `binary ARGS...` (stderr to `log`) from a thread on the relay's CPUs, whose affinity
+/// the process inherits: off the attackers' core (see `cpu_split`).
+pub(super) fn spawn_pinned(binary: &Path, args: &[&str], log: &Path) -> Result<Daemon> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some((cpus, _)) = super::cpu_split() {
+                super::pin(&cpus);
+            }
+            Daemon::spawn(binary, args, log)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread starting {} panicked", binary.display()))?
+    })
+}
+
+/// Resident memory of process `pid`, KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc status")
+}
+
 /// CPU time that process `pid` has spent so far, user and system together.
 pub fn cpu_of(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -353,6 +361,7 @@ pub fn cpu_of(pid: u32) -> Result<Duration> {
     ))
 }
 
+/// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time.
 fn clock_ticks_per_sec() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
@@ -368,7 +377,7 @@ fn clock_ticks_per_sec() -> f64 {
 }
 
 /// Allocated bytes of every file under `dir`.
-fn disk_usage(dir: &Path) -> u64 {
+pub(super) fn disk_usage(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

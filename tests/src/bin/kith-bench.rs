@@ -70,6 +70,14 @@ struct Args {
     /// the attackers'), leaving the relay a core of its own, instead of beside the relay.
     #[arg(long, requires = "attack")]
     honest_beside_attackers: bool,
+    /// Run only the attack benchmark against a node: each attack against a real `kith` daemon
+    /// with a contact sending it direct messages alongside; prints the table and rewrites the
+    /// "Attacks on a node" section of the output file.
+    #[arg(long, conflicts_with = "attack")]
+    attack_node: bool,
+    /// With `--attack-node`: the `kith` binary (default: the one next to this binary).
+    #[arg(long, requires = "attack_node")]
+    kith_binary: Option<PathBuf>,
     /// Run only the group rows (a 200-member encrypted group: one message, create, add,
     /// remove) and print them (the table is not written).
     #[arg(long)]
@@ -689,6 +697,62 @@ async fn attack(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The heading of the section `--attack-node` writes.
+const NODE_ATTACKS_HEADING: &str = "## Attacks on a node";
+
+/// `--attack-node`: runs the attack benchmark against a node, prints it, and rewrites the
+/// "Attacks on a node" section of `args.out`.
+async fn attack_node(args: &Args) -> Result<()> {
+    use kith_tests::attack::node::{self, NodeAttack};
+    use kith_tests::attack::Settings;
+    let kith = match &args.kith_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory")?
+            .join("kith"),
+    };
+    anyhow::ensure!(
+        kith.exists(),
+        "{} not found: build it first (`cargo build --release -p kith-node`) or pass --kith-binary",
+        kith.display()
+    );
+    let settings = Settings::full(PathBuf::new());
+    let started = Instant::now();
+    let rows = node::run(&kith, &settings, &NodeAttack::ALL).await?;
+    eprintln!(
+        "[attack-node] done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut section = String::new();
+    writeln!(section, "{NODE_ATTACKS_HEADING}\n")?;
+    writeln!(
+        section,
+        "Produced by `cargo build --release -p kith-node -p kith-tests && target/release/kith-bench --attack-node` on {}, in {:.0} s. Each attack runs for {:.0} s against its own fresh `kith` daemon (release build, its own home, default settings: `reach = everyone`), from loopback, while a contact sends it a 200-byte chat every {:.0} ms over `/kith/dm/1`, one at a time and never again (an attempt the node refuses or drops counts as not accepted); a message's latency runs from when it was due to `Accepted` (the node stored it), so a stall counts for every message it held up. The baseline is the same honest traffic on an unattacked node in the same run. The attackers run on two threads pinned to the last CPU at `nice` 19, the node and the honest sender on the other CPUs. Disk growth is the node's home (store, log) after the phase minus before; the node keeps at most 500 strangers' requests of at most 256 KiB each, so the 128 MiB target is that bound. ✅/❌: the target met or not.\n",
+        machine(),
+        started.elapsed().as_secs_f64(),
+        settings.attack.as_secs_f64(),
+        1000.0 / f64::from(settings.honest_rate),
+    )?;
+    writeln!(section, "{}", node::markdown(&rows))?;
+    writeln!(section, "The attacks:\n")?;
+    for a in NodeAttack::ALL {
+        writeln!(
+            section,
+            "- **{}**: {}.",
+            a.name(),
+            a.describe(settings.scale)
+        )?;
+    }
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    std::fs::write(
+        &args.out,
+        replace_section(&old, NODE_ATTACKS_HEADING, &section),
+    )?;
+    print!("{section}");
+    Ok(())
+}
+
 /// The section of `text` starting at the line `heading`, up to the next `## ` heading.
 fn section_of(text: &str, heading: &str) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
@@ -749,6 +813,9 @@ async fn main() -> Result<()> {
     }
     if args.attack {
         return attack(&args).await;
+    }
+    if args.attack_node {
+        return attack_node(&args).await;
     }
     if args.mls {
         return mls(&args).await;
@@ -997,10 +1064,11 @@ async fn main() -> Result<()> {
             r.figure, r.value, r.baseline, r.ratio, r.target
         )?;
     }
-    // The attack rows come from `--attack`, the MLS ones from `--mls`: keep them.
+    // The attack rows come from `--attack` and `--attack-node`, the MLS ones from `--mls`:
+    // keep them.
     let old = std::fs::read_to_string(&args.out).unwrap_or_default();
     let mut written = md.clone();
-    for heading in ["## Attacks", MLS_HEADING] {
+    for heading in ["## Attacks", NODE_ATTACKS_HEADING, MLS_HEADING] {
         if let Some(section) = section_of(&old, heading) {
             written = replace_section(&written, heading, &section);
         }
