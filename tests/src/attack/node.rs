@@ -380,6 +380,10 @@ async fn phase(kith: &Path, settings: &Settings, attack: Option<NodeAttack>) -> 
     })
 }
 
+/// Starts one attacker against the node at its address.
+type Attacker =
+    fn(PeerId, Multiaddr, Arc<Counters>) -> futures::future::BoxFuture<'static, Result<()>>;
+
 fn launch(
     attack: NodeAttack,
     peer: PeerId,
@@ -389,10 +393,7 @@ fn launch(
     tasks: &mut JoinSet<()>,
     on: &tokio::runtime::Handle,
 ) {
-    let (count, make): (
-        usize,
-        fn(PeerId, Multiaddr, Arc<Counters>) -> futures::future::BoxFuture<'static, Result<()>>,
-    ) = match attack {
+    let (count, make): (usize, Attacker) = match attack {
         NodeAttack::BigFrames => (20 * scale, |p, a, c| Box::pin(big_frames(p, a, c))),
         NodeAttack::Garbage => (4 * scale, |p, a, c| Box::pin(garbage(p, a, c))),
         NodeAttack::StrangerFlood => (4 * scale, |p, a, c| Box::pin(stranger_flood(p, a, c))),
