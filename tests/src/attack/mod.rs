@@ -462,6 +462,22 @@ impl Drop for Attackers {
     }
 }
 
+/// Samples `rss` every [`SAMPLE_EVERY`] until `duration` has passed since `started`: the highest
+/// value seen, `from` included.
+async fn peak_rss(
+    started: Instant,
+    duration: Duration,
+    from: u64,
+    rss: impl Fn() -> Result<u64>,
+) -> Result<u64> {
+    let mut peak = from;
+    while started.elapsed() < duration {
+        tokio::time::sleep(SAMPLE_EVERY).await;
+        peak = peak.max(rss()?);
+    }
+    Ok(peak)
+}
+
 async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Row>) -> Result<Row> {
     let attackers = attackers_runtime()?;
     let relay = Relay::spawn(&settings.relay_binary, &settings.limits).await?;
@@ -504,11 +520,7 @@ async fn phase(settings: &Settings, attack: Option<Attack>, baseline: Option<&Ro
             attackers.handle(),
         );
     }
-    let mut rss_peak = rss_before;
-    while started.elapsed() < settings.attack {
-        tokio::time::sleep(SAMPLE_EVERY).await;
-        rss_peak = rss_peak.max(relay.rss_kib()?);
-    }
+    let mut rss_peak = peak_rss(started, settings.attack, rss_before, || relay.rss_kib()).await?;
     tasks.shutdown().await;
     let stopped = Instant::now();
     let cpu = relay.cpu()?.saturating_sub(cpu_before);

@@ -352,11 +352,8 @@ async fn phase(kith: &Path, settings: &Settings, attack: Option<NodeAttack>) -> 
             attackers.handle(),
         );
     }
-    let mut rss_peak = rss_before;
-    while started.elapsed() < settings.attack {
-        tokio::time::sleep(super::SAMPLE_EVERY).await;
-        rss_peak = rss_peak.max(rss_kib(pid)?);
-    }
+    let mut rss_peak =
+        super::peak_rss(started, settings.attack, rss_before, || rss_kib(pid)).await?;
     tasks.shutdown().await;
     let stopped = Instant::now();
     let cpu = cpu_of(pid)?.saturating_sub(cpu_before);

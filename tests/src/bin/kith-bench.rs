@@ -625,22 +625,29 @@ async fn mls(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `--attack`: runs the attack benchmark, prints it, and rewrites the "Attacks" section of
-/// `args.out`.
-async fn attack(args: &Args) -> Result<()> {
-    use kith_tests::attack::{self, Attack, Settings};
-    let relay_binary = match &args.relay_binary {
+/// The binary `given`, or else `name` next to this one; an error that says how to get it if it
+/// is not there (`flag` passes another).
+fn binary(given: Option<&PathBuf>, name: &str, flag: &str) -> Result<PathBuf> {
+    let path = match given {
         Some(path) => path.clone(),
         None => std::env::current_exe()?
             .parent()
             .context("no directory")?
-            .join("kith-relay"),
+            .join(name),
     };
     anyhow::ensure!(
-        relay_binary.exists(),
-        "{} not found: build it first (`cargo build --release -p kith-relay`) or pass --relay-binary",
-        relay_binary.display()
+        path.exists(),
+        "{} not found: build it first (`cargo build --release --bin {name}`) or pass {flag}",
+        path.display()
     );
+    Ok(path)
+}
+
+/// `--attack`: runs the attack benchmark, prints it, and rewrites the "Attacks" section of
+/// `args.out`.
+async fn attack(args: &Args) -> Result<()> {
+    use kith_tests::attack::{self, Attack, Settings};
+    let relay_binary = binary(args.relay_binary.as_ref(), "kith-relay", "--relay-binary")?;
     let attacks = match args.attack_only.as_slice() {
         [] => Attack::ALL.to_vec(),
         names => names
@@ -705,18 +712,7 @@ const NODE_ATTACKS_HEADING: &str = "## Attacks on a node";
 async fn attack_node(args: &Args) -> Result<()> {
     use kith_tests::attack::node::{self, NodeAttack};
     use kith_tests::attack::Settings;
-    let kith = match &args.kith_binary {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory")?
-            .join("kith"),
-    };
-    anyhow::ensure!(
-        kith.exists(),
-        "{} not found: build it first (`cargo build --release -p kith-node`) or pass --kith-binary",
-        kith.display()
-    );
+    let kith = binary(args.kith_binary.as_ref(), "kith", "--kith-binary")?;
     let settings = Settings::full(PathBuf::new());
     let started = Instant::now();
     let rows = node::run(&kith, &settings, &NodeAttack::ALL).await?;
