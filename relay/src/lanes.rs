@@ -15,9 +15,10 @@
 //! malformed request ([`Lanes::demote_peer`]), and for another `newcomer_ms` when its peer is
 //! refused and asked to come back later ([`Lanes::refused`]): what a stranger gets out of the
 //! relay is what its limits give a fresh identity, and once that is used up its requests are
-//! refusals, which wait for the users' requests like a newcomer's. The mailbox and group services also serve
-//! newcomers' requests only when no other request waits (their queues, in small rounds), while
-//! the rest of the relay's work (the swarm task, the store, the flush) is shared in turn.
+//! refusals, which wait for the users' requests like a newcomer's. The mailbox and group
+//! services also serve newcomers' requests only when no other request waits (their queues, in
+//! small rounds), while the rest of the relay's work (the swarm task, the store, the flush) is
+//! shared in turn.
 //!
 //! A task moves by ending its run on one runtime and being spawned, unfinished, on the other
 //! ([`OnLane`]). Its first poll there registers its wakers with its new task, as every poll
@@ -71,7 +72,7 @@ impl Lane {
 /// Whether a refusal for `reason` asks its requester to come back later (a full mailbox or
 /// budget, a rate, the relay's load), which sends the requester back to the newcomers
 /// ([`Lanes::refused`]).
-pub fn asks_to_wait(reason: &kith_protocol::Reject) -> bool {
+fn asks_to_wait(reason: &kith_protocol::Reject) -> bool {
     matches!(
         reason,
         kith_protocol::Reject::QuotaExceeded | kith_protocol::Reject::Busy { .. }
@@ -223,6 +224,14 @@ impl Lanes {
             if entry.slot.set(Lane::Newcomers) {
                 self.shared.metrics.lane_move("newcomers");
             }
+        }
+    }
+
+    /// After `peer` was refused for `reason`: back to the newcomers ([`Lanes::refused`]) if
+    /// the refusal asks it to come back later.
+    pub fn after_refusal(&self, peer: &PeerId, reason: &kith_protocol::Reject) {
+        if asks_to_wait(reason) {
+            self.refused(peer);
         }
     }
 

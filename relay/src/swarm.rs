@@ -515,9 +515,7 @@ impl Task {
         };
         if let Some(reason) = refused {
             self.metrics.reject(&reason);
-            if crate::lanes::asks_to_wait(&reason) {
-                self.lanes.refused(&peer);
-            }
+            self.lanes.after_refusal(&peer, &reason);
             let response = group_wire::Response::Rejected { req_id, reason };
             if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
                 tracing::debug!(%peer, "group requester went away before its answer");
@@ -560,9 +558,7 @@ impl Task {
             self.strike(peer);
         }
         if let mailbox::Response::Rejected { reason, .. } = &response {
-            if crate::lanes::asks_to_wait(reason) {
-                self.lanes.refused(&peer);
-            }
+            self.lanes.after_refusal(&peer, reason);
         }
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");
@@ -599,9 +595,7 @@ impl Task {
         reason: Reject,
     ) {
         self.metrics.reject(&reason);
-        if crate::lanes::asks_to_wait(&reason) {
-            self.lanes.refused(&peer);
-        }
+        self.lanes.after_refusal(&peer, &reason);
         let response = mailbox::Response::rejected(req_id, reason);
         if !requests::respond(&mut self.swarm.behaviour_mut().requests, channel, response) {
             tracing::debug!(%peer, req_id, "requester went away before its answer");

@@ -239,24 +239,22 @@ impl Node {
             tracing::debug!(%via, %from, id = %envelope.id, "refusing an envelope from a blocked peer");
             return Err(Reject::Refused);
         }
-        if matches!(envelope.to, Destination::Peer(_))
-            && self.settings().reach == Reach::Contacts
-            && self.contact_of(&from).is_none()
-        {
+        if !matches!(envelope.to, Destination::Peer(_)) || self.contact_of(&from).is_some() {
+            return Ok(());
+        }
+        if self.settings().reach == Reach::Contacts {
             tracing::debug!(%via, %from, id = %envelope.id, "refusing a stranger's envelope (reach: contacts)");
             return Err(Reject::Refused);
         }
-        if matches!(envelope.to, Destination::Peer(_)) && self.contact_of(&from).is_none() {
-            let room = self.strangers().lists().room(&from, envelope.body.len());
-            if let Err(why) = room {
-                // A copy of a message its request already holds (its answer was lost) is
-                // answered as stored, not refused: the sender's tick must stay true.
-                let stored = matches!(why, NoRoom::Messages | NoRoom::Bytes)
-                    && matches!(self.store().message(&from, &envelope.id), Ok(Some(_)));
-                if !stored {
-                    tracing::debug!(%via, %from, id = %envelope.id, %why, "refusing a stranger's envelope");
-                    return Err(Reject::Refused);
-                }
+        let room = self.strangers().lists().room(&from, envelope.body.len());
+        if let Err(why) = room {
+            // A copy of a message its request already holds (its answer was lost) is answered
+            // as stored, not refused: the sender's tick must stay true.
+            let stored = matches!(why, NoRoom::Messages | NoRoom::Bytes)
+                && matches!(self.store().message(&from, &envelope.id), Ok(Some(_)));
+            if !stored {
+                tracing::debug!(%via, %from, id = %envelope.id, %why, "refusing a stranger's envelope");
+                return Err(Reject::Refused);
             }
         }
         Ok(())

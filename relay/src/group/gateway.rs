@@ -140,9 +140,7 @@ impl Gateway {
         match &response {
             Response::Rejected { reason, .. } => {
                 self.metrics.reject(reason);
-                if crate::lanes::asks_to_wait(reason) {
-                    self.lanes.refused(&peer);
-                }
+                self.lanes.after_refusal(&peer, reason);
             }
             // Logged at debug only (strangers can send them by the thousand): counted here.
             Response::Refused { .. } => self.metrics.limit_hit("group_op_refused"),

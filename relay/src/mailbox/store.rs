@@ -550,6 +550,17 @@ impl Store {
         }
     }
 
+    /// Sets what `owner`'s mailbox holds to `after`, keeping the shared part's count in step.
+    fn set_usage(&mut self, owner: &PeerId, after: Usage) {
+        let before = self.shared_part(owner, self.usage(owner));
+        self.shared_used = self.shared_used.saturating_sub(before) + self.shared_part(owner, after);
+        if after.messages == 0 {
+            self.usage.remove(owner);
+        } else {
+            self.usage.insert(*owner, after);
+        }
+    }
+
     /// The shared part of the budget: what the users' reserves leave of it.
     fn shared_capacity(&self) -> u64 {
         let reserved =
@@ -874,13 +885,13 @@ impl Store {
             self.tree.insert(deadline.0, deadline.1)?;
             self.tree.insert(item.0, item.1)?;
             let before = self.usage(&recipient);
-            let after = Usage {
-                messages: before.messages + 1,
-                bytes: before.bytes + size,
-            };
-            self.shared_used +=
-                self.shared_part(&recipient, after) - self.shared_part(&recipient, before);
-            self.usage.insert(recipient, after);
+            self.set_usage(
+                &recipient,
+                Usage {
+                    messages: before.messages + 1,
+                    bytes: before.bytes + size,
+                },
+            );
             self.totals.messages += 1;
             self.totals.bytes += size;
             let s = self.senders.entry((sender, recipient)).or_default();
@@ -1071,18 +1082,13 @@ impl Store {
         };
         let size = value.len() as u64;
         let before = self.usage(owner);
-        let after = Usage {
-            messages: before.messages.saturating_sub(1),
-            bytes: before.bytes.saturating_sub(size),
-        };
-        self.shared_used = self
-            .shared_used
-            .saturating_sub(self.shared_part(owner, before) - self.shared_part(owner, after));
-        if after.messages == 0 {
-            self.usage.remove(owner);
-        } else {
-            self.usage.insert(*owner, after);
-        }
+        self.set_usage(
+            owner,
+            Usage {
+                messages: before.messages.saturating_sub(1),
+                bytes: before.bytes.saturating_sub(size),
+            },
+        );
         self.totals.messages = self.totals.messages.saturating_sub(1);
         self.totals.bytes = self.totals.bytes.saturating_sub(size);
         self.tree.remove(owner_key(seq))?;

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::{AsyncWriteExt, StreamExt};
 use kith_net::codec::Message;
-use kith_protocol::envelope::Header;
-use kith_protocol::{dm, Body, Destination, Envelope, MessageId};
+use kith_protocol::dm;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
@@ -27,7 +26,7 @@ use tokio::task::JoinSet;
 use super::attacks::{garbage_frames, header, tcp_swarm, AbortOnDrop, Counters};
 use super::relay::{cpu_of, disk_usage, rss_kib, spawn_pinned};
 use super::Settings;
-use crate::bench::percentile;
+use crate::bench::{payload_envelope, percentile};
 use crate::process::Daemon;
 use crate::RawPeer;
 
@@ -229,21 +228,6 @@ impl Node {
     }
 }
 
-/// A chat of `text` from `key` to `to`.
-fn chat(key: &Keypair, to: PeerId, lamport: u64, text: &str) -> Result<Envelope> {
-    Ok(Envelope::seal(
-        key,
-        Header {
-            id: MessageId::random(),
-            to: Destination::Peer(to),
-            sent_at_ms: kith_node::clock::now_ms(),
-            lamport,
-            expires_at_ms: None,
-        },
-        &Body::Chat { text: text.into() },
-    )?)
-}
-
 /// Each honest message: when it was due, and its latency if it was accepted.
 type Sent = Arc<Mutex<Vec<(Instant, Option<Duration>)>>>;
 
@@ -271,12 +255,12 @@ impl Honest {
                 let mut tick =
                     tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let mut lamport = 0;
+                let mut req_id = 0;
                 while !st.load(Ordering::Relaxed) {
                     let due = tick.tick().await.into_std();
-                    lamport += 1;
-                    let envelope = chat(&key, node, lamport, &"h".repeat(200))?;
-                    let request = Message::Valid(dm::Request::new(lamport, envelope));
+                    req_id += 1;
+                    let envelope = payload_envelope(&key, node, 200);
+                    let request = Message::Valid(dm::Request::new(req_id, envelope));
                     let accepted = matches!(
                         raw.dm(node, &addr, request).await,
                         Ok(dm::Response::Accepted { .. })
@@ -465,14 +449,13 @@ async fn garbage(peer: PeerId, addr: Multiaddr, c: Arc<Counters>) -> Result<()> 
 
 /// Well-formed chats from strangers, each identity until the node refuses it.
 async fn stranger_flood(peer: PeerId, addr: Multiaddr, c: Arc<Counters>) -> Result<()> {
-    let text = "s".repeat(1024);
     loop {
         let mut raw = RawPeer::new()?;
         let key = raw.key.clone();
-        for lamport in 1.. {
+        for req_id in 1.. {
             c.add(1);
             let request =
-                Message::Valid(dm::Request::new(lamport, chat(&key, peer, lamport, &text)?));
+                Message::Valid(dm::Request::new(req_id, payload_envelope(&key, peer, 1024)));
             if !matches!(
                 raw.dm(peer, &addr, request).await,
                 Ok(dm::Response::Accepted { .. })

@@ -386,32 +386,29 @@ impl Node {
     ) -> Result<group::Response, NodeError> {
         let (relay, addr) = Self::relay_of(state)?;
         let op = group::seal_op(self.key(), op, now_ms()).map_err(invalid)?;
-        let mut answer = None;
         // A relay that is busy (or holds back a connection it does not know yet) says when to
         // come back: the node waits that long, a few times, before it gives up.
-        for attempt in 0..=SUBMIT_BUSY_RETRIES {
+        let mut retries = 0;
+        let answer = loop {
             let request = group::Request::Submit {
                 req_id: self.req_id(),
                 op: op.clone(),
                 handshake: handshake.clone(),
             };
             let response = self.net().group(relay, vec![addr.clone()], request).await;
-            let wait = match &response {
+            match &response {
                 Ok(group::Response::Rejected {
                     reason: Reject::Busy { retry_after_ms },
                     ..
-                }) => Some(*retry_after_ms),
-                _ => None,
-            };
-            answer = Some(response);
-            let Some(wait) = wait.filter(|_| attempt < SUBMIT_BUSY_RETRIES) else {
-                break;
-            };
-            tracing::debug!(%relay, group = %state.group, wait, "the group's relay is busy; waiting as it asks");
-            tokio::time::sleep(Duration::from_millis(wait.min(SUBMIT_BUSY_MAX_WAIT_MS))).await;
-        }
-        let Some(answer) = answer else {
-            return Err(invalid("no answer from the group's relay"));
+                }) if retries < SUBMIT_BUSY_RETRIES => {
+                    retries += 1;
+                    let wait = *retry_after_ms;
+                    tracing::debug!(%relay, group = %state.group, wait, "the group's relay is busy; waiting as it asks");
+                    tokio::time::sleep(Duration::from_millis(wait.min(SUBMIT_BUSY_MAX_WAIT_MS)))
+                        .await;
+                }
+                _ => break response,
+            }
         };
         match answer {
             Ok(group::Response::Refused { reason, .. }) => Err(invalid(reason)),
