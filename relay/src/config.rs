@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 
+/// The most [`Config::max_pushes_per_recipient`] may be: half of the 512 streams a yamux
+/// connection carries, the rest for the recipient's own requests and relayed circuits.
+pub const MAX_PUSHES_PER_RECIPIENT: usize = 256;
+
 /// Everything a relay needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -162,6 +166,9 @@ pub struct Config {
     pub push_to_connected: bool,
     /// Mailbox: most pushes awaiting an answer; beyond that envelopes wait for a fetch.
     pub max_pending_pushes: usize,
+    /// Mailbox: most pushes awaiting an answer from one recipient (each is a stream on its
+    /// connection); the envelopes stored meanwhile are pushed once those are answered.
+    pub max_pushes_per_recipient: usize,
 
     /// Presence: longest silence after a node's heartbeat before it shows offline (a node may
     /// ask for less).
@@ -276,6 +283,7 @@ impl Default for Config {
             busy_retry_after_ms: 1_000,
             push_to_connected: true,
             max_pending_pushes: 4_096,
+            max_pushes_per_recipient: 64,
             presence_offline_after_ms: 30_000,
             presence_max_tracked_peers: 100_000,
             shed_enabled: true,
@@ -391,6 +399,12 @@ impl Config {
         }
         if !(0..=19).contains(&self.newcomer_lane_nice) {
             return invalid("newcomer_lane_nice", "must be 0 to 19");
+        }
+        if !(1..=MAX_PUSHES_PER_RECIPIENT).contains(&self.max_pushes_per_recipient) {
+            return invalid(
+                "max_pushes_per_recipient",
+                "must be 1 to 256 (a connection carries at most 512 streams)",
+            );
         }
         if self.max_streams_per_connection == 0 {
             return invalid("max_streams_per_connection", "must be above 0");
@@ -536,6 +550,24 @@ mod tests {
             match config.validate() {
                 Err(ConfigError::Invalid { field: named, .. }) => assert_eq!(named, field),
                 other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pushes_per_recipient_stay_below_a_connections_streams() {
+        for (value, ok) in [(0, false), (1, true), (256, true), (257, false)] {
+            let config = Config {
+                max_pushes_per_recipient: value,
+                ..Config::default()
+            };
+            match config.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert!(!ok, "{value} refused");
+                    assert_eq!(field, "max_pushes_per_recipient");
+                }
+                Err(other) => panic!("{other:?}"),
             }
         }
     }

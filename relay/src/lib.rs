@@ -49,6 +49,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod occupancy;
 pub mod presence;
+pub mod pushes;
 pub mod queues;
 pub mod quiet;
 pub mod requests;
@@ -337,6 +338,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             data_dir: data_dir.clone(),
             push_to_connected: config.push_to_connected,
             max_pending_pushes: config.max_pending_pushes,
+            max_pushes_per_recipient: config.max_pushes_per_recipient,
             refusal_log_interval_ms: config.refusal_log_interval_secs.saturating_mul(1_000),
             busy_retry_after_ms: config.busy_retry_after_ms,
             shed: shed::Policy {

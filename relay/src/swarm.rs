@@ -41,6 +41,7 @@ use crate::lanes::Lanes;
 use crate::mailbox::service::{self, Outcome, Push};
 use crate::metrics::Metrics;
 use crate::presence;
+use crate::pushes::{Admit, Pushes};
 use crate::requests::{self, Channel};
 use crate::shed;
 use crate::state_file;
@@ -374,6 +375,8 @@ pub struct TaskSettings {
     pub push_to_connected: bool,
     /// Most pushes awaiting an answer.
     pub max_pending_pushes: usize,
+    /// Most pushes awaiting one recipient's answer ([`crate::pushes`]).
+    pub max_pushes_per_recipient: usize,
     /// The delay a `Busy` answer asks for.
     pub busy_retry_after_ms: u64,
     /// Which work to shed under load.
@@ -395,7 +398,9 @@ pub struct Task {
     occupancy: crate::occupancy::Occupancy,
     settings: TaskSettings,
     pending: FuturesUnordered<Pending>,
-    pushes: HashMap<OutboundRequestId, (PeerId, u64)>,
+    pushes: Pushes,
+    /// Reads of held-back pushes from the mailbox ([`crate::pushes`]).
+    waiting: FuturesUnordered<BoxFuture<'static, Option<service::Waiting>>>,
     listen_addrs: Vec<Multiaddr>,
     presence: presence::Service,
     groups: Option<GroupGateway>,
@@ -416,6 +421,10 @@ impl Task {
         settings: TaskSettings,
     ) -> Self {
         let warnings = crate::quiet::Warnings::new(settings.refusal_log_interval_ms);
+        let pushes = Pushes::new(
+            settings.max_pushes_per_recipient,
+            settings.max_pending_pushes,
+        );
         Self {
             presence: presence::Service::new(settings.presence.clone(), metrics.clone()),
             swarm,
@@ -425,7 +434,8 @@ impl Task {
             occupancy: Default::default(),
             settings,
             pending: FuturesUnordered::new(),
-            pushes: HashMap::new(),
+            pushes,
+            waiting: FuturesUnordered::new(),
             listen_addrs,
             groups: None,
             blobs: None,
@@ -463,6 +473,9 @@ impl Task {
                 Some((peer, req_id, channel, outcome)) = self.pending.next(),
                     if !self.pending.is_empty() => {
                     self.answer(peer, req_id, channel, outcome);
+                }
+                Some(waiting) = self.waiting.next(), if !self.waiting.is_empty() => {
+                    self.on_waiting(waiting);
                 }
                 done = next_group(&mut self.groups) => self.on_group_done(done),
                 Some(done) = next_blob(&mut self.blobs) => {
@@ -574,17 +587,53 @@ impl Task {
             seq,
             envelope,
         } = push;
-        if !self.settings.push_to_connected
-            || !self.swarm.is_connected(&recipient)
-            || self.pushes.len() >= self.settings.max_pending_pushes
-        {
+        if !self.settings.push_to_connected || !self.swarm.is_connected(&recipient) {
+            return;
+        }
+        if self.pushes.admit(recipient, seq) == Admit::HeldBack {
+            self.metrics.limit_hit("pushes_per_recipient");
             return;
         }
         let id = self.swarm.behaviour_mut().requests.send_request(
             &recipient,
             requests::Request::Dm(Message::Valid(dm::Request::new(seq, envelope))),
         );
-        self.pushes.insert(id, (recipient, seq));
+        self.pushes.sent(id, recipient, seq);
+    }
+
+    /// A push was answered: once none of its recipient's is in flight, the envelopes held
+    /// back meanwhile are read from the mailbox to be pushed.
+    fn push_answered(&mut self, request_id: &OutboundRequestId) -> Option<(PeerId, u64)> {
+        let answered = self.pushes.answered(request_id)?;
+        if let Some(from) = answered.resume_from {
+            if self.swarm.is_connected(&answered.owner) {
+                let limit = self.pushes.per_recipient() as u32;
+                match self.mailbox.try_waiting(answered.owner, from, limit) {
+                    Ok(rx) => self.waiting.push(Box::pin(async move { rx.await.ok() })),
+                    // The recipient fetches them itself.
+                    Err(service::Busy) => {
+                        tracing::debug!(owner = %answered.owner, "mailbox busy; held-back pushes wait for a fetch");
+                    }
+                }
+            }
+        }
+        Some((answered.owner, answered.seq))
+    }
+
+    /// Held-back envelopes read from a mailbox: pushed, and the rest held back again.
+    fn on_waiting(&mut self, waiting: Option<service::Waiting>) {
+        let Some(service::Waiting { pushes, more }) = waiting else {
+            return;
+        };
+        let next = pushes.last().map(|p| (p.recipient, p.seq.saturating_add(1)));
+        for push in pushes {
+            self.push(push);
+        }
+        if let (true, Some((owner, from))) = (more, next) {
+            if self.swarm.is_connected(&owner) {
+                self.pushes.hold_from(owner, from);
+            }
+        }
     }
 
     fn respond_now(
@@ -826,7 +875,7 @@ impl Task {
     }
 
     fn on_pushed(&mut self, peer: PeerId, request_id: OutboundRequestId, response: dm::Response) {
-        let Some((owner, seq)) = self.pushes.remove(&request_id) else {
+        let Some((owner, seq)) = self.push_answered(&request_id) else {
             return;
         };
         match response {
@@ -848,7 +897,7 @@ impl Task {
         request_id: OutboundRequestId,
         error: OutboundFailure,
     ) {
-        self.pushes.remove(&request_id);
+        self.push_answered(&request_id);
         tracing::debug!(%peer, %error, "push failed; entry stays for a fetch");
     }
 
@@ -935,6 +984,7 @@ impl Task {
                 tracing::debug!(peer = %peer_id, ?cause, "disconnected");
                 self.metrics.connections.dec();
                 if num_established == 0 {
+                    self.pushes.disconnected(&peer_id);
                     self.presence.disconnected(&peer_id);
                     self.occupancy.disconnected(&peer_id);
                     self.count_occupancy();

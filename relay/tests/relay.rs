@@ -255,6 +255,46 @@ async fn deposit_for_a_connected_recipient_is_pushed_and_removed() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_has_a_bounded_number_of_pushes_in_flight_and_gets_the_rest_after() -> Result {
+    const CAP: usize = 8;
+    const SENT: usize = 100;
+    let dir = tempfile::tempdir()?;
+    let relay = kith_relay::start(kith_relay::Config {
+        max_pushes_per_recipient: CAP,
+        ..config(dir.path())
+    })
+    .await?;
+    let mut bob = Client::connect(&relay).await?;
+    bob.hold_pushes();
+    let mut alice = Client::connect(&relay).await?;
+    let mut sent = Vec::new();
+    for i in 0..SENT {
+        let envelope = alice.seal(bob.peer_id, &format!("m{i:03}"));
+        assert_stored(&alice.deposit(envelope.clone()).await?);
+        sent.push(envelope);
+    }
+    // Each deposit's push was admitted or held back before its answer left.
+    let metrics = relay.metrics().encode();
+    let held_back = format!("limit=\"pushes_per_recipient\"}} {}", SENT - CAP);
+    assert!(metrics.contains(&held_back), "{metrics}");
+    bob.wait_pushes(CAP).await?;
+    assert_eq!(bob.held.len(), CAP);
+
+    // Once bob answers, the held-back ones come from the mailbox, in order, CAP at a time.
+    bob.release_pushes();
+    bob.wait_pushes(SENT).await?;
+    assert_eq!(bob.pushes, sent, "each once, in order");
+    let bob_id = bob.peer_id;
+    eventually("every pushed entry removed", || async {
+        let usage = relay.mailbox_usage(Some(bob_id)).await.ok()?;
+        (usage.messages == 0).then_some(())
+    })
+    .await?;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_mailbox_answers_quota_exceeded() -> Result {
     let dir = tempfile::tempdir()?;
     let relay = kith_relay::start(kith_relay::Config {

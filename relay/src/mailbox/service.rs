@@ -125,6 +125,22 @@ enum Command {
         envelope: Box<Envelope>,
         reply: oneshot::Sender<FanOut>,
     },
+    Waiting {
+        owner: PeerId,
+        from: u64,
+        limit: u32,
+        reply: oneshot::Sender<Waiting>,
+    },
+}
+
+/// Entries of one mailbox still waiting, to push to their connected recipient
+/// ([`Handle::try_waiting`]).
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// Oldest first.
+    pub pushes: Vec<Push>,
+    /// Whether more wait after them.
+    pub more: bool,
 }
 
 /// A group message stored in many mailboxes (server-side fan-out), waiting for its flush.
@@ -209,6 +225,28 @@ impl Handle {
         Ok(rx)
     }
 
+    /// Up to `limit` entries of `owner`'s mailbox from sequence number `from` on, oldest first,
+    /// without waiting: for pushes that were held back while too many were in flight
+    /// ([`crate::pushes`]).
+    pub fn try_waiting(
+        &self,
+        owner: PeerId,
+        from: u64,
+        limit: u32,
+    ) -> Result<oneshot::Receiver<Waiting>, Busy> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .users()
+            .try_send(Command::Waiting {
+                owner,
+                from,
+                limit,
+                reply,
+            })
+            .map_err(|_| Busy)?;
+        Ok(rx)
+    }
+
     /// Entries and bytes waiting for `owner`, or in all mailboxes.
     pub async fn usage(&self, owner: Option<PeerId>) -> Result<Usage, Stopped> {
         let (reply, rx) = oneshot::channel();
@@ -253,6 +291,7 @@ impl std::fmt::Debug for Command {
             Command::Usage { .. } => f.write_str("Usage"),
             Command::Purge { .. } => f.write_str("Purge"),
             Command::FanOut { recipients, .. } => write!(f, "FanOut({})", recipients.len()),
+            Command::Waiting { owner, from, .. } => write!(f, "Waiting({owner}, {from})"),
         }
     }
 }
@@ -550,6 +589,34 @@ impl Service {
                 envelope,
                 reply,
             } => self.fan_out(recipients, *envelope, reply, jobs),
+            Command::Waiting {
+                owner,
+                from,
+                limit,
+                reply,
+            } => {
+                let after = from.checked_sub(1);
+                let waiting = match self.store.fetch(&owner, after, limit, usize::MAX) {
+                    Ok(page) => Waiting {
+                        pushes: page
+                            .items
+                            .into_iter()
+                            .map(|item| Push {
+                                recipient: owner,
+                                seq: item.seq,
+                                envelope: item.envelope,
+                            })
+                            .collect(),
+                        more: page.more,
+                    },
+                    Err(e) => {
+                        // The entries stay for the recipient's own fetch, which reports it.
+                        tracing::warn!(%owner, error = %e, "cannot read a mailbox to push");
+                        Waiting::default()
+                    }
+                };
+                let _ = reply.send(waiting);
+            }
         }
     }
 

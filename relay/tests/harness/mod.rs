@@ -83,6 +83,10 @@ pub struct Client {
     pub peer_id: PeerId,
     pub relay: PeerId,
     pub pushes: Vec<Envelope>,
+    /// Pushes received and not answered yet ([`Client::hold_pushes`]).
+    pub held: Vec<(u64, request_response::ResponseChannel<dm::Response>)>,
+    /// Whether pushes are held unanswered instead of accepted.
+    hold: bool,
     swarm: Swarm<ClientBehaviour>,
     next_req: u64,
 }
@@ -134,6 +138,8 @@ impl Client {
             keypair,
             relay: peer,
             pushes: Vec::new(),
+            held: Vec::new(),
+            hold: false,
             swarm,
             next_req: 1,
         };
@@ -197,6 +203,10 @@ impl Client {
         {
             let req_id = request.req_id;
             self.pushes.push(request.envelope);
+            if self.hold {
+                self.held.push((req_id, channel));
+                return;
+            }
             let _ = self
                 .swarm
                 .behaviour_mut()
@@ -291,7 +301,25 @@ impl Client {
             .await
     }
 
-    /// Drives the swarm until `count` pushes have been accepted.
+    /// From now on pushes are held unanswered (the relay sees them in flight) until
+    /// [`Client::release_pushes`].
+    pub fn hold_pushes(&mut self) {
+        self.hold = true;
+    }
+
+    /// Accepts the held pushes, and the ones to come at once.
+    pub fn release_pushes(&mut self) {
+        self.hold = false;
+        for (req_id, channel) in self.held.drain(..) {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .dm
+                .send_response(channel, dm::Response::Accepted { req_id });
+        }
+    }
+
+    /// Drives the swarm until `count` pushes have been received (and accepted, unless held).
     pub async fn wait_pushes(&mut self, count: usize) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while self.pushes.len() < count {
