@@ -625,7 +625,9 @@ impl Task {
         let Some(service::Waiting { pushes, more }) = waiting else {
             return;
         };
-        let next = pushes.last().map(|p| (p.recipient, p.seq.saturating_add(1)));
+        let next = pushes
+            .last()
+            .map(|p| (p.recipient, p.seq.saturating_add(1)));
         for push in pushes {
             self.push(push);
         }

@@ -415,3 +415,54 @@ async fn files_that_cannot_be_had_now_do_not_hold_up_the_others() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_sent_tick_waits_until_every_relay_of_the_recipient_holds_it() -> anyhow::Result<()>
+{
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let (_first, first_addr) = start_relay(&dir.path().join("first"), |_| {}).await?;
+    let second_dir = dir.path().join("second");
+    let (second, second_addr) = start_relay(&second_dir, |_| {}).await?;
+    let alice = TestNode::start("alice", vec![first_addr.clone()]).await?;
+    let mut bob = TestNode::start("bob", vec![first_addr, second_addr.clone()]).await?;
+    bob.node()
+        .add_contact("alice", &alice.node().invite().encode(), &[])
+        .await?;
+    alice
+        .node()
+        .add_contact("bob", &bob.node().invite().encode(), &[])
+        .await?;
+    let hello = alice.node().send("bob", "hello", None).await?;
+    wait_for("hello delivered", || async {
+        (alice.state(&hello.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    bob.stop().await;
+
+    // Bob's second relay is down: the first takes the message, the upload to the second waits.
+    second.shutdown().await?;
+    let path = write_file(dir.path(), "notes.bin", MIB, 3)?;
+    let file = alice.node().send_file("bob", &path).await?;
+    wait_for("the first relay took the message", || async {
+        (alice.node().health().await.pending_outbox == 0).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        alice.state(&file.id),
+        Some(MessageState::Pending),
+        "not sent while a relay of bob's lacks the file"
+    );
+
+    // The second relay comes back where it was: the upload ends, and only then is it sent.
+    let listen: Multiaddr = second_addr
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect();
+    let (_second, _) = start_relay(&second_dir, |c| c.listen = vec![listen]).await?;
+    wait_for("sent once both relays hold it", || async {
+        (alice.state(&file.id) == Some(MessageState::Sent)).then_some(())
+    })
+    .await?;
+    Ok(())
+}

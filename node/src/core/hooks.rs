@@ -215,6 +215,13 @@ pub trait Gate: Send + Sync + 'static {
 
 /// What a file adds to a message.
 pub trait Files: Send + Sync + 'static {
+    /// Whether the `sent` tick of the outgoing message `id`, which a relay now holds, waits
+    /// for its file's upload (the relay does not hold every blob yet). The feature records
+    /// the wait and moves the tick itself once the upload is done.
+    fn holds_sent(&self, _node: &Node, _id: &MessageId) -> bool {
+        false
+    }
+
     /// The views with their attachments filled in.
     fn with_attachments(&self, _node: &Node, views: Vec<MessageView>) -> Vec<MessageView> {
         views

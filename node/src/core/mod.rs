@@ -2330,6 +2330,7 @@ impl Node {
         }
         let state = match &outcome {
             Outcome::Delivered => Some(MessageState::Delivered),
+            Outcome::Sent if is_chat && self.sent_waits_for_upload(&id) => None,
             Outcome::Sent => Some(MessageState::Sent),
             _ => None,
         };
@@ -2416,6 +2417,30 @@ impl Node {
         }
     }
 
+    /// Records the `sent` tick of outgoing message `id` that waited for its file's upload
+    /// (for a group's, every member's).
+    pub(crate) fn record_sent(&self, id: &MessageId, group: bool) {
+        let recorded = if group {
+            self.inner
+                .plugins
+                .rooms
+                .advance_members(self, id, None, MessageState::Sent)
+                .map_err(|e| e.to_string())
+        } else {
+            self.advance(&self.inner.me, id, MessageState::Sent)
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = recorded {
+            tracing::error!(%id, error = %e, "cannot record a sent tick");
+        }
+    }
+
+    /// Whether the `sent` tick of message `id` waits for its file's upload: `sent` means a
+    /// relay holds the message and everything the recipient needs to open it.
+    fn sent_waits_for_upload(&self, id: &MessageId) -> bool {
+        self.inner.plugins.files.holds_sent(self, id)
+    }
+
     /// Whether a re-send (see `crypto::session`) took the place of `entry` in the outbox while
     /// this attempt ran: the new entry stays, due; only the old copy's tick is recorded.
     fn replaced(&self, entry: &OutboxEntry, outcome: &Outcome) -> bool {
@@ -2425,6 +2450,7 @@ impl Node {
         }
         let state = match outcome {
             Outcome::Delivered => Some(MessageState::Delivered),
+            Outcome::Sent if self.sent_waits_for_upload(&id) => None,
             Outcome::Sent => Some(MessageState::Sent),
             _ => None,
         };

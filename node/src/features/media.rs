@@ -109,6 +109,10 @@ pub(crate) struct Record {
     pub uploaded: bool,
     /// Outgoing: the relays to upload to (multiaddrs ending in `/p2p/<relay>`).
     pub relays: Vec<String>,
+    /// Outgoing: a relay took the message before the upload ended; its `sent` tick waits for
+    /// the upload ([`Files::holds_sent`]).
+    #[serde(default)]
+    pub sent_waits: bool,
 }
 
 impl From<&Record> for AttachmentView {
@@ -163,6 +167,9 @@ pub(crate) struct State {
     /// The last progress step announced per transfer (message, upload?): `progress` events
     /// come once per step, not once per chunk.
     progress_steps: Mutex<HashMap<(MessageId, bool), u64>>,
+    /// Held while an outgoing record's `uploaded` or `sent_waits` changes: the upload's end
+    /// and a relay taking the message may come at once.
+    sent_lock: Mutex<()>,
 }
 
 /// `progress` events a transfer announces at most, besides its end.
@@ -212,6 +219,7 @@ impl Default for State {
             refused: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             progress_steps: Mutex::new(HashMap::new()),
+            sent_lock: Mutex::new(()),
         }
     }
 }
@@ -1047,6 +1055,7 @@ impl Node {
             ),
             uploaded: relays.is_empty(),
             relays,
+            sent_waits: false,
         };
         let mut batch = Batch::new();
         batch.put_attachment(&id, &record);
@@ -1125,6 +1134,7 @@ impl Node {
             path: None,
             uploaded: false,
             relays: Vec::new(),
+            sent_waits: false,
         };
         batch.put_attachment(&envelope.id, &record);
     }
@@ -1314,9 +1324,9 @@ impl Node {
 
     /// One round of uploading every blob of an outgoing file to every target relay.
     async fn upload(&self, id: MessageId) -> Result<(), TransferError> {
-        let lock = self.transfer_lock(id);
-        let _guard = lock.lock().await;
-        let mut record = self.record(&id).map_err(local)?;
+        let transfer = self.transfer_lock(id);
+        let _guard = transfer.lock().await;
+        let record = self.record(&id).map_err(local)?;
         if record.uploaded {
             return Ok(());
         }
@@ -1414,11 +1424,21 @@ impl Node {
                 detail: failures.join("; "),
             });
         }
-        record.uploaded = true;
-        let mut batch = Batch::new();
-        batch.put_attachment(&id, &record);
-        self.store().commit(batch).await.map_err(local)?;
+        let sent_waits = {
+            let _record = lock(&self.media().sent_lock);
+            // Read again: a relay may have taken the message meanwhile.
+            let mut record = self.record(&id).map_err(local)?;
+            record.uploaded = true;
+            let mut batch = Batch::new();
+            batch.put_attachment(&id, &record);
+            self.store().apply(batch).map_err(local)?;
+            record.sent_waits
+        };
+        self.store().flush().await.map_err(local)?;
         tracing::info!(%id, relays = record.relays.len(), "file uploaded");
+        if sent_waits {
+            self.record_sent(&id, record.group.is_some());
+        }
         // The relays hold every chunk now: the pack, a sealed copy of the whole file, is no
         // longer worth its disk space. Chunks asked of this node are sealed again from the file.
         let pack = self.blobs_dir().join(pack_name(&id));
@@ -2090,6 +2110,25 @@ impl Feature for State {
 }
 
 impl Files for State {
+    fn holds_sent(&self, node: &Node, id: &MessageId) -> bool {
+        let _record = lock(&self.sent_lock);
+        let Ok(Some(mut record)) = node.store().attachment::<Record>(id) else {
+            return false;
+        };
+        if record.direction != Direction::Out || record.uploaded {
+            return false;
+        }
+        record.sent_waits = true;
+        let mut batch = Batch::new();
+        batch.put_attachment(id, &record);
+        if let Err(e) = node.store().apply(batch) {
+            // The tick then shows at once, as before uploads held it.
+            tracing::error!(%id, error = %e, "cannot record that a sent tick waits for the upload");
+            return false;
+        }
+        true
+    }
+
     fn with_attachments(&self, node: &Node, views: Vec<MessageView>) -> Vec<MessageView> {
         node.with_attachments(views)
     }
