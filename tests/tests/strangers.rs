@@ -690,3 +690,138 @@ async fn send_envelope(
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
 }
+
+/// Strangers holding dm streams (one byte of a request on each, and no more) get at most a few
+/// each and a share of the node's streams all together: a contact's message still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_holding_dm_streams_get_their_share_and_a_contact_its_room() -> anyhow::Result<()>
+{
+    use futures::{AsyncWriteExt, StreamExt};
+    use kith_node::core::admission::{MAX_STRANGER_STREAMS, MAX_STREAMS_PER_STRANGER};
+    const STRANGERS: usize = 40;
+    const EACH: usize = 8;
+    const { assert!(EACH > MAX_STREAMS_PER_STRANGER) };
+    const { assert!(STRANGERS * MAX_STREAMS_PER_STRANGER > MAX_STRANGER_STREAMS) };
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let tcp = bob
+        .node()
+        .listen_addrs()
+        .await
+        .into_iter()
+        .find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+        })
+        .expect("bob listens on TCP");
+
+    let mut strangers = tokio::task::JoinSet::new();
+    let to = bob.peer_id();
+    for _ in 0..STRANGERS {
+        let tcp = tcp.clone();
+        strangers.spawn(async move {
+            let (events, _inbound) = tokio::sync::mpsc::channel(8);
+            let (behaviour, streams) = kith_node::net::dm_streams::Behaviour::new(
+                libp2p::StreamProtocol::new(kith_protocol::dm::PROTOCOL),
+                events,
+            );
+            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(
+                    libp2p::tcp::Config::default(),
+                    libp2p::noise::Config::new,
+                    libp2p::yamux::Config::default,
+                )?
+                .with_behaviour(|_| behaviour)?
+                .with_swarm_config(|c| {
+                    c.with_idle_connection_timeout(std::time::Duration::from_secs(60))
+                })
+                .build();
+            swarm.dial(tcp)?;
+            let driver = tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            });
+            let mut held = Vec::new();
+            for _ in 0..EACH {
+                let mut taken = wait_for("a ready stream", || async { streams.take(to) }).await?;
+                // Written whether or not the node keeps it: one it drops is reset.
+                let _ = taken.stream.write_all(&[0]).await;
+                let _ = taken.stream.flush().await;
+                held.push(taken);
+            }
+            // Held until the test ends.
+            std::future::pending::<()>().await;
+            drop((held, driver));
+            anyhow::Ok(())
+        });
+    }
+    // The node serves exactly the strangers' share (their streams wait for the rest of their
+    // requests, for up to the request timeout).
+    wait_for("the strangers' share taken", || async {
+        (bob.node().inbound_dm_streams() >= MAX_STRANGER_STREAMS).then_some(())
+    })
+    .await?;
+    assert_eq!(bob.node().inbound_dm_streams(), MAX_STRANGER_STREAMS);
+
+    let wait = Some(std::time::Duration::from_secs(5));
+    let sent = alice.node().send("bob", "through", wait).await?;
+    assert_eq!(sent.state, MessageState::Delivered);
+    strangers.abort_all();
+    Ok(())
+}
+
+/// Strangers' messages are rated, all strangers together: beyond a burst the node answers
+/// `Busy` and says when to come back, before storing anything; a stranger that waits gets
+/// through again, and a contact is not rated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_messages_beyond_their_rate_are_asked_to_wait() -> anyhow::Result<()> {
+    use kith_node::core::admission::{STRANGER_REQUESTS_PER_SEC, STRANGER_REQUEST_BURST};
+    use kith_protocol::dm;
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let addr = bob.addr().await;
+    let to = bob.peer_id();
+    let mut stranger = RawPeer::new()?;
+    let started = std::time::Instant::now();
+    let (mut accepted, mut wait) = (0u64, None);
+    for req_id in 0..u64::from(3 * STRANGER_REQUEST_BURST) {
+        let request = dm::Request::new(req_id, chat(&stranger.key, to, "hi")?);
+        match stranger.dm(to, &addr, Message::Valid(request)).await? {
+            dm::Response::Accepted { .. } => accepted += 1,
+            dm::Response::Rejected {
+                reason: Reject::Busy { retry_after_ms },
+                req_id: answered,
+            } => {
+                assert_eq!(answered, req_id);
+                wait = Some(retry_after_ms);
+                break;
+            }
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+    let wait = wait.expect("the stranger was asked to wait");
+    let refill = started.elapsed().as_secs_f64() * f64::from(STRANGER_REQUESTS_PER_SEC);
+    assert!(accepted >= u64::from(STRANGER_REQUEST_BURST));
+    assert!(accepted as f64 <= f64::from(STRANGER_REQUEST_BURST) + refill + 1.0);
+    assert!(wait > 0 && wait <= 1_000 / u64::from(STRANGER_REQUESTS_PER_SEC) + 1);
+    let held = bob.node().requests()?.first().map_or(0, |r| r.messages);
+    assert_eq!(held as u64, accepted, "nothing stored for the refused one");
+
+    // Waiting as asked, it gets through.
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    assert!(send_chat(&mut stranger, to, &addr, "after the wait").await?);
+
+    // A contact's messages are not rated.
+    let mut friend = RawPeer::new()?;
+    let friend_id = friend.key.public().to_peer_id().to_string();
+    bob.node().add_contact("friend", &friend_id, &[]).await?;
+    for _ in 0..3 * STRANGER_REQUEST_BURST {
+        assert!(send_chat(&mut friend, to, &addr, "hello").await?);
+    }
+    Ok(())
+}

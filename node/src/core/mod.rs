@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+pub mod admission;
 mod backpressure;
 pub(crate) mod claims;
 pub(crate) mod contacts;
@@ -59,6 +60,9 @@ const KEY_CACHE_CAPACITY: usize = 256;
 
 /// At most one WARN line a minute per peer about its undecodable requests.
 const MALFORMED_LOG_INTERVAL_MS: u64 = 60_000;
+
+/// Strangers' dm requests handled at once ([`admission`]).
+const STRANGER_SLOTS: usize = 4;
 
 use crate::clock::now_ms;
 use inbound::Checked;
@@ -236,6 +240,13 @@ struct Inner {
     inbound: Mutex<Option<JoinSet<()>>>,
     /// Inbound `/kith/dm/1` requests handled at once (verified, stored and flushed).
     inbound_slots: Semaphore,
+    /// Who holds the inbound `/kith/dm/1` streams ([`admission`]).
+    admission: admission::Admission,
+    /// Strangers' requests handled at once, of `inbound_slots`: contacts never wait behind
+    /// more than these.
+    stranger_slots: Semaphore,
+    /// The rate of strangers' requests, all strangers together ([`admission`]).
+    stranger_rate: admission::StrangerRate,
     next_req_id: std::sync::atomic::AtomicU64,
     /// The features plugged in ([`hooks`]).
     plugins: hooks::Plugins,
@@ -533,6 +544,9 @@ impl Node {
                 attempts: Mutex::new(JoinSet::new()),
                 inbound: Mutex::new(Some(JoinSet::new())),
                 inbound_slots: Semaphore::new(max_in_flight),
+                admission: admission::Admission::default(),
+                stranger_slots: Semaphore::new(STRANGER_SLOTS),
+                stranger_rate: admission::StrangerRate::default(),
                 next_req_id: std::sync::atomic::AtomicU64::new(1),
                 plugins,
                 pending_reasons: Mutex::new(HashMap::new()),
@@ -1404,25 +1418,62 @@ impl Node {
         None
     }
 
-    /// Serves an inbound `/kith/dm/1` stream on a task of its own.
+    /// Serves an inbound `/kith/dm/1` stream on a task of its own, if `peer` has room for one
+    /// ([`admission`]).
     fn spawn_serve_dm(&self, peer: PeerId, stream: libp2p::Stream) {
+        let standing = self.standing(&peer);
+        let ticket = match self.inner.admission.admit(peer, standing) {
+            Ok(ticket) => ticket,
+            Err(full) => {
+                // The sender sees its stream reset and tries again later.
+                tracing::debug!(%peer, ?standing, limit = full.name(), "no room for an inbound dm stream; dropping it");
+                return;
+            }
+        };
         let node = self.clone();
         let mut inbound = self.inner.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let Some(inbound) = inbound.as_mut() else {
             return; // Shutting down.
         };
         while inbound.try_join_next().is_some() {}
-        if inbound.len() >= crate::net::dm_streams::MAX_INBOUND_STREAMS {
-            tracing::debug!(%peer, "too many inbound dm streams; dropping one");
-            return;
+        inbound.spawn(async move {
+            let _ticket = ticket;
+            node.serve_dm(peer, standing, stream).await
+        });
+    }
+
+    /// Inbound `/kith/dm/1` streams being served, all peers together.
+    pub fn inbound_dm_streams(&self) -> usize {
+        self.inner.admission.len()
+    }
+
+    /// Whether `peer` is a home relay, a contact or a stranger.
+    fn standing(&self, peer: &PeerId) -> admission::Standing {
+        if self.inner.home_relays.contains_key(peer) {
+            admission::Standing::Relay
+        } else if self
+            .inner
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(peer)
+        {
+            admission::Standing::Contact
+        } else {
+            admission::Standing::Stranger
         }
-        inbound.spawn(async move { node.serve_dm(peer, stream).await });
     }
 
     /// Serves one inbound `/kith/dm/1` stream: the request, then the answer once what it
     /// carries is on disk. A slot (of `max_in_flight`) is taken only once the request is read,
-    /// so that peers who open streams and send nothing (or slowly) hold up no one else.
-    async fn serve_dm(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    /// so that peers who open streams and send nothing (or slowly) hold up no one else. A
+    /// stranger's request must also fit the strangers' rate and take one of their few slots.
+    async fn serve_dm(
+        &self,
+        peer: PeerId,
+        standing: admission::Standing,
+        mut stream: libp2p::Stream,
+    ) {
         let request = match net::read_dm(&mut stream).await {
             Ok(request) => request,
             Err(e) => {
@@ -1430,6 +1481,29 @@ impl Node {
                 return;
             }
         };
+        let mut _stranger_slot = None;
+        if standing == admission::Standing::Stranger {
+            if let Err(wait) = self.inner.stranger_rate.take(now_ms()) {
+                let req_id = match &request {
+                    Message::Valid(request) => request.req_id,
+                    _ => 0,
+                };
+                let busy = dm::Response::Rejected {
+                    req_id,
+                    reason: Reject::Busy {
+                        retry_after_ms: wait,
+                    },
+                };
+                if let Err(e) = net::answer_dm(stream, busy).await {
+                    tracing::debug!(%peer, error = %e, "dm answer not sent");
+                }
+                return;
+            }
+            let Ok(slot) = self.inner.stranger_slots.acquire().await else {
+                return;
+            };
+            _stranger_slot = Some(slot);
+        }
         let Ok(_slot) = self.inner.inbound_slots.acquire().await else {
             return;
         };

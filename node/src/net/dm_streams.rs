@@ -45,11 +45,6 @@ use crate::net::Event;
 /// Outbound streams each connection keeps ready for requests.
 pub const SPARE_STREAMS: usize = 2;
 
-/// Most inbound dm streams a node serves at once, all peers together; a stream beyond it is
-/// dropped (its sender retries). Each holds at most what its sender has sent of its request
-/// (the codec's buffer grows as bytes arrive) and lives at most the request timeout.
-pub const MAX_INBOUND_STREAMS: usize = 1_024;
-
 /// The behaviour: one [`Handler`] per connection.
 pub struct Behaviour {
     shared: Arc<Shared>,
