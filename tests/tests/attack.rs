@@ -98,8 +98,8 @@ async fn garbage_from_one_peer_is_counted_not_logged_each_time() -> anyhow::Resu
 }
 
 /// The node's side of the harness: one short round (baseline and the stranger flood) against
-/// the debug `kith` binary. No timing is asserted: only that the attack ran, that every honest
-/// message of the unattacked node was accepted, and that the strangers' messages were stored.
+/// the debug `kith` binary. No timing is asserted: only that the attack ran alongside the
+/// honest sender, and that every honest message of the unattacked node was accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_node_attack_round_runs_and_the_baseline_accepts_everything() -> anyhow::Result<()>
 {
@@ -113,7 +113,7 @@ async fn a_short_node_attack_round_runs_and_the_baseline_accepts_everything() ->
     assert!(baseline.honest_sent > 0, "{baseline:?}");
     assert_eq!(baseline.honest_failed, 0, "{baseline:?}");
     assert!(flood.attempted > 0, "{flood:?}");
-    assert!(flood.disk_growth_mib > 0.0, "{flood:?}");
+    assert!(flood.honest_sent > 0, "{flood:?}");
     assert!(node::markdown(&rows).contains("| stranger-flood |"));
     Ok(())
 }

@@ -42,14 +42,18 @@ pub enum NodeAttack {
     /// Fresh identities send well-formed 1 KiB chats as fast as the node answers, each until
     /// the node refuses it (its request is full), then a new one (the requests list's disk).
     StrangerFlood,
+    /// Fresh identities connect, stay a second saying nothing, and come back as new ones
+    /// (handshakes, connection limits).
+    ConnectionFlood,
 }
 
 impl NodeAttack {
     /// Every attack on a node, in the order the benchmark runs them.
-    pub const ALL: [NodeAttack; 3] = [
+    pub const ALL: [NodeAttack; 4] = [
         NodeAttack::BigFrames,
         NodeAttack::Garbage,
         NodeAttack::StrangerFlood,
+        NodeAttack::ConnectionFlood,
     ];
 
     /// The attack's name in the table.
@@ -58,6 +62,7 @@ impl NodeAttack {
             NodeAttack::BigFrames => "dm-big-frames",
             NodeAttack::Garbage => "dm-garbage",
             NodeAttack::StrangerFlood => "stranger-flood",
+            NodeAttack::ConnectionFlood => "connection-flood",
         }
     }
 
@@ -75,6 +80,10 @@ impl NodeAttack {
             NodeAttack::StrangerFlood => format!(
                 "{} tasks send well-formed 1 KiB chats from strangers as fast as the node answers, each identity until the node refuses it, then a fresh one",
                 4 * scale
+            ),
+            NodeAttack::ConnectionFlood => format!(
+                "{} tasks each connect as a fresh identity, stay a second without a request, and reconnect as a new one",
+                20 * scale
             ),
         }
     }
@@ -378,6 +387,7 @@ fn launch(
         NodeAttack::BigFrames => (20 * scale, |p, a, c| Box::pin(big_frames(p, a, c))),
         NodeAttack::Garbage => (4 * scale, |p, a, c| Box::pin(garbage(p, a, c))),
         NodeAttack::StrangerFlood => (4 * scale, |p, a, c| Box::pin(stranger_flood(p, a, c))),
+        NodeAttack::ConnectionFlood => (20 * scale, |p, a, c| Box::pin(connection_flood(p, a, c))),
     };
     for _ in 0..count {
         let attacker = make(peer, addr.clone(), counters.clone());
@@ -463,5 +473,22 @@ async fn stranger_flood(peer: PeerId, addr: Multiaddr, c: Arc<Counters>) -> Resu
                 break;
             }
         }
+    }
+}
+
+/// Connections from fresh identities that say nothing: each stays a second, then a new
+/// identity connects in its place.
+async fn connection_flood(_peer: PeerId, addr: Multiaddr, c: Arc<Counters>) -> Result<()> {
+    loop {
+        let mut raw = RawPeer::new()?;
+        c.add(1);
+        raw.swarm.dial(addr.clone())?;
+        // Kept polled for a second (the handshake and the idle connection), then dropped.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                raw.swarm.select_next_some().await;
+            }
+        })
+        .await;
     }
 }
