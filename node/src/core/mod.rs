@@ -222,7 +222,8 @@ struct Inner {
     home_relays: HashMap<PeerId, Multiaddr>,
     /// Per-conversation Lamport clocks, kept here so concurrent sends never share a value.
     lamports: Mutex<HashMap<PeerId, u64>>,
-    /// WARN lines about undecodable requests, rate-limited per peer and for new peers.
+    /// WARN lines about undecodable requests and undecryptable messages, rate-limited per peer
+    /// and for new peers.
     malformed_warnings: Mutex<kith_relay::quiet::Warnings>,
     /// Senders' decoded public keys, so a contact's key is not decoded again for each envelope.
     keys: Mutex<Keys>,
@@ -1483,11 +1484,17 @@ impl Node {
         };
         let mut _stranger_slot = None;
         if standing == admission::Standing::Stranger {
-            if let Err(wait) = self.inner.stranger_rate.take(now_ms()) {
-                let req_id = match &request {
-                    Message::Valid(request) => request.req_id,
-                    _ => 0,
-                };
+            // Undecodable requests are not rated: they are struck, which bans their sender.
+            let rated = match &request {
+                Message::Valid(request) => self
+                    .inner
+                    .stranger_rate
+                    .take(now_ms())
+                    .err()
+                    .map(|wait| (request.req_id, wait)),
+                _ => None,
+            };
+            if let Some((req_id, wait)) = rated {
                 let busy = dm::Response::Rejected {
                     req_id,
                     reason: Reject::Busy {

@@ -379,7 +379,15 @@ impl Node {
         new_session: bool,
     ) -> Result<(), Reject> {
         let from = envelope.from;
-        tracing::warn!(%from, id = %envelope.id, reason = why, "could not decrypt a message; asking the sender to send it again");
+        {
+            // At most a line a minute per sender (then a count): a stranger can send many.
+            let mut warnings = self
+                .inner
+                .malformed_warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            kith_relay::warn_refused!(warnings, now_ms(), from, id = %envelope.id, reason = why, "could not decrypt a message; asking the sender to send it again");
+        }
         let fail = |e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot store an undecryptable message");
             Reject::StoreFailed
