@@ -80,6 +80,30 @@ where
     }
 }
 
+/// A fresh identity dialling `addr` with `dm_streams`' behaviour on `protocol`: its connection
+/// keeps raw streams ready to take ([`kith_node::net::dm_streams::Streams::take`]), on which a
+/// test writes what it wants. The swarm runs until the returned task is aborted.
+pub fn raw_streams(
+    addr: &Multiaddr,
+    protocol: &'static str,
+) -> Result<(
+    kith_node::net::dm_streams::Streams,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (events, _inbound) = tokio::sync::mpsc::channel(8);
+    let (behaviour, streams) =
+        kith_node::net::dm_streams::Behaviour::new(libp2p::StreamProtocol::new(protocol), events);
+    let mut swarm = attack::attacks::tcp_swarm(Keypair::generate_ed25519(), || behaviour)?;
+    swarm.dial(addr.clone())?;
+    // The connection task opens the ready streams on its own: keep the swarm going.
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    Ok((streams, driver))
+}
+
 /// A node under test with its own temporary home.
 pub struct TestNode {
     /// The running node.

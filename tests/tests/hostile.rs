@@ -7,7 +7,7 @@ use futures::{AsyncWriteExt, StreamExt};
 use kith_net::codec::READ_STEP_BYTES;
 use kith_protocol::mailbox;
 use kith_tests::{init_logs, wait_for};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{Multiaddr, PeerId};
 use tokio::task::JoinSet;
 
 /// A peer with `dm_streams`' behaviour on `/kith/mailbox/1`: each connection keeps two raw
@@ -19,28 +19,7 @@ struct Attacker {
 
 impl Attacker {
     fn connect(addr: &Multiaddr) -> anyhow::Result<Self> {
-        let (events, _inbound) = tokio::sync::mpsc::channel(8);
-        let (behaviour, streams) = kith_node::net::dm_streams::Behaviour::new(
-            StreamProtocol::new(mailbox::PROTOCOL),
-            events,
-        );
-        let mut swarm: Swarm<_> = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                libp2p::tcp::Config::default(),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )?
-            .with_behaviour(|_| behaviour)?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        swarm.dial(addr.clone())?;
-        // The connection task opens the ready streams on its own: keep the swarm going.
-        let swarm = tokio::spawn(async move {
-            loop {
-                swarm.select_next_some().await;
-            }
-        });
+        let (streams, swarm) = kith_tests::raw_streams(addr, mailbox::PROTOCOL)?;
         Ok(Self {
             streams,
             _swarm: swarm,

@@ -696,7 +696,7 @@ async fn send_envelope(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_holding_dm_streams_get_their_share_and_a_contact_its_room() -> anyhow::Result<()>
 {
-    use futures::{AsyncWriteExt, StreamExt};
+    use futures::AsyncWriteExt;
     use kith_node::core::admission::{MAX_STRANGER_STREAMS, MAX_STREAMS_PER_STRANGER};
     const STRANGERS: usize = 40;
     const EACH: usize = 8;
@@ -723,29 +723,7 @@ async fn strangers_holding_dm_streams_get_their_share_and_a_contact_its_room() -
     for _ in 0..STRANGERS {
         let tcp = tcp.clone();
         strangers.spawn(async move {
-            let (events, _inbound) = tokio::sync::mpsc::channel(8);
-            let (behaviour, streams) = kith_node::net::dm_streams::Behaviour::new(
-                libp2p::StreamProtocol::new(kith_protocol::dm::PROTOCOL),
-                events,
-            );
-            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-                .with_tokio()
-                .with_tcp(
-                    libp2p::tcp::Config::default(),
-                    libp2p::noise::Config::new,
-                    libp2p::yamux::Config::default,
-                )?
-                .with_behaviour(|_| behaviour)?
-                .with_swarm_config(|c| {
-                    c.with_idle_connection_timeout(std::time::Duration::from_secs(60))
-                })
-                .build();
-            swarm.dial(tcp)?;
-            let driver = tokio::spawn(async move {
-                loop {
-                    swarm.select_next_some().await;
-                }
-            });
+            let (streams, driver) = kith_tests::raw_streams(&tcp, kith_protocol::dm::PROTOCOL)?;
             let mut held = Vec::new();
             for _ in 0..EACH {
                 let mut taken = wait_for("a ready stream", || async { streams.take(to) }).await?;

@@ -245,7 +245,8 @@ struct Streams {
     keys: kith_node::net::dm_streams::Behaviour,
 }
 
-pub(super) fn tcp_swarm<B: NetworkBehaviour>(
+/// A swarm of `behaviour` for `key` over TCP (noise, yamux), connections idle for a minute.
+pub fn tcp_swarm<B: NetworkBehaviour>(
     key: Keypair,
     behaviour: impl FnOnce() -> B,
 ) -> anyhow::Result<Swarm<B>> {
