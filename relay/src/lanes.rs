@@ -188,14 +188,17 @@ impl Lanes {
     /// Moves `connection` to the relay's lane (its peer sent a well-formed request), unless it
     /// is younger than the newcomers' time or its peer was demoted.
     pub fn promote(&self, connection: ConnectionId) {
+        if let Some(entry) = self.shared.connections().get(&connection) {
+            self.shared.promote(entry);
+        }
+    }
+
+    /// [`Lanes::promote`] for every open connection of `peer` (a node's contact or home relay:
+    /// known by its key, not by how long it has behaved).
+    pub fn promote_peer(&self, peer: &PeerId) {
         let connections = self.shared.connections();
-        if let Some(entry) = connections.get(&connection) {
-            if entry.since.elapsed() >= self.shared.newcomer_for
-                && !entry.demoted
-                && entry.slot.set(Lane::Relay)
-            {
-                self.shared.metrics.lane_move("relay");
-            }
+        for entry in connections.values().filter(|e| e.peer == *peer) {
+            self.shared.promote(entry);
         }
     }
 
@@ -235,6 +238,16 @@ impl Lanes {
         }
     }
 
+    /// The lanes `peer`'s established connections are on.
+    pub fn lanes_of_peer(&self, peer: &PeerId) -> Vec<Lane> {
+        self.shared
+            .connections()
+            .values()
+            .filter(|e| e.peer == *peer)
+            .map(|e| e.slot.lane())
+            .collect()
+    }
+
     /// The lane `connection` is on, if it is an established connection.
     pub fn lane_of(&self, connection: ConnectionId) -> Option<Lane> {
         self.shared
@@ -248,6 +261,15 @@ impl Shared {
     fn connections(&self) -> MutexGuard<'_, HashMap<ConnectionId, Entry>> {
         // The map holds no invariant a panic elsewhere could break.
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn promote(&self, entry: &Entry) {
+        if entry.since.elapsed() >= self.newcomer_for
+            && !entry.demoted
+            && entry.slot.set(Lane::Relay)
+        {
+            self.metrics.lane_move("relay");
+        }
     }
 
     fn handle(&self, lane: Lane) -> &Handle {

@@ -803,3 +803,40 @@ async fn strangers_messages_beyond_their_rate_are_asked_to_wait() -> anyhow::Res
     }
     Ok(())
 }
+
+/// A stranger's connection runs on the node's newcomers' lane (a thread of its own at a lower
+/// priority, with the handshakes), a contact's on the node's runtime; a stranger added as a
+/// contact moves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_connections_wait_on_the_newcomers_lane_and_contacts_do_not() -> anyhow::Result<()>
+{
+    init_logs();
+    let bob = TestNode::start("bob", vec![]).await?;
+    let alice = TestNode::start("alice", vec![]).await?;
+    befriend(&alice, "bob", &bob).await?;
+    befriend(&bob, "alice", &alice).await?;
+    let addr = bob.addr().await;
+    let to = bob.peer_id();
+    let hello = alice.node().send("bob", "hello", None).await?;
+    wait_for("delivered", || async {
+        (alice.state(&hello.id) == Some(MessageState::Delivered)).then_some(())
+    })
+    .await?;
+    let mut stranger = RawPeer::new()?;
+    let stranger_id = stranger.key.public().to_peer_id();
+    assert!(send_chat(&mut stranger, to, &addr, "hi").await?);
+
+    let lanes = |peer: PeerId| bob.node().on_newcomers_lane(&peer);
+    wait_for("alice's connections on bob's runtime", || async {
+        let on = lanes(alice.peer_id());
+        (!on.is_empty() && on.iter().all(|newcomer| !newcomer)).then_some(())
+    })
+    .await?;
+    assert_eq!(lanes(stranger_id), [true]);
+
+    bob.node()
+        .add_contact("stranger", &stranger_id.to_string(), &[])
+        .await?;
+    assert_eq!(lanes(stranger_id), [false]);
+    Ok(())
+}

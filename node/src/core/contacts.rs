@@ -61,7 +61,9 @@ impl Node {
             contacts.insert(contact.peer_id, contact.clone());
         }
         self.store().flush().await?;
-        // A contact is no stranger: its request, if it had one, is accepted.
+        // A contact is no stranger: its connections leave the newcomers' lane, and its
+        // request, if it had one, is accepted.
+        self.net().trust(&contact.peer_id);
         self.plugins().gate.accepted(self, &contact.peer_id).await?;
         self.plugins()
             .rooms

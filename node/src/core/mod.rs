@@ -1353,7 +1353,12 @@ impl Node {
             };
             match event {
                 net::Event::InboundDm { peer, stream } => self.spawn_serve_dm(peer, stream),
-                net::Event::Connected { peer } => self.reconnected(peer),
+                net::Event::Connected { peer } => {
+                    if self.standing(&peer) == admission::Standing::Contact {
+                        self.inner.net.trust(&peer);
+                    }
+                    self.reconnected(peer)
+                }
                 net::Event::RelayConnected { relay } => {
                     self.inner.plugins.presence.wake();
                     let node = self.clone();
@@ -1441,6 +1446,12 @@ impl Node {
             let _ticket = ticket;
             node.serve_dm(peer, standing, stream).await
         });
+    }
+
+    /// Whether each of `peer`'s connections runs on the newcomers' lane (`true`: a stranger's)
+    /// or on the node's runtime (a contact's or a home relay's).
+    pub fn on_newcomers_lane(&self, peer: &PeerId) -> Vec<bool> {
+        self.inner.net.on_newcomers_lane(peer)
     }
 
     /// Inbound `/kith/dm/1` streams being served, all peers together.

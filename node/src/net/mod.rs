@@ -279,6 +279,9 @@ pub struct Handle {
     local_peer_id: PeerId,
     streams: crate::net::dm_streams::Streams,
     paths: Arc<Paths>,
+    /// Where connections run: strangers' on the newcomers' lane, contacts' and relays' on the
+    /// node's runtime ([`NEWCOMER_LANE_NICE`]).
+    lanes: kith_relay::lanes::Lanes,
 }
 
 /// `/kith/dm/1` requests sent so far, by the road they took.
@@ -301,6 +304,21 @@ impl Handle {
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
+    }
+
+    /// Moves `peer`'s connections off the newcomers' lane: it is a contact.
+    pub(crate) fn trust(&self, peer: &PeerId) {
+        self.lanes.promote_peer(peer);
+    }
+
+    /// Whether each of `peer`'s connections runs on the newcomers' lane (`true`) or on the
+    /// node's runtime.
+    pub fn on_newcomers_lane(&self, peer: &PeerId) -> Vec<bool> {
+        self.lanes
+            .lanes_of_peer(peer)
+            .into_iter()
+            .map(|lane| lane == kith_relay::lanes::Lane::Newcomers)
+            .collect()
     }
 
     async fn ask<T>(
@@ -582,6 +600,12 @@ pub struct Settings {
     pub gossip_heartbeat: Duration,
 }
 
+/// The CPU priority (`nice`) of the thread that runs handshakes and strangers' connections
+/// (the relay's newcomers' lane, [`kith_relay::lanes`]): strangers' churned identities,
+/// garbage and floods wait for the node's contacts and relays, whose connections move to the
+/// node's own runtime as soon as they are known.
+pub const NEWCOMER_LANE_NICE: i32 = 10;
+
 /// Why the network could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -630,6 +654,14 @@ pub(crate) async fn start(
         StreamProtocol::new(dm::PROTOCOL),
         events_tx.clone(),
     );
+    // Connections start on the newcomers' lane; a contact's or relay's moves to this runtime
+    // once known (no waiting time: a node knows its peers by their keys).
+    let (lanes, newcomers) = kith_relay::lanes::Lanes::start(
+        NEWCOMER_LANE_NICE,
+        Duration::ZERO,
+        kith_relay::metrics::Metrics::new(),
+    )
+    .map_err(|e| StartError::Transport(e.to_string()))?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -722,8 +754,11 @@ pub(crate) async fn start(
             }
         })
         .map_err(|e| StartError::Transport(e.to_string()))?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(kith_net::IDLE_CONNECTION_TIMEOUT)
+        // A configuration of its own instead of the one given (whose executor is tokio's): the
+        // same defaults, with the lanes as the executor.
+        .with_swarm_config(|_| {
+            libp2p::swarm::Config::with_executor(lanes.clone())
+                .with_idle_connection_timeout(kith_net::IDLE_CONNECTION_TIMEOUT)
                 // 0-RTT stream negotiation: a request leaves with its protocol proposal instead
                 // of a round trip later. Same wire protocol as V1; every listener accepts it.
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
@@ -780,6 +815,8 @@ pub(crate) async fn start(
         pending_blob: HashMap::new(),
         pending_keys: HashMap::new(),
         ban_warnings: kith_relay::quiet::Warnings::new(BAN_LINE_INTERVAL_MS),
+        lanes: lanes.clone(),
+        _newcomers: newcomers,
     };
     let task = tokio::spawn(actor.run(commands_rx, shutdown));
     Ok((
@@ -788,6 +825,7 @@ pub(crate) async fn start(
             local_peer_id,
             streams,
             paths: Arc::default(),
+            lanes,
         },
         events_rx,
         task,
@@ -818,6 +856,10 @@ struct Actor {
     pending_keys: HashMap<OutboundRequestId, oneshot::Sender<Result<prekeys::Response, NetError>>>,
     /// Rate-limits the line about banned strangers: an attacker bans a fresh identity at a time.
     ban_warnings: kith_relay::quiet::Warnings,
+    /// Moves a home relay's connections to this runtime as they open.
+    lanes: kith_relay::lanes::Lanes,
+    /// The newcomers' lane's thread: stops (with the connections still on it) with the actor.
+    _newcomers: kith_relay::lanes::NewcomersRuntime,
 }
 
 impl Actor {
@@ -1147,6 +1189,7 @@ impl Actor {
                     }
                 }
                 if let Some(addr) = self.relays.get(&peer_id).cloned() {
+                    self.lanes.promote(connection_id);
                     self.reserve(peer_id, addr);
                     emit(&self.events, Event::RelayConnected { relay: peer_id }).await;
                 }
