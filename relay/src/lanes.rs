@@ -147,6 +147,42 @@ impl std::fmt::Debug for NewcomersRuntime {
     }
 }
 
+impl NewcomersRuntime {
+    /// Stops the lane's thread and waits (at most `within`) until the tasks still on it are
+    /// dropped: their connections' sockets are closed when this returns, so that a process that
+    /// starts again at once can listen on the same port.
+    pub async fn stop(mut self, within: Duration) {
+        if let Some(runtime) = self.0.take() {
+            // `shutdown_timeout` blocks, and tokio refuses it on any of a runtime's threads
+            // (its blocking pool's included): a thread of its own.
+            let (done, stopped) = tokio::sync::oneshot::channel();
+            let held = Arc::new(Mutex::new(Some(runtime)));
+            let on_thread = held.clone();
+            let spawned = std::thread::Builder::new()
+                .name("kith-newcomers-stop".into())
+                .spawn(move || {
+                    let runtime = on_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(runtime) = runtime {
+                        runtime.shutdown_timeout(within);
+                    }
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    let _ = stopped.await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot wait for the newcomers' lane to stop");
+                    let runtime = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(runtime) = runtime {
+                        runtime.shutdown_background();
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Drop for NewcomersRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {

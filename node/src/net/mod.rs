@@ -606,6 +606,9 @@ pub struct Settings {
 /// node's own runtime as soon as they are known.
 pub const NEWCOMER_LANE_NICE: i32 = 10;
 
+/// The longest a stopping node waits for the connections on the newcomers' lane to close.
+const NEWCOMERS_STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// Why the network could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -816,7 +819,7 @@ pub(crate) async fn start(
         pending_keys: HashMap::new(),
         ban_warnings: kith_relay::quiet::Warnings::new(BAN_LINE_INTERVAL_MS),
         lanes: lanes.clone(),
-        _newcomers: newcomers,
+        newcomers,
     };
     let task = tokio::spawn(actor.run(commands_rx, shutdown));
     Ok((
@@ -859,7 +862,7 @@ struct Actor {
     /// Moves a home relay's connections to this runtime as they open.
     lanes: kith_relay::lanes::Lanes,
     /// The newcomers' lane's thread: stops (with the connections still on it) with the actor.
-    _newcomers: kith_relay::lanes::NewcomersRuntime,
+    newcomers: kith_relay::lanes::NewcomersRuntime,
 }
 
 impl Actor {
@@ -879,6 +882,13 @@ impl Actor {
                 _ = redial.tick() => self.redial_relays(),
             }
         }
+        // The connections go with the swarm; those on the newcomers' lane are closed before the
+        // node counts as stopped (a node started again at once listens on the same port).
+        let Actor {
+            swarm, newcomers, ..
+        } = self;
+        drop(swarm);
+        newcomers.stop(NEWCOMERS_STOP_WAIT).await;
         tracing::debug!("network actor stopped");
     }
 
