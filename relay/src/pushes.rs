@@ -24,8 +24,27 @@ use libp2p::PeerId;
 pub enum Admit {
     /// Send it now.
     Send,
-    /// Held back: the recipient has its most pushes in flight, or the relay has.
-    HeldBack,
+    /// Held back by a bound.
+    HeldBack(Bound),
+}
+
+/// The bound that held a push back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The recipient has its most pushes in flight (`max_pushes_per_recipient`).
+    Recipient,
+    /// The relay has its most pushes in flight (`max_pending_pushes`).
+    Relay,
+}
+
+impl Bound {
+    /// The bound's name in `kith_relay_limit_hits_total{limit}`.
+    pub fn limit(self) -> &'static str {
+        match self {
+            Bound::Recipient => "pushes_per_recipient",
+            Bound::Relay => "pending_pushes",
+        }
+    }
 }
 
 /// A push was answered: the mailbox entry it was for, and where the held-back ones start if
@@ -46,6 +65,12 @@ struct Recipient {
     in_flight: usize,
     /// The lowest sequence number held back, if any was.
     held_from: Option<u64>,
+}
+
+impl Recipient {
+    fn hold(&mut self, seq: u64) {
+        self.held_from = Some(self.held_from.map_or(seq, |from| from.min(seq)));
+    }
 }
 
 /// The pushes in flight, by request (`R`, the swarm's request id) and by recipient.
@@ -77,11 +102,15 @@ impl<R: Hash + Eq> Pushes<R> {
     pub fn admit(&mut self, owner: PeerId, seq: u64) -> Admit {
         let full = self.requests.len() >= self.total;
         let recipient = self.recipients.entry(owner).or_default();
-        if full || recipient.in_flight >= self.per_recipient {
-            recipient.held_from = Some(recipient.held_from.map_or(seq, |from| from.min(seq)));
-            return Admit::HeldBack;
-        }
-        Admit::Send
+        let bound = if recipient.in_flight >= self.per_recipient {
+            Bound::Recipient
+        } else if full {
+            Bound::Relay
+        } else {
+            return Admit::Send;
+        };
+        recipient.hold(seq);
+        Admit::HeldBack(bound)
     }
 
     /// A push admitted by [`Pushes::admit`] is on its way as `request`.
@@ -111,8 +140,7 @@ impl<R: Hash + Eq> Pushes<R> {
     /// Pushes of `owner` resumed from the mailbox stopped before its newest entries: they
     /// are held back from `seq` on.
     pub fn hold_from(&mut self, owner: PeerId, seq: u64) {
-        let recipient = self.recipients.entry(owner).or_default();
-        recipient.held_from = Some(recipient.held_from.map_or(seq, |from| from.min(seq)));
+        self.recipients.entry(owner).or_default().hold(seq);
     }
 
     /// `owner` has no connection left: what it did not get, it fetches when it is back.
@@ -149,8 +177,8 @@ mod tests {
             assert_eq!(pushes.admit(bob, seq), Admit::Send);
             pushes.sent(id, bob, seq);
         }
-        assert_eq!(pushes.admit(bob, 3), Admit::HeldBack);
-        assert_eq!(pushes.admit(bob, 4), Admit::HeldBack);
+        assert_eq!(pushes.admit(bob, 3), Admit::HeldBack(Bound::Recipient));
+        assert_eq!(pushes.admit(bob, 4), Admit::HeldBack(Bound::Recipient));
         // Another recipient is not held back by bob's.
         assert_eq!(pushes.admit(carol, 1), Admit::Send);
         pushes.sent(ids[2], carol, 1);
@@ -171,7 +199,7 @@ mod tests {
         let mut pushes: Pushes<u32> = Pushes::new(8, 1);
         assert_eq!(pushes.admit(bob, 1), Admit::Send);
         pushes.sent(ids[0], bob, 1);
-        assert_eq!(pushes.admit(carol, 7), Admit::HeldBack);
+        assert_eq!(pushes.admit(carol, 7), Admit::HeldBack(Bound::Relay));
         pushes.disconnected(&carol);
         pushes.hold_from(bob, 5);
         pushes.hold_from(bob, 9);

@@ -590,8 +590,8 @@ impl Task {
         if !self.settings.push_to_connected || !self.swarm.is_connected(&recipient) {
             return;
         }
-        if self.pushes.admit(recipient, seq) == Admit::HeldBack {
-            self.metrics.limit_hit("pushes_per_recipient");
+        if let Admit::HeldBack(bound) = self.pushes.admit(recipient, seq) {
+            self.metrics.limit_hit(bound.limit());
             return;
         }
         let id = self.swarm.behaviour_mut().requests.send_request(

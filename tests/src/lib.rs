@@ -176,6 +176,19 @@ impl TestNode {
             .expect("a direct listen address")
     }
 
+    /// Its TCP listen address (for peers that speak TCP only).
+    pub async fn tcp_addr(&self) -> Multiaddr {
+        self.node()
+            .listen_addrs()
+            .await
+            .into_iter()
+            .find(|a| {
+                a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+            })
+            .expect("a TCP listen address")
+    }
+
     /// Stops the node, keeping its home.
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {

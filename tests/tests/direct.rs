@@ -137,11 +137,7 @@ async fn silent_dm_streams_do_not_hold_up_other_senders() -> anyhow::Result<()> 
                 .with_idle_connection_timeout(std::time::Duration::from_secs(60))
         })
         .build();
-    let tcp = bob.node().listen_addrs().await.into_iter().find(|a| {
-        a.iter()
-            .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
-    });
-    silent.dial(tcp.expect("bob listens on TCP"))?;
+    silent.dial(bob.tcp_addr().await)?;
     // The swarm's connection task opens the ready streams on its own: keep the swarm going
     // and wait for them.
     let keep_polling = tokio::spawn(async move {

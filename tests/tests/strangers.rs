@@ -707,16 +707,7 @@ async fn strangers_holding_dm_streams_get_their_share_and_a_contact_its_room() -
     let alice = TestNode::start("alice", vec![]).await?;
     befriend(&alice, "bob", &bob).await?;
     befriend(&bob, "alice", &alice).await?;
-    let tcp = bob
-        .node()
-        .listen_addrs()
-        .await
-        .into_iter()
-        .find(|a| {
-            a.iter()
-                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
-        })
-        .expect("bob listens on TCP");
+    let tcp = bob.tcp_addr().await;
 
     let mut strangers = tokio::task::JoinSet::new();
     let to = bob.peer_id();

@@ -14,15 +14,17 @@
 //!
 //! A stream beyond its limit is dropped: its sender sees it reset and tries again later.
 //!
-//! Strangers' requests are also rated, all strangers together ([`StrangerRate`]): beyond
-//! [`STRANGER_REQUESTS_PER_SEC`] (burst [`STRANGER_REQUEST_BURST`]) one is answered `Busy`
-//! with the wait it should observe, before anything in it is verified, opened or stored. A
+//! Strangers' messages are also rated, all strangers together and a token per envelope, so a
+//! batch costs what its messages do ([`StrangerRate`]): beyond [`STRANGER_REQUESTS_PER_SEC`]
+//! (burst [`STRANGER_REQUEST_BURST`]) a request is answered `Busy` with the wait it should
+//! observe, before anything in it is verified, opened or stored. A
 //! stranger's first message still gets through at once on a quiet node; a flood of fresh
 //! identities costs the node what the rate lets in, however many identities it uses.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use kith_relay::mailbox::rate::TokenBucket;
 use libp2p::PeerId;
 
 /// Most inbound dm streams served at once, all peers together.
@@ -36,9 +38,9 @@ pub const MAX_STREAMS_PER_CONTACT: usize = 64;
 pub const MAX_STREAMS_PER_STRANGER: usize = 4;
 /// Most all strangers together hold at once.
 pub const MAX_STRANGER_STREAMS: usize = 128;
-/// Strangers' dm requests served per second, all strangers together.
+/// Strangers' messages (envelopes) served per second, all strangers together.
 pub const STRANGER_REQUESTS_PER_SEC: u32 = 20;
-/// The burst of strangers' dm requests.
+/// The burst of strangers' messages.
 pub const STRANGER_REQUEST_BURST: u32 = 40;
 
 /// Who opened a stream, as far as the node knows.
@@ -164,45 +166,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A token bucket for all strangers' dm requests together.
+/// One token bucket for all strangers' messages together, a token per envelope.
 #[derive(Debug)]
 pub struct StrangerRate {
-    bucket: Mutex<Bucket>,
-    per_sec: f64,
-    burst: f64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at_ms: u64,
+    bucket: Mutex<TokenBucket>,
+    per_sec: u32,
+    burst: u32,
 }
 
 impl StrangerRate {
-    /// `per_sec` requests a second, `burst` at once.
+    /// `per_sec` messages a second, `burst` at once.
     pub fn new(per_sec: u32, burst: u32) -> Self {
+        let (per_sec, burst) = (per_sec.max(1), burst.max(1));
         Self {
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(burst),
-                at_ms: 0,
-            }),
-            per_sec: f64::from(per_sec.max(1)),
-            burst: f64::from(burst.max(1)),
+            bucket: Mutex::new(TokenBucket::full(burst, 0)),
+            per_sec,
+            burst,
         }
     }
 
-    /// Takes one request's token at `now_ms`; `Err` holds how long to wait for one.
-    pub fn take(&self, now_ms: u64) -> Result<(), u64> {
-        let mut bucket = lock(&self.bucket);
-        let elapsed = now_ms.saturating_sub(bucket.at_ms) as f64 / 1_000.0;
-        bucket.tokens = (bucket.tokens + elapsed * self.per_sec).min(self.burst);
-        bucket.at_ms = bucket.at_ms.max(now_ms);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+    /// Takes the tokens of a request of `envelopes` at `now_ms` (at most a burst's: a full
+    /// bucket always admits one request); `Err` holds how long to wait for them.
+    pub fn take(&self, envelopes: usize, now_ms: u64) -> Result<(), u64> {
+        let cost = u64::try_from(envelopes).unwrap_or(u64::MAX);
+        if lock(&self.bucket).try_take_n(cost, self.burst, self.per_sec, now_ms) {
             return Ok(());
         }
-        let missing = 1.0 - bucket.tokens;
-        Err(((missing / self.per_sec) * 1_000.0).ceil() as u64)
+        Err(cost.clamp(1, u64::from(self.burst)) * 1_000 / u64::from(self.per_sec))
     }
 }
 
@@ -277,15 +267,18 @@ mod tests {
     fn the_strangers_rate_lets_a_burst_through_then_asks_to_wait() {
         let rate = StrangerRate::new(10, 3);
         for _ in 0..3 {
-            assert_eq!(rate.take(1_000), Ok(()));
+            assert_eq!(rate.take(1, 1_000), Ok(()));
         }
-        assert_eq!(rate.take(1_000), Err(100), "one token in 100 ms at 10/s");
-        assert_eq!(rate.take(1_100), Ok(()));
-        assert_eq!(rate.take(1_100), Err(100));
+        assert_eq!(rate.take(1, 1_000), Err(100), "one token in 100 ms at 10/s");
+        assert_eq!(rate.take(1, 1_100), Ok(()));
+        assert_eq!(rate.take(1, 1_100), Err(100));
         // Tokens do not pile up beyond the burst.
         for _ in 0..3 {
-            assert_eq!(rate.take(60_000), Ok(()));
+            assert_eq!(rate.take(1, 60_000), Ok(()));
         }
-        assert!(rate.take(60_000).is_err());
+        assert!(rate.take(1, 60_000).is_err());
+        // A batch costs a token per envelope: it waits for all of them.
+        assert_eq!(rate.take(2, 60_100), Err(200));
+        assert_eq!(rate.take(2, 60_200), Ok(()));
     }
 }

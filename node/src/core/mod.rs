@@ -1500,7 +1500,7 @@ impl Node {
                 Message::Valid(request) => self
                     .inner
                     .stranger_rate
-                    .take(now_ms())
+                    .take(request.len(), now_ms())
                     .err()
                     .map(|wait| (request.req_id, wait)),
                 _ => None,
